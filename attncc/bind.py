@@ -1,0 +1,119 @@
+"""Checking a kernel call against its spec: tensor ranks, shapes, dtypes, devices and inputs.
+
+Every backend and the reference call ``bind`` first, so a wrong call gets the same clear message
+whichever runs it. Works on any array-API array (NumPy, torch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import array_api_compat
+import sympy
+
+from attncc.errors import InputError
+from attncc.spec.schema import Spec
+from attncc.spec.symbols import SIZES
+
+_LAYOUT = {"q": "(batch, heads, seq_q, head_dim)", "k": "(batch, kv_heads, seq_k, head_dim)",
+           "v": "(batch, kv_heads, seq_k, value_dim)"}
+_KINDS = {"float": "real floating", "int": "integral", "bool": "bool"}
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A checked call: ``sizes`` maps every size name to its int; ``inputs`` the named tensors."""
+
+    sizes: dict[str, int]
+    inputs: dict
+
+    @property
+    def group(self) -> int:
+        """Query heads per kv head (kv head of query head h is h // group)."""
+        return self.sizes["heads"] // self.sizes["kv_heads"]
+
+    def subs(self) -> dict:
+        """The sizes as a sympy substitution."""
+        return {SIZES[name]: value for name, value in self.sizes.items()}
+
+
+def bind(spec: Spec, q, k, v, inputs: dict) -> Bound:
+    """Check ``q, k, v`` and the keyword ``inputs`` against ``spec``; raise InputError if wrong.
+
+    The message names the argument, what was expected and what was received.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not array_api_compat.is_array_api_obj(x):
+            raise InputError(f"{name}: expected an array or tensor {_LAYOUT[name]}, got "
+                             f"{type(x).__name__}")
+        if len(x.shape) != 4:
+            raise InputError(f"{name}: expected 4 dimensions {_LAYOUT[name]}, got shape "
+                             f"{tuple(x.shape)}")
+        if not _has_kind(x, "float"):
+            raise InputError(f"{name}: expected a floating dtype, got {x.dtype}")
+    batch, heads, seq_q, head_dim = q.shape
+    _, kv_heads, seq_k, value_dim = v.shape
+    expected = {"k": (batch, kv_heads, seq_k, head_dim), "v": (batch, kv_heads, seq_k, value_dim)}
+    if tuple(k.shape) != expected["k"]:
+        raise InputError(f"k: expected shape {expected['k']} {_LAYOUT['k']} to match q "
+                         f"{tuple(q.shape)} and v {tuple(v.shape)}, got {tuple(k.shape)}")
+    if 0 in (batch, heads, seq_q, seq_k, head_dim, value_dim):
+        raise InputError(f"q, k, v: every size must be at least 1, got q {tuple(q.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise InputError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if heads % kv_heads:
+        raise InputError(f"k: kv_heads ({kv_heads}) must divide the query heads ({heads})")
+    sizes = {"batch": batch, "heads": heads, "kv_heads": kv_heads, "seq_q": seq_q,
+             "seq_k": seq_k, "head_dim": head_dim, "value_dim": value_dim}
+    for name in ("heads", "kv_heads", "head_dim", "value_dim"):
+        fixed = getattr(spec, name)
+        if name == "kv_heads" and fixed is None:
+            fixed = spec.heads
+        if name == "value_dim" and fixed is None:
+            fixed = spec.head_dim
+        if fixed is not None and fixed != sizes[name]:
+            raise InputError(f"the spec '{spec.name}' fixes {name} = {fixed}; the tensors have "
+                             f"{sizes[name]} (q {tuple(q.shape)}, v {tuple(v.shape)})")
+    if spec.lowrank is not None and spec.lowrank.method == "nystrom":
+        m = spec.lowrank.size
+        if seq_q % m or seq_k % m:
+            raise InputError(f"nystrom with {m} landmarks needs seq_q and seq_k divisible by "
+                             f"{m}; got seq_q {seq_q}, seq_k {seq_k}")
+    return Bound(sizes, _check_inputs(spec, inputs, sizes, q))
+
+
+def _check_inputs(spec: Spec, given: dict, sizes: dict, q) -> dict:
+    extra = sorted(set(given) - set(spec.inputs))
+    if extra:
+        known = ", ".join(sorted(spec.inputs)) or "none"
+        raise InputError(f"unexpected input '{extra[0]}'; the spec '{spec.name}' takes: {known}")
+    subs = {SIZES[name]: value for name, value in sizes.items()}
+    device = getattr(q, "device", None)
+    result = {}
+    for name, decl in spec.inputs.items():
+        if name not in given or given[name] is None:
+            raise InputError(f"missing input '{name}': expected shape "
+                             f"{[str(d) for d in decl.shape]}, dtype {decl.dtype}")
+        x = given[name]
+        if not array_api_compat.is_array_api_obj(x):
+            raise InputError(f"{name}: expected an array or tensor, got {type(x).__name__}")
+        if array_api_compat.is_torch_array(q) != array_api_compat.is_torch_array(x):
+            raise InputError(f"{name}: expected the same kind of array as q "
+                             f"({type(q).__name__}), got {type(x).__name__}")
+        shape = tuple(int(sympy.sympify(d).subs(subs)) for d in decl.shape)
+        if tuple(x.shape) != shape:
+            raise InputError(f"{name}: expected shape {shape} "
+                             f"({', '.join(str(d) for d in decl.shape)}), got {tuple(x.shape)}")
+        kind = "float" if decl.is_float else ("bool" if decl.dtype == "bool" else "int")
+        if not _has_kind(x, kind):
+            raise InputError(f"{name}: expected a {kind} dtype ({decl.dtype}), got {x.dtype}")
+        if device is not None and getattr(x, "device", device) != device:
+            raise InputError(f"{name}: expected device {device} like q, got {x.device}")
+        result[name] = x
+    return result
+
+
+def _has_kind(x, kind: str) -> bool:
+    xp = array_api_compat.array_namespace(x)
+    return xp.isdtype(x.dtype, _KINDS[kind])

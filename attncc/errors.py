@@ -1,0 +1,46 @@
+"""Exceptions that attncc raises for user mistakes.
+
+Every user-facing error says where the problem is, what was expected and what was received; the
+CLI prints ``str(err)`` on one line and exits non-zero, with no traceback.
+"""
+
+from __future__ import annotations
+
+
+class AttnccError(Exception):
+    """Base class of the errors attncc raises for user mistakes (never for its own bugs)."""
+
+
+class SpecError(AttnccError, ValueError):
+    """A spec file, dict or expression is malformed.
+
+    ``file``, ``field`` and ``column`` (1-based, inside the field's expression) locate the
+    problem; each is ``None`` where it does not apply.
+    """
+
+    def __init__(self, message: str, *, file: str | None = None, field: str | None = None,
+                 column: int | None = None):
+        self.message = message
+        self.file = file
+        self.field = field
+        self.column = column
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        where = [str(part) for part in (self.file, self.field) if part]
+        if self.column is not None:
+            where.append(f"column {self.column}")
+        return f"{': '.join(where)}: {self.message}" if where else self.message
+
+    def located(self, *, file: str | None = None, field: str | None = None) -> SpecError:
+        """A copy with ``file``/``field`` filled in where this error did not yet name them."""
+        return SpecError(self.message, file=self.file or file, field=self.field or field,
+                         column=self.column)
+
+
+class InputError(AttnccError, ValueError):
+    """A tensor passed to a kernel has the wrong rank, shape, dtype or device, or is missing."""
+
+
+class BackendError(AttnccError, RuntimeError):
+    """A backend cannot be found, loaded, or cannot run the given spec on the given target."""

@@ -1,0 +1,193 @@
+"""The executable meaning of a spec (DESIGN §3): dense, readable, float64.
+
+``reference`` is what every backend is judged against. It materializes the full score matrix and
+follows the steps of the spec language in order: low-rank projection, memory tokens, score,
+score_mod, mask, normalization, aggregation. ``attend`` is the same code on any array-API namespace
+(NumPy, or torch float64 for exact gradients in the conformance suite).
+"""
+
+from __future__ import annotations
+
+import math
+
+import array_api_compat
+import numpy as np
+
+from attncc.bind import Bound, bind
+from attncc.errors import InputError
+from attncc.spec.load import load_spec
+from attncc.spec.numeric import evaluate
+
+__all__ = ["attend", "reference"]
+
+
+def reference(spec, q, k, v, *, return_lse: bool = False, **inputs):
+    """Float64 NumPy output ``(B, Hq, Nq, Dv)`` (and lse ``(B, Hq, Nq)`` with ``return_lse``).
+
+    ``spec`` is anything ``load_spec`` takes; tensors may be NumPy arrays or torch tensors of any
+    floating dtype; they are converted to float64 NumPy first.
+    """
+    spec = load_spec(spec)
+    q, k, v = (_as_float64_numpy(x) for x in (q, k, v))
+    inputs = {n: _as_numpy(x) for n, x in inputs.items()}
+    inputs = {n: (x.astype(np.float64) if n in spec.inputs and spec.inputs[n].is_float else x)
+              for n, x in inputs.items()}
+    return attend(spec, q, k, v, inputs, return_lse=return_lse)
+
+
+def attend(spec, q, k, v, inputs: dict, *, return_lse: bool = False):
+    """The reference computation on the arrays' own namespace and dtype (no conversion)."""
+    spec = load_spec(spec)
+    bound = bind(spec, q, k, v, inputs)
+    xp = array_api_compat.array_namespace(q)
+    if return_lse and spec.normalize not in ("softmax", "topk"):
+        raise InputError(f"return_lse: the log-sum-exp exists for normalize softmax and topk, "
+                         f"not {spec.normalize}")
+    if spec.lowrank is not None and spec.lowrank.method == "nystrom":
+        return _nystrom(spec, bound, q, k, v, xp), None
+    if spec.lowrank is not None:
+        k = xp.matmul(bound.inputs["E"], k)
+        v = xp.matmul(bound.inputs["F"], v)
+    heads = xp.arange(bound.sizes["heads"]) // bound.group
+    k, v = xp.take(k, heads, axis=1), xp.take(v, heads, axis=1)
+    if spec.normalize == "linear":
+        out = _linear(spec, bound, q, k, v, xp)
+        return (out, None) if return_lse else out
+    scores = _scores(spec, bound, q, k, xp)
+    keep = xp.ones(scores.shape, dtype=xp.bool)
+    if spec.score_mod is not None or spec.mask is not None:
+        env = _index_env(bound, scores.shape, xp)
+        if spec.score_mod is not None:
+            scores = _broadcast(evaluate(spec.score_mod, {**env, "score": scores}, xp),
+                                scores, xp)
+        if spec.mask is not None:
+            keep = xp.broadcast_to(xp.asarray(evaluate(spec.mask, env, xp)), scores.shape)
+    if spec.memory_tokens:
+        mem_k = xp.take(bound.inputs["mem_k"], heads, axis=0)
+        mem_v = xp.take(bound.inputs["mem_v"], heads, axis=0)
+        mem_scores = _scores(spec, bound, q, xp.broadcast_to(mem_k, (q.shape[0], *mem_k.shape)),
+                             xp)
+        scores = xp.concat([mem_scores, scores], axis=-1)
+        keep = xp.concat([xp.ones(mem_scores.shape, dtype=xp.bool), keep], axis=-1)
+        v = xp.concat([xp.broadcast_to(mem_v, (v.shape[0], *mem_v.shape)), v], axis=-2)
+    if spec.normalize == "sigmoid":
+        weights = xp.where(keep, 1.0 / (1.0 + xp.exp(-scores)), xp.zeros_like(scores))
+        return xp.matmul(weights, v)
+    if spec.normalize == "topk":
+        keep = xp.logical_and(keep, scores >= _kth_largest(scores, keep, spec.topk, xp))
+    out, lse = _softmax_aggregate(scores, keep, v, xp)
+    return (out, lse) if return_lse else out
+
+
+def _scores(spec, bound: Bound, q, k, xp):
+    """Raw scores (B, H, Nq, Nk) before score_mod: scaled dot product or additive (Bahdanau)."""
+    if spec.score == "additive":
+        w = bound.inputs["w"]
+        hidden = xp.tanh(q[:, :, :, None, :] + k[:, :, None, :, :])
+        return xp.sum(hidden * w[None, :, None, None, :], axis=-1)
+    scale = float(spec.scale.subs(bound.subs()))
+    return scale * xp.matmul(q, xp.matrix_transpose(k))
+
+
+def _index_env(bound: Bound, shape, xp) -> dict:
+    """b, h, q_idx, kv_idx as broadcastable integer arrays, with the sizes and the inputs."""
+    def axis(n, dim):
+        view = [1, 1, 1, 1]
+        view[dim] = n
+        return xp.reshape(xp.arange(n, dtype=xp.int64), tuple(view))
+
+    b, h, nq, nk = shape
+    return {**bound.sizes, **bound.inputs, "b": axis(b, 0), "h": axis(h, 1),
+            "q_idx": axis(nq, 2), "kv_idx": axis(nk, 3)}
+
+
+def _broadcast(value, like, xp):
+    if isinstance(value, (int, float)):
+        return xp.full(like.shape, float(value), dtype=like.dtype)
+    return xp.broadcast_to(xp.astype(value, like.dtype), like.shape)
+
+
+def _kth_largest(scores, keep, kk: int, xp):
+    """Per row, the K-th largest kept score, or -inf where fewer than K are kept."""
+    masked = xp.where(keep, scores, xp.full_like(scores, -math.inf))
+    n = scores.shape[-1]
+    if kk >= n:
+        return xp.full_like(scores[..., :1], -math.inf)
+    ordered = xp.sort(masked, axis=-1)
+    return ordered[..., n - kk:n - kk + 1]
+
+
+def _softmax_aggregate(scores, keep, v, xp):
+    """Softmax over kept keys, then the weighted sum of v; a row with no kept key gives 0, -inf."""
+    neg_inf = xp.full_like(scores, -math.inf)
+    masked = xp.where(keep, scores, neg_inf)
+    row_max = xp.max(masked, axis=-1, keepdims=True)
+    any_kept = xp.any(keep, axis=-1, keepdims=True)
+    safe_max = xp.where(any_kept, row_max, xp.zeros_like(row_max))
+    weights = xp.where(keep, xp.exp(scores - safe_max), xp.zeros_like(scores))
+    total = xp.sum(weights, axis=-1, keepdims=True)
+    denom = xp.where(any_kept, total, xp.ones_like(total))
+    out = xp.matmul(weights / denom, v)
+    lse = xp.where(any_kept, safe_max + xp.log(denom), xp.full_like(total, -math.inf))
+    return out, lse[..., 0]
+
+
+def _features(spec, bound: Bound, x, xp):
+    """The linear-attention feature map φ applied to the last axis of x."""
+    if spec.feature_map == "elu1":
+        return xp.where(x > 0, x + 1.0, xp.exp(xp.minimum(x, xp.zeros_like(x))))
+    if spec.feature_map == "relu":
+        return xp.maximum(x, xp.zeros_like(x))
+    omega = bound.inputs["omega"]
+    xs = x * bound.sizes["head_dim"] ** -0.25
+    projected = xp.matmul(xs, xp.matrix_transpose(xp.astype(omega, x.dtype)))
+    norm = xp.sum(xs * xs, axis=-1, keepdims=True) / 2.0
+    return xp.exp(projected - norm) / math.sqrt(spec.features)
+
+
+def _linear(spec, bound: Bound, q, k, v, xp):
+    """out_i = Σ_j φ(q_i)·φ(k_j) v_j / Σ_j φ(q_i)·φ(k_j), over j ≤ i when the mask is causal."""
+    weights = xp.matmul(_features(spec, bound, q, xp),
+                        xp.matrix_transpose(_features(spec, bound, k, xp)))
+    if spec.mask is not None:
+        env = _index_env(bound, weights.shape, xp)
+        keep = xp.broadcast_to(xp.asarray(evaluate(spec.mask, env, xp)), weights.shape)
+        weights = xp.where(keep, weights, xp.zeros_like(weights))
+    denom = xp.sum(weights, axis=-1, keepdims=True)
+    safe = xp.where(denom == 0, xp.ones_like(denom), denom)
+    return xp.where(denom == 0, xp.zeros_like(denom), xp.matmul(weights, v) / safe)
+
+
+def _nystrom(spec, bound: Bound, q, k, v, xp):
+    """Nyström attention (Xiong et al. 2021) with segment-mean landmarks and the exact pinv."""
+    m = spec.lowrank.size
+    heads = xp.arange(bound.sizes["heads"]) // bound.group
+    k, v = xp.take(k, heads, axis=1), xp.take(v, heads, axis=1)
+    scale = float(spec.scale.subs(bound.subs()))
+
+    def landmarks(x):
+        b, h, n, d = x.shape
+        return xp.mean(xp.reshape(x, (b, h, m, n // m, d)), axis=3)
+
+    def softmax(x):
+        e = xp.exp(x - xp.max(x, axis=-1, keepdims=True))
+        return e / xp.sum(e, axis=-1, keepdims=True)
+
+    q_land, k_land = landmarks(q), landmarks(k)
+    kernel_1 = softmax(scale * xp.matmul(q, xp.matrix_transpose(k_land)))
+    kernel_2 = softmax(scale * xp.matmul(q_land, xp.matrix_transpose(k_land)))
+    kernel_3 = softmax(scale * xp.matmul(q_land, xp.matrix_transpose(k)))
+    return xp.matmul(xp.matmul(kernel_1, xp.linalg.pinv(kernel_2)), xp.matmul(kernel_3, v))
+
+
+def _as_numpy(x):
+    if array_api_compat.is_torch_array(x):
+        x = x.detach().cpu()
+        return (x.double() if x.is_floating_point() else x).numpy()
+    return np.asarray(x)
+
+
+def _as_float64_numpy(x):
+    if array_api_compat.is_torch_array(x):
+        return x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)

@@ -1,0 +1,305 @@
+"""The safe expression parser: spec text -> sympy, through a whitelist of Python ``ast`` nodes.
+
+Nothing is ever evaluated: the text is parsed by ``ast.parse`` and every node is checked against
+the grammar below before a sympy object is built from it directly (no ``eval``, no
+``sympy.parse_expr``, which evals). Limits on length, nesting, node count and exponents bound the
+work any input can cause.
+
+Grammar: numbers, ``True``/``False``, names from the scope, ``input[i, ...]`` for declared inputs,
+``+ - * / // % **``, comparisons (chained too), ``and or not``, ``& | ~`` (logical, on
+conditions), ``x if c else y``, and the functions in ``FUNCTIONS``.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from dataclasses import dataclass, field
+
+import sympy
+from sympy.logic.boolalg import Boolean
+
+from attncc.errors import SpecError
+from attncc.spec.symbols import input_base, sigmoid
+
+MAX_LENGTH = 4096
+MAX_DEPTH = 64
+MAX_NODES = 1024
+MAX_EXPONENT = 64
+MAX_POWER_DIGITS = 300
+
+#: function name -> (arity: exact int, or None for 2 or more)
+FUNCTIONS = {
+    "sqrt": 1, "exp": 1, "log": 1, "tanh": 1, "sigmoid": 1, "abs": 1, "floor": 1, "ceil": 1,
+    "min": None, "max": None, "where": 3,
+}
+_UNARY_FUNCS = {
+    "sqrt": sympy.sqrt, "exp": sympy.exp, "log": sympy.log, "tanh": sympy.tanh,
+    "sigmoid": sigmoid, "abs": sympy.Abs, "floor": sympy.floor, "ceil": sympy.ceiling,
+}
+_COMPARE = {
+    ast.Lt: sympy.Lt, ast.LtE: sympy.Le, ast.Gt: sympy.Gt, ast.GtE: sympy.Ge,
+    ast.Eq: sympy.Eq, ast.NotEq: sympy.Ne,
+}
+_OP_TEXT = {
+    ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%",
+    ast.Pow: "**", ast.BitAnd: "&", ast.BitOr: "|", ast.BitXor: "^", ast.LShift: "<<",
+    ast.RShift: ">>", ast.MatMult: "@",
+}
+_FORBIDDEN = {
+    ast.Attribute: "attribute access", ast.Lambda: "a lambda", ast.ListComp: "a comprehension",
+    ast.SetComp: "a comprehension", ast.DictComp: "a comprehension",
+    ast.GeneratorExp: "a comprehension", ast.JoinedStr: "an f-string", ast.Starred: "a starred",
+    ast.NamedExpr: "an assignment expression", ast.Await: "await", ast.Yield: "yield",
+    ast.YieldFrom: "yield", ast.List: "a list", ast.Dict: "a dict", ast.Set: "a set",
+    ast.Slice: "a slice",
+}
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What an expression may name.
+
+    ``names`` maps a bare name to the sympy object it stands for (index and size symbols, constant
+    values); ``inputs`` maps an input name to ``(ndim, integer)``, where ``integer`` says whether
+    its elements are integers (so may index other inputs).
+    """
+
+    names: dict[str, sympy.Basic] = field(default_factory=dict)
+    inputs: dict[str, tuple[int, bool]] = field(default_factory=dict)
+
+
+def parse_expr(text, scope: Scope, *, field: str, file: str | None = None,
+               want: str = "number") -> sympy.Basic:
+    """Parse ``text`` into a sympy expression; ``want`` is ``"number"``, ``"bool"`` or ``"any"``.
+
+    Raises SpecError naming ``file``, ``field`` and the 1-based column on any input outside the
+    grammar, past a limit, or of the wrong kind (a condition where a number is wanted, or back).
+    """
+    if isinstance(text, bool):
+        return sympy.true if text else sympy.false
+    if isinstance(text, (int, float)):
+        text = repr(text)
+    if not isinstance(text, str):
+        raise SpecError(f"expected an expression (text or a number), got {type(text).__name__}",
+                        file=file, field=field)
+    source = " ".join(text.split())
+    if not source:
+        raise SpecError("expected an expression, got empty text", file=file, field=field)
+    if len(source) > MAX_LENGTH:
+        raise SpecError(f"expression is {len(source)} characters long; at most {MAX_LENGTH} "
+                        "are allowed", file=file, field=field)
+    try:
+        tree = ast.parse(source, mode="eval")
+    except SyntaxError as err:
+        raise SpecError(f"not a valid expression: {err.msg}", file=file, field=field,
+                        column=err.offset) from None
+    except (MemoryError, RecursionError, ValueError) as err:
+        raise SpecError(f"expression too complex to parse ({type(err).__name__})",
+                        file=file, field=field) from None
+    _check_size(tree.body, file, field)
+    result = _Builder(scope, file, field).build(tree.body)
+    _check_kind(result, want, tree.body, file, field)
+    return result
+
+
+def _check_size(root: ast.AST, file, field) -> None:
+    """Reject trees deeper than MAX_DEPTH or larger than MAX_NODES, iteratively (no recursion)."""
+    stack = [(root, 1)]
+    count = 0
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if depth > MAX_DEPTH:
+            raise SpecError(f"expression nests deeper than {MAX_DEPTH} levels", file=file,
+                            field=field, column=getattr(node, "col_offset", -1) + 1)
+        if count > MAX_NODES:
+            raise SpecError(f"expression has more than {MAX_NODES} parts", file=file, field=field)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+
+
+def _is_bool(expr) -> bool:
+    return isinstance(expr, Boolean) and not isinstance(expr, sympy.Expr)
+
+
+def _check_kind(expr, want, node, file, field) -> None:
+    if want == "bool" and not _is_bool(expr):
+        raise SpecError(f"expected a condition (true or false), got the number {expr}",
+                        file=file, field=field, column=node.col_offset + 1)
+    if want == "number" and _is_bool(expr):
+        raise SpecError(f"expected a number, got the condition {expr}", file=file, field=field,
+                        column=node.col_offset + 1)
+
+
+class _Builder:
+    """Builds sympy objects from a size-checked ``ast`` tree, one whitelisted node at a time."""
+
+    def __init__(self, scope: Scope, file, field):
+        self.scope = scope
+        self.file = file
+        self.field = field
+
+    def fail(self, node: ast.AST, message: str):
+        raise SpecError(message, file=self.file, field=self.field,
+                        column=getattr(node, "col_offset", -1) + 1)
+
+    def number(self, node: ast.AST):
+        value = self.build(node)
+        if _is_bool(value):
+            self.fail(node, f"expected a number here, got the condition {value}")
+        return value
+
+    def condition(self, node: ast.AST):
+        value = self.build(node)
+        if not _is_bool(value):
+            self.fail(node, f"expected a condition here, got the number {value}")
+        return value
+
+    def build(self, node: ast.AST):
+        method = getattr(self, f"_{type(node).__name__}", None)
+        if method is None:
+            what = _FORBIDDEN.get(type(node), type(node).__name__)
+            self.fail(node, f"{what} is not allowed in an expression")
+        try:
+            result = method(node)
+        except SpecError:
+            raise
+        except (TypeError, ValueError, ZeroDivisionError, OverflowError, AttributeError) as err:
+            self.fail(node, f"cannot build this part: {err}")
+        if result.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo):
+            self.fail(node, "expression divides by zero or is not finite")
+        return result
+
+    def _Constant(self, node: ast.Constant):
+        value = node.value
+        if isinstance(value, bool):
+            return sympy.true if value else sympy.false
+        if isinstance(value, int):
+            return sympy.Integer(value)
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                self.fail(node, "numbers must be finite")
+            return sympy.Float(value)
+        self.fail(node, f"expected a number, got the {type(value).__name__} {value!r}")
+
+    def _Name(self, node: ast.Name):
+        if node.id in self.scope.names:
+            return self.scope.names[node.id]
+        if node.id in self.scope.inputs:
+            self.fail(node, f"input '{node.id}' must be indexed, as {node.id}[...]")
+        if node.id in FUNCTIONS:
+            self.fail(node, f"'{node.id}' is a function; call it as {node.id}(...)")
+        allowed = ", ".join(sorted(self.scope.names) + sorted(self.scope.inputs))
+        self.fail(node, f"unknown name '{node.id}'; expected one of: {allowed}")
+
+    def _Subscript(self, node: ast.Subscript):
+        if not isinstance(node.value, ast.Name) or node.value.id not in self.scope.inputs:
+            inputs = ", ".join(sorted(self.scope.inputs)) or "none declared"
+            self.fail(node, f"only inputs can be indexed (inputs: {inputs})")
+        name = node.value.id
+        ndim, integer = self.scope.inputs[name]
+        parts = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+        if len(parts) != ndim:
+            self.fail(node, f"input '{name}' has {ndim} dimension(s); got {len(parts)} index(es)")
+        indices = []
+        for part in parts:
+            index = self.number(part)
+            if index.is_integer is not True:
+                self.fail(part, f"an index of '{name}' must be an integer expression, got {index}")
+            indices.append(index)
+        return input_base(name, integer=integer)[tuple(indices)]
+
+    def _UnaryOp(self, node: ast.UnaryOp):
+        if isinstance(node.op, (ast.Not, ast.Invert)):
+            return sympy.Not(self.condition(node.operand))
+        operand = self.number(node.operand)
+        return -operand if isinstance(node.op, ast.USub) else operand
+
+    def _BoolOp(self, node: ast.BoolOp):
+        values = [self.condition(v) for v in node.values]
+        return sympy.And(*values) if isinstance(node.op, ast.And) else sympy.Or(*values)
+
+    def _BinOp(self, node: ast.BinOp):
+        op = type(node.op)
+        if op in (ast.BitAnd, ast.BitOr):
+            left, right = self.condition(node.left), self.condition(node.right)
+            return sympy.And(left, right) if op is ast.BitAnd else sympy.Or(left, right)
+        left, right = self.number(node.left), self.number(node.right)
+        if op is ast.Add:
+            return left + right
+        if op is ast.Sub:
+            return left - right
+        if op is ast.Mult:
+            return left * right
+        if op in (ast.Div, ast.FloorDiv, ast.Mod) and right.is_zero:
+            self.fail(node, f"division by zero in '{_OP_TEXT[op]}'")
+        if op is ast.Div:
+            return left / right
+        if op is ast.FloorDiv:
+            return sympy.floor(left / right)
+        if op is ast.Mod:
+            return sympy.Mod(left, right)
+        if op is ast.Pow:
+            return self._power(node, left, right)
+        self.fail(node, f"operator '{_OP_TEXT.get(op, op.__name__)}' is not allowed")
+
+    def _power(self, node, base, exponent):
+        if not exponent.is_Number:
+            self.fail(node.right, f"an exponent must be a number, got {exponent}")
+        if abs(float(exponent)) > MAX_EXPONENT:
+            self.fail(node.right, f"exponent {exponent} is too large; at most {MAX_EXPONENT} in "
+                                  "absolute value")
+        if base.is_Number and base != 0:
+            digits = abs(float(exponent)) * abs(math.log10(abs(float(base))))
+            if digits > MAX_POWER_DIGITS:
+                self.fail(node, f"{base}**{exponent} has about {digits:.0f} digits; at most "
+                                f"{MAX_POWER_DIGITS} are allowed")
+        if base.is_zero and exponent < 0:
+            self.fail(node, "zero to a negative power divides by zero")
+        return base ** exponent
+
+    def _Compare(self, node: ast.Compare):
+        operands = [self.number(node.left)] + [self.number(c) for c in node.comparators]
+        parts = []
+        for op, left, right in zip(node.ops, operands, operands[1:]):
+            if type(op) not in _COMPARE:
+                self.fail(node, f"comparison '{type(op).__name__}' is not allowed")
+            parts.append(_COMPARE[type(op)](left, right))
+        return sympy.And(*parts)
+
+    def _IfExp(self, node: ast.IfExp):
+        return self._choose(node, self.condition(node.test), node.body, node.orelse)
+
+    def _choose(self, node, test, then_node, else_node):
+        then, other = self.build(then_node), self.build(else_node)
+        if _is_bool(then) != _is_bool(other):
+            self.fail(node, "both branches must be numbers, or both conditions")
+        if _is_bool(then):
+            return sympy.Or(sympy.And(test, then), sympy.And(sympy.Not(test), other))
+        return sympy.Piecewise((then, test), (other, True))
+
+    def _Call(self, node: ast.Call):
+        if not isinstance(node.func, ast.Name):
+            self.fail(node, "only the functions " + ", ".join(FUNCTIONS) + " can be called")
+        name = node.func.id
+        if name not in FUNCTIONS:
+            self.fail(node, f"unknown function '{name}'; expected one of: "
+                            + ", ".join(FUNCTIONS))
+        if node.keywords:
+            self.fail(node, f"{name}() takes no keyword arguments")
+        arity = FUNCTIONS[name]
+        count = len(node.args)
+        if (arity is None and count < 2) or (arity is not None and count != arity):
+            expected = "at least 2" if arity is None else str(arity)
+            self.fail(node, f"{name}() takes {expected} argument(s), got {count}")
+        if name == "where":
+            return self._choose(node, self.condition(node.args[0]), node.args[1], node.args[2])
+        args = [self.number(a) for a in node.args]
+        if name == "min":
+            return sympy.Min(*args)
+        if name == "max":
+            return sympy.Max(*args)
+        bad_log = name == "log" and args[0].is_Number and args[0] <= 0
+        if bad_log or (name == "sqrt" and args[0].is_Number and args[0] < 0):
+            self.fail(node, f"{name}() of {args[0]} is not a real number")
+        return _UNARY_FUNCS[name](args[0])

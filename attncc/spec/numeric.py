@@ -1,0 +1,210 @@
+"""Evaluating spec expressions on arrays: sympy -> values, for any array-API namespace.
+
+``evaluate(expr, env, xp)`` walks the expression tree and applies the namespace's elementwise
+functions, broadcasting as the arrays in ``env`` do. The reference (float64 NumPy), the NumPy backend
+and the torch backend all evaluate masks and score mods through this one function, so an expression
+means the same everywhere. Subtrees that only read scalars are folded with Python arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import sympy
+
+from attncc.errors import InputError
+from attncc.spec.symbols import sigmoid
+
+_COMPARE = {
+    sympy.StrictLessThan: operator.lt, sympy.LessThan: operator.le,
+    sympy.StrictGreaterThan: operator.gt, sympy.GreaterThan: operator.ge,
+    sympy.Equality: operator.eq, sympy.Unequality: operator.ne,
+}
+_UNARY = {sympy.exp: "exp", sympy.log: "log", sympy.tanh: "tanh", sympy.Abs: "abs",
+          sympy.floor: "floor", sympy.ceiling: "ceil"}
+_SCALAR_UNARY = {"exp": math.exp, "log": math.log, "tanh": math.tanh, "abs": abs,
+                 "floor": math.floor, "ceil": math.ceil}
+
+
+def evaluate(expr: sympy.Basic, env: dict, xp):
+    """Value of ``expr`` with symbols and inputs taken from ``env`` (name -> scalar or array).
+
+    Index symbols map to integer arrays that broadcast against each other; inputs map to arrays
+    indexed by the (broadcast) index values. Raises InputError when an input is indexed out of its
+    bounds, naming the input.
+    """
+    return _Evaluator(env, xp).value(expr)
+
+
+def _is_scalar(x) -> bool:
+    return isinstance(x, (int, float, bool))
+
+
+class _Evaluator:
+    def __init__(self, env: dict, xp):
+        self.env = env
+        self.xp = xp
+        self.memo: dict[sympy.Basic, object] = {}
+
+    def value(self, expr):
+        if expr in self.memo:
+            return self.memo[expr]
+        result = self._value(expr)
+        self.memo[expr] = result
+        return result
+
+    def _value(self, e):  # noqa: C901 - one branch per node type reads best as a table
+        xp = self.xp
+        if e is sympy.true or e is sympy.false:
+            return bool(e)
+        if e.is_Integer:
+            return int(e)
+        if e.is_Number:
+            return float(e)
+        if isinstance(e, sympy.Indexed):
+            return self.indexed(e)
+        if e.is_Symbol:
+            try:
+                return self.env[e.name]
+            except KeyError:
+                raise InputError(f"no value for '{e.name}'") from None
+        if isinstance(e, sympy.Add):
+            return _fold(operator.add, [self.value(a) for a in e.args])
+        if isinstance(e, sympy.Mul):
+            return _fold(operator.mul, [self.value(a) for a in e.args])
+        if isinstance(e, sympy.Pow):
+            return self.power(e)
+        if isinstance(e, (sympy.floor, sympy.ceiling)) and _is_ratio(e.args[0]):
+            num, den = (self.value(a) for a in sympy.fraction(e.args[0]))
+            if isinstance(e, sympy.floor):
+                return num // den
+            return -((-num) // den)
+        if type(e) in _UNARY or isinstance(e, sigmoid):
+            arg = self.value(e.args[0])
+            name = "sigmoid" if isinstance(e, sigmoid) else _UNARY[type(e)]
+            return self.unary(name, arg)
+        if isinstance(e, sympy.Mod):
+            return _fold(operator.mod, [self.value(a) for a in e.args])
+        if isinstance(e, (sympy.Min, sympy.Max)):
+            pick = xp.minimum if isinstance(e, sympy.Min) else xp.maximum
+            return self.reduce(pick, min if isinstance(e, sympy.Min) else max,
+                               [self.value(a) for a in e.args])
+        if type(e) in _COMPARE:
+            return _COMPARE[type(e)](self.value(e.lhs), self.value(e.rhs))
+        if isinstance(e, sympy.And):
+            return self.reduce(xp.logical_and, lambda a, b: a and b,
+                               [self.value(a) for a in e.args])
+        if isinstance(e, sympy.Or):
+            return self.reduce(xp.logical_or, lambda a, b: a or b,
+                               [self.value(a) for a in e.args])
+        if isinstance(e, sympy.Not):
+            arg = self.value(e.args[0])
+            return (not arg) if _is_scalar(arg) else xp.logical_not(arg)
+        if isinstance(e, sympy.Piecewise):
+            return self.piecewise(e)
+        raise TypeError(f"attncc cannot evaluate {type(e).__name__}: {e}")
+
+    def unary(self, name: str, arg):
+        xp = self.xp
+        if _is_scalar(arg):
+            if name == "sigmoid":
+                return 1.0 / (1.0 + math.exp(-arg)) if arg > -700 else 0.0
+            return _SCALAR_UNARY[name](arg)
+        if name == "sigmoid":
+            return xp.exp(-xp.logaddexp(xp.zeros_like(arg), -arg))
+        if name in ("floor", "ceil") and not xp.isdtype(arg.dtype, "real floating"):
+            return arg
+        return getattr(xp, name)(arg)
+
+    def power(self, e: sympy.Pow):
+        base, exponent = self.value(e.base), e.exp
+        if _is_scalar(base):
+            return base ** (int(exponent) if exponent.is_Integer else float(exponent))
+        if exponent == sympy.Rational(1, 2):
+            return self.xp.sqrt(_to_float(base, self.xp))
+        if exponent == -sympy.Rational(1, 2):
+            return 1.0 / self.xp.sqrt(_to_float(base, self.xp))
+        if exponent.is_Integer and exponent >= 0:
+            return base ** int(exponent)
+        return _to_float(base, self.xp) ** float(exponent)
+
+    def reduce(self, array_fn, scalar_fn, values):
+        result = values[0]
+        for other in values[1:]:
+            if _is_scalar(result) and _is_scalar(other):
+                result = scalar_fn(result, other)
+            else:
+                result = array_fn(*self.as_arrays(result, other))
+        return result
+
+    def as_arrays(self, a, b):
+        """Both operands as arrays of one namespace (a Python scalar takes the other's dtype)."""
+        xp = self.xp
+        if _is_scalar(a):
+            a = xp.asarray(a, dtype=_scalar_dtype(a, b, xp), device=_device(b))
+        if _is_scalar(b):
+            b = xp.asarray(b, dtype=_scalar_dtype(b, a, xp), device=_device(a))
+        return a, b
+
+    def piecewise(self, e: sympy.Piecewise):
+        result = self.value(e.args[-1].expr)
+        for branch in reversed(e.args[:-1]):
+            cond, val = self.value(branch.cond), self.value(branch.expr)
+            if _is_scalar(cond):
+                result = val if cond else result
+            else:
+                val, result = self.as_arrays(val, result)
+                result = self.xp.where(cond, val, result)
+        return result
+
+    def indexed(self, e: sympy.Indexed):
+        name = str(e.base.label)
+        try:
+            table = self.env[name]
+        except KeyError:
+            raise InputError(f"missing input '{name}'") from None
+        indices = []
+        for axis, index in enumerate(e.indices):
+            value = self.value(index)
+            size = table.shape[axis]
+            if _is_scalar(value):
+                bad = not 0 <= value < size
+            else:
+                value = self.xp.astype(value, self.xp.int64)
+                bad = bool(self.xp.any(value < 0) or self.xp.any(value >= size))
+            if bad:
+                raise InputError(f"input '{name}' is indexed outside its axis {axis} of size "
+                                 f"{size} by {index}")
+            indices.append(value)
+        return table[tuple(indices)]
+
+
+def _fold(op, values):
+    result = values[0]
+    for other in values[1:]:
+        result = op(result, other)
+    return result
+
+
+def _is_ratio(arg) -> bool:
+    num, den = sympy.fraction(arg)
+    return den != 1 and num.is_integer is True and den.is_integer is True
+
+
+def _to_float(x, xp):
+    return x if xp.isdtype(x.dtype, "real floating") else xp.astype(x, xp.float64)
+
+
+def _device(x):
+    return getattr(x, "device", None) if not _is_scalar(x) else None
+
+
+def _scalar_dtype(scalar, other, xp):
+    if _is_scalar(other):
+        return None
+    if isinstance(scalar, bool):
+        return xp.bool
+    if isinstance(scalar, float) and not xp.isdtype(other.dtype, "real floating"):
+        return xp.float64
+    return other.dtype
