@@ -1,0 +1,86 @@
+"""The backend plugin interface: a tiny ABC, and the Kernel it compiles to.
+
+A backend is registered under the entry-point group ``attncc.backends`` (see ``registry``). It says
+whether it can run a graph on a target (``supports``), what it can tune (``search_space``), its
+untuned choice (``default_config``), and compiles a graph with a config into a ``Kernel``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Support:
+    """``ok``, or not with a ``reason`` a user can act on."""
+
+    ok: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+SUPPORTED = Support(True)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Tunables: name -> the values it may take, and ``keep(config)`` that drops invalid configs.
+
+    ``configs()`` enumerates the whole grid after ``keep``.
+    """
+
+    params: dict[str, tuple]
+    keep: Callable[[dict], bool] = field(default=lambda config: True)
+
+    def configs(self) -> list[dict]:
+        grid = [{}]
+        for name, values in self.params.items():
+            grid = [{**config, name: value} for config in grid for value in values]
+        return [config for config in grid if self.keep(config)]
+
+
+class Kernel(ABC):
+    """A compiled attention kernel: ``kernel(q, k, v, return_lse=False, **inputs)``.
+
+    ``source`` is the generated code (or a readable description of the lowering), ``config`` the
+    tile parameters it was compiled with, ``backward`` a callable where the backend supports
+    gradients (else None), ``record`` the tuning record it came from (None for defaults).
+    """
+
+    backend: str
+    spec: Any
+    config: dict
+    source: str
+    backward: Callable | None = None
+    record: Any = None
+
+    @abstractmethod
+    def __call__(self, q, k, v, *, return_lse: bool = False, **inputs):
+        """Output ``(B, Hq, Nq, Dv)``; with ``return_lse``, ``(out, lse)`` with lse ``(B, Hq, Nq)``."""
+
+
+class Backend(ABC):
+    """A code generator for one kind of kernel. Subclasses set ``name`` and implement all four."""
+
+    name: str
+    version: str = "0"
+
+    @abstractmethod
+    def supports(self, graph, target) -> Support:
+        """Whether this backend can run ``graph`` on ``target``; the reason if not."""
+
+    @abstractmethod
+    def search_space(self, graph, target) -> SearchSpace:
+        """The tunables for ``graph`` on ``target``, with a keep() filter for invalid configs."""
+
+    @abstractmethod
+    def default_config(self, graph, target) -> dict:
+        """A config that works for ``graph`` on ``target`` without tuning."""
+
+    @abstractmethod
+    def compile(self, graph, config: dict, target) -> Kernel:
+        """The kernel for a fused ``graph`` with ``config`` on ``target``."""

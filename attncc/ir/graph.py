@@ -1,0 +1,192 @@
+"""The IR: typed, frozen node dataclasses on a networkx DiGraph.
+
+A graph's nodes are string ids; each carries its node object under the attribute ``op``. An edge
+``u -> v`` carries ``port`` (the operand position of ``u`` in ``v``). ``graph.graph["spec"]`` is the
+Spec the graph was built from. Passes return new graphs; node objects are never mutated (replace
+them with ``dataclasses.replace``).
+
+Before ``fuse``, attention is the chain ``Score -> ScoreMod -> Mask -> Normalize -> Aggregate``;
+after it, one ``FusedAttention`` (or ``LinearAttention``, or ``Nystrom``) node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import networkx as nx
+import sympy
+
+Shape = tuple[sympy.Expr, ...]
+
+
+@dataclass(frozen=True)
+class Node:
+    """Base of every IR node. ``shape`` is filled in by the ``shapes`` pass (None before it)."""
+
+    shape: Shape | None = field(default=None, kw_only=True)
+
+    @property
+    def op_name(self) -> str:
+        return type(self).__name__
+
+    def attrs(self) -> dict:
+        """The node's attributes other than ``shape``, in declaration order (for printing)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "shape"}
+
+
+@dataclass(frozen=True)
+class Input(Node):
+    """A runtime tensor: ``role`` is q, k, v, or input (a named spec input)."""
+
+    name: str
+    role: str
+    dtype: str = "float"
+
+
+@dataclass(frozen=True)
+class LowRankProject(Node):
+    """Linformer: (k, v, E, F) -> (k', v') with k' = E·k, v' = F·v along the sequence."""
+
+    rank: int
+
+
+@dataclass(frozen=True)
+class MemoryConcat(Node):
+    """(k or v, mem) -> the memory tokens prepended along the sequence; always visible."""
+
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Score(Node):
+    """(q, k[, w]) -> scores: ``dot`` is scale·q·kᵀ, ``additive`` is Σ_d w[h,d]·tanh(q_d + k_d)."""
+
+    kind: str
+    scale: sympy.Expr
+
+
+@dataclass(frozen=True)
+class ScoreMod(Node):
+    """scores -> expr(score, b, h, q_idx, kv_idx, inputs...)."""
+
+    expr: sympy.Expr
+
+
+@dataclass(frozen=True)
+class Mask(Node):
+    """scores -> scores with pairs where ``expr`` is false removed.
+
+    The ``masks`` pass fills ``reads_inputs`` (input names the mask reads) and ``varies_with``
+    (which of b, h the mask depends on).
+    """
+
+    expr: sympy.Basic
+    reads_inputs: tuple[str, ...] = ()
+    varies_with: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Normalize(Node):
+    """scores -> weights: softmax, sigmoid, or topk (softmax over the K largest kept)."""
+
+    kind: str
+    topk: int | None = None
+
+
+@dataclass(frozen=True)
+class Aggregate(Node):
+    """(weights, v) -> weights·v."""
+
+
+@dataclass(frozen=True)
+class FusedAttention(Node):
+    """The flash pattern after ``fuse``: (q, k, v[, inputs]) -> out, never materializing scores.
+
+    ``memory_tokens`` keys come first and skip score_mod and mask.
+    """
+
+    score: str
+    scale: sympy.Expr
+    score_mod: sympy.Expr | None
+    mask: Mask | None
+    normalize: str
+    topk: int | None
+    memory_tokens: int
+
+
+@dataclass(frozen=True)
+class FeatureMap(Node):
+    """x -> φ(x) for linear attention: elu1, relu, or performer with ``features`` random features."""
+
+    kind: str
+    features: int | None = None
+
+
+@dataclass(frozen=True)
+class LinearAggregate(Node):
+    """(φq, φk, v) -> Σ_j φq_i·φk_j v_j / Σ_j φq_i·φk_j, over j ≤ i when ``causal``."""
+
+    causal: bool
+
+
+@dataclass(frozen=True)
+class LinearAttention(Node):
+    """Linear attention after ``fuse``: computed in chunks, causal by running prefix sums."""
+
+    feature_map: str
+    features: int | None
+    causal: bool
+
+
+@dataclass(frozen=True)
+class Nystrom(Node):
+    """(q, k, v) -> Nyström attention with ``landmarks`` segment-mean landmarks."""
+
+    landmarks: int
+    scale: sympy.Expr
+
+
+@dataclass(frozen=True)
+class Output(Node):
+    """The result ``(B, Hq, Nq, Dv)``."""
+
+
+ATTENTION_NODES = (FusedAttention, LinearAttention, Nystrom)
+
+
+def new_graph(spec) -> nx.DiGraph:
+    """An empty IR graph for ``spec``."""
+    graph = nx.DiGraph()
+    graph.graph["spec"] = spec
+    return graph
+
+
+def add(graph: nx.DiGraph, node_id: str, op: Node, *operands: str) -> str:
+    """Add node ``node_id`` computing ``op`` of ``operands`` (node ids, in port order)."""
+    graph.add_node(node_id, op=op)
+    for port, src in enumerate(operands):
+        graph.add_edge(src, node_id, port=port)
+    return node_id
+
+
+def op(graph: nx.DiGraph, node_id: str) -> Node:
+    """The node object of ``node_id``."""
+    return graph.nodes[node_id]["op"]
+
+
+def operands(graph: nx.DiGraph, node_id: str) -> list[str]:
+    """The operand ids of ``node_id`` in port order."""
+    preds = graph.in_edges(node_id, data="port")
+    return [src for src, _, _ in sorted(preds, key=lambda edge: edge[2])]
+
+
+def attention_node(graph: nx.DiGraph) -> tuple[str, Node]:
+    """The one fused attention node (FusedAttention, LinearAttention or Nystrom) of a fused graph.
+
+    Raises ValueError when the graph has not been through ``fuse``.
+    """
+    found = [(n, d["op"]) for n, d in graph.nodes(data=True)
+             if isinstance(d["op"], ATTENTION_NODES)]
+    if len(found) != 1:
+        raise ValueError(f"expected one fused attention node, found {len(found)}; run the pipeline")
+    return found[0]
