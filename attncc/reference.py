@@ -30,7 +30,8 @@ def reference(spec, q, k, v, *, return_lse: bool = False, **inputs):
     spec = load_spec(spec)
     q, k, v = (_as_float64_numpy(x) for x in (q, k, v))
     inputs = {n: _as_numpy(x) for n, x in inputs.items()}
-    inputs = {n: (x.astype(np.float64) if n in spec.inputs and spec.inputs[n].is_float else x)
+    # Only floating inputs are widened; a wrong dtype is left for bind() to report.
+    inputs = {n: (x.astype(np.float64) if np.issubdtype(x.dtype, np.floating) else x)
               for n, x in inputs.items()}
     return attend(spec, q, k, v, inputs, return_lse=return_lse)
 
@@ -43,8 +44,10 @@ def attend(spec, q, k, v, inputs: dict, *, return_lse: bool = False):
     if return_lse and spec.normalize not in ("softmax", "topk"):
         raise InputError(f"return_lse: the log-sum-exp exists for normalize softmax and topk, "
                          f"not {spec.normalize}")
+    if return_lse and spec.lowrank is not None and spec.lowrank.method == "nystrom":
+        raise InputError("return_lse: nystrom approximates the softmax and has no log-sum-exp")
     if spec.lowrank is not None and spec.lowrank.method == "nystrom":
-        return _nystrom(spec, bound, q, k, v, xp), None
+        return _nystrom(spec, bound, q, k, v, xp)
     if spec.lowrank is not None:
         k = xp.matmul(bound.inputs["E"], k)
         v = xp.matmul(bound.inputs["F"], v)

@@ -84,3 +84,11 @@ class Backend(ABC):
     @abstractmethod
     def compile(self, graph, config: dict, target) -> Kernel:
         """The kernel for a fused ``graph`` with ``config`` on ``target``."""
+
+    def priority(self, target) -> int:
+        """Expected speed on ``target`` relative to other backends (higher is faster).
+
+        ``backend="auto"`` picks the supported backend with the highest priority when no tuning
+        record decides; a backend that only emulates on this target should return a negative value.
+        """
+        return 0

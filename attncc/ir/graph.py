@@ -2,7 +2,8 @@
 
 A graph's nodes are string ids; each carries its node object under the attribute ``op``. An edge
 ``u -> v`` carries ``port`` (the operand position of ``u`` in ``v``). ``graph.graph["spec"]`` is the
-Spec the graph was built from. Passes return new graphs; node objects are never mutated (replace
+Spec the graph was built from, ``graph.graph["passes"]`` the names of the passes applied so far (in
+order; ``derive`` appends one). Passes return new graphs; node objects are never mutated (replace
 them with ``dataclasses.replace``).
 
 Before ``fuse``, attention is the chain ``Score -> ScoreMod -> Mask -> Normalize -> Aggregate``;
@@ -45,7 +46,11 @@ class Input(Node):
 
 @dataclass(frozen=True)
 class LowRankProject(Node):
-    """Linformer: (k, v, E, F) -> (k', v') with k' = E·k, v' = F·v along the sequence."""
+    """Linformer: (x, P) -> P·x along the sequence axis, ``rank`` rows long.
+
+    One node per projected tensor (a DiGraph has one edge per pair of nodes, so a node has one
+    result): ``k_proj`` = (k, E) and ``v_proj`` = (v, F).
+    """
 
     rank: int
 
@@ -67,14 +72,20 @@ class Score(Node):
 
 @dataclass(frozen=True)
 class ScoreMod(Node):
-    """scores -> expr(score, b, h, q_idx, kv_idx, inputs...)."""
+    """(scores, inputs the expression reads...) -> expr(score, b, h, q_idx, kv_idx, inputs...).
+
+    Memory-token keys (first after a ``MemoryConcat``) are left as they are; ``kv_idx`` counts the
+    keys after them.
+    """
 
     expr: sympy.Expr
 
 
 @dataclass(frozen=True)
 class Mask(Node):
-    """scores -> scores with pairs where ``expr`` is false removed.
+    """(scores, inputs the expression reads...) -> scores without the pairs where ``expr`` is false.
+
+    Memory-token keys are always kept; ``kv_idx`` counts the keys after them.
 
     The ``masks`` pass fills ``reads_inputs`` (input names the mask reads) and ``varies_with``
     (which of b, h the mask depends on).
@@ -116,7 +127,10 @@ class FusedAttention(Node):
 
 @dataclass(frozen=True)
 class FeatureMap(Node):
-    """x -> φ(x) for linear attention: elu1, relu, or performer with ``features`` random features."""
+    """(x[, omega]) -> φ(x) for linear attention: elu1, relu, or performer.
+
+    ``features`` is the number of random features of performer (None otherwise).
+    """
 
     kind: str
     features: int | None = None
@@ -158,7 +172,15 @@ def new_graph(spec) -> nx.DiGraph:
     """An empty IR graph for ``spec``."""
     graph = nx.DiGraph()
     graph.graph["spec"] = spec
+    graph.graph["passes"] = ()
     return graph
+
+
+def derive(graph: nx.DiGraph, pass_name: str) -> nx.DiGraph:
+    """A copy of ``graph`` (same node objects) recording that pass ``pass_name`` produced it."""
+    result = graph.copy()
+    result.graph["passes"] = (*graph.graph.get("passes", ()), pass_name)
+    return result
 
 
 def add(graph: nx.DiGraph, node_id: str, op: Node, *operands: str) -> str:

@@ -27,6 +27,7 @@ MAX_DEPTH = 64
 MAX_NODES = 1024
 MAX_EXPONENT = 64
 MAX_POWER_DIGITS = 300
+_WHITESPACE = str.maketrans("\t\n\r\f\v", "     ")
 
 #: function name -> (arity: exact int, or None for 2 or more)
 FUNCTIONS = {
@@ -62,11 +63,13 @@ class Scope:
 
     ``names`` maps a bare name to the sympy object it stands for (index and size symbols, constant
     values); ``inputs`` maps an input name to ``(ndim, integer)``, where ``integer`` says whether
-    its elements are integers (so may index other inputs).
+    its elements are integers (so may index other inputs). ``booleans`` names the inputs of dtype
+    bool: an element of one, used where a condition is expected, means ``element != 0``.
     """
 
     names: dict[str, sympy.Basic] = field(default_factory=dict)
     inputs: dict[str, tuple[int, bool]] = field(default_factory=dict)
+    booleans: frozenset[str] = frozenset()
 
 
 def parse_expr(text, scope: Scope, *, field: str, file: str | None = None,
@@ -83,7 +86,11 @@ def parse_expr(text, scope: Scope, *, field: str, file: str | None = None,
     if not isinstance(text, str):
         raise SpecError(f"expected an expression (text or a number), got {type(text).__name__}",
                         file=file, field=field)
-    source = " ".join(text.split())
+    # Each whitespace character becomes one space, so columns still count in the user's text;
+    # leading spaces are cut (ast.parse refuses them) and added back to every column.
+    flat = text.translate(_WHITESPACE)
+    source = flat.strip()
+    shift = len(flat) - len(flat.lstrip())
     if not source:
         raise SpecError("expected an expression, got empty text", file=file, field=field)
     if len(source) > MAX_LENGTH:
@@ -92,30 +99,44 @@ def parse_expr(text, scope: Scope, *, field: str, file: str | None = None,
     try:
         tree = ast.parse(source, mode="eval")
     except SyntaxError as err:
+        # Python reports offset 0 (or none) when the text ends too early: point past its end.
+        column = (err.offset if err.offset and err.offset >= 1 else len(source) + 1) + shift
         raise SpecError(f"not a valid expression: {err.msg}", file=file, field=field,
-                        column=err.offset) from None
-    except (MemoryError, RecursionError, ValueError) as err:
+                        column=column) from None
+    except (MemoryError, RecursionError) as err:
         raise SpecError(f"expression too complex to parse ({type(err).__name__})",
                         file=file, field=field) from None
-    _check_size(tree.body, file, field)
-    result = _Builder(scope, file, field).build(tree.body)
-    _check_kind(result, want, tree.body, file, field)
+    try:
+        _check_size(tree.body, file, field)
+        builder = _Builder(scope, file, field)
+        result = builder.build(tree.body)
+        if want == "bool":
+            result = builder.as_condition(result)
+        _check_kind(result, want, tree.body, file, field)
+    except SpecError as err:
+        if err.column is None or not shift:
+            raise
+        raise SpecError(err.message, file=file, field=field, column=err.column + shift) from None
     return result
 
 
 def _check_size(root: ast.AST, file, field) -> None:
-    """Reject trees deeper than MAX_DEPTH or larger than MAX_NODES, iteratively (no recursion)."""
-    stack = [(root, 1)]
+    """Reject trees deeper than MAX_DEPTH or larger than MAX_NODES, iteratively (no recursion).
+
+    Operator nodes carry no position; an error there points at the nearest positioned ancestor.
+    """
+    stack = [(root, 1, root.col_offset)]
     count = 0
     while stack:
-        node, depth = stack.pop()
+        node, depth, col = stack.pop()
         count += 1
         if depth > MAX_DEPTH:
             raise SpecError(f"expression nests deeper than {MAX_DEPTH} levels", file=file,
-                            field=field, column=getattr(node, "col_offset", -1) + 1)
+                            field=field, column=col + 1)
         if count > MAX_NODES:
             raise SpecError(f"expression has more than {MAX_NODES} parts", file=file, field=field)
-        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+        stack.extend((child, depth + 1, getattr(child, "col_offset", col))
+                     for child in ast.iter_child_nodes(node))
 
 
 def _is_bool(expr) -> bool:
@@ -149,8 +170,14 @@ class _Builder:
             self.fail(node, f"expected a number here, got the condition {value}")
         return value
 
+    def as_condition(self, value):
+        """An element of a bool input stands for the condition ``element != 0``."""
+        if isinstance(value, sympy.Indexed) and str(value.base.label) in self.scope.booleans:
+            return sympy.Ne(value, 0)
+        return value
+
     def condition(self, node: ast.AST):
-        value = self.build(node)
+        value = self.as_condition(self.build(node))
         if not _is_bool(value):
             self.fail(node, f"expected a condition here, got the number {value}")
         return value
@@ -261,7 +288,7 @@ class _Builder:
     def _Compare(self, node: ast.Compare):
         operands = [self.number(node.left)] + [self.number(c) for c in node.comparators]
         parts = []
-        for op, left, right in zip(node.ops, operands, operands[1:]):
+        for op, left, right in zip(node.ops, operands, operands[1:], strict=False):
             if type(op) not in _COMPARE:
                 self.fail(node, f"comparison '{type(op).__name__}' is not allowed")
             parts.append(_COMPARE[type(op)](left, right))

@@ -19,9 +19,9 @@ MAX_FILE_BYTES = 1 << 20
 def load_spec(source) -> Spec:
     """Return the validated Spec for ``source``.
 
-    ``source`` is a Spec (returned as is), a dict, a path to a ``.yaml``/``.yml``/``.toml``/``.json``
-    file, or the text of a spec in any of the three formats. Raises SpecError naming the file and
-    field on any problem.
+    ``source`` is a Spec (returned as is), a dict, a path to a ``.yaml``, ``.yml``, ``.toml`` or
+    ``.json`` file, or the text of a spec in any of the three formats. Raises SpecError naming the
+    file and field on any problem.
     """
     if isinstance(source, Spec):
         return source

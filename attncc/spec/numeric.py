@@ -1,9 +1,10 @@
 """Evaluating spec expressions on arrays: sympy -> values, for any array-API namespace.
 
 ``evaluate(expr, env, xp)`` walks the expression tree and applies the namespace's elementwise
-functions, broadcasting as the arrays in ``env`` do. The reference (float64 NumPy), the NumPy backend
-and the torch backend all evaluate masks and score mods through this one function, so an expression
-means the same everywhere. Subtrees that only read scalars are folded with Python arithmetic.
+functions, broadcasting as the arrays in ``env`` do. The reference (float64 NumPy), the NumPy
+backend and the torch backend all evaluate masks and score mods through this one function, so an
+expression means the same everywhere. Subtrees that only read scalars are folded with Python
+arithmetic.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class _Evaluator:
         self.memo[expr] = result
         return result
 
-    def _value(self, e):  # noqa: C901 - one branch per node type reads best as a table
+    def _value(self, e):
         xp = self.xp
         if e is sympy.true or e is sympy.false:
             return bool(e)

@@ -1,7 +1,7 @@
 """The validated spec model (format version 1) and the validation that builds it from a dict.
 
-``KEYS`` is the schema's table of contents: every top-level key with a one-line meaning. docs/spec.md
-documents each of them and a test keeps the two in step.
+``KEYS`` is the schema's table of contents: every top-level key with a one-line meaning.
+docs/spec.md documents each of them and a test keeps the two in step.
 """
 
 from __future__ import annotations
@@ -150,11 +150,12 @@ class _Validator:
         d = self.data
         for key in d:
             if key not in KEYS:
-                self.fail(str(key), "unknown key" + _suggest(key, KEYS))
+                self.fail(str(key), "unknown key" + (_suggest(key, KEYS) or
+                                                     "; expected one of: " + ", ".join(KEYS)))
         version = d.get("attncc")
         if version is None:
             self.fail("attncc", "missing the format version; expected 'attncc: 1'")
-        if version != FORMAT_VERSION:
+        if isinstance(version, bool) or version != FORMAT_VERSION or not isinstance(version, int):
             self.fail("attncc", f"format version {version!r} is not supported; expected 1")
         name = d.get("name", "spec")
         if not isinstance(name, str) or not name.replace("_", "a").replace("-", "a").isalnum():
@@ -183,13 +184,15 @@ class _Validator:
                            file=self.file)
         indexed = Scope(names={**base, **sym.INDEX_SYMBOLS},
                         inputs={n: (len(i.shape), not i.is_float) for n, i in inputs.items()
-                                if not i.implied})
+                                if not i.implied},
+                        booleans=frozenset(n for n, i in inputs.items() if i.dtype == "bool"))
         mask = None
         if d.get("mask") is not None:
             mask = parse_expr(d["mask"], indexed, field="mask", file=self.file, want="bool")
         score_mod = None
         if d.get("score_mod") is not None:
-            mod_scope = Scope(names={**indexed.names, "score": sym.score}, inputs=indexed.inputs)
+            mod_scope = Scope(names={**indexed.names, "score": sym.score}, inputs=indexed.inputs,
+                              booleans=indexed.booleans)
             score_mod = parse_expr(d["score_mod"], mod_scope, field="score_mod", file=self.file)
         topk = self.count("topk", None)
         self.combinations(normalize, topk, feature_map, features, score, score_mod, mask,
@@ -292,33 +295,40 @@ class _Validator:
 
     def combinations(self, normalize, topk, feature_map, features, score, score_mod, mask,
                      lowrank, memory_tokens) -> None:
+        """Refuse the combinations DESIGN §3 does not define, saying what was received."""
         if (normalize == "topk") != (topk is not None):
-            self.fail("topk", "topk: K goes with normalize: topk, and only with it")
+            self.fail("topk", "expected topk: K together with normalize: topk and only with it; "
+                              f"got normalize: {normalize}, topk: {topk}")
         if feature_map is not None and normalize != "linear":
-            self.fail("feature_map", "feature_map goes with normalize: linear only")
+            self.fail("feature_map", "expected feature_map only with normalize: linear; got "
+                                     f"normalize: {normalize}")
         if (feature_map == "performer") != (features is not None):
-            self.fail("features", "features: M goes with feature_map: performer, and only with it")
+            self.fail("features", "expected features: M together with feature_map: performer "
+                                  f"and only with it; got feature_map: {feature_map}, "
+                                  f"features: {features}")
         if normalize == "linear":
             if mask is not None and not _is_causal(mask):
                 self.fail("mask", "normalize: linear allows no mask or exactly "
                                   f"'kv_idx <= q_idx'; got {mask}")
             for key, bad in (("score_mod", score_mod is not None), ("score", score != "dot"),
-                             ("lowrank", lowrank is not None), ("memory_tokens",
-                                                                memory_tokens > 0)):
+                             ("lowrank", lowrank is not None),
+                             ("memory_tokens", memory_tokens > 0)):
                 if bad:
-                    self.fail(key, f"{key} is not supported with normalize: linear")
+                    self.fail(key, f"normalize: linear does not support {key}; got "
+                                   f"{key}: {self.data.get(key)!r}")
         if lowrank is not None:
             if mask is not None:
-                self.fail("mask", f"lowrank: {lowrank.method} allows no mask")
+                self.fail("mask", f"lowrank: {lowrank.method} allows no mask; got {mask}")
             if memory_tokens:
-                self.fail("memory_tokens", "memory_tokens is not supported with lowrank")
+                self.fail("memory_tokens", f"lowrank: {lowrank.method} allows no memory "
+                                           f"tokens; got memory_tokens: {memory_tokens}")
             if lowrank.method == "nystrom":
                 for key, bad in (("score_mod", score_mod is not None),
                                  ("normalize", normalize != "softmax"),
                                  ("score", score != "dot")):
                     if bad:
                         self.fail(key, "nystrom takes score: dot, normalize: softmax and no "
-                                       "score_mod")
+                                       f"score_mod; got {key}: {self.data.get(key)!r}")
 
 
 def _is_causal(mask) -> bool:
@@ -335,7 +345,7 @@ def _implied_inputs(score, lowrank, memory_tokens, feature_map, features) -> dic
         implied["mem_v"] = (s["kv_heads"], sympy.Integer(memory_tokens), s["value_dim"])
     if score == "additive":
         implied["w"] = (s["heads"], s["head_dim"])
-    if feature_map == "performer":
+    if feature_map == "performer" and features is not None:
         implied["omega"] = (sympy.Integer(features), s["head_dim"])
     return implied
 

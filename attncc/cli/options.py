@@ -1,0 +1,102 @@
+"""Options the commands share (DESIGN §7) and the helpers that turn them into sizes and targets.
+
+Sizes a spec leaves open (heads, kv_heads, head_dim, value_dim) come from ``--heads`` and
+``--head-dim``; a value the spec fixes cannot be overridden (the option must agree or be absent).
+"""
+
+from __future__ import annotations
+
+import click
+
+from attncc.errors import InputError
+
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+DEFAULT_HEADS = 4
+DEFAULT_HEAD_DIM = 32
+
+
+def spec_argument(command):
+    """The positional SPEC: a path to a .yaml/.yml/.toml/.json spec file."""
+    return click.argument("spec", metavar="SPEC", type=str)(command)
+
+
+def size_options(seq: int, batch: int = 1):
+    """--batch, --seq, --seq-k, --heads, --head-dim with command-specific defaults."""
+
+    def decorate(command):
+        for option in reversed((
+            click.option("--batch", type=click.IntRange(min=1), default=batch, show_default=True,
+                         help="Batch size."),
+            click.option("--seq", type=click.IntRange(min=1), default=seq, show_default=True,
+                         help="Query length (seq_q)."),
+            click.option("--seq-k", type=click.IntRange(min=1), default=None,
+                         help="Key length (seq_k); default: --seq."),
+            click.option("--heads", type=click.IntRange(min=1), default=None,
+                         help=f"Query heads where the spec leaves them open "
+                              f"(default {DEFAULT_HEADS})."),
+            click.option("--head-dim", type=click.IntRange(min=1), default=None,
+                         help=f"Head dimension where the spec leaves it open "
+                              f"(default {DEFAULT_HEAD_DIM})."),
+        )):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def block_options(command):
+    """--block-m and --block-n: the tile of the block plan."""
+    command = click.option("--block-n", type=click.IntRange(min=1), default=64,
+                           show_default=True, help="Key block size of the plan.")(command)
+    return click.option("--block-m", type=click.IntRange(min=1), default=64, show_default=True,
+                        help="Query block size of the plan.")(command)
+
+
+def dtype_option(default: str | None = "float32"):
+    return click.option("--dtype", type=click.Choice(DTYPES), default=default,
+                        show_default=default is not None, help="Floating dtype of q, k, v.")
+
+
+def target_option(command):
+    """--target cpu|cuda|cuda:N (default cpu)."""
+    return click.option("--target", "target_name", default="cpu", show_default=True,
+                        metavar="cpu|cuda[:N]", help="Hardware target to compile for.")(command)
+
+
+def resolve_sizes(spec, batch: int, seq: int, seq_k: int | None, heads: int | None,
+                  head_dim: int | None) -> dict[str, int]:
+    """Every size name -> int, from the spec where it fixes a size, else from the options."""
+    heads = _agree(spec.heads, heads, "heads", "--heads", DEFAULT_HEADS)
+    head_dim = _agree(spec.head_dim, head_dim, "head_dim", "--head-dim", DEFAULT_HEAD_DIM)
+    kv_heads = spec.kv_heads or heads
+    if heads % kv_heads:
+        raise InputError(f"--heads {heads}: must be a multiple of the spec's kv_heads "
+                         f"({kv_heads})")
+    return {"batch": batch, "heads": heads, "kv_heads": kv_heads, "seq_q": seq,
+            "seq_k": seq_k or seq, "head_dim": head_dim, "value_dim": spec.value_dim or head_dim}
+
+
+def _agree(fixed: int | None, given: int | None, name: str, option: str, default: int) -> int:
+    if fixed is not None and given is not None and given != fixed:
+        raise InputError(f"{option} {given}: the spec fixes {name} = {fixed}")
+    return fixed or given or default
+
+
+def load(spec_path: str):
+    """The validated Spec in the file ``spec_path`` (SpecError names the file on any problem)."""
+    from pathlib import Path
+
+    from attncc.errors import SpecError
+    from attncc.spec.load import load_spec
+
+    path = Path(spec_path)
+    if not path.is_file():
+        raise SpecError("not a file" if path.exists() else "no such file", file=spec_path)
+    return load_spec(path)
+
+
+def detect_target(name: str):
+    """The Target for ``--target``; BackendError if that device is not there."""
+    from attncc.target import Target, default_target
+
+    return default_target() if name == "cpu" else Target.detect(name)

@@ -1,0 +1,140 @@
+"""``attncc run SPEC --inputs in.npz -o out.npz``: one kernel call on saved inputs, timed."""
+
+from __future__ import annotations
+
+import statistics
+import time
+import zipfile
+from pathlib import Path
+
+import click
+import numpy as np
+
+from attncc.cli.options import DTYPES, detect_target, load, spec_argument, target_option
+from attncc.errors import InputError
+
+
+@click.command("run")
+@spec_argument
+@click.option("--inputs", "inputs_path", required=True, type=click.Path(dir_okay=False),
+              help="An .npz holding q, k, v and the spec's named inputs.")
+@click.option("-o", "--output", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="The .npz to write: 'out' (and 'lse' with --lse).")
+@click.option("--backend", default="auto", show_default=True,
+              help="Backend name, or auto for the best supported one.")
+@target_option
+@click.option("--dtype", type=click.Choice(DTYPES), default=None,
+              help="Cast q, k, v to this dtype first (default: as stored).")
+@click.option("--lse", is_flag=True, help="Also write the log-sum-exp as 'lse'.")
+@click.option("--repeat", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Timed calls after the first; their median is printed.")
+def run(spec: str, inputs_path: str, out_path: str, backend: str, target_name: str,
+        dtype: str | None, lse: bool, repeat: int) -> None:
+    """Run SPEC on the arrays in an .npz and save the output; print the call times."""
+    from attncc.api import compile as compile_spec
+
+    loaded = load(spec)
+    arrays = read_npz(inputs_path, loaded)
+    target = detect_target(target_name)
+    kernel = compile_spec(loaded, backend=backend, target=target)
+    q, k, v = (_cast(arrays.pop(name), dtype) for name in ("q", "k", "v"))
+    args = to_library(kernel, target, (q, k, v), arrays)
+
+    def call():
+        result = kernel(*args[0], return_lse=lse, **args[1])
+        _synchronize(target)
+        return result
+
+    start = time.perf_counter()
+    result = call()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    out, lse_value = result if lse else (result, None)
+    saved = {"out": as_numpy(out)}
+    if lse:
+        saved["lse"] = as_numpy(lse_value)
+    np.savez(out_path, **saved)
+    click.echo(f"{loaded.name} on {kernel.backend}: out {tuple(saved['out'].shape)} "
+               f"{saved['out'].dtype} -> {out_path}")
+    timing = f"first call {_ms(first)}"
+    if times:
+        timing += f"; median of {len(times)} {_ms(statistics.median(times))}"
+    click.echo(timing)
+
+
+def read_npz(path: str, spec) -> dict[str, np.ndarray]:
+    """q, k, v and the named inputs from ``path``; InputError on anything else in it."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError) as err:
+        raise InputError(f"{path}: not a readable .npz of arrays ({err})") from None
+    missing = [name for name in ("q", "k", "v") if name not in arrays]
+    if missing:
+        raise InputError(f"{path}: missing array(s) {', '.join(missing)}; expected q, k, v"
+                         + "".join(f", {n}" for n in spec.inputs) + f"; found "
+                         f"{', '.join(arrays) or 'none'}")
+    unknown = sorted(set(arrays) - {"q", "k", "v"} - set(spec.inputs))
+    if unknown:
+        raise InputError(f"{path}: array '{unknown[0]}' is not an input of spec "
+                         f"'{spec.name}'; its inputs are q, k, v"
+                         + "".join(f", {n}" for n in spec.inputs))
+    return arrays
+
+
+def to_library(kernel, target, qkv: tuple, inputs: dict):
+    """The call's arrays in the library the kernel's backend takes.
+
+    That is the backend class's ``library`` attribute (``numpy``), else torch, as in
+    attncc.testing; torch tensors go to the target's device.
+    """
+    from attncc.backends import registry
+
+    if getattr(registry.get(kernel.backend), "library", "torch") == "numpy":
+        return qkv, inputs
+    import torch
+
+    device = "cuda" if target.kind == "cuda" else "cpu"
+
+    def convert(x):
+        return torch.from_numpy(np.ascontiguousarray(x)).to(device)
+
+    return tuple(convert(x) for x in qkv), {n: convert(x) for n, x in inputs.items()}
+
+
+def as_numpy(x) -> np.ndarray:
+    """A NumPy copy of an array or tensor (bfloat16 widened to float32, which NumPy lacks)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "detach"):
+        import torch
+
+        x = x.detach().cpu()
+        return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
+    return np.asarray(x)
+
+
+def _cast(x: np.ndarray, dtype: str | None) -> np.ndarray:
+    if dtype is None:
+        return x
+    if dtype == "bfloat16":
+        raise InputError("--dtype bfloat16: NumPy arrays cannot hold bfloat16; store the .npz "
+                         "in float32 and pick a backend that computes in bfloat16")
+    return x.astype(dtype)
+
+
+def _synchronize(target) -> None:
+    if target.kind == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f} ms"

@@ -1,0 +1,126 @@
+"""``attncc show SPEC``: the IR after the pipeline, the block plan, the cost, and the inputs."""
+
+from __future__ import annotations
+
+import click
+import sympy
+
+from attncc.cli.options import (
+    block_options,
+    dtype_option,
+    load,
+    resolve_sizes,
+    size_options,
+    spec_argument,
+)
+
+
+@click.command("show")
+@spec_argument
+@size_options(seq=4096)
+@block_options
+@dtype_option()
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the random inputs a data-dependent mask is classified from.")
+def show(spec: str, batch: int, seq: int, seq_k: int | None, heads: int | None,
+         head_dim: int | None, block_m: int, block_n: int, dtype: str, seed: int) -> None:
+    """Print the lowered IR, block plan and density, FLOPs and bytes, and the inputs of SPEC."""
+    from attncc.ir.printer import print_graph
+    from attncc.passes.cost import DTYPE_BYTES, evaluate_cost
+    from attncc.passes.pipeline import lower
+    from attncc.plan import build_plan
+
+    loaded = load(spec)
+    sizes = resolve_sizes(loaded, batch, seq, seq_k, heads, head_dim)
+    graph = lower(loaded)
+    data = plan_inputs(loaded, sizes, seed)
+    plan = build_plan(loaded, sizes, block_m, block_n, data)
+    density = float(plan.block_density())
+
+    click.echo(f"spec: {loaded.name}  (hash {loaded.hash})" + (f"  {loaded.doc}" if loaded.doc
+                                                              else ""))
+    click.echo("sizes: " + " ".join(f"{name}={value}" for name, value in sizes.items()))
+    click.echo("\n== IR ==")
+    click.echo(print_graph(graph), nl=False)
+    click.echo(f"\n== block plan (block_m={block_m}, block_n={block_n}) ==")
+    for line in plan_summary(plan, data is not None, seed):
+        click.echo(line)
+    click.echo(f"\n== cost at these sizes (density = block density, itemsize = "
+               f"{DTYPE_BYTES[dtype]} for {dtype}) ==")
+    values = evaluate_cost(graph, sizes, density, itemsize=DTYPE_BYTES[dtype])
+    for name, formula in graph.graph.get("cost", {}).items():
+        click.echo(f"{name} = {formula}")
+        if name in values:
+            click.echo(f"{' ' * len(name)} = {_number(values[name])}")
+    if "intensity" in values:
+        click.echo(f"intensity (flops/byte) = {_number(values['intensity'])}")
+    click.echo("\n== inputs ==")
+    for line in input_lines(loaded, sizes):
+        click.echo(line)
+
+
+def plan_summary(plan, random_data: bool, seed: int) -> list[str]:
+    """Block counts per state and the block density, one fact per line."""
+    from attncc.plan import EMPTY, FULL, PARTIAL
+
+    states = plan.states
+    n_q, n_k = states.shape[-2:]
+    shared = (f"{'per batch' if states.shape[0] > 1 else 'shared over batch'}, "
+              f"{'per head' if states.shape[1] > 1 else 'shared over heads'}")
+    total = states.size
+    lines = [f"seq_q={plan.seq_q} seq_k={plan.seq_k}: {n_q} query blocks x {n_k} key blocks "
+             f"({shared})"]
+    for label, state in (("FULL", FULL), ("PARTIAL", PARTIAL), ("EMPTY", EMPTY)):
+        count = int((states == state).sum())
+        lines.append(f"{label:<8}{count:>10}  ({100 * count / total:.1f}% of blocks)")
+    lines.append(f"block density: {float(plan.block_density()):.4f}")
+    if random_data:
+        lines.append(f"(the mask reads inputs: classified on random inputs, seed {seed})")
+    return lines
+
+
+def input_lines(spec, sizes: dict[str, int]) -> list[str]:
+    """q, k, v and each named input: symbolic shape, shape at ``sizes``, dtype."""
+    from attncc.spec.symbols import SIZES
+
+    subs = {SIZES[name]: value for name, value in sizes.items()}
+    rows = [("q", ("batch", "heads", "seq_q", "head_dim"), "float"),
+            ("k", ("batch", "kv_heads", "seq_k", "head_dim"), "float"),
+            ("v", ("batch", "kv_heads", "seq_k", "value_dim"), "float")]
+    rows = [(name, tuple(SIZES[d] for d in dims), dtype) for name, dims, dtype in rows]
+    rows += [(name, decl.shape, decl.dtype + (" (implied)" if decl.implied else ""))
+             for name, decl in spec.inputs.items()]
+    width = max(len(name) for name, _, _ in rows)
+    lines = []
+    for name, shape, dtype in rows:
+        symbolic = "[" + ", ".join(str(d) for d in shape) + "]"
+        concrete = str(tuple(int(sympy.sympify(d).subs(subs)) for d in shape))
+        lines.append(f"{name:<{width}}  {symbolic} = {concrete}  {dtype}")
+    return lines
+
+
+def plan_inputs(spec, sizes: dict[str, int], seed: int) -> dict | None:
+    """Random values (NumPy) of the spec's named inputs at ``sizes`` for the block plan.
+
+    Only a mask that reads inputs (document ids) needs them, to classify its blocks; None for
+    every other spec.
+    """
+    if not mask_reads_inputs(spec):
+        return None
+    from attncc.testing import random_inputs
+
+    *_, inputs = random_inputs(spec, sizes["batch"], sizes["seq_q"], sizes["seq_k"], "float32",
+                               seed, "numpy", heads=sizes["heads"], head_dim=sizes["head_dim"])
+    return inputs
+
+
+def mask_reads_inputs(spec) -> bool:
+    """Whether the spec's mask reads named inputs (so its block plan depends on their values)."""
+    from attncc.spec.symbols import free_names
+
+    return spec.mask is not None and bool(free_names(spec.mask) & set(spec.inputs))
+
+
+def _number(value) -> str:
+    value = float(value)
+    return f"{value:.6g}" if abs(value) < 1e6 else f"{value:.4e}"

@@ -1,0 +1,54 @@
+"""``attncc tune``: search a backend's tile parameters with Optuna and store the winner."""
+
+from __future__ import annotations
+
+import click
+
+from attncc.cli.options import DTYPES, load, spec_argument, target_option
+
+
+@click.command("tune")
+@spec_argument
+@click.option("--backend", default="numpy", show_default=True, help="Backend to tune.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Batch size.")
+@click.option("--seq", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Query length (seq_q); the record covers its power-of-two bucket.")
+@click.option("--seq-k", type=click.IntRange(min=1), default=None,
+              help="Key length (seq_k); default: --seq.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
+@click.option("--trials", type=click.IntRange(min=1), default=40, show_default=True,
+              help="Configs to measure (at most the number of valid ones).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes on the one study.")
+@click.option("--db", default=None, metavar="PATH|URL",
+              help="Tuning database (default $ATTNCC_DB or ~/.cache/attncc/tuning.db).")
+@click.option("--storage", default=None, metavar="URL",
+              help="Optuna storage URL (default: beside --db, or the same PostgreSQL database).")
+@click.option("--plot", "plot_dir", default=None, metavar="DIR",
+              help="Write optimization-history and parameter-importance PNGs here.")
+@click.option("--seed", type=int, default=None, help="Sampler seed.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@target_option
+def tune(spec: str, backend: str, batch: int, seq: int, seq_k: int | None, dtype: str,
+         trials: int, workers: int, db: str | None, storage: str | None, plot_dir: str | None,
+         seed: int | None, quiet: bool, target_name: str) -> None:
+    """Tune SPEC's tile parameters for one shape and store the fastest config."""
+    from attncc.cli.options import detect_target
+    from attncc.db.store import Store
+    from attncc.tune.tuner import tune as run_tune
+
+    loaded = load(spec)
+    store = Store(db)
+    record = run_tune(loaded, backend, batch=batch, seq=seq, seq_k=seq_k, dtype=dtype,
+                      trials=trials, workers=workers, db=store, storage=storage,
+                      plot_dir=plot_dir, target=detect_target(target_name), seed=seed,
+                      progress=not quiet)
+    config = " ".join(f"{name}={value}" for name, value in record.config.items()) or "(none)"
+    click.echo(f"{record.spec_name} on {record.key.backend}, {record.key.bucket} {dtype}: "
+               f"{config}")
+    click.echo(f"  {record.median_s * 1e3:.4g} ms median (IQR {record.spread_s * 1e3:.3g} ms), "
+               f"{record.trials} configs measured, study {record.study}")
+    click.echo(f"  stored as record {record.id} in {store.display}")
+    if plot_dir:
+        click.echo(f"  plots in {plot_dir}")

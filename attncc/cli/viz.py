@@ -1,0 +1,95 @@
+"""``attncc viz SPEC -o mask.png``: heat maps of the element mask and of the block plan.
+
+In the style of attention-gym's visualizations: the mask element by element at a small size
+(query rows, key columns, kept pairs dark), and beside it the block plan at the given sizes with
+each (query block, key block) tile colored FULL, PARTIAL or EMPTY. Batch 0, head 0.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import numpy as np
+
+from attncc.cli.options import block_options, load, resolve_sizes, size_options, spec_argument
+from attncc.cli.show import plan_inputs
+from attncc.errors import AttnccError
+
+STATE_COLORS = ("#f7f7f7", "#f4a261", "#264653")  # EMPTY, PARTIAL, FULL
+
+
+@click.command("viz")
+@spec_argument
+@size_options(seq=1024)
+@block_options
+@click.option("--mask-size", type=click.IntRange(min=1, max=4096), default=128,
+              show_default=True, help="seq_q = seq_k of the element-mask panel.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the random inputs a data-dependent mask reads.")
+@click.option("-o", "--output", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="The PNG file to write.")
+def viz(spec: str, batch: int, seq: int, seq_k: int | None, heads: int | None,
+        head_dim: int | None, block_m: int, block_n: int, mask_size: int, seed: int,
+        out_path: str) -> None:
+    """Draw the mask of SPEC and its block plan (FULL/PARTIAL/EMPTY) as a PNG."""
+    from attncc.plan import build_plan
+
+    loaded = load(spec)
+    small = resolve_sizes(loaded, batch, mask_size, mask_size, heads, head_dim)
+    mask = element_mask(loaded, small, plan_inputs(loaded, small, seed))
+    sizes = resolve_sizes(loaded, batch, seq, seq_k, heads, head_dim)
+    plan = build_plan(loaded, sizes, block_m, block_n, plan_inputs(loaded, sizes, seed))
+    density = float(plan.block_density())
+    figure = draw(loaded.name, mask, plan.states[0, 0], density,
+                  (plan.seq_q, plan.seq_k, block_m, block_n))
+    path = Path(out_path)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    click.echo(f"wrote {path} (mask density {mask.mean():.3f} at {mask_size}x{mask_size}, "
+               f"block density {density:.3f} at {plan.seq_q}x{plan.seq_k})")
+
+
+def element_mask(spec, sizes: dict[str, int], inputs: dict | None) -> np.ndarray:
+    """Bool (seq_q, seq_k) of kept pairs for batch 0, head 0 (all True without a mask)."""
+    shape = (sizes["seq_q"], sizes["seq_k"])
+    if spec.mask is None:
+        return np.ones(shape, dtype=bool)
+    from attncc.spec.numeric import evaluate
+
+    env = {**sizes, **(inputs or {}), "b": np.zeros((1, 1), dtype=np.int64),
+           "h": np.zeros((1, 1), dtype=np.int64),
+           "q_idx": np.arange(shape[0], dtype=np.int64)[:, None],
+           "kv_idx": np.arange(shape[1], dtype=np.int64)[None, :]}
+    return np.broadcast_to(np.asarray(evaluate(spec.mask, env, np), dtype=bool), shape)
+
+
+def draw(name: str, mask: np.ndarray, states: np.ndarray, density: float, geometry: tuple):
+    """A matplotlib Figure with the two panels; Agg backend, nothing shown on screen."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+    except ImportError:
+        raise AttnccError("attncc viz needs matplotlib: pip install 'attncc[viz]'") from None
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    seq_q, seq_k, block_m, block_n = geometry
+    figure = Figure(figsize=(11, 5.2))
+    FigureCanvasAgg(figure)
+    left, right = figure.subplots(1, 2)
+    left.imshow(mask, cmap="Greys", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+    left.set_title(f"mask, {mask.shape[0]}x{mask.shape[1]} (density {mask.mean():.3f})")
+    left.set_xlabel("kv_idx")
+    left.set_ylabel("q_idx")
+    cmap = ListedColormap(STATE_COLORS)
+    right.imshow(states, cmap=cmap, vmin=-0.5, vmax=2.5, interpolation="nearest",
+                 aspect="auto", extent=(0, states.shape[1] * block_n, states.shape[0] * block_m,
+                                        0))
+    right.set_title(f"block plan, {seq_q}x{seq_k} in {block_m}x{block_n} blocks")
+    right.set_xlabel("kv_idx")
+    right.set_ylabel("q_idx")
+    right.legend(handles=[Patch(facecolor=c, edgecolor="#888", label=label) for c, label in
+                          zip(STATE_COLORS, ("EMPTY", "PARTIAL", "FULL"), strict=True)],
+                 loc="upper right", fontsize=8, framealpha=0.9)
+    figure.suptitle(f"{name}: block density {density:.3f}")
+    return figure

@@ -1,0 +1,284 @@
+"""[8] The tuning database: one SQLAlchemy code path for a SQLite file and for PostgreSQL.
+
+Where it lives (``resolve``): the ``db`` argument / ``--db`` option, else ``$ATTNCC_DB``, else
+``~/.cache/attncc/tuning.db``. A value with ``://`` is a SQLAlchemy URL (``postgresql://user@host/db``
+uses the psycopg 3 driver), anything else a SQLite file path.
+
+Tables: ``attncc_records`` (one row per Key, the primary key is ``Key.id``) and ``attncc_meta``
+(the schema version). Optuna's study tables live next to them: in the same PostgreSQL database,
+or in ``<name>.optuna.db`` beside a SQLite file (``study_storage``), so that trial writes of many
+workers do not hold the record file's lock.
+
+Faults become one ``DatabaseError`` line each: a file that is not a SQLite database, or is
+truncated, is never rewritten: it is left in place, a backup copy is saved beside it, and the
+message says both paths; a locked database says it waited and for how long; an unreachable server
+names the URL (password hidden). A row written by a newer schema is refused, never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.pool import NullPool
+
+from attncc.db.key import SCHEMA_VERSION, DatabaseError, Key, Record, now
+
+__all__ = ["DEFAULT_PATH", "DatabaseError", "Store", "resolve", "study_storage"]
+
+DEFAULT_PATH = Path("~/.cache/attncc/tuning.db")
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+_meta = sa.MetaData()
+RECORDS = sa.Table(
+    "attncc_records", _meta,
+    sa.Column("id", sa.String(12), primary_key=True),
+    sa.Column("spec_hash", sa.String(64), nullable=False, index=True),
+    sa.Column("bucket", sa.String(64), nullable=False),
+    sa.Column("dtype", sa.String(32), nullable=False),
+    sa.Column("backend", sa.String(128), nullable=False),
+    sa.Column("target", sa.Text, nullable=False),
+    sa.Column("schema", sa.Integer, nullable=False),
+    sa.Column("body", sa.Text, nullable=False),  # the full Record.to_json(), canonical JSON
+    sa.Column("updated", sa.String(32), nullable=False),
+)
+META = sa.Table("attncc_meta", _meta,
+                sa.Column("name", sa.String(64), primary_key=True),
+                sa.Column("value", sa.Text, nullable=False))
+
+
+def resolve(db: str | os.PathLike | None = None) -> str:
+    """The SQLAlchemy URL of the tuning database (see the module docstring for the order)."""
+    value = str(db) if db is not None else os.environ.get("ATTNCC_DB") or str(DEFAULT_PATH)
+    if "://" in value:
+        if value.startswith(("postgresql://", "postgres://")):
+            value = "postgresql+psycopg://" + value.split("://", 1)[1]
+        return value
+    return f"sqlite:///{Path(value).expanduser().resolve()}"
+
+
+def study_storage(url: str) -> str:
+    """Where Optuna keeps the studies of the database at ``url`` (see the module docstring)."""
+    path = _sqlite_path(url)
+    if path is None:
+        return url
+    return f"sqlite:///{path.with_name(path.stem + '.optuna.db')}"
+
+
+def masked(url: str) -> str:
+    """``url`` with any password replaced by ``***``, for messages."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa_exc.ArgumentError:
+        return url
+
+
+class Store:
+    """The records at one URL. Every method raises DatabaseError (one clear line) on a fault.
+
+    ``timeout`` is how long a SQLite writer waits for another process's lock (seconds).
+    """
+
+    def __init__(self, db: str | os.PathLike | None = None, *, timeout: float | None = None):
+        self.url = resolve(db)
+        self.timeout = float(os.environ.get("ATTNCC_DB_TIMEOUT", 30) if timeout is None
+                             else timeout)
+        self.path = _sqlite_path(self.url)
+        self.display = str(self.path) if self.path else masked(self.url)
+        if self.path is not None:
+            self._check_sqlite_file()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.engine = sa.create_engine(self.url, poolclass=NullPool,
+                                           connect_args={"timeout": self.timeout})
+        else:
+            try:
+                self.engine = sa.create_engine(self.url, pool_pre_ping=True,
+                                               connect_args=_connect_args(self.url))
+            except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, ImportError) as err:
+                raise DatabaseError(_driver_message(self.url, err)) from None
+        with self._guard("open"):
+            _meta.create_all(self.engine, checkfirst=True)
+            with self.engine.begin() as conn:
+                row = conn.execute(sa.select(META.c.value).where(META.c.name == "schema")).first()
+                if row is None:
+                    conn.execute(META.insert().values(name="schema", value=str(SCHEMA_VERSION)))
+                elif int(row[0]) > SCHEMA_VERSION:
+                    raise DatabaseError(
+                        f"tuning database {self.display} has schema {row[0]}; this attncc reads "
+                        f"up to schema {SCHEMA_VERSION}: upgrade attncc, or use another --db")
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def get(self, key: Key) -> Record | None:
+        """The record stored under ``key`` exactly, or None."""
+        with self._guard("read"), self.engine.connect() as conn:
+            row = conn.execute(sa.select(RECORDS).where(RECORDS.c.id == key.id)).first()
+        return None if row is None else self._record(row)
+
+    def records(self, *, spec_hash: str | None = None, bucket: str | None = None,
+                dtype: str | None = None, backend: str | None = None,
+                target: str | None = None, id_prefix: str | None = None) -> list[Record]:
+        """Records matching every given filter, oldest update first.
+
+        ``backend`` matches ``name@version`` exactly, or every version when it has no ``@``.
+        """
+        query = sa.select(RECORDS).order_by(RECORDS.c.updated, RECORDS.c.id)
+        for column, value in (("spec_hash", spec_hash), ("bucket", bucket), ("dtype", dtype),
+                              ("target", target)):
+            if value is not None:
+                query = query.where(RECORDS.c[column] == value)
+        if backend is not None:
+            query = query.where(RECORDS.c.backend == backend if "@" in backend
+                                else RECORDS.c.backend.startswith(backend + "@"))
+        if id_prefix:
+            query = query.where(RECORDS.c.id.startswith(id_prefix))
+        with self._guard("read"), self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [self._record(row) for row in rows]
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def put(self, record: Record) -> Record:
+        """Insert or replace the record under its key; a replaced record keeps its ``created``.
+
+        A stored row from a newer schema is never overwritten (DatabaseError).
+        """
+        for attempt in (0, 1):
+            try:
+                with self._guard("write"), self.engine.begin() as conn:
+                    old = conn.execute(sa.select(RECORDS).where(RECORDS.c.id == record.id)).first()
+                    if old is not None:
+                        record = record.with_(created=self._record(old).created)
+                        conn.execute(RECORDS.update().where(RECORDS.c.id == record.id)
+                                     .values(**_row(record)))
+                    else:
+                        conn.execute(RECORDS.insert().values(id=record.id, **_row(record)))
+                return record
+            except sa_exc.IntegrityError:  # another worker inserted the same key first
+                if attempt:
+                    raise DatabaseError(f"{self.display}: could not write record {record.id} "
+                                        "(concurrent writers kept colliding)") from None
+        raise AssertionError("unreachable")
+
+    def delete(self, ids: list[str]) -> int:
+        """Delete the records with these ids; the number deleted."""
+        if not ids:
+            return 0
+        with self._guard("write"), self.engine.begin() as conn:
+            return conn.execute(RECORDS.delete().where(RECORDS.c.id.in_(ids))).rowcount
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- faults --------------------------------------------------------------------------------
+
+    def _record(self, row) -> Record:
+        where = f"{self.display}: record {row.id}"
+        try:
+            data = json.loads(row.body)
+        except json.JSONDecodeError as err:
+            raise DatabaseError(f"{where}: stored body is not JSON ({err})") from None
+        return Record.from_json(data, where)
+
+    def _check_sqlite_file(self) -> None:
+        path = self.path
+        if not path.exists() or path.stat().st_size == 0:
+            return
+        try:
+            with path.open("rb") as f:
+                head = f.read(len(SQLITE_MAGIC))
+        except OSError as err:
+            raise DatabaseError(f"tuning database {path} cannot be read: {err}") from None
+        if head != SQLITE_MAGIC:
+            raise DatabaseError(self._unreadable("is not a SQLite database"))
+
+    def _unreadable(self, why: str) -> str:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        backup = self.path.with_name(f"{self.path.name}.unreadable-{stamp}")
+        saved = ""
+        try:
+            if not backup.exists():
+                shutil.copy2(self.path, backup)
+            saved = f"; a copy was saved at {backup}"
+        except OSError as err:
+            saved = f"; no backup copy could be made ({err})"
+        return (f"tuning database {self.path} {why}; it was left untouched{saved}; move it "
+                "away or point --db / ATTNCC_DB elsewhere")
+
+    def _guard(self, action: str):
+        return _Guard(self, action)
+
+
+class _Guard:
+    """Turns SQLAlchemy/driver exceptions inside a block into one DatabaseError line."""
+
+    def __init__(self, store: Store, action: str):
+        self.store, self.action = store, action
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, err, tb) -> bool:
+        if err is None or isinstance(err, DatabaseError) or not isinstance(
+                err, sa_exc.SQLAlchemyError | ImportError):
+            return False
+        store = self.store
+        text = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+        lowered = text.lower()
+        if isinstance(err, sa_exc.IntegrityError):
+            return False  # handled by put()
+        if "locked" in lowered or "busy" in lowered:
+            raise DatabaseError(f"tuning database {store.display} is locked by another process "
+                                f"(waited {store.timeout:g} s to {self.action}); retry when it "
+                                "is done, or raise ATTNCC_DB_TIMEOUT") from None
+        if store.path is not None and ("malformed" in lowered or "not a database" in lowered
+                                       or "corrupt" in lowered):
+            raise DatabaseError(store._unreadable(f"is damaged ({text})")) from None
+        if store.path is None and isinstance(err, sa_exc.OperationalError | sa_exc.InterfaceError):
+            raise DatabaseError(f"cannot {self.action} tuning database {store.display}: {text}; "
+                                "is the server running and reachable?") from None
+        if isinstance(err, ImportError | sa_exc.NoSuchModuleError):
+            raise DatabaseError(_driver_message(store.url, err)) from None
+        raise DatabaseError(f"cannot {self.action} tuning database {store.display}: "
+                            f"{type(err).__name__}: {text}") from None
+
+
+def _row(record: Record) -> dict:
+    key = record.key
+    return {"spec_hash": key.spec_hash, "bucket": key.bucket, "dtype": key.dtype,
+            "backend": key.backend, "target": key.target, "schema": record.schema,
+            "body": record.dumps(), "updated": record.updated or now()}
+
+
+def _sqlite_path(url: str) -> Path | None:
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    if not parsed.database or parsed.database == ":memory:":
+        raise DatabaseError(f"tuning database {url}: expected a SQLite file path, got an "
+                            "in-memory database (records would vanish with the process)")
+    return Path(parsed.database)
+
+
+def _connect_args(url: str) -> dict:
+    if sa.engine.make_url(url).get_backend_name() == "postgresql":
+        return {"connect_timeout": int(os.environ.get("ATTNCC_DB_CONNECT_TIMEOUT", 5))}
+    return {}
+
+
+def _driver_message(url: str, err: Exception) -> str:
+    if "psycopg" in str(err) or sa.engine.make_url(url).get_backend_name() == "postgresql":
+        return (f"tuning database {masked(url)} needs the psycopg driver: "
+                "pip install 'attncc[postgres]'")
+    return f"tuning database {masked(url)}: unusable URL ({err})"

@@ -1,0 +1,142 @@
+"""[7] Optuna studies for the tuner: storage, sampler, budget, stale trials, plots.
+
+One study per record key, in Optuna's RDB storage (``attncc.db.study_storage``: a SQLite file
+beside the record database, or the same PostgreSQL database), so many processes on many machines
+can work on one study. Every trial runs with a heartbeat; opening a study first marks FAILED the
+RUNNING trials whose heartbeat stopped more than ``2 * heartbeat`` seconds ago (a worker that was
+killed mid-trial), so they are never left running.
+
+The budget counts **measured** trials: COMPLETE (including configs that raised, scored ``inf``) and
+FAIL ones. Pruned trials (configs keep() rejected) and repeats of a measured config (answered from
+the study without timing, marked ``repeat_of``) do not count.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from attncc.db.key import DatabaseError
+from attncc.db.store import masked
+
+#: Seconds between trial heartbeats (RUNNING trials silent for twice this are failed).
+HEARTBEAT_S = 30
+REPEAT = "repeat_of"
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def storage(url: str, heartbeat: int = HEARTBEAT_S) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage at ``url`` (DatabaseError, one line, when it cannot be opened)."""
+    if url.startswith(("postgresql://", "postgres://")):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        engine = {"connect_args": {"timeout": 60}}
+    else:
+        engine = {"pool_pre_ping": True,
+                  "connect_args": {"connect_timeout": int(
+                      os.environ.get("ATTNCC_DB_CONNECT_TIMEOUT", 5))}}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine,
+                                              heartbeat_interval=int(heartbeat),
+                                              grace_period=int(2 * heartbeat))
+    except ImportError as err:
+        raise DatabaseError(f"study storage {masked(url)} needs a driver: {err} "
+                            "(PostgreSQL: pip install 'attncc[postgres]')") from None
+    except Exception as err:  # SQLAlchemy, driver and Optuna errors alike
+        line = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+        raise DatabaseError(f"cannot open study storage {masked(url)}: {line}") from None
+
+
+def sampler(budget: int, seed: int | None = None, kind: str = "tpe") -> optuna.samplers.BaseSampler:
+    """TPE (default; multivariate, a few random startup trials scaled to the budget), or
+    ``random``, or ``grid`` (every value of every parameter, for the quality benchmark)."""
+    if kind == "tpe":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(n_startup_trials=max(2, min(10, budget // 3)),
+                                              multivariate=True, seed=seed)
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"sampler: expected 'tpe' or 'random', got {kind!r}")
+
+
+def open_study(url: str, name: str, *, budget: int, seed: int | None = None,
+               heartbeat: int = HEARTBEAT_S, kind: str = "tpe") -> optuna.Study:
+    """Create or load study ``name`` and fail its stale RUNNING trials (see the module doc)."""
+    study = optuna.create_study(study_name=name, storage=storage(url, heartbeat),
+                                sampler=sampler(budget, seed, kind), direction="minimize",
+                                load_if_exists=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    return study
+
+
+def measured(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials that count towards the budget (see the module docstring)."""
+    return [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)
+            and REPEAT not in t.user_attrs]
+
+
+def finished_best(trials: list[FrozenTrial]) -> FrozenTrial | None:
+    """The completed trial with the lowest finite value, or None."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
+            and math.isfinite(t.value)]
+    return min(done, key=lambda t: t.value) if done else None
+
+
+class Stop:
+    """An Optuna callback that stops the study once ``budget`` measured trials exist.
+
+    ``limit`` caps all trials (pruned and repeats included), so a space whose configs keep()
+    mostly rejects cannot loop forever.
+    """
+
+    def __init__(self, budget: int, limit: int, on_trial=None):
+        self.budget, self.limit, self.on_trial = budget, limit, on_trial
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        trials = study.get_trials(deepcopy=False)
+        if self.on_trial is not None:
+            self.on_trial(study, trial, trials)
+        if len(measured(trials)) >= self.budget or len(trials) >= self.limit:
+            study.stop()
+
+
+def plot(study: optuna.Study, folder: str | os.PathLike) -> list[Path]:
+    """Write ``optimization_history.png`` and ``param_importances.png``; the paths written.
+
+    Importance needs two or more completed trials with finite values and some parameter that
+    varied; without them only the history is written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, draw in (("optimization_history", ovm.plot_optimization_history),
+                           ("param_importances", ovm.plot_param_importances)):
+            try:
+                axes = draw(study)
+            except (ValueError, RuntimeError, ZeroDivisionError):
+                continue  # too few finished trials for this plot
+            path = folder / f"{name}.png"
+            axes.figure.tight_layout()
+            axes.figure.savefig(path, dpi=110)
+            plt.close(axes.figure)
+            written.append(path)
+    return written

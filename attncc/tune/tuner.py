@@ -1,0 +1,321 @@
+"""[7] ``tune``: search a backend's tile parameters for one spec and shape, keep the winner.
+
+The sequence, in order: load the spec and lower it; open the record database and the study for the
+record's key (``study.py``); enqueue the backend's default config and the winners recorded for other
+targets or shape buckets (warm start); run trials (in this process, or ``workers`` processes on the
+one study) until ``trials`` configs have been measured; re-measure the best few and keep the
+fastest; write the record. Invalid configs are pruned unmeasured (``space.py``); a config that
+raises scores ``inf`` and the tune goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import multiprocessing
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import TrialState
+
+from attncc.backends import registry
+from attncc.backends.base import Backend
+from attncc.db.key import Key, Record, bucket_of
+from attncc.db.lookup import find
+from attncc.db.store import Store, study_storage
+from attncc.errors import BackendError, InputError
+from attncc.spec.load import load_spec
+from attncc.tune import study as studies
+from attncc.tune.measure import Timing, time_call
+from attncc.tune.space import fits, signature, suggest, tunables
+
+#: How many of the best configs are re-measured before one is chosen, and how many warm starts.
+TOP, WARM = 3, 4
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a worker process needs to rebuild the problem (plain, picklable values)."""
+
+    spec: dict
+    backend: str
+    target: dict
+    batch: int
+    seq_q: int
+    seq_k: int
+    dtype: str
+    storage: str
+    study: str
+    budget: int
+    heartbeat: int
+    seed: int | None
+
+
+class Problem:
+    """One spec, backend, shape, dtype and target: compiles a config and times it.
+
+    ``timer(kernel, args) -> Timing`` replaces the wall-clock measurement (tests, custom harnesses).
+    """
+
+    def __init__(self, spec, backend: Backend, target, batch: int, seq_q: int, seq_k: int,
+                 dtype: str, timer: Callable | None = None):
+        from attncc.passes.pipeline import lower
+
+        self.spec, self.backend, self.target = spec, backend, target
+        self.batch, self.seq_q, self.seq_k, self.dtype = batch, seq_q, seq_k, dtype
+        self.graph = lower(spec)
+        self.graph.graph["sizes"] = {"batch": batch, "seq_q": seq_q, "seq_k": seq_k}
+        support = backend.supports(self.graph, target)
+        if not support:
+            raise BackendError(f"backend '{backend.name}' cannot run '{spec.name}': "
+                               f"{support.reason}")
+        self.space = backend.search_space(self.graph, target)
+        self.base = backend.default_config(self.graph, target)
+        self.valid = self.space.configs()
+        if not self.valid:
+            raise BackendError(f"backend '{backend.name}' has no valid config for '{spec.name}' "
+                               f"at seq_q={seq_q}, seq_k={seq_k} (keep() rejects all of them)")
+        self.timer = timer or _wall_clock
+        self._args = None
+
+    @property
+    def key(self) -> Key:
+        return Key(self.spec.hash, bucket_of(self.seq_q, self.seq_k), self.dtype,
+                   f"{self.backend.name}@{self.backend.version}", self.target.key(3))
+
+    def study_name(self) -> str:
+        key = self.key
+        where = hashlib.sha256(key.target.encode()).hexdigest()[:10]
+        return (f"attncc:{self.spec.name}:{key.spec_hash}:{key.bucket}:{key.dtype}:"
+                f"{key.backend}:{where}")
+
+    def args(self):
+        """``(q, k, v, inputs)`` drawn once, in the backend's array library and device."""
+        if self._args is None:
+            from attncc.testing.inputs import random_inputs
+
+            library = getattr(self.backend, "library", "torch")
+            device = "cuda" if getattr(self.target, "kind", "cpu") == "cuda" else None
+            self._args = random_inputs(self.spec, self.batch, self.seq_q, self.seq_k,
+                                       self.dtype, 0, library,
+                                       device if library == "torch" else None)
+        return self._args
+
+    def run(self, config: dict, repeat: int = 7) -> Timing:
+        """Compile ``config`` (over the defaults) and time it; exceptions propagate."""
+        kernel = self.backend.compile(self.graph, {**self.base, **config}, self.target)
+        return self.timer(kernel, self.args(), repeat)
+
+    def objective(self, trial: optuna.Trial) -> float:
+        """Optuna objective: median seconds; ``inf`` (with the error kept) for a failing config."""
+        config = suggest(trial, self.space, self.base)
+        mine = signature(tunables(self.space, config))
+        for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if signature(other.params) == mine and studies.REPEAT not in other.user_attrs:
+                trial.set_user_attr(studies.REPEAT, other.number)
+                return other.value
+        try:
+            timing = self.run(config)
+        except Exception as err:  # any failing config scores inf; the tune goes on
+            trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:500])
+            return math.inf
+        trial.set_user_attr("spread_s", timing.spread_s)
+        return timing.median_s
+
+
+def _wall_clock(kernel, args, repeat: int) -> Timing:
+    q, k, v, inputs = args
+    sync = None
+    if getattr(q, "is_cuda", False):
+        import torch
+
+        sync = torch.cuda.synchronize
+    return time_call(lambda: kernel(q, k, v, **inputs), repeat=repeat, sync=sync)
+
+
+def tune(spec, backend: str | Backend = "numpy", *, batch: int = 1, seq: int = 1024,
+         seq_k: int | None = None, dtype: str = "float32", trials: int = 40, workers: int = 1,
+         db=None, storage: str | None = None, plot_dir=None, target=None,
+         seed: int | None = None, progress: bool = True, timer: Callable | None = None,
+         heartbeat: int = studies.HEARTBEAT_S) -> Record:
+    """Tune ``backend``'s tile parameters for ``spec`` at ``(batch, seq, seq_k)`` and ``dtype``.
+
+    ``trials`` configs are measured (at most the number of valid ones); with ``workers > 1`` that
+    many processes share the study (``backend`` must then be a registered name). ``db`` is the
+    record database (a path, URL or ``Store``; default ``resolve(None)``); ``storage`` the Optuna
+    storage URL (default ``study_storage`` of ``db``); ``plot_dir`` gets the optimization-history
+    and parameter-importance PNGs. ``target`` is a ``Target``, ``"cpu"``/``"cuda"``, or None for
+    this CPU. Returns the stored Record. Raises BackendError when no config runs.
+    """
+    from attncc.target import Target, default_target
+
+    if trials < 1 or workers < 1:
+        raise InputError(f"tune: expected trials >= 1 and workers >= 1, got trials={trials}, "
+                         f"workers={workers}")
+    spec = load_spec(spec)
+    chosen = registry.get(backend) if isinstance(backend, str) else backend
+    if workers > 1 and not isinstance(backend, str):
+        raise InputError("tune: workers > 1 needs the backend by its registered name")
+    if target is None or isinstance(target, str):
+        target = default_target() if target in (None, "cpu") else Target.detect(target)
+    problem = Problem(spec, chosen, target, batch, seq, seq_k or seq, dtype, timer)
+    store = db if isinstance(db, Store) else Store(db)
+    url = storage or study_storage(store.url)
+    budget = min(trials, len(problem.valid))
+    study = studies.open_study(url, problem.study_name(), budget=budget, seed=seed,
+                               heartbeat=heartbeat)
+    _warm_start(study, problem, store)
+    job = Job(spec.source, chosen.name, target.to_dict(), batch, seq, seq_k or seq, dtype, url,
+              study.study_name, budget, heartbeat, seed)
+    bar = _Progress(spec.name, budget) if progress else None
+    if workers == 1:
+        _optimize(study, problem, budget, bar)
+    else:
+        _spawn(job, workers, study, bar)
+    if bar is not None:
+        bar.close()
+    record = _choose(study, problem)
+    store.put(record)
+    if plot_dir is not None:
+        studies.plot(study, plot_dir)
+    return record
+
+
+def work(job: Job) -> None:
+    """A worker process: rebuild the problem from ``job`` and run trials until the budget."""
+    from attncc.target import Target
+
+    problem = Problem(load_spec(job.spec), registry.get(job.backend),
+                      Target.from_dict(job.target), job.batch, job.seq_q, job.seq_k, job.dtype)
+    study = studies.open_study(job.storage, job.study, budget=job.budget, seed=None,
+                               heartbeat=job.heartbeat)
+    _optimize(study, problem, job.budget, None)
+
+
+def _optimize(study: optuna.Study, problem: Problem, budget: int, bar) -> None:
+    if len(studies.measured(study.get_trials(deepcopy=False))) >= budget:
+        return
+    limit = len(study.get_trials(deepcopy=False)) + 20 * budget + 50
+    stop = studies.Stop(budget, limit, bar.update if bar is not None else None)
+    study.optimize(problem.objective, callbacks=[stop], gc_after_trial=False)
+
+
+def _spawn(job: Job, workers: int, study: optuna.Study, bar) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=work, args=(job,), daemon=True) for _ in range(workers)]
+    for proc in procs:
+        proc.start()
+    while any(proc.is_alive() for proc in procs):
+        if bar is not None:
+            trials = study.get_trials(deepcopy=False)
+            if trials:
+                bar.update(study, trials[-1], trials)
+        time.sleep(0.5)
+    codes = [proc.exitcode for proc in procs]
+    if all(code != 0 for code in codes):
+        raise BackendError(f"tune: every worker process failed (exit codes {codes}); run with "
+                           "workers=1 to see the error")
+
+
+def _warm_start(study: optuna.Study, problem: Problem, store: Store) -> None:
+    """Enqueue the default config, then winners of other targets and buckets (see module doc)."""
+    key = problem.key
+    others = [r for r in store.records(spec_hash=key.spec_hash, dtype=key.dtype,
+                                       backend=key.backend_name) if r.key != key]
+    others.sort(key=lambda r: (r.key.bucket != key.bucket, r.median_s))
+    seen = set()
+    for config in [tunables(problem.space, problem.base)] + [r.config for r in others]:
+        config = tunables(problem.space, config)
+        if len(seen) > WARM or signature(config) in seen:
+            continue
+        if fits(problem.space, problem.base, config) and set(config) == set(problem.space.params):
+            seen.add(signature(config))
+            study.enqueue_trial(config, user_attrs={"warm_start": True}, skip_if_exists=True)
+
+
+def _choose(study: optuna.Study, problem: Problem) -> Record:
+    """Re-measure the best few distinct configs; the Record of the fastest."""
+    trials = study.get_trials(deepcopy=False)
+    done = sorted((t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
+                   and math.isfinite(t.value) and studies.REPEAT not in t.user_attrs),
+                  key=lambda t: t.value)
+    if not done:
+        errors = [t.user_attrs["error"] for t in trials if "error" in t.user_attrs]
+        raise BackendError(f"tune '{problem.spec.name}' on '{problem.backend.name}': no config "
+                           f"ran; first error: {errors[0] if errors else 'none measured'}")
+    best = None
+    for trial in done[:TOP]:
+        config = {**problem.base, **trial.params}
+        try:
+            timing = problem.run(config, repeat=11)
+        except Exception:  # noqa: S112 - it ran once; a flaky config just loses
+            continue
+        if best is None or timing.median_s < best[1].median_s:
+            best = (config, timing)
+    if best is None:
+        raise BackendError(f"tune '{problem.spec.name}': every top config failed when "
+                           "re-measured")
+    config, timing = best
+    versions = dict(problem.target.versions)
+    versions[f"backend:{problem.backend.name}"] = problem.backend.version
+    return Record(problem.key, problem.spec.name, config, timing.median_s, timing.spread_s,
+                  len(studies.measured(trials)), problem.target.to_dict(), versions,
+                  study=study.study_name)
+
+
+class _Progress:
+    """A tqdm bar over measured trials, showing the trial number, its time and the best."""
+
+    def __init__(self, name: str, budget: int):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=budget, desc=f"tune {name}", unit="trial", leave=False)
+
+    def update(self, study, trial, trials) -> None:
+        done = len(studies.measured(trials))
+        self.bar.n = min(done, self.bar.total)
+        best = studies.finished_best(trials)
+        self.bar.set_postfix(trial=trial.number, current=_ms(trial.value),
+                             best=_ms(best.value if best else None), refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _ms(value) -> str:
+    return "-" if value is None else ("inf" if not math.isfinite(value) else f"{value*1e3:.3g}ms")
+
+
+def lookup(spec, backend: str | Backend, sizes=None, dtype: str = "float32", target=None,
+           db=None) -> Record | None:
+    """The tuned record a compile should use, or None (no benchmarking happens here).
+
+    ``sizes``: an int (seq), ``(seq_q, seq_k)``, a dict with ``seq_q``/``seq_k``, a bucket string
+    ``q<Q>-k<K>``, or None for any bucket (the most recently updated at the best target match).
+    Order and the ``note``/``origin`` of the result: see ``attncc.db.lookup``. ``db`` as in
+    ``tune``; a database that cannot be read raises DatabaseError.
+    """
+    from attncc.target import Target, default_target
+
+    spec = load_spec(spec)
+    chosen = registry.get(backend) if isinstance(backend, str) else backend
+    if target is None or isinstance(target, str):
+        target = default_target() if target in (None, "cpu") else Target.detect(target)
+    bucket = _bucket(sizes)
+    key = Key(spec.hash, bucket or "", dtype, f"{chosen.name}@{chosen.version}", target.key(3))
+    store = db if isinstance(db, Store) else Store(db)
+    return find(store, key, target, any_bucket=bucket is None)
+
+
+def _bucket(sizes) -> str | None:
+    if sizes is None or isinstance(sizes, str):
+        return sizes
+    if isinstance(sizes, int):
+        return bucket_of(sizes)
+    if isinstance(sizes, dict):
+        return bucket_of(int(sizes["seq_q"]), int(sizes.get("seq_k", sizes["seq_q"])))
+    seq_q, seq_k = sizes
+    return bucket_of(int(seq_q), int(seq_k))

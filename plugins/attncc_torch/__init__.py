@@ -1,0 +1,70 @@
+"""PyTorch backend: block-plan gathers and batched matmuls, CPU and CUDA, with autograd.
+
+Registered as the ``torch`` entry point of ``attncc.backends``. ``compile`` turns a fused graph into
+a ``TorchKernel``; the lowering follows the graph's one attention node: FusedAttention -> the flash
+pattern over the block plan (``flash.py``), LinearAttention -> chunked prefix sums
+(``linear.py``), Nystrom -> ``nystrom.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attncc.backends.base import SUPPORTED, Backend, SearchSpace, Support
+from attncc.errors import BackendError
+from attncc.ir.graph import LinearAttention, Nystrom, attention_node
+
+from .kernel import TorchKernel
+from .space import default_config, search_space
+
+__all__ = ["TorchBackend", "TorchKernel"]
+
+
+def _kind(graph) -> str:
+    try:
+        _, node = attention_node(graph)
+    except ValueError as err:
+        raise BackendError(f"torch backend: {err}") from None
+    if isinstance(node, LinearAttention):
+        return "linear"
+    if isinstance(node, Nystrom):
+        return "nystrom"
+    return "flash"
+
+
+class TorchBackend(Backend):
+    """PyTorch kernels for every spec: float32/float16/bfloat16/float64 on CPU and CUDA."""
+
+    name = "torch"
+    version = "1"
+
+    def supports(self, graph, target) -> Support:
+        kind = getattr(target, "kind", "cpu") if target is not None else "cpu"
+        if kind == "cuda" and not torch.cuda.is_available():
+            return Support(False, "torch sees no CUDA device here; use a cpu target")
+        if kind not in ("cpu", "cuda"):
+            return Support(False, f"torch backend runs on cpu or cuda targets, not {kind!r}")
+        _kind(graph)
+        return SUPPORTED
+
+    def search_space(self, graph, target) -> SearchSpace:
+        return search_space(graph.graph["spec"], _kind(graph), target)
+
+    def default_config(self, graph, target) -> dict:
+        return default_config(graph.graph["spec"], _kind(graph), target)
+
+    def compile(self, graph, config, target) -> TorchKernel:
+        spec, kind = graph.graph["spec"], _kind(graph)
+        full = {**default_config(spec, kind, target), **(config or {})}
+        space = search_space(spec, kind, target)
+        unknown = sorted(set(full) - set(space.params))
+        if unknown:
+            raise BackendError(f"torch backend: unknown tunable '{unknown[0]}'; expected one of "
+                               f"{', '.join(space.params) or 'none'}")
+        if space.params and not space.keep(full):
+            raise BackendError(f"torch backend: config {full} is rejected by the keep() filter "
+                               "of its search space")
+        return TorchKernel(spec, kind, full)
+
+    def priority(self, target) -> int:
+        return 20 if getattr(target, "kind", "cpu") == "cuda" else 10

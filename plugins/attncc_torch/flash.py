@@ -1,0 +1,181 @@
+"""The flash pattern over the block plan: forward with an online softmax, recomputing backward.
+
+Tensors arrive padded and laid out for GQA without copies: ``q5 (B, Hkv, group, nQ*bm, D)``,
+``k4 (B, Hkv, nK*bn, D)``, ``v4 (B, Hkv, nK*bn, Dv)``. The forward keeps per row the running max
+``m``, sum ``l`` and accumulator (softmax), or just the accumulator (sigmoid); top-k first finds the
+K-th largest kept score of every row with a running ``torch.topk`` over the chunks, then runs the
+softmax over the scores at or above it. Saved for backward: q, k, v, out, lse (and the top-k
+threshold) — never an N×N matrix. The backward recomputes each tile (FlashAttention-2:
+``dS = P ∘ (dP − rowsum(dO ∘ O))``) and differentiates the tile's own scores with
+``torch.autograd.grad`` on the tile, which also yields the gradients of score_mod inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .tiles import Problem
+
+NEG_INF = float("-inf")
+
+
+def forward(pb: Problem, q5, k4, v4, inputs: dict):
+    """``(out (B,Hkv,group,Nqp,Dv), lse (B,Hkv,group,Nqp,1) or None, thr or None)``."""
+    norm = pb.spec.normalize
+    shape = (*q5.shape[:-1], v4.shape[-1])
+    out = torch.zeros(shape, dtype=q5.dtype, device=q5.device)
+    row = (*q5.shape[:-1], 1)
+    lse = torch.full(row, NEG_INF, dtype=q5.dtype, device=q5.device) if norm != "sigmoid" else None
+    thr = torch.full(row, NEG_INF, dtype=q5.dtype, device=q5.device) if norm == "topk" else None
+    for step in pb.schedule.steps:
+        q = pb.rows(q5, step)
+        tiles = _tiles(pb, step, q, k4, v4, inputs)
+        if norm == "sigmoid":
+            acc = None
+            for s, v in tiles:
+                pv = torch.sigmoid(s) @ v
+                acc = pv if acc is None else acc + pv
+            pb.put_rows(out, step, acc)
+            continue
+        t = _threshold(pb, tiles) if norm == "topk" else None
+        o, row_lse = _softmax(tiles, t)
+        pb.put_rows(out, step, o)
+        pb.put_rows(lse, step, row_lse)
+        if t is not None:
+            pb.put_rows(thr, step, t)
+    return out, lse, thr
+
+
+def _tiles(pb: Problem, step, q, k4, v4, inputs: dict):
+    """Lazily yields ``(scores, values)`` of a step: the memory tokens first, then each chunk."""
+    sl = step.slice
+
+    def generate():
+        if pb.memory:
+            yield pb.memory_scores(sl, q, inputs), inputs["mem_v"][None, sl.h0:sl.h0 + sl.nh, None]
+        for chunk in step.chunks:
+            k, v = pb.cols(k4, sl, chunk), pb.cols(v4, sl, chunk)
+            yield pb.scores(step, chunk, q, k, inputs), v
+
+    return _Replay(generate)
+
+
+class _Replay:
+    """An iterable that regenerates its items on every pass (top-k reads the tiles twice)."""
+
+    def __init__(self, generate):
+        self.generate = generate
+
+    def __iter__(self):
+        return self.generate()
+
+
+def _threshold(pb: Problem, tiles):
+    """Per row, the K-th largest kept score over all tiles (-inf where fewer than K are kept)."""
+    kk = pb.spec.topk
+    best = None
+    for s, _ in tiles:
+        cand = s if best is None else torch.cat([best, s], dim=-1)
+        best = torch.topk(cand, min(kk, cand.shape[-1]), dim=-1).values
+    if best is None or best.shape[-1] < kk:
+        lead = best.shape[:-1] if best is not None else ()
+        return torch.full((*lead, 1), NEG_INF, dtype=best.dtype, device=best.device)
+    return best[..., kk - 1:kk]
+
+
+def _softmax(tiles, thr):
+    """Online softmax over the tiles: ``(out, lse)``; rows with no kept key give 0 and -inf."""
+    m = l_sum = acc = None
+    for s, v in tiles:
+        if thr is not None:
+            s = torch.where(s >= thr, s, NEG_INF)
+        s_max = s.amax(-1, keepdim=True)
+        m_new = s_max if m is None else torch.maximum(m, s_max)
+        m_safe = torch.where(m_new == NEG_INF, 0.0, m_new)
+        p = torch.exp(s - m_safe)
+        pv = p @ v
+        if m is None:
+            l_sum, acc = p.sum(-1, keepdim=True), pv
+        else:
+            alpha = torch.exp(m - m_safe)
+            l_sum = l_sum * alpha + p.sum(-1, keepdim=True)
+            acc = acc * alpha + pv
+        m = m_new
+    empty = l_sum == 0
+    out = acc / torch.where(empty, 1.0, l_sum)
+    lse = torch.where(empty, NEG_INF, m + torch.log(torch.where(empty, 1.0, l_sum)))
+    return out, lse
+
+
+def backward(pb: Problem, saved: dict, dout5, grad_inputs: list[str]):
+    """Gradients ``(dq5, dk4, dv4, {input name: grad})`` for the tensors ``forward`` read.
+
+    ``grad_inputs`` names the floating inputs that need a gradient (memory tokens included).
+    """
+    q5, k4, v4, out5 = saved["q5"], saved["k4"], saved["v4"], saved["out5"]
+    inputs, lse, thr = saved["inputs"], saved["lse"], saved["thr"]
+    norm = pb.spec.normalize
+    dq5, dk4, dv4 = torch.zeros_like(q5), torch.zeros_like(k4), torch.zeros_like(v4)
+    dinp = {name: torch.zeros_like(inputs[name]) for name in grad_inputs}
+    delta = (dout5 * out5).sum(-1, keepdim=True) if norm != "sigmoid" else None
+    lse_safe = torch.where(lse == NEG_INF, float("inf"), lse) if lse is not None else None
+    for step in pb.schedule.steps:
+        sl = step.slice
+        q, do = pb.rows(q5, step), pb.rows(dout5, step)
+        row_lse = pb.rows(lse_safe, step) if lse_safe is not None else None
+        row_delta = pb.rows(delta, step) if delta is not None else None
+        row_thr = pb.rows(thr, step) if thr is not None else None
+        dq = torch.zeros_like(q)
+        tiles = []
+        if pb.memory:
+            tiles.append((None, None, inputs["mem_v"][None, sl.h0:sl.h0 + sl.nh, None]))
+        tiles += [(chunk, pb.cols(k4, sl, chunk), pb.cols(v4, sl, chunk))
+                  for chunk in step.chunks]
+        for chunk, k, v in tiles:
+            leaves = {name: inputs[name].detach().requires_grad_() for name in grad_inputs}
+            env_inputs = {**inputs, **leaves}
+            with torch.enable_grad():
+                q_leaf = q.detach().requires_grad_()
+                k_leaf = k.detach().requires_grad_() if k is not None else None
+                if chunk is None:
+                    s = pb.memory_scores(sl, q_leaf, env_inputs)
+                    v = env_inputs["mem_v"][None, sl.h0:sl.h0 + sl.nh, None]
+                else:
+                    s = pb.scores(step, chunk, q_leaf, k_leaf, env_inputs)
+            ds, dv = _tile_grads(norm, s.detach(), v.detach(), do, row_lse, row_delta, row_thr)
+            wrt = [q_leaf] + ([k_leaf] if k_leaf is not None else []) + list(leaves.values())
+            grads = torch.autograd.grad(s, wrt, ds, allow_unused=True)
+            dq += grads[0]
+            named = dict(zip(leaves, grads[len(wrt) - len(leaves):], strict=True))
+            if chunk is None:
+                if "mem_v" in dinp:
+                    named["mem_v"] = _mem_grad(inputs["mem_v"], sl, dv)
+            else:
+                pb.add_cols(dk4, sl, chunk, grads[1])
+                pb.add_cols(dv4, sl, chunk, dv)
+            for name, g in named.items():
+                if g is not None:
+                    dinp[name] += g
+        pb.put_rows(dq5, step, dq)
+    return dq5, dk4, dv4, dinp
+
+
+def _tile_grads(norm: str, s, v, do, lse, delta, thr):
+    """``(dS, dV_tile)`` of one tile from its recomputed scores."""
+    if norm == "sigmoid":
+        w = torch.sigmoid(s)
+        dv = w.transpose(-1, -2) @ do
+        return (do @ v.transpose(-1, -2)) * w * (1 - w), dv
+    p = torch.exp(s - lse)
+    if thr is not None:
+        p = torch.where(s >= thr, p, 0.0)
+    dv = p.transpose(-1, -2) @ do
+    ds = p * (do @ v.transpose(-1, -2) - delta)
+    return ds, dv
+
+
+def _mem_grad(mem_v, sl, dv):
+    """The memory values' gradient: ``dv (nb, nh, G, M, Dv)`` summed over batch and blocks."""
+    grad = torch.zeros_like(mem_v)
+    grad[sl.h0:sl.h0 + sl.nh] = dv.sum(dim=(0, 2))
+    return grad

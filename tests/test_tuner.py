@@ -1,0 +1,135 @@
+"""The tuner: invalid configs pruned unmeasured, failures score inf, warm start, re-measure,
+DB hits cost no benchmark, a real numpy kernel tuned end to end through the CLI."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+from click.testing import CliRunner
+from optuna.trial import TrialState
+
+from attncc.backends.base import SUPPORTED, Backend, Kernel, SearchSpace
+from attncc.cli.tune import tune as tune_cli
+from attncc.db import Store
+from attncc.errors import BackendError
+from attncc.spec.load import load_spec
+from attncc.target import default_target
+from attncc.tune import lookup, measurements, tune
+from attncc.tune.measure import Timing
+from attncc.tune.study import REPEAT
+
+DENSE = {"attncc": 1, "name": "dense"}
+
+
+class FakeKernel(Kernel):
+    backend = "fake"
+
+    def __init__(self, config):
+        self.config, self.source, self.spec = config, "", None
+
+    def __call__(self, q, k, v, *, return_lse=False, **inputs):
+        raise AssertionError("the fake timer never calls the kernel")
+
+
+class FakeBackend(Backend):
+    """block_m x block_n over {16..128} x {16..64}; 128x64 is invalid; 16x16 raises."""
+
+    name, version = "fake", "3"
+
+    def supports(self, graph, target):
+        return SUPPORTED
+
+    def search_space(self, graph, target):
+        return SearchSpace({"block_m": (16, 32, 64, 128), "block_n": (16, 32, 64)},
+                           lambda c: c["block_m"] * c["block_n"] <= 4096)
+
+    def default_config(self, graph, target):
+        return {"block_m": 64, "block_n": 64, "fixed": "kept"}
+
+    def compile(self, graph, config, target):
+        if config["block_m"] == config["block_n"] == 16:
+            raise RuntimeError("16x16 is broken")
+        return FakeKernel(config)
+
+
+class FakeTimer:
+    """Deterministic cost, minimal at 32x32; remembers every config it timed."""
+
+    def __init__(self):
+        self.timed = []
+
+    def __call__(self, kernel, args, repeat):
+        config = kernel.config
+        self.timed.append(dict(config))
+        cost = 1 + abs(math.log2(config["block_m"]) - 5) + abs(math.log2(config["block_n"]) - 5)
+        return Timing(cost * 1e-3, 1e-5, (cost * 1e-3,))
+
+
+def run(tmp_path, trials, timer=None, **kw):
+    timer = timer or FakeTimer()
+    record = tune(DENSE, FakeBackend(), seq=64, trials=trials, db=tmp_path / "t.db",
+                  progress=False, timer=timer, seed=0, **kw)
+    storage = f"sqlite:///{tmp_path / 't.optuna.db'}"
+    return record, timer, optuna.load_study(study_name=record.study, storage=storage)
+
+
+def test_tune_bookkeeping_prunes_invalid_scores_failures_inf_and_remeasures(tmp_path):
+    record, timer, study = run(tmp_path, trials=11)  # every valid config: 12 - 1 invalid
+    trials = study.get_trials()
+    assert all(c["block_m"] * c["block_n"] <= 4096 for c in timer.timed)  # never timed invalid
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert all(t.user_attrs.get("invalid") for t in pruned)
+    failed = [t for t in trials if t.state == TrialState.COMPLETE and math.isinf(t.value)]
+    assert len(failed) == 1 and "16x16 is broken" in failed[0].user_attrs["error"]
+    measured = [t for t in trials if t.state == TrialState.COMPLETE and REPEAT not in t.user_attrs]
+    assert len(measured) == record.trials == 11
+    assert trials[0].params == {"block_m": 64, "block_n": 64}  # the default, enqueued first
+    assert record.config == {"block_m": 32, "block_n": 32, "fixed": "kept"}
+    assert record.median_s == pytest.approx(1e-3)
+    # 10 configs timed (16x16 failed to compile), then the best three re-measured, best first.
+    assert len(timer.timed) == 13
+    assert [(c["block_m"], c["block_n"]) for c in timer.timed[-3:]][0] == (32, 32)
+    assert Store(tmp_path / "t.db").get(record.key) == record
+
+
+def test_db_hit_runs_no_measurement_and_retune_warm_starts(tmp_path):
+    record, _, _ = run(tmp_path, trials=3)
+    before = measurements()
+    hit = lookup(DENSE, FakeBackend(), 60, db=tmp_path / "t.db")
+    assert hit == record and "exact match" in hit.note
+    assert lookup(DENSE, FakeBackend(), 60, dtype="float16", db=tmp_path / "t.db") is None
+    assert measurements() == before
+    # Another bucket of the same spec starts from the winner recorded for the first bucket.
+    again = tune(DENSE, FakeBackend(), seq=200, trials=2, db=tmp_path / "t.db", progress=False,
+                 timer=FakeTimer(), seed=0)
+    study = optuna.load_study(study_name=again.study,
+                              storage=f"sqlite:///{tmp_path / 't.optuna.db'}")
+    warm = [t.params for t in study.get_trials() if t.user_attrs.get("warm_start")]
+    assert warm[0] == {"block_m": 64, "block_n": 64}
+    assert {k: record.config[k] for k in ("block_m", "block_n")} in warm
+
+
+def test_every_config_failing_is_one_clear_error(tmp_path):
+    class Broken(FakeBackend):
+        def compile(self, graph, config, target):
+            raise RuntimeError("no compiler here")
+
+    with pytest.raises(BackendError, match="no config ran; first error: RuntimeError: no "):
+        tune(DENSE, Broken(), seq=64, trials=2, db=tmp_path / "t.db", progress=False, seed=0)
+
+
+def test_real_numpy_kernel_tuned_through_the_cli_with_plots(tmp_path):
+    spec = load_spec("examples/sliding_window.yaml")
+    plots = tmp_path / "plots"
+    out = CliRunner().invoke(tune_cli, ["examples/sliding_window.yaml", "--backend", "numpy",
+                                        "--seq", "64", "--trials", "3", "--db",
+                                        str(tmp_path / "t.db"), "--plot", str(plots), "--quiet",
+                                        "--seed", "1"])
+    assert out.exit_code == 0, out.output + repr(out.exception)
+    assert "3 configs measured" in out.output
+    assert (plots / "optimization_history.png").stat().st_size > 1000
+    hit = lookup(spec, "numpy", 64, db=tmp_path / "t.db", target=default_target())
+    assert hit is not None and hit.trials == 3 and hit.median_s > 0
+    assert set(hit.config) >= {"block_m", "block_n"}
