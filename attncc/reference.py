@@ -74,7 +74,9 @@ def attend(spec, q, k, v, inputs: dict, *, return_lse: bool = False):
         keep = xp.concat([xp.ones(mem_scores.shape, dtype=xp.bool), keep], axis=-1)
         v = xp.concat([xp.broadcast_to(mem_v, (v.shape[0], *mem_v.shape)), v], axis=-2)
     if spec.normalize == "sigmoid":
-        weights = xp.where(keep, 1.0 / (1.0 + xp.exp(-scores)), xp.zeros_like(scores))
+        # sigmoid(s) = exp(-log(1 + exp(-s))): finite with a finite gradient for any s
+        sig = xp.exp(-xp.logaddexp(xp.zeros_like(scores), -scores))
+        weights = xp.where(keep, sig, xp.zeros_like(scores))
         return xp.matmul(weights, v)
     if spec.normalize == "topk":
         keep = xp.logical_and(keep, scores >= _kth_largest(scores, keep, spec.topk, xp))
@@ -127,7 +129,9 @@ def _softmax_aggregate(scores, keep, v, xp):
     row_max = xp.max(masked, axis=-1, keepdims=True)
     any_kept = xp.any(keep, axis=-1, keepdims=True)
     safe_max = xp.where(any_kept, row_max, xp.zeros_like(row_max))
-    weights = xp.where(keep, xp.exp(scores - safe_max), xp.zeros_like(scores))
+    # exp of the masked scores: a removed pair is exp(-inf) = 0 and never overflows, so its
+    # gradient is 0 too (exp of a large removed score under where() would give inf * 0 = nan).
+    weights = xp.exp(masked - safe_max)
     total = xp.sum(weights, axis=-1, keepdims=True)
     denom = xp.where(any_kept, total, xp.ones_like(total))
     out = xp.matmul(weights / denom, v)

@@ -40,8 +40,11 @@ class Target:
     """A hardware fingerprint (see the module docstring for the three layers).
 
     ``kind`` is ``cpu`` or ``cuda``. ``cores`` is the CPU's logical core count (None for CUDA).
-    ``isa`` holds CPU ISA flags, sorted; the CUDA fields are None on a CPU target. ``versions``
-    is a sorted tuple of ``(package, version)`` pairs.
+    ``isa`` holds CPU ISA flags, sorted; the CUDA fields are None on a CPU target.
+    ``shared_memory_per_block`` is the most shared memory one block can opt in to, in bytes, and
+    ``registers_per_block`` the register file one block may use (both as Triton's driver reports
+    them; without Triton, torch's per-block shared memory and no register count). ``versions`` is a
+    sorted tuple of ``(package, version)`` pairs.
     """
 
     kind: str
@@ -52,7 +55,7 @@ class Target:
     compute_capability: tuple[int, int] | None = None
     shared_memory_per_block: int | None = None
     sm_count: int | None = None
-    registers_per_sm: int | None = None
+    registers_per_block: int | None = None
     versions: tuple[tuple[str, str], ...] = ()
 
     @staticmethod
@@ -85,7 +88,7 @@ class Target:
             parts = [f"sm_{self.compute_capability[0]}{self.compute_capability[1]}"
                      if self.compute_capability else "sm_unknown"]
             for label, value in (("smem", self.shared_memory_per_block),
-                                 ("sms", self.sm_count), ("regs", self.registers_per_sm)):
+                                 ("sms", self.sm_count), ("regs", self.registers_per_block)):
                 if value is not None:
                     parts.append(f"{label}{value}")
         else:
@@ -127,7 +130,7 @@ class Target:
                 compute_capability=tuple(int(x) for x in cc) if cc else None,
                 shared_memory_per_block=_opt_int(data.get("shared_memory_per_block")),
                 sm_count=_opt_int(data.get("sm_count")),
-                registers_per_sm=_opt_int(data.get("registers_per_sm")),
+                registers_per_block=_opt_int(data.get("registers_per_block")),
                 versions=tuple(sorted((str(k), str(v)) for k, v in versions.items())))
         except (TypeError, ValueError) as err:
             raise InputError(f"target: malformed field: {err}") from None
@@ -143,7 +146,7 @@ class Target:
             for label, value, unit in (("shared mem:", self.shared_memory_per_block,
                                         " bytes per block"),
                                        ("SMs:", self.sm_count, ""),
-                                       ("registers:", self.registers_per_sm, " per SM")):
+                                       ("registers:", self.registers_per_block, " per block")):
                 lines.append(f"{label:<15}{'unknown' if value is None else f'{value}{unit}'}")
         else:
             lines.append(f"architecture:  {self.arch or 'unknown'}")
@@ -236,14 +239,26 @@ def _detect_cuda(index: int) -> Target:
         raise BackendError(f"target cuda:{index}: only {torch.cuda.device_count()} CUDA "
                            "device(s) visible")
     props = torch.cuda.get_device_properties(index)
-    smem = (getattr(props, "shared_memory_per_block_optin", None)
+    limits = _triton_limits(index)
+    smem = (limits.get("max_shared_mem")
+            or getattr(props, "shared_memory_per_block_optin", None)
             or getattr(props, "shared_memory_per_block", None))
     return Target(kind="cuda", device=props.name, cores=None, arch="cuda",
                   compute_capability=(int(props.major), int(props.minor)),
-                  shared_memory_per_block=int(smem) if smem else None,
+                  shared_memory_per_block=_opt_int(smem),
                   sm_count=int(props.multi_processor_count),
-                  registers_per_sm=_opt_int(getattr(props, "regs_per_multiprocessor", None)),
+                  registers_per_block=_opt_int(limits.get("max_num_regs")),
                   versions=_versions())
+
+
+def _triton_limits(index: int) -> dict:
+    """Triton's view of CUDA device ``index`` (max_shared_mem, max_num_regs...); {} without it."""
+    try:
+        from triton.runtime import driver
+
+        return dict(driver.active.utils.get_device_properties(index))
+    except Exception:  # triton absent, or unable to query: fall back to torch
+        return {}
 
 
 def _versions() -> tuple[tuple[str, str], ...]:

@@ -91,7 +91,7 @@ def test_jsonl_errors_name_file_and_line(store, tmp_path):
         import_(store, bad)
     assert store.records() == []  # validated before anything is written
     bad.write_text(good + "\n" + good + "\n")
-    with pytest.raises(DatabaseError, match="bad.jsonl:2: duplicate record"):
+    with pytest.raises(DatabaseError, match=r"bad\.jsonl:2: duplicate record"):
         read(bad)
     data = json.loads(good)
     data["trials"] = "five"

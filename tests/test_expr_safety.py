@@ -263,3 +263,12 @@ def test_random_expression_trees_raise_only_spec_error(text, want):
         is_condition = isinstance(result, sympy.logic.boolalg.Boolean) and not isinstance(
             result, sympy.Expr)
         assert is_condition == (want == "bool")
+
+
+def test_constant_functions_become_plain_numbers():
+    """exp(1) would be sympy.E, not a Number; the parser hands on plain Floats instead."""
+    result = parse_expr("q_idx < exp(1) * kv_idx + sqrt(2)", SCOPE, field="mask", want="bool")
+    numbers = [a for a in result.atoms(sympy.Number)]
+    assert not result.atoms(sympy.NumberSymbol) and len(numbers) == 2
+    assert {round(float(n), 6) for n in numbers} == {2.718282, 1.414214}
+    assert parse_expr("1 / sqrt(64)", SCOPE, field="scale") == sympy.Rational(1, 8)

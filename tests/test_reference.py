@@ -362,3 +362,17 @@ def test_reference_takes_torch_tensors_of_any_float_dtype():
     assert isinstance(out, np.ndarray) and out.dtype == np.float64
     expected = attncc.reference(s, case.q, case.k, case.v, **case.inputs)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("normalize", ["softmax", "sigmoid"])
+def test_attend_gradient_is_finite_with_extreme_removed_scores(normalize):
+    """A removed pair whose score overflows exp must not turn the gradient into nan."""
+    s = {"attncc": 1, "scale": 1, "mask": "kv_idx <= q_idx", "normalize": normalize}
+    q = torch.tensor([[[[1.0], [1.0]]]], dtype=torch.float64, requires_grad=True)
+    k = torch.tensor([[[[-900.0], [900.0]]]], dtype=torch.float64, requires_grad=True)
+    v = torch.tensor([[[[1.0], [2.0]]]], dtype=torch.float64, requires_grad=True)
+    out = attend(s, q, k, v, {})
+    out.sum().backward()
+    for x in (q, k, v):
+        assert torch.all(torch.isfinite(x.grad))
+    assert torch.all(torch.isfinite(out))

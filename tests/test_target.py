@@ -18,7 +18,7 @@ from attncc.errors import BackendError, InputError
 from attncc.target import CPU_FLAGS, Target, _cpuinfo, default_target
 
 H200 = Target(kind="cuda", device="NVIDIA H200", arch="cuda", compute_capability=(9, 0),
-              shared_memory_per_block=232448, sm_count=132, registers_per_sm=65536,
+              shared_memory_per_block=232448, sm_count=132, registers_per_block=65536,
               versions=(("attncc", "0.1.0"), ("torch", "2.13.0"), ("triton", "3.5.0")))
 
 
@@ -154,3 +154,28 @@ def test_unknown_or_missing_devices_are_user_errors():
     else:
         with pytest.raises(BackendError, match="no CUDA device"):
             Target.detect("cuda")
+
+
+def test_cuda_fields_map_from_torch_and_triton(monkeypatch):
+    """The CUDA layer from (mocked) torch device properties and Triton driver limits."""
+    from types import SimpleNamespace
+
+    import attncc.target as target_module
+
+    torch = pytest.importorskip("torch")
+    props = SimpleNamespace(name="NVIDIA H200", major=9, minor=0, multi_processor_count=132,
+                            shared_memory_per_block=49152)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(target_module, "_triton_limits",
+                        lambda index: {"max_shared_mem": 232448, "max_num_regs": 65536})
+    found = Target.detect("cuda:0")
+    assert found.key(2) == "cuda:NVIDIA H200/sm_90+smem232448+sms132+regs65536"
+    assert found.cores is None and found.isa == ()
+    monkeypatch.setattr(target_module, "_triton_limits", lambda index: {})
+    without_triton = Target.detect("cuda")
+    assert without_triton.shared_memory_per_block == 49152
+    assert without_triton.registers_per_block is None
+    with pytest.raises(BackendError, match="only 1 CUDA device"):
+        Target.detect("cuda:1")

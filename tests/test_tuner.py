@@ -90,7 +90,7 @@ def test_tune_bookkeeping_prunes_invalid_scores_failures_inf_and_remeasures(tmp_
     assert record.median_s == pytest.approx(1e-3)
     # 10 configs timed (16x16 failed to compile), then the best three re-measured, best first.
     assert len(timer.timed) == 13
-    assert [(c["block_m"], c["block_n"]) for c in timer.timed[-3:]][0] == (32, 32)
+    assert (timer.timed[-3]["block_m"], timer.timed[-3]["block_n"]) == (32, 32)
     assert Store(tmp_path / "t.db").get(record.key) == record
 
 

@@ -56,12 +56,14 @@ def _register() -> None:
     from attncc.cli.backends import backends
     from attncc.cli.check import check
     from attncc.cli.compile import compile_command
+    from attncc.cli.db import db
     from attncc.cli.run import run
     from attncc.cli.show import show
     from attncc.cli.target import target
+    from attncc.cli.tune import tune
     from attncc.cli.viz import viz
 
-    for command in (show, check, compile_command, run, viz, backends, target):
+    for command in (show, check, compile_command, run, tune, viz, db, backends, target):
         cli.add_command(command)
 
 

@@ -35,6 +35,7 @@ def run(spec: str, inputs_path: str, out_path: str, backend: str, target_name: s
 
     loaded = load(spec)
     arrays = read_npz(inputs_path, loaded)
+    writable_parent(out_path)
     target = detect_target(target_name)
     kernel = compile_spec(loaded, backend=backend, target=target)
     q, k, v = (_cast(arrays.pop(name), dtype) for name in ("q", "k", "v"))
@@ -57,7 +58,8 @@ def run(spec: str, inputs_path: str, out_path: str, backend: str, target_name: s
     saved = {"out": as_numpy(out)}
     if lse:
         saved["lse"] = as_numpy(lse_value)
-    np.savez(out_path, **saved)
+    with open(out_path, "wb") as file:  # a file object: savez would append .npz to a name
+        np.savez(file, **saved)
     click.echo(f"{loaded.name} on {kernel.backend}: out {tuple(saved['out'].shape)} "
                f"{saved['out'].dtype} -> {out_path}")
     timing = f"first call {_ms(first)}"
@@ -70,6 +72,9 @@ def read_npz(path: str, spec) -> dict[str, np.ndarray]:
     """q, k, v and the named inputs from ``path``; InputError on anything else in it."""
     if not Path(path).is_file():
         raise InputError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"{path}: not an .npz file (expected the zip archive that numpy.savez "
+                         "writes)")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
@@ -86,6 +91,13 @@ def read_npz(path: str, spec) -> dict[str, np.ndarray]:
                          f"'{spec.name}'; its inputs are q, k, v"
                          + "".join(f", {n}" for n in spec.inputs))
     return arrays
+
+
+def writable_parent(path: str) -> None:
+    """InputError, before any work is done, when ``path``'s directory does not exist."""
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise InputError(f"{path}: the directory {parent} does not exist")
 
 
 def to_library(kernel, target, qkv: tuple, inputs: dict):

@@ -13,6 +13,7 @@ import click
 import numpy as np
 
 from attncc.cli.options import block_options, load, resolve_sizes, size_options, spec_argument
+from attncc.cli.run import writable_parent
 from attncc.cli.show import plan_inputs
 from attncc.errors import AttnccError
 
@@ -36,6 +37,7 @@ def viz(spec: str, batch: int, seq: int, seq_k: int | None, heads: int | None,
     from attncc.plan import build_plan
 
     loaded = load(spec)
+    writable_parent(out_path)
     small = resolve_sizes(loaded, batch, mask_size, mask_size, heads, head_dim)
     mask = element_mask(loaded, small, plan_inputs(loaded, small, seed))
     sizes = resolve_sizes(loaded, batch, seq, seq_k, heads, head_dim)

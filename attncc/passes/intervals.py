@@ -101,7 +101,22 @@ class _Intervals:
         raise TypeError(f"interval reasoning cannot classify {type(e).__name__}: {e}")
 
     def relation(self, e: sympy.Rel):
-        """Compare ``lhs - rhs`` with 0; integer relations use ``x < 0 <=> x <= -1``."""
+        """State of a comparison, decided on ``lhs - rhs`` against 0 (sympy cancels what the two
+        sides share); integer relations use ``x < 0 <=> x <= -1``.
+
+        Cancelling is unsound where a side is NaN or infinite (``nan <= nan`` is false,
+        ``inf + 1 <= inf`` true), so where a side may be, the state is MAYBE.
+        """
+        state = self.relation_of_difference(e)
+        if not any(_nan_source(side) for side in (e.lhs, e.rhs)):
+            return state
+        unknown = np.zeros((), dtype=bool)
+        for side in (e.lhs, e.rhs):
+            lo, hi = self.num(side)
+            unknown = unknown | _infinite(lo, hi)
+        return np.where(unknown, np.int8(MAYBE), state)
+
+    def relation_of_difference(self, e: sympy.Rel):
         diff = _cleared(e.lhs - e.rhs)
         kind = type(e)
         if kind in (sympy.StrictGreaterThan, sympy.GreaterThan):
@@ -140,6 +155,10 @@ class _Intervals:
             return int(e), int(e)
         if e.is_Number:
             return float(e), float(e)
+        if e.is_number:  # a constant such as E = exp(1) once sizes are substituted
+            value = complex(e)
+            value = value.real if value.imag == 0 else np.nan
+            return np.float64(value), np.float64(value)
         if isinstance(e, sympy.Indexed):
             if e not in self.leaves:
                 raise KeyError(f"no interval given for the input element {e}")
@@ -276,6 +295,13 @@ class _Intervals:
             lo = np.where(s == ALWAYS, b_lo, np.where(s == NEVER, lo, np.minimum(lo, b_lo)))
             hi = np.where(s == ALWAYS, b_hi, np.where(s == NEVER, hi, np.maximum(hi, b_hi)))
         return lo, hi
+
+
+def _nan_source(expr) -> bool:
+    """Whether ``expr`` can be NaN or infinite: it has a log, exp or non-natural power."""
+    return any(isinstance(node, sympy.log | sympy.exp)
+               or (isinstance(node, sympy.Pow) and not (node.exp.is_Integer and node.exp >= 0))
+               for node in sympy.preorder_traversal(expr))
 
 
 def _infinite(lo, hi):

@@ -195,6 +195,10 @@ class _Builder:
             self.fail(node, f"cannot build this part: {err}")
         if result.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo):
             self.fail(node, "expression divides by zero or is not finite")
+        if isinstance(result, sympy.Expr) and result.is_number and not result.is_Number:
+            # exp(1), sqrt(2): constants that are not plain numbers (sympy.E, a Pow) become
+            # Floats, so that evaluators and interval reasoning only ever meet plain numbers.
+            result = sympy.Float(result.evalf())
         return result
 
     def _Constant(self, node: ast.Constant):

@@ -61,7 +61,7 @@ class _Evaluator:
             return bool(e)
         if e.is_Integer:
             return int(e)
-        if e.is_Number:
+        if e.is_Number or (isinstance(e, sympy.Expr) and e.is_number):
             return float(e)
         if isinstance(e, sympy.Indexed):
             return self.indexed(e)

@@ -8,6 +8,7 @@ it tunes.
 from __future__ import annotations
 
 from attncc.backends.base import SUPPORTED, Backend, SearchSpace, Support
+from attncc.errors import BackendError
 from attncc.ir.graph import LinearAttention, Nystrom, attention_node
 from attncc_numpy.kernel import NumpyKernel
 from attncc_numpy.source import describe
@@ -77,14 +78,10 @@ class NumpyBackend(Backend):
         space = self.search_space(graph, target)
         unknown = sorted(set(full) - set(space.params))
         if unknown:
-            from attncc.errors import BackendError
-
             raise BackendError(f"unknown tunable '{unknown[0]}' for the numpy backend "
                                f"({kind} kernel); expected: {', '.join(space.params) or 'none'}")
         for name, value in full.items():
             if not isinstance(value, int) or value < 1:
-                from attncc.errors import BackendError
-
                 raise BackendError(f"tunable '{name}' must be a positive integer, got {value!r}")
         return NumpyKernel(spec, full, describe(spec, kind, full), kind)
 

@@ -4,8 +4,8 @@ Tensors arrive padded and laid out for GQA without copies: ``q5 (B, Hkv, group, 
 ``k4 (B, Hkv, nK*bn, D)``, ``v4 (B, Hkv, nK*bn, Dv)``. The forward keeps per row the running max
 ``m``, sum ``l`` and accumulator (softmax), or just the accumulator (sigmoid); top-k first finds the
 K-th largest kept score of every row with a running ``torch.topk`` over the chunks, then runs the
-softmax over the scores at or above it. Saved for backward: q, k, v, out, lse (and the top-k
-threshold) — never an N×N matrix. The backward recomputes each tile (FlashAttention-2:
+softmax over the scores at or above it. Saved for backward: q, k, v, out and per-row statistics
+(row max, 1/sum, top-k threshold) — never an N×N matrix. The backward recomputes each tile (FlashAttention-2:
 ``dS = P ∘ (dP − rowsum(dO ∘ O))``) and differentiates the tile's own scores with
 ``torch.autograd.grad`` on the tile, which also yields the gradients of score_mod inputs.
 """
@@ -20,17 +20,27 @@ NEG_INF = float("-inf")
 
 
 def forward(pb: Problem, q5, k4, v4, inputs: dict):
-    """``(out (B,Hkv,group,Nqp,Dv), lse (B,Hkv,group,Nqp,1) or None, thr or None)``."""
+    """``(out (B, Hkv, group, Nqp, Dv), rows)``: ``rows`` maps lse, m, inv_l, thr to row tensors
+    ``(B, Hkv, group, Nqp, 1)`` (None where the normalization has no such statistic).
+
+    The backward rebuilds P as ``exp(s - m) * inv_l`` rather than ``exp(s - lse)``: rounding lse
+    (large where scores are large) would scale every P of a row by one common factor.
+    """
     norm = pb.spec.normalize
     shape = (*q5.shape[:-1], v4.shape[-1])
     out = torch.zeros(shape, dtype=q5.dtype, device=q5.device)
     row = (*q5.shape[:-1], 1)
-    lse = torch.full(row, NEG_INF, dtype=q5.dtype, device=q5.device) if norm != "sigmoid" else None
-    thr = torch.full(row, NEG_INF, dtype=q5.dtype, device=q5.device) if norm == "topk" else None
+
+    def new(fill):
+        return torch.full(row, fill, dtype=q5.dtype, device=q5.device)
+
+    soft = norm != "sigmoid"
+    rows = {"lse": new(NEG_INF) if soft else None, "m": new(0.0) if soft else None,
+            "inv_l": new(0.0) if soft else None, "thr": new(NEG_INF) if norm == "topk" else None}
     for step in pb.schedule.steps:
         q = pb.rows(q5, step)
         tiles = _tiles(pb, step, q, k4, v4, inputs)
-        if norm == "sigmoid":
+        if not soft:
             acc = None
             for s, v in tiles:
                 pv = torch.sigmoid(s) @ v
@@ -38,12 +48,12 @@ def forward(pb: Problem, q5, k4, v4, inputs: dict):
             pb.put_rows(out, step, acc)
             continue
         t = _threshold(pb, tiles) if norm == "topk" else None
-        o, row_lse = _softmax(tiles, t)
+        o, stats = _softmax(tiles, t)
         pb.put_rows(out, step, o)
-        pb.put_rows(lse, step, row_lse)
-        if t is not None:
-            pb.put_rows(thr, step, t)
-    return out, lse, thr
+        for name, value in (*stats.items(), ("thr", t)):
+            if value is not None:
+                pb.put_rows(rows[name], step, value)
+    return out, rows
 
 
 def _tiles(pb: Problem, step, q, k4, v4, inputs: dict):
@@ -84,7 +94,8 @@ def _threshold(pb: Problem, tiles):
 
 
 def _softmax(tiles, thr):
-    """Online softmax over the tiles: ``(out, lse)``; rows with no kept key give 0 and -inf."""
+    """Online softmax over the tiles: ``(out, {lse, m, inv_l})``; a row with no kept key gives
+    out 0, lse -inf, m 0 and inv_l 0."""
     m = l_sum = acc = None
     for s, v in tiles:
         if thr is not None:
@@ -102,9 +113,10 @@ def _softmax(tiles, thr):
             acc = acc * alpha + pv
         m = m_new
     empty = l_sum == 0
-    out = acc / torch.where(empty, 1.0, l_sum)
+    inv_l = torch.where(empty, 0.0, 1.0 / torch.where(empty, 1.0, l_sum))
+    m_safe = torch.where(empty, 0.0, m)
     lse = torch.where(empty, NEG_INF, m + torch.log(torch.where(empty, 1.0, l_sum)))
-    return out, lse
+    return acc * inv_l, {"lse": lse, "m": m_safe, "inv_l": inv_l}
 
 
 def backward(pb: Problem, saved: dict, dout5, grad_inputs: list[str]):
@@ -113,18 +125,16 @@ def backward(pb: Problem, saved: dict, dout5, grad_inputs: list[str]):
     ``grad_inputs`` names the floating inputs that need a gradient (memory tokens included).
     """
     q5, k4, v4, out5 = saved["q5"], saved["k4"], saved["v4"], saved["out5"]
-    inputs, lse, thr = saved["inputs"], saved["lse"], saved["thr"]
+    inputs, rows = saved["inputs"], saved["rows"]
     norm = pb.spec.normalize
     dq5, dk4, dv4 = torch.zeros_like(q5), torch.zeros_like(k4), torch.zeros_like(v4)
     dinp = {name: torch.zeros_like(inputs[name]) for name in grad_inputs}
     delta = (dout5 * out5).sum(-1, keepdim=True) if norm != "sigmoid" else None
-    lse_safe = torch.where(lse == NEG_INF, float("inf"), lse) if lse is not None else None
     for step in pb.schedule.steps:
         sl = step.slice
         q, do = pb.rows(q5, step), pb.rows(dout5, step)
-        row_lse = pb.rows(lse_safe, step) if lse_safe is not None else None
-        row_delta = pb.rows(delta, step) if delta is not None else None
-        row_thr = pb.rows(thr, step) if thr is not None else None
+        stat = {n: (pb.rows(x, step) if x is not None else None)
+                for n, x in (*rows.items(), ("delta", delta))}
         dq = torch.zeros_like(q)
         tiles = []
         if pb.memory:
@@ -142,7 +152,7 @@ def backward(pb: Problem, saved: dict, dout5, grad_inputs: list[str]):
                     v = env_inputs["mem_v"][None, sl.h0:sl.h0 + sl.nh, None]
                 else:
                     s = pb.scores(step, chunk, q_leaf, k_leaf, env_inputs)
-            ds, dv = _tile_grads(norm, s.detach(), v.detach(), do, row_lse, row_delta, row_thr)
+            ds, dv = _tile_grads(norm, s.detach(), v.detach(), do, stat)
             wrt = [q_leaf] + ([k_leaf] if k_leaf is not None else []) + list(leaves.values())
             grads = torch.autograd.grad(s, wrt, ds, allow_unused=True)
             dq += grads[0]
@@ -160,17 +170,17 @@ def backward(pb: Problem, saved: dict, dout5, grad_inputs: list[str]):
     return dq5, dk4, dv4, dinp
 
 
-def _tile_grads(norm: str, s, v, do, lse, delta, thr):
-    """``(dS, dV_tile)`` of one tile from its recomputed scores."""
+def _tile_grads(norm: str, s, v, do, stat: dict):
+    """``(dS, dV_tile)`` of one tile from its recomputed scores and the saved row statistics."""
     if norm == "sigmoid":
         w = torch.sigmoid(s)
         dv = w.transpose(-1, -2) @ do
         return (do @ v.transpose(-1, -2)) * w * (1 - w), dv
-    p = torch.exp(s - lse)
-    if thr is not None:
-        p = torch.where(s >= thr, p, 0.0)
+    p = torch.exp(s - stat["m"]) * stat["inv_l"]
+    if stat["thr"] is not None:
+        p = torch.where(s >= stat["thr"], p, 0.0)
     dv = p.transpose(-1, -2) @ do
-    ds = p * (do @ v.transpose(-1, -2) - delta)
+    ds = p * (do @ v.transpose(-1, -2) - stat["delta"])
     return ds, dv
 
 

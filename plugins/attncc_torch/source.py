@@ -81,4 +81,4 @@ def _linear(spec, config: dict) -> str:
 
 _NYSTROM = """landmarks: means of {m} equal segments of q and k
 out = softmax(s q k~.T) @ torch.linalg.pinv(softmax(s q~ k~.T)) @ (softmax(s q~ k.T) @ v)
-# autograd: torch's own (plain ops); k, v broadcast over the query heads of a kv head"""
+# autograd: torch's own (plain ops); GQA: k, v expanded to the query heads (see nystrom.py)"""

@@ -48,7 +48,7 @@ def search_space(spec, kind: str, target) -> SearchSpace:
             return False
         width = config["block_n"] * config["kv_chunk"]
         tile = config["block_m"] * width
-        return width <= 16384 and tile <= config["tile_elems"] and config["tile_elems"] <= cap
+        return width <= 8192 and tile <= config["tile_elems"] and config["tile_elems"] <= cap
 
     return SearchSpace(params, keep)
 

@@ -1,0 +1,174 @@
+"""Tuning quality: TPE (attncc.tune) against an exhaustive grid of the same search space.
+
+For each backend (numpy, and torch when it loads) and each spec (dense, sliding window, document
+mask) on this CPU: time every valid config of the backend's search space (the grid), then run
+``attncc.tune`` with a budget of 30% of the grid's size, for several seeds, each into a fresh
+database (no warm start from other records; the backend default is enqueued first, as in every
+tune). A run passes when the config TPE chose is within 5% of the grid's best, judged on the grid's
+own timing table (so that both sides are compared under the same measurement).
+
+    python bench/bench_tuner_quality.py [--seq 1024] [--seeds 5] [--backends numpy,torch]
+
+Writes bench/results/tuner_quality.{md,json} and one optimization-history PNG per backend and spec.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import optuna
+
+from attncc.backends import registry
+from attncc.spec.load import load_spec
+from attncc.target import default_target
+from attncc.tune.space import signature, tunables
+from attncc.tune.study import REPEAT, measured
+from attncc.tune.tuner import Problem, tune
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+SPECS = ("dense", "sliding_window", "document_mask")
+FRACTION, TOLERANCE = 0.30, 1.05
+
+
+def grid(problem: Problem) -> dict:
+    """signature -> (config, median seconds) for every valid config (inf where it fails)."""
+    table = {}
+    for config in problem.valid:
+        try:
+            seconds = problem.run(config).median_s
+        except Exception:  # noqa: BLE001 - a failing config is part of the landscape
+            seconds = math.inf
+        table[signature(tunables(problem.space, config))] = (config, seconds)
+    return table
+
+
+def one(backend: str, spec_name: str, seq: int, seeds: int, plot: Path) -> dict:
+    spec = load_spec(ROOT / "examples" / f"{spec_name}.yaml")
+    target = default_target()
+    problem = Problem(spec, registry.get(backend), target, 1, seq, seq, "float32")
+    started = time.perf_counter()
+    table = grid(problem)
+    grid_s = time.perf_counter() - started
+    best_sig = min(table, key=lambda s: table[s][1])
+    best = table[best_sig][1]
+    default = table.get(signature(tunables(problem.space, problem.base)), (None, math.inf))[1]
+    budget = max(1, int(FRACTION * len(table)))
+    runs, histories = [], []
+    for seed in range(seeds):
+        with tempfile.TemporaryDirectory() as tmp:
+            started = time.perf_counter()
+            record = tune(spec, backend, batch=1, seq=seq, trials=budget, db=Path(tmp) / "t.db",
+                          progress=False, seed=seed)
+            tune_s = time.perf_counter() - started
+            study = optuna.load_study(study_name=record.study,
+                                      storage=f"sqlite:///{Path(tmp) / 't.optuna.db'}")
+            trials = [t for t in measured(study.get_trials()) if REPEAT not in t.user_attrs]
+        chosen = table[signature(tunables(problem.space, record.config))][1]
+        # Best-so-far on the grid's table, trial by trial.
+        so_far, history = math.inf, []
+        for trial in trials:
+            so_far = min(so_far, table[signature(trial.params)][1])
+            history.append(so_far / best)
+        histories.append(history)
+        first = next((i + 1 for i, r in enumerate(history) if r <= TOLERANCE), None)
+        runs.append({"seed": seed, "chosen": tunables(problem.space, record.config),
+                     "chosen_ratio": chosen / best, "tuner_median_s": record.median_s,
+                     "measured_trials": len(trials), "first_within_tolerance": first,
+                     "passed": chosen / best <= TOLERANCE, "seconds": tune_s})
+    _plot(plot, backend, spec_name, histories, len(table), budget)
+    return {"backend": backend, "spec": spec_name, "seq": seq, "grid_size": len(table),
+            "budget": budget, "grid_seconds": grid_s,
+            "grid_best": {"config": dict(best_sig), "median_s": best},
+            "default_ratio": default / best,
+            "grid": [{"config": tunables(problem.space, c), "median_s": s}
+                     for c, s in table.values()],
+            "runs": runs, "passed": sum(r["passed"] for r in runs)}
+
+
+def _plot(path: Path, backend: str, spec_name: str, histories, grid_size: int, budget: int):
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for seed, history in enumerate(histories):
+        ax.step(range(1, len(history) + 1), history, where="post", alpha=0.8,
+                label=f"TPE seed {seed}")
+    ax.axhline(1.0, color="k", lw=1, label="grid best")
+    ax.axhline(TOLERANCE, color="r", ls="--", lw=1, label="+5%")
+    ax.set_xlabel(f"measured trials (budget {budget} of {grid_size} grid configs)")
+    ax.set_ylabel("best so far / grid best")
+    ax.set_title(f"{spec_name} on {backend}: TPE best-so-far vs exhaustive grid")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(results: list[dict], meta: dict) -> str:
+    lines = [f"# Tuner quality: TPE vs exhaustive grid ({meta['date']})", "",
+             f"Machine: {meta['target']} ({meta['cores']} logical cores, shared with other "
+             f"jobs while this ran). Python {meta['python']}. seq = {meta['seq']}, batch 1, "
+             "float32, inputs from attncc.testing.random_inputs. Budget = 30% of the grid; "
+             "pass = the config TPE chose is within 5% of the grid's best on the grid's own "
+             "timing table.", "",
+             "| backend | spec | grid | budget | grid best (ms) | best config | default / best "
+             "| TPE chosen / best (per seed) | passed |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        ratios = ", ".join(f"{run['chosen_ratio']:.3f}" for run in r["runs"])
+        config = " ".join(f"{k}={v}" for k, v in r["grid_best"]["config"].items())
+        lines.append(f"| {r['backend']} | {r['spec']} | {r['grid_size']} | {r['budget']} | "
+                     f"{r['grid_best']['median_s'] * 1e3:.3f} | {config.replace(chr(39), '')} | "
+                     f"{r['default_ratio']:.3f} | {ratios} | {r['passed']}/{len(r['runs'])} |")
+    total = sum(r["passed"] for r in results)
+    count = sum(len(r["runs"]) for r in results)
+    lines += ["", f"Overall: {total}/{count} tuning runs within 5% of the grid's best.", "",
+              "Plots: " + ", ".join(f"`tuner_quality_{r['backend']}_{r['spec']}.png`"
+                                    for r in results), ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--backends", default="numpy,torch")
+    args = parser.parse_args()
+    os.environ["ATTNCC_SHIPPED_DB"] = os.devnull  # no shipped warm start either
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    available = registry.available()
+    results = []
+    for backend in args.backends.split(","):
+        if not hasattr(available.get(backend), "compile"):
+            print(f"skipping backend {backend}: {available.get(backend, 'not installed')}")
+            continue
+        for spec_name in SPECS:
+            plot = RESULTS / f"tuner_quality_{backend}_{spec_name}.png"
+            result = one(backend, spec_name, args.seq, args.seeds, plot)
+            results.append(result)
+            print(f"{backend:6} {spec_name:15} grid {result['grid_size']:3} budget "
+                  f"{result['budget']:2}  passed {result['passed']}/{args.seeds}  ratios "
+                  + " ".join(f"{r['chosen_ratio']:.3f}" for r in result["runs"]), flush=True)
+    target = default_target()
+    meta = {"date": datetime.now(UTC).strftime("%Y-%m-%d"), "target": target.key(1),
+            "target_key": target.key(3), "cores": os.cpu_count(),
+            "python": platform.python_version(), "seq": args.seq, "seeds": args.seeds}
+    (RESULTS / "tuner_quality.json").write_text(json.dumps({"meta": meta, "results": results},
+                                                           indent=2) + "\n")
+    (RESULTS / "tuner_quality.md").write_text(markdown(results, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

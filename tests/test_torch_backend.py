@@ -1,0 +1,170 @@
+"""The torch backend beyond the shared suite: plan use, lowerings, tunables, errors, autograd."""
+
+import pytest
+import torch
+
+import attncc
+from attncc.errors import BackendError, InputError
+from attncc.passes.pipeline import lower
+from attncc.plan import build_plan
+from attncc.reference import attend
+from attncc.testing import random_inputs
+from attncc_torch import TorchBackend
+from attncc_torch.schedule import build_schedule
+
+BACKEND = TorchBackend()
+
+
+def compile_spec(spec, **config):
+    spec = attncc.load_spec(spec)
+    graph = lower(spec)
+    return BACKEND.compile(graph, {**BACKEND.default_config(graph, None), **config}, None)
+
+
+def test_priority_and_supports():
+    class Cuda:
+        kind = "cuda"
+
+    assert BACKEND.priority(None) == 10
+    assert BACKEND.priority(Cuda()) == 20
+    graph = lower(attncc.load_spec("examples/causal.yaml"))
+    assert BACKEND.supports(graph, None)
+    if not torch.cuda.is_available():
+        assert "CUDA" in BACKEND.supports(graph, Cuda()).reason
+
+
+def test_empty_blocks_are_never_visited():
+    spec = attncc.load_spec("examples/sliding_window.yaml")
+    sizes = {"batch": 1, "heads": 2, "kv_heads": 2, "seq_q": 512, "seq_k": 512, "head_dim": 8,
+             "value_dim": 8}
+    plan = build_plan(spec, sizes, 32, 32)
+    sched = build_schedule(plan, 1, 2, 1, kv_chunk=8, group_blocks=64, tile_elems=1 << 22,
+                           value_cost=1, memory=False, device="cpu")
+    visited = sum(c.kv.numel() for s in sched.steps for c in s.chunks) * 2
+    non_empty = int((plan.states != 0).sum()) * 2
+    assert visited == sched.visited == non_empty < sched.total / 4
+    for step in sched.steps:
+        for chunk in step.chunks:  # FULL blocks first, then PARTIAL: the mask runs on the tail
+            st = plan.states[0, 0][step.qblocks.numpy()[:, None], chunk.kv.numpy()]
+            assert (st[:, :chunk.n_full] == 2).all() and (st[:, chunk.n_full:] == 1).all()
+
+
+def test_sdpa_dispatch_is_said_in_source_and_matches():
+    dense = compile_spec("examples/dense.yaml")
+    assert "scaled_dot_product_attention" in dense.source
+    assert "scaled_dot_product_attention" not in compile_spec("examples/alibi.yaml").source
+    q, k, v, _ = random_inputs("examples/causal.yaml", 2, 70, 70, "float64", library="torch")
+    via_sdpa = compile_spec("examples/causal.yaml")(q, k, v)
+    via_plan = compile_spec("examples/causal.yaml", use_sdpa=False, block_m=16, block_n=32)(
+        q, k, v)
+    torch.testing.assert_close(via_sdpa, via_plan)
+
+
+def test_search_space_keep_filters_invalid_configs():
+    graph = lower(attncc.load_spec("examples/alibi.yaml"))
+    space = BACKEND.search_space(graph, None)
+    assert set(space.params) == {"block_m", "block_n", "kv_chunk", "group_blocks",
+                                 "tile_elems", "use_sdpa"}
+    assert space.params["use_sdpa"] == (False,)
+    default = BACKEND.default_config(graph, None)
+    assert space.keep(default)
+    assert not space.keep({**default, "use_sdpa": True})
+    assert not space.keep({**default, "block_n": 256, "kv_chunk": 64})
+    assert not space.keep({**default, "block_m": 256, "kv_chunk": 64, "tile_elems": 1 << 20})
+    linear = BACKEND.search_space(lower(attncc.load_spec("examples/linear_elu.yaml")), None)
+    assert set(linear.params) == {"chunk"}
+    with pytest.raises(BackendError, match="unknown tunable 'bogus'"):
+        compile_spec("examples/alibi.yaml", bogus=3)
+    with pytest.raises(BackendError, match="keep"):
+        compile_spec("examples/alibi.yaml", use_sdpa=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_types_return_their_dtype(dtype):
+    kernel = compile_spec("examples/sliding_window.yaml")
+    q, k, v, _ = random_inputs("examples/sliding_window.yaml", 1, 50, 50, "float32",
+                               library="torch")
+    out, lse = kernel(q.to(dtype), k.to(dtype), v.to(dtype), return_lse=True)
+    assert out.dtype == dtype and lse.dtype == dtype
+    ref = attncc.reference("examples/sliding_window.yaml", q, k, v)
+    assert (out.double().numpy() - ref).__abs__().max() < 3e-2
+
+
+def test_gqa_does_not_copy_keys_per_query_head():
+    """Gathered key tiles have a kv-head axis, never a query-head one."""
+    spec = "examples/mqa.json"
+    kernel = compile_spec(spec, block_m=16, block_n=16)
+    q, k, v, _ = random_inputs(spec, 1, 40, 40, "float64", library="torch")
+    seen = []
+    original = torch.Tensor.__matmul__
+
+    def spy(a, b):
+        seen.append(b.shape)
+        return original(a, b)
+
+    torch.Tensor.__matmul__ = spy
+    try:
+        kernel(q, k, v)
+    finally:
+        torch.Tensor.__matmul__ = original
+    assert seen and all(shape[1] == 1 for shape in seen)  # kv heads = 1, not 8
+    torch.testing.assert_close(kernel(q, k, v), attend(spec, q, k, v, {}))
+
+
+@pytest.mark.parametrize("spec", ["examples/relative_bias.yaml", "examples/memory_tokens.yaml",
+                                  "examples/additive.yaml", "examples/topk.yaml"])
+def test_kernel_backward_matches_float64_autograd(spec):
+    spec = attncc.load_spec(spec)
+    kernel = compile_spec(spec, block_m=16, block_n=16, kv_chunk=2)
+    q, k, v, inputs = random_inputs(spec, 2, 45, 45, "float64", seed=3, library="torch")
+    grad_out = torch.randn(q.shape[:3] + v.shape[3:], dtype=torch.float64)
+    got = kernel.backward(q, k, v, grad_out, **inputs)
+    given = {"q": q, "k": k, "v": v, **inputs}
+    leaves = {n: given[n].clone().requires_grad_() for n in got}
+    ins = {n: leaves.get(n, x) for n, x in inputs.items()}
+    attend(spec, leaves["q"], leaves["k"], leaves["v"], ins).backward(grad_out)
+    assert set(got) == {"q", "k", "v", *(n for n in inputs if inputs[n].is_floating_point())}
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, leaves[name].grad, rtol=1e-9, atol=1e-9)
+
+
+def test_rows_with_no_key_output_zero_and_minus_inf():
+    spec = {"attncc": 1, "name": "late", "mask": "kv_idx >= 40"}
+    q, k, v, _ = random_inputs(spec, 1, 50, 30, "float64", library="torch")
+    out, lse = compile_spec(spec, block_m=16, block_n=16)(q, k, v, return_lse=True)
+    assert bool((out == 0).all()) and bool(torch.isinf(lse).all())
+
+
+BAD = [
+    (lambda q, k, v, d: (q[0], k, v, d), "q: expected 4 dimensions"),
+    (lambda q, k, v, d: (q, k[:, :, :10], v, d), "k: expected shape"),
+    (lambda q, k, v, d: (q, k.double(), v, d), "one dtype"),
+    (lambda q, k, v, d: (q, k, v, {}), "missing input 'doc'"),
+    (lambda q, k, v, d: (q, k, v, {**d, "extra": d["doc"]}), "unexpected input 'extra'"),
+    (lambda q, k, v, d: (q, k, v, {"doc": d["doc"].float()}), "doc: expected a int dtype"),
+    (lambda q, k, v, d: (q, k, v, {"doc": d["doc"][:, :5]}), "doc: expected shape"),
+    (lambda q, k, v, d: (q.numpy(), k, v, d), "torch.Tensor"),
+    (lambda q, k, v, d: (q[:, :3], k[:, :2], v[:, :2], d), "must divide"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "message"), BAD, ids=[m for _, m in BAD])
+def test_bad_input_names_the_argument(mutate, message):
+    kernel = compile_spec("examples/document_mask.yaml")
+    q, k, v, inputs = random_inputs("examples/document_mask.yaml", 2, 20, 20, "float32",
+                                    library="torch", heads=4)
+    with pytest.raises(InputError, match=message):
+        kernel(*mutate(q, k, v, inputs)[:3], **mutate(q, k, v, inputs)[3])
+
+
+def test_return_lse_refused_where_there_is_none():
+    q, k, v, _ = random_inputs("examples/sigmoid.yaml", 1, 8, 8, "float32", library="torch")
+    with pytest.raises(InputError, match="return_lse"):
+        compile_spec("examples/sigmoid.yaml")(q, k, v, return_lse=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_device_mismatch_is_an_input_error():
+    q, k, v, _ = random_inputs("examples/causal.yaml", 1, 8, 8, "float32", library="torch")
+    with pytest.raises(InputError, match="device"):
+        compile_spec("examples/causal.yaml")(q.cuda(), k, v)
