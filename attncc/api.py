@@ -9,7 +9,7 @@ from attncc.passes.pipeline import lower
 from attncc.spec.load import load_spec
 
 
-def compile(spec, backend: str = "auto", *, target=None, config: dict | None = None) -> Kernel:  # noqa: A001
+def compile(spec, backend: str = "auto", *, target=None, config: dict | None = None) -> Kernel:
     """Compile ``spec`` (anything ``load_spec`` takes) into a callable Kernel.
 
     ``backend`` names a registered backend or is ``"auto"``: the supported backend with the highest

@@ -309,3 +309,17 @@ def test_the_installed_script_prints_one_line(specs):
     good = subprocess.run([script, "target", "--layers", "2"], capture_output=True, text=True,
                           timeout=60)
     assert good.returncode == 0 and good.stdout.strip() == default_target().key(2)
+
+
+def test_show_and_viz_every_example(tmp_path):
+    from attncc.testing import example_specs
+
+    paths = example_specs()
+    if not paths:
+        pytest.skip("examples/ holds no spec files")
+    for path in paths:
+        out = assert_ok(invoke("show", path, "--seq", 128))
+        assert "block density:" in out and "flops =" in out
+        png = tmp_path / f"{Path(path).stem}.png"
+        assert_ok(invoke("viz", path, "--seq", 128, "--mask-size", 16, "-o", png))
+        assert png.read_bytes().startswith(PNG_SIGNATURE)

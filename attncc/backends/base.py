@@ -8,8 +8,9 @@ untuned choice (``default_config``), and compiles a graph with a config into a `
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class Kernel(ABC):
 
     @abstractmethod
     def __call__(self, q, k, v, *, return_lse: bool = False, **inputs):
-        """Output ``(B, Hq, Nq, Dv)``; with ``return_lse``, ``(out, lse)`` with lse ``(B, Hq, Nq)``."""
+        """Output ``(B, Hq, Nq, Dv)``; with ``return_lse``, ``(out, lse)``, lse ``(B, Hq, Nq)``."""
 
 
 class Backend(ABC):

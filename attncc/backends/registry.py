@@ -37,7 +37,7 @@ def _load(name: str) -> Backend:
     ep = _entry_points()[name]
     try:
         cls = ep.load()
-    except Exception as err:  # noqa: BLE001 - a plugin may fail in any way; report, don't crash
+    except Exception as err:
         raise BackendError(f"backend '{name}' ({ep.value}) cannot be loaded: "
                            f"{type(err).__name__}: {err}") from None
     backend = cls()

@@ -18,10 +18,15 @@ __all__ = ["cli", "main"]
 
 
 class _Cli(click.Group):
-    """The group, with user mistakes turned into one line on stderr."""
+    """The group, with user mistakes turned into one line on stderr.
+
+    With ``standalone_mode=False`` (embedding) errors propagate as exceptions, as in click.
+    """
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
              **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Exit as done:
