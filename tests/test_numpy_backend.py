@@ -2,8 +2,6 @@
 
 import numpy as np
 import pytest
-from attncc_numpy import NumpyBackend, tiles
-from attncc_numpy.states import SoftmaxState
 
 import attncc
 from attncc.backends import registry
@@ -12,6 +10,8 @@ from attncc.ir.build import build
 from attncc.passes.pipeline import lower
 from attncc.plan import EMPTY, FULL, PARTIAL
 from attncc.testing import random_inputs
+from attncc_numpy import NumpyBackend, tiles
+from attncc_numpy.states import SoftmaxState
 
 BACKEND = NumpyBackend()
 

@@ -26,7 +26,7 @@ _CAUSAL = "kv_idx <= q_idx"
 
 
 def _variant(spec, is_causal: bool, scale: float | None):
-    """The spec with ``is_causal`` / ``scale`` folded in (the spec itself when they change nothing)."""
+    """The spec with ``is_causal`` / ``scale`` folded in (itself when they change nothing)."""
     source = dict(spec.source)
     if is_causal and not spec.is_causal:
         mask = source.get("mask")

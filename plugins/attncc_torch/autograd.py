@@ -1,4 +1,7 @@
-"""``torch.autograd.Function`` around the flash pattern: saves O(N) tensors (q, k, v, out and per-row statistics), recomputes tiles."""
+"""``torch.autograd.Function`` around the flash pattern: saves O(N) tensors, recomputes tiles.
+
+Saved: q, k, v, out and per-row statistics; never a score matrix.
+"""
 
 from __future__ import annotations
 

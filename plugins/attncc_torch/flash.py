@@ -5,8 +5,8 @@ Tensors arrive padded and laid out for GQA without copies: ``q5 (B, Hkv, group, 
 ``m``, sum ``l`` and accumulator (softmax), or just the accumulator (sigmoid); top-k first finds the
 K-th largest kept score of every row with a running ``torch.topk`` over the chunks, then runs the
 softmax over the scores at or above it. Saved for backward: q, k, v, out and per-row statistics
-(row max, 1/sum, top-k threshold) — never an N×N matrix. The backward recomputes each tile (FlashAttention-2:
-``dS = P ∘ (dP − rowsum(dO ∘ O))``) and differentiates the tile's own scores with
+(row max, 1/sum, top-k threshold) — never an N×N matrix. The backward recomputes each tile
+(FlashAttention-2: ``dS = P ∘ (dP − rowsum(dO ∘ O))``) and differentiates the tile's own scores with
 ``torch.autograd.grad`` on the tile, which also yields the gradients of score_mod inputs.
 """
 

@@ -9,7 +9,7 @@ own for the rest).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812 - the name torch code uses
 
 from attncc.backends.base import Kernel
 from attncc.bind import bind
@@ -84,7 +84,7 @@ class TorchKernel(Kernel):
             k, v = ins["E"] @ k, ins["F"] @ v
         plan = build_plan(spec, sizes, bm, bn, inputs=raw_inputs)
         schedule = self._schedule(plan, sizes, q.device)
-        batch, heads, nq, _ = q.shape
+        _, heads, nq, _ = q.shape
         kv_heads, nk = k.shape[1], k.shape[2]
         pad_q = plan.num_q_blocks * bm - nq
         pad_k = plan.num_kv_blocks * bn - nk

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812 - the name torch code uses
 
 
 def features(kind: str, x, omega, head_dim: int, n_features: int | None):
@@ -30,7 +30,7 @@ def features(kind: str, x, omega, head_dim: int, n_features: int | None):
 
 def run_linear(spec, sizes: dict, q, k, v, inputs: dict, chunk: int):
     """Output ``(B, H, Nq, Dv)`` in the dtype of q (already the compute dtype)."""
-    batch, heads, nq, d = q.shape
+    _, heads, nq, d = q.shape
     kv_heads, nk = k.shape[1], k.shape[2]
     omega = inputs.get("omega")
     phi_q = features(spec.feature_map, q, omega, d, spec.features)

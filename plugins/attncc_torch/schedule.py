@@ -23,7 +23,7 @@ FULL, PARTIAL = 2, 1
 
 @dataclass(frozen=True)
 class Slice:
-    """Batch entries ``b0:b0+nb``, kv heads ``h0:h0+nh`` and, in each, group members ``g0:g0+ng``."""
+    """Batch entries ``b0:b0+nb``, kv heads ``h0:h0+nh``, in each group members ``g0:g0+ng``."""
 
     b0: int
     nb: int
