@@ -166,10 +166,9 @@ def _plan(spec, sizes: dict, block_m: int, block_n: int, arrays: dict) -> BlockP
     n_q, n_k = -(-seq_q // block_m), -(-seq_k // block_n)
     if spec.mask is None:
         return _frozen(seq_q, seq_k, block_m, block_n, np.full((1, 1, n_q, n_k), FULL, np.int8))
-    mask = spec.mask.xreplace({SIZES[n]: sympy.Integer(v) for n, v in sizes.items()
-                               if n in SIZES})
+    mask = spec.mask
     left = sorted(s.name for s in mask.free_symbols
-                  if isinstance(s, sympy.Symbol) and s.name in SIZES)
+                  if isinstance(s, sympy.Symbol) and s.name in SIZES and s.name not in sizes)
     if left:
         raise InputError(f"build_plan: the mask reads the size(s) {', '.join(left)}; pass them "
                          f"in sizes (got {sorted(sizes)})")
@@ -181,9 +180,12 @@ def _plan(spec, sizes: dict, block_m: int, block_n: int, arrays: dict) -> BlockP
                 raise InputError(f"build_plan: the mask varies with {axis}; sizes must give "
                                  f"'{size_name}'")
             extent[axis] = sizes[size_name]
-    boxes = {"b": _box(extent["b"], 1, extent["b"], 0),
-             "h": _box(extent["h"], 1, extent["h"], 1),
-             "q_idx": _box(seq_q, block_m, n_q, 2), "kv_idx": _box(seq_k, block_n, n_k, 3)}
+    # sizes are point intervals, not substituted: sympy would decide some relations exactly
+    # (q_idx == sigmoid(42) is False) where the elementwise float evaluation does not
+    boxes = {name: (value, value) for name, value in sizes.items()}
+    boxes.update({"b": _box(extent["b"], 1, extent["b"], 0),
+                  "h": _box(extent["h"], 1, extent["h"], 1),
+                  "q_idx": _box(seq_q, block_m, n_q, 2), "kv_idx": _box(seq_k, block_n, n_k, 3)})
     blocks = {"b": 1, "h": 1, "q_idx": block_m, "kv_idx": block_n}
     leaves = {e: _leaf(e, arrays[str(e.base.label)], extent, blocks)
               for e in mask.atoms(sympy.Indexed)}
@@ -287,11 +289,11 @@ def _index_table(selected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     counts = selected.sum(axis=-1, dtype=np.int32)
     width = max(1, int(counts.max(initial=0)))
     index = np.zeros((*selected.shape[:-1], width), dtype=np.int32)
-    *rows, cols = np.nonzero(selected)
+    flat = np.flatnonzero(selected)  # row-major: each row's entries together, ascending
+    rows, cols = np.divmod(flat, selected.shape[-1])
     flat_counts = counts.ravel()
-    starts = np.cumsum(flat_counts) - flat_counts
-    slot = np.arange(cols.size) - np.repeat(starts, flat_counts)
-    index[(*rows, slot)] = cols
+    starts = np.cumsum(flat_counts, dtype=np.int64) - flat_counts
+    index.reshape(-1)[rows * width + (np.arange(flat.size) - starts[rows])] = cols
     counts.flags.writeable = False
     index.flags.writeable = False
     return counts, index

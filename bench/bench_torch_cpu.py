@@ -165,15 +165,27 @@ def first_call(which: str, name: str, n: int) -> float:
 
 
 PEAK = """
-import resource, torch, sys
+import os, threading, time, torch, sys
 sys.path.insert(0, {bench!r})
 from bench_torch_cpu import attncc_kernel
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page
 n, heads = {n}, {heads}
 q, k, v = (torch.randn(1, heads, n, 64, requires_grad=True) for _ in range(3))
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 kernel = attncc_kernel("causal", {{"use_sdpa": False}})
+base, peak, done = rss(), [0], []
+def sample():
+    while not done:
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.002)
+thread = threading.Thread(target=sample)
+thread.start()
 kernel(q, k, v).sum().backward()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+done.append(1)
+thread.join()
+print(peak[0] - base)
 """
 
 

@@ -15,12 +15,18 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from attncc.backends import registry
 from attncc.db import Store
+from attncc.passes.pipeline import lower
+from attncc.spec.load import load_spec
+from attncc.target import default_target
 from attncc.tune import tune
+from attncc.tune.space import decode
 from attncc.tune.study import measured
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "postgres.sh"
+SPEC = ROOT / "examples" / "sliding_window.yaml"
 PG_BINS = [Path("/usr/lib/postgresql/15/bin"), *Path("/usr/lib/postgresql").glob("*/bin")]
 
 
@@ -55,7 +61,7 @@ def postgres_url():
 
 def test_four_workers_share_one_study(postgres_url, monkeypatch):
     monkeypatch.setenv("ATTNCC_SHIPPED_DB", os.devnull)
-    record = tune("examples/sliding_window.yaml", "numpy", seq=32, trials=8, workers=4,
+    record = tune(SPEC, "numpy", seq=32, trials=8, workers=4,
                   db=postgres_url, storage=postgres_url, progress=False, seed=0)
     storage = postgres_url.replace("postgresql://", "postgresql+psycopg://")
     trials = optuna.load_study(study_name=record.study, storage=storage).get_trials()
@@ -66,6 +72,8 @@ def test_four_workers_share_one_study(postgres_url, monkeypatch):
     assert 8 <= len(done) <= 8 + 3  # the budget, plus at most one in-flight trial per worker
     assert record.trials == len(done)
     best = sorted((t for t in done if t.state == TrialState.COMPLETE), key=lambda t: t.value)
-    assert {k: record.config[k] for k in best[0].params} in [t.params for t in best[:3]]
+    space = registry.get("numpy").search_space(lower(load_spec(SPEC)), default_target())
+    top = [decode(space, t.params) for t in best[:3]]
+    assert {k: record.config[k] for k in top[0]} in top
     with Store(postgres_url) as store:
         assert store.get(record.key) == record

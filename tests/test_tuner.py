@@ -18,6 +18,7 @@ from attncc.spec.load import load_spec
 from attncc.target import default_target
 from attncc.tune import lookup, measurements, tune
 from attncc.tune.measure import Timing
+from attncc.tune.space import decode
 from attncc.tune.study import REPEAT
 
 DENSE = {"attncc": 1, "name": "dense"}
@@ -85,7 +86,9 @@ def test_tune_bookkeeping_prunes_invalid_scores_failures_inf_and_remeasures(tmp_
     assert len(failed) == 1 and "16x16 is broken" in failed[0].user_attrs["error"]
     measured = [t for t in trials if t.state == TrialState.COMPLETE and REPEAT not in t.user_attrs]
     assert len(measured) == record.trials == 11
-    assert trials[0].params == {"block_m": 64, "block_n": 64}  # the default, enqueued first
+    space = FakeBackend().search_space(None, None)
+    assert trials[0].params == {"log2_block_m": 6, "log2_block_n": 6}  # tile sizes are ordinal
+    assert decode(space, trials[0].params) == {"block_m": 64, "block_n": 64}  # default first
     assert record.config == {"block_m": 32, "block_n": 32, "fixed": "kept"}
     assert record.median_s == pytest.approx(1e-3)
     # 10 configs timed (16x16 failed to compile), then the best three re-measured, best first.
@@ -106,7 +109,8 @@ def test_db_hit_runs_no_measurement_and_retune_warm_starts(tmp_path):
                  timer=FakeTimer(), seed=0)
     study = optuna.load_study(study_name=again.study,
                               storage=f"sqlite:///{tmp_path / 't.optuna.db'}")
-    warm = [t.params for t in study.get_trials() if t.user_attrs.get("warm_start")]
+    space = FakeBackend().search_space(None, None)
+    warm = [decode(space, t.params) for t in study.get_trials() if t.user_attrs.get("warm_start")]
     assert warm[0] == {"block_m": 64, "block_n": 64}
     assert {k: record.config[k] for k in ("block_m", "block_n")} in warm
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 from attncc.db.exchange import shipped
 from attncc.db.key import Key, Record
 from attncc.db.store import Store
+from attncc.errors import AttnccError
 
 
 def find(store: Store | None, key: Key, target, *, any_bucket: bool = False) -> Record | None:
     """The best record for ``key`` on ``target`` (a ``Target``), or None.
 
-    ``key.target`` is ignored in favour of ``target``'s layers. With ``any_bucket`` the bucket is
-    not matched and, among equally good matches, the most recently updated record wins.
+    ``key.target`` is ignored in favour of ``target``'s layers, which are compared with the layers
+    of each record's key (``Target.key(3)`` joins them with ``/``). With ``any_bucket`` the bucket
+    is not matched and, among equally good matches, the most recently updated record wins.
     """
     from attncc.target import Target
 
@@ -33,12 +35,18 @@ def find(store: Store | None, key: Key, target, *, any_bucket: bool = False) -> 
         layers.append(candidates([(f"database {store.display}", r) for r in mine]))
     layers.append(candidates([(f"shipped {path}", r) for path, r in shipped()]))
     for depth in (3, 2, 1):
+        mine = target.key(depth)
         for layer in layers:
             hits = [(origin, r) for origin, r in layer
-                    if Target.from_dict(r.fingerprint).key(depth) == target.key(depth)]
+                    if "/".join(r.key.target.split("/")[:depth]) == mine]
             if not hits:
                 continue
             origin, best = max(hits, key=lambda hit: hit[1].updated)
-            _, _, message = target.nearest([Target.from_dict(best.fingerprint)])
+            try:
+                _, _, message = target.nearest([Target.from_dict(best.fingerprint)])
+            except AttnccError:  # a fingerprint from another attncc version: the key still holds
+                message = ("exact match" if depth == 3 else
+                           f"no exact match; using a record that shares the first {depth} "
+                           f"target layer(s): {best.key.target}")
             return best.with_(note=message, origin=origin)
     return None

@@ -208,7 +208,12 @@ class Store:
         backup = self.path.with_name(f"{self.path.name}.unreadable-{stamp}")
         saved = ""
         try:
-            if not backup.exists():
+            data = self.path.read_bytes()
+            same = [old for old in self.path.parent.glob(f"{self.path.name}.unreadable-*")
+                    if old.stat().st_size == len(data) and old.read_bytes() == data]
+            if same:  # this very content was backed up already: do not pile up copies
+                backup = same[0]
+            elif not backup.exists():
                 shutil.copy2(self.path, backup)
             saved = f"; a copy was saved at {backup}"
         except OSError as err:

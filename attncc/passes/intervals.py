@@ -37,12 +37,14 @@ def classify(cond: sympy.Basic, boxes: dict, leaves: dict | None = None):
     interval of that input over the box. Sizes and constants must already be numbers. A Python int
     is returned where the state is the same for every box without reading any box.
     """
-    return _Intervals(boxes, leaves or {}).state(cond)
+    with np.errstate(all="ignore"):  # inf and NaN bounds are expected and handled
+        return _Intervals(boxes, leaves or {}).state(cond)
 
 
 def interval(expr: sympy.Expr, boxes: dict, leaves: dict | None = None):
     """The ``(lo, hi)`` bounds of number ``expr`` over the boxes (see ``classify``)."""
-    return _Intervals(boxes, leaves or {}).num(expr)
+    with np.errstate(all="ignore"):
+        return _Intervals(boxes, leaves or {}).num(expr)
 
 
 def block_range(values: np.ndarray, axis: int, block: int, length: int):
@@ -255,6 +257,8 @@ class _Intervals:
         lo, hi = self.num(e.args[0])
         if _is_int(lo) and _is_int(hi):
             return lo, hi
+        # the evaluator's float may round across an integer the other way: widen first
+        lo, hi = _widen(lo, hi)
         fn = np.ceil if up else np.floor
         return fn(lo), fn(hi)
 
@@ -262,6 +266,8 @@ class _Intervals:
         lo, hi = self.num(x)
         if m.is_Number and m != 0:
             exact = m.is_Integer and _is_int(lo) and _is_int(hi)
+            if not exact:
+                lo, hi = _widen(lo, hi)
             m_val = int(m) if m.is_Integer else float(m)
             if exact:
                 span = (0, m_val - 1) if m_val > 0 else (m_val + 1, 0)
@@ -273,7 +279,7 @@ class _Intervals:
                 hi_m = np.where(whole, hi % m_val, span[1])
             if exact:
                 return lo_m, hi_m
-            return _nan_where(_infinite(lo, hi), lo_m, hi_m)
+            return _nan_where(_infinite(lo, hi), *_widen(lo_m, hi_m))
         m_lo, m_hi = self.num(m)
         m_lo, m_hi = np.asarray(m_lo, np.float64), np.asarray(m_hi, np.float64)
         # x % m lies between 0 and m (sign of m); unknown where m may be 0 or x infinite (NaN)
@@ -302,6 +308,14 @@ def _nan_source(expr) -> bool:
     return any(isinstance(node, sympy.log | sympy.exp)
                or (isinstance(node, sympy.Pow) and not (node.exp.is_Integer and node.exp >= 0))
                for node in sympy.preorder_traversal(expr))
+
+
+def _widen(lo, hi):
+    """Float bounds pushed out by the rounding slack (NaN stays NaN)."""
+    lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        slack = FLOAT_SLACK * (1.0 + np.maximum(np.abs(lo), np.abs(hi)))
+        return lo - slack, hi + slack
 
 
 def _infinite(lo, hi):

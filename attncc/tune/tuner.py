@@ -29,7 +29,7 @@ from attncc.errors import BackendError, InputError
 from attncc.spec.load import load_spec
 from attncc.tune import study as studies
 from attncc.tune.measure import Timing, time_call
-from attncc.tune.space import fits, signature, suggest, tunables
+from attncc.tune.space import decode, encode, fits, signature, suggest, tunables
 
 #: How many of the best configs are re-measured before one is chosen, and how many warm starts.
 TOP, WARM = 3, 4
@@ -113,7 +113,8 @@ class Problem:
         config = suggest(trial, self.space, self.base)
         mine = signature(tunables(self.space, config))
         for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if signature(other.params) == mine and studies.REPEAT not in other.user_attrs:
+            if (studies.REPEAT not in other.user_attrs
+                    and signature(decode(self.space, other.params)) == mine):
                 trial.set_user_attr(studies.REPEAT, other.number)
                 return other.value
         try:
@@ -230,9 +231,10 @@ def _warm_start(study: optuna.Study, problem: Problem, store: Store) -> None:
         config = tunables(problem.space, config)
         if len(seen) > WARM or signature(config) in seen:
             continue
-        if fits(problem.space, problem.base, config) and set(config) == set(problem.space.params):
+        if fits(problem.space, problem.base, config):
             seen.add(signature(config))
-            study.enqueue_trial(config, user_attrs={"warm_start": True}, skip_if_exists=True)
+            study.enqueue_trial(encode(problem.space, config), user_attrs={"warm_start": True},
+                                skip_if_exists=True)
 
 
 def _choose(study: optuna.Study, problem: Problem) -> Record:
@@ -247,7 +249,7 @@ def _choose(study: optuna.Study, problem: Problem) -> Record:
                            f"ran; first error: {errors[0] if errors else 'none measured'}")
     best = None
     for trial in done[:TOP]:
-        config = {**problem.base, **trial.params}
+        config = {**problem.base, **decode(problem.space, trial.params)}
         try:
             timing = problem.run(config, repeat=11)
         except Exception:  # noqa: S112 - it ran once; a flaky config just loses

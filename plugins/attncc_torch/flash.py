@@ -1,13 +1,14 @@
 """The flash pattern over the block plan: forward with an online softmax, recomputing backward.
 
-Tensors arrive padded and laid out for GQA without copies: ``q5 (B, Hkv, group, nQ*bm, D)``,
-``k4 (B, Hkv, nK*bn, D)``, ``v4 (B, Hkv, nK*bn, Dv)``. The forward keeps per row the running max
+Tensors arrive padded, block-major and laid out for GQA without copies: query rows
+``q6 (nQ, B, Hkv, group, bm, D)``, keys and values ``(nK, B, Hkv, bn, D)`` (one block per index
+of dim 0, which ``index_select`` copies fast). The forward keeps per row the running max
 ``m``, sum ``l`` and accumulator (softmax), or just the accumulator (sigmoid); top-k first finds the
 K-th largest kept score of every row with a running ``torch.topk`` over the chunks, then runs the
 softmax over the scores at or above it. Saved for backward: q, k, v, out and per-row statistics
 (row max, 1/sum, top-k threshold) — never an N×N matrix. The backward recomputes each tile
-(FlashAttention-2: ``dS = P ∘ (dP − rowsum(dO ∘ O))``) and differentiates the tile's own scores with
-``torch.autograd.grad`` on the tile, which also yields the gradients of score_mod inputs.
+(FlashAttention-2: ``dS = P ∘ (dP − rowsum(dO ∘ O))``) and differentiates the tile's own scores
+with ``torch.autograd.grad`` on the tile, which also yields the gradients of score_mod inputs.
 """
 
 from __future__ import annotations
@@ -19,26 +20,28 @@ from .tiles import Problem
 NEG_INF = float("-inf")
 
 
-def forward(pb: Problem, q5, k4, v4, inputs: dict):
-    """``(out (B, Hkv, group, Nqp, Dv), rows)``: ``rows`` maps lse, m, inv_l, thr to row tensors
-    ``(B, Hkv, group, Nqp, 1)`` (None where the normalization has no such statistic).
+def forward(pb: Problem, q6, k4, v4, inputs: dict):
+    """``(out6, rows)`` for block-major ``q6 (nQ, B, Hkv, group, bm, D)``, ``k4``/``v4`` block-major
+    ``(nK, B, Hkv, bn, D)``: ``out6`` has the same
+    layout; ``rows`` maps lse, m, inv_l, thr to ``(..., bm, 1)`` tensors (None where the
+    normalization has no such statistic).
 
     The backward rebuilds P as ``exp(s - m) * inv_l`` rather than ``exp(s - lse)``: rounding lse
     (large where scores are large) would scale every P of a row by one common factor.
     """
     norm = pb.spec.normalize
-    shape = (*q5.shape[:-1], v4.shape[-1])
-    out = torch.zeros(shape, dtype=q5.dtype, device=q5.device)
-    row = (*q5.shape[:-1], 1)
+    shape = (*q6.shape[:-1], v4.shape[-1])
+    out = torch.zeros(shape, dtype=q6.dtype, device=q6.device)
+    row = (*q6.shape[:-1], 1)
 
     def new(fill):
-        return torch.full(row, fill, dtype=q5.dtype, device=q5.device)
+        return torch.full(row, fill, dtype=q6.dtype, device=q6.device)
 
     soft = norm != "sigmoid"
     rows = {"lse": new(NEG_INF) if soft else None, "m": new(0.0) if soft else None,
             "inv_l": new(0.0) if soft else None, "thr": new(NEG_INF) if norm == "topk" else None}
     for step in pb.schedule.steps:
-        q = pb.rows(q5, step)
+        q = pb.rows(q6, step)
         tiles = _tiles(pb, step, q, k4, v4, inputs)
         if not soft:
             acc = None
@@ -93,6 +96,12 @@ def _threshold(pb: Problem, tiles):
     return best[..., kk - 1:kk]
 
 
+def _owned(s) -> bool:
+    """Whether the tile may be overwritten: score tiles are fresh results (matmul, score_mod,
+    gathers), never saved tensors; an expanded (broadcast) one is not contiguous."""
+    return not s.requires_grad and s.is_contiguous()
+
+
 def _softmax(tiles, thr):
     """Online softmax over the tiles: ``(out, {lse, m, inv_l})``; a row with no kept key gives
     out 0, lse -inf, m 0 and inv_l 0."""
@@ -103,7 +112,7 @@ def _softmax(tiles, thr):
         s_max = s.amax(-1, keepdim=True)
         m_new = s_max if m is None else torch.maximum(m, s_max)
         m_safe = torch.where(m_new == NEG_INF, 0.0, m_new)
-        p = torch.exp(s - m_safe)
+        p = (s.sub_(m_safe) if _owned(s) else s - m_safe).exp_()
         pv = p @ v
         if m is None:
             l_sum, acc = p.sum(-1, keepdim=True), pv
@@ -119,20 +128,20 @@ def _softmax(tiles, thr):
     return acc * inv_l, {"lse": lse, "m": m_safe, "inv_l": inv_l}
 
 
-def backward(pb: Problem, saved: dict, dout5, grad_inputs: list[str]):
-    """Gradients ``(dq5, dk4, dv4, {input name: grad})`` for the tensors ``forward`` read.
+def backward(pb: Problem, saved: dict, dout6, grad_inputs: list[str]):
+    """Gradients ``(dq6, dk4, dv4, {input name: grad})`` for the tensors ``forward`` read.
 
     ``grad_inputs`` names the floating inputs that need a gradient (memory tokens included).
     """
-    q5, k4, v4, out5 = saved["q5"], saved["k4"], saved["v4"], saved["out5"]
+    q6, k4, v4, out6 = saved["q6"], saved["k4"], saved["v4"], saved["out6"]
     inputs, rows = saved["inputs"], saved["rows"]
     norm = pb.spec.normalize
-    dq5, dk4, dv4 = torch.zeros_like(q5), torch.zeros_like(k4), torch.zeros_like(v4)
+    dq6, dk4, dv4 = torch.zeros_like(q6), torch.zeros_like(k4), torch.zeros_like(v4)
     dinp = {name: torch.zeros_like(inputs[name]) for name in grad_inputs}
-    delta = (dout5 * out5).sum(-1, keepdim=True) if norm != "sigmoid" else None
+    delta = (dout6 * out6).sum(-1, keepdim=True) if norm != "sigmoid" else None
     for step in pb.schedule.steps:
         sl = step.slice
-        q, do = pb.rows(q5, step), pb.rows(dout5, step)
+        q, do = pb.rows(q6, step), pb.rows(dout6, step)
         stat = {n: (pb.rows(x, step) if x is not None else None)
                 for n, x in (*rows.items(), ("delta", delta))}
         dq = torch.zeros_like(q)
@@ -141,6 +150,8 @@ def backward(pb: Problem, saved: dict, dout5, grad_inputs: list[str]):
             tiles.append((None, None, inputs["mem_v"][None, sl.h0:sl.h0 + sl.nh, None]))
         tiles += [(chunk, pb.cols(k4, sl, chunk), pb.cols(v4, sl, chunk))
                   for chunk in step.chunks]
+        if delta is not None and any(n not in ("mem_k", "mem_v") for n in grad_inputs):
+            stat["delta"] = _exact_delta(pb, step, q, do, tiles, inputs, stat)
         for chunk, k, v in tiles:
             leaves = {name: inputs[name].detach().requires_grad_() for name in grad_inputs}
             env_inputs = {**inputs, **leaves}
@@ -166,8 +177,35 @@ def backward(pb: Problem, saved: dict, dout5, grad_inputs: list[str]):
             for name, g in named.items():
                 if g is not None:
                     dinp[name] += g
-        pb.put_rows(dq5, step, dq)
-    return dq5, dk4, dv4, dinp
+        pb.put_rows(dq6, step, dq)
+    return dq6, dk4, dv4, dinp
+
+
+def _exact_delta(pb: Problem, step, q, do, tiles, inputs: dict, stat: dict):
+    """``D' = D + rowsum(P ∘ (dP − D))``: the delta corrected so that every row of dS sums to 0.
+
+    Exact arithmetic gives ``rowsum(dS) = 0``; in floating point the residual is ~1 ulp of the
+    row's terms, and inputs that weight dS by position (an ALiBi slope multiplies it by
+    ``q_idx - kv_idx``) add it up over whole rows. Removing it (as autograd through a softmax
+    does at the row max) costs one more recompute, so it runs only for such inputs.
+    """
+    delta = stat["delta"]
+    total = torch.zeros_like(delta)
+    for chunk, k, v in tiles:
+        if chunk is None:
+            s = pb.memory_scores(step.slice, q, inputs)
+        else:
+            s = pb.scores(step, chunk, q, k, inputs)
+        p = _probs(s, stat)
+        total += (p * (do @ v.transpose(-1, -2) - delta)).sum(-1, keepdim=True)
+    return delta + total
+
+
+def _probs(s, stat: dict):
+    p = torch.exp(s - stat["m"]) * stat["inv_l"]
+    if stat["thr"] is not None:
+        p = torch.where(s >= stat["thr"], p, 0.0)
+    return p
 
 
 def _tile_grads(norm: str, s, v, do, stat: dict):
@@ -176,9 +214,7 @@ def _tile_grads(norm: str, s, v, do, stat: dict):
         w = torch.sigmoid(s)
         dv = w.transpose(-1, -2) @ do
         return (do @ v.transpose(-1, -2)) * w * (1 - w), dv
-    p = torch.exp(s - stat["m"]) * stat["inv_l"]
-    if stat["thr"] is not None:
-        p = torch.where(s >= stat["thr"], p, 0.0)
+    p = _probs(s, stat)
     dv = p.transpose(-1, -2) @ do
     ds = p * (do @ v.transpose(-1, -2) - stat["delta"])
     return ds, dv

@@ -29,21 +29,23 @@ def _flash(spec, config: dict) -> list[str]:
     lines = [
         "# flash pattern over attncc.plan.build_plan(spec, sizes, "
         f"block_m={config['block_m']}, block_n={config['block_n']}); EMPTY blocks never visited",
-        "# GQA: q viewed (B, Hkv, group*rows, D); k, v gathered once per kv head (no copy per "
-        "query head)",
+        "# GQA: q rows of the query heads of one kv head stacked (group*block_m rows); k, v "
+        "gathered once per kv head (no copy per query head)",
+        "# layout: q6 = (nQ, B, Hkv, group, block_m, D), kb/vb = (nK, B, Hkv, block_n, D) "
+        "block-major copies (O(N), once per call)",
     ]
     if spec.lowrank is not None:
         lines.append("k, v = E @ k, F @ v                      # linformer projection first")
     lines += [
         "for step in schedule:                     # query blocks with equal FULL/PARTIAL counts",
-        "    q_t = q5[..., step.qblocks]           # (nb, Hkv, G, group*block_m, D)",
+        "    q_t = q6.index_select(0, step.qblocks)   # -> (nb, Hkv, G, group*block_m, D)",
     ]
     if spec.memory_tokens:
         lines.append(f"    tiles = [({score} on mem_k, mem_v)]   # {spec.memory_tokens} memory "
                      "tokens, no score_mod or mask")
     lines += [
         f"    for chunk in step.chunks:             # <= {config['kv_chunk']} key blocks each",
-        "        k_t = k4.unflatten(2, (nK, block_n))[:, :, chunk.kv]   # batched block gather",
+        "        k_t, v_t = kb.index_select(0, chunk.kv), vb...   # -> (nb, Hkv, G, c*block_n, D)",
         f"        s = {score}",
     ]
     if spec.score_mod is not None:
@@ -58,12 +60,14 @@ def _flash(spec, config: dict) -> list[str]:
         "sigmoid": "        acc += sigmoid(s) @ v_t   # unnormalized",
     }[spec.normalize]
     lines.append(norm)
-    lines.append("    out = acc / l; lse = m + log(l)" if spec.normalize != "sigmoid"
-                 else "    out = acc")
-    lines.append("# backward: torch.autograd.Function saving q, k, v, out, lse; recomputes each "
-                 "tile, dS = P*(dP - rowsum(dO*O)),")
+    lines.append("    out = acc / l; lse = m + log(l)   # out written with index_copy_"
+                 if spec.normalize != "sigmoid" else "    out = acc")
+    lines.append("# backward: torch.autograd.Function saving q, k, v, out and per-row m, 1/l"
+                 " (top-k threshold); recomputes each tile: P = exp(s - m) / l,")
+    lines.append("#   dS = P*(dP - rowsum(dO*O)) (rows of dS re-centred to sum 0 when a floating "
+                 "score_mod input needs a gradient),")
     lines.append("#   then torch.autograd.grad on the tile's scores for dq, dk and the floating "
-                 "inputs score_mod reads")
+                 "inputs score_mod reads; dk, dv by index_add_")
     return lines
 
 

@@ -1,0 +1,248 @@
+"""Hugging Face transformers: ``attn_implementation="attncc"`` runs a model's attention on attncc.
+
+``register(name="attncc", spec=None)`` registers, under one name, an attention function
+(``transformers.AttentionInterface``) and its mask function (``AttentionMaskInterface``); then
+``from_config(..., attn_implementation=name)`` or ``model.set_attn_implementation(name)`` works.
+
+The mask function does not build an N×N tensor. It hands the attention function an ``AttnccMask``
+that says what the model asked for, and the attention function turns that into a spec:
+
+- causal (``kv_idx <= q_idx + shift``), bidirectional, causal sliding window
+  (``q_idx + shift - kv_idx < window``) and bidirectional sliding window
+  (``abs(q_idx + shift - kv_idx) <= window``) are recognised from transformers' own mask functions;
+  ``shift = q_offset - kv_offset`` is written ``seq_k - seq_q`` (bottom-right, KV-cache decoding)
+  when it equals that, so one compiled kernel serves every decoding step;
+- padding becomes the input ``hf_keep (batch, seq_k)`` bool: O(N), and the block plan classifies it
+  per block from its min/max;
+- a mask function it does not recognise (packed sequences, chunked or blockwise overlays,
+  custom ``or``/``and`` functions) falls back to a dense input ``hf_allowed (batch, seq_q, seq_k)``
+  built by transformers' ``sdpa_mask``: that is the one N² case. A 4-D tensor mask given by the
+  caller is used as it is (bool: kept pairs; float: an additive bias, as in eager).
+
+Gemma-2's ``softcap`` kwarg becomes ``score_mod: softcap * tanh(score / softcap)``; ``scaling``
+becomes the spec's scale. With a ``spec``, that spec's mask and score_mod replace the model's
+pattern; the model still supplies its scaling (unless the spec sets ``scale``) and its padding
+(ANDed in as ``hf_keep``). Query rows with no kept key output 0 (eager averages over every key
+there); such rows are padding and never reach a real token.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+
+import torch
+
+from attncc.errors import InputError
+from attncc.spec.load import load_spec
+
+__all__ = ["AttnccMask", "attention_function", "mask_function", "register"]
+
+_BUILTIN = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3",
+            "flash_attention_4", "paged|eager")
+
+
+@dataclass(frozen=True)
+class AttnccMask:
+    """The mask a model asked for, as attncc's mask function hands it to the attention function.
+
+    ``causal``: keys after the query position are dropped. ``window``: with ``causal``, keep
+    ``q - kv < window``; without, keep ``|q - kv| <= window``. ``shift``: query row ``i`` sits at
+    key position ``i + shift``. ``keep``: ``(batch, seq_k)`` bool padding, or None (no padding).
+    ``allowed``: ``(batch, seq_q, seq_k)`` bool, only when the pattern was not recognised (then
+    ``causal``/``window``/``keep`` are unused).
+    """
+
+    causal: bool
+    window: int | None
+    shift: int
+    keep: torch.Tensor | None = None
+    allowed: torch.Tensor | None = None
+
+
+def _closure(fn, name: str):
+    return inspect.getclosurevars(fn).nonlocals.get(name)
+
+
+def _pattern(fn) -> tuple[bool, int | None] | None:
+    """``(causal, window)`` for transformers' own mask functions; None for anything else."""
+    from transformers import masking_utils as mu
+
+    leaves, todo = [], [fn]
+    while todo:
+        f = todo.pop()
+        if getattr(f, "__qualname__", "") == "and_masks.<locals>.and_mask":
+            todo.extend(_closure(f, "mask_functions") or ())
+        else:
+            leaves.append(f)
+    causal, causal_window, sym_window = False, None, None
+    for f in leaves:
+        name = getattr(f, "__qualname__", "")
+        if f is mu.causal_mask_function:
+            causal = True
+        elif f is mu.bidirectional_mask_function:
+            continue
+        elif name == "sliding_window_overlay.<locals>.inner_mask":
+            causal_window = int(_closure(f, "sliding_window"))
+        elif name == "sliding_window_bidirectional_overlay.<locals>.inner_mask":
+            sym_window = int(_closure(f, "sliding_window"))
+        else:
+            return None
+    if sym_window is not None:
+        return None if (causal or causal_window is not None) else (False, sym_window)
+    if causal_window is not None and not causal:
+        return None
+    return causal, causal_window
+
+
+def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
+                  mask_function=None, attention_mask=None, use_vmap: bool = False,
+                  device="cpu", **kwargs) -> AttnccMask:
+    """transformers' mask interface for attncc: returns an ``AttnccMask`` (see module docstring)."""
+    from transformers import masking_utils as mu
+
+    fn = mask_function if mask_function is not None else mu.causal_mask_function
+    shift = int(q_offset) - int(kv_offset)
+    pattern = _pattern(fn)
+    if pattern is None:
+        dense = mu.sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
+                             mask_function=fn, attention_mask=attention_mask,
+                             allow_is_causal_skip=False, use_vmap=use_vmap, device=device)
+        allowed = dense[:, 0].expand(batch_size, q_length, kv_length).contiguous()
+        return AttnccMask(causal=False, window=None, shift=shift, allowed=allowed)
+    keep = None
+    if attention_mask is not None:
+        padding = mu.prepare_padding_mask(attention_mask.to(torch.bool), kv_length, kv_offset)
+        padding = padding[:, int(kv_offset):int(kv_offset) + kv_length]
+        if not bool(padding.all()):
+            keep = padding.expand(batch_size, kv_length).contiguous()
+    return AttnccMask(causal=pattern[0], window=pattern[1], shift=shift, keep=keep)
+
+
+def _from_tensor(mask, module, is_causal, sliding_window, query, key):
+    """An ``AttnccMask`` (or a float bias) for a mask that did not come from ``mask_function``."""
+    batch, seq_q, seq_k = query.shape[0], query.shape[2], key.shape[2]
+    if mask is None:
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+        return AttnccMask(causal=causal, window=sliding_window if causal else None,
+                          shift=seq_k - seq_q), None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[1] != 1:
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise InputError(f"attention_mask: attncc expected its own mask, None, or a 4-D tensor "
+                         f"(batch, 1, seq_q, seq_k), got {got}")
+    full = mask[:, 0].expand(batch, seq_q, seq_k).contiguous()
+    if full.dtype == torch.bool:
+        return AttnccMask(causal=False, window=None, shift=0, allowed=full), None
+    return AttnccMask(causal=False, window=None, shift=0), full
+
+
+def _variant(spec, mask: AttnccMask, bias, seq_q: int, seq_k: int, scaling, softcap):
+    """``(spec source dict, {input name: tensor})`` for one call."""
+    inputs, terms = {}, []
+    if spec is None:
+        source = {"attncc": 1, "name": "hf_attention", "constants": {}, "inputs": {}}
+        if mask.allowed is not None:
+            terms.append("hf_allowed[b, q_idx, kv_idx]")
+            source["inputs"]["hf_allowed"] = {"shape": ["batch", "seq_q", "seq_k"],
+                                              "dtype": "bool"}
+            inputs["hf_allowed"] = mask.allowed
+        else:
+            shift = mask.shift
+            pos = ("q_idx + seq_k - seq_q" if shift == seq_k - seq_q and shift
+                   else f"q_idx + {shift}" if shift else "q_idx")
+            if mask.causal:
+                terms.append(f"kv_idx <= {pos}")
+            if mask.window is not None:
+                source["constants"]["hf_window"] = int(mask.window)
+                terms.append(f"{pos} - kv_idx < hf_window" if mask.causal
+                             else f"abs({pos} - kv_idx) <= hf_window")
+        mods = "score"
+        if softcap is not None:
+            source["constants"]["hf_softcap"] = float(softcap)
+            mods = "hf_softcap * tanh(score / hf_softcap)"
+        if bias is not None:
+            mods = f"{mods} + hf_bias[b, q_idx, kv_idx]"
+            source["inputs"]["hf_bias"] = {"shape": ["batch", "seq_q", "seq_k"],
+                                           "dtype": "float32"}
+            inputs["hf_bias"] = bias
+        if mods != "score":
+            source["score_mod"] = mods
+    else:
+        source = json.loads(json.dumps(spec.source, default=str))
+        source.setdefault("constants", {})
+        source.setdefault("inputs", {})
+        if spec.mask is not None:
+            terms.append(f"({source['mask']})")
+    if mask.keep is not None and mask.allowed is None:
+        terms.append("hf_keep[b, kv_idx]")
+        source["inputs"]["hf_keep"] = {"shape": ["batch", "seq_k"], "dtype": "bool"}
+        inputs["hf_keep"] = mask.keep
+    if terms:
+        source["mask"] = " and ".join(terms)
+    if scaling is not None and (spec is None or "scale" not in spec.source):
+        source["scale"] = repr(float(scaling))
+    return source, inputs
+
+
+def attention_function(spec=None, *, backend: str = "torch", config: dict | None = None,
+                       inputs: dict | None = None):
+    """transformers' attention interface for attncc, computing ``spec`` or the model's pattern.
+
+    ``inputs`` are the spec's runtime tensors (moved to the query's device on each call). The
+    function returns ``(attn_output (batch, seq_q, heads, value_dim), None)``.
+    """
+    from attncc.api import compile as compile_spec
+
+    spec = load_spec(spec) if spec is not None else None
+    fixed = dict(inputs or {})
+    clash = sorted(n for n in fixed if n.startswith("hf_"))
+    if clash:
+        raise InputError(f"inputs: names starting with 'hf_' are attncc's own; got '{clash[0]}'")
+    kernels: dict = {}
+
+    def attncc_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                         scaling=None, sliding_window=None, softcap=None, is_causal=None,
+                         **kwargs):
+        if dropout:
+            raise InputError(f"dropout: attncc kernels have no attention dropout; expected 0.0, "
+                             f"got {dropout} (set the config's attention dropout to 0)")
+        if kwargs.get("s_aux") is not None:
+            raise InputError("s_aux: attention sinks are not supported by the transformers "
+                             "integration; write them in a spec")
+        bias = None
+        if isinstance(attention_mask, AttnccMask):
+            mask = attention_mask
+        else:
+            mask, bias = _from_tensor(attention_mask, module, is_causal, sliding_window, query,
+                                      key)
+        source, call_inputs = _variant(spec, mask, bias, query.shape[2], key.shape[2], scaling,
+                                       softcap)
+        cache_key = json.dumps(source, sort_keys=True, default=str)
+        if cache_key not in kernels:
+            kernels[cache_key] = compile_spec(load_spec(source), backend=backend, config=config)
+        extra = {n: t.to(query.device) for n, t in fixed.items()}
+        out = kernels[cache_key](query, key, value, **extra, **call_inputs)
+        return out.transpose(1, 2).contiguous(), None
+
+    attncc_attention.spec = spec
+    return attncc_attention
+
+
+def register(name: str = "attncc", spec=None, *, backend: str = "torch",
+             config: dict | None = None, inputs: dict | None = None) -> str:
+    """Register attncc's attention and mask functions under ``name``; returns ``name``.
+
+    ``spec`` (anything ``load_spec`` takes) fixes the variant; None runs whatever the model asks
+    for. Registering the same name again replaces the previous registration.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    if not isinstance(name, str) or not name or name in _BUILTIN:
+        raise InputError(f"name: expected a new implementation name (not one of transformers' "
+                         f"own: {', '.join(_BUILTIN)}), got {name!r}")
+    AttentionInterface.register(name, attention_function(spec, backend=backend, config=config,
+                                                         inputs=inputs))
+    AttentionMaskInterface.register(name, mask_function)
+    return name

@@ -1,0 +1,108 @@
+"""Triton backend: fused attention kernels generated from the IR, forward and backward.
+
+Registered as the ``triton`` entry point of ``attncc.backends``. ``compile`` writes one standalone
+module per (spec, config) (``source.py``): the fused forward, dq and dk/dv kernels with the
+score_mod and mask printed inline (``printer.py``, ``fused.py``), a block classifier, a chunked
+linear-attention kernel, and the host code (``runtime.py``). On a machine without a GPU it runs
+under ``TRITON_INTERPRET=1`` (slow; for tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+from attncc.backends.base import SUPPORTED, Backend, SearchSpace, Support
+from attncc.errors import BackendError
+from attncc.ir.graph import LinearAttention, Nystrom, attention_node
+
+from .kernel import TritonKernel
+from .source import generate
+from .space import default_config, search_space
+
+__all__ = ["TritonBackend", "TritonKernel"]
+
+
+def _kind(graph) -> tuple[str, object]:
+    try:
+        _, node = attention_node(graph)
+    except ValueError as err:
+        raise BackendError(f"triton backend: {err}") from None
+    if isinstance(node, LinearAttention):
+        return "linear", node
+    if isinstance(node, Nystrom):
+        return "nystrom", node
+    return "fused", node
+
+
+def interpreted() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def interpreter_problem() -> str:
+    """Why interpreted kernels cannot run here ("" when they can).
+
+    Triton decorates its own library helpers (the reductions' combine functions) when it is
+    imported, so TRITON_INTERPRET=1 must be set before ``import triton``, not only before launch.
+    """
+    if not interpreted():
+        return ("Triton needs a CUDA GPU; on CPU set TRITON_INTERPRET=1 (interpreted, slow) "
+                "before importing triton")
+    import triton.language.standard as standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(standard.zeros_like, InterpretedFunction):
+        return ("TRITON_INTERPRET=1 was set after triton was imported; set it before the first "
+                "'import triton' (e.g. in the environment)")
+    return ""
+
+
+class TritonBackend(Backend):
+    """Generated Triton kernels on CUDA; on CPU only under TRITON_INTERPRET=1."""
+
+    name = "triton"
+    version = "1"
+
+    def supports(self, graph, target) -> Support:
+        try:
+            import triton  # noqa: F401
+            import torch
+        except ImportError as err:
+            return Support(False, f"triton backend needs torch and triton installed ({err})")
+        kind = getattr(target, "kind", "cpu") if target is not None else "cpu"
+        if kind == "cuda" and not torch.cuda.is_available():
+            return Support(False, "torch sees no CUDA device here; use a cpu target")
+        if kind == "cpu" and interpreter_problem():
+            return Support(False, interpreter_problem())
+        spec = graph.graph["spec"]
+        kind_, node = _kind(graph)
+        if kind_ == "fused" and node.topk is not None and node.topk > 128:
+            return Support(False, f"triton backend: top-k supports K <= 128, got {node.topk}")
+        if kind_ == "linear" and spec.mask is not None and not getattr(node, "causal", False):
+            return Support(False, "triton backend: linear attention with a mask other than "
+                                  "causal")
+        return SUPPORTED
+
+    def search_space(self, graph, target) -> SearchSpace:
+        return search_space(graph.graph["spec"], _kind(graph)[0], target)
+
+    def default_config(self, graph, target) -> dict:
+        return default_config(graph.graph["spec"], _kind(graph)[0], target)
+
+    def compile(self, graph, config, target) -> TritonKernel:
+        spec = graph.graph["spec"]
+        kind, node = _kind(graph)
+        full = {**default_config(spec, kind, target), **(config or {})}
+        space = search_space(spec, kind, target)
+        unknown = sorted(set(full) - set(space.params))
+        if unknown:
+            raise BackendError(f"triton backend: unknown tunable '{unknown[0]}'; expected one "
+                               f"of {', '.join(space.params)}")
+        if not space.keep(full):
+            raise BackendError(f"triton backend: config {full} is rejected by the keep() "
+                               "filter of its search space (tile too small for top-k, or too "
+                               "big for the target's shared memory / registers)")
+        return TritonKernel(spec, kind, full, generate(spec, node, full))
+
+    def priority(self, target) -> int:
+        return 30 if getattr(target, "kind", "cpu") == "cuda" else -1

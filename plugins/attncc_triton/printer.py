@@ -1,0 +1,151 @@
+"""sympy -> Triton expression printer: score_mod and mask become inline Triton code.
+
+The printed code means what ``attncc.spec.numeric.evaluate`` computes: ``//`` and ``%`` on integers
+round toward minus infinity (through the ``_floordiv``/``_mod`` helpers, correct whichever way the
+hardware truncates), ``Piecewise`` is ``tl.where``, ``And``/``Or``/``Not`` are ``&``/``|``/``== 0``,
+and an input element ``x[i, j]`` is ``tl.load(x_ptr + i * x_s0 + j * x_s1)`` with each index clamped
+into ``[0, x_n0)``: an index past the input never faults (it reads the nearest element; positions
+outside the sequences, in partial tiles, are dropped by ``keep``).
+
+Names in the printed code: ``score``, ``b``, ``h``, ``q_idx``, ``kv_idx``, the sizes (``seq_k``...)
+as kernel arguments, ``ACC`` (the accumulation dtype, a constexpr), and per input ``x``: ``x_ptr``,
+``x_s0...`` (strides), ``x_n0...`` (sizes).
+"""
+
+from __future__ import annotations
+
+import sympy
+
+from attncc.errors import BackendError
+from attncc.spec.symbols import sigmoid
+
+_COMPARE = {sympy.StrictLessThan: "<", sympy.LessThan: "<=", sympy.StrictGreaterThan: ">",
+            sympy.GreaterThan: ">=", sympy.Equality: "==", sympy.Unequality: "!="}
+_UNARY = {sympy.exp: "tl.exp", sympy.log: "tl.log", sympy.tanh: "_tanh", sympy.Abs: "tl.abs",
+          sigmoid: "tl.sigmoid"}
+
+
+class TritonPrinter:
+    """Prints one expression; ``float_inputs`` names the inputs whose loads are cast to ACC."""
+
+    def __init__(self, float_inputs: set[str]):
+        self.float_inputs = set(float_inputs)
+
+    def __call__(self, e) -> str:
+        return self.p(e)
+
+    def p(self, e) -> str:  # noqa: C901 - one dispatch table, read top to bottom
+        if e is sympy.true or e is sympy.false:
+            return "True" if e is sympy.true else "False"
+        if e.is_Integer:
+            return f"({int(e)})"
+        if e.is_Number or (isinstance(e, sympy.Expr) and e.is_number):
+            return f"({float(e)!r})"
+        if isinstance(e, sympy.Indexed):
+            return self.load(e)
+        if e.is_Symbol:
+            return e.name
+        if isinstance(e, sympy.Add):
+            return "(" + " + ".join(self.p(a) for a in e.args) + ")"
+        if isinstance(e, sympy.Mul):
+            return self.mul(e)
+        if isinstance(e, sympy.Pow):
+            return self.power(e)
+        if isinstance(e, (sympy.floor, sympy.ceiling)):
+            return self.rounding(e)
+        if type(e) in _UNARY:
+            arg = self.p(e.args[0])
+            if isinstance(e, sympy.Abs):
+                return f"tl.abs({arg})"
+            return f"{_UNARY[type(e)]}(({arg}).to(ACC))"
+        if isinstance(e, sympy.Mod):
+            return f"_mod({self.p(e.args[0])}, {self.p(e.args[1])})"
+        if isinstance(e, (sympy.Min, sympy.Max)):
+            fn = "tl.minimum" if isinstance(e, sympy.Min) else "tl.maximum"
+            result = self.p(e.args[0])
+            for arg in e.args[1:]:
+                result = f"{fn}({result}, {self.p(arg)})"
+            return result
+        if type(e) in _COMPARE:
+            return f"({self.p(e.lhs)} {_COMPARE[type(e)]} {self.p(e.rhs)})"
+        if isinstance(e, sympy.And):
+            return "(" + " & ".join(self.p(a) for a in e.args) + ")"
+        if isinstance(e, sympy.Or):
+            return "(" + " | ".join(self.p(a) for a in e.args) + ")"
+        if isinstance(e, sympy.Not):
+            return f"({self.p(e.args[0])} == 0)"
+        if isinstance(e, sympy.Piecewise):
+            result = self.p(e.args[-1].expr)
+            for branch in reversed(e.args[:-1]):
+                result = f"tl.where({self.p(branch.cond)}, {self.p(branch.expr)}, {result})"
+            return result
+        raise BackendError(f"triton backend: cannot print {type(e).__name__} ({e}) as Triton code")
+
+    def mul(self, e: sympy.Mul) -> str:
+        num, den = sympy.fraction(e)
+        if den != 1 and num.is_integer and den.is_integer:
+            return f"(({self.p(num)}) / ({self.p(den)}))"
+        return "(" + " * ".join(self.p(a) for a in e.args) + ")"
+
+    def power(self, e: sympy.Pow) -> str:
+        base, exp = self.p(e.base), e.exp
+        if exp.is_Integer and 0 <= int(exp) <= 8:
+            return "(" + " * ".join([base] * int(exp)) + ")" if int(exp) else "(1)"
+        if exp.is_Integer and -8 <= int(exp) < 0:
+            return "(1.0 / (" + " * ".join([base] * -int(exp)) + "))"
+        if exp == sympy.Rational(1, 2):
+            return f"tl.sqrt(({base}).to(ACC))"
+        if exp == -sympy.Rational(1, 2):
+            return f"(1.0 / tl.sqrt(({base}).to(ACC)))"
+        # a general power of a positive base
+        return f"tl.exp(({self.p(exp)}) * tl.log(({base}).to(ACC)))"
+
+    def rounding(self, e) -> str:
+        num, den = sympy.fraction(e.args[0])
+        if den != 1 and num.is_integer and den.is_integer:
+            n, d = self.p(num), self.p(den)
+            if isinstance(e, sympy.floor):
+                return f"_floordiv({n}, {d})"
+            return f"(-_floordiv(-({n}), {d}))"
+        fn = "tl.floor" if isinstance(e, sympy.floor) else "tl.ceil"
+        if e.args[0].is_integer:
+            return self.p(e.args[0])
+        return f"{fn}(({self.p(e.args[0])}).to(ACC))"
+
+    def offset(self, e: sympy.Indexed) -> str:
+        """The element offset of input element ``e``, every index clamped to its axis."""
+        name = str(e.base.label)
+        parts = []
+        for axis, index in enumerate(e.indices):
+            i = self.p(index)
+            if index.is_Integer:
+                parts.append(f"{i} * {name}_s{axis}")
+            else:
+                parts.append(f"tl.minimum(tl.maximum({i}, 0), {name}_n{axis} - 1) * "
+                             f"{name}_s{axis}")
+        return " + ".join(parts)
+
+    def load(self, e: sympy.Indexed) -> str:
+        name = str(e.base.label)
+        value = f"tl.load({name}_ptr + {self.offset(e)})"
+        return f"{value}.to(ACC)" if name in self.float_inputs else value
+
+
+def input_atoms(expr) -> list[sympy.Indexed]:
+    """The input elements an expression reads, in a stable order."""
+    if expr is None:
+        return []
+    return sorted(expr.atoms(sympy.Indexed), key=sympy.default_sort_key)
+
+
+def derivatives(expr, score, float_inputs: set[str]) -> tuple[sympy.Expr, list]:
+    """``(d expr / d score, [(atom, d expr / d atom)])`` for the floating input atoms."""
+    d_score = sympy.diff(expr, score)
+    result = []
+    for atom in input_atoms(expr):
+        if str(atom.base.label) not in float_inputs:
+            continue
+        dummy = sympy.Dummy("x", real=True)
+        d_atom = sympy.diff(expr.xreplace({atom: dummy}), dummy).xreplace({dummy: atom})
+        result.append((atom, d_atom))
+    return d_score, result

@@ -1,0 +1,162 @@
+"""The block plan's tables and API, the masks pass, and plans at long sequence lengths."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import attncc
+from attncc.errors import InputError
+from attncc.ir.build import build
+from attncc.ir.graph import Mask, op
+from attncc.passes.masks import Masks
+from attncc.plan import EMPTY, FULL, PARTIAL, build_plan
+
+DOC_INPUT = {"doc": {"shape": ["batch", "seq_q"], "dtype": "int64"}}
+
+
+def spec(mask=None, **extra):
+    return attncc.load_spec({"attncc": 1, "mask": mask, **extra})
+
+
+def sizes(seq_q, seq_k=None, batch=1, heads=1):
+    return {"batch": batch, "heads": heads, "seq_q": seq_q, "seq_k": seq_k or seq_q}
+
+
+def test_causal_at_131072_with_128_blocks():
+    plan = build_plan(spec("kv_idx <= q_idx"), sizes(131072), 128, 128)
+    n = 1024
+    assert plan.states.shape == (1, 1, n, n)
+    assert plan.counts() == {"FULL": n * (n - 1) // 2, "PARTIAL": n, "EMPTY": n * (n - 1) // 2}
+    np.testing.assert_array_equal(plan.full_counts[0, 0], np.arange(n))
+    np.testing.assert_array_equal(plan.partial_index[0, 0, :, 0], np.arange(n))
+
+
+def test_sliding_window_at_131072_with_128_blocks():
+    window = 1024  # 8 blocks: 7 FULL below the diagonal, PARTIAL on it and 8 below
+    plan = build_plan(spec("kv_idx <= q_idx and q_idx - kv_idx < window",
+                           constants={"window": window}), sizes(131072), 128, 128)
+    n = 1024
+    assert plan.counts()["FULL"] == sum(min(m, 7) for m in range(n))
+    assert plan.counts()["PARTIAL"] == n + (n - 8)
+    assert plan.partial_counts.max() == 2
+
+
+def test_index_tables_and_transposes_list_blocks_in_order():
+    mask = "doc[b, q_idx] == doc[b, kv_idx] and kv_idx <= q_idx"
+    doc = np.sort(np.random.default_rng(0).integers(0, 5, (2, 100)), axis=1)
+    plan = build_plan(spec(mask, inputs=DOC_INPUT), sizes(100, batch=2), 16, 8, {"doc": doc})
+    assert plan.states.shape == (2, 1, 7, 13)
+    for state, counts, index, axis in (
+            (FULL, plan.full_counts, plan.full_index, 3),
+            (PARTIAL, plan.partial_counts, plan.partial_index, 3),
+            (FULL, plan.full_counts_t, plan.full_index_t, 2),
+            (PARTIAL, plan.partial_counts_t, plan.partial_index_t, 2)):
+        chosen = plan.states == state
+        if axis == 2:
+            chosen = np.swapaxes(chosen, 2, 3)
+        np.testing.assert_array_equal(counts, chosen.sum(-1))
+        assert counts.dtype == np.int32 and index.dtype == np.int32
+        for b, h, row in np.ndindex(*counts.shape):
+            expected = np.flatnonzero(chosen[b, h, row])
+            np.testing.assert_array_equal(index[b, h, row, :counts[b, h, row]], expected)
+
+
+def test_kv_blocks_broadcast_over_shared_axes():
+    plan = build_plan(spec("kv_idx <= q_idx"), sizes(64, batch=3, heads=4), 16, 16)
+    assert plan.states.shape == (1, 1, 4, 4)
+    full, partial = plan.kv_blocks(2, 3, 2)
+    np.testing.assert_array_equal(full, [0, 1])
+    np.testing.assert_array_equal(partial, [2])
+
+
+def test_head_dependent_mask_has_one_plan_per_head():
+    mask = "kv_idx <= q_idx or h == 0"
+    plan = build_plan(spec(mask), sizes(32, heads=3, batch=2), 8, 8)
+    assert plan.states.shape == (1, 3, 4, 4)
+    assert np.all(plan.states[0, 0] == FULL)
+    assert plan.kv_blocks(1, 2, 1)[1].tolist() == [1]
+
+
+def test_no_mask_is_all_full_and_partial_last_blocks_are_clipped():
+    plan = build_plan(spec(), sizes(100, 37), 32, 16)
+    assert plan.states.shape == (1, 1, 4, 3)
+    assert np.all(plan.states == FULL)
+    assert plan.block_density() == 1.0
+
+
+def test_block_density_weighs_blocks_by_their_area():
+    plan = build_plan(spec("kv_idx <= q_idx"), sizes(10), 4, 4)
+    # blocks of rows 4,4,2 and cols 4,4,2; non-empty: the lower triangle with the diagonal
+    rows, cols = np.array([4, 4, 2]), np.array([4, 4, 2])
+    kept = np.tril(np.ones((3, 3)))
+    assert plan.block_density() == pytest.approx(rows @ kept @ cols / 100)
+
+
+def test_bottom_right_alignment_with_seq_q_different_from_seq_k():
+    plan = build_plan(spec("kv_idx <= q_idx + seq_k - seq_q"), sizes(4, 12), 4, 4)
+    np.testing.assert_array_equal(plan.states[0, 0, 0], [FULL, FULL, PARTIAL])
+
+
+def test_linformer_plans_over_rank_keys():
+    s = spec(lowrank={"method": "linformer", "rank": 20})
+    plan = build_plan(s, sizes(64, 256), 16, 8)
+    assert (plan.seq_k, plan.states.shape) == (20, (1, 1, 4, 3))
+
+
+def test_index_only_plans_are_cached_and_read_only():
+    s = spec("kv_idx <= q_idx")
+    first = build_plan(s, sizes(256), 64, 64)
+    assert build_plan(spec("kv_idx <= q_idx"), sizes(256), 64, 64) is first
+    assert build_plan(s, sizes(256), 32, 64) is not first
+    with pytest.raises(ValueError):
+        first.states[0, 0, 0, 0] = EMPTY
+
+
+def test_inputs_may_be_torch_tensors():
+    torch = pytest.importorskip("torch")
+    doc = np.repeat(np.arange(4), 8)[None]
+    s = spec("doc[b, q_idx] == doc[b, kv_idx]", inputs=DOC_INPUT)
+    from_numpy = build_plan(s, sizes(32), 8, 8, {"doc": doc})
+    from_torch = build_plan(s, sizes(32), 8, 8, {"doc": torch.from_numpy(doc)})
+    np.testing.assert_array_equal(from_numpy.states, from_torch.states)
+    np.testing.assert_array_equal(from_numpy.states[0, 0], np.eye(4) * FULL)
+
+
+def test_missing_input_and_bad_arguments_raise_input_errors():
+    s = spec("doc[b, q_idx] == doc[b, kv_idx]", inputs=DOC_INPUT)
+    with pytest.raises(InputError, match="reads the input"):
+        build_plan(s, sizes(32), 8, 8)
+    with pytest.raises(InputError, match="indexed by kv_idx"):
+        build_plan(s, sizes(32, 40), 8, 8, {"doc": np.zeros((1, 32), dtype=np.int64)})
+    with pytest.raises(InputError, match="block_m"):
+        build_plan(spec("kv_idx <= q_idx"), sizes(32), 0, 8)
+    with pytest.raises(InputError, match="seq_k"):
+        build_plan(spec("kv_idx <= q_idx"), {"seq_q": 8}, 8, 8)
+
+
+def test_repr_summarizes_counts():
+    text = repr(build_plan(spec("kv_idx <= q_idx"), sizes(64), 16, 16))
+    assert "states=(1, 1, 4, 4)" in text and "FULL=6" in text and "PARTIAL=4" in text
+
+
+def test_masks_pass_records_inputs_and_axes():
+    s = spec("doc[b, q_idx] == doc[b, kv_idx] and (h > 0 or kv_idx <= q_idx)",
+             inputs=DOC_INPUT)
+    graph = build(s)
+    result = Masks().apply(graph)
+    masks = [op(result, n) for n in result if isinstance(op(result, n), Mask)]
+    assert [(m.reads_inputs, m.varies_with) for m in masks] == [(("doc",), ("b", "h"))]
+    before = [op(graph, n) for n in graph if isinstance(op(graph, n), Mask)]
+    assert before[0].reads_inputs == ()  # the input graph is untouched
+    assert result.graph["passes"][-1] == "masks"
+
+
+def test_masks_pass_on_index_only_and_maskless_specs():
+    result = Masks().apply(build(spec("kv_idx <= q_idx")))
+    mask = next(op(result, n) for n in result if isinstance(op(result, n), Mask))
+    assert (mask.reads_inputs, mask.varies_with) == ((), ())
+    plain = build(spec())
+    after = Masks().apply(plain)
+    assert after is not plain
+    assert {n: op(after, n) for n in after} == {n: op(plain, n) for n in plain}

@@ -1,0 +1,164 @@
+"""The Triton backend's parts: the sympy -> Triton printer, supports(), priority, the search
+space's keep() filter, plan tables built by the generated classifier, and autograd."""
+
+from __future__ import annotations
+
+import ast
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Triton decorates its own helpers at import: the interpreter must be on before triton loads.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+torch = pytest.importorskip("torch")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
+
+from attncc.errors import BackendError  # noqa: E402
+from attncc.passes.pipeline import lower  # noqa: E402
+from attncc.plan import build_plan  # noqa: E402
+from attncc.spec import load_spec  # noqa: E402
+from attncc.spec.numeric import evaluate  # noqa: E402
+from attncc.target import Target  # noqa: E402
+from attncc.testing import examples_dir, random_inputs  # noqa: E402
+from attncc_triton import TritonBackend  # noqa: E402
+from attncc_triton.kernel import load_module  # noqa: E402
+from attncc_triton.printer import TritonPrinter  # noqa: E402
+
+CPU = Target.detect("cpu")
+
+
+@pytest.fixture
+def interpret():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET was set to something else before these tests")
+
+
+def _spec(**fields):
+    return load_spec({"attncc": 1, "name": "t", **fields})
+
+
+def test_supports_needs_a_gpu_or_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    support = TritonBackend().supports(lower(_spec()), CPU)
+    assert not support and "TRITON_INTERPRET=1" in support.reason
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert TritonBackend().supports(lower(_spec()), CPU)
+
+
+def test_priority_is_negative_on_cpu_and_high_on_cuda():
+    backend = TritonBackend()
+    assert backend.priority(CPU) == -1
+    assert backend.priority(replace(CPU, kind="cuda")) == 30
+
+
+def test_keep_drops_configs_over_the_targets_shared_memory():
+    graph = lower(_spec(head_dim=128))
+    gpu = replace(CPU, kind="cuda", shared_memory_per_block=48 * 1024, registers_per_block=65536)
+    space = TritonBackend().search_space(graph, gpu)
+    configs = space.configs()
+    assert configs and len(configs) < len(TritonBackend().search_space(graph, CPU).configs())
+    big = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 4}
+    assert not space.keep(big)
+    with pytest.raises(BackendError, match="keep"):
+        TritonBackend().compile(graph, big, gpu)
+
+
+def test_topk_needs_block_n_at_least_k():
+    graph = lower(_spec(normalize="topk", topk=64))
+    space = TritonBackend().search_space(graph, CPU)
+    assert all(c["block_n"] >= 64 for c in space.configs())
+    assert TritonBackend().default_config(graph, CPU)["block_n"] >= 64
+
+
+def test_unknown_tunable_is_an_error(interpret):
+    with pytest.raises(BackendError, match="unknown tunable 'tile'"):
+        TritonBackend().compile(lower(_spec()), {"tile": 3}, CPU)
+
+
+EXPRS = [("mask", "(q_idx - kv_idx) // 3 == 0"), ("mask", "(kv_idx - q_idx) % 5 < 2"),
+         ("mask", "not (kv_idx <= q_idx) or q_idx % 4 == 1"),
+         ("score_mod", "abs(q_idx - kv_idx) * (q_idx - kv_idx if kv_idx < q_idx else "
+                       "min(kv_idx, 7))"),
+         ("score_mod", "floor((q_idx - 9) / 4) + ceil(kv_idx / 3) + (kv_idx - 11) // 4")]
+
+
+@pytest.mark.parametrize("field,text", EXPRS)
+def test_printer_means_what_numeric_evaluate_means(field, text, interpret):
+    import triton.language as tl
+
+    from attncc_triton.source import _HELPERS
+
+    spec = _spec(**{field: text})
+    expr = spec.mask if field == "mask" else spec.score_mod
+    code = TritonPrinter(set())(expr)
+    source = (f"import triton\nimport triton.language as tl\n\n\n{_HELPERS}\n\n"
+              f"@triton.jit\ndef _k(O, ACC: tl.constexpr):\n"
+              f"    q_idx = tl.arange(0, 16)[:, None]\n    kv_idx = tl.arange(0, 16)[None, :]\n"
+              f"    r = ({code}) + q_idx * 0 + kv_idx * 0\n"
+              f"    tl.store(O + q_idx * 16 + kv_idx, r.to(tl.float32))\n")
+    module = load_module(source)
+    out = torch.zeros(256)
+    module._k[(1,)](out, ACC=tl.float32)
+    env = {"q_idx": np.arange(16)[:, None], "kv_idx": np.arange(16)[None, :]}
+    want = np.broadcast_to(np.asarray(evaluate(expr, env, np), dtype=np.float64), (16, 16))
+    np.testing.assert_allclose(out.reshape(16, 16).numpy(), want)
+
+
+@pytest.mark.parametrize("name", ["sliding_window.yaml", "document_mask.yaml", "bigbird.yaml"])
+def test_generated_classifier_matches_build_plan(name, interpret):
+    spec = load_spec(examples_dir() / name)
+    graph = lower(spec)
+    kernel = TritonBackend().compile(graph, TritonBackend().default_config(graph, CPU), CPU)
+    q, k, v, inputs = random_inputs(spec, 2, 40, 40, "float32", 0, "torch")
+    sizes = {"batch": 2, "heads": 4, "kv_heads": 2, "seq_q": 40, "seq_k": 40,
+             "head_dim": 16, "value_dim": 16}
+    mod, cfg = kernel.module, kernel.config
+    tables = mod.build_tables(mod._KERNELS, mod.SPEC, cfg, sizes, inputs, q.device)
+    plan = build_plan(spec, sizes, cfg["block_m"], cfg["block_n"], inputs=inputs)
+    dense = np.zeros(plan.states.shape, dtype=np.int8)
+    for code, counts, index in ((2, "fc", "fi"), (1, "pc", "pi")):
+        c, i = tables[counts].numpy(), tables[index].numpy()
+        for pos in np.ndindex(*c.shape):
+            dense[pos][i[pos][:c[pos]]] = code
+    # the interval plan may call a block PARTIAL that is in fact FULL or EMPTY, never the reverse
+    exact = dense == plan.states
+    assert np.all(exact | (plan.states == 1))
+    out_plan = kernel(q, k, v, **inputs)
+    out_own = mod.attention(q, k, v, **inputs)
+    torch.testing.assert_close(out_plan, out_own)
+
+
+def test_source_is_a_standalone_module_with_a_glossary(interpret):
+    spec = load_spec(examples_dir() / "alibi.yaml")
+    graph = lower(spec)
+    kernel = TritonBackend().compile(graph, TritonBackend().default_config(graph, CPU), CPU)
+    tree = ast.parse(kernel.source)
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert imported <= {"math", "types", "torch", "triton", "triton.language"}
+    assert "Glossary" in kernel.source and "slope_ptr" in kernel.source
+    # the mask is evaluated only in the PARTIAL loops: once in each of fwd, dq and dk/dv
+    assert kernel.source.count("keep = keep & (") == 3
+    assert kernel.source.count("for it in range(0, tl.load(FC + row))") == 3
+
+
+def test_autograd_through_the_kernel_matches_float64(interpret):
+    spec = load_spec(examples_dir() / "alibi.yaml")
+    graph = lower(spec)
+    kernel = TritonBackend().compile(graph, TritonBackend().default_config(graph, CPU), CPU)
+    q, k, v, inputs = random_inputs(spec, 1, 20, 20, "float64", 3, "torch")
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, inputs["slope"])]
+    out, lse = kernel(*leaves[:3], return_lse=True, slope=leaves[3])
+    (out.sum() + lse.sum()).backward()
+    from attncc.reference import attend
+
+    ref = [x.clone().requires_grad_() for x in (q, k, v, inputs["slope"])]
+    r_out, r_lse = attend(spec, *ref[:3], {"slope": ref[3]}, return_lse=True)
+    (r_out.sum() + r_lse.sum()).backward()
+    for got, want in zip(leaves, ref, strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-9)
