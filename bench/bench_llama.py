@@ -25,23 +25,32 @@ from attncc.integrations.transformers import register
 IMPLS = ("sdpa", "flex_attention", "attncc")
 
 
-def step(model, ids) -> None:
+def step(model, ids, backward: bool) -> None:
     model.zero_grad(set_to_none=True)
-    model(input_ids=ids, labels=ids).loss.backward()
+    if backward:
+        model(input_ids=ids, labels=ids).loss.backward()
+        return
+    with torch.no_grad():
+        model(input_ids=ids)
 
 
-def time_impl(model, impl: str, ids, reps: int, warmup: int) -> tuple[float, float, float]:
-    """``(first call s, median s, interquartile spread s)`` of forward + backward."""
+def time_impl(model, impl: str, ids, reps: int, warmup: int,
+              backward: bool) -> tuple[float, float, float]:
+    """``(first call s, median s, interquartile spread s)`` of forward (+ backward)."""
     model.set_attn_implementation(impl)
+
+    def step_(m, i):
+        step(m, i, backward)
+
     start = time.perf_counter()
-    step(model, ids)
+    step_(model, ids)
     first = time.perf_counter() - start
     for _ in range(warmup):
-        step(model, ids)
+        step_(model, ids)
     samples = []
     for _ in range(reps):
         start = time.perf_counter()
-        step(model, ids)
+        step_(model, ids)
         samples.append(time.perf_counter() - start)
     q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
     return first, statistics.median(samples), q[2] - q[0]
@@ -61,21 +70,33 @@ def main(argv=None) -> None:
                          max_position_embeddings=args.seq, attention_dropout=0.0)
     model = LlamaForCausalLM(config).train()
     ids = torch.randint(0, config.vocab_size, (1, args.seq))
-    rows = {}
-    for impl in IMPLS:
-        try:
-            rows[impl] = time_impl(model, impl, ids, args.reps, args.warmup)
-        except Exception as err:  # a peer that cannot run here is reported, not fatal
-            rows[impl] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
-        print(impl, rows[impl], flush=True)
-    base = rows["sdpa"][1] if isinstance(rows["sdpa"], tuple) else None
+    lines = []
+    for mode, backward in (("forward+backward", True), ("forward only (no_grad)", False)):
+        lines += table(model, ids, args, mode, backward)
     lines = [f"# Tiny Llama forward+backward, seq {args.seq}, CPU", "",
              f"{date.today()} · {platform.processor() or platform.machine()} · "
              f"{torch.get_num_threads()} threads · torch {torch.__version__} · "
              "float32, batch 1, 2 layers, hidden 256, 8 heads / 4 kv heads (GQA), causal", "",
              f"Median of {args.reps} steps after {args.warmup} warm-up; spread = interquartile "
              "range; ratio = time / sdpa time (lower is faster). First call includes "
-             "compilation (FlexAttention's torch.compile, attncc's spec compile).", "",
+             "compilation (FlexAttention's torch.compile, attncc's spec compile). Timings on a "
+             "shared machine are noisy; read the ratios, not the digits.", "", *lines]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+
+
+def table(model, ids, args, mode: str, backward: bool) -> list[str]:
+    """Markdown rows of one mode, every implementation side by side."""
+    rows = {}
+    for impl in IMPLS:
+        try:
+            rows[impl] = time_impl(model, impl, ids, args.reps, args.warmup, backward)
+        except Exception as err:  # a peer that cannot run here is reported, not fatal
+            rows[impl] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        print(mode, impl, rows[impl], flush=True)
+    base = rows["sdpa"][1] if isinstance(rows["sdpa"], tuple) else None
+    lines = [f"## {mode}", "",
              "| attn_implementation | first call (s) | median (s) | spread (s) | ratio vs sdpa |",
              "|---|---|---|---|---|"]
     for impl, row in rows.items():
@@ -84,9 +105,7 @@ def main(argv=None) -> None:
             continue
         ratio = f"{row[1] / base:.2f}x" if base else "-"
         lines.append(f"| {impl} | {row[0]:.2f} | {row[1]:.3f} | {row[2]:.3f} | {ratio} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
+    return [*lines, ""]
 
 
 if __name__ == "__main__":

@@ -28,18 +28,24 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import matplotlib
+# One BLAS thread (unless told otherwise): on a small machine shared with other jobs, a
+# multi-threaded BLAS oversubscribes the cores and large tiles turn erratically slow, which
+# drowns the differences being measured. Set before NumPy/torch load.
+for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_name, os.environ.get("ATTNCC_BENCH_THREADS", "1"))
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-import optuna
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
 
-from attncc.backends import registry
-from attncc.spec.load import load_spec
-from attncc.target import default_target
-from attncc.tune.space import decode, signature, tunables
-from attncc.tune.study import REPEAT, measured
-from attncc.tune.tuner import Problem, tune
+from attncc.backends import registry  # noqa: E402
+from attncc.spec.load import load_spec  # noqa: E402
+from attncc.target import default_target  # noqa: E402
+from attncc.tune.space import decode, signature, tunables  # noqa: E402
+from attncc.tune.study import REPEAT, measured  # noqa: E402
+from attncc.tune.tuner import Problem, tune  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -149,7 +155,8 @@ def _plot(path: Path, backend: str, spec_name: str, histories, grid_size: int, b
 def markdown(results: list[dict], meta: dict) -> str:
     lines = [f"# Tuner quality: TPE vs exhaustive grid ({meta['date']})", "",
              f"Machine: {meta['target']} ({meta['cores']} logical cores, shared with other "
-             f"jobs while this ran). Python {meta['python']}. seq = {meta['seq']}, batch 1, "
+             f"jobs while this ran; BLAS threads: {meta['blas_threads']}). Python "
+             f"{meta['python']}. seq = {meta['seq']}, batch 1, "
              "float32, inputs from attncc.testing.random_inputs. Budget = 30% of the grid; "
              "pass = the config TPE chose is within 5% of the grid's winner, the two timed "
              "alternately in 5 rounds (paired, lowest median each). 'grid best' is the lowest "
@@ -207,6 +214,7 @@ def main() -> int:
     meta = {"date": datetime.now(UTC).strftime("%Y-%m-%d"), "target": target.key(1),
             "target_key": target.key(3), "cores": os.cpu_count(),
             "python": platform.python_version(), "seq": args.seq, "seeds": args.seeds,
+            "blas_threads": os.environ["OPENBLAS_NUM_THREADS"],
             "skipped": skipped}
     (RESULTS / "tuner_quality.json").write_text(json.dumps({"meta": meta, "results": results},
                                                            indent=2) + "\n")

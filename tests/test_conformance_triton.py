@@ -18,13 +18,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
 
-from attncc.errors import InputError  # noqa: E402
-from attncc.passes.pipeline import lower  # noqa: E402
-from attncc.reference import reference  # noqa: E402
-from attncc.spec.load import load_spec  # noqa: E402
-from attncc.target import Target  # noqa: E402
-from attncc.testing import check_kernel, example_specs, random_inputs  # noqa: E402
-from attncc_triton import TritonBackend  # noqa: E402
+from attncc.errors import InputError
+from attncc.passes.pipeline import lower
+from attncc.reference import reference
+from attncc.spec.load import load_spec
+from attncc.target import Target
+from attncc.testing import check_kernel, example_specs, random_inputs
+from attncc_triton import TritonBackend
 
 SLOW = {"topk", "hard_attention"}  # the top-k threshold sort is slow when interpreted
 ALL = [p for p in example_specs()]

@@ -17,12 +17,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
 
-from attncc.backends import registry  # noqa: E402
-from attncc.passes.pipeline import lower  # noqa: E402
-from attncc.spec import load_spec  # noqa: E402
-from attncc.target import Target  # noqa: E402
-from attncc.testing import examples_dir  # noqa: E402
-from attncc_triton import TritonBackend  # noqa: E402
+from attncc.backends import registry
+from attncc.passes.pipeline import lower
+from attncc.spec import load_spec
+from attncc.target import Target
+from attncc.testing import examples_dir
+from attncc_triton import TritonBackend
 
 RUNNER = textwrap.dedent("""
     import importlib.util, sys
@@ -37,7 +37,7 @@ RUNNER = textwrap.dedent("""
     ins = {n[3:]: torch.from_numpy(data[n]) for n in data.files if n.startswith("in_")}
     out, lse = mod.attention(q, k, v, return_lse=True, **ins)
     out.sum().backward()
-    np.savez(sys.argv[3], out=out.detach().numpy(), lse=lse.numpy(), dq=q.grad.numpy())
+    np.savez(sys.argv[3], out=out.detach().numpy(), lse=lse.detach().numpy(), dq=q.grad.numpy())
 """)
 
 

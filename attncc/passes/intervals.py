@@ -2,7 +2,12 @@
 
 A box is a product of integer ranges of ``b, h, q_idx, kv_idx`` (inclusive ``lo..hi``). The boxes
 are given as arrays that broadcast against each other (query blocks ``(nQ, 1)`` against key blocks
-``(1, nK)``), so one pass over the expression tree classifies every block pair together.
+``(1, nK)``), so one pass over the expression tree classifies every block pair together. Sizes are
+point intervals rather than substituted, so sympy never re-decides a relation exactly where the
+float evaluator would not (``q_idx == sigmoid(42)``). A relation is decided on ``lhs - rhs``,
+with rational coefficients cleared, and sums are compared without materializing them
+(``a <= c - b``), which keeps causal and sliding-window plans at 1024x1024 blocks to a few
+broadcast comparisons.
 
 Numbers are intervals ``(lo, hi)`` of arrays (int64 where the value is an integer, float64
 otherwise); a float bound of NaN means "may be anything, even NaN" and makes every comparison that
@@ -32,10 +37,11 @@ _MONOTONE = {sympy.exp: np.exp, sympy.tanh: np.tanh}
 def classify(cond: sympy.Basic, boxes: dict, leaves: dict | None = None):
     """States (NEVER/MAYBE/ALWAYS, int8 broadcast over the boxes) of condition ``cond``.
 
-    ``boxes`` maps an index symbol name (``b``, ``h``, ``q_idx``, ``kv_idx``) to its ``(lo, hi)``
-    arrays; ``leaves`` maps each ``sympy.Indexed`` input element in ``cond`` to the ``(lo, hi)``
-    interval of that input over the box. Sizes and constants must already be numbers. A Python int
-    is returned where the state is the same for every box without reading any box.
+    ``boxes`` maps each symbol name in ``cond`` to its ``(lo, hi)`` bounds: arrays for the index
+    symbols (``b``, ``h``, ``q_idx``, ``kv_idx``), a point ``(n, n)`` for a size. ``leaves`` maps
+    each ``sympy.Indexed`` input element in ``cond`` to the ``(lo, hi)`` interval of that input over
+    the box. A Python int is returned where the state is the same for every box without reading
+    any box. Raises KeyError for a symbol or input element without bounds.
     """
     with np.errstate(all="ignore"):  # inf and NaN bounds are expected and handled
         return _Intervals(boxes, leaves or {}).state(cond)

@@ -65,8 +65,8 @@ class TritonBackend(Backend):
 
     def supports(self, graph, target) -> Support:
         try:
-            import triton  # noqa: F401
             import torch
+            import triton  # noqa: F401
         except ImportError as err:
             return Support(False, f"triton backend needs torch and triton installed ({err})")
         kind = getattr(target, "kind", "cpu") if target is not None else "cpu"

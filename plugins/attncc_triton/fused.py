@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import sympy
 
-from attncc.spec.symbols import SIZE_NAMES, score as score_symbol
+from attncc.spec.symbols import SIZE_NAMES
+from attncc.spec.symbols import score as score_symbol
 
 from .printer import TritonPrinter, derivatives, input_atoms
 
@@ -326,6 +327,7 @@ class FusedGenerator:
     def classify(self) -> str:
         """The block classifier the standalone module uses to build its own plan tables."""
         out = _Lines()
+        mask = self.pr(self.fs.mask) if self.fs.mask is not None else "True"
         out(0, "@triton.jit",
             f"def _classify(STATES, {self.args}batch, heads, kv_heads, seq_q, seq_k, head_dim, "
             "value_dim, n_q, n_k, plan_h, ACC: tl.constexpr, BLOCK_M: tl.constexpr, "
@@ -338,7 +340,7 @@ class FusedGenerator:
             "    offs_n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)",
             "    q_idx = offs_m[:, None]", "    kv_idx = offs_n[None, :]",
             "    inside = (q_idx < seq_q) & (kv_idx < seq_k)",
-            f"    keep = inside & ({self.pr(self.fs.mask) if self.fs.mask is not None else 'True'})",
+            f"    keep = inside & ({mask})",
             "    kept = tl.sum(keep.to(tl.int32), 1)", "    kept = tl.sum(kept, 0)",
             "    total = tl.sum(tl.sum(inside.to(tl.int32), 1), 0)",
             "    state = tl.where(kept == 0, 0, tl.where(kept == total, 2, 1))",

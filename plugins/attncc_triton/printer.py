@@ -34,7 +34,7 @@ class TritonPrinter:
     def __call__(self, e) -> str:
         return self.p(e)
 
-    def p(self, e) -> str:  # noqa: C901 - one dispatch table, read top to bottom
+    def p(self, e) -> str:
         if e is sympy.true or e is sympy.false:
             return "True" if e is sympy.true else "False"
         if e.is_Integer:

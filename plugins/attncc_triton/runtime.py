@@ -224,7 +224,7 @@ def run(kern, spec, config, q, k, v, return_lse: bool, tables, inputs: dict):
 def run_nystrom(kern, spec, config, q, k, v):
     """Nyström: segment-mean landmarks, two dense fused-kernel calls and a pinv (torch)."""
     m = spec["landmarks"]
-    batch, heads, seq_q, _ = q.shape
+    _, heads, seq_q, _ = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
     scale = _scale(spec, q, k, v)
     q_land = q.unflatten(2, (m, seq_q // m)).mean(3)
