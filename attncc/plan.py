@@ -41,9 +41,10 @@ class BlockPlan:
     the keys the mask sees (the linformer rank after projection; memory tokens are not in the
     plan). The last query/key block may be shorter than ``block_m``/``block_n``.
 
-    Index tables are int32, padded at the end with 0 to the longest row (at least 1 wide): row
-    ``(b, h, m)`` of ``full_index`` lists, ascending, the key blocks that are FULL for query block
-    ``m``, and ``full_counts[b, h, m]`` says how many entries are real. The ``_t`` tables are the
+    Index tables are int32, as wide as the longest row (at least 1): row ``(b, h, m)`` of
+    ``full_index`` starts with the key blocks that are FULL for query block ``m``, ascending, and
+    ``full_counts[b, h, m]`` says how many; the entries after them are other valid block numbers
+    (as in FlexAttention's BlockMask), safe to prefetch, never to use. The ``_t`` tables are the
     same per key block, listing query blocks.
     """
 
@@ -285,15 +286,18 @@ def _size(name: str, value) -> int:
 
 
 def _index_table(selected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(counts, index)`` of the True entries along the last axis, in ascending order."""
+    """``(counts, index)`` of the True entries along the last axis, in ascending order.
+
+    A stable argsort of booleans is a linear-time radix sort in NumPy; it runs one (b, h) slice
+    at a time so the int64 permutation stays one slice large.
+    """
     counts = selected.sum(axis=-1, dtype=np.int32)
     width = max(1, int(counts.max(initial=0)))
+    rows, cols = selected.shape[-2:]
     index = np.zeros((*selected.shape[:-1], width), dtype=np.int32)
-    flat = np.flatnonzero(selected)  # row-major: each row's entries together, ascending
-    rows, cols = np.divmod(flat, selected.shape[-1])
-    flat_counts = counts.ravel()
-    starts = np.cumsum(flat_counts, dtype=np.int64) - flat_counts
-    index.reshape(-1)[rows * width + (np.arange(flat.size) - starts[rows])] = cols
+    slices, out = selected.reshape(-1, rows, cols), index.reshape(-1, rows, width)
+    for i in range(slices.shape[0]):
+        out[i] = np.argsort(~slices[i], axis=-1, kind="stable")[:, :width]
     counts.flags.writeable = False
     index.flags.writeable = False
     return counts, index

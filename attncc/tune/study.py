@@ -23,10 +23,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from attncc.db.key import DatabaseError
 from attncc.db.store import masked
+from attncc.errors import InputError
 
 #: Seconds between trial heartbeats (RUNNING trials silent for twice this are failed).
 HEARTBEAT_S = 30
 REPEAT = "repeat_of"
+SAMPLERS = ("tpe", "gp", "random")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -56,16 +58,27 @@ def storage(url: str, heartbeat: int = HEARTBEAT_S) -> optuna.storages.RDBStorag
 
 
 def sampler(budget: int, seed: int | None = None, kind: str = "tpe") -> optuna.samplers.BaseSampler:
-    """TPE (default; multivariate, a few random startup trials scaled to the budget), or
-    ``random``, or ``grid`` (every value of every parameter, for the quality benchmark)."""
+    """TPE (default; multivariate, a few random startup trials scaled to the budget), ``gp``
+    (Gaussian process; needs torch and scipy; finds the best of a small ordinal space in fewer
+    trials, see bench/results/tuner_quality.md), or ``random``."""
+    startup = max(2, min(10, budget // 3))
+    if kind == "gp":
+        try:
+            import scipy  # noqa: F401 - GPSampler needs it at sampling time
+            import torch  # noqa: F401
+        except ImportError as err:
+            raise InputError(f"sampler 'gp' needs torch and scipy ({err}); use 'tpe'") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.GPSampler(n_startup_trials=startup, seed=seed)
     if kind == "tpe":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(n_startup_trials=max(2, min(10, budget // 3)),
-                                              multivariate=True, seed=seed)
+            return optuna.samplers.TPESampler(n_startup_trials=startup, multivariate=True,
+                                              seed=seed)
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    raise ValueError(f"sampler: expected 'tpe' or 'random', got {kind!r}")
+    raise InputError(f"sampler: expected one of {SAMPLERS}, got {kind!r}")
 
 
 def open_study(url: str, name: str, *, budget: int, seed: int | None = None,

@@ -51,6 +51,7 @@ class Job:
     budget: int
     heartbeat: int
     seed: int | None
+    sampler: str
 
 
 class Problem:
@@ -140,7 +141,7 @@ def tune(spec, backend: str | Backend = "numpy", *, batch: int = 1, seq: int = 1
          seq_k: int | None = None, dtype: str = "float32", trials: int = 40, workers: int = 1,
          db=None, storage: str | None = None, plot_dir=None, target=None,
          seed: int | None = None, progress: bool = True, timer: Callable | None = None,
-         heartbeat: int = studies.HEARTBEAT_S) -> Record:
+         heartbeat: int = studies.HEARTBEAT_S, sampler: str = "tpe") -> Record:
     """Tune ``backend``'s tile parameters for ``spec`` at ``(batch, seq, seq_k)`` and ``dtype``.
 
     ``trials`` configs are measured (at most the number of valid ones); with ``workers > 1`` that
@@ -148,7 +149,8 @@ def tune(spec, backend: str | Backend = "numpy", *, batch: int = 1, seq: int = 1
     record database (a path, URL or ``Store``; default ``resolve(None)``); ``storage`` the Optuna
     storage URL (default ``study_storage`` of ``db``); ``plot_dir`` gets the optimization-history
     and parameter-importance PNGs. ``target`` is a ``Target``, ``"cpu"``/``"cuda"``, or None for
-    this CPU. Returns the stored Record. Raises BackendError when no config runs.
+    this CPU. ``sampler`` is ``tpe`` (default), ``gp`` or ``random`` (``study.sampler``).
+    Returns the stored Record. Raises BackendError when no config runs.
     """
     from attncc.target import Target, default_target
 
@@ -166,10 +168,10 @@ def tune(spec, backend: str | Backend = "numpy", *, batch: int = 1, seq: int = 1
     url = storage or study_storage(store.url)
     budget = min(trials, len(problem.valid))
     study = studies.open_study(url, problem.study_name(), budget=budget, seed=seed,
-                               heartbeat=heartbeat)
+                               heartbeat=heartbeat, kind=sampler)
     _warm_start(study, problem, store)
     job = Job(spec.source, chosen.name, target.to_dict(), batch, seq, seq_k or seq, dtype, url,
-              study.study_name, budget, heartbeat, seed)
+              study.study_name, budget, heartbeat, seed, sampler)
     bar = _Progress(spec.name, budget) if progress else None
     if workers == 1:
         _optimize(study, problem, budget, bar)
@@ -191,7 +193,7 @@ def work(job: Job) -> None:
     problem = Problem(load_spec(job.spec), registry.get(job.backend),
                       Target.from_dict(job.target), job.batch, job.seq_q, job.seq_k, job.dtype)
     study = studies.open_study(job.storage, job.study, budget=job.budget, seed=None,
-                               heartbeat=job.heartbeat)
+                               heartbeat=job.heartbeat, kind=job.sampler)
     _optimize(study, problem, job.budget, None)
 
 
