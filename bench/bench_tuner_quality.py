@@ -92,7 +92,7 @@ def grid_choice(problem: Problem, table: dict) -> dict:
 
 
 def replay(spec, backend: str, seq: int, table: dict, best: float, budget: int,
-           seeds: int) -> list[float]:
+           seeds: int, sampler: str = "tpe") -> list[float]:
     """Run the tuner with the grid's timing table as its timer (no clock, no noise): the ratio to
     the grid's best of the best config each seed's search measured. This isolates the search
     (sampler, warm start, budget) from measurement noise."""
@@ -104,7 +104,7 @@ def replay(spec, backend: str, seq: int, table: dict, best: float, budget: int,
     for seed in range(seeds):
         with tempfile.TemporaryDirectory() as tmp:
             record = tune(spec, backend, batch=1, seq=seq, trials=budget, db=Path(tmp) / "t.db",
-                          progress=False, seed=seed, timer=timer)
+                          progress=False, seed=seed, timer=timer, sampler=sampler)
         ratios.append(record.median_s / best)
     return ratios
 
@@ -147,6 +147,7 @@ def one(backend: str, spec_name: str, seq: int, seeds: int, plot: Path) -> dict:
                      "seconds": tune_s})
     _plot(plot, backend, spec_name, histories, len(table), budget)
     replayed = replay(spec, backend, seq, table, best, budget, 4 * seeds)
+    replayed_gp = replay(spec, backend, seq, table, best, budget, 4 * seeds, "gp")
     return {"backend": backend, "spec": spec_name, "seq": seq, "grid_size": len(table),
             "budget": budget, "grid_seconds": grid_s,
             "grid_best": {"config": winner, "median_s": best},
@@ -155,7 +156,9 @@ def one(backend: str, spec_name: str, seq: int, seeds: int, plot: Path) -> dict:
                      for c, s in table.values()],
             "runs": runs, "passed": sum(r["passed"] for r in runs),
             "replay_ratios": replayed,
-            "replay_passed": sum(r <= TOLERANCE for r in replayed)}
+            "replay_passed": sum(r <= TOLERANCE for r in replayed),
+            "replay_gp_ratios": replayed_gp,
+            "replay_gp_passed": sum(r <= TOLERANCE for r in replayed_gp)}
 
 
 def _plot(path: Path, backend: str, spec_name: str, histories, grid_size: int, budget: int):
@@ -184,19 +187,20 @@ def markdown(results: list[dict], meta: dict) -> str:
              "alternately in 5 rounds (paired, lowest median each). 'grid best' is the lowest "
              "time in the grid sweep (lowest of two medians per config).", "",
              "| backend | spec | grid | budget | grid best (ms) | grid winner | default / best "
-             "| TPE chosen / grid winner (per seed, paired) | passed | replay passed |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| TPE chosen / grid winner (per seed, paired) | passed | replay TPE | replay GP |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ratios = ", ".join(f"{run['chosen_ratio']:.3f}" for run in r["runs"])
         config = " ".join(f"{k}={v}" for k, v in r["grid_best"]["config"].items())
         lines.append(f"| {r['backend']} | {r['spec']} | {r['grid_size']} | {r['budget']} | "
                      f"{r['grid_best']['median_s'] * 1e3:.3f} | {config.replace(chr(39), '')} | "
                      f"{r['default_ratio']:.3f} | {ratios} | {r['passed']}/{len(r['runs'])} | "
-                     f"{r['replay_passed']}/{len(r['replay_ratios'])} |")
+                     f"{r['replay_passed']}/{len(r['replay_ratios'])} | "
+                     f"{r['replay_gp_passed']}/{len(r['replay_gp_ratios'])} |")
     lines += ["", "'replay': the same tuner (sampler, warm start, budget, re-measure) with the "
               "grid sweep's timing table as its clock, over 4x as many seeds: the search alone, "
               "without measurement noise; pass = the config it picks is within 5% of the table's "
-              "best.", ""]
+              "best. 'replay GP' is the same with `--sampler gp` (Optuna's GPSampler).", ""]
     lines += [f"Skipped: {s}." for s in meta["skipped"]]
     total = sum(r["passed"] for r in results)
     count = sum(len(r["runs"]) for r in results)
@@ -236,7 +240,8 @@ def main() -> int:
             results.append(result)
             print(f"{backend:6} {spec_name:15} grid {result['grid_size']:3} budget "
                   f"{result['budget']:2}  passed {result['passed']}/{args.seeds}  replay "
-                  f"{result['replay_passed']}/{len(result['replay_ratios'])}  ratios "
+                  f"{result['replay_passed']}/{len(result['replay_ratios'])}  GP "
+                  f"{result['replay_gp_passed']}/{len(result['replay_gp_ratios'])}  ratios "
                   + " ".join(f"{r['chosen_ratio']:.3f}" for r in result["runs"]), flush=True)
     target = default_target()
     meta = {"date": datetime.now(UTC).strftime("%Y-%m-%d"), "target": target.key(1),

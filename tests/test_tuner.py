@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 from attncc.backends.base import SUPPORTED, Backend, Kernel, SearchSpace
 from attncc.cli.tune import tune as tune_cli
 from attncc.db import Store
-from attncc.errors import BackendError
+from attncc.errors import BackendError, InputError
 from attncc.spec.load import load_spec
 from attncc.target import default_target
 from attncc.tune import lookup, measurements, tune
@@ -137,3 +137,9 @@ def test_real_numpy_kernel_tuned_through_the_cli_with_plots(tmp_path):
     hit = lookup(spec, "numpy", 64, db=tmp_path / "t.db", target=default_target())
     assert hit is not None and hit.trials == 3 and hit.median_s > 0
     assert set(hit.config) >= {"block_m", "block_n"}
+
+
+def test_unknown_sampler_is_a_clear_error(tmp_path):
+    with pytest.raises(InputError, match=r"sampler: expected one of \('tpe', 'gp', 'random'\)"):
+        tune(DENSE, FakeBackend(), seq=64, trials=2, db=tmp_path / "t.db", progress=False,
+             timer=FakeTimer(), sampler="annealing")

@@ -193,6 +193,9 @@ class _Builder:
             raise
         except (TypeError, ValueError, ZeroDivisionError, OverflowError, AttributeError) as err:
             self.fail(node, f"cannot build this part: {err}")
+        if result.has(sympy.I):
+            self.fail(node, "expression is not a real number (it takes the root or log of a "
+                            "negative value)")
         if result.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo):
             self.fail(node, "expression divides by zero or is not finite")
         if isinstance(result, sympy.Expr) and result.is_number and not result.is_Number:

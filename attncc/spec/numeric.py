@@ -77,7 +77,7 @@ class _Evaluator:
         if isinstance(e, sympy.Pow):
             return self.power(e)
         if isinstance(e, (sympy.floor, sympy.ceiling)) and _is_ratio(e.args[0]):
-            num, den = (self.value(a) for a in sympy.fraction(e.args[0]))
+            num, den = (self.value(a) for a in sympy.fraction(sympy.together(e.args[0])))
             if isinstance(e, sympy.floor):
                 return num // den
             return -((-num) // den)
@@ -111,7 +111,12 @@ class _Evaluator:
         if _is_scalar(arg):
             if name == "sigmoid":
                 return 1.0 / (1.0 + math.exp(-arg)) if arg > -700 else 0.0
-            return _SCALAR_UNARY[name](arg)
+            try:
+                return _SCALAR_UNARY[name](arg)
+            except OverflowError:
+                return math.inf
+            except ValueError:
+                return math.nan
         if name == "sigmoid":
             return xp.exp(-xp.logaddexp(xp.zeros_like(arg), -arg))
         if name in ("floor", "ceil") and not xp.isdtype(arg.dtype, "real floating"):
@@ -189,7 +194,7 @@ def _fold(op, values):
 
 
 def _is_ratio(arg) -> bool:
-    num, den = sympy.fraction(arg)
+    num, den = sympy.fraction(sympy.together(arg))
     return den != 1 and num.is_integer is True and den.is_integer is True
 
 
