@@ -1,60 +1,113 @@
-"""``attncc.compile``: spec -> IR -> passes -> backend -> Kernel, in one visible sequence."""
+"""``attncc.compile``: spec -> IR -> passes -> backend -> tuning record -> Kernel, in one place."""
 
 from __future__ import annotations
 
+import warnings
+
 from attncc.backends import registry
 from attncc.backends.base import Backend, Kernel
-from attncc.errors import BackendError
+from attncc.errors import AttnccError, BackendError
 from attncc.passes.pipeline import lower
 from attncc.spec.load import load_spec
 
 
-def compile(spec, backend: str = "auto", *, target=None, config: dict | None = None) -> Kernel:
+def compile(spec, backend: str = "auto", *, target=None, config: dict | None = None,
+            tune: bool = False, seq: int | None = None, seq_k: int | None = None, batch: int = 1,
+            dtype: str = "float32", db=None) -> Kernel:
     """Compile ``spec`` (anything ``load_spec`` takes) into a callable Kernel.
 
-    ``backend`` names a registered backend or is ``"auto"``: the supported backend with the highest
-    ``priority`` for the target; ``kernel.selection`` says which was chosen and why. ``config``
-    overrides the backend's default tile parameters; unknown names, or a config the backend's
-    ``keep()`` filter rejects for this target, raise BackendError. ``target`` defaults to this
-    machine's CPU fingerprint.
+    Order: an explicit ``config`` wins; else the tuning database is looked up (no benchmarking:
+    the user's database at ``db``/``$ATTNCC_DB``, then the shipped ``tuning_db/`` records; the
+    shape bucket of ``seq``/``seq_k`` when given, else the newest record of any bucket); on a
+    miss, ``tune=True`` tunes for ``(batch, seq, seq_k, dtype)`` and stores the winner, otherwise
+    the backend's default config is used. ``kernel.record`` is the record used (None for
+    defaults) and ``kernel.selection`` says in words which backend and config were chosen, why.
+
+    ``backend`` names a registered backend or is ``"auto"``: among supported backends, the one
+    whose tuning record is fastest, else the highest ``priority`` for the target. Unknown config
+    names, or a config the backend's ``keep()`` rejects on this target, raise BackendError.
     """
     from attncc.target import default_target
 
     spec = load_spec(spec)
     graph = lower(spec)
     target = target or default_target()
-    chosen, selection = _choose(backend, graph, target)
-    full_config = {**chosen.default_config(graph, target), **_checked(chosen, graph, target,
-                                                                      config)}
-    kernel = chosen.compile(graph, full_config, target)
-    kernel.selection = selection
+    candidates = _supported(backend, graph, target)
+    records = {} if config else {b.name: _lookup(spec, b, seq, seq_k, dtype, target, db)
+                                 for b in candidates}
+    chosen, why = _choose(candidates, records, target)
+    record = records.get(chosen.name)
+    if config:
+        source = "the config passed in"
+    elif record is not None:
+        config, source = record.config, f"tuning record {record.id} ({record.note}; " \
+                                         f"{record.origin})"
+    elif tune:
+        from attncc.tune.tuner import tune as run_tuner
+
+        record = run_tuner(spec, chosen.name, batch=batch, seq=seq or 1024, seq_k=seq_k,
+                           dtype=dtype, db=db, target=target)
+        config, source = record.config, f"freshly tuned record {record.id}"
+    else:
+        source = "the backend's default config (no tuning record for this spec, backend and target)"
+    try:
+        checked = _checked(chosen, graph, target, config)
+    except BackendError as err:
+        if record is None:
+            raise
+        warnings.warn(f"attncc: tuning record {record.id} not used: {err}", stacklevel=2)
+        record, checked = None, {}
+        source = "the backend's default config (the tuning record's config does not fit)"
+    kernel = chosen.compile(graph, {**chosen.default_config(graph, target), **checked}, target)
+    kernel.record = record
+    kernel.selection = f"backend {chosen.name} ({why}); config from {source}"
     return kernel
 
 
-def _choose(name: str, graph, target) -> tuple[Backend, str]:
+def _supported(name: str, graph, target) -> list[Backend]:
+    spec_name = graph.graph["spec"].name
     if name != "auto":
         backend = registry.get(name)
         support = backend.supports(graph, target)
         if not support:
-            raise BackendError(f"backend '{name}' cannot run '{graph.graph['spec'].name}': "
-                               f"{support.reason}")
-        return backend, f"{name} (asked for)"
-    candidates, refused = [], []
+            raise BackendError(f"backend '{name}' cannot run '{spec_name}': {support.reason}")
+        return [backend]
+    found, refused = [], []
     for backend_name, backend in registry.available().items():
-        if isinstance(backend, BackendError):
-            refused.append(f"{backend_name}: {backend}")
-            continue
-        support = backend.supports(graph, target)
-        if support:
-            candidates.append(backend)
+        support = backend.supports(graph, target) if isinstance(backend, Backend) else backend
+        if isinstance(backend, Backend) and support:
+            found.append(backend)
         else:
-            refused.append(f"{backend_name}: {support.reason}")
-    if not candidates:
-        raise BackendError(f"no installed backend can run '{graph.graph['spec'].name}': "
-                           + "; ".join(refused))
+            refused.append(f"{backend_name}: {getattr(support, 'reason', support)}")
+    if not found:
+        raise BackendError(f"no installed backend can run '{spec_name}': " + "; ".join(refused))
+    return found
+
+
+def _choose(candidates: list[Backend], records: dict, target) -> tuple[Backend, str]:
+    if len(candidates) == 1:
+        return candidates[0], "asked for"
+    timed = [b for b in candidates if records.get(b.name) is not None]
+    if timed:
+        best = min(timed, key=lambda b: records[b.name].median_s)
+        return best, "auto: fastest tuning record on this target"
     best = max(candidates, key=lambda b: (b.priority(target), b.name))
-    others = ", ".join(b.name for b in candidates if b is not best) or "none"
-    return best, f"{best.name} (auto: highest priority on this target; also supported: {others})"
+    others = ", ".join(b.name for b in candidates if b is not best)
+    return best, f"auto: no tuning records, highest priority on this target; also: {others}"
+
+
+def _lookup(spec, backend: Backend, seq, seq_k, dtype, target, db):
+    """The tuning record for this compile, or None; a database that cannot be read only warns."""
+    try:
+        from attncc.tune.tuner import lookup
+    except ImportError:  # the tune extra (optuna, SQLAlchemy) is not installed
+        return None
+    sizes = None if seq is None else (seq, seq_k or seq)
+    try:
+        return lookup(spec, backend, sizes, dtype, target, db)
+    except AttnccError as err:
+        warnings.warn(f"attncc: tuning database not used: {err}", stacklevel=3)
+        return None
 
 
 def _checked(backend: Backend, graph, target, config: dict | None) -> dict:

@@ -9,3 +9,12 @@ import shutil
 
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_tuning_db(tmp_path_factory):
+    """Tests never read or write the user's tuning database (~/.cache/attncc/tuning.db)."""
+    os.environ["ATTNCC_DB"] = str(tmp_path_factory.mktemp("attncc-db") / "tuning.db")
+    yield

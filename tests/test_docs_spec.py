@@ -14,6 +14,7 @@ import yaml
 import attncc
 from attncc.spec import expr, schema
 from attncc.spec.symbols import SIZE_NAMES
+from attncc.testing import example_specs
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "spec.md"
 TEXT = PAGE.read_text(encoding="utf-8")
@@ -89,9 +90,8 @@ def test_every_spec_on_the_page_loads():
 
 def test_every_example_file_feature_has_a_page_example():
     """Each feature key used by some example file appears in a spec on the page."""
-    examples = Path(__file__).resolve().parent.parent / "examples"
     used = set()
-    for path in examples.iterdir():
+    for path in example_specs():
         used |= set(attncc.load_spec(path).source)
     on_page = set()
     for _, data in code_blocks():

@@ -101,7 +101,7 @@ class TritonPrinter:
         return f"tl.exp(({self.p(exp)}) * tl.log(({base}).to(ACC)))"
 
     def rounding(self, e) -> str:
-        num, den = sympy.fraction(e.args[0])
+        num, den = sympy.fraction(sympy.together(e.args[0]))
         if den != 1 and num.is_integer and den.is_integer:
             n, d = self.p(num), self.p(den)
             if isinstance(e, sympy.floor):
