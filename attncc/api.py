@@ -23,9 +23,10 @@ def compile(spec, backend: str = "auto", *, target=None, config: dict | None = N
     the backend's default config is used. ``kernel.record`` is the record used (None for
     defaults) and ``kernel.selection`` says in words which backend and config were chosen, why.
 
-    ``backend`` names a registered backend or is ``"auto"``: among supported backends, the one
-    whose tuning record is fastest, else the highest ``priority`` for the target. Unknown config
-    names, or a config the backend's ``keep()`` rejects on this target, raise BackendError.
+    ``backend`` names a registered backend or is ``"auto"``: when every supported backend has a
+    tuning record, the one whose record is fastest; else the highest ``priority`` for the target.
+    Unknown config names, or a config the backend's ``keep()`` rejects on this target, raise
+    BackendError.
     """
     from attncc.target import default_target
 
@@ -87,9 +88,8 @@ def _supported(name: str, graph, target) -> list[Backend]:
 def _choose(candidates: list[Backend], records: dict, target) -> tuple[Backend, str]:
     if len(candidates) == 1:
         return candidates[0], "asked for"
-    timed = [b for b in candidates if records.get(b.name) is not None]
-    if timed:
-        best = min(timed, key=lambda b: records[b.name].median_s)
+    if all(records.get(b.name) is not None for b in candidates):
+        best = min(candidates, key=lambda b: records[b.name].median_s)
         return best, "auto: fastest tuning record on this target"
     best = max(candidates, key=lambda b: (b.priority(target), b.name))
     others = ", ".join(b.name for b in candidates if b is not best)

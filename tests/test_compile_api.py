@@ -1,0 +1,80 @@
+"""attncc.compile: backend choice, config checks, and the tuning database consulted first."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import attncc
+from attncc.backends import registry
+from attncc.db import Key, Record, Store
+from attncc.errors import BackendError
+from attncc.target import default_target
+from attncc.tune import measurements
+
+SPEC = "examples/sliding_window.yaml"
+
+
+def _store_record(db, config, backend="numpy", median=1e-3):
+    spec = attncc.load_spec(SPEC)
+    target = default_target()
+    chosen = registry.get(backend)
+    key = Key(spec.hash, "q64-k64", "float32", f"{chosen.name}@{chosen.version}", target.key(3))
+    record = Record(key, spec.name, config, median, 1e-5, 7, target.to_dict(), {})
+    Store(db).put(record)
+    return record
+
+
+def test_a_database_hit_runs_no_benchmark_and_the_kernel_names_its_record(tmp_path):
+    db = tmp_path / "t.db"
+    record = _store_record(db, {"block_m": 32, "block_n": 16})
+    before = measurements()
+    kernel = attncc.compile(SPEC, backend="numpy", seq=64, db=db)
+    assert measurements() == before
+    assert kernel.record == record
+    assert kernel.config["block_m"] == 32 and kernel.config["block_n"] == 16
+    assert record.id in kernel.selection and "exact match" in kernel.selection
+    q = np.random.default_rng(0).standard_normal((1, 2, 64, 16)).astype(np.float32)
+    out = kernel(q, q, q)
+    assert np.abs(out - attncc.reference(SPEC, q, q, q)).max() < 1e-5
+
+
+def test_a_miss_uses_defaults_and_says_so(tmp_path):
+    kernel = attncc.compile(SPEC, backend="numpy", seq=64, db=tmp_path / "empty.db")
+    assert kernel.record is None
+    assert "default config" in kernel.selection
+
+
+def test_an_explicit_config_wins_and_bad_configs_are_clear_errors(tmp_path):
+    db = tmp_path / "t.db"
+    _store_record(db, {"block_m": 32, "block_n": 16})
+    kernel = attncc.compile(SPEC, backend="numpy", config={"block_m": 16}, db=db)
+    assert kernel.config["block_m"] == 16 and kernel.record is None
+    with pytest.raises(BackendError, match="unknown tunable 'BLOCK'"):
+        attncc.compile(SPEC, backend="numpy", config={"BLOCK": 3})
+    with pytest.raises(BackendError, match="unknown backend 'nope'"):
+        attncc.compile(SPEC, backend="nope")
+
+
+def test_auto_prefers_the_fastest_record_and_otherwise_the_priority(tmp_path):
+    db = tmp_path / "t.db"
+    _store_record(db, {"block_m": 32, "block_n": 32}, backend="numpy", median=1e-6)
+    kernel = attncc.compile(SPEC, seq=64, db=db, backend="auto")
+    candidates = [n for n, b in registry.available().items() if not isinstance(b, Exception)
+                  and b.supports(attncc.api.lower(attncc.load_spec(SPEC)), default_target())]
+    if len(candidates) > 1:  # the other backends have no record at q64-k64: priority decides
+        assert kernel.backend == "torch" and "highest priority" in kernel.selection
+    for name in candidates:
+        if name != "numpy":
+            _store_record(db, {}, backend=name, median=1.0)
+    kernel = attncc.compile(SPEC, seq=64, db=db)
+    assert kernel.backend == "numpy" and "fastest tuning record" in kernel.selection
+
+
+def test_a_corrupt_database_only_warns_and_keeps_its_bytes(tmp_path):
+    db = tmp_path / "t.db"
+    db.write_bytes(b"this is not sqlite" * 100)
+    with pytest.warns(UserWarning, match="tuning database not used"):
+        kernel = attncc.compile(SPEC, backend="numpy", db=db)
+    assert kernel.record is None
+    assert db.read_bytes() == b"this is not sqlite" * 100
