@@ -112,13 +112,71 @@ def _triton_or_skip():
 
 def test_triton_op_opcheck_and_gradients():
     fn, device = _triton_or_skip()
+    spec = load_spec(ALIBI_PADDED)
+    assert fn.op._qualname == f"attncc::triton_{spec.hash[:16]}_" + fn.op._qualname[-8:]
+    assert fn.op._qualname in torch._library.triton.triton_ops_to_kernels
     q, k, v, inputs = case(device=device)
-    torch.library.opcheck(fn.op, (q, k, v, fn.key, [inputs[n] for n in fn.names]))
-    out = fn(q, k, v, **inputs)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v, inputs["slope"]), grad)
-    want_out = attend(load_spec(ALIBI_PADDED), q, k, v, inputs)
-    want = torch.autograd.grad(want_out, (q, k, v, inputs["slope"]), grad)
+    args = fn.args(q, k, v, **inputs)
+    plain = [x.detach() for x in args[3]]
+    torch.library.opcheck(fn.ops.plan, (*(x.detach() for x in args[:3]), plain))
+    torch.library.opcheck(fn.op, args)
+    out, lse, thr = fn.op(*args)
+    d_out = torch.randn_like(out)
+    # the backward op runs without grad (no double backward), as the forward's autograd calls it
+    saved = [x.detach() for x in (out, lse, thr)]
+    torch.library.opcheck(fn.ops.backward, (*(x.detach() for x in args[:3]), plain, args[4],
+                                            args[5], *saved, d_out, torch.zeros_like(lse)))
+    got = torch.autograd.grad(out, (q, k, v, inputs["slope"]), d_out)
+    want_out = attend(spec, q, k, v, inputs)
+    want = torch.autograd.grad(want_out, (q, k, v, inputs["slope"]), d_out)
     torch.testing.assert_close(out, want_out, rtol=2e-3, atol=2e-3)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=2e-3, atol=2e-3)
+
+
+def test_triton_op_plan_tables_follow_the_data():
+    """The plan op reads the mask's inputs at run time: shorter lengths, fewer key blocks."""
+    fn, device = _triton_or_skip()
+    q, k, v, inputs = case(device=device, seq=40)
+    tables = dict(zip(("fc", "fi", "pc", "pi"), fn.ops.plan(q, k, v, [
+        inputs[n] for n in fn.names])[:4], strict=True))
+    short = {**inputs, "lengths": torch.tensor([40, 1], dtype=torch.int32, device=device)}
+    fewer = dict(zip(("fc", "fi", "pc", "pi"), fn.ops.plan(q, k, v, [
+        short[n] for n in fn.names])[:4], strict=True))
+    assert tables["fi"].shape == fewer["fi"].shape
+    visited = tables["fc"] + tables["pc"]
+    assert torch.equal(visited[0], (fewer["fc"] + fewer["pc"])[0])
+    assert int((fewer["fc"] + fewer["pc"])[1].sum()) < int(visited[1].sum())
+
+
+def test_triton_op_compiles_fullgraph_without_graph_break():
+    fn, device = _triton_or_skip()
+    model = Tiny(fn).to(device)
+    q, k, v, inputs = case(device=device)
+    explain = torch._dynamo.explain(model)(q, k, v, **inputs)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1
+    targets = {str(n.target) for g in explain.graphs for n in g.graph.nodes}
+    assert f"attncc.{fn.op._qualname.split('::')[1]}.default" in targets
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = compiled(q, k, v, **inputs)
+    got.sum().backward()
+    leaves = (q, k, v, inputs["slope"], model.proj.weight)
+    grads = [x.grad.clone() for x in leaves]
+    for x in leaves:
+        x.grad = None
+    want = model(q, k, v, **inputs)
+    want.sum().backward()
+    torch.testing.assert_close(got, want)
+    for g, x in zip(grads, leaves, strict=True):
+        torch.testing.assert_close(g, x.grad)
+
+
+def test_triton_kernels_without_a_triton_op_stay_opaque():
+    """Linear attention has host code beyond kernel launches: the opaque custom_op serves it."""
+    _triton_or_skip()
+    fn = op({"attncc": 1, "name": "lin", "normalize": "linear", "feature_map": "elu1",
+             "mask": "kv_idx <= q_idx"}, backend="triton")
+    assert fn.ops is None and fn.op._qualname == "attncc::attention_triton"
+    q, k, v, _ = case(seq=5)
+    out = fn(q, k, v)
+    assert out.shape == (2, 4, 5, 8)

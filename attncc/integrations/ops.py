@@ -4,8 +4,10 @@
   ``attncc::attention_backward`` its gradients. Both have ``register_fake`` (shapes only) and the
   forward has ``register_autograd``, so ``torch.library.opcheck`` passes and a model calling them
   compiles with ``torch.compile(fullgraph=True)`` without a graph break.
-- ``attncc::attention_triton`` the same for the Triton backend, registered on first use of
-  ``op(spec, backend="triton")``; an opaque custom_op for now (see ``_triton_ops``).
+- Triton fused-attention kernels become real ``torch.library.triton_op``s, one set per spec
+  hash and config, with the block plan built by a separate opaque op (``triton_ops.py``).
+  ``attncc::attention_triton`` (opaque ``custom_op``) remains for the Triton kernels those do
+  not cover: linear attention, Nyström and Linformer.
 
 An operator's schema cannot hold a spec, so a spec is compiled once, in eager Python, by ``op``,
 and the operator receives a key (a string) naming that compiled kernel in a process-wide table,
@@ -21,6 +23,7 @@ import json
 import torch
 
 from attncc.errors import InputError
+from attncc.integrations import triton_ops
 from attncc.spec.load import load_spec
 
 __all__ = ["op"]
@@ -107,14 +110,9 @@ _TRITON: dict = {}
 
 
 def _triton_ops():
-    """``(forward, backward)`` operators for Triton kernels, defined on first use.
-
-    They are opaque ``custom_op``s, not ``triton_op``s: a ``triton_op`` body is traced by
-    ``torch.compile``/AOT with symbolic shapes, and the Triton backend's host code builds its
-    block plan in Python (int sizes, NumPy), which that tracing cannot run (opcheck's
-    test_aot_dispatch_dynamic fails with "Cannot convert symbols to int"). A ``triton_op`` needs a
-    host path made only of ``wrap_triton`` launches and torch ops.
-    """
+    """Opaque ``(forward, backward)`` ``custom_op``s for the Triton kernels that
+    ``triton_ops.supported`` rejects (their host code is not only kernel launches), defined on
+    first use."""
     if not _TRITON:
         fwd = torch.library.custom_op("attncc::attention_triton", _forward, mutates_args=(),
                                       schema=_FORWARD)
@@ -130,9 +128,11 @@ def _triton_ops():
 def op(spec, *, backend: str = "torch", config: dict | None = None):
     """Compile ``spec`` now; return ``fn(q, k, v, **inputs) -> out`` calling the library op.
 
-    ``backend`` is ``"torch"`` (``attncc::attention``) or ``"triton"``
-    (``attncc::attention_triton``). ``fn.key`` is the kernel's key, ``fn.op`` the operator,
-    ``fn.names`` the input order.
+    ``backend`` is ``"torch"`` (``attncc::attention``) or ``"triton"`` (the ``triton_op``
+    ``attncc::triton_<hash>_<config>``, or ``attncc::attention_triton`` for linear, Nyström and
+    Linformer kernels). ``fn.op`` is the operator, ``fn.args(q, k, v, **inputs)`` the arguments
+    ``fn`` passes it, ``fn.names`` the input order, ``fn.key`` the kernel's key; ``fn.ops`` the
+    ``triton_ops`` set (plan, forward, backward) or None.
     """
     from attncc.api import compile as compile_spec
 
@@ -142,17 +142,29 @@ def op(spec, *, backend: str = "torch", config: dict | None = None):
     key = f"{backend}:{spec.name}:{spec.hash}:{json.dumps(config or {}, sort_keys=True)}"
     if key not in _KERNELS:
         _KERNELS[key] = compile_spec(spec, backend=backend, config=config)
-    target = attention if backend == "torch" else _triton_ops()[0]
     names = tuple(spec.inputs)
+    ops = None
+    if backend == "torch":
+        target = attention
+    elif triton_ops.supported(_KERNELS[key]):
+        ops = triton_ops.triton_ops(_KERNELS[key])
+        target = ops.forward
+    else:
+        target = _triton_ops()[0]
 
-    def fn(q, k, v, **inputs):
+    def args(q, k, v, **inputs):
         missing = [n for n in names if n not in inputs]
         extra = [n for n in inputs if n not in names]
         if missing or extra:
             raise InputError(f"inputs: the spec '{spec.name}' takes {list(names)}; missing "
                              f"{missing}, unexpected {extra}")
-        return target(q, k, v, key, [inputs[n] for n in names])
+        tensors = [inputs[n] for n in names]
+        return ops.args(q, k, v, tensors) if ops is not None else (q, k, v, key, tensors)
 
-    fn.key, fn.op, fn.names, fn.spec = key, target, names, spec
+    def fn(q, k, v, **inputs):
+        result = target(*args(q, k, v, **inputs))
+        return result[0] if ops is not None else result
+
+    fn.key, fn.op, fn.names, fn.spec, fn.args, fn.ops = key, target, names, spec, args, ops
     fn.__name__ = f"attncc_op_{spec.name}"
     return fn

@@ -20,9 +20,10 @@ from attncc.spec.symbols import free_names
 from .autograd import FlashAttention
 from .linear import run_linear
 from .nystrom import run_nystrom
+from .runs import RunsForward
 from .schedule import build_schedule
 from .source import describe
-from .space import sdpa_eligible
+from .space import fused_eligible, sdpa_eligible
 from .tiles import Problem
 
 
@@ -38,6 +39,7 @@ class TorchKernel(Kernel):
         self.source = describe(spec, kind, self.config)
         self.backward = self._backward
         self._schedules: dict = {}
+        self._runners: dict = {}
         mask_reads = free_names(spec.mask) if spec.mask is not None else set()
         self._plan_reads_inputs = bool(mask_reads & set(spec.inputs))
 
@@ -72,7 +74,12 @@ class TorchKernel(Kernel):
                 and bound.group == 1):
             return F.scaled_dot_product_attention(q, k, v, is_causal=spec.mask is not None,
                                                   scale=scale)
-        out, lse = self._flash(sizes, scale, q.to(cdt), k.to(cdt), v.to(cdt), ins, bound.inputs)
+        if self._runs_ok(q, k, v, ins):
+            out, lse = self._runs(sizes, scale, q.to(cdt), k.to(cdt), v.to(cdt), ins,
+                                  bound.inputs)
+        else:
+            out, lse = self._flash(sizes, scale, q.to(cdt), k.to(cdt), v.to(cdt), ins,
+                                   bound.inputs)
         if return_lse:
             return out.to(q.dtype), lse.to(q.dtype)
         return out.to(q.dtype)
@@ -99,6 +106,33 @@ class TorchKernel(Kernel):
         out = out5.flatten(1, 2)[:, :, :nq]
         lse = lse5.flatten(1, 2)[:, :, :nq, 0] if lse5.numel() else None
         return out, lse
+
+    def _runs_ok(self, q, k, v, ins: dict) -> bool:
+        """Whether the fused-runs forward (``runs.py``) serves this call: the spec allows it,
+        ``use_sdpa`` asks for it, CPU tensors, no GQA (it would copy keys per query head), equal
+        q/v head sizes, and no gradient wanted."""
+        if not (self.config.get("use_sdpa") and fused_eligible(self.spec)):
+            return False
+        if q.device.type != "cpu" or v.shape[-1] != q.shape[-1] or k.shape[1] != q.shape[1]:
+            return False
+        tensors = (q, k, v, *(x for x in ins.values() if x.is_floating_point()))
+        return not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
+
+    def _runs(self, sizes: dict, scale: float, q, k, v, ins: dict, raw_inputs: dict):
+        cfg = self.config
+        if self.spec.lowrank is not None:
+            k, v = ins["E"] @ k, ins["F"] @ v
+        plan = build_plan(self.spec, sizes, cfg["block_m"], cfg["block_n"], inputs=raw_inputs)
+        key = (id(plan), sizes["batch"], sizes["kv_heads"], sizes["heads"])
+        runner = self._runners.get(key)
+        if runner is None:
+            runner = RunsForward(self.spec, plan, sizes, cache_masks=not self._plan_reads_inputs)
+            if not self._plan_reads_inputs:
+                if len(self._runners) > 16:
+                    self._runners.clear()
+                self._runners[key] = runner  # holds the plan so its id stays unique
+        ints = {n: x for n, x in ins.items() if not x.is_floating_point()}
+        return runner(q, k, v, scale, {**ins, **ints})
 
     def _schedule(self, plan, sizes: dict, device):
         key = (id(plan), sizes["batch"], sizes["kv_heads"], sizes["heads"], str(device))

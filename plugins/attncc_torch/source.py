@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .space import sdpa_eligible
+from .space import fused_eligible, sdpa_eligible
 
 
 def describe(spec, kind: str, config: dict) -> str:
@@ -17,8 +17,16 @@ def describe(spec, kind: str, config: dict) -> str:
         causal = ", is_causal=True" if spec.mask is not None else ""
         lines.append(f"out = torch.nn.functional.scaled_dot_product_attention(q, k, v, "
                      f"scale=scale{causal})   # dispatched: dense/causal dot-product softmax")
-        lines.append("# return_lse=True, or kv_heads < heads (GQA), runs the block-plan path "
-                     "below instead")
+        lines.append("# return_lse=True, or kv_heads < heads (GQA), runs the paths below "
+                     "instead")
+    if config.get("use_sdpa") and fused_eligible(spec):
+        lines += [
+            "# CPU, no gradient wanted: per group of query blocks with equal runs of non-EMPTY "
+            "key blocks (runs.py)",
+            "#   out[rows], lse[rows] = aten._scaled_dot_product_flash_attention_for_cpu("
+            "q[rows], k[runs], v[runs], attn_mask=0/-inf mask tile (PARTIAL groups only, cached "
+            "for index-only masks), scale=scale)",
+            "# otherwise (gradients, CUDA, value_dim != head_dim):"]
     lines += _flash(spec, config)
     return "\n".join(lines)
 

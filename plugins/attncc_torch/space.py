@@ -8,8 +8,11 @@ Flash pattern (softmax, sigmoid, top-k, Linformer):
   matmuls, more memory per tile).
 - ``group_blocks``: query blocks with equal key-block counts batched into one step.
 - ``tile_elems``: cap on score elements per tile (bounds memory; a step is split to fit).
-- ``use_sdpa``: dispatch to ``torch.nn.functional.scaled_dot_product_attention`` where the spec is
-  plain dense or causal softmax (keep() rejects it elsewhere).
+- ``use_sdpa``: dispatch to torch's fused SDPA kernels: the whole call to
+  ``torch.nn.functional.scaled_dot_product_attention`` where the spec is plain dense or causal
+  softmax; otherwise, for a masked dot-product softmax on CPU without gradients, one CPU
+  flash-attention call per run of key blocks of the plan (``runs.py``). keep() rejects it for
+  other specs (score mods, sigmoid, top-k, memory tokens).
 
 Linear attention: ``chunk``, the positions per chunk of the causal prefix-sum scan. Nyström has
 no tunable.
@@ -30,6 +33,13 @@ def sdpa_eligible(spec) -> bool:
             and (spec.mask is None or spec.is_causal) and heads_ok)
 
 
+def fused_eligible(spec) -> bool:
+    """True where ``use_sdpa`` may be set: dot-product softmax with at most a mask (the runs
+    path of ``runs.py``; plain dense or causal specs go to SDPA whole)."""
+    return (spec.score == "dot" and spec.score_mod is None and spec.normalize == "softmax"
+            and not spec.memory_tokens)
+
+
 def search_space(spec, kind: str, target) -> SearchSpace:
     """The tunables for a lowering ``kind`` (flash, linear, nystrom) on ``target``."""
     cuda = target is not None and getattr(target, "kind", "cpu") == "cuda"
@@ -39,8 +49,8 @@ def search_space(spec, kind: str, target) -> SearchSpace:
         return SearchSpace({})
     params = {"block_m": BLOCKS, "block_n": BLOCKS, "kv_chunk": (1, 2, 4, 8, 16, 32, 64),
               "group_blocks": (1, 4, 16, 64, 256), "tile_elems": (1 << 20, 1 << 22, 1 << 24),
-              "use_sdpa": (True, False) if sdpa_eligible(spec) else (False,)}
-    eligible = sdpa_eligible(spec)
+              "use_sdpa": (True, False) if fused_eligible(spec) else (False,)}
+    eligible = fused_eligible(spec)
     cap = 1 << 26 if cuda else 1 << 24
 
     def keep(config: dict) -> bool:
@@ -60,4 +70,4 @@ def default_config(spec, kind: str, target) -> dict:
     if kind == "nystrom":
         return {}
     return {"block_m": 128, "block_n": 128, "kv_chunk": 16, "group_blocks": 64,
-            "tile_elems": 1 << 22, "use_sdpa": sdpa_eligible(spec)}
+            "tile_elems": 1 << 22, "use_sdpa": fused_eligible(spec)}

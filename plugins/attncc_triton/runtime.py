@@ -28,10 +28,14 @@ def _acc_torch(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _index_table(selected):
-    """(counts, index) of the True entries of the last axis, ascending, padded with 0."""
+def _index_table(selected, padded: bool = False):
+    """(counts, index) of the True entries of the last axis, ascending, padded with 0; as wide
+    as the longest row, or (``padded``) as the whole axis, so that its shape follows the sizes."""
     counts = selected.sum(-1, dtype=torch.int32)
-    width = max(1, int(counts.max()) if counts.numel() else 1)
+    if padded:
+        width = max(1, selected.shape[-1])
+    else:
+        width = max(1, int(counts.max()) if counts.numel() else 1)
     n = selected.shape[-1]
     order = torch.arange(n, device=selected.device, dtype=torch.int32)
     keyed = torch.where(selected, order, torch.full_like(order, n))
@@ -42,13 +46,14 @@ def _index_table(selected):
     return counts.contiguous(), index.to(torch.int32).contiguous()
 
 
-def tables_from_states(states) -> dict:
+def tables_from_states(states, padded: bool = False) -> dict:
     """The eight index tables (FULL/PARTIAL, per query block and transposed) of a states array
-    ``(Bp, Hp, nQ, nK)`` of 0 EMPTY, 1 PARTIAL, 2 FULL."""
+    ``(Bp, Hp, nQ, nK)`` of 0 EMPTY, 1 PARTIAL, 2 FULL. ``padded``: index tables as wide as the
+    block axis (nK, or nQ for the transposed ones), shapes known without reading the states."""
     result = {}
     for suffix, grid in (("", states), ("t", states.transpose(2, 3))):
-        result["fc" + suffix], result["fi" + suffix] = _index_table(grid == 2)
-        result["pc" + suffix], result["pi" + suffix] = _index_table(grid == 1)
+        result["fc" + suffix], result["fi" + suffix] = _index_table(grid == 2, padded)
+        result["pc" + suffix], result["pi" + suffix] = _index_table(grid == 1, padded)
     return result
 
 
@@ -102,8 +107,10 @@ def _table_args(tables: dict, transposed: bool) -> list:
 class _Problem:
     """One call's tensors, sizes and launch constants."""
 
-    def __init__(self, kern, spec, config, q, k, v, floats: dict, ints: dict, tables):
+    def __init__(self, kern, spec, config, q, k, v, floats: dict, ints: dict, tables,
+                 wrap=None):
         self.kern, self.spec, self.config = kern, spec, config
+        self.wrap = wrap if wrap is not None else (lambda kernel: kernel)
         self.q, self.k, self.v = q, k, v
         batch, heads, seq_q, head_dim = q.shape
         self.sizes = {"batch": batch, "heads": heads, "kv_heads": k.shape[1], "seq_q": seq_q,
@@ -145,17 +152,78 @@ class _Problem:
                 self.sizes["batch"] * self.sizes["kv_heads"])
 
 
+def _forward_launch(pb, scale: float):
+    """(out, lse, thr) of the fused forward kernel: torch ops and one kernel launch only."""
+    s = pb.sizes
+    acc = _acc_torch(pb.q.dtype)
+    out = pb.q.new_empty((s["batch"], s["heads"], s["seq_q"], s["value_dim"]))
+    lse = torch.full((s["batch"], s["heads"], s["seq_q"]), -math.inf, dtype=acc,
+                     device=pb.q.device)
+    thr = torch.zeros_like(lse)  # written for top-k only; defined for every call
+    pb.wrap(pb.kern.fwd)[pb.grid_q()](*pb.head(), out, lse, thr, *out.stride()[:3],
+                                      *_table_args(pb.tables, False), *pb.tail(scale),
+                                      **pb.consts)
+    return out, lse, thr
+
+
+def _backward_launch(pb, scale: float, out, lse, thr, d_out, d_lse):
+    """(dq, dk, dv, {floating input: grad in the accumulation dtype}): torch ops and the two
+    backward kernel launches only."""
+    acc = lse.dtype
+    d_out = d_out.contiguous()
+    delta = (d_out.to(acc) * out.to(acc)).sum(-1)
+    if d_lse is not None:
+        delta = delta - d_lse.to(acc)
+    delta = delta.contiguous()
+    dq, dk, dv = (torch.empty_like(x) for x in (pb.q, pb.k, pb.v))
+    zeros = {n: torch.zeros(x.shape, dtype=acc, device=x.device) for n, x in pb.floats.items()}
+    dummy = lse.new_zeros(1)
+    dmk, dmv, dw = (zeros.get(n, dummy) for n in ("mem_k", "mem_v", "w"))
+    tail = pb.tail(scale)
+    pb.wrap(pb.kern.bwd_dq)[pb.grid_q()](*pb.head(), d_out, dq, dmk, dmv, dw, lse, delta, thr,
+                                         *d_out.stride()[:3], *_table_args(pb.tables, False),
+                                         *tail, **pb.consts)
+    grads = [zeros[n] for n in pb.spec["grad_inputs"]]
+    pb.wrap(pb.kern.bwd_dkdv)[pb.grid_k()](*pb.head(), d_out, dk, dv, dw, lse, delta, thr,
+                                           *d_out.stride()[:3], *_table_args(pb.tables, True),
+                                           *grads, *tail, **pb.consts)
+    return dq, dk, dv, zeros
+
+
+def _split_inputs(q, inputs: dict):
+    floats = {n: x.to(q.dtype).contiguous() for n, x in inputs.items()
+              if x.is_floating_point() and n not in ("E", "F")}
+    ints = {n: x.contiguous() for n, x in inputs.items() if not x.is_floating_point()}
+    return floats, ints
+
+
+def launch_forward(kern, spec, config, q, k, v, inputs: dict, tables: dict, scale: float,
+                   wrap=None):
+    """(out, lse, thr) of the fused kernel with precomputed ``tables``, not differentiable.
+
+    Made only of torch ops and kernel launches, each through ``wrap`` (``torch.library.
+    wrap_triton`` inside a ``triton_op``), so that torch.compile can trace it."""
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    floats, ints = _split_inputs(q, inputs)
+    pb = _Problem(kern, spec, config, q, k, v, floats, ints, tables, wrap)
+    return _forward_launch(pb, scale)
+
+
+def launch_backward(kern, spec, config, q, k, v, inputs: dict, tables: dict, scale: float,
+                    out, lse, thr, d_out, d_lse=None, wrap=None):
+    """(dq, dk, dv, {floating input name: grad}) of ``launch_forward``'s out (and lse), with
+    the same contract: torch ops and wrapped kernel launches only."""
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    floats, ints = _split_inputs(q, inputs)
+    pb = _Problem(kern, spec, config, q, k, v, floats, ints, tables, wrap)
+    dq, dk, dv, zeros = _backward_launch(pb, scale, out, lse, thr, d_out, d_lse)
+    return dq, dk, dv, {n: g.to(inputs[n].dtype) for n, g in zeros.items()}
+
+
 class _Fused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pb, scale, names, q, k, v, *float_inputs):
-        s = pb.sizes
-        acc = _acc_torch(q.dtype)
-        out = q.new_empty((s["batch"], s["heads"], s["seq_q"], s["value_dim"]))
-        lse = torch.full((s["batch"], s["heads"], s["seq_q"]), -math.inf, dtype=acc,
-                         device=q.device)
-        thr = torch.empty_like(lse)
-        pb.kern.fwd[pb.grid_q()](*pb.head(), out, lse, thr, *out.stride()[:3],
-                                 *_table_args(pb.tables, False), *pb.tail(scale), **pb.consts)
+        out, lse, thr = _forward_launch(pb, scale)
         ctx.pb, ctx.scale, ctx.names = pb, scale, names
         ctx.save_for_backward(out, lse, thr)
         ctx.mark_non_differentiable(thr)
@@ -163,27 +231,9 @@ class _Fused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
-        pb, scale = ctx.pb, ctx.scale
+        pb = ctx.pb
         out, lse, thr = ctx.saved_tensors
-        acc = lse.dtype
-        d_out = d_out.contiguous()
-        delta = (d_out.to(acc) * out.to(acc)).sum(-1)
-        if d_lse is not None:
-            delta = delta - d_lse.to(acc)
-        delta = delta.contiguous()
-        dq, dk, dv = (torch.empty_like(x) for x in (pb.q, pb.k, pb.v))
-        zeros = {n: torch.zeros(x.shape, dtype=acc, device=x.device)
-                 for n, x in pb.floats.items()}
-        dummy = lse.new_zeros(1)
-        dmk, dmv, dw = (zeros.get(n, dummy) for n in ("mem_k", "mem_v", "w"))
-        common = dict(consts=pb.consts, tail=pb.tail(scale))
-        pb.kern.bwd_dq[pb.grid_q()](*pb.head(), d_out, dq, dmk, dmv, dw, lse, delta, thr,
-                                    *d_out.stride()[:3], *_table_args(pb.tables, False),
-                                    *common["tail"], **common["consts"])
-        grads = [zeros[n] for n in pb.spec["grad_inputs"]]
-        pb.kern.bwd_dkdv[pb.grid_k()](*pb.head(), d_out, dk, dv, dw, lse, delta, thr,
-                                      *d_out.stride()[:3], *_table_args(pb.tables, True),
-                                      *grads, *common["tail"], **common["consts"])
+        dq, dk, dv, zeros = _backward_launch(pb, ctx.scale, out, lse, thr, d_out, d_lse)
         d_inputs = [zeros[n].to(pb.floats[n].dtype) if n in zeros else None for n in ctx.names]
         return (None, None, None, dq, dk, dv, *d_inputs)
 
@@ -191,9 +241,7 @@ class _Fused(torch.autograd.Function):
 def _fused(kern, spec, config, q, k, v, inputs: dict, tables, scale: float):
     """Out and lse of the fused kernel, differentiable in q, k, v and the floating inputs."""
     q, k, v = (x.contiguous() for x in (q, k, v))
-    floats = {n: x.to(q.dtype).contiguous() for n, x in inputs.items()
-              if x.is_floating_point() and n not in ("E", "F")}
-    ints = {n: x.contiguous() for n, x in inputs.items() if not x.is_floating_point()}
+    floats, ints = _split_inputs(q, inputs)
     pb = _Problem(kern, spec, config, q, k, v, floats, ints, tables)
     names = tuple(floats)
     return _Fused.apply(pb, scale, names, q, k, v, *(floats[n] for n in names))
