@@ -14,6 +14,7 @@ from attncc.testing import (
     random_inputs,
     run_case,
 )
+from attncc.testing.accuracy import judge
 
 CASES = conformance_cases("numpy", dtypes=("float32", "float64"))
 
@@ -76,6 +77,9 @@ def test_rule_and_max_error():
     assert max_error(np.array([-np.inf, 1.0]), np.array([-np.inf, 1.5])) == 0.5
     assert max_error(np.array([0.0]), np.array([-np.inf])) == np.inf
     assert max_error(np.array([np.nan]), np.array([0.0])) == np.inf
+    # an eager run that overflowed must not widen the bound to infinity
+    broken = judge("grad q", np.array([1.0]), np.array([np.inf]), np.array([0.5]), "float32")
+    assert broken.eager_error == np.inf and not broken.ok
 
 
 def test_random_inputs_are_valid_and_library_independent():
