@@ -1,6 +1,7 @@
 """attncc's torch backend against torch SDPA and compiled FlexAttention on CPU, side by side.
 
-float32, batch 1, 8 heads, head_dim 64; median of repeated runs after warm-up. Variants: dense,
+float32, batch 1, 8 heads, head_dim 64; median of repeated runs after warm-up, attncc, SDPA and
+Flex interleaved within each repetition. Variants: dense,
 causal, sliding window 256, document mask (4 documents), Longformer, BigBird. Also: the first call
 in a fresh process (attncc compile + call vs FlexAttention's torch.compile + call), and the peak
 resident memory of forward + backward as the sequence grows to 16384 (the flash backward
@@ -87,15 +88,19 @@ def mask_mod_of(name: str, ins: dict):
     return lambda b, h, q, kv: lf(b, h, q, kv) | rb[q // BB_BLOCK, kv // BB_BLOCK]
 
 
-def median_time(fn, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def median_times(fns: list, reps: int, warmup: int = 2) -> list[float]:
+    """Median seconds of each function, the functions interleaved within every repetition (so a
+    burst of load from other processes hits all of them alike)."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def density(name: str, n: int, ins: dict) -> float:
@@ -122,15 +127,15 @@ def bench_row(name: str, n: int, reps: int, flex_cache: dict) -> dict:
     ins = inputs_of(name, n)
     kernel = attncc_kernel(name)
     row = {"variant": name, "seq": n, "density": density(name, n, ins)}
+    if "flex" not in flex_cache:
+        flex_cache["flex"] = torch.compile(flex_attention, dynamic=False)
+    mod = mask_mod_of(name, ins)
+    bm = create_block_mask(mod, 1, None, n, n, device="cpu") if mod else None
     with torch.no_grad():
-        row["attncc_s"] = median_time(lambda: kernel(q, k, v, **ins), reps)
-        row["sdpa_s"] = median_time(lambda: F.scaled_dot_product_attention(
-            q, k, v, is_causal=name == "causal"), reps)
-        if "flex" not in flex_cache:
-            flex_cache["flex"] = torch.compile(flex_attention, dynamic=False)
-        mod = mask_mod_of(name, ins)
-        bm = create_block_mask(mod, 1, None, n, n, device="cpu") if mod else None
-        row["flex_s"] = median_time(lambda: flex_cache["flex"](q, k, v, block_mask=bm), reps)
+        row["attncc_s"], row["sdpa_s"], row["flex_s"] = median_times([
+            lambda: kernel(q, k, v, **ins),
+            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=name == "causal"),
+            lambda: flex_cache["flex"](q, k, v, block_mask=bm)], reps)
     row["vs_sdpa"] = row["attncc_s"] / row["sdpa_s"]
     row["vs_flex"] = row["attncc_s"] / row["flex_s"]
     return row
@@ -213,7 +218,8 @@ def write(results: dict, out: Path) -> None:
              f"Machine: {m['device']} ({m['cores']} logical cores, torch {m['torch']}, "
              f"{m['threads']} threads); load average before {m['load_before']}, after "
              f"{m.get('load_after')}. float32, batch 1, {HEADS} heads, head_dim {DIM}; "
-             "median of repeated runs after warm-up; seconds.", "",
+             "median of repeated runs after warm-up (the three interleaved per repetition); "
+             "seconds.", "",
              "| variant | seq | density | attncc | SDPA | Flex | attncc/SDPA | attncc/Flex |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:

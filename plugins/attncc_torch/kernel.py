@@ -122,17 +122,31 @@ class TorchKernel(Kernel):
         cfg = self.config
         if self.spec.lowrank is not None:
             k, v = ins["E"] @ k, ins["F"] @ v
-        plan = build_plan(self.spec, sizes, cfg["block_m"], cfg["block_n"], inputs=raw_inputs)
-        key = (id(plan), sizes["batch"], sizes["kv_heads"], sizes["heads"])
-        runner = self._runners.get(key)
+        key = self._runner_key(sizes, raw_inputs)
+        runner = self._runners.get(key) if key is not None else None
         if runner is None:
-            runner = RunsForward(self.spec, plan, sizes, cache_masks=not self._plan_reads_inputs)
-            if not self._plan_reads_inputs:
-                if len(self._runners) > 16:
-                    self._runners.clear()
-                self._runners[key] = runner  # holds the plan so its id stays unique
-        ints = {n: x for n, x in ins.items() if not x.is_floating_point()}
-        return runner(q, k, v, scale, {**ins, **ints})
+            plan = build_plan(self.spec, sizes, cfg["block_m"], cfg["block_n"],
+                              inputs=raw_inputs)
+            runner = RunsForward(self.spec, plan, sizes, ins, q.device)
+            if key is not None:
+                if len(self._runners) >= 8:
+                    self._runners.pop(next(iter(self._runners)))
+                self._runners[key] = runner
+        return runner(q, k, v, scale)
+
+    def _runner_key(self, sizes: dict, raw_inputs: dict):
+        """Cache key of a runner (plan, groups, mask tiles): the sizes, plus the bytes of the
+        inputs the mask reads (up to 4 MiB; None = do not cache), so equal document ids reuse
+        their masks and a changed one never does."""
+        key = tuple(sorted(sizes.items()))
+        if not self._plan_reads_inputs:
+            return key
+        names = sorted(free_names(self.spec.mask) & set(self.spec.inputs))
+        arrays = [raw_inputs[n] for n in names]
+        if sum(x.numel() * x.element_size() for x in arrays) > 1 << 22:
+            return None
+        return key + tuple((n, x.dtype, tuple(x.shape), x.detach().cpu().numpy().tobytes())
+                           for n, x in zip(names, arrays, strict=True))
 
     def _schedule(self, plan, sizes: dict, device):
         key = (id(plan), sizes["batch"], sizes["kv_heads"], sizes["heads"], str(device))

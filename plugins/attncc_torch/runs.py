@@ -2,17 +2,22 @@
 
 Most block plans keep, per query block, a few *runs* of consecutive key blocks: a band for a
 sliding window, the document's own blocks for a document mask, a band plus some global columns
-for Longformer and BigBird. For each run the keys and values are plain slices of the
-``(B, H, N, D)`` tensors (zero-copy views); where a query block has several runs their slices are
-concatenated once. Consecutive query blocks with the same runs form one *group*, which is one call
-of torch's CPU flash-attention kernel (``_scaled_dot_product_flash_attention_for_cpu``): the score
-mod, the exp and the sums are fused there, and it returns the log-sum-exp. The mask enters as an
-additive 0/-inf tile only for groups that touch a PARTIAL block; it is evaluated once per plan
-(cached) for masks that read only indices, per call for masks that read inputs.
+for Longformer and BigBird. Consecutive query blocks whose runs have equal lengths and move by a
+constant stride form a *segment* (a band: stride = block size; a document: stride 0, merged into
+one tall block). One call of torch's CPU flash-attention kernel
+(``_scaled_dot_product_flash_attention_for_cpu``: exp, sums and rescaling fused, log-sum-exp
+returned) serves each run of a segment, the query blocks being its batch axis and the keys
+overlapping zero-copy ``as_strided`` windows; several runs merge by their log-sum-exps (a lone
+block with several runs concatenates them instead). The mask enters as an additive 0/-inf tile
+only for runs that touch a PARTIAL block, built once per plan (per input content for masks that
+read inputs); PARTIAL blocks are first re-classified from the mask's values, which corrects
+plans whose interval bounds are loose.
 
-Driven by the plan alone: no mask is recognised by name. Used for forward passes without
-gradients (the autograd path keeps the recomputing flash backward); ``space.fused_eligible``
-says for which specs.
+Few, large calls matter beyond their Python overhead: each call is an OpenMP parallel region,
+and on a loaded machine every region waits for descheduled threads (per-block calls were 5-25x
+slower than one call per segment under load). Driven by the plan alone: no mask is recognised
+by name. Used for forward passes without gradients (the autograd path keeps the recomputing
+flash backward); ``space.fused_eligible`` says for which specs.
 """
 
 from __future__ import annotations
@@ -27,115 +32,253 @@ from attncc.spec.numeric import evaluate
 
 from .schedule import slices
 
-EMPTY, PARTIAL = 0, 1
+EMPTY, PARTIAL, FULL = 0, 1, 2
 NEG_INF = float("-inf")
 
 
 @dataclass(frozen=True)
-class Group:
-    """Query rows ``r0:r1`` of query heads ``hq0:hq0+nhq`` and batch ``b0:b0+nb`` against the key
-    position ranges ``cols``; ``masked`` when a PARTIAL block is among them."""
+class Run:
+    """Key positions ``start + i*stride : ... + length`` for the ``i``-th query block of a
+    segment; ``masked`` when one of its blocks is PARTIAL."""
+
+    start: int
+    length: int
+    stride: int
+    masked: bool
+
+
+@dataclass(frozen=True)
+class Segment:
+    """``count`` query blocks of ``rows`` rows each, from row ``r0``, of batch ``b0:b0+nb`` and
+    query heads ``hq0:hq0+nhq``: block ``i`` reads, for every run, that run's ``i``-th window.
+
+    One fused call per run serves the whole segment: the blocks become the batch axis of
+    overlapping zero-copy ``as_strided`` windows of q, k and v."""
 
     b0: int
     nb: int
     hq0: int
     nhq: int
     r0: int
-    r1: int
-    cols: tuple[tuple[int, int], ...]
-    masked: bool
+    rows: int
+    count: int
+    runs: tuple[Run, ...]
 
 
-def build_groups(plan, batch: int, kv_heads: int, group: int) -> list[Group]:
-    """The groups of ``plan``: per slice, consecutive query blocks with equal key-block runs.
+def refine(spec, plan, sizes: dict, inputs: dict, device) -> np.ndarray:
+    """The plan's states with every PARTIAL block re-classified from the mask's values.
 
-    Query blocks with no key block get no group (their rows stay 0 with lse -inf).
+    The plan is conservative where its interval bounds are loose (an input indexed by
+    ``q_idx // 64`` is bounded by its global min/max, so every block is PARTIAL); evaluating the
+    mask on the PARTIAL blocks, one query block at a time, turns those that drop every pair into
+    EMPTY and those that keep every pair into FULL. Run once per plan (cached by the caller).
+    """
+    states = np.array(plan.states)
+    bm, bn, nq, nk = plan.block_m, plan.block_n, plan.seq_q, plan.seq_k
+    ar = lambda a, b: torch.arange(a, b, device=device)  # noqa: E731
+    bps, hps = states.shape[:2]
+    for bp in range(bps):
+        for hp in range(hps):
+            b = ar(0, sizes["batch"]) if bps == 1 else ar(bp, bp + 1)
+            h = ar(0, sizes["heads"]) if hps == 1 else ar(hp, hp + 1)
+            for m in range(states.shape[2]):
+                part = np.nonzero(states[bp, hp, m] == PARTIAL)[0]
+                if part.size == 0:
+                    continue
+                pos = torch.as_tensor(part, device=device)[:, None] * bn + ar(0, bn)
+                valid = pos < nk
+                env = {**sizes, **inputs, "b": b.view(-1, 1, 1, 1, 1), "h": h.view(1, -1, 1, 1, 1),
+                       "q_idx": ar(m * bm, min((m + 1) * bm, nq)).view(1, 1, -1, 1, 1),
+                       "kv_idx": pos.clamp(max=nk - 1).view(1, 1, 1, *pos.shape)}
+                keep = evaluate(spec.mask, env, xp)
+                if isinstance(keep, bool):
+                    keep = torch.full((1,) * 5, keep, device=device)
+                some = (keep & valid).flatten(0, 2).any(0).any(-1)
+                every = (keep | ~valid).flatten(0, 2).all(0).all(-1)
+                some = torch.broadcast_to(some, (part.size,)).cpu().numpy()
+                every = torch.broadcast_to(every, (part.size,)).cpu().numpy()
+                states[bp, hp, m, part] = np.where(~some, EMPTY, np.where(every, FULL, PARTIAL))
+    return states
+
+
+def _block_runs(row, bn: int, nk: int):
+    """``[(start, length, masked)]`` in key positions of one query block's non-EMPTY blocks."""
+    kept = np.nonzero(row != EMPTY)[0]
+    if kept.size == 0:
+        return []
+    cuts = np.nonzero(np.diff(kept) > 1)[0]
+    firsts = np.concatenate([[0], cuts + 1])
+    lasts = np.concatenate([cuts, [kept.size - 1]])
+    return [(int(kept[a]) * bn, min(int(kept[z] + 1) * bn, nk) - int(kept[a]) * bn,
+             bool((row[kept[a]:kept[z] + 1] == PARTIAL).any())) for a, z in zip(firsts, lasts,
+                                                                              strict=True)]
+
+
+def build_segments(plan, states, batch: int, kv_heads: int, group: int) -> list[Segment]:
+    """The segments of ``states`` (``plan``'s, refined), per slice: maximal runs of consecutive
+    query blocks whose key runs have equal lengths and starts moving by a constant stride.
+
+    Where every stride is 0 (the blocks read the same keys) the blocks merge into one taller
+    block. Query blocks with no key block get no segment (rows stay 0 with lse -inf).
     """
     bm, bn, nq, nk = plan.block_m, plan.block_n, plan.seq_q, plan.seq_k
-    states = np.asarray(plan.states)
-    groups = []
+    segments = []
     for sl, bp, hp in slices(plan, batch, kv_heads, group):
-        st = states[bp, hp]
         hq0, nhq = sl.h0 * group + sl.g0, sl.nh * sl.ng
-        prev = None
-        for m in range(st.shape[0]):
-            kept = np.nonzero(st[m] != EMPTY)[0]
-            if kept.size == 0:
-                prev = None
+        cur = None  # [m0, count, last runs, strides, masked flags, rows of the last block]
+        for m in range(states.shape[2]):
+            runs = _block_runs(states[bp, hp, m], bn, nk)
+            rows = min((m + 1) * bm, nq) - m * bm
+            if cur is not None and runs and _extends(cur, runs, rows, bm):
+                strides = [b[0] - a[0] for a, b in zip(cur[2], runs, strict=True)]
+                cur[1], cur[2], cur[3], cur[5] = cur[1] + 1, runs, strides, rows
+                cur[4] = [f or r[2] for f, r in zip(cur[4], runs, strict=True)]
                 continue
-            cuts = np.nonzero(np.diff(kept) > 1)[0]
-            starts = kept[np.concatenate([[0], cuts + 1])]
-            ends = kept[np.concatenate([cuts, [kept.size - 1]])] + 1
-            cols = tuple((int(s) * bn, min(int(e) * bn, nk)) for s, e in zip(starts, ends,
-                                                                            strict=True))
-            masked = bool((st[m, kept] == PARTIAL).any())
-            r0, r1 = m * bm, min((m + 1) * bm, nq)
-            if prev is not None and prev.cols == cols:
-                prev = Group(sl.b0, sl.nb, hq0, nhq, prev.r0, r1, cols, prev.masked or masked)
-                groups[-1] = prev
-            else:
-                prev = Group(sl.b0, sl.nb, hq0, nhq, r0, r1, cols, masked)
-                groups.append(prev)
-    return groups
+            if cur is not None:
+                segments.append(_segment(sl, hq0, nhq, cur, bm))
+            cur = [m, 1, runs, None, [r[2] for r in runs], rows] if runs else None
+        if cur is not None:
+            segments.append(_segment(sl, hq0, nhq, cur, bm))
+    return segments
 
 
-def group_mask(spec, g: Group, sizes: dict, inputs: dict, dtype, group: int, device):
-    """``(additive mask (nb|1, nhq|1, R, C), dead rows (nb|1, nhq|1, R))`` of a masked group:
-    0 where the mask keeps a pair, -inf where it drops it; a dead row keeps no pair."""
+def _extends(cur, runs, rows: int, bm: int) -> bool:
+    last = cur[2]
+    if len(runs) != len(last) or any(a[1] != b[1] for a, b in zip(last, runs, strict=True)):
+        return False
+    strides = [b[0] - a[0] for a, b in zip(last, runs, strict=True)]
+    if min(strides) < 0 or (cur[3] is not None and strides != cur[3]):
+        return False
+    # a short (last) query block only joins blocks that read the same keys (merged rows)
+    return cur[5] == bm and (rows == bm or not any(strides))
+
+
+def _segment(sl, hq0: int, nhq: int, cur, bm: int) -> Segment:
+    m0, count, last, strides, masked, rows_last = cur
+    strides = strides or [0] * len(last)
+    runs = tuple(Run(r[0] - (count - 1) * t, r[1], t, f)
+                 for r, t, f in zip(last, strides, masked, strict=True))
+    if not any(strides):  # same keys for every block: one block of all their rows
+        return Segment(sl.b0, sl.nb, hq0, nhq, m0 * bm, (count - 1) * bm + rows_last, 1,
+                       tuple(Run(r.start, r.length, 0, r.masked) for r in runs))
+    return Segment(sl.b0, sl.nb, hq0, nhq, m0 * bm, bm, count, runs)
+
+
+def run_mask(spec, seg: Segment, run: Run, sizes: dict, inputs: dict, dtype, device):
+    """``(additive mask (count|1, nhq|1, rows, length), dead rows (count|1, nhq|1, rows))`` of a
+    masked run of a segment: 0 where the mask keeps a pair, -inf where it drops it; a dead row
+    keeps no pair. Equal tiles of all blocks (a translation-invariant band) are stored once."""
     ar = lambda a, b: torch.arange(a, b, device=device)  # noqa: E731
-    kv = torch.cat([ar(c0, c1) for c0, c1 in g.cols])
-    env = {**sizes, **inputs, "b": ar(g.b0, g.b0 + g.nb).view(-1, 1, 1, 1),
-           "h": ar(g.hq0, g.hq0 + g.nhq).view(1, -1, 1, 1),
-           "q_idx": ar(g.r0, g.r1).view(1, 1, -1, 1), "kv_idx": kv.view(1, 1, 1, -1)}
+    blocks = ar(0, seg.count).view(-1, 1, 1, 1)
+    # a mask that reads b has one batch entry per slice (nb = 1); otherwise b is unused
+    env = {**sizes, **inputs, "b": ar(seg.b0, seg.b0 + 1).view(1, 1, 1, 1),
+           "h": ar(seg.hq0, seg.hq0 + seg.nhq).view(1, -1, 1, 1),
+           "q_idx": seg.r0 + blocks * seg.rows + ar(0, seg.rows).view(1, 1, -1, 1),
+           "kv_idx": run.start + blocks * run.stride + ar(0, run.length).view(1, 1, 1, -1)}
     keep = evaluate(spec.mask, env, xp)
     if isinstance(keep, bool):
         keep = torch.full((1, 1, 1, 1), keep, device=device)
-    keep = torch.broadcast_to(keep, (*keep.shape[:2], g.r1 - g.r0, kv.numel()))
+    keep = torch.broadcast_to(keep, (*keep.shape[:2], seg.rows, run.length))
+    if keep.shape[0] > 1 and bool((keep == keep[:1]).all()):
+        keep = keep[:1]
     mask = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, NEG_INF)
     return mask, ~keep.any(-1)
 
 
 class RunsForward:
-    """Forward of one spec over a plan's groups; masks of index-only specs are cached here."""
+    """Forward of one spec over a plan's segments; holds the (lazily built) mask tiles."""
 
-    def __init__(self, spec, plan, sizes: dict, *, cache_masks: bool):
+    def __init__(self, spec, plan, sizes: dict, inputs: dict, device):
         self.spec, self.plan, self.sizes = spec, plan, sizes
-        self.group = sizes["heads"] // sizes["kv_heads"]
-        self.groups = build_groups(plan, sizes["batch"], sizes["kv_heads"], self.group)
-        self.cache_masks = cache_masks
+        group = sizes["heads"] // sizes["kv_heads"]
+        states = np.asarray(plan.states)
+        if spec.mask is not None and (states == PARTIAL).any():
+            states = refine(spec, plan, sizes, inputs, device)
+        self.segments = build_segments(plan, states, sizes["batch"], sizes["kv_heads"], group)
+        self.inputs = inputs
         self._masks: dict = {}
 
-    def _mask(self, i: int, g: Group, inputs: dict, dtype, device):
-        key = (i, dtype, str(device))
-        if key in self._masks:
-            return self._masks[key]
-        value = group_mask(self.spec, g, self.sizes, inputs, dtype, self.group, device)
-        if self.cache_masks:
-            self._masks[key] = value
-        return value
+    def _mask(self, i: int, j: int, dtype, device):
+        key = (i, j, dtype, str(device))
+        if key not in self._masks:
+            seg = self.segments[i]
+            self._masks[key] = run_mask(self.spec, seg, seg.runs[j], self.sizes, self.inputs,
+                                        dtype, device)
+        return self._masks[key]
 
-    def __call__(self, q, k, v, scale: float, inputs: dict):
+    def _joined_mask(self, i: int, dtype, device):
+        """The runs' masks side by side (zeros for unmasked runs) and the rows dead in all."""
+        key = (i, "joined", dtype, str(device))
+        if key not in self._masks:
+            seg, tiles, dead = self.segments[i], [], None
+            if not any(r.masked for r in seg.runs):
+                self._masks[key] = (None, None)
+                return self._masks[key]
+            for j, run in enumerate(seg.runs):
+                if run.masked:
+                    tile, gone = self._mask(i, j, dtype, device)
+                    dead = gone if dead is None else dead & gone
+                else:
+                    tile = torch.zeros((1, 1, seg.rows, run.length), dtype=dtype, device=device)
+                    dead = torch.zeros((1, 1, seg.rows), dtype=torch.bool, device=device)
+                tiles.append(tile)
+            shape = torch.broadcast_shapes(*(t.shape[:2] for t in tiles))
+            tiles = [t.expand(*shape, *t.shape[2:]) for t in tiles]
+            self._masks[key] = (torch.cat(tiles, dim=-1), dead)
+            for j in range(len(seg.runs)):  # the per-run tiles are not needed any more
+                self._masks.pop((i, j, dtype, str(device)), None)
+        return self._masks[key]
+
+    def __call__(self, q, k, v, scale: float):
         """``(out (B, H, Nq, D), lse (B, H, Nq))`` for ``q (B, H, Nq, D)``, ``k``/``v``
-        ``(B, H, Nk, D)`` (no GQA) on CPU, all one floating dtype."""
+        ``(B, H, Nk, D)`` (no GQA) on CPU, all one floating dtype; the mask's inputs are those
+        the runner was built with."""
         batch, heads, nq, _ = q.shape
         out = torch.zeros((batch, heads, nq, v.shape[-1]), dtype=q.dtype, device=q.device)
         lse = torch.full((batch, heads, nq), NEG_INF, dtype=q.dtype, device=q.device)
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        for i, g in enumerate(self.groups):
-            bs, hs, rs = slice(g.b0, g.b0 + g.nb), slice(g.hq0, g.hq0 + g.nhq), slice(g.r0, g.r1)
-            qg = q[bs, hs, rs]
-            if len(g.cols) == 1:
-                (c0, c1), = g.cols
-                kg, vg = k[bs, hs, c0:c1], v[bs, hs, c0:c1]
-            else:
-                kg = torch.cat([k[bs, hs, c0:c1] for c0, c1 in g.cols], dim=2)
-                vg = torch.cat([v[bs, hs, c0:c1] for c0, c1 in g.cols], dim=2)
-            mask = dead = None
-            if g.masked:
-                mask, dead = self._mask(i, g, inputs, q.dtype, q.device)
-            o, lg = flash(qg, kg, vg, attn_mask=mask, scale=scale)
-            if dead is not None:
-                lg = lg.masked_fill(dead, NEG_INF)
-            out[bs, hs, rs] = o
-            lse[bs, hs, rs] = lg
+        for i, seg in enumerate(self.segments):
+            hs = slice(seg.hq0, seg.hq0 + seg.nhq)
+            span = slice(seg.r0, seg.r0 + seg.count * seg.rows)
+            joined = seg.count == 1 and len(seg.runs) > 1
+            for b in range(seg.b0, seg.b0 + seg.nb):
+                qs = q[b, hs, span].unflatten(1, (seg.count, seg.rows)).transpose(0, 1)
+                if joined:  # one block, several runs: one call on their concatenated keys
+                    ks, vs = (torch.cat([x[b, hs, r.start:r.start + r.length] for r in seg.runs],
+                                        dim=1)[None] for x in (k, v))
+                    mask, dead = self._joined_mask(i, q.dtype, q.device)
+                    o_acc, l_acc = flash(qs, ks, vs, attn_mask=mask, scale=scale)
+                    if dead is not None:
+                        l_acc = l_acc.masked_fill(dead, NEG_INF)
+                    runs = ()
+                else:
+                    o_acc = l_acc = None
+                    runs = seg.runs
+                for j, run in enumerate(runs):
+                    ks, vs = (_windows(x[b, hs], run, seg.count) for x in (k, v))
+                    mask = dead = None
+                    if run.masked:
+                        mask, dead = self._mask(i, j, q.dtype, q.device)
+                    o, lg = flash(qs, ks, vs, attn_mask=mask, scale=scale)
+                    if dead is not None:
+                        lg = lg.masked_fill(dead, NEG_INF)
+                    o_acc, l_acc = (o, lg) if o_acc is None else _merge(o_acc, l_acc, o, lg)
+                out[b, hs, span].unflatten(1, (seg.count, seg.rows)).transpose(0, 1).copy_(o_acc)
+                lse[b, hs, span].unflatten(1, (seg.count, seg.rows)).transpose(0, 1).copy_(l_acc)
         return out, lse
+
+
+def _windows(x, run: Run, count: int):
+    """``(count, H, length, D)`` overlapping views of ``x (H, N, D)``: window ``i`` starts at
+    key ``run.start + i * run.stride``. No copy."""
+    sh, sn, sd = x.stride()
+    return x.as_strided((count, x.shape[0], run.length, x.shape[2]),
+                        (run.stride * sn, sh, sn, sd), x.storage_offset() + run.start * sn)
+
+
+def _merge(o1, l1, o2, l2):
+    """Softmax over the union of two key sets from each one's output and log-sum-exp."""
+    lse = torch.logaddexp(l1, l2)
+    safe = torch.where(lse == NEG_INF, 0.0, lse)
+    w1, w2 = torch.exp(l1 - safe)[..., None], torch.exp(l2 - safe)[..., None]
+    return o1 * w1 + o2 * w2, lse

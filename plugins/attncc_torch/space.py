@@ -69,5 +69,8 @@ def default_config(spec, kind: str, target) -> dict:
         return {"chunk": 64}
     if kind == "nystrom":
         return {}
-    return {"block_m": 128, "block_n": 128, "kv_chunk": 16, "group_blocks": 64,
+    # 64-blocks for the fused runs path: a band then wastes 1/4 of a 256-window, not 1/2, and
+    # the per-call overhead stays small (measured in bench/results/torch_cpu.md)
+    block = 64 if fused_eligible(spec) else 128
+    return {"block_m": block, "block_n": block, "kv_chunk": 16, "group_blocks": 64,
             "tile_elems": 1 << 22, "use_sdpa": fused_eligible(spec)}
