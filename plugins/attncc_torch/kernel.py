@@ -8,9 +8,12 @@ own for the rest).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F  # noqa: N812 - the name torch code uses
 
+from attncc.backends.autograd import autograd_backward
 from attncc.backends.base import Kernel
 from attncc.bind import bind
 from attncc.errors import InputError
@@ -37,7 +40,7 @@ class TorchKernel(Kernel):
         self.kind = kind
         self.config = dict(config)
         self.source = describe(spec, kind, self.config)
-        self.backward = self._backward
+        self.backward = functools.partial(autograd_backward, self)
         self._schedules: dict = {}
         self._runners: dict = {}
         mask_reads = free_names(spec.mask) if spec.mask is not None else set()
@@ -165,15 +168,3 @@ class TorchKernel(Kernel):
             self._schedules[key] = (plan, schedule)  # holds the plan so its id stays unique
         return schedule
 
-    def _backward(self, q, k, v, grad_out, **inputs) -> dict:
-        """Gradients of ``sum(out * grad_out)``: ``{"q", "k", "v", floating input names}``."""
-        leaves = {"q": q, "k": k, "v": v, **{n: x for n, x in inputs.items()
-                                            if isinstance(x, torch.Tensor)
-                                            and x.is_floating_point()}}
-        leaves = {n: x.detach().requires_grad_() for n, x in leaves.items()}
-        args = {**inputs, **{n: leaves[n] for n in leaves if n not in ("q", "k", "v")}}
-        with torch.enable_grad():
-            out = self(leaves["q"], leaves["k"], leaves["v"], **args)
-            grads = torch.autograd.grad(out, list(leaves.values()), grad_out, allow_unused=True)
-        return {n: (torch.zeros_like(x) if g is None else g)
-                for (n, x), g in zip(leaves.items(), grads, strict=True)}

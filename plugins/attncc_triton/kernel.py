@@ -3,6 +3,7 @@ checks and attncc's block plan."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from attncc.backends.autograd import autograd_backward
 from attncc.backends.base import Kernel
 from attncc.bind import bind
 from attncc.errors import InputError
@@ -59,7 +61,7 @@ class TritonKernel(Kernel):
         self.config = dict(config)
         self.source = source
         self.module = load_module(source)
-        self.backward = self._backward
+        self.backward = functools.partial(autograd_backward, self)
 
     def __repr__(self) -> str:
         return f"TritonKernel({self.spec.name!r}, kind={self.kind!r}, config={self.config})"
@@ -83,18 +85,6 @@ class TritonKernel(Kernel):
         return self.module.attention(q, k, v, return_lse=return_lse, tables=tables,
                                      **bound.inputs)
 
-    def _backward(self, q, k, v, grad_out, **inputs) -> dict:
-        """Gradients of ``sum(out * grad_out)``: ``{"q", "k", "v", floating input names}``."""
-        leaves = {"q": q, "k": k, "v": v, **{n: x for n, x in inputs.items()
-                                            if isinstance(x, torch.Tensor)
-                                            and x.is_floating_point()}}
-        leaves = {n: x.detach().requires_grad_() for n, x in leaves.items()}
-        args = {**inputs, **{n: leaves[n] for n in leaves if n not in ("q", "k", "v")}}
-        with torch.enable_grad():
-            out = self(leaves["q"], leaves["k"], leaves["v"], **args)
-            grads = torch.autograd.grad(out, list(leaves.values()), grad_out, allow_unused=True)
-        return {n: (torch.zeros_like(x) if g is None else g)
-                for (n, x), g in zip(leaves.items(), grads, strict=True)}
 
 
 def _tables(plan, device) -> dict:
