@@ -31,6 +31,7 @@ from attncc.errors import InputError
 from attncc.spec.load import load_spec
 
 from .ops import op
+from .torch import own_inputs
 
 __all__ = ["MultiheadAttention"]
 
@@ -85,17 +86,7 @@ class MultiheadAttention(nn.Module):
         self.k_proj = nn.Linear(kdim or embed_dim, kv_width, **kw)
         self.v_proj = nn.Linear(vdim or embed_dim, kv_width, **kw)
         self.out_proj = nn.Linear(embed_dim, embed_dim, **kw)
-        unknown = sorted(set(params) - set(self.spec.inputs))
-        if unknown:
-            raise InputError(f"unexpected input '{unknown[0]}'; the spec '{self.spec.name}' "
-                             f"takes: {', '.join(sorted(self.spec.inputs)) or 'none'}")
-        self._owned = tuple(params)
-        for name, value in params.items():
-            value = torch.as_tensor(value, device=device)
-            if value.is_floating_point():
-                self.register_parameter(name, nn.Parameter(value))
-            else:
-                self.register_buffer(name, value)
+        self._owned = own_inputs(self, self.spec, params, device)
         # every mask combination is compiled now, so forward never compiles (no graph break)
         self._ops = {(pad, dense): op(_with_masks(self.spec, [m for m, on in ((_PAD, pad),
                                                                                (_DENSE, dense))

@@ -73,6 +73,22 @@ def sdpa(spec, *, backend: str = "torch", config: dict | None = None):
     return attention
 
 
+def own_inputs(module: nn.Module, spec, params: dict, device=None) -> tuple[str, ...]:
+    """Register the spec inputs in ``params`` on ``module``: floating tensors as parameters,
+    integer/bool ones as buffers. Returns their names; InputError for a name the spec lacks."""
+    unknown = sorted(set(params) - set(spec.inputs))
+    if unknown:
+        raise InputError(f"unexpected input '{unknown[0]}'; the spec '{spec.name}' takes: "
+                         f"{', '.join(sorted(spec.inputs)) or 'none'}")
+    for name, value in params.items():
+        value = torch.as_tensor(value, device=device)
+        if value.is_floating_point():
+            module.register_parameter(name, nn.Parameter(value))
+        else:
+            module.register_buffer(name, value)
+    return tuple(params)
+
+
 class AttnccAttention(nn.Module):
     """``forward(query, key, value, **inputs)`` computing ``spec`` with its learned inputs owned.
 
@@ -87,17 +103,7 @@ class AttnccAttention(nn.Module):
         self.fn = sdpa(spec, backend=backend, config=config)
         self.spec = self.fn.spec
         self.is_causal, self.scale = is_causal, scale
-        unknown = sorted(set(params) - set(self.spec.inputs))
-        if unknown:
-            raise InputError(f"unexpected input '{unknown[0]}'; the spec '{self.spec.name}' "
-                             f"takes: {', '.join(sorted(self.spec.inputs)) or 'none'}")
-        self._owned = tuple(params)
-        for name, value in params.items():
-            value = torch.as_tensor(value)
-            if value.is_floating_point():
-                self.register_parameter(name, nn.Parameter(value))
-            else:
-                self.register_buffer(name, value)
+        self._owned = own_inputs(self, self.spec, params)
 
     def forward(self, query, key, value, **inputs):
         owned = {name: getattr(self, name) for name in self._owned}
