@@ -111,13 +111,19 @@ def _lookup(spec, backend: Backend, seq, seq_k, dtype, target, db):
 
 
 def _checked(backend: Backend, graph, target, config: dict | None) -> dict:
+    """``config`` if every name is a tunable and every value one its search space offers."""
     if not config:
         return {}
     space = backend.search_space(graph, target)
-    unknown = sorted(set(config) - set(space.params))
-    if unknown:
-        raise BackendError(f"unknown tunable '{unknown[0]}' for backend '{backend.name}'; "
-                           f"expected: {', '.join(space.params)}")
+    for name, value in config.items():
+        if name not in space.params:
+            raise BackendError(f"unknown tunable '{name}' for backend '{backend.name}'; "
+                               f"expected: {', '.join(space.params) or 'none'}")
+        allowed = space.params[name]
+        if not any(value == a and type(value) is type(a) for a in allowed):
+            raise BackendError(f"config {name}={value!r} is not a value backend "
+                               f"'{backend.name}' offers; expected one of "
+                               f"{', '.join(map(repr, allowed))}")
     merged = {**backend.default_config(graph, target), **config}
     if not space.keep(merged):
         raise BackendError(f"config {config} does not fit backend '{backend.name}' on this "

@@ -60,6 +60,10 @@ def bind(spec: Spec, q, k, v, inputs: dict) -> Bound:
     if 0 in (batch, heads, seq_q, seq_k, head_dim, value_dim):
         raise InputError(f"q, k, v: every size must be at least 1, got q {tuple(q.shape)}, "
                          f"v {tuple(v.shape)}")
+    devices = [getattr(x, "device", None) for x in (q, k, v)]
+    if devices[1] != devices[0] or devices[2] != devices[0]:
+        raise InputError(f"q, k, v: expected one device, got {devices[0]}, {devices[1]}, "
+                         f"{devices[2]}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise InputError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if heads % kv_heads:

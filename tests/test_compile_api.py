@@ -52,6 +52,10 @@ def test_an_explicit_config_wins_and_bad_configs_are_clear_errors(tmp_path):
     assert kernel.config["block_m"] == 16 and kernel.record is None
     with pytest.raises(BackendError, match="unknown tunable 'BLOCK'"):
         attncc.compile(SPEC, backend="numpy", config={"BLOCK": 3})
+    with pytest.raises(BackendError, match="block_m='64' is not a value"):
+        attncc.compile(SPEC, backend="numpy", config={"block_m": "64"})
+    with pytest.raises(BackendError, match="block_m=7 is not a value"):
+        attncc.compile(SPEC, backend="numpy", config={"block_m": 7})
     with pytest.raises(BackendError, match="unknown backend 'nope'"):
         attncc.compile(SPEC, backend="nope")
 
@@ -69,6 +73,14 @@ def test_auto_prefers_the_fastest_record_and_otherwise_the_priority(tmp_path):
             _store_record(db, {}, backend=name, median=1.0)
     kernel = attncc.compile(SPEC, seq=64, db=db)
     assert kernel.backend == "numpy" and "fastest tuning record" in kernel.selection
+
+
+def test_a_record_whose_config_no_longer_fits_is_skipped_with_a_warning(tmp_path):
+    db = tmp_path / "t.db"
+    _store_record(db, {"block_m": "64", "block_n": 16})
+    with pytest.warns(UserWarning, match="not used"):
+        kernel = attncc.compile(SPEC, backend="numpy", seq=64, db=db)
+    assert kernel.record is None and "does not fit" in kernel.selection
 
 
 def test_a_corrupt_database_only_warns_and_keeps_its_bytes(tmp_path):

@@ -15,6 +15,7 @@ import pytest
 from optuna.trial import TrialState
 
 from attncc.db import DatabaseError, Key, Record, Store, import_
+from attncc.db.exchange import parse
 from attncc.tune.study import open_study
 
 
@@ -125,3 +126,25 @@ def test_killed_worker_trial_is_failed_on_next_open(tmp_path):
     time.sleep(2.5)  # past the grace period (2 heartbeats)
     study = open_study(url, "killed", budget=3, heartbeat=1)
     assert [t.state for t in study.get_trials()] == [TrialState.FAIL]
+
+
+def test_one_unreadable_row_does_not_hide_the_others(tmp_path):
+    path = tmp_path / "tuning.db"
+    store = Store(path)
+    good = record()
+    store.put(good)
+    other = record(bucket="q128-k128")
+    store.put(other)
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE attncc_records SET body = '{\"schema\": 2}' WHERE id = ?",
+                     (other.id,))
+    with pytest.warns(UserWarning, match="1 unreadable record"):
+        assert Store(path).records() == [good]
+
+
+def test_imported_records_with_impossible_times_or_deep_json_are_refused(tmp_path):
+    bad = {**record().to_json(), "median_s": -1.0}
+    with pytest.raises(DatabaseError, match="'median_s' a finite number >= 0"):
+        parse(json.dumps(bad), "x.jsonl")
+    with pytest.raises(DatabaseError, match="nested too deeply"):
+        parse("[" * 100000, "x.jsonl")

@@ -376,3 +376,9 @@ def test_attend_gradient_is_finite_with_extreme_removed_scores(normalize):
     for x in (q, k, v):
         assert torch.all(torch.isfinite(x.grad))
     assert torch.all(torch.isfinite(out))
+
+
+def test_tensors_on_different_devices_are_one_clear_error():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(attncc.InputError, match="expected one device"):
+        attend(attncc.load_spec({"attncc": 1}), q, q.to("meta"), q, {})

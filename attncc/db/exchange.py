@@ -53,6 +53,9 @@ def parse(text: str, where: str) -> list[Record]:
         except json.JSONDecodeError as err:
             raise DatabaseError(f"{where}:{number}: expected one JSON object per line, got "
                                 f"invalid JSON ({err.msg} at column {err.colno})") from None
+        except RecursionError:
+            raise DatabaseError(f"{where}:{number}: expected one JSON object per line, got "
+                                "JSON nested too deeply") from None
         record = Record.from_json(data, f"{where}:{number}")
         if record.id in records:
             raise DatabaseError(f"{where}:{number}: duplicate record {record.id} (same key as "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 
@@ -146,6 +147,10 @@ class Record:
         rest = {k: v for k, v in data.items() if k not in key_names}
         rest["median_s"] = float(rest["median_s"])
         rest["spread_s"] = float(rest["spread_s"])
+        for name in ("median_s", "spread_s", "trials"):
+            if not math.isfinite(rest[name]) or rest[name] < 0:
+                raise DatabaseError(f"{where}: expected '{name}' a finite number >= 0, got "
+                                    f"{rest[name]!r}")
         return Record(key=Key(**{k: data[k] for k in key_names}), **rest)
 
     def dumps(self) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -139,7 +140,16 @@ class Store:
             query = query.where(RECORDS.c.id.startswith(id_prefix))
         with self._guard("read"), self.engine.connect() as conn:
             rows = conn.execute(query).all()
-        return [self._record(row) for row in rows]
+        records, unreadable = [], []
+        for row in rows:
+            try:
+                records.append(self._record(row))
+            except DatabaseError as err:  # one bad row must not hide (or block) all the others
+                unreadable.append(str(err))
+        if unreadable:
+            warnings.warn(f"{len(unreadable)} unreadable record(s) skipped (kept as they are): "
+                          f"{unreadable[0]}", stacklevel=2)
+        return records
 
     # --- writing -------------------------------------------------------------------------------
 
