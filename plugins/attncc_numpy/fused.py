@@ -3,7 +3,8 @@
 For each group of (batch, head) slices that share a slice of the block plan (all of them when the
 plan is shared, Bp = Hp = 1), and each query block ``m``::
 
-    state = init()                               # running max/sum/acc, or top-k buffer
+    [top-k: a first pass over the same tiles finds each row's K-th largest kept score]
+    state = init()                               # running max/sum/acc
     [memory tile: all keys kept, no score_mod]   # memory_tokens > 0
     for n in full blocks of m:  state.update(score_mod(q·kᵀ), keep=None)      # mask skipped
     for n in partial blocks of m: state.update(score_mod(q·kᵀ), keep=mask)
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from attncc_numpy.states import SigmoidState, SoftmaxState, TopkState
+from attncc_numpy.states import SigmoidState, SoftmaxState, TopkThreshold
 from attncc_numpy.tiles import Slice, TileScorer
 
 
@@ -78,44 +79,52 @@ def _additive_weight(spec, inputs, h, dtype):
 
 
 def _run_slice(spec, plan, scorer, sl: Slice, bp: int, hp: int, inputs: dict, stats: Stats):
-    seq_q, block_m, block_n = sl.q.shape[-2], plan.block_m, plan.block_n
-    seq_k = sl.k.shape[-2]
-    lead = sl.q.shape[:3]
-    dtype = sl.q.dtype
+    seq_q, block_m = sl.q.shape[-2], plan.block_m
+    lead, dtype = sl.q.shape[:3], sl.q.dtype
     mem = _slice_memory(sl, inputs, dtype) if spec.memory_tokens else None
-    n_mem = spec.memory_tokens
-    values = sl.v
-    if spec.normalize == "topk" and mem is not None:
-        values = np.concatenate([np.broadcast_to(mem[1], (sl.v.shape[0], *mem[1].shape[1:])),
-                                 sl.v], axis=-2)
     outs, lses = [], []
     for m in range((seq_q + block_m - 1) // block_m):
         rows = range(m * block_m, min((m + 1) * block_m, seq_q))
-        q_tile = sl.q[..., rows.start:rows.stop, :]
-        state = _new_state(spec, (*lead, len(rows)), sl.v.shape[-1], dtype, values)
-        if mem is not None:
-            s = scorer.raw(sl, q_tile, mem[0])
-            state.update(s, None, mem[1], np.arange(n_mem))
-        full, partial = plan.kv_blocks(bp, hp, m)
-        for n, is_full in [(int(n), True) for n in full] + [(int(n), False) for n in partial]:
-            cols = range(n * block_n, min((n + 1) * block_n, seq_k))
-            s = scorer.raw(sl, q_tile, sl.k[..., cols.start:cols.stop, :])
-            env = scorer.env(sl, rows, cols) if (spec.score_mod is not None
-                                                 or not is_full) else None
-            if spec.score_mod is not None:
-                s = scorer.modded(s, env)
-            keep = None if is_full else scorer.keep(env, s.shape)
-            state.update(s, keep, sl.v[..., cols.start:cols.stop, :],
-                         np.arange(cols.start + n_mem, cols.stop + n_mem))
-            if is_full:
-                stats.full += 1
-            else:
-                stats.partial += 1
+        shape = (*lead, len(rows))
+        threshold = None
+        if spec.normalize == "topk":
+            first = TopkThreshold(shape, spec.topk, dtype)
+            for s, keep, _ in _tiles(spec, plan, scorer, sl, bp, hp, m, rows, mem, None):
+                first.update(s, keep)
+            threshold = first.value()[..., None]
+        state = (SigmoidState if spec.normalize == "sigmoid" else SoftmaxState)(
+            shape, sl.v.shape[-1], dtype)
+        for s, keep, v_tile in _tiles(spec, plan, scorer, sl, bp, hp, m, rows, mem, stats):
+            if threshold is not None:
+                above = s >= threshold
+                keep = above if keep is None else keep & above
+            state.update(s, keep, v_tile)
         o, lse = state.finish()
         outs.append(o)
         lses.append(lse)
     lse = None if spec.normalize == "sigmoid" else np.concatenate(lses, axis=-1)
     return np.concatenate(outs, axis=-2), lse
+
+
+def _tiles(spec, plan, scorer, sl: Slice, bp: int, hp: int, m: int, rows: range, mem, stats):
+    """``(scores, keep or None, values)`` of query block ``m``'s tiles: the memory tile first, then
+    the FULL blocks (no mask work), then the PARTIAL ones; counted in ``stats`` unless None."""
+    q_tile = sl.q[..., rows.start:rows.stop, :]
+    if mem is not None:
+        yield scorer.raw(sl, q_tile, mem[0]), None, mem[1]
+    full, partial = plan.kv_blocks(bp, hp, m)
+    seq_k, block_n = sl.k.shape[-2], plan.block_n
+    for n, is_full in [(int(n), True) for n in full] + [(int(n), False) for n in partial]:
+        cols = range(n * block_n, min((n + 1) * block_n, seq_k))
+        s = scorer.raw(sl, q_tile, sl.k[..., cols.start:cols.stop, :])
+        env = scorer.env(sl, rows, cols) if (spec.score_mod is not None or not is_full) else None
+        if spec.score_mod is not None:
+            s = scorer.modded(s, env)
+        if stats is not None:
+            stats.full += is_full
+            stats.partial += not is_full
+        keep = None if is_full else scorer.keep(env, s.shape)
+        yield s, keep, sl.v[..., cols.start:cols.stop, :]
 
 
 def _slice_memory(sl: Slice, inputs: dict, dtype):
@@ -125,9 +134,4 @@ def _slice_memory(sl: Slice, inputs: dict, dtype):
     return mem_k, mem_v
 
 
-def _new_state(spec, lead, value_dim, dtype, values):
-    if spec.normalize == "sigmoid":
-        return SigmoidState(lead, value_dim, dtype)
-    if spec.normalize == "topk":
-        return TopkState(lead, value_dim, dtype, spec.topk, values)
-    return SoftmaxState(lead, value_dim, dtype)
+

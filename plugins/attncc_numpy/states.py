@@ -4,8 +4,8 @@ Each state covers one query tile for a group of (batch, head) slices: ``lead`` i
 ``(B', Hkv', G', rows)``. ``update(s, keep, v, cols)`` folds in one key tile: scores ``s`` of shape
 ``lead + (cols,)``, ``keep`` the mask (None: every pair kept, a FULL block), ``v`` the tile's values
 ``(B', Hkv', 1, cols, Dv)`` (broadcast over the query heads of a kv head, never copied) and
-``cols`` the global key numbers (used by top-k). ``finish()`` returns ``(out, lse)``; lse is None
-where the normalization has none.
+``cols`` the global key numbers. ``finish()`` returns ``(out, lse)``; lse is None where the
+normalization has none. Top-k is two passes: ``TopkThreshold``, then ``SoftmaxState``.
 """
 
 from __future__ import annotations
@@ -62,42 +62,21 @@ class SigmoidState:
         return self.acc, None
 
 
-class TopkState:
-    """A running buffer of the K largest kept scores of each row and their global key numbers.
+class TopkThreshold:
+    """First pass of top-k: a running buffer of the K largest kept scores of each row.
 
-    ``finish`` gathers the values of the buffered keys from ``values`` (all keys of the slice,
-    memory tokens first) and takes the softmax over the buffer: exactly the reference's softmax
-    over the K largest kept scores (all kept ones where fewer than K are kept). Ties at the K-th
-    score are broken arbitrarily, where the reference keeps every tied key.
+    ``value()`` is the K-th largest kept score, or -inf where fewer than K are kept. The second
+    pass is a SoftmaxState over the keys with score >= that threshold: exactly the reference's
+    softmax over the K largest kept scores, every key tied at the K-th score included.
     """
 
-    def __init__(self, lead: tuple, value_dim: int, dtype, topk: int, values):
+    def __init__(self, lead: tuple, topk: int, dtype):
         self.topk = topk
         self.scores = np.full((*lead, topk), NEG_INF, dtype=dtype)
-        self.keys = np.zeros((*lead, topk), dtype=np.int64)
-        self.values = values
 
-    def update(self, s, keep, v, cols) -> None:
-        s = _masked(s, keep)
-        scores = np.concatenate([self.scores, s], axis=-1)
-        keys = np.concatenate([self.keys, np.broadcast_to(cols, s.shape)], axis=-1)
-        best = np.argpartition(-scores, self.topk - 1, axis=-1)[..., :self.topk]
-        self.scores = np.take_along_axis(scores, best, axis=-1)
-        self.keys = np.take_along_axis(keys, best, axis=-1)
+    def update(self, s, keep) -> None:
+        scores = np.concatenate([self.scores, _masked(s, keep)], axis=-1)
+        self.scores = -np.partition(-scores, self.topk - 1, axis=-1)[..., :self.topk]
 
-    def finish(self):
-        row_max = self.scores.max(axis=-1)
-        kept = ~np.isneginf(row_max)
-        safe = np.where(kept, row_max, 0).astype(self.scores.dtype)
-        weights = np.exp(self.scores - safe[..., None])
-        total = weights.sum(axis=-1)
-        denom = np.where(kept, total, 1)
-        vals = self.values
-        b = np.arange(vals.shape[0]).reshape(-1, 1, 1, 1, 1)
-        h = np.arange(vals.shape[1]).reshape(1, -1, 1, 1, 1)
-        gathered = vals[b, h, 0, self.keys]  # (B', Hkv', G', rows, K, Dv)
-        out = np.einsum("...k,...kd->...d", weights / denom[..., None], gathered)
-        out = np.where(kept[..., None], out, 0)
-        with np.errstate(divide="ignore"):
-            lse = np.where(kept, safe + np.log(denom), NEG_INF)
-        return out, lse
+    def value(self):
+        return self.scores.min(axis=-1)
