@@ -84,6 +84,10 @@ def bind(spec: Spec, q, k, v, inputs: dict) -> Bound:
         if seq_q % m or seq_k % m:
             raise InputError(f"nystrom with {m} landmarks needs seq_q and seq_k divisible by "
                              f"{m}; got seq_q {seq_q}, seq_k {seq_k}")
+    scale = spec.scale.subs({SIZES[n]: value for n, value in sizes.items()})
+    if not (scale.is_real and scale.is_finite):
+        raise InputError(f"scale {spec.scale} is {scale} at these sizes ({sizes}); expected a "
+                         "finite real number")
     return Bound(sizes, _check_inputs(spec, inputs, sizes, q))
 
 

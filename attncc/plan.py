@@ -117,6 +117,10 @@ class BlockPlan:
                 f"density={self.block_density():.3f})")
 
 
+#: Block pairs one plan may hold (its states take a byte each, per batch/head slice kept).
+MAX_BLOCK_PAIRS = 1 << 26
+
+
 def build_plan(spec, sizes: dict, block_m: int, block_n: int,
                inputs: dict | None = None) -> BlockPlan:
     """The block plan of ``spec`` for the given ``sizes`` (size name -> int) and block sizes.
@@ -133,6 +137,11 @@ def build_plan(spec, sizes: dict, block_m: int, block_n: int,
     for name in ("seq_q", "seq_k"):
         if name not in sizes:
             raise InputError(f"build_plan: sizes must give '{name}'; got {sorted(sizes)}")
+    pairs = -(-sizes["seq_q"] // int(block_m)) * -(-sizes["seq_k"] // int(block_n))
+    if pairs > MAX_BLOCK_PAIRS:
+        raise InputError(f"build_plan: seq_q {sizes['seq_q']} x seq_k {sizes['seq_k']} in "
+                         f"{block_m}x{block_n} blocks gives {pairs} block pairs; at most "
+                         f"{MAX_BLOCK_PAIRS} are supported: use larger blocks")
     reads, _ = mask_dependencies(spec.mask)
     if reads:
         return _plan(spec, sizes, int(block_m), int(block_n), _arrays(reads, inputs))

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 import sympy
+from sympy.logic.boolalg import ITE
 
+from attncc.errors import InputError
 from attncc.spec.symbols import sigmoid
 
 __all__ = ["ALWAYS", "MAYBE", "NEVER", "block_range", "classify", "interval"]
@@ -106,6 +108,10 @@ class _Intervals:
             return ALWAYS - self.state(e.args[0])
         if isinstance(e, sympy.Rel):
             return self.relation(e)
+        if isinstance(e, ITE):  # sympy's form of a condition chosen by a condition
+            cond, then, other = (self.state(a) for a in e.args)
+            same = np.where(then == other, then, np.int8(MAYBE))
+            return np.where(cond == ALWAYS, then, np.where(cond == NEVER, other, same))
         raise TypeError(f"interval reasoning cannot classify {type(e).__name__}: {e}")
 
     def relation(self, e: sympy.Rel):
@@ -217,6 +223,8 @@ class _Intervals:
         coeff, rest = e.as_coeff_Mul()
         if coeff != 1:
             lo, hi = self.num(rest)
+            if coeff.is_Integer:
+                _no_overflow(e, (lo, hi), (np.int64(int(coeff)), np.int64(int(coeff))))
             if coeff.is_Rational and not coeff.is_Integer and _is_int(lo) and _is_int(hi):
                 # p/q * x as (p*x)/q: true division of exact integers, like the evaluator's
                 lo, hi = _scale(lo, hi, int(coeff.p))
@@ -225,6 +233,7 @@ class _Intervals:
         lo, hi = self.num(e.args[0])
         for arg in e.args[1:]:
             a_lo, a_hi = self.num(arg)
+            _no_overflow(e, (lo, hi), (a_lo, a_hi))
             corners = (lo * a_lo, lo * a_hi, hi * a_lo, hi * a_hi)
             lo, hi = _fold(np.minimum, corners), _fold(np.maximum, corners)
         return lo, hi
@@ -236,6 +245,7 @@ class _Intervals:
             raise TypeError(f"interval reasoning needs a number exponent, got {e}")
         if n.is_Integer and n >= 0:
             n = int(n)
+            _no_overflow(e, *[(lo, hi)] * n)
             a, c = lo ** n, hi ** n
             if n % 2:
                 return a, c
@@ -405,3 +415,19 @@ def _tri(always, not_never):
     if isinstance(always, bool | np.bool_) and isinstance(not_never, bool | np.bool_):
         return int(always) + int(not_never)
     return np.add(always, not_never, dtype=np.int8)
+
+
+def _no_overflow(e, *factors) -> None:
+    """InputError when a product of integer intervals could leave int64 (it would wrap silently)."""
+    if not all(_is_int(lo) and _is_int(hi) for lo, hi in factors):
+        return
+    bound = 1.0
+    for lo, hi in factors:
+        bound *= float(max(np.abs(np.asarray(lo, np.float64)).max(initial=0),
+                           np.abs(np.asarray(hi, np.float64)).max(initial=0)))
+    if bound > INT_LIMIT:
+        raise InputError(f"integer arithmetic in '{e}' reaches about {bound:.3g} at these sizes, "
+                         f"past the {INT_LIMIT:.3g} that 64-bit integers hold exactly")
+
+
+INT_LIMIT = float(2 ** 62)

@@ -86,10 +86,19 @@ def _parse_text(text: str, file: str | None, fmt: str):
         raise SpecError(f"not valid YAML: {problem}{where}", file=file) from None
     except RecursionError:
         raise SpecError(f"{fmt} nests too deeply", file=file) from None
+    except TypeError as err:  # e.g. a YAML mapping or list used as a key
+        raise SpecError(f"not a valid spec: {err}; keys must be plain names", file=file) from None
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys instead of keeping the last one silently."""
+    """SafeLoader that rejects duplicate keys instead of keeping the last one silently, and
+    aliases (``*name``), whose repeated expansion lets a few bytes grow into gigabytes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a "
+                                              "spec", self.peek_event().start_mark)
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
         seen = set()

@@ -13,6 +13,7 @@ import math
 import operator
 
 import sympy
+from sympy.logic.boolalg import ITE
 
 from attncc.errors import InputError
 from attncc.spec.symbols import sigmoid
@@ -73,7 +74,9 @@ class _Evaluator:
         if isinstance(e, sympy.Add):
             return _fold(operator.add, [self.value(a) for a in e.args])
         if isinstance(e, sympy.Mul):
-            return _fold(operator.mul, [self.value(a) for a in e.args])
+            values = [self.value(a) for a in e.args]
+            self.no_overflow(e, values)
+            return _fold(operator.mul, values)
         if isinstance(e, sympy.Pow):
             return self.power(e)
         if isinstance(e, (sympy.floor, sympy.ceiling)) and _is_ratio(e.args[0]):
@@ -104,6 +107,8 @@ class _Evaluator:
             return (not arg) if _is_scalar(arg) else xp.logical_not(arg)
         if isinstance(e, sympy.Piecewise):
             return self.piecewise(e)
+        if isinstance(e, ITE):  # sympy's form of a condition chosen by a condition
+            return self.piecewise(sympy.Piecewise((e.args[1], e.args[0]), (e.args[2], True)))
         raise TypeError(f"attncc cannot evaluate {type(e).__name__}: {e}")
 
     def unary(self, name: str, arg):
@@ -132,8 +137,21 @@ class _Evaluator:
         if exponent == -sympy.Rational(1, 2):
             return 1.0 / self.xp.sqrt(_to_float(base, self.xp))
         if exponent.is_Integer and exponent >= 0:
+            self.no_overflow(e, [base] * int(exponent))
             return base ** int(exponent)
         return _to_float(base, self.xp) ** float(exponent)
+
+    def no_overflow(self, e, values) -> None:
+        """InputError when a product of integer arrays could leave int64 (it would wrap)."""
+        arrays = [v for v in values if not _is_scalar(v)]
+        if not arrays or not all(self.xp.isdtype(v.dtype, "integral") for v in arrays):
+            return
+        bound = 1.0
+        for v in values:
+            bound *= abs(v) if _is_scalar(v) else float(self.xp.max(self.xp.abs(v)))
+        if bound > 2.0 ** 62:
+            raise InputError(f"integer arithmetic in '{e}' reaches about {bound:.3g} at these "
+                             f"sizes, past what 64-bit integers hold exactly")
 
     def reduce(self, array_fn, scalar_fn, values):
         result = values[0]
