@@ -324,3 +324,14 @@ def test_show_and_viz_every_example(tmp_path):
         png = tmp_path / f"{Path(path).stem}.png"
         assert_ok(invoke("viz", path, "--seq", 128, "--mask-size", 16, "-o", png))
         assert png.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_bench_times_backends_next_to_sdpa_and_skips_with_reasons():
+    out = assert_ok(invoke("bench", "examples/causal.yaml", "--seq", 32, "--repeat", 1,
+                           "--backend", "numpy", "--backend", "torch"))
+    rows = {line.split()[0]: line for line in out.splitlines()[2:]}
+    assert set(rows) >= {"numpy", "torch", "sdpa"}
+    assert "1.00x" in rows["sdpa"] and "causal" in rows["sdpa"]
+    assert float(rows["numpy"].split()[1]) > 0
+    assert_one_line_error(invoke("bench", "examples/causal.yaml", "--backend", "nope"),
+                          "unknown backend 'nope'")

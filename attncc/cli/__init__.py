@@ -59,6 +59,7 @@ def cli() -> None:
 
 def _register() -> None:
     from attncc.cli.backends import backends
+    from attncc.cli.bench import bench
     from attncc.cli.check import check
     from attncc.cli.compile import compile_command
     from attncc.cli.db import db
@@ -68,7 +69,7 @@ def _register() -> None:
     from attncc.cli.tune import tune
     from attncc.cli.viz import viz
 
-    for command in (show, check, compile_command, run, tune, viz, db, backends, target):
+    for command in (show, check, compile_command, run, bench, tune, viz, db, backends, target):
         cli.add_command(command)
 
 
