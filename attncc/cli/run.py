@@ -115,7 +115,10 @@ def to_library(kernel, target, qkv: tuple, inputs: dict):
     device = "cuda" if target.kind == "cuda" else "cpu"
 
     def convert(x):
-        return torch.from_numpy(np.ascontiguousarray(x)).to(device)
+        if x.dtype.kind not in "biuf":
+            raise InputError(f"expected numeric arrays in the .npz, got dtype {x.dtype}")
+        native = x.astype(x.dtype.newbyteorder("="), copy=False)  # torch takes native order only
+        return torch.from_numpy(np.ascontiguousarray(native)).to(device)
 
     return tuple(convert(x) for x in qkv), {n: convert(x) for n, x in inputs.items()}
 
