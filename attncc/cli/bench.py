@@ -12,6 +12,7 @@ from __future__ import annotations
 import click
 
 from attncc.cli.options import (
+    checked_backends,
     detect_target,
     dtype_option,
     load,
@@ -47,11 +48,7 @@ def bench(spec: str, batch: int, seq: int, seq_k: int | None, heads: int | None,
     target = detect_target(target_name)
     graph = lower(loaded)
     device = "cuda" if target.kind == "cuda" else None
-    names = list(dict.fromkeys(backend_names)) or registry.names()
-    unknown = [name for name in names if name not in registry.names()]
-    if unknown:
-        raise BackendError(f"unknown backend '{unknown[0]}'; installed: "
-                           f"{', '.join(registry.names()) or 'none'}")
+    names = checked_backends(backend_names)
     rows = []
     for name in names:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import click
 
 from attncc.cli.options import (
+    checked_backends,
     detect_target,
     dtype_option,
     load,
@@ -47,11 +48,7 @@ def check(ctx: click.Context, spec: str, batch: int, seq: int, seq_k: int | None
     resolve_sizes(loaded, batch, seq, seq_k, heads, head_dim)  # rejects options the spec fixes
     target = detect_target(target_name)
     graph = lower(loaded)
-    names = list(dict.fromkeys(backend_names)) or registry.names()
-    unknown = [name for name in names if name not in registry.names()]
-    if unknown:
-        raise BackendError(f"unknown backend '{unknown[0]}'; installed: "
-                           f"{', '.join(registry.names()) or 'none'}")
+    names = checked_backends(backend_names)
     rows, failed, sizes = [], False, None
     for name in names:
         try:

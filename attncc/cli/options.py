@@ -100,3 +100,17 @@ def detect_target(name: str):
     from attncc.target import Target, default_target
 
     return default_target() if name == "cpu" else Target.detect(name)
+
+
+def checked_backends(asked: tuple[str, ...]) -> list[str]:
+    """The backends a command runs: those asked for (in order, once each), else every registered
+    one; BackendError for a name that is not registered."""
+    from attncc.backends import registry
+    from attncc.errors import BackendError
+
+    names = list(dict.fromkeys(asked)) or registry.names()
+    unknown = [name for name in names if name not in registry.names()]
+    if unknown:
+        raise BackendError(f"unknown backend '{unknown[0]}'; installed: "
+                           f"{', '.join(registry.names()) or 'none'}")
+    return names
