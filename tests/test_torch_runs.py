@@ -49,7 +49,7 @@ def test_runs_forward_matches_the_reference(path, seq, calls):
     kernel = attncc.compile(spec, backend="torch", config={"use_sdpa": True, "block_m": 16,
                                                            "block_n": 16})
     q, k, v, inputs = random_inputs(spec, 2, seq, seq, "float32", seed=seq, library="torch",
-                                    heads=3)
+                                    heads=3, head_dim=16, value_dim=16)
     report = check_kernel(kernel, spec, q, k, v, inputs, grads=False)
     assert report.ok, str(report)
     if spec.mask is not None and not spec.is_causal:

@@ -86,16 +86,24 @@ def max_error(x, ref) -> float:
     return float(diff.max())
 
 
-def judge(quantity: str, x, eager, ref, dtype: str) -> Check:
-    """Apply the rule to one quantity."""
+def judge(quantity: str, x, eager, ref, dtype: str, scale: float | None = None) -> Check:
+    """Apply the rule to one quantity; the floor is relative to ``scale`` (default: the largest
+    finite magnitude of ``ref``, at least 1)."""
     ref64 = _numpy64(ref)
-    finite = ref64[np.isfinite(ref64)]
-    scale = max(1.0, float(np.abs(finite).max())) if finite.size else 1.0
+    if scale is None:
+        scale = magnitude(ref64)
     eager_error = max_error(eager, ref64)
     # a non-finite eager error would make any kernel pass: judge against the floor alone then
     slack = FACTOR * eager_error if np.isfinite(eager_error) else 0.0
     bound = slack + FLOORS.get(dtype, 1e-2) * scale
     return Check(quantity, max_error(x, ref64), eager_error, bound)
+
+
+def magnitude(x) -> float:
+    """max(1, the largest finite |x|): what a quantity's rounding errors are relative to."""
+    x = _numpy64(x)
+    finite = x[np.isfinite(x)]
+    return max(1.0, float(np.abs(finite).max())) if finite.size else 1.0
 
 
 def check_kernel(kernel, spec, q, k, v, inputs: dict | None = None, *, grads: bool | None = None,

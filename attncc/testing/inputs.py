@@ -24,18 +24,20 @@ ID_RANGE = 4
 
 
 def sizes_for(spec, batch: int, seq_q: int, seq_k: int, *, heads: int | None = None,
-              head_dim: int | None = None) -> dict[str, int]:
+              head_dim: int | None = None, value_dim: int | None = None) -> dict[str, int]:
     """Every size of a call: fixed ones from the spec, free ones from the arguments or defaults.
 
     Nyström needs both sequences divisible by its landmarks: they are rounded up to a multiple.
-    Without a fixed kv_heads, half the heads (GQA) when heads is even, so the suite covers groups.
+    Without a fixed kv_heads, half the heads (GQA) when heads is even, so the suite covers groups;
+    without a fixed value_dim (or head_dim), value_dim = head_dim + 8.
     """
     spec = load_spec(spec)
     heads = spec.heads or heads or DEFAULT_HEADS
     kv_heads = spec.kv_heads or (spec.heads if spec.heads else
                                  (heads // 2 if heads % 2 == 0 else heads))
     head_dim = spec.head_dim or head_dim or DEFAULT_HEAD_DIM
-    value_dim = spec.value_dim or spec.head_dim or head_dim
+    # an open value_dim differs from head_dim, so kernels that mix the two up fail
+    value_dim = spec.value_dim or spec.head_dim or value_dim or head_dim + 8
     if spec.lowrank is not None and spec.lowrank.method == "nystrom":
         m = spec.lowrank.size
         seq_q, seq_k = (-(-n // m) * m for n in (seq_q, seq_k))
@@ -45,14 +47,15 @@ def sizes_for(spec, batch: int, seq_q: int, seq_k: int, *, heads: int | None = N
 
 def random_inputs(spec, batch: int, seq_q: int, seq_k: int, dtype: str = "float32",
                   seed: int = 0, library: str = "numpy", device=None, *,
-                  heads: int | None = None, head_dim: int | None = None):
+                  heads: int | None = None, head_dim: int | None = None,
+                  value_dim: int | None = None):
     """``(q, k, v, inputs)`` for ``spec`` as NumPy arrays or torch tensors of ``dtype``.
 
     Floating inputs get ``dtype`` too; integer and boolean ones keep their declared dtype.
     ``device`` applies to torch. Sizes follow ``sizes_for``.
     """
     spec = load_spec(spec)
-    s = sizes_for(spec, batch, seq_q, seq_k, heads=heads, head_dim=head_dim)
+    s = sizes_for(spec, batch, seq_q, seq_k, heads=heads, head_dim=head_dim, value_dim=value_dim)
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((s["batch"], s["heads"], s["seq_q"], s["head_dim"]))
     k = rng.standard_normal((s["batch"], s["kv_heads"], s["seq_k"], s["head_dim"]))
