@@ -22,10 +22,12 @@ _KINDS = {"float": "real floating", "int": "integral", "bool": "bool"}
 
 @dataclass(frozen=True)
 class Bound:
-    """A checked call: ``sizes`` maps every size name to its int; ``inputs`` the named tensors."""
+    """A checked call: ``sizes`` maps every size name to its int; ``inputs`` the named tensors;
+    ``scale`` the spec's scale at these sizes."""
 
     sizes: dict[str, int]
     inputs: dict
+    scale: float = 1.0
 
     @property
     def group(self) -> int:
@@ -88,7 +90,7 @@ def bind(spec: Spec, q, k, v, inputs: dict) -> Bound:
     if not (scale.is_real and scale.is_finite):
         raise InputError(f"scale {spec.scale} is {scale} at these sizes ({sizes}); expected a "
                          "finite real number")
-    return Bound(sizes, _check_inputs(spec, inputs, sizes, q))
+    return Bound(sizes, _check_inputs(spec, inputs, sizes, q), float(scale))
 
 
 def _check_inputs(spec: Spec, given: dict, sizes: dict, q) -> dict:

@@ -90,7 +90,7 @@ def _scores(spec, bound: Bound, q, k, xp):
         w = bound.inputs["w"]
         hidden = xp.tanh(q[:, :, :, None, :] + k[:, :, None, :, :])
         return xp.sum(hidden * w[None, :, None, None, :], axis=-1)
-    scale = float(spec.scale.subs(bound.subs()))
+    scale = bound.scale
     return scale * xp.matmul(q, xp.matrix_transpose(k))
 
 
@@ -170,7 +170,7 @@ def _nystrom(spec, bound: Bound, q, k, v, xp):
     m = spec.lowrank.size
     heads = xp.arange(bound.sizes["heads"]) // bound.group
     k, v = xp.take(k, heads, axis=1), xp.take(v, heads, axis=1)
-    scale = float(spec.scale.subs(bound.subs()))
+    scale = bound.scale
 
     def landmarks(x):
         b, h, n, d = x.shape

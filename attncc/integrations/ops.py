@@ -98,13 +98,19 @@ def _make_grad(backward_op):
     return grad
 
 
-attention = torch.library.custom_op("attncc::attention", _forward, mutates_args=(),
-                                    schema=_FORWARD)
-attention.register_fake(_forward_fake)
-attention_backward = torch.library.custom_op("attncc::attention_backward", _backward,
-                                             mutates_args=(), schema=_BACKWARD)
-attention_backward.register_fake(_backward_fake)
-attention.register_autograd(_make_grad(attention_backward), setup_context=_setup_context)
+def _op_pair(name: str):
+    """The ``custom_op`` ``attncc::<name>`` and its backward op, with fakes and autograd."""
+    forward = torch.library.custom_op(f"attncc::{name}", _forward, mutates_args=(),
+                                      schema=_FORWARD)
+    forward.register_fake(_forward_fake)
+    backward = torch.library.custom_op(f"attncc::{name}_backward", _backward, mutates_args=(),
+                                       schema=_BACKWARD)
+    backward.register_fake(_backward_fake)
+    forward.register_autograd(_make_grad(backward), setup_context=_setup_context)
+    return forward, backward
+
+
+attention, attention_backward = _op_pair("attention")
 
 _TRITON: dict = {}
 
@@ -114,14 +120,7 @@ def _triton_ops():
     ``triton_ops.supported`` rejects (their host code is not only kernel launches), defined on
     first use."""
     if not _TRITON:
-        fwd = torch.library.custom_op("attncc::attention_triton", _forward, mutates_args=(),
-                                      schema=_FORWARD)
-        fwd.register_fake(_forward_fake)
-        bwd = torch.library.custom_op("attncc::attention_triton_backward", _backward,
-                                      mutates_args=(), schema=_BACKWARD)
-        bwd.register_fake(_backward_fake)
-        fwd.register_autograd(_make_grad(bwd), setup_context=_setup_context)
-        _TRITON.update(forward=fwd, backward=bwd)
+        _TRITON["forward"], _TRITON["backward"] = _op_pair("attention_triton")
     return _TRITON["forward"], _TRITON["backward"]
 
 

@@ -63,13 +63,13 @@ class NumpyKernel(Kernel):
         if self.kind == "linear":
             out = run_linear(spec, q_c, k_c, v_c, ins, self.config["chunk"])
         elif self.kind == "nystrom":
-            out = run_nystrom(spec, q_c, k_c, v_c, _scale(spec, bound))
+            out = run_nystrom(spec, q_c, k_c, v_c, bound.scale)
         else:
             if spec.lowrank is not None:
                 k_c, v_c = ins["E"] @ k_c, ins["F"] @ v_c
             plan = self._plan(bound)
             stats = Stats()
-            scorer = TileScorer(spec, bound.sizes, ins, _scale(spec, bound), ct)
+            scorer = TileScorer(spec, bound.sizes, ins, bound.scale, ct)
             out, lse = run_fused(spec, plan, scorer, q_c, k_c, v_c, ins, stats)
             self.last_plan, self.last_stats = plan, stats
         out = out.astype(q.dtype, copy=False)
@@ -80,7 +80,3 @@ class NumpyKernel(Kernel):
 
         return build_plan(self.spec, bound.sizes, self.config["block_m"], self.config["block_n"],
                           bound.inputs)
-
-
-def _scale(spec, bound) -> float:
-    return float(spec.scale.subs(bound.subs()))

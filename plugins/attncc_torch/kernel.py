@@ -65,7 +65,7 @@ class TorchKernel(Kernel):
                              f"{' / nystrom' if self.kind == 'nystrom' else ''}")
         cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
         ins = {n: (x.to(cdt) if x.is_floating_point() else x) for n, x in bound.inputs.items()}
-        sizes, scale = bound.sizes, float(spec.scale.subs(bound.subs()))
+        sizes, scale = bound.sizes, bound.scale
         if self.kind == "linear":
             out = run_linear(spec, sizes, q.to(cdt), k.to(cdt), v.to(cdt), ins,
                              self.config["chunk"])

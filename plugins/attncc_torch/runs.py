@@ -28,11 +28,11 @@ import array_api_compat.torch as xp
 import numpy as np
 import torch
 
+from attncc.plan import EMPTY, FULL, PARTIAL
 from attncc.spec.numeric import evaluate
 
 from .schedule import slices
 
-EMPTY, PARTIAL, FULL = 0, 1, 2
 NEG_INF = float("-inf")
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-FULL, PARTIAL = 2, 1
+from attncc.plan import FULL, PARTIAL
 
 
 @dataclass(frozen=True)
