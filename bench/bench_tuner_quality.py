@@ -2,13 +2,18 @@
 
 For each backend (numpy, and torch when it loads) and each spec (dense, sliding window, document
 mask) on this CPU: time every valid config of the backend's search space (the grid), then run
-``attncc.tune`` with a budget of 30% of the grid's size, for several seeds, each into a fresh
-database (no warm start from other records; the backend default is enqueued first, as in every
-tune). The grid method's winner is its best three re-measured, as the tuner does. A run passes
-when the config TPE chose is within 5% of the grid's winner, timed against it alternately in five
+``attncc.tune`` as shipped (TPE, with the plan-based cost model proposing every other trial) with a
+budget of 30% of the grid's size, for several seeds, each into a fresh database (no warm start
+from other records; the backend default is enqueued first, as in every tune). The grid
+method's winner is its best three re-measured, as the tuner does. A run passes when the config
+the tuner chose is within 5% of the grid's winner, timed against it alternately in five
 rounds (paired, so that load from other processes hits both alike).
 
-    python bench/bench_tuner_quality.py [--seq 512] [--seeds 5] [--backends numpy,torch]
+    python bench/bench_tuner_quality.py [--seq 512] [--seeds 5] [--replay-seeds 20]
+                                        [--backends numpy,torch]
+
+Replays (the tuner with the grid's timing table as its clock) separate the search from the noise
+and compare searches: the shipped tuner, TPE alone (``guide=False``) and Optuna's GP sampler.
 
 A backend whose grid exceeds --max-grid (torch: thousands of configs) is skipped and listed.
 
@@ -92,7 +97,7 @@ def grid_choice(problem: Problem, table: dict) -> dict:
 
 
 def replay(spec, backend: str, seq: int, table: dict, best: float, budget: int,
-           seeds: int, sampler: str = "tpe") -> list[float]:
+           seeds: int, sampler: str = "tpe", guide: bool = True) -> list[float]:
     """Run the tuner with the grid's timing table as its timer (no clock, no noise): the ratio to
     the grid's best of the best config each seed's search measured. This isolates the search
     (sampler, warm start, budget) from measurement noise."""
@@ -104,12 +109,13 @@ def replay(spec, backend: str, seq: int, table: dict, best: float, budget: int,
     for seed in range(seeds):
         with tempfile.TemporaryDirectory() as tmp:
             record = tune(spec, backend, batch=1, seq=seq, trials=budget, db=Path(tmp) / "t.db",
-                          progress=False, seed=seed, timer=timer, sampler=sampler)
+                          progress=False, seed=seed, timer=timer, sampler=sampler,
+                          guide=guide)
         ratios.append(record.median_s / best)
     return ratios
 
 
-def one(backend: str, spec_name: str, seq: int, seeds: int, plot: Path) -> dict:
+def one(backend: str, spec_name: str, seq: int, seeds: int, replays: int, plot: Path) -> dict:
     spec = load_spec(ROOT / "examples" / f"{spec_name}.yaml")
     target = default_target()
     problem = Problem(spec, registry.get(backend), target, 1, seq, seq, "float32")
@@ -146,8 +152,9 @@ def one(backend: str, spec_name: str, seq: int, seeds: int, plot: Path) -> dict:
                      "first_within_tolerance": first, "passed": ratio <= TOLERANCE,
                      "seconds": tune_s})
     _plot(plot, backend, spec_name, histories, len(table), budget)
-    replayed = replay(spec, backend, seq, table, best, budget, 4 * seeds)
-    replayed_gp = replay(spec, backend, seq, table, best, budget, 4 * seeds, "gp")
+    replayed = replay(spec, backend, seq, table, best, budget, replays)
+    replayed_tpe = replay(spec, backend, seq, table, best, budget, replays, guide=False)
+    replayed_gp = replay(spec, backend, seq, table, best, budget, replays, "gp", guide=False)
     return {"backend": backend, "spec": spec_name, "seq": seq, "grid_size": len(table),
             "budget": budget, "grid_seconds": grid_s,
             "grid_best": {"config": winner, "median_s": best},
@@ -157,6 +164,8 @@ def one(backend: str, spec_name: str, seq: int, seeds: int, plot: Path) -> dict:
             "runs": runs, "passed": sum(r["passed"] for r in runs),
             "replay_ratios": replayed,
             "replay_passed": sum(r <= TOLERANCE for r in replayed),
+            "replay_tpe_ratios": replayed_tpe,
+            "replay_tpe_passed": sum(r <= TOLERANCE for r in replayed_tpe),
             "replay_gp_ratios": replayed_gp,
             "replay_gp_passed": sum(r <= TOLERANCE for r in replayed_gp)}
 
@@ -165,12 +174,12 @@ def _plot(path: Path, backend: str, spec_name: str, histories, grid_size: int, b
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for seed, history in enumerate(histories):
         ax.step(range(1, len(history) + 1), history, where="post", alpha=0.8,
-                label=f"TPE seed {seed}")
+                label=f"tune seed {seed}")
     ax.axhline(1.0, color="k", lw=1, label="grid best")
     ax.axhline(TOLERANCE, color="r", ls="--", lw=1, label="+5%")
     ax.set_xlabel(f"measured trials (budget {budget} of {grid_size} grid configs)")
     ax.set_ylabel("best so far / grid best")
-    ax.set_title(f"{spec_name} on {backend}: TPE best-so-far vs exhaustive grid")
+    ax.set_title(f"{spec_name} on {backend}: tuner best-so-far vs exhaustive grid")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -183,12 +192,14 @@ def markdown(results: list[dict], meta: dict) -> str:
              f"jobs while this ran; BLAS threads: {meta['blas_threads']}). Python "
              f"{meta['python']}. seq = {meta['seq']}, batch 1, "
              "float32, inputs from attncc.testing.random_inputs. Budget = 30% of the grid; "
-             "pass = the config TPE chose is within 5% of the grid's winner, the two timed "
+             "pass = the config the tuner (TPE + cost model, as shipped) chose is within 5% "
+             "of the grid's winner, the two timed "
              "alternately in 5 rounds (paired, lowest median each). 'grid best' is the lowest "
              "time in the grid sweep (lowest of two medians per config).", "",
              "| backend | spec | grid | budget | grid best (ms) | grid winner | default / best "
-             "| TPE chosen / grid winner (per seed, paired) | passed | replay TPE | replay GP |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| chosen / grid winner (per seed, paired) | passed | replay tuner "
+             "| replay TPE alone | replay GP |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ratios = ", ".join(f"{run['chosen_ratio']:.3f}" for run in r["runs"])
         config = " ".join(f"{k}={v}" for k, v in r["grid_best"]["config"].items())
@@ -196,18 +207,19 @@ def markdown(results: list[dict], meta: dict) -> str:
                      f"{r['grid_best']['median_s'] * 1e3:.3f} | {config.replace(chr(39), '')} | "
                      f"{r['default_ratio']:.3f} | {ratios} | {r['passed']}/{len(r['runs'])} | "
                      f"{r['replay_passed']}/{len(r['replay_ratios'])} | "
+                     f"{r['replay_tpe_passed']}/{len(r['replay_tpe_ratios'])} | "
                      f"{r['replay_gp_passed']}/{len(r['replay_gp_ratios'])} |")
-    lines += ["", "'replay': the same tuner (sampler, warm start, budget, re-measure) with the "
-              "grid sweep's timing table as its clock, over 4x as many seeds: the search alone, "
-              "without measurement noise; pass = the config it picks is within 5% of the table's "
-              "best. 'replay GP' is the same with `--sampler gp` (Optuna's GPSampler).", ""]
+    lines += ["", "'replay tuner': the same tuner (sampler, cost model, warm start, budget, "
+              f"re-measure) with the grid sweep's timing table as its clock, over "
+              f"{meta['replay_seeds']} seeds: the search alone, without measurement noise; pass "
+              "= the config it picks is within 5% of the table's best. 'replay TPE alone' is the "
+              "same without the cost model (`guide=False`), 'replay GP' with Optuna's GPSampler "
+              "instead of TPE (no cost model).", ""]
     lines += ["Measurement: timings use attncc.tune.measure's steady allocator (glibc mmap/trim "
               "thresholds fixed). Without it, NumPy's >=128 KiB tile temporaries were mmap'd "
               "afresh each call (688-1538 page faults per call at 256x256), a count that "
               "depends on allocation history, so the grid and the tuner timed the same config "
-              "at 2.2 or 4.5 ms. Now 'TPE chosen' matches the grid table within ~2%; the runs "
-              "that still miss never sampled a config within 5% (the noise-free replay misses "
-              "likewise), i.e. the search, not the clock.", ""]
+              "at 2.2 or 4.5 ms (fixed in the previous session).", ""]
     lines += [f"Skipped: {s}." for s in meta["skipped"]]
     total = sum(r["passed"] for r in results)
     count = sum(len(r["runs"]) for r in results)
@@ -220,9 +232,10 @@ def markdown(results: list[dict], meta: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--max-grid", type=int, default=200,
+    parser.add_argument("--max-grid", type=int, default=400,
                         help="Skip a backend whose grid is larger (it would take hours here).")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--replay-seeds", type=int, default=20)
     parser.add_argument("--backends", default="numpy,torch")
     args = parser.parse_args()
     os.environ["ATTNCC_SHIPPED_DB"] = os.devnull  # no shipped warm start either
@@ -243,17 +256,19 @@ def main() -> int:
                 print("skipping " + skipped[-1], flush=True)
                 continue
             plot = RESULTS / f"tuner_quality_{backend}_{spec_name}.png"
-            result = one(backend, spec_name, args.seq, args.seeds, plot)
+            result = one(backend, spec_name, args.seq, args.seeds, args.replay_seeds, plot)
             results.append(result)
             print(f"{backend:6} {spec_name:15} grid {result['grid_size']:3} budget "
                   f"{result['budget']:2}  passed {result['passed']}/{args.seeds}  replay "
-                  f"{result['replay_passed']}/{len(result['replay_ratios'])}  GP "
+                  f"{result['replay_passed']}/{len(result['replay_ratios'])}  TPE alone "
+                  f"{result['replay_tpe_passed']}/{len(result['replay_tpe_ratios'])}  GP "
                   f"{result['replay_gp_passed']}/{len(result['replay_gp_ratios'])}  ratios "
                   + " ".join(f"{r['chosen_ratio']:.3f}" for r in result["runs"]), flush=True)
     target = default_target()
     meta = {"date": datetime.now(UTC).strftime("%Y-%m-%d"), "target": target.key(1),
             "target_key": target.key(3), "cores": os.cpu_count(),
             "python": platform.python_version(), "seq": args.seq, "seeds": args.seeds,
+            "replay_seeds": args.replay_seeds,
             "blas_threads": os.environ["OPENBLAS_NUM_THREADS"],
             "skipped": skipped}
     (RESULTS / "tuner_quality.json").write_text(json.dumps({"meta": meta, "results": results},

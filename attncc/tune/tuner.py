@@ -3,9 +3,10 @@
 The sequence, in order: load the spec and lower it; open the record database and the study for the
 record's key (``study.py``); enqueue the backend's default config and the winners recorded for other
 targets or shape buckets (warm start); run trials (in this process, or ``workers`` processes on the
-one study) until ``trials`` configs have been measured; re-measure the best few and keep the
-fastest; write the record. Invalid configs are pruned unmeasured (``space.py``); a config that
-raises scores ``inf`` and the tune goes on.
+one study) until ``trials`` configs have been measured, TPE sampling and, every other trial, a
+cost model fitted to the measurements proposing (``model.py``, unless ``guide=False``); re-measure
+the best few and keep the fastest; write the record. Invalid configs are pruned unmeasured
+(``space.py``); a config that raises scores ``inf`` and the tune goes on.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from attncc.errors import BackendError, InputError
 from attncc.spec.load import load_spec
 from attncc.tune import study as studies
 from attncc.tune.measure import Timing, time_call
+from attncc.tune.model import MIN_FIT, CostModel
 from attncc.tune.space import decode, encode, fits, signature, suggest, tunables
 
 #: How many of the best configs are re-measured before one is chosen, and how many warm starts.
@@ -52,6 +54,7 @@ class Job:
     heartbeat: int
     seed: int | None
     sampler: str
+    guide: bool = True
 
 
 class Problem:
@@ -141,7 +144,8 @@ def tune(spec, backend: str | Backend = "numpy", *, batch: int = 1, seq: int = 1
          seq_k: int | None = None, dtype: str = "float32", trials: int = 40, workers: int = 1,
          db=None, storage: str | None = None, plot_dir=None, target=None,
          seed: int | None = None, progress: bool = True, timer: Callable | None = None,
-         heartbeat: int = studies.HEARTBEAT_S, sampler: str = "tpe") -> Record:
+         heartbeat: int = studies.HEARTBEAT_S, sampler: str = "tpe",
+         guide: bool = True) -> Record:
     """Tune ``backend``'s tile parameters for ``spec`` at ``(batch, seq, seq_k)`` and ``dtype``.
 
     ``trials`` configs are measured (at most the number of valid ones); with ``workers > 1`` that
@@ -149,7 +153,8 @@ def tune(spec, backend: str | Backend = "numpy", *, batch: int = 1, seq: int = 1
     record database (a path, URL or ``Store``; default ``resolve(None)``); ``storage`` the Optuna
     storage URL (default ``study_storage`` of ``db``); ``plot_dir`` gets the optimization-history
     and parameter-importance PNGs. ``target`` is a ``Target``, ``"cpu"``/``"cuda"``, or None for
-    this CPU. ``sampler`` is ``tpe`` (default), ``gp`` or ``random`` (``study.sampler``).
+    this CPU. ``sampler`` is ``tpe`` (default), ``gp`` or ``random`` (``study.sampler``);
+    ``guide`` lets the plan-based cost model propose every other trial (``model.py``).
     Returns the stored Record. Raises BackendError when no config runs.
     """
     from attncc.target import Target, default_target
@@ -171,10 +176,10 @@ def tune(spec, backend: str | Backend = "numpy", *, batch: int = 1, seq: int = 1
                                heartbeat=heartbeat, kind=sampler)
     _warm_start(study, problem, store)
     job = Job(spec.source, chosen.name, target.to_dict(), batch, seq, seq_k or seq, dtype, url,
-              study.study_name, budget, heartbeat, seed, sampler)
+              study.study_name, budget, heartbeat, seed, sampler, guide)
     bar = _Progress(spec.name, budget) if progress else None
     if workers == 1:
-        _optimize(study, problem, budget, bar)
+        _optimize(study, problem, budget, bar, guide)
     else:
         _spawn(job, workers, study, bar)
     if bar is not None:
@@ -194,15 +199,40 @@ def work(job: Job) -> None:
                       Target.from_dict(job.target), job.batch, job.seq_q, job.seq_k, job.dtype)
     study = studies.open_study(job.storage, job.study, budget=job.budget, seed=None,
                                heartbeat=job.heartbeat, kind=job.sampler)
-    _optimize(study, problem, job.budget, None)
+    _optimize(study, problem, job.budget, None, job.guide)
 
 
-def _optimize(study: optuna.Study, problem: Problem, budget: int, bar) -> None:
+def _optimize(study: optuna.Study, problem: Problem, budget: int, bar, guide: bool) -> None:
     if len(studies.measured(study.get_trials(deepcopy=False))) >= budget:
         return
     limit = len(study.get_trials(deepcopy=False)) + 20 * budget + 50
     stop = studies.Stop(budget, limit, bar.update if bar is not None else None)
-    study.optimize(problem.objective, callbacks=[stop], gc_after_trial=False)
+    callbacks = [_Guide(problem), stop] if guide else [stop]
+    study.optimize(problem.objective, callbacks=callbacks, gc_after_trial=False)
+
+
+class _Guide:
+    """An Optuna callback: after every other measured trial (from the third on), enqueue the
+    config the cost model predicts fastest among those not measured yet (``model.py``)."""
+
+    def __init__(self, problem: Problem):
+        self.problem, self.model = problem, None
+
+    def __call__(self, study: optuna.Study, trial) -> None:
+        trials = study.get_trials(deepcopy=False)
+        done = studies.measured(trials)
+        if (len(done) < MIN_FIT or len(done) % 2 == 0
+                or any(t.state == TrialState.WAITING for t in trials)):
+            return
+        if self.model is None:
+            self.model = CostModel(self.problem)
+        space = self.problem.space
+        times = {signature(decode(space, t.params)): t.value for t in done
+                 if t.state == TrialState.COMPLETE and t.value is not None}
+        config = self.model.propose(times)
+        if config is not None:
+            study.enqueue_trial(encode(space, config), user_attrs={"guide": "cost_model"},
+                                skip_if_exists=True)
 
 
 def _spawn(job: Job, workers: int, study: optuna.Study, bar) -> None:
