@@ -171,12 +171,17 @@ def test_triton_op_compiles_fullgraph_without_graph_break():
         torch.testing.assert_close(g, x.grad)
 
 
-def test_triton_kernels_without_a_triton_op_stay_opaque():
-    """Linear attention has host code beyond kernel launches: the opaque custom_op serves it."""
+def test_triton_linear_kernels_are_triton_ops_too():
+    """Linear attention (the chunked scan kernel) has its own triton_op and backward triton_op
+    (more in test_triton_ops_lowrank.py)."""
     _triton_or_skip()
     fn = op({"attncc": 1, "name": "lin", "normalize": "linear", "feature_map": "elu1",
              "mask": "kv_idx <= q_idx"}, backend="triton")
-    assert fn.ops is None and fn.op._qualname == "attncc::attention_triton"
+    assert fn.ops is not None and fn.op._qualname.startswith("attncc::triton_")
+    assert fn.op._qualname in torch._library.triton.triton_ops_to_kernels
     q, k, v, _ = case(seq=5)
     out = fn(q, k, v)
     assert out.shape == (2, 4, 5, 8)
+    spec = load_spec({"attncc": 1, "name": "lin", "normalize": "linear", "feature_map": "elu1",
+                      "mask": "kv_idx <= q_idx"})
+    torch.testing.assert_close(out, attend(spec, q, k, v, {}))

@@ -19,6 +19,8 @@ from attncc.bind import bind
 from attncc.errors import InputError
 from attncc.plan import build_plan
 
+from . import linear
+
 #: Folder the generated modules are written to (Triton's jit reads a kernel's source file).
 CACHE_ENV = "ATTNCC_TRITON_CACHE"
 
@@ -85,6 +87,28 @@ class TritonKernel(Kernel):
         return self.module.attention(q, k, v, return_lse=return_lse, tables=tables,
                                      **bound.inputs)
 
+    # linear attention's pieces, as torch ops and launches through ``wrap`` (for triton_ops) --
+    def features(self, x, omega=None):
+        """φ(x), the spec's feature map (torch, differentiable); ``omega`` for performer."""
+        return self.module._features(self.module.SPEC, x, omega)
+
+    def features_vjp(self, x, omega, d_phi):
+        """``(dx, d_omega or None)`` of ``features`` for the gradient ``d_phi``."""
+        return linear.features_vjp(self.module.SPEC["feature_map"], x, omega, d_phi)
+
+    def denominator(self, phi_q, phi_k):
+        """``(B, H, Nq)`` row sums ``Σ_j φq_i·φk_j`` the linear kernel divides by."""
+        return linear.denominator(phi_q, phi_k, self.module.SPEC["causal"])
+
+    def linear_forward(self, phi_q, phi_k, v, wrap=None):
+        """The linear kernel's output (one launch through ``wrap``; not differentiable)."""
+        return linear.launch_linear(self.module, self.config, phi_q, phi_k, v, wrap)
+
+    def linear_backward(self, phi_q, phi_k, v, d_num, d_den, wrap=None):
+        """``(dφq, dφk, dv)`` of the linear kernel from the gradients of its numerator and
+        denominator (one launch through ``wrap``)."""
+        return linear.launch_linear_backward(self.module, self.config, phi_q, phi_k, v, d_num,
+                                             d_den, wrap)
 
 
 def _tables(plan, device) -> dict:
