@@ -21,7 +21,7 @@ import numpy as np
 import sympy
 
 from attncc.errors import InputError
-from attncc.passes.intervals import block_range, classify
+from attncc.passes.intervals import INT_LIMIT, block_range, classify_checked
 from attncc.passes.masks import mask_dependencies
 from attncc.spec import load_spec
 from attncc.spec.symbols import SIZES
@@ -199,9 +199,18 @@ def _plan(spec, sizes: dict, block_m: int, block_n: int, arrays: dict) -> BlockP
     blocks = {"b": 1, "h": 1, "q_idx": block_m, "kv_idx": block_n}
     leaves = {e: _leaf(e, arrays[str(e.base.label)], extent, blocks)
               for e in mask.atoms(sympy.Indexed)}
-    states = classify(mask, boxes, leaves)
+    found = classify_checked(mask, boxes, leaves)
     shape = (extent["b"], extent["h"], n_q, n_k)
-    states = np.array(np.broadcast_to(np.asarray(states, dtype=np.int8), shape))
+    states = np.array(np.broadcast_to(np.asarray(found.states, dtype=np.int8), shape))
+    # blocks where integers may pass int64 are PARTIAL (never a wrong EMPTY/FULL); a kernel
+    # evaluates the mask there, where int64 would wrap or fail: refuse the plan instead
+    if found.overflow is not False and np.any(np.broadcast_to(found.overflow, shape)
+                                              & (states == PARTIAL)):
+        expr, reach = found.worst
+        text = str(expr) if len(str(expr)) <= 80 else str(expr)[:77] + "..."
+        raise InputError(f"build_plan: integer arithmetic in '{text}' reaches about {reach:.3g} "
+                         f"in blocks where the mask must be evaluated, past the "
+                         f"{INT_LIMIT:.3g} that 64-bit integers hold exactly")
     return _frozen(seq_q, seq_k, block_m, block_n, states)
 
 

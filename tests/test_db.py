@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -156,3 +161,64 @@ def test_db_cli_list_show_export_import_clear(store, tmp_path):
     assert out.exit_code == 0 and "imported 2" in out.output
     out = runner.invoke(db_cli, ["clear", "--db", db], input="n\n")
     assert out.exit_code != 0 and len(store.records()) == 2
+
+
+# -- where the shipped records are found -----------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_folder_order_checkout_then_installed_copy(tmp_path, monkeypatch):
+    from attncc.db.exchange import first_shipped_dir, shipped_dir
+
+    checkout, package = tmp_path / "checkout", tmp_path / "site" / "attncc"
+    (package / "tuning_db").mkdir(parents=True)
+    (checkout / "tuning_db").mkdir(parents=True)
+    # a folder beside the package is a checkout only with its pyproject.toml
+    assert first_shipped_dir(checkout, package) == package / "tuning_db"
+    (checkout / "pyproject.toml").write_text("")
+    assert first_shipped_dir(checkout, package) == checkout / "tuning_db"
+    assert first_shipped_dir(tmp_path / "site", package) == package / "tuning_db"
+    assert first_shipped_dir(tmp_path / "site", None) == tmp_path / "site" / "tuning_db"
+    monkeypatch.setenv("ATTNCC_SHIPPED_DB", str(tmp_path / "mine"))
+    assert shipped_dir() == tmp_path / "mine"
+    monkeypatch.delenv("ATTNCC_SHIPPED_DB")
+    assert shipped_dir() == REPO / "tuning_db"  # this test runs from the checkout
+
+
+def test_an_installed_copy_is_read_when_no_checkout_is_around(tmp_path, monkeypatch):
+    from attncc.db import exchange
+
+    package = tmp_path / "attncc"
+    (package / "tuning_db").mkdir(parents=True)
+    (package / "tuning_db" / "cpu.jsonl").write_text(record().dumps() + "\n")
+    monkeypatch.delenv("ATTNCC_SHIPPED_DB", raising=False)
+    monkeypatch.setattr(exchange, "__file__", str(package / "db" / "exchange.py"))
+    monkeypatch.setattr(exchange, "_package_root", lambda: package)
+    exchange._shipped.cache_clear()
+    try:
+        assert [r.id for _, r in exchange.shipped()] == [record().id]
+    finally:
+        exchange._shipped.cache_clear()
+
+
+def test_a_built_wheel_carries_the_shipped_records(tmp_path):
+    """Build a real wheel from a copy of the packaging files (about two seconds)."""
+    pytest.importorskip("setuptools")
+    pytest.importorskip("wheel")
+    source = tmp_path / "src"
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "*.pyc")
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
+        source.mkdir(exist_ok=True)
+        shutil.copy(REPO / name, source / name)
+    for name in ("attncc", "plugins", "tuning_db"):
+        shutil.copytree(REPO / name, source / name, ignore=skip)
+    run = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                          "--no-index", "-q", "-w", str(tmp_path / "dist"), str(source)],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("attncc-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = sorted(p.name for p in (REPO / "tuning_db").glob("*.jsonl"))
+    assert shipped, "the repository ships no tuning records"
+    assert {f"attncc/tuning_db/{n}" for n in shipped} <= names
+    assert not any(n.startswith("tuning_db/") for n in names)

@@ -98,3 +98,15 @@ def test_every_example_file_feature_has_a_page_example():
         if isinstance(data, dict):
             on_page |= set(data)
     assert used - on_page - {"doc"} == set()
+
+
+def test_the_unused_input_rule_is_stated_with_the_real_error(tmp_path):
+    """The Input keys section states the rule; the Errors section shows the message verbatim."""
+    assert "Every declared input must be read by `mask` or `score_mod`" in section("Input keys")
+    shown = [line for line in section("Errors").splitlines() if "never read" in line]
+    assert len(shown) == 1
+    path = tmp_path / "alibi.yaml"
+    path.write_text("attncc: 1\nmask: kv_idx <= q_idx\ninputs:\n  slopes: {shape: [heads]}\n")
+    with pytest.raises(attncc.SpecError) as info:
+        attncc.load_spec(path)
+    assert str(info.value) == shown[0].replace("alibi.yaml", str(path), 1)

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import attncc
-from attncc.passes.intervals import ALWAYS, MAYBE, NEVER, classify, interval
+from attncc.passes.intervals import ALWAYS, MAYBE, NEVER, classify, classify_checked, interval
 from attncc.plan import EMPTY, FULL, PARTIAL, build_plan
 from attncc.spec.numeric import evaluate
 from attncc.spec.symbols import kv_idx, q_idx
@@ -17,14 +17,17 @@ from attncc.spec.symbols import kv_idx, q_idx
 DOC = {"doc": {"shape": ["batch", "seq_q + seq_k"], "dtype": "int32"}}
 
 
-def dense_mask(spec, sizes, inputs):
-    """The mask evaluated element by element, (batch, heads, seq_q, seq_k) booleans."""
+def dense_mask(spec, sizes, inputs, exact=False):
+    """The mask evaluated element by element, (batch, heads, seq_q, seq_k) booleans; ``exact``
+    evaluates on Python integers (object arrays), which never overflow."""
     shape = (sizes["batch"], sizes["heads"], sizes["seq_q"], sizes["seq_k"])
     env = {**sizes, **inputs}
     for axis, name in enumerate(("b", "h", "q_idx", "kv_idx")):
         view = [1, 1, 1, 1]
         view[axis] = shape[axis]
         env[name] = np.arange(shape[axis], dtype=np.int64).reshape(view)
+        if exact:
+            env[name] = env[name].astype(object)
     with np.errstate(all="ignore"):
         value = evaluate(spec.mask, env, np)
     return np.broadcast_to(np.asarray(value, dtype=bool), shape)
@@ -41,7 +44,7 @@ def block_truth(dense, bm, bn):
 
 def plan_and_truth(mask, sizes, bm, bn, inputs=None, constants=None):
     spec = attncc.load_spec({"attncc": 1, "mask": mask, "constants": constants or {},
-                             "inputs": DOC if inputs else {}})
+                             "inputs": DOC if "doc[" in mask else {}})
     every, some = block_truth(dense_mask(spec, sizes, inputs or {}), bm, bn)
     plan = build_plan(spec, sizes, bm, bn, inputs)
     states = np.broadcast_to(plan.states, every.shape)
@@ -110,7 +113,8 @@ def problems(draw):
 def test_random_masks_are_never_misclassified(problem):
     mask, sizes, bm, bn, doc = problem
     try:
-        spec = attncc.load_spec({"attncc": 1, "mask": mask, "inputs": DOC})
+        spec = attncc.load_spec({"attncc": 1, "mask": mask,
+                                 "inputs": DOC if "doc[" in mask else {}})
         dense_mask(spec, sizes, {"doc": doc})
     except attncc.SpecError:  # e.g. log of a number <= 0 after simplification
         assume(False)
@@ -214,3 +218,107 @@ def test_index_symbols_broadcast_into_block_pairs():
            "kv_idx": (np.array([[0, 4]]), np.array([[3, 7]]))}
     np.testing.assert_array_equal(classify(kv_idx <= q_idx, box), [[MAYBE, NEVER],
                                                                    [ALWAYS, MAYBE]])
+
+
+# -- integers past int64 -------------------------------------------------------------------------
+#: Four terms of up to 4.0e18 each: every term fits int64, their sum (1.5e19) does not.
+SUM4 = " + ".join(f"{2 ** 40}*(q_idx + {i})**3" for i in range(1, 5)) + f" <= kv_idx + {2 ** 40}"
+
+
+@pytest.mark.parametrize(("mask", "seq_q", "seq_k", "bm", "bn"), [
+    # q_idx**4 * 2**40 passes int64 from q_idx 46 on: decided there by the other side of `or`
+    ("kv_idx <= q_idx or (q_idx >= 48 and q_idx**4 * 2**40 < kv_idx)", 200, 16, 16, 8),
+    (f"q_idx < 64 and {SUM4}", 150, 8, 16, 8),
+    ("where(q_idx < 40, q_idx**4 * 2**40 > kv_idx * 2**58, kv_idx < 4)", 120, 12, 8, 4),
+    ("q_idx**8 > 10**18 or kv_idx < 3", 300, 10, 32, 5),
+])
+def test_overflowing_masks_are_planned_like_exact_integers(mask, seq_q, seq_k, bm, bn):
+    spec = attncc.load_spec({"attncc": 1, "mask": mask})
+    sizes = {"batch": 1, "heads": 1, "seq_q": seq_q, "seq_k": seq_k}
+    every, some = block_truth(dense_mask(spec, sizes, {}, exact=True), bm, bn)
+    states = np.broadcast_to(build_plan(spec, sizes, bm, bn).states, every.shape)
+    assert np.all(every[states == FULL]) and not np.any(some[states == EMPTY])
+    assert np.any(states == EMPTY) or np.any(states == FULL)  # not a trivially PARTIAL plan
+
+
+def test_a_sum_past_int64_is_planned_exactly_not_wrapped_into_full_blocks():
+    """int64 wraps the sum negative from q_idx ~ 130 on; the plan once called those blocks FULL.
+    The exact mask is false everywhere: every block is EMPTY, and no kernel evaluates it."""
+    spec = attncc.load_spec({"attncc": 1, "mask": SUM4})
+    sizes = {"batch": 1, "heads": 1, "seq_q": 150, "seq_k": 8}
+    assert not dense_mask(spec, sizes, {}, exact=True).any()
+    assert (build_plan(spec, sizes, 16, 8).states == EMPTY).all()
+
+
+@pytest.mark.parametrize(("mask", "seq"), [
+    ("(q_idx - kv_idx)**2 * 10**18 <= 4 * 10**18", 64),
+    ("q_idx**4 % 7 == kv_idx % 7", 131072),
+    ("q_idx * 10**30 >= kv_idx", 131072),  # 10**30 * q_idx for q_idx >= 1 in the first block
+    ("q_idx + 10**30 <= kv_idx + 10**30", 64),
+])
+def test_blocks_a_kernel_would_evaluate_past_int64_are_refused(mask, seq):
+    spec = attncc.load_spec({"attncc": 1, "mask": mask})
+    block = 16 if seq < 1000 else 128
+    with pytest.raises(attncc.InputError, match=r"past the .* that 64-bit integers hold"):
+        build_plan(spec, {"seq_q": seq, "seq_k": seq}, block, block)
+
+
+@pytest.mark.parametrize(("mask", "partial"), [
+    ("q_idx**4 >= kv_idx", 1024),  # the first query block (q_idx**4 < kv_idx for q_idx <= 18)
+    ("q_idx**4 + 10**30 >= kv_idx", 0),
+])
+def test_overflow_decided_without_evaluation_plans_at_long_sequences(mask, partial):
+    """Past int64 only where the float bounds decide the block (FULL): nothing to refuse."""
+    spec = attncc.load_spec({"attncc": 1, "mask": mask})
+    plan = build_plan(spec, {"seq_q": 131072, "seq_k": 131072}, 128, 128)
+    assert plan.counts() == {"FULL": 1024 * 1024 - partial, "PARTIAL": partial, "EMPTY": 0}
+
+
+def test_overflow_is_unknown_per_box_and_exact_elsewhere():
+    expr = x ** 4 * 2 ** 40
+    lo, hi = interval(expr, boxes([0, 10, 40, 50], [9, 20, 50, 60]))
+    np.testing.assert_array_equal(lo[:2], [0, 10 ** 4 * 2 ** 40])
+    assert hi[1] == 20 ** 4 * 2 ** 40  # exact below the limit, a float bound past it:
+    assert lo[2] <= 40 ** 4 * 2 ** 40 <= 50 ** 4 * 2 ** 40 <= hi[2] < 1.001 * 50 ** 4 * 2 ** 40
+    found = classify_checked(expr > y, boxes([0, 10, 40, 50], [9, 20, 50, 60], 0, 5))
+    assert found.states.tolist() == [MAYBE, ALWAYS, ALWAYS, ALWAYS]
+    assert found.overflow.tolist() == [False, False, True, True] and found.worst[1] > 2 ** 63
+    small = classify_checked(x * 3 > y, boxes([0, 10], [9, 20], 0, 5))
+    assert small.overflow is False and small.worst is None
+    # |int64 min| wraps in int64 abs: a leaf at the bottom of int64 must not come out negative
+    leaf = sympy.IndexedBase("t", integer=True)[x]
+    low = (np.array([-2 ** 63]), np.array([-2 ** 63 + 5]))
+    assert classify(sympy.Abs(leaf) > 2 ** 62, boxes(0, 0), {leaf: low}).tolist() == [ALWAYS]
+
+
+BIG_LEAVES = st.sampled_from(["q_idx", "kv_idx", "seq_q", "1", "3", "-4", "2**40", "3**35",
+                              "-(2**61)", "10**19"])
+BIG_NUMBERS = st.recursive(BIG_LEAVES, lambda c: st.tuples(c, st.sampled_from(["+", "-", "*"]), c)
+                           .map(lambda t: f"({t[0]} {t[1]} {t[2]})")
+                           | st.tuples(c, st.sampled_from(["//", "%"]), DIVISORS)
+                           .map(lambda t: f"({t[0]} {t[1]} {t[2]})")
+                           | c.map(lambda x: f"abs({x})") | c.map(lambda x: f"({x}) ** 3"),
+                           max_leaves=5)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.tuples(BIG_NUMBERS, st.sampled_from(["<", "<=", "==", ">"]), BIG_NUMBERS),
+       st.integers(1, 40), st.integers(1, 12), st.integers(1, 8), st.integers(1, 4))
+def test_masks_past_int64_are_never_misclassified_against_exact_integers(rel, seq_q, seq_k,
+                                                                         bm, bn):
+    """Large constants: the plan agrees with exact integer arithmetic, or refuses (InputError)
+    where a kernel would have to evaluate past int64; it never wraps."""
+    try:
+        spec = attncc.load_spec({"attncc": 1, "mask": " ".join(rel)})
+    except attncc.SpecError:
+        assume(False)
+    assume(not isinstance(spec.mask, sympy.logic.boolalg.BooleanAtom))
+    sizes = {"batch": 1, "heads": 1, "seq_q": seq_q, "seq_k": seq_k}
+    every, some = block_truth(dense_mask(spec, sizes, {}, exact=True), bm, bn)
+    try:
+        states = np.broadcast_to(build_plan(spec, sizes, bm, bn).states, every.shape)
+    except attncc.InputError as err:
+        assert "64-bit integers" in str(err)
+        return
+    assert np.all(every[states == FULL]), f"FULL block with a false element: {spec.mask}"
+    assert not np.any(some[states == EMPTY]), f"EMPTY block with a true element: {spec.mask}"

@@ -96,12 +96,10 @@ def test_build_additive_topk_linear_and_nystrom():
         verify(graph)
 
 
-def test_build_skips_unread_inputs_and_avoids_id_clashes():
+def test_build_avoids_id_clashes_between_inputs_and_nodes():
     spec = {"attncc": 1, "mask": "mask[b, kv_idx] > 0",
-            "inputs": {"mask": {"shape": ["batch", "seq_k"], "dtype": "int32"},
-                       "unused": {"shape": ["heads"]}}}
+            "inputs": {"mask": {"shape": ["batch", "seq_k"], "dtype": "int32"}}}
     graph = verify(build(spec))
-    assert "unused" not in graph
     assert op(graph, "mask") == Input(name="mask", role="input", dtype="int32")
     assert isinstance(op(graph, "mask_"), Mask)
     assert operands(graph, "mask_") == ["score", "mask"]

@@ -132,6 +132,43 @@ def test_implied_inputs_and_their_shapes():
     assert perf.inputs["omega"].dtype == "float64" and perf.inputs["omega"].implied
 
 
+@pytest.mark.parametrize("data", [
+    {"mask": "kv_idx <= q_idx"},
+    {"score_mod": "score * 2", "mask": "doc[q_idx] == doc[kv_idx]",
+     "inputs": {"doc": {"shape": ["seq_q"], "dtype": "int32"}}},
+    # cancelled by sympy while parsing: declared, written, but never read
+    {"mask": "kv_idx <= q_idx + slopes[h] - slopes[h]"},
+])
+def test_a_declared_input_no_expression_reads_is_an_error(data, tmp_path):
+    spec = {"attncc": 1, **data}
+    spec["inputs"] = {**spec.get("inputs", {}), "slopes": {"shape": ["heads"]}}
+    expect_error(spec, "declared but never read", "expected slopes[...] in mask or score_mod",
+                 field="inputs.slopes")
+    path = tmp_path / "unused.json"
+    path.write_text(json.dumps(spec))
+    expect_error(path, "declared but never read", field="inputs.slopes", file=path)
+
+
+@pytest.mark.parametrize("data", [
+    {"score_mod": "score - slope[h]"},
+    {"mask": "kv_idx < lengths[table[b]]", "score_mod": "score - slope[h]"},
+    {"mask": "kv_idx <= q_idx", "score_mod": "score + slope[table[h]]"},
+])
+def test_inputs_read_anywhere_count_as_used(data):
+    declared = {"slope": {"shape": ["heads"]}, "lengths": {"shape": ["batch"], "dtype": "int32"},
+                "table": {"shape": ["heads"], "dtype": "int32"}}
+    names = {n for n in declared if f"{n}[" in " ".join(data.values())}
+    spec = attncc.load_spec({"attncc": 1, **data, "inputs": {n: declared[n] for n in names}})
+    assert set(spec.inputs) == names
+
+
+def test_declaring_an_implied_input_to_choose_its_dtype_is_a_use():
+    spec = attncc.load_spec({"attncc": 1, "score": "additive",
+                             "inputs": {"w": {"shape": ["heads", "head_dim"],
+                                              "dtype": "float64"}}})
+    assert spec.inputs["w"].implied and spec.inputs["w"].dtype == "float64"
+
+
 def test_bool_input_element_is_a_condition():
     spec = attncc.load_spec({"attncc": 1, "mask": "allowed[q_idx, kv_idx] or kv_idx == 0",
                              "inputs": {"allowed": {"shape": ["seq_q", "seq_k"],
@@ -316,7 +353,7 @@ def test_every_schema_key_is_accepted():
     """KEYS lists exactly what the validator accepts: a spec using every key loads."""
     data = {"attncc": 1, "name": "all", "doc": "every key", "heads": 4, "kv_heads": 2,
             "head_dim": 8, "value_dim": 16, "scale": 0.5, "score": "dot",
-            "score_mod": "score * c", "mask": "kv_idx <= q_idx", "normalize": "topk",
+            "score_mod": "score * c", "mask": "kv_idx <= q_idx + t[0]", "normalize": "topk",
             "topk": 2, "memory_tokens": 1, "constants": {"c": 2},
             "inputs": {"t": {"shape": [4], "dtype": "int32"}}}
     spec = attncc.load_spec(data)

@@ -3,14 +3,17 @@
 One record per line, ``Record.dumps()`` (canonical JSON, sorted keys), lines sorted by record id, so
 that an export is byte-stable and ``export -> import -> export`` round-trips exactly.
 
-The shipped layer is every ``*.jsonl`` under ``tuning_db/`` (the repository folder beside the
-``attncc`` package, or ``$ATTNCC_SHIPPED_DB``): read-only records that a lookup consults after the
-user's database. A damaged shipped file is skipped with a warning naming the file and line, so that
-a bad download never stops compilation.
+The shipped layer is every ``*.jsonl`` in one folder of read-only records that a lookup consults
+after the user's database: ``$ATTNCC_SHIPPED_DB`` when set, else ``tuning_db/`` at the root of a
+source checkout (beside ``attncc/`` and ``pyproject.toml``), else the copy an installed wheel
+carries as package data (``attncc/tuning_db``, put there by the build step in ``setup.py``). A
+damaged shipped file is skipped with a warning naming the file and line, so that a bad download
+never stops compilation.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import io
 import json
 import os
@@ -93,10 +96,38 @@ def import_(store: Store, path: str | os.PathLike, *, replace: bool = True) -> t
     return written, skipped
 
 
+SHIPPED_ENV = "ATTNCC_SHIPPED_DB"
+#: The shipped folder's name, at the repository root and inside the installed package alike.
+SHIPPED_NAME = "tuning_db"
+
+
 def shipped_dir() -> Path:
-    """The folder of shipped JSONL files (see the module docstring)."""
-    env = os.environ.get("ATTNCC_SHIPPED_DB")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "tuning_db"
+    """The folder of shipped JSONL files (see the module docstring for the order).
+
+    Where no candidate exists the repository path is returned; it holds no files, so nothing is
+    shipped.
+    """
+    env = os.environ.get(SHIPPED_ENV)
+    if env:
+        return Path(env)
+    return first_shipped_dir(Path(__file__).resolve().parents[2], _package_root())
+
+
+def first_shipped_dir(repo_root: Path, package_root: Path | None) -> Path:
+    """``repo_root/tuning_db`` when ``repo_root`` is a source checkout (it has ``pyproject.toml``
+    and the folder), else ``package_root/tuning_db`` when that folder exists, else the first."""
+    repo = repo_root / SHIPPED_NAME
+    if (repo_root / "pyproject.toml").is_file() and repo.is_dir():
+        return repo
+    if package_root is not None and (package_root / SHIPPED_NAME).is_dir():
+        return package_root / SHIPPED_NAME
+    return repo
+
+
+def _package_root() -> Path | None:
+    """The installed ``attncc`` package folder; None where it is not on a file system (a zip)."""
+    root = importlib.resources.files("attncc")
+    return root if isinstance(root, Path) else None
 
 
 def shipped() -> list[tuple[str, Record]]:

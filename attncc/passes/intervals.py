@@ -16,24 +16,74 @@ reads it undecided. Conditions are ``int8`` states ``NEVER=0, MAYBE=1, ALWAYS=2`
 
 Soundness is the contract: ALWAYS means the condition holds at every point of the box, NEVER that
 it holds at none, as ``attncc.spec.numeric.evaluate`` computes it; anything uncertain is MAYBE.
+
+Integer bounds stay within ``INT_LIMIT`` (2**62), so that int64 never wraps. An integer operation
+whose operands' magnitudes could pass it (``q_idx**4`` at long sequences, a sum of large terms, a
+constant past int64) is redone in float64 to find the boxes where it may: there its bounds are
+the float ones widened by the rounding slack (sound for the exact integers) and the boxes are
+recorded in ``Classified.overflow``, so that the plan can refuse to have a kernel evaluate the
+mask there; elsewhere its exact bounds are kept. The two sides of a relation are checked too:
+the evaluator computes them as written, even where their difference cancels.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import sympy
 from sympy.logic.boolalg import ITE
 
-from attncc.errors import InputError
+from attncc.passes.interval_math import (
+    ALWAYS,
+    FLOAT_SLACK,
+    INT_LIMIT,
+    MAYBE,
+    NEVER,
+    _big,
+    _cleared,
+    _floats,
+    _infinite,
+    _int_sum_state,
+    _is_int,
+    _le_state,
+    _lt_state,
+    _magnitude,
+    _nan_source,
+    _nan_where,
+    _power,
+    _scale,
+    _sigmoid,
+    _sum,
+    _times,
+    _widen,
+)
 from attncc.spec.symbols import sigmoid
 
-__all__ = ["ALWAYS", "MAYBE", "NEVER", "block_range", "classify", "interval"]
+__all__ = ["ALWAYS", "INT_LIMIT", "MAYBE", "NEVER", "Classified", "block_range", "classify",
+           "classify_checked", "interval"]
 
-NEVER, MAYBE, ALWAYS = 0, 1, 2
-#: Relative slack when a comparison reads floats: rounding may differ from the evaluator's.
-FLOAT_SLACK = 1e-9
 
 _MONOTONE = {sympy.exp: np.exp, sympy.tanh: np.tanh}
+
+
+@dataclass(frozen=True)
+class Classified:
+    """``states`` as ``classify`` returns them; ``overflow`` (bool, broadcasting like the states,
+    or False) marks the boxes where an integer the mask computes may pass ``INT_LIMIT``, so that
+    evaluating the mask there is unsafe; ``worst`` is the first such expression and its reach."""
+
+    states: object
+    overflow: object
+    worst: tuple[sympy.Basic, float] | None
+
+
+def classify_checked(cond: sympy.Basic, boxes: dict, leaves: dict | None = None) -> Classified:
+    """``classify`` that also reports the boxes where integers may overflow."""
+    with np.errstate(all="ignore"):
+        engine = _Intervals(boxes, leaves or {})
+        states = engine.state(cond)
+    return Classified(states, engine.overflow, engine.worst)
 
 
 def classify(cond: sympy.Basic, boxes: dict, leaves: dict | None = None):
@@ -45,8 +95,7 @@ def classify(cond: sympy.Basic, boxes: dict, leaves: dict | None = None):
     the box. A Python int is returned where the state is the same for every box without reading
     any box. Raises KeyError for a symbol or input element without bounds.
     """
-    with np.errstate(all="ignore"):  # inf and NaN bounds are expected and handled
-        return _Intervals(boxes, leaves or {}).state(cond)
+    return classify_checked(cond, boxes, leaves).states
 
 
 def interval(expr: sympy.Expr, boxes: dict, leaves: dict | None = None):
@@ -68,22 +117,70 @@ def block_range(values: np.ndarray, axis: int, block: int, length: int):
                                                                               axis=axis)
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) or (isinstance(x, np.ndarray | np.generic)
-                                  and np.issubdtype(x.dtype, np.integer))
-
-
-def _nan_where(mask, lo, hi):
-    """Bounds with NaN (unknown) where ``mask`` holds."""
-    lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
-    return np.where(mask, np.nan, lo), np.where(mask, np.nan, hi)
-
-
 class _Intervals:
     def __init__(self, boxes: dict, leaves: dict):
         self.boxes = boxes
         self.leaves = leaves
         self.memo: dict = {}
+        self.overflow = False
+        self.worst: tuple[sympy.Basic, float] | None = None
+
+    def ints(self, e, reach: float, exact, approx):
+        """Bounds of integer node ``e``: ``exact()`` (int64) where ``reach``, a bound of ``|e|``
+        over every box from its operands' magnitudes, is within INT_LIMIT. Past it, ``approx()``
+        (the same in float64) finds the boxes that may leave the limit: recorded in ``overflow``,
+        with the float bounds widened by the rounding slack; elsewhere the exact bounds, as
+        floats."""
+        if reach <= INT_LIMIT:
+            return exact()
+        f_lo, f_hi = _widen(*approx())
+        over = ~((np.abs(f_lo) <= INT_LIMIT) & (np.abs(f_hi) <= INT_LIMIT))
+        try:
+            lo, hi = exact()  # wraps where ``over``; those entries are replaced
+        except OverflowError:  # a Python int past int64 met an array
+            lo, hi, over = f_lo, f_hi, np.ones(np.shape(over), dtype=bool)
+        if not np.any(over):
+            return lo, hi
+        self.mark(e, over, float(np.nanmax(np.maximum(np.abs(f_lo), np.abs(f_hi)))))
+        lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+        return np.where(over, f_lo, lo), np.where(over, f_hi, hi)
+
+    def mark(self, e, over, reach: float) -> None:
+        self.overflow = self.overflow | over
+        if self.worst is None:
+            self.worst = (e, reach)
+
+    def reach(self, e) -> float:
+        """A cheap bound of ``|x|`` for every integer ``x`` computed in ``e`` as written, from
+        the magnitudes of the boxes and inputs alone (0 where ``e`` computes no integer)."""
+        return self.sized(e)[1]
+
+    def sized(self, e) -> tuple[float | None, float]:
+        """``(bound of |e| where e is an integer else None, reach of e)``, memoized."""
+        key = ("sized", e)
+        if key in self.memo:
+            return self.memo[key]
+        kids = [self.sized(a) for a in e.args]
+        mags = [m for m, _ in kids]
+        m = None
+        if e.is_Integer:
+            m = abs(_big(int(e)))
+        elif isinstance(e, sympy.Indexed) or (e.is_Symbol and e.name in self.boxes):
+            lo, hi = self.leaves[e] if isinstance(e, sympy.Indexed) else self.boxes[e.name]
+            m = _magnitude(lo, hi) if _is_int(lo) and _is_int(hi) else None
+        elif mags and all(x is not None for x in mags):
+            if isinstance(e, sympy.Add):
+                m = sum(mags)
+            elif isinstance(e, sympy.Mul):
+                m = float(np.prod(mags))
+            elif isinstance(e, sympy.Pow) and e.exp.is_Integer and e.exp >= 0:
+                m = mags[0] ** int(e.exp)
+            elif isinstance(e, sympy.floor | sympy.ceiling | sympy.Mod | sympy.Min | sympy.Max
+                            | sympy.Abs):
+                m = max(mags)
+        result = (m, max([m or 0.0, *(r for _, r in kids)]))
+        self.memo[key] = result
+        return result
 
     # -- conditions --------------------------------------------------------------------------
     def state(self, e):
@@ -122,10 +219,11 @@ class _Intervals:
         ``inf + 1 <= inf`` true), so where a side may be, the state is MAYBE.
         """
         state = self.relation_of_difference(e)
-        if not any(_nan_source(side) for side in (e.lhs, e.rhs)):
+        sides = [s for s in (e.lhs, e.rhs) if _nan_source(s) or self.reach(s) > INT_LIMIT]
+        if not sides:
             return state
         unknown = np.zeros((), dtype=bool)
-        for side in (e.lhs, e.rhs):
+        for side in sides:
             lo, hi = self.num(side)
             unknown = unknown | _infinite(lo, hi)
         return np.where(unknown, np.int8(MAYBE), state)
@@ -137,7 +235,8 @@ class _Intervals:
             diff = -diff
             kind = sympy.StrictLessThan if kind is sympy.StrictGreaterThan else sympy.LessThan
         terms = [self.num(a) for a in diff.args] if isinstance(diff, sympy.Add) else None
-        if terms and all(_is_int(lo) and _is_int(hi) for lo, hi in terms):
+        if (terms and all(_is_int(lo) and _is_int(hi) for lo, hi in terms)
+                and sum(_magnitude(lo, hi) for lo, hi in terms) <= INT_LIMIT):
             return _int_sum_state(kind, [t[0] for t in terms], [t[1] for t in terms])
         lo, hi = self.num(diff)
         if _is_int(lo) and _is_int(hi):
@@ -166,7 +265,11 @@ class _Intervals:
 
     def _num(self, e):
         if e.is_Integer:
-            return int(e), int(e)
+            v = int(e)
+            if abs(v) <= INT_LIMIT:
+                return v, v
+            self.mark(e, True, abs(_big(v)))
+            return _widen(_big(v), _big(v))
         if e.is_Number:
             return float(e), float(e)
         if e.is_number:  # a constant such as E = exp(1) once sizes are substituted
@@ -182,11 +285,10 @@ class _Intervals:
                 raise KeyError(f"no value for '{e.name}'; sizes must be substituted first")
             return self.boxes[e.name]
         if isinstance(e, sympy.Add):
-            lo, hi = self.num(e.args[0])
-            for arg in e.args[1:]:
-                a_lo, a_hi = self.num(arg)
-                lo, hi = lo + a_lo, hi + a_hi
-            return lo, hi
+            parts = [self.num(a) for a in e.args]
+            reach = (sum(_magnitude(*p) for p in parts)
+                     if all(_is_int(lo) and _is_int(hi) for lo, hi in parts) else 0.0)
+            return self.ints(e, reach, lambda: _sum(parts), lambda: _sum(_floats(parts)))
         if isinstance(e, sympy.Mul):
             return self.product(e)
         if isinstance(e, sympy.Pow):
@@ -204,6 +306,9 @@ class _Intervals:
             return lo, hi
         if isinstance(e, sympy.Abs):
             lo, hi = self.num(e.args[0])
+            if _is_int(lo) and _is_int(hi) and _magnitude(lo, hi) > INT_LIMIT:
+                lo, hi = self.ints(e.args[0], _magnitude(lo, hi), lambda: (lo, hi),
+                                   lambda: _floats([(lo, hi)])[0])
             return (np.where(lo >= 0, lo, np.where(hi <= 0, -hi, 0)),
                     np.maximum(np.abs(lo), np.abs(hi)))
         if isinstance(e, sympy.Piecewise):
@@ -223,19 +328,23 @@ class _Intervals:
         coeff, rest = e.as_coeff_Mul()
         if coeff != 1:
             lo, hi = self.num(rest)
-            if coeff.is_Integer:
-                _no_overflow(e, (lo, hi), (np.int64(int(coeff)), np.int64(int(coeff))))
-            if coeff.is_Rational and not coeff.is_Integer and _is_int(lo) and _is_int(hi):
+            exact = _is_int(lo) and _is_int(hi)
+            if coeff.is_Rational and exact and coeff.q <= INT_LIMIT:
                 # p/q * x as (p*x)/q: true division of exact integers, like the evaluator's
-                lo, hi = _scale(lo, hi, int(coeff.p))
-                return np.true_divide(lo, int(coeff.q)), np.true_divide(hi, int(coeff.q))
-            return _scale(lo, hi, int(coeff) if coeff.is_Integer else float(coeff))
+                p, q = int(coeff.p), int(coeff.q)
+                lo, hi = self.ints(e, _magnitude(lo, hi) * abs(_big(p)),
+                                   lambda: _scale(lo, hi, p),
+                                   lambda: _scale(*_floats([(lo, hi)])[0], _big(p)))
+                return (lo, hi) if q == 1 else (np.true_divide(lo, q), np.true_divide(hi, q))
+            return _scale(lo, hi, float(coeff))
         lo, hi = self.num(e.args[0])
         for arg in e.args[1:]:
             a_lo, a_hi = self.num(arg)
-            _no_overflow(e, (lo, hi), (a_lo, a_hi))
-            corners = (lo * a_lo, lo * a_hi, hi * a_lo, hi * a_hi)
-            lo, hi = _fold(np.minimum, corners), _fold(np.maximum, corners)
+            reach = 0.0
+            if all(_is_int(v) for v in (lo, hi, a_lo, a_hi)):
+                reach = _magnitude(lo, hi) * _magnitude(a_lo, a_hi)
+            lo, hi = self.ints(e, reach, lambda a=(lo, hi), b=(a_lo, a_hi): _times(a, b),
+                               lambda a=(lo, hi), b=(a_lo, a_hi): _times(*_floats([a, b])))
         return lo, hi
 
     def power(self, e: sympy.Pow):
@@ -245,12 +354,10 @@ class _Intervals:
             raise TypeError(f"interval reasoning needs a number exponent, got {e}")
         if n.is_Integer and n >= 0:
             n = int(n)
-            _no_overflow(e, *[(lo, hi)] * n)
-            a, c = lo ** n, hi ** n
-            if n % 2:
-                return a, c
-            straddle = (np.asarray(lo) < 0) & (np.asarray(hi) > 0)
-            return np.where(straddle, 0, np.minimum(a, c)), np.maximum(a, c)
+            if not (_is_int(lo) and _is_int(hi)):
+                return _power(lo, hi, n)
+            return self.ints(e, _magnitude(lo, hi) ** n, lambda: _power(lo, hi, n),
+                             lambda: _power(*_floats([(lo, hi)])[0], n))
         lo_f, hi_f = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
         if n.is_Integer:  # negative integer: monotone on each side of 0, undefined at 0
             bad = (lo_f <= 0) & (hi_f >= 0)
@@ -263,7 +370,7 @@ class _Intervals:
     def rounding(self, e):
         up = isinstance(e, sympy.ceiling)
         num, den = sympy.fraction(e.args[0])
-        if den != 1 and den.is_Integer and den > 0 and num.is_integer:
+        if den != 1 and den.is_Integer and 0 < den <= INT_LIMIT and num.is_integer:
             lo, hi = self.num(num)
             if _is_int(lo) and _is_int(hi):
                 d = int(den)
@@ -280,7 +387,7 @@ class _Intervals:
 
     def mod(self, x, m):
         lo, hi = self.num(x)
-        if m.is_Number and m != 0:
+        if m.is_Number and m != 0 and abs(float(m)) <= INT_LIMIT:
             exact = m.is_Integer and _is_int(lo) and _is_int(hi)
             if not exact:
                 lo, hi = _widen(lo, hi)
@@ -317,117 +424,3 @@ class _Intervals:
             lo = np.where(s == ALWAYS, b_lo, np.where(s == NEVER, lo, np.minimum(lo, b_lo)))
             hi = np.where(s == ALWAYS, b_hi, np.where(s == NEVER, hi, np.maximum(hi, b_hi)))
         return lo, hi
-
-
-def _nan_source(expr) -> bool:
-    """Whether ``expr`` can be NaN or infinite: it has a log, exp or non-natural power."""
-    return any(isinstance(node, sympy.log | sympy.exp)
-               or (isinstance(node, sympy.Pow) and not (node.exp.is_Integer and node.exp >= 0))
-               for node in sympy.preorder_traversal(expr))
-
-
-def _widen(lo, hi):
-    """Float bounds pushed out by the rounding slack (NaN stays NaN)."""
-    lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
-    with np.errstate(invalid="ignore"):
-        slack = FLOAT_SLACK * (1.0 + np.maximum(np.abs(lo), np.abs(hi)))
-        return lo - slack, hi + slack
-
-
-def _infinite(lo, hi):
-    """Where a bound is not finite (inf % m and inf - inf are NaN)."""
-    return ~(np.isfinite(lo) & np.isfinite(hi))
-
-
-def _cleared(diff):
-    """``diff`` with rational coefficients cleared by a positive constant denominator, when it
-    has any, so that linear relations stay exact integer arithmetic."""
-    if diff.is_integer or not any(not r.is_Integer for r in diff.atoms(sympy.Rational)):
-        return diff
-    num, den = sympy.fraction(sympy.together(diff))
-    if den.is_Integer and den > 0 and num.is_integer:
-        return num
-    return diff
-
-
-def _scale(lo, hi, c):
-    return (lo * c, hi * c) if c >= 0 else (hi * c, lo * c)
-
-
-def _fold(fn, values):
-    result = values[0]
-    for v in values[1:]:
-        result = fn(result, v)
-    return result
-
-
-def _sigmoid(x):
-    with np.errstate(over="ignore"):
-        return 1.0 / (1.0 + np.exp(-x))
-
-
-def _le_state(lo, hi, always_bound, never_bound):
-    """State of ``x <= 0`` for floats: ALWAYS where hi <= always_bound, NEVER where
-    lo > never_bound."""
-    return (np.asarray(hi <= always_bound, dtype=np.int8)
-            + np.asarray(lo <= never_bound, dtype=np.int8))
-
-
-def _lt_state(lo, hi, always_bound, never_bound):
-    """State of ``x < 0`` for floats: ALWAYS where hi < always_bound, NEVER where lo >= never."""
-    return (np.asarray(hi < always_bound, dtype=np.int8)
-            + np.asarray(lo < never_bound, dtype=np.int8))
-
-
-def _int_sum_state(kind, los: list, his: list):
-    """State of ``sum(x_i) <kind> 0`` for integer intervals ``[los[i], his[i]]``.
-
-    The sums are never materialized: ``a + b <= c`` is tested as ``a <= c - b`` with the largest
-    term alone on the right, so block pairs cost one broadcast comparison per bound.
-    """
-    if kind in (sympy.Equality, sympy.Unequality):
-        meets = _sum_cmp(los, 0, np.less_equal) & _sum_cmp(his, 0, np.greater_equal)
-        point = _sum_cmp(los, 0, np.greater_equal) & _sum_cmp(his, 0, np.less_equal)
-        state = _tri(point, meets)
-        return state if kind is sympy.Equality else ALWAYS - state
-    bound = -1 if kind is sympy.StrictLessThan else 0
-    return _tri(_sum_cmp(his, bound, np.less_equal), _sum_cmp(los, bound, np.less_equal))
-
-
-def _sum_cmp(terms: list, bound: int, cmp):
-    """``cmp(sum(terms), bound)``, with terms of one shape added first and the largest group
-    moved to the right-hand side."""
-    groups: dict = {}
-    for t in terms:
-        shape = np.shape(t)
-        groups[shape] = groups[shape] + t if shape in groups else t
-    parts = sorted(groups.values(), key=np.size)
-    if len(parts) == 1:
-        return cmp(parts[0], bound)
-    left = parts[0]
-    for part in parts[1:-1]:
-        left = left + part
-    return cmp(left, bound - parts[-1])
-
-
-def _tri(always, not_never):
-    """int8 state from ALWAYS and not-NEVER conditions (``always`` implies ``not_never``)."""
-    if isinstance(always, bool | np.bool_) and isinstance(not_never, bool | np.bool_):
-        return int(always) + int(not_never)
-    return np.add(always, not_never, dtype=np.int8)
-
-
-def _no_overflow(e, *factors) -> None:
-    """InputError when a product of integer intervals could leave int64 (it would wrap silently)."""
-    if not all(_is_int(lo) and _is_int(hi) for lo, hi in factors):
-        return
-    bound = 1.0
-    for lo, hi in factors:
-        bound *= float(max(np.abs(np.asarray(lo, np.float64)).max(initial=0),
-                           np.abs(np.asarray(hi, np.float64)).max(initial=0)))
-    if bound > INT_LIMIT:
-        raise InputError(f"integer arithmetic in '{e}' reaches about {bound:.3g} at these sizes, "
-                         f"past the {INT_LIMIT:.3g} that 64-bit integers hold exactly")
-
-
-INT_LIMIT = float(2 ** 62)

@@ -194,6 +194,7 @@ class _Validator:
             mod_scope = Scope(names={**indexed.names, "score": sym.score}, inputs=indexed.inputs,
                               booleans=indexed.booleans)
             score_mod = parse_expr(d["score_mod"], mod_scope, field="score_mod", file=self.file)
+        self.used(inputs, mask, score_mod)
         topk = self.count("topk", None)
         self.combinations(normalize, topk, feature_map, features, score, score_mod, mask,
                           lowrank, memory_tokens)
@@ -286,6 +287,18 @@ class _Validator:
             dtype = declared.dtype if declared else "float32"
             result[name] = InputSpec(name, shape, dtype, implied=True)
         return result
+
+    def used(self, inputs: dict, mask, score_mod) -> None:
+        """Refuse a declared input that no expression reads: a kernel would require a tensor it
+        never looks at, and a misspelt name would go unnoticed. Implied inputs are read by their
+        feature, so declaring one (to choose its dtype) is always a use."""
+        read = {str(e.base.label) for expr in (mask, score_mod) if expr is not None
+                for e in expr.atoms(sympy.Indexed)}
+        for name, decl in inputs.items():
+            if not decl.implied and name not in read:
+                self.fail(f"inputs.{name}", f"declared but never read; expected {name}[...] "
+                                            "in mask or score_mod (after simplification), or "
+                                            "no declaration")
 
     def dim(self, where, entry, base) -> sympy.Expr:
         value = parse_expr(entry, Scope(names=base), field=where, file=self.file)
