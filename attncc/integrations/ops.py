@@ -4,10 +4,10 @@
   ``attncc::attention_backward`` its gradients. Both have ``register_fake`` (shapes only) and the
   forward has ``register_autograd``, so ``torch.library.opcheck`` passes and a model calling them
   compiles with ``torch.compile(fullgraph=True)`` without a graph break.
-- Triton fused-attention kernels become real ``torch.library.triton_op``s, one set per spec
-  hash and config, with the block plan built by a separate opaque op (``triton_ops.py``).
-  ``attncc::attention_triton`` (opaque ``custom_op``) remains for the Triton kernels those do
-  not cover: linear attention, Nyström and Linformer.
+- Every Triton kernel (fused attention, Linformer, linear attention, Nyström) becomes real
+  ``torch.library.triton_op``s, one set per spec hash and config (``triton_ops.py``,
+  ``triton_linear.py``, ``triton_nystrom.py``); a fused kernel's block plan is built by a separate
+  opaque op.
 
 An operator's schema cannot hold a spec, so a spec is compiled once, in eager Python, by ``op``,
 and the operator receives a key (a string) naming that compiled kernel in a process-wide table,
@@ -112,26 +112,15 @@ def _op_pair(name: str):
 
 attention, attention_backward = _op_pair("attention")
 
-_TRITON: dict = {}
-
-
-def _triton_ops():
-    """Opaque ``(forward, backward)`` ``custom_op``s for the Triton kernels that
-    ``triton_ops.supported`` rejects (their host code is not only kernel launches), defined on
-    first use."""
-    if not _TRITON:
-        _TRITON["forward"], _TRITON["backward"] = _op_pair("attention_triton")
-    return _TRITON["forward"], _TRITON["backward"]
-
 
 def op(spec, *, backend: str = "torch", config: dict | None = None):
     """Compile ``spec`` now; return ``fn(q, k, v, **inputs) -> out`` calling the library op.
 
-    ``backend`` is ``"torch"`` (``attncc::attention``) or ``"triton"`` (the ``triton_op``
-    ``attncc::triton_<hash>_<config>``, or ``attncc::attention_triton`` for linear, Nyström and
-    Linformer kernels). ``fn.op`` is the operator, ``fn.args(q, k, v, **inputs)`` the arguments
-    ``fn`` passes it, ``fn.names`` the input order, ``fn.key`` the kernel's key; ``fn.ops`` the
-    ``triton_ops`` set (plan, forward, backward) or None.
+    ``backend`` is ``"torch"`` (``attncc::attention``) or ``"triton"`` (the ``triton_op``s
+    ``attncc::triton_<hash>_<config>`` and their kin for linear attention and Nyström).
+    ``fn.op`` is the operator, ``fn.args(q, k, v, **inputs)`` the arguments ``fn`` passes it,
+    ``fn.names`` the input order, ``fn.key`` the kernel's key; ``fn.ops`` the ``triton_ops`` set
+    (plan, forward, backward) or None.
     """
     from attncc.api import compile as compile_spec
 
@@ -145,11 +134,9 @@ def op(spec, *, backend: str = "torch", config: dict | None = None):
     ops = None
     if backend == "torch":
         target = attention
-    elif triton_ops.supported(_KERNELS[key]):
+    else:
         ops = triton_ops.triton_ops(_KERNELS[key])
         target = ops.forward
-    else:
-        target = _triton_ops()[0]
 
     def args(q, k, v, **inputs):
         missing = [n for n in names if n not in inputs]
