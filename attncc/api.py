@@ -125,7 +125,7 @@ def _checked(backend: Backend, graph, target, config: dict | None) -> dict:
                                f"'{backend.name}' offers; expected one of "
                                f"{', '.join(map(repr, allowed))}")
     merged = {**backend.default_config(graph, target), **config}
-    if not space.keep(merged):
+    if not space.accepts(merged):
         raise BackendError(f"config {config} does not fit backend '{backend.name}' on this "
-                           "target (rejected by its keep() filter)")
+                           "target (rejected by its search space)")
     return config

@@ -75,8 +75,45 @@ def test_search_space_keep_filters_invalid_configs():
     assert set(linear.params) == {"chunk"}
     with pytest.raises(BackendError, match="unknown tunable 'bogus'"):
         compile_spec("examples/alibi.yaml", bogus=3)
-    with pytest.raises(BackendError, match="keep"):
+    with pytest.raises(BackendError, match=r"cannot run \(use_sdpa needs a dot-product softmax"):
         compile_spec("examples/alibi.yaml", use_sdpa=True)
+
+
+def _space(spec, seq):
+    graph = lower(attncc.load_spec(spec))
+    graph.graph["sizes"] = {"batch": 1, "seq_q": seq, "seq_k": seq}
+    return BACKEND.search_space(graph, None), BACKEND.default_config(graph, None)
+
+
+def test_keep_times_one_config_per_distinct_kernel():
+    # Whole SDPA (dense): blocks and flash knobs unused -> exactly one use_sdpa config.
+    space, default = _space("examples/dense.yaml", 512)
+    fused = [c for c in space.configs() if c["use_sdpa"]]
+    assert fused == [default]
+    # Runs path (masked, CPU): blocks matter, flash knobs pinned to the defaults.
+    space, default = _space("examples/sliding_window.yaml", 512)
+    fused = [c for c in space.configs() if c["use_sdpa"]]
+    assert len(fused) == 25
+    assert {(c["kv_chunk"], c["group_blocks"]) for c in fused} == {(16, 64)}
+    # Flash path: key tiles of 256..512 keys at seq 512, blocks no larger than the sequence.
+    flash = [c for c in space.configs() if not c["use_sdpa"]]
+    assert {c["block_n"] * c["kv_chunk"] for c in flash} == {256, 512}
+    assert len(flash) == 5 * 10 * 4
+    small, _ = _space("examples/sliding_window.yaml", 40)
+    assert max(c["block_m"] for c in small.configs()) == 64
+
+
+def test_compile_takes_a_valid_config_the_tuner_would_skip():
+    space, default = _space("examples/sliding_window.yaml", 512)
+    slow = {**default, "use_sdpa": False, "block_m": 16, "block_n": 16, "kv_chunk": 1}
+    assert not space.keep(slow) and space.accepts(slow)
+    kernel = attncc.compile("examples/sliding_window.yaml", backend="torch",
+                            config={"use_sdpa": False, "block_m": 16, "block_n": 16,
+                                    "kv_chunk": 1})
+    q, k, v, _ = random_inputs("examples/sliding_window.yaml", 1, 40, 40, "float64",
+                               library="torch")
+    spec = attncc.load_spec("examples/sliding_window.yaml")
+    torch.testing.assert_close(kernel(q, k, v), attend(spec, q, k, v, {}))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -168,3 +205,73 @@ def test_cuda_device_mismatch_is_an_input_error():
     q, k, v, _ = random_inputs("examples/causal.yaml", 1, 8, 8, "float32", library="torch")
     with pytest.raises(InputError, match="device"):
         compile_spec("examples/causal.yaml")(q.cuda(), k, v)
+
+
+class _CopyCounter:
+    """A dispatch mode that records, for every op's float output, how many of its elements
+    equal an element of ``k`` or of ``v``: a copy of K/V per query head holds each of them
+    ``heads`` times (a gather per kv head, once)."""
+
+    def __init__(self, k, v):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        values = torch.cat([k.flatten(), v.flatten()]).unique()
+        found = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                given = {a.untyped_storage().data_ptr() for a in args
+                         if isinstance(a, torch.Tensor)}
+                for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                    if (isinstance(t, torch.Tensor) and t.dtype == values.dtype and t.numel()
+                            and t.untyped_storage().data_ptr() not in given):  # views copy nothing
+                        found.append((str(func), int(torch.isin(t, values).sum())))
+                return out
+
+        self.mode, self.found, self.per_copy = Mode(), found, k.numel() + v.numel()
+
+    def worst(self):
+        return max(self.found, key=lambda f: f[1])
+
+
+@pytest.mark.parametrize("spec,config", [
+    ("examples/mqa.json", {"block_m": 16, "block_n": 16}),
+    ({"attncc": 1, "name": "mqa_window", "heads": 8, "kv_heads": 1,
+      "mask": "kv_idx <= q_idx and q_idx - kv_idx < 24"}, {"use_sdpa": True, "block_m": 16,
+                                                            "block_n": 16}),
+    ({"attncc": 1, "name": "mqa_memory", "heads": 8, "kv_heads": 1, "memory_tokens": 4}, {}),
+    ({"attncc": 1, "name": "mqa_linear", "heads": 8, "kv_heads": 1, "normalize": "linear",
+      "feature_map": "relu", "mask": "kv_idx <= q_idx"}, {"chunk": 16}),
+    ({"attncc": 1, "name": "mqa_nystrom", "heads": 8, "kv_heads": 1,
+      "lowrank": {"method": "nystrom", "landmarks": 4}}, {}),
+], ids=["flash", "runs", "memory", "linear", "nystrom"])
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])
+def test_no_lowering_copies_keys_or_values_per_query_head(spec, config, grad):
+    """Every op of forward and backward: no output holds K's or V's elements once per query
+    head (MQA: 8 query heads, 1 kv head; one query block, so a legitimate gather holds each
+    key once)."""
+    spec = attncc.load_spec(spec)
+    kernel = compile_spec(spec, **config)
+    q, k, v, inputs = random_inputs(spec, 1, 16, 48, "float32", library="torch", head_dim=8,
+                                    value_dim=8)
+    counter = _CopyCounter(k, v)
+    leaves = [x.requires_grad_(grad) for x in (q, k, v)]
+    with counter.mode:
+        out = kernel(*leaves, **inputs)
+        if grad:
+            out.sum().backward()
+    op, count = counter.worst()
+    assert count <= 2 * counter.per_copy, f"{op} holds K/V {count / counter.per_copy:.0f} times"
+    torch.testing.assert_close(out.detach().double(),
+                               attend(spec, q.detach().double(), k.detach().double(),
+                                      v.detach().double(), inputs).double(),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_the_copy_counter_catches_a_copy():
+    k, v = torch.randn(1, 1, 48, 8), torch.randn(1, 1, 48, 8)
+    counter = _CopyCounter(k, v)
+    with counter.mode:
+        k.repeat_interleave(8, 1) @ v.transpose(-1, -2).expand(1, 8, 8, 48)
+    assert counter.worst()[1] >= 4 * counter.per_copy

@@ -29,13 +29,21 @@ SUPPORTED = Support(True)
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """Tunables: name -> the values it may take, and ``keep(config)`` that drops invalid configs.
+    """Tunables: name -> the values it may take, and ``keep(config)`` that drops the configs not
+    worth timing (those that cannot run, and any a backend knows to be slow or redundant).
 
-    ``configs()`` enumerates the whole grid after ``keep``.
+    ``configs()`` enumerates the whole grid after ``keep``. ``valid(config)``, when given, is the
+    looser test of whether a config runs at all: ``attncc.compile`` accepts a config the caller
+    passes when ``accepts`` it, so a user may pick a config the tuner would never try.
     """
 
     params: dict[str, tuple]
     keep: Callable[[dict], bool] = field(default=lambda config: True)
+    valid: Callable[[dict], bool] | None = None
+
+    def accepts(self, config: dict) -> bool:
+        """Whether ``config`` (every tunable set) can run: ``valid``, else ``keep``."""
+        return bool((self.valid or self.keep)(config))
 
     def configs(self) -> list[dict]:
         grid = [{}]

@@ -30,11 +30,13 @@ from attncc.cli.options import DTYPES, load, spec_argument, target_option
 @click.option("--seed", type=int, default=None, help="Sampler seed.")
 @click.option("--sampler", type=click.Choice(["tpe", "gp", "random"]), default="tpe",
               show_default=True, help="Optuna sampler (gp: fewer trials on small spaces).")
+@click.option("--guide/--no-guide", default=True, show_default=True,
+              help="Let the plan-based cost model propose every other trial.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @target_option
 def tune(spec: str, backend: str, batch: int, seq: int, seq_k: int | None, dtype: str,
          trials: int, workers: int, db: str | None, storage: str | None, plot_dir: str | None,
-         seed: int | None, sampler: str, quiet: bool, target_name: str) -> None:
+         seed: int | None, sampler: str, guide: bool, quiet: bool, target_name: str) -> None:
     """Tune SPEC's tile parameters for one shape and store the fastest config."""
     from attncc.cli.options import detect_target
     from attncc.db.store import Store
@@ -45,7 +47,7 @@ def tune(spec: str, backend: str, batch: int, seq: int, seq_k: int | None, dtype
     record = run_tune(loaded, backend, batch=batch, seq=seq, seq_k=seq_k, dtype=dtype,
                       trials=trials, workers=workers, db=store, storage=storage,
                       plot_dir=plot_dir, target=detect_target(target_name), seed=seed,
-                      progress=not quiet, sampler=sampler)
+                      progress=not quiet, sampler=sampler, guide=guide)
     config = " ".join(f"{name}={value}" for name, value in record.config.items()) or "(none)"
     click.echo(f"{record.spec_name} on {record.key.backend}, {record.key.bucket} {dtype}: "
                f"{config}")

@@ -15,7 +15,7 @@ from attncc.errors import BackendError
 from attncc.ir.graph import LinearAttention, Nystrom, attention_node
 
 from .kernel import TorchKernel
-from .space import default_config, search_space
+from .space import default_config, search_space, valid
 
 __all__ = ["TorchBackend", "TorchKernel"]
 
@@ -48,7 +48,7 @@ class TorchBackend(Backend):
         return SUPPORTED
 
     def search_space(self, graph, target) -> SearchSpace:
-        return search_space(graph.graph["spec"], _kind(graph), target)
+        return search_space(graph.graph["spec"], _kind(graph), target, graph.graph.get("sizes"))
 
     def default_config(self, graph, target) -> dict:
         return default_config(graph.graph["spec"], _kind(graph), target)
@@ -61,9 +61,10 @@ class TorchBackend(Backend):
         if unknown:
             raise BackendError(f"torch backend: unknown tunable '{unknown[0]}'; expected one of "
                                f"{', '.join(space.params) or 'none'}")
-        if space.params and not space.keep(full):
-            raise BackendError(f"torch backend: config {full} is rejected by the keep() filter "
-                               "of its search space")
+        if kind == "flash" and not valid(spec, full, target):
+            raise BackendError(f"torch backend: config {full} cannot run (use_sdpa needs a "
+                               "dot-product softmax spec; block_m * block_n * kv_chunk must stay "
+                               "within tile_elems, at most 2**24 on CPU)")
         return TorchKernel(spec, kind, full)
 
     def priority(self, target) -> int:

@@ -7,7 +7,8 @@ Flash pattern (softmax, sigmoid, top-k, Linformer):
 - ``kv_chunk``: key blocks per inner iteration of the online softmax (wider = fewer, bigger
   matmuls, more memory per tile).
 - ``group_blocks``: query blocks with equal key-block counts batched into one step.
-- ``tile_elems``: cap on score elements per tile (bounds memory; a step is split to fit).
+- ``tile_elems``: cap on score elements per tile (bounds memory; a step is split to fit). One
+  value in the search space; ``compile`` takes others.
 - ``use_sdpa``: dispatch to torch's fused SDPA kernels: the whole call to
   ``torch.nn.functional.scaled_dot_product_attention`` where the spec is plain dense or causal
   softmax; otherwise, for a masked dot-product softmax on CPU without gradients, one CPU
@@ -23,6 +24,8 @@ from __future__ import annotations
 from attncc.backends.base import SearchSpace
 
 BLOCKS = (16, 32, 64, 128, 256)
+#: Score elements per tile (the memory bound of one step; 16 MiB in float32).
+TILE_ELEMS = 1 << 22
 
 
 def sdpa_eligible(spec) -> bool:
@@ -40,27 +43,68 @@ def fused_eligible(spec) -> bool:
             and not spec.memory_tokens)
 
 
-def search_space(spec, kind: str, target) -> SearchSpace:
-    """The tunables for a lowering ``kind`` (flash, linear, nystrom) on ``target``."""
+def valid(spec, config: dict, target) -> bool:
+    """Whether ``compile`` can run ``config``: ``use_sdpa`` only where a fused kernel computes the
+    spec, and a tile within the memory cap. Looser than the tuner's ``keep`` (below): a user may
+    ask for any config that runs, however slow."""
+    if config.get("use_sdpa") and not fused_eligible(spec):
+        return False
+    cap = 1 << 26 if getattr(target, "kind", "cpu") == "cuda" else 1 << 24
+    width = config["block_n"] * config["kv_chunk"]
+    return (width <= 8192 and config["block_m"] * width <= config["tile_elems"]
+            and config["tile_elems"] <= cap)
+
+
+def search_space(spec, kind: str, target, sizes: dict | None = None) -> SearchSpace:
+    """The tunables for a lowering ``kind`` (flash, linear, nystrom) on ``target``.
+
+    ``keep`` admits the valid configs worth timing at ``sizes`` (``seq_q``/``seq_k`` when known):
+
+    - where a fused torch kernel runs (``use_sdpa``: SDPA whole for dense/causal specs, the runs
+      path of ``runs.py`` on CPU), the flash knobs are unused, so they must hold their defaults
+      (and the blocks too under whole SDPA); one config per distinct kernel, not dozens of
+      identical ones. On CUDA a masked spec's ``use_sdpa`` would run the flash path anyway and is
+      dropped for the same reason;
+    - blocks no larger than the padded sequence; on the flash path, a key tile
+      (``block_n * kv_chunk``) of at least 256 keys (or the whole padded sequence) and at most
+      2048 (a spot sweep, sliding window at seq 1024 on CPU: 64-key tiles 3.4 ms against 2.9 ms
+      for 128-2048; wider tiles only cost memory). ``tile_elems`` bounds memory and has one
+      value (2^20-2^24 timed within noise of each other); ``group_blocks`` 1 ran up to 3x slower
+      than 4 and more in the same sweep and is not offered.
+    """
     cuda = target is not None and getattr(target, "kind", "cpu") == "cuda"
     if kind == "linear":
         return SearchSpace({"chunk": (16, 32, 64, 128, 256)})
     if kind == "nystrom":
         return SearchSpace({})
+    eligible, whole = fused_eligible(spec), sdpa_eligible(spec)
     params = {"block_m": BLOCKS, "block_n": BLOCKS, "kv_chunk": (1, 2, 4, 8, 16, 32, 64),
-              "group_blocks": (1, 4, 16, 64, 256), "tile_elems": (1 << 20, 1 << 22, 1 << 24),
-              "use_sdpa": (True, False) if fused_eligible(spec) else (False,)}
-    eligible = fused_eligible(spec)
-    cap = 1 << 26 if cuda else 1 << 24
+              "group_blocks": (4, 16, 64, 256), "tile_elems": (TILE_ELEMS,),
+              "use_sdpa": (True, False) if eligible and (whole or not cuda) else (False,)}
+    base = default_config(spec, "flash", target)
+    sizes = sizes or {}
+    padded_q, padded_k = (_padded(sizes.get(name)) for name in ("seq_q", "seq_k"))
 
     def keep(config: dict) -> bool:
-        if config.get("use_sdpa") and not eligible:
+        if not valid(spec, config, target):
             return False
+        if config.get("use_sdpa") and whole:
+            return all(config[name] == base[name]
+                       for name in ("kv_chunk", "group_blocks", "block_m", "block_n"))
+        if config["block_m"] > max(16, padded_q) or config["block_n"] > max(16, padded_k):
+            return False
+        if config.get("use_sdpa"):
+            return not cuda and all(config[name] == base[name]
+                                    for name in ("kv_chunk", "group_blocks"))
         width = config["block_n"] * config["kv_chunk"]
-        tile = config["block_m"] * width
-        return width <= 8192 and tile <= config["tile_elems"] and config["tile_elems"] <= cap
+        return min(256, padded_k) <= width <= min(2048, max(padded_k, config["block_n"]))
 
-    return SearchSpace(params, keep)
+    return SearchSpace(params, keep, lambda config: valid(spec, config, target))
+
+
+def _padded(seq) -> int:
+    """``seq`` rounded up to a power of two; a large number when unknown (no size limit)."""
+    return 1 << (int(seq) - 1).bit_length() if seq else 1 << 30
 
 
 def default_config(spec, kind: str, target) -> dict:
@@ -73,4 +117,4 @@ def default_config(spec, kind: str, target) -> dict:
     # the per-call overhead stays small (measured in bench/results/torch_cpu.md)
     block = 64 if fused_eligible(spec) else 128
     return {"block_m": block, "block_n": block, "kv_chunk": 16, "group_blocks": 64,
-            "tile_elems": 1 << 22, "use_sdpa": fused_eligible(spec)}
+            "tile_elems": TILE_ELEMS, "use_sdpa": fused_eligible(spec)}
