@@ -2,14 +2,21 @@
 
 The kernel's gradients of q, k, v and of every floating input (for a random output gradient) are
 compared with autograd through ``attncc.reference.attend`` on float64 torch tensors, with the same
-computation in the kernel's dtype as the eager yardstick. The floor of every gradient is relative
-to the largest reference gradient of the call.
+computation in the kernel's dtype as the eager yardstick (in float32, its error scaled by
+``FLOAT64_FROM_FLOAT32``, for a float64 kernel: see ``accuracy``). The floor of every gradient is
+relative to the largest reference gradient of the call.
 """
 
 from __future__ import annotations
 
 from attncc.reference import attend
-from attncc.testing.accuracy import Check, eager_attend, judge, magnitude
+from attncc.testing.accuracy import (
+    FLOAT64_FROM_FLOAT32,
+    Check,
+    eager_attend,
+    judge,
+    magnitude,
+)
 
 
 def gradient_checks(kernel, spec, q, k, v, inputs: dict, dtype: str, seed: int) -> list[Check]:
@@ -36,8 +43,14 @@ def gradient_checks(kernel, spec, q, k, v, inputs: dict, dtype: str, seed: int) 
     same = lambda x: x  # noqa: E731 - the identity cast
     got = run(lambda q_, k_, v_, ins: kernel(q_, k_, v_, **ins), same)
     ref = run(lambda q_, k_, v_, ins: attend(spec, q_, k_, v_, ins), lambda x: x.double())
-    eager = run(lambda q_, k_, v_, ins: eager_attend(spec, q_, k_, v_, ins, False)[0], same)
+    if dtype == "float64":
+        eager_dtype, factor = "float32", FLOAT64_FROM_FLOAT32
+        eager = run(lambda q_, k_, v_, ins: attend(spec, q_, k_, v_, ins), lambda x: x.float())
+    else:
+        eager_dtype, factor = dtype, 1.0
+        eager = run(lambda q_, k_, v_, ins: eager_attend(spec, q_, k_, v_, ins, False)[0], same)
     # a gradient that is exactly zero (hard attention's dq, dk) is still computed from terms as
     # large as the other gradients, so the floor is relative to the largest of them
     scale = max(magnitude(ref[n]) for n in names)
-    return [judge(f"grad {n}", got[n], eager[n], ref[n], dtype, scale) for n in names]
+    return [judge(f"grad {n}", got[n], eager[n], ref[n], dtype, scale, eager_dtype=eager_dtype,
+                  eager_factor=factor) for n in names]

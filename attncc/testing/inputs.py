@@ -14,7 +14,8 @@ import numpy as np
 import sympy
 
 from attncc.spec.load import load_spec
-from attncc.spec.symbols import SIZES
+from attncc.spec.numeric import evaluate
+from attncc.spec.symbols import SIZES, free_names
 
 #: Free sizes used when the spec does not fix them.
 DEFAULT_HEADS = 4
@@ -45,14 +46,47 @@ def sizes_for(spec, batch: int, seq_q: int, seq_k: int, *, heads: int | None = N
             "seq_k": seq_k, "head_dim": head_dim, "value_dim": value_dim}
 
 
+def unfit_reason(spec, sizes: dict[str, int]) -> str | None:
+    """Why ``spec`` cannot take a call of ``sizes`` (from ``sizes_for``), or None if it can.
+
+    Derived from the spec alone: every index its mask and score_mod compute into an input, over
+    every ``(b, h, q_idx, kv_idx)`` of the call, must lie inside that axis of the input's declared
+    shape. ``doc[b, kv_idx]`` with ``doc`` shaped ``[batch, seq_q]`` thus requires
+    ``seq_k <= seq_q``, and with ``doc[b, q_idx]`` as well, ``seq_q == seq_k``. (An index that
+    itself reads an input depends on values, not sizes, and is not judged here.)
+    """
+    spec = load_spec(spec)
+    subs = {SIZES[name]: value for name, value in sizes.items()}
+    grid = {"b": np.arange(sizes["batch"]).reshape(-1, 1, 1, 1),
+            "h": np.arange(sizes["heads"]).reshape(1, -1, 1, 1),
+            "q_idx": np.arange(sizes["seq_q"]).reshape(1, 1, -1, 1),
+            "kv_idx": np.arange(sizes["seq_k"]).reshape(1, 1, 1, -1), **sizes}
+    for expr in (spec.mask, spec.score_mod):
+        if expr is None:
+            continue
+        for access in sorted(expr.atoms(sympy.Indexed), key=str):
+            decl = spec.inputs[str(access.base.label)]
+            for axis, index in enumerate(access.indices):
+                if free_names(index) & set(spec.inputs):
+                    continue
+                size = int(sympy.sympify(decl.shape[axis]).subs(subs))
+                values = np.asarray(evaluate(index, grid, np))
+                if values.size and (values.min() < 0 or values.max() >= size):
+                    return (f"input '{decl.name}' is indexed by {index} from {values.min()} to "
+                            f"{values.max()}, outside its axis {axis} of size {size}")
+    return None
+
+
 def random_inputs(spec, batch: int, seq_q: int, seq_k: int, dtype: str = "float32",
                   seed: int = 0, library: str = "numpy", device=None, *,
                   heads: int | None = None, head_dim: int | None = None,
-                  value_dim: int | None = None):
+                  value_dim: int | None = None, score_std: float | None = None):
     """``(q, k, v, inputs)`` for ``spec`` as NumPy arrays or torch tensors of ``dtype``.
 
     Floating inputs get ``dtype`` too; integer and boolean ones keep their declared dtype.
-    ``device`` applies to torch. Sizes follow ``sizes_for``.
+    ``device`` applies to torch. Sizes follow ``sizes_for``. ``score_std`` draws extreme scores:
+    q and k (dot) or w (additive) are scaled so that the raw scores have about that standard
+    deviation (1e3 puts them far past where a naive ``exp`` overflows, even in float64).
     """
     spec = load_spec(spec)
     s = sizes_for(spec, batch, seq_q, seq_k, heads=heads, head_dim=head_dim, value_dim=value_dim)
@@ -62,6 +96,13 @@ def random_inputs(spec, batch: int, seq_q: int, seq_k: int, dtype: str = "float3
     v = rng.standard_normal((s["batch"], s["kv_heads"], s["seq_k"], s["value_dim"]))
     subs = {SIZES[name]: value for name, value in s.items()}
     inputs = {name: _draw(decl, subs, s, rng) for name, decl in spec.inputs.items()}
+    if score_std is not None:
+        if spec.score == "additive":  # Σ_d w_d·tanh(.) has std ~ |w|·sqrt(head_dim)
+            inputs["w"] = inputs["w"] * (score_std / math.sqrt(s["head_dim"]))
+        else:  # scale·q·k has std scale·sqrt(head_dim)·c² for q, k ~ c·N(0, 1)
+            scale = abs(float(sympy.sympify(spec.scale).subs(subs)))
+            c = math.sqrt(score_std / (scale * math.sqrt(s["head_dim"]))) if scale else 1.0
+            q, k = q * c, k * c
     convert = _converter(library, str(dtype), device)
     return (convert(q), convert(k), convert(v),
             {name: convert(x) for name, x in inputs.items()})

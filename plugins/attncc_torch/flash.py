@@ -7,7 +7,8 @@ of dim 0, which ``index_select`` copies fast). The forward keeps per row the run
 K-th largest kept score of every row with a running ``torch.topk`` over the chunks, then runs the
 softmax over the scores at or above it. Saved for backward: q, k, v, out and per-row statistics
 (row max, 1/sum, top-k threshold) — never an N×N matrix. The backward recomputes each tile
-(FlashAttention-2: ``dS = P ∘ (dP − rowsum(dO ∘ O))``) and differentiates the tile's own scores
+(FlashAttention-2: ``dS = P ∘ (dP − D)``, with ``D = rowsum(P ∘ dP)`` recomputed exactly rather
+than taken from ``rowsum(dO ∘ O)``, see ``_exact_delta``) and differentiates the tile's own scores
 with ``torch.autograd.grad`` on the tile, which also yields the gradients of score_mod inputs.
 """
 
@@ -150,7 +151,7 @@ def backward(pb: Problem, saved: dict, dout6, grad_inputs: list[str]):
             tiles.append((None, None, inputs["mem_v"][None, sl.h0:sl.h0 + sl.nh, None]))
         tiles += [(chunk, pb.cols(k4, sl, chunk), pb.cols(v4, sl, chunk))
                   for chunk in step.chunks]
-        if delta is not None and any(n not in ("mem_k", "mem_v") for n in grad_inputs):
+        if delta is not None:
             stat["delta"] = _exact_delta(pb, step, q, do, tiles, inputs, stat)
         for chunk, k, v in tiles:
             leaves = {name: inputs[name].detach().requires_grad_() for name in grad_inputs}
@@ -184,10 +185,13 @@ def backward(pb: Problem, saved: dict, dout6, grad_inputs: list[str]):
 def _exact_delta(pb: Problem, step, q, do, tiles, inputs: dict, stat: dict):
     """``D' = D + rowsum(P ∘ (dP − D))``: the delta corrected so that every row of dS sums to 0.
 
-    Exact arithmetic gives ``rowsum(dS) = 0``; in floating point the residual is ~1 ulp of the
-    row's terms, and inputs that weight dS by position (an ALiBi slope multiplies it by
-    ``q_idx - kv_idx``) add it up over whole rows. Removing it (as autograd through a softmax
-    does at the row max) costs one more recompute, so it runs only for such inputs.
+    Exact arithmetic gives ``rowsum(dS) = 0``; in floating point the residual of
+    ``rowsum(dO ∘ O)`` is ~1 ulp of the row's terms (O's own rounding), and it reaches the
+    gradients multiplied by whatever weights dS: keys (|k| ~ 1e2 where scores are ~1e3 and the
+    softmax is nearly one-hot: dq was 14x the eager float32 error, hard attention's exactly-zero
+    dq was not zero) and inputs read by position (an ALiBi slope multiplies dS by
+    ``q_idx - kv_idx``). Removing it, as autograd through a softmax does, costs one more
+    recompute of the step's tiles, so it runs for every softmax and top-k backward.
     """
     delta = stat["delta"]
     total = torch.zeros_like(delta)

@@ -5,11 +5,11 @@ contiguous segments. The pseudo-inverse is the exact ``torch.linalg.pinv`` (an m
 head), so it agrees with the reference; memory is O(N·m). Plain torch ops, so autograd is
 torch's own.
 
-GQA: unlike the flash pattern, this lowering expands K/V to the query heads (O(N·D) per head, the
-size of q). The gradient of the pinv is ill-conditioned; broadcasting K/V over a head-group axis
-instead changes the matmul order and moves float64 gradients by ~1e-9 relative, as far as any
-reordering does, which the conformance suite (whose float64 yardstick is the reference's own op
-order) cannot tell from an error.
+GQA: the query heads of a kv head sit on an axis of their own, ``(B, Hkv, group, N, D)``, against
+K/V viewed as ``(B, Hkv, 1, N, D)``: matmuls broadcast over it, K/V are never copied per query
+head. (This orders the float64 arithmetic differently from the reference, which moves gradients
+through the ill-conditioned pinv by ~cond²·ε; the conformance rule estimates float64's eager
+error from float32's for exactly this reason, see ``attncc.testing.accuracy``.)
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ def _softmax(x):
 
 def run_nystrom(q, k, v, landmarks: int, scale: float):
     """Output ``(B, H, Nq, Dv)`` for q ``(B, H, Nq, D)``, k/v ``(B, Hkv, Nk, D|Dv)``."""
-    group = q.shape[1] // k.shape[1]
-    if group > 1:
-        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    kv_heads = k.shape[1]
+    q = q.unflatten(1, (kv_heads, -1))                  # B Hkv g Nq D
+    k, v = k[:, :, None], v[:, :, None]                  # B Hkv 1 Nk D|Dv
 
     def land(x):
         return x.unflatten(-2, (landmarks, -1)).mean(-2)
@@ -35,4 +35,5 @@ def run_nystrom(q, k, v, landmarks: int, scale: float):
     kernel_1 = _softmax(scale * (q @ k_land.transpose(-1, -2)))
     kernel_2 = _softmax(scale * (q_land @ k_land.transpose(-1, -2)))
     kernel_3 = _softmax(scale * (q_land @ k.transpose(-1, -2)))
-    return (kernel_1 @ torch.linalg.pinv(kernel_2)) @ (kernel_3 @ v)
+    out = (kernel_1 @ torch.linalg.pinv(kernel_2)) @ (kernel_3 @ v)
+    return out.flatten(1, 2)
