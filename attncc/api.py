@@ -25,13 +25,16 @@ def compile(spec, backend: str = "auto", *, target=None, config: dict | None = N
 
     ``backend`` names a registered backend or is ``"auto"``: when every supported backend has a
     tuning record, the one whose record is fastest; else the highest ``priority`` for the target.
-    Unknown config names, or a config the backend's ``keep()`` rejects on this target, raise
-    BackendError.
+    Unknown config names, or a config the backend's search space does not accept on this target,
+    raise BackendError. ``dtype`` also tells the backend which element size a config must fit
+    (``graph.graph["dtype"]``: shared memory and registers scale with it); a kernel checked for
+    float32 fits the half types too.
     """
     from attncc.target import default_target
 
     spec = load_spec(spec)
     graph = lower(spec)
+    graph.graph["dtype"] = dtype
     target = target or default_target()
     candidates = _supported(backend, graph, target)
     records = {} if config else {b.name: _lookup(spec, b, seq, seq_k, dtype, target, db)

@@ -84,7 +84,12 @@ class Backend(ABC):
 
     @abstractmethod
     def search_space(self, graph, target) -> SearchSpace:
-        """The tunables for ``graph`` on ``target``, with a keep() filter for invalid configs."""
+        """The tunables for ``graph`` on ``target``, with a keep() filter for invalid configs.
+
+        ``graph.graph`` may carry ``"sizes"`` (batch, seq_q, seq_k) and ``"dtype"`` (the element
+        type the config must fit, e.g. ``"bfloat16"``) when the caller knows them (the tuner
+        always sets both; ``attncc.compile`` sets the dtype); without them keep() must admit
+        only configs that fit every size and dtype the backend runs."""
 
     @abstractmethod
     def default_config(self, graph, target) -> dict:

@@ -71,6 +71,7 @@ class Problem:
         self.batch, self.seq_q, self.seq_k, self.dtype = batch, seq_q, seq_k, dtype
         self.graph = lower(spec)
         self.graph.graph["sizes"] = {"batch": batch, "seq_q": seq_q, "seq_k": seq_k}
+        self.graph.graph["dtype"] = dtype
         support = backend.supports(self.graph, target)
         if not support:
             raise BackendError(f"backend '{backend.name}' cannot run '{spec.name}': "
