@@ -88,8 +88,8 @@ class Backend(ABC):
 
         ``graph.graph`` may carry ``"sizes"`` (batch, seq_q, seq_k) and ``"dtype"`` (the element
         type the config must fit, e.g. ``"bfloat16"``) when the caller knows them (the tuner
-        always sets both; ``attncc.compile`` sets the dtype); without them keep() must admit
-        only configs that fit every size and dtype the backend runs."""
+        always sets both; ``attncc.compile`` sets the dtype); without a dtype, keep() checks
+        float32. ``default_config`` reads the same keys."""
 
     @abstractmethod
     def default_config(self, graph, target) -> dict:

@@ -226,12 +226,13 @@ class FusedGenerator:
         for atom, d_atom in self.d_inputs:
             name = str(atom.base.label)
             off = self.pr.offset(atom)
-            out(i, f"g = tl.where(keep, ds * ({self.pr(d_atom)}), 0.0)")
+            # not ``g``: that is the query-head loop variable of the dk/dv kernel
+            out(i, f"g_in = tl.where(keep, ds * ({self.pr(d_atom)}), 0.0)")
             names = {str(s) for s in sympy.Tuple(*atom.indices).free_symbols}
             if names <= _BH:
-                out(i, f"tl.atomic_add({name}_grad + {off}, tl.sum(tl.sum(g, 1), 0))")
+                out(i, f"tl.atomic_add({name}_grad + {off}, tl.sum(tl.sum(g_in, 1), 0))")
             else:
-                out(i, f"tl.atomic_add({name}_grad + ({off}) + 0 * (q_idx + kv_idx), g, "
+                out(i, f"tl.atomic_add({name}_grad + ({off}) + 0 * (q_idx + kv_idx), g_in, "
                     "mask=keep)")
 
     def table_loops(self, out: _Lines, i: int, block: str, var: str, body):
