@@ -54,7 +54,7 @@ SWEEP_SPECS = ("causal",)
 SAMPLE = [{"block_m": m, "block_n": n, "num_warps": w, "num_stages": s}
           for m in (64, 128) for n in (64, 128) for w in (4, 8) for s in (1, 2, 3, 4)]
 _ELEM = {"Q", "K", "V", "MK", "MV", "W", "O", "DO", "DQ", "DK", "DV", "PQ", "PK"}
-_ACC = {"LSE", "THR", "DELTA", "DMK", "DMV", "DW"}
+_ACC = {"LSE", "THR", "DELTA", "DLSE", "DMK", "DMV", "DW"}
 _TABLES = {"FC", "FI", "PC", "PI"}
 
 
@@ -261,15 +261,15 @@ def run(specs: list[str] | None, dtypes: list[str], sweep: str, quiet: bool,
                            value_dim=spec.value_dim or spec.head_dim or head_dim)
         graph = lower(spec)
         kind, node = _kind(graph)
-        space = search_space(spec, kind, target)
-        default = default_config(spec, kind, target)
-        if config_override:
-            default = {**default, **config_override}
-        todo = [(dt, default, True) for dt in dtypes
+        space = search_space(spec, kind, target, "bfloat16")
+
+        def default(dt, spec=spec, kind=kind):
+            return {**default_config(spec, kind, target, dt), **(config_override or {})}
+        todo = [(dt, default(dt), True) for dt in dtypes
                 if dt == "bfloat16" or wide is None or path.stem in wide]
         if sweep != "none" and path.stem in SWEEP_SPECS and kind == "fused":
             grid = SAMPLE if sweep == "sample" else SearchSpace(space.params).configs()
-            todo += [("bfloat16", c, False) for c in grid if c != default]
+            todo += [("bfloat16", c, False) for c in grid if c != default("bfloat16")]
         timed_out = False
         for dtype, config, is_default in todo:
             rows = []
@@ -291,7 +291,7 @@ def run(specs: list[str] | None, dtypes: list[str], sweep: str, quiet: bool,
             results += rows
             entry = {"spec": path.stem, "kind": kind, "dtype": dtype, "config": config,
                      "default": is_default}
-            configs.append(judge(entry, [r.__dict__ for r in rows], spec, space))
+            configs.append(judge(entry, [r.__dict__ for r in rows], spec, kind, target))
     return {"date": datetime.date.today().isoformat(), "triton": triton.__version__,
             "target": "cuda sm_90 (GPUTarget('cuda', 90, 32))",
             "limits": {"shared_per_block": SMEM_LIMIT, "regs_per_thread": REGS_PER_THREAD,
@@ -299,10 +299,12 @@ def run(specs: list[str] | None, dtypes: list[str], sweep: str, quiet: bool,
             "kernels": [r.__dict__ for r in results], "configs": configs}
 
 
-def judge(entry: dict, rows: list[dict], spec, space) -> dict:
+def judge(entry: dict, rows: list[dict], spec, kind: str, target) -> dict:
     """``entry`` completed with what the compiler says of its kernels (``rows``) and what the
-    backend's ``keep`` and ``estimate`` say of the config."""
-    from attncc_triton.space import estimate
+    backend's ``keep`` and ``estimate`` say of the config for the entry's dtype."""
+    from attncc_triton.space import elem_bytes, estimate, search_space
+
+    space = search_space(spec, kind, target, entry["dtype"])
 
     main = [r for r in rows if r["kernel"] != "classify"]
     fits = all(r["ok"] and (r["shared"] or 0) <= SMEM_LIMIT
@@ -314,7 +316,8 @@ def judge(entry: dict, rows: list[dict], spec, space) -> dict:
     if entry["kind"] != "linear":
         d = spec.head_dim or 128
         entry["est_shared"], entry["est_regs"] = estimate(entry["config"], spec, d,
-                                                          spec.value_dim or d)
+                                                          spec.value_dim or d,
+                                                          elem_bytes(entry["dtype"]))
     return entry
 
 
@@ -324,15 +327,13 @@ def rejudge(data: dict) -> dict:
     from attncc.spec import load_spec
     from attncc.testing import examples_dir
     from attncc_triton import _kind
-    from attncc_triton.space import search_space
 
     target, paths = h200_target(), {p.stem: p for p in examples_dir().iterdir()}
     for entry in data["configs"]:
         spec = load_spec(paths[entry["spec"]])
-        space = search_space(spec, _kind(lower(spec))[0], target)
         rows = [k for k in data["kernels"] if k["spec"] == entry["spec"]
                 and k["dtype"] == entry["dtype"] and k["config"] == entry["config"]]
-        judge(entry, rows, spec, space)
+        judge(entry, rows, spec, _kind(lower(spec))[0], target)
     return data
 
 
@@ -351,13 +352,13 @@ NOTES = """## Notes
   not compile within 45 s (ptxas was killed at 64x64 on an earlier run): keep() now counts that
   tensor and the default falls to 16x16 with 8 warps; the CUDA default moved from 4 to 8 warps
   (4 warps spill in both backward kernels at d = 128).
-- keep() does not know the dtype (a config is chosen per spec and target), so its estimate is
-  for 2-byte tensors: float32 and float64 kernels take their `tl.dot`s on the FMA path
-  (`input_precision="ieee"`) and need 2-5x the shared memory; float64 at the default 64x64 does not
-  fit an H200 block, and float32 spills tens of KB (ptxas settles on 32 registers).
-  `input_precision="tf32x3"` would put float32 dots on the tensor cores (measured: 255 registers,
-  780 B spills for the causal forward instead of 55 KB) at a small accuracy cost; not switched on
-  without a GPU to check the conformance tolerances.
+- keep() judges the dtype it is given (`graph.graph["dtype"]`, float32 when absent): the
+  shared-memory and register estimates scale with the element size (float64 accumulates in
+  2-word registers), so float64 at 64x64 (329 KB measured) is dropped and the float64 default
+  falls to 32x64 (estimate 215 KB; not compiled yet). The `default` column of a re-judged run
+  names the default at compile time. float32 and float64 kernels take their `tl.dot`s on the FMA
+  path (`input_precision="ieee"`); float32 spills tens of KB (ptxas settles on 32 registers),
+  which keep()'s register rule does not see.
 - Dropped although they fit: configs rejected by keep()'s register rule (estimated words per
   thread above twice the register file): they compile, but spill kilobytes in every kernel.
 - The dk/dv kernel spills 0.5-1.5 KB at every measured config: it transposes the probability and
@@ -428,6 +429,11 @@ def markdown(data: dict) -> str:
     lines += ["", f"- 2-byte dtypes: the shared-memory estimate is below the measured value for "
               f"{len(under)} of {len(half)} compiled fused configs (keep() is meant to be "
               "conservative for bf16/fp16: this must be 0)."]
+    for dtype in ("float32", "float64"):
+        rows = [c for c in configs if "est_shared" in c and c["compiled"] and c["dtype"] == dtype]
+        lines += [f"- {dtype}: " + ("; ".join(
+            f"{c['spec']} {_cfg(c['config'])} measured {c['shared']} B, estimate "
+            f"{c['est_shared']} B, keep {c['keep']}" for c in rows) or "no fused config") + "."]
     lines += ["", NOTES]
     return "\n".join(lines) + "\n"
 

@@ -73,10 +73,12 @@ def _aot(tmp_path, specs: str, kernels: str, config: dict | None = None,
     return json.loads(out.read_text())
 
 
-def _keep(name: str, config: dict, head_dim: int) -> bool:
+def _keep(name: str, config: dict, head_dim: int, dtype: str = "bfloat16") -> bool:
     spec = replace(load_spec(examples_dir() / f"{name}.yaml"), head_dim=head_dim,
                    value_dim=head_dim)
-    return TritonBackend().search_space(lower(spec), H200).keep(config)
+    graph = lower(spec)
+    graph.graph["dtype"] = dtype  # what the AOT runs above compile
+    return TritonBackend().search_space(graph, H200).keep(config)
 
 
 def test_default_configs_compile_for_sm90_within_limits_and_without_spills(tmp_path):

@@ -64,8 +64,64 @@ def test_keep_drops_configs_over_the_targets_shared_memory():
     assert configs and len(configs) < len(TritonBackend().search_space(graph, CPU).configs())
     big = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 4}
     assert not space.keep(big)
-    with pytest.raises(BackendError, match="keep"):
+    with pytest.raises(BackendError, match="cannot run for float32"):
         TritonBackend().compile(graph, big, gpu)
+
+
+AOT = Path(__file__).resolve().parents[1] / "bench" / "results" / "triton_aot_sm90.json"
+H200 = Target(kind="cuda", device="NVIDIA H200 (AOT)", arch="cuda", compute_capability=(9, 0),
+              shared_memory_per_block=227 * 1024, sm_count=132, registers_per_block=65536)
+
+
+def _space(name: str, dtype: str | None):
+    graph = lower(load_spec(examples_dir() / f"{name}.yaml"))
+    if dtype is not None:
+        graph.graph["dtype"] = dtype
+    return graph, TritonBackend().search_space(graph, H200)
+
+
+def test_keep_scales_with_the_dtype_as_the_sm90_compiler_measured():
+    """The saved AOT run compiled causal at 64x64 in float64 to 329 KB of shared memory (over an
+    H200 block's 227 KiB) and in bfloat16 to 64 KB: keep() must tell them apart."""
+    import json
+
+    runs = json.loads(AOT.read_text(encoding="utf-8"))["configs"]
+    measured = {c["dtype"]: c for c in runs if c["spec"] == "causal" and c["default"]}
+    f64, bf16 = measured["float64"], measured["bfloat16"]
+    assert f64["config"] == bf16["config"] == {"block_m": 64, "block_n": 64, "num_warps": 8,
+                                                "num_stages": 2}
+    assert f64["shared"] > 227 * 1024 >= bf16["shared"]
+    assert not _space("causal", "float64")[1].keep(f64["config"])
+    assert not _space("causal", "float64")[1].accepts(f64["config"])
+    assert _space("causal", "bfloat16")[1].keep(bf16["config"])
+    assert _space("causal", "float32")[1].keep(measured["float32"]["config"])  # 147 KB measured
+    # without a dtype, keep() judges float32 (Backend.search_space's contract)
+    assert _space("causal", None)[1].keep(measured["float32"]["config"])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
+def test_default_config_fits_its_dtype(dtype):
+    graph, space = _space("causal", dtype)
+    config = TritonBackend().default_config(graph, H200)
+    assert space.keep(config), config
+    if dtype == "float64":
+        assert config["block_m"] * config["block_n"] < 64 * 64
+
+
+def test_default_config_without_a_kept_tile_is_still_valid():
+    """The additive score keeps a block_m x block_n x d tensor: in float64 it spills at every
+    tile, so keep() admits none; the default is the smallest tile, which valid() accepts."""
+    graph, space = _space("additive", "float64")
+    assert not space.configs()
+    config = TritonBackend().default_config(graph, H200)
+    assert space.accepts(config) and config["block_m"] == config["block_n"] == 16
+
+
+def test_unknown_dtype_is_an_error():
+    graph, _ = _space("causal", None)
+    graph.graph["dtype"] = "int8"
+    with pytest.raises(BackendError, match=r"dtype must be one of .* got 'int8'"):
+        TritonBackend().search_space(graph, H200)
 
 
 def test_topk_needs_block_n_at_least_k():
@@ -142,9 +198,10 @@ def test_source_is_a_standalone_module_with_a_glossary(interpret):
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert imported <= {"math", "types", "torch", "triton", "triton.language"}
     assert "Glossary" in kernel.source and "slope_ptr" in kernel.source
-    # the mask is evaluated only in the PARTIAL loops: once in each of fwd, dq and dk/dv
-    assert kernel.source.count("keep = keep & (") == 3
-    assert kernel.source.count("for it in range(0, tl.load(FC + row))") == 3
+    # the mask is evaluated only in the PARTIAL loops: once in each of fwd, dq's exact-delta
+    # pass, dq and dk/dv
+    assert kernel.source.count("keep = keep & (") == 4
+    assert kernel.source.count("for it in range(0, tl.load(FC + row))") == 4
 
 
 def test_autograd_through_the_kernel_matches_float64(interpret):

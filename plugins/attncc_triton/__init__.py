@@ -84,24 +84,27 @@ class TritonBackend(Backend):
         return SUPPORTED
 
     def search_space(self, graph, target) -> SearchSpace:
-        return search_space(graph.graph["spec"], _kind(graph)[0], target)
+        return search_space(graph.graph["spec"], _kind(graph)[0], target,
+                            graph.graph.get("dtype"))
 
     def default_config(self, graph, target) -> dict:
-        return default_config(graph.graph["spec"], _kind(graph)[0], target)
+        return default_config(graph.graph["spec"], _kind(graph)[0], target,
+                              graph.graph.get("dtype"))
 
     def compile(self, graph, config, target) -> TritonKernel:
         spec = graph.graph["spec"]
         kind, node = _kind(graph)
-        full = {**default_config(spec, kind, target), **(config or {})}
-        space = search_space(spec, kind, target)
+        dtype = graph.graph.get("dtype")
+        full = {**default_config(spec, kind, target, dtype), **(config or {})}
+        space = search_space(spec, kind, target, dtype)
         unknown = sorted(set(full) - set(space.params))
         if unknown:
             raise BackendError(f"triton backend: unknown tunable '{unknown[0]}'; expected one "
                                f"of {', '.join(space.params)}")
-        if not space.keep(full):
-            raise BackendError(f"triton backend: config {full} is rejected by the keep() "
-                               "filter of its search space (tile too small for top-k, or too "
-                               "big for the target's shared memory / registers)")
+        if not space.accepts(full):
+            raise BackendError(f"triton backend: config {full} cannot run for "
+                               f"{dtype or 'float32'} on this target (block_n below the top-k "
+                               "K, or tiles too big for its shared memory)")
         return TritonKernel(spec, kind, full, generate(spec, node, full))
 
     def priority(self, target) -> int:

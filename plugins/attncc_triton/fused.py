@@ -152,7 +152,8 @@ class FusedGenerator:
             out(i, f"keep = keep & ({self.pr(self.fs.mask)})")
 
     def block(self, out: _Lines, i: int, mem: bool, partial: bool, role: str):
-        """One key block (or memory chunk) of a kernel: ``role`` is fwd, topk, dq or dkdv."""
+        """One key block (or memory chunk) of a kernel: ``role`` is fwd, topk, delta, dq or
+        dkdv."""
         self.load_cols(out, i, mem)
         if partial:
             self.mask_line(out, i)
@@ -165,7 +166,11 @@ class FusedGenerator:
             return
         if self.fs.normalize == "topk":
             out(i, "keep = keep & (s >= thr[:, None])")
-        if role == "fwd":
+        if role == "delta":
+            out(i, "dp = tl.dot(do, tl.trans(v), out_dtype=ACC, input_precision=PREC)",
+                "p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)",
+                "corr += tl.sum(p * (dp - delta[:, None]), 1)")
+        elif role == "fwd":
             self.forward_update(out, i)
         else:
             self.backward_update(out, i, mem, role)
@@ -285,10 +290,12 @@ class FusedGenerator:
     def backward_dq(self) -> str:
         fs, out = self.fs, _Lines()
         out(0, "@triton.jit",
-            f"def _bwd_dq({_TENSORS}, DO, DQ, DMK, DMV, DW, LSE, DELTA, THR, sob, soh, som, "
+            f"def _bwd_dq({_TENSORS}, DO, DQ, DMK, DMV, DW, LSE, DELTA, DLSE, THR, sob, soh, som, "
             f"FC, FI, PC, PI, c_b, c_h, c_m, i_b, i_h, i_m, {self.args}{_SIZES}, {_CONST}):",
             '    """dq of one query block; memory-token and (additive) w gradients by atomics."""')
         self.prologue(out, per_query=True, backward=True)
+        if fs.normalize != "sigmoid":
+            self.exact_delta(out)
         out(1, "dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)")
         if fs.memory_tokens:
             out(1, "for j in range(0, MEM, BLOCK_N):")
@@ -298,6 +305,24 @@ class FusedGenerator:
         out(1, "tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], "
             "dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])")
         return out.text()
+
+    def exact_delta(self, out: _Lines):
+        """``D' = D + rowsum(P ∘ (dP − D))`` over every kept key of the query block, then
+        ``D' − dlse`` stored back to DELTA for the dk/dv kernel (launched after this one).
+
+        ``D = rowsum(dO ∘ O)`` is off by ~1 ulp of O's rounding, and dS carries that error
+        times the keys (|k| ~ 1e2 where scores are ~1e3): recomputing the row sum from the
+        tiles makes every row of dS sum to 0 as autograd through a softmax does, at the cost of
+        one more pass over the row's blocks."""
+        out(1, "corr = tl.zeros([BLOCK_M], ACC)")
+        if self.fs.memory_tokens:
+            out(1, "for j in range(0, MEM, BLOCK_N):")
+            self.block(out, 2, mem=True, partial=False, role="delta")
+        self.table_loops(out, 1, "pid", "n_blk",
+                         lambda o, i, partial: self.block(o, i, False, partial, "delta"))
+        out(1, "dlse = tl.load(DLSE + stat, mask=row_ok, other=0.0)",
+            "delta = delta + corr - dlse",
+            "tl.store(DELTA + stat, delta, mask=row_ok)")
 
     def backward_dkdv(self) -> str:
         out = _Lines()

@@ -171,17 +171,17 @@ def _backward_launch(pb, scale: float, out, lse, thr, d_out, d_lse):
     backward kernel launches only."""
     acc = lse.dtype
     d_out = d_out.contiguous()
-    delta = (d_out.to(acc) * out.to(acc)).sum(-1)
-    if d_lse is not None:
-        delta = delta - d_lse.to(acc)
-    delta = delta.contiguous()
+    # rowsum(dO ∘ O) (unused under sigmoid): the dq kernel corrects it exactly from the tiles
+    # and writes ``delta - d_lse`` back for the dk/dv kernel, which must run after it.
+    delta = (d_out.to(acc) * out.to(acc)).sum(-1).contiguous()
+    d_lse = torch.zeros_like(delta) if d_lse is None else d_lse.to(acc).contiguous()
     dq, dk, dv = (torch.empty_like(x) for x in (pb.q, pb.k, pb.v))
     zeros = {n: torch.zeros(x.shape, dtype=acc, device=x.device) for n, x in pb.floats.items()}
     dummy = lse.new_zeros(1)
     dmk, dmv, dw = (zeros.get(n, dummy) for n in ("mem_k", "mem_v", "w"))
     tail = pb.tail(scale)
-    pb.wrap(pb.kern.bwd_dq)[pb.grid_q()](*pb.head(), d_out, dq, dmk, dmv, dw, lse, delta, thr,
-                                         *d_out.stride()[:3], *_table_args(pb.tables, False),
+    pb.wrap(pb.kern.bwd_dq)[pb.grid_q()](*pb.head(), d_out, dq, dmk, dmv, dw, lse, delta, d_lse,
+                                         thr, *d_out.stride()[:3], *_table_args(pb.tables, False),
                                          *tail, **pb.consts)
     grads = [zeros[n] for n in pb.spec["grad_inputs"]]
     pb.wrap(pb.kern.bwd_dkdv)[pb.grid_k()](*pb.head(), d_out, dk, dv, dw, lse, delta, thr,

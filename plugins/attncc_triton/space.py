@@ -5,18 +5,21 @@
   pipelining depth of the key-block loop).
 - ``chunk``: positions per step of the linear-attention scan (linear specs only).
 
-``keep`` drops, before anything is compiled, tiles that Triton cannot run (below 16, the smallest
-``tl.dot``; ``block_n`` below the top-k K, which the threshold buffer needs), tiles whose shared
-memory exceeds the target's, and tiles so register-hungry that every kernel would spill kilobytes.
+``valid`` (what ``compile`` accepts) drops tiles that cannot run: ``block_n`` below the top-k K,
+which the threshold buffer needs, and tiles whose shared memory exceeds the target's (tiles are
+never below 16, the smallest ``tl.dot``). ``keep`` (what the tuner times) also drops tiles so
+register-hungry that every kernel would spill kilobytes.
 The estimates are fitted to what ``triton.compile`` reports for sm_90 (``bench/triton_aot_sm90.py``,
-``bench/results/triton_aot_sm90.md``) and assume 2-byte tensors (bfloat16/float16, what a GPU
-runs): float32 and float64 kernels (FMA dots, ``input_precision="ieee"``) need 2-5x the shared
-memory, which ``keep`` cannot see because a config is chosen before the dtype is known.
+``bench/results/triton_aot_sm90.md``) and scale with the element size of the dtype the config
+must fit (``graph.graph["dtype"]``; float32 when absent): float32 and float64 kernels (FMA dots,
+``input_precision="ieee"``) stage 2x and 4x the bytes of bfloat16 ones, and float64 accumulates
+in 2-word registers.
 """
 
 from __future__ import annotations
 
 from attncc.backends.base import SearchSpace
+from attncc.errors import BackendError
 
 BLOCKS = (16, 32, 64, 128)
 WARPS = (1, 2, 4, 8)
@@ -29,6 +32,22 @@ REGS_PER_THREAD = 255
 SMEM_SLACK = 2048
 
 
+#: bytes per element of the dtypes a config can be asked to fit
+ELEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+
+
+def elem_bytes(dtype) -> int:
+    """Bytes per element of ``dtype`` (a name such as ``"bfloat16"``, or a torch/NumPy dtype);
+    4 (float32) for None, the ``Backend.search_space`` contract."""
+    if dtype is None:
+        return 4
+    name = str(getattr(dtype, "name", dtype)).removeprefix("torch.")
+    if name not in ELEM_BYTES:
+        raise BackendError(f"triton backend: dtype must be one of {', '.join(ELEM_BYTES)}, got "
+                           f"{dtype!r}")
+    return ELEM_BYTES[name]
+
+
 def _pow2(n: int) -> int:
     return max(16, 1 << (max(1, int(n)) - 1).bit_length())
 
@@ -39,25 +58,31 @@ def estimate(config: dict, spec, head_dim: int, value_dim: int, elem_bytes: int 
 
     Shared memory holds the ``tl.dot`` operand tiles; the dk/dv kernel is the largest: q, do
     (``block_m`` rows) and k, v (``block_n`` rows) staged, plus the transposed probabilities
-    (``block_m x block_n``). Measured on sm_90 in bf16 it is exact for ``num_stages=1`` and an
-    upper bound (the software pipeliner shares buffers) for deeper pipelines. Registers: the
-    dk/dv kernel's float32 accumulators (``block_n x (d + dv)``), its q and do tiles (2-byte, so
-    half a word each) and four ``block_m x block_n`` float32 score tiles, spread over the threads;
-    the additive score keeps a ``block_m x block_n x d`` tensor (twice, with its gradient), top-k
-    a sort buffer of ``2 x block_m x block_n``."""
+    (``block_m x block_n``), each ``elem_bytes`` per element. Measured on sm_90 in bf16 it is
+    exact for ``num_stages=1`` and an upper bound (the software pipeliner shares buffers) for
+    deeper pipelines; float32 stays an upper bound, float64 measures ~10% above it. Registers: the
+    dk/dv kernel's accumulators (``block_n x (d + dv)``, float32, or 2-word float64), its q and do
+    tiles (``elem_bytes / 4`` words each) and four ``block_m x block_n`` score tiles (in the
+    accumulation type), spread over the threads; the additive score keeps a
+    ``block_m x block_n x d`` tensor (twice, with its gradient), top-k a sort buffer of
+    ``2 x block_m x block_n``."""
     bm, bn = config.get("block_m", 64), config.get("block_n", 64)
     d, dv = _pow2(head_dim), _pow2(value_dim)
     smem = elem_bytes * ((bm + bn) * (d + dv) + bm * bn) + SMEM_SLACK
-    words = bn * (d + dv) + bm * (d + dv) * elem_bytes // 4 + 4 * bm * bn
+    acc_words = 2 if elem_bytes == 8 else 1
+    acc = bn * (d + dv) + 4 * bm * bn
     if spec.score == "additive":
-        words += 2 * bm * bn * d
+        acc += 2 * bm * bn * d
     if spec.normalize == "topk":
-        words += 4 * bm * bn
+        acc += 4 * bm * bn
+    words = acc * acc_words + bm * (d + dv) * elem_bytes // 4
     return smem, words // (32 * max(1, config.get("num_warps", 4)))
 
 
-def search_space(spec, kind: str, target) -> SearchSpace:
-    """The tunables for a lowering ``kind`` (fused, linear, nystrom) on ``target``."""
+def search_space(spec, kind: str, target, dtype=None) -> SearchSpace:
+    """The tunables for a lowering ``kind`` (fused, linear, nystrom) on ``target``, whose keep()
+    judges shared memory and registers for ``dtype`` (float32 when None)."""
+    size = elem_bytes(dtype)
     smem_cap = getattr(target, "shared_memory_per_block", None) if target is not None else None
     reg_cap = getattr(target, "registers_per_block", None) if target is not None else None
     head_dim = spec.head_dim or 128
@@ -69,25 +94,32 @@ def search_space(spec, kind: str, target) -> SearchSpace:
                   "num_stages": STAGES}
     topk = spec.topk or 1
 
-    def keep(config: dict) -> bool:
+    def valid(config: dict) -> bool:
+        """Whether the config runs at all: the top-k buffer fits, shared memory fits."""
         if kind == "linear":
             return True
         if config["block_n"] < topk:
             return False
-        smem, regs = estimate(config, spec, head_dim, value_dim)
-        if smem_cap is not None and smem > smem_cap:
-            return False
+        smem, _ = estimate(config, spec, head_dim, value_dim, size)
+        return smem_cap is None or smem <= smem_cap
+
+    def keep(config: dict) -> bool:
+        if kind == "linear" or not valid(config):
+            return valid(config)
+        _, regs = estimate(config, spec, head_dim, value_dim, size)
         if reg_cap is None:
             return True
         per_thread = min(REGS_PER_THREAD, reg_cap // (32 * config["num_warps"]))
         # up to 2x the register file spills some (the tuner measures that); beyond, kilobytes
         return regs <= 2 * per_thread
 
-    return SearchSpace(params, keep)
+    return SearchSpace(params, keep, valid)
 
 
-def default_config(spec, kind: str, target) -> dict:
-    """An untuned config valid for the spec on the target (admitted by its ``keep``).
+def default_config(spec, kind: str, target, dtype=None) -> dict:
+    """An untuned config for the spec on the target, admitted by its ``keep`` for ``dtype``
+    (float32 when None) where a tile is, else the smallest one ``valid`` accepts (the additive
+    score in float64 spills at every tile); BackendError where none runs.
 
     On CUDA: 64 x 64 tiles with 8 warps, the sm_90 measurement's best untuned choice (no spills
     in the forward and dq kernels at d = 128; 4 warps spill in both backward kernels), halved
@@ -100,9 +132,13 @@ def default_config(spec, kind: str, target) -> dict:
         block_n *= 2
     config = {"block_m": 64 if cuda else 16, "block_n": block_n, "num_warps": 8 if cuda else 4,
               "num_stages": 2 if cuda else 1}
-    keep = search_space(spec, kind, target).keep
+    space = search_space(spec, kind, target, dtype)
+    keep = space.keep
     while not keep(config) and config["block_m"] > BLOCKS[0]:
         config["block_m"] //= 2
     while not keep(config) and config["block_n"] // 2 >= max(BLOCKS[0], spec.topk or 1):
         config["block_n"] //= 2
+    if not space.accepts(config):
+        raise BackendError(f"triton backend: no {dtype or 'float32'} tile of '{spec.name}' fits "
+                           "the target's shared memory")
     return config
