@@ -219,3 +219,98 @@ def test_autograd_through_the_kernel_matches_float64(interpret):
     (r_out.sum() + r_lse.sum()).backward()
     for got, want in zip(leaves, ref, strict=True):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-9)
+
+
+def test_linear_keep_drops_chunks_over_shared_memory_as_measured():
+    """The saved AOT run compiled linear_elu at chunk 64 (F = Dv = 128) to 262 KB of shared
+    memory in float64 (over an H200 block's 227 KiB) and less in the other dtypes: keep() must
+    drop the first, keep the others, and its estimate must bound every measurement."""
+    import json
+
+    from attncc_triton.space import elem_bytes, linear_smem
+
+    runs = [c for c in json.loads(AOT.read_text(encoding="utf-8"))["configs"]
+            if c["spec"] == "linear_elu"]
+    assert {c["dtype"] for c in runs} >= {"bfloat16", "float32", "float64"}
+    for run in runs:
+        _, space = _space("linear_elu", run["dtype"])
+        assert space.keep(run["config"]) == (run["shared"] <= 227 * 1024), run
+        assert linear_smem(run["config"], 128, 128, elem_bytes(run["dtype"])) >= run["shared"]
+    assert not _space("linear_elu", "float64")[1].accepts({"chunk": 64, "num_warps": 4,
+                                                           "num_stages": 2})
+    # absent dtype = float32; the element size scales the estimate
+    assert linear_smem({"chunk": 128}, 128, 128, 4) == 2 * linear_smem({"chunk": 128}, 128, 128,
+                                                                        2) - 2048
+    assert not _space("linear_elu", None)[1].keep({"chunk": 128, "num_warps": 4,
+                                                   "num_stages": 1})
+    assert _space("linear_elu", "bfloat16")[1].keep({"chunk": 128, "num_warps": 4,
+                                                     "num_stages": 1})
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
+def test_linear_default_config_fits_its_dtype(dtype):
+    graph, space = _space("linear_elu", dtype)
+    config = TritonBackend().default_config(graph, H200)
+    assert space.accepts(config) and space.keep(config), config
+    assert config["chunk"] == (16 if dtype == "float64" else 64)
+
+
+class _Spy:
+    """A jit function that counts its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("name,heads", [("linear_elu", None), ("performer", None),
+                                        ("linear_elu", (4, 2))])
+def test_linear_backward_runs_the_kernel_and_matches_float64(name, heads, interpret,
+                                                             monkeypatch):
+    spec = load_spec(examples_dir() / f"{name}.yaml")
+    if heads is not None:
+        spec = replace(spec, heads=heads[0], kv_heads=heads[1])
+    graph = lower(spec)
+    kernel = TritonBackend().compile(graph, TritonBackend().default_config(graph, CPU), CPU)
+    spy = _Spy(kernel.module._KERNELS.linear_bwd)
+    monkeypatch.setattr(kernel.module._KERNELS, "linear_bwd", spy)
+    q, k, v, inputs = random_inputs(spec, 1, 21, 21, "float64", 5, "torch")
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    weights = torch.linspace(-1, 1, 21 * v.shape[-1], dtype=torch.float64)
+    out = kernel(*leaves, **inputs)
+    (out * weights.reshape(21, -1)).sum().backward()
+    assert spy.launches == 1
+    from attncc.reference import attend
+
+    ref = [x.clone().requires_grad_() for x in (q, k, v)]
+    (attend(spec, *ref, inputs) * weights.reshape(21, -1)).sum().backward()
+    for got, want in zip(leaves, ref, strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-9)
+
+
+def test_linear_kernels_take_half_precision_operands(interpret):
+    """fp16 φ(q), φ(k), v go to the dots as they are (the interpreter's bf16 dot is broken, so
+    fp16 stands for both): values and gradients within half-precision error of float64."""
+    spec = load_spec(examples_dir() / "linear_elu.yaml")
+    graph = lower(spec)
+    kernel = TritonBackend().compile(graph, TritonBackend().default_config(graph, CPU), CPU)
+    gen = torch.Generator().manual_seed(0)
+    pq, pk = (torch.rand(1, 2, 37, 16, generator=gen) for _ in range(2))
+    v = torch.randn(1, 2, 37, 16, generator=gen)
+    leaves = [x.half().double().requires_grad_() for x in (pq, pk, v)]
+    out = kernel.module._Linear.apply(kernel.module._KERNELS, kernel.module.SPEC, kernel.config,
+                                      *leaves)
+    d_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    want = torch.autograd.grad(out, leaves, d_out)
+    half = [x.detach().half().requires_grad_() for x in leaves]
+    got_out = kernel.module._Linear.apply(kernel.module._KERNELS, kernel.module.SPEC,
+                                          kernel.config, *half)
+    assert got_out.dtype == torch.float16
+    torch.testing.assert_close(got_out.double(), out.detach(), rtol=2e-2, atol=2e-2)
+    got = torch.autograd.grad(got_out, half, d_out.half())
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.float16
+        assert (g.double() - w).abs().max() <= 2e-2 * w.abs().max()

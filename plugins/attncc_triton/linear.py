@@ -7,16 +7,25 @@ torch before the kernel (they are cheap and elementwise), so the kernel sees φ(
 ``_linear_bwd`` is the same scan for the gradients, forward in query order for dφ(q) and
 backward in key order for dφ(k) and dv.
 
+Every ``tl.dot`` takes its operands in the input dtype (tensor cores in bf16/fp16): the loaded
+tiles as they are, the running float32 values (the state, the chunk's ``a`` or ``dA``) cast to
+it right before the dot, which accumulates in ``ACC``; sums and the denominator stay in ``ACC``.
+For float32/float64 inputs the casts are no-ops.
+
 The host functions below (``launch_linear``, ``launch_linear_backward``, ``denominator``,
 ``features_vjp``) are made of torch ops and kernel launches through ``wrap`` only, so that they
-can form the body of a ``torch.library.triton_op`` (``attncc.integrations.triton_linear``).
+can form the body of a ``torch.library.triton_op`` (``attncc.integrations.triton_linear``); the
+launches are those of ``runtime.py``, which the generated module's own autograd also uses.
 """
 
 from __future__ import annotations
 
 import math
+import types
 
 import torch
+
+from .runtime import linear_backward_launch, linear_denominator, linear_launch
 
 
 def linear_kernel() -> str:
@@ -45,31 +54,31 @@ def _linear(PQ, PK, V, O, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh,
             offs = c + tl.arange(0, CHUNK)
             k_ok = offs < seq_k
             pk = tl.load(PK + b * skb + kvh * skh + offs[:, None] * skn + offs_f[None, :],
-                         mask=k_ok[:, None] & f_ok[None, :], other=0.0).to(ACC)
+                         mask=k_ok[:, None] & f_ok[None, :], other=0.0)
             v = tl.load(V + b * svb + kvh * svh + offs[:, None] * svn + offs_dv[None, :],
-                        mask=k_ok[:, None] & dv_ok[None, :], other=0.0).to(ACC)
+                        mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
             state += tl.dot(tl.trans(pk), v, out_dtype=ACC, input_precision=PREC)
-            total += tl.sum(pk, 0)
+            total += tl.sum(pk.to(ACC), 0)
     end = tl.maximum(seq_q, seq_k) if CAUSAL else seq_q
     for c in range(0, end, CHUNK):
         offs = c + tl.arange(0, CHUNK)
         q_ok = offs < seq_q
         pq = tl.load(PQ + b * sqb + h * sqh + offs[:, None] * sqn + offs_f[None, :],
-                     mask=q_ok[:, None] & f_ok[None, :], other=0.0).to(ACC)
-        num = tl.dot(pq, state, out_dtype=ACC, input_precision=PREC)
-        den = tl.sum(pq * total[None, :], 1)
+                     mask=q_ok[:, None] & f_ok[None, :], other=0.0)
+        num = tl.dot(pq, state.to(pq.dtype), out_dtype=ACC, input_precision=PREC)
+        den = tl.sum(pq.to(ACC) * total[None, :], 1)
         if CAUSAL:
             k_ok = offs < seq_k
             pk = tl.load(PK + b * skb + kvh * skh + offs[:, None] * skn + offs_f[None, :],
-                         mask=k_ok[:, None] & f_ok[None, :], other=0.0).to(ACC)
+                         mask=k_ok[:, None] & f_ok[None, :], other=0.0)
             v = tl.load(V + b * svb + kvh * svh + offs[:, None] * svn + offs_dv[None, :],
-                        mask=k_ok[:, None] & dv_ok[None, :], other=0.0).to(ACC)
+                        mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
             a = tl.dot(pq, tl.trans(pk), out_dtype=ACC, input_precision=PREC)
             a = tl.where(offs[:, None] >= offs[None, :], a, 0.0)
-            num += tl.dot(a, v, out_dtype=ACC, input_precision=PREC)
+            num += tl.dot(a.to(v.dtype), v, out_dtype=ACC, input_precision=PREC)
             den += tl.sum(a, 1)
             state += tl.dot(tl.trans(pk), v, out_dtype=ACC, input_precision=PREC)
-            total += tl.sum(pk, 0)
+            total += tl.sum(pk.to(ACC), 0)
         safe = tl.where(den == 0.0, 1.0, den)
         out = tl.where(den[:, None] == 0.0, 0.0, num / safe[:, None])
         tl.store(O + b * sob + h * soh + offs[:, None] * son + offs_dv[None, :],
@@ -81,7 +90,8 @@ def linear_backward_kernel() -> str:
     """The Triton source of ``_linear_bwd``: the gradients of ``_linear`` in φ(q), φ(k), v.
 
     With ``out_i = num_i / den_i``, ``num_i = Σ_j a_ij v_j``, ``den_i = Σ_j a_ij`` and
-    ``a_ij = φq_i·φk_j``, the host passes ``DNUM = ∂L/∂num`` and ``DDEN = ∂L/∂den``; then
+    ``a_ij = φq_i·φk_j``, the host passes ``DNUM = ∂L/∂num`` (in the dtype of φq, φk, v) and
+    ``DDEN = ∂L/∂den`` (in ``ACC``); then
     ``dA_ij = DNUM_i·v_j + DDEN_i``, ``dφq_i = Σ_j dA_ij φk_j`` (a scan in query order with the
     state ``S``, ``z`` of the forward) and ``dφk_j = Σ_i dA_ij φq_i``, ``dv_j = Σ_i a_ij DNUM_i``
     (a scan in reverse key order with ``R = Σ_i φq_i DNUM_iᵀ`` and ``r = Σ_i DDEN_i φq_i``).
@@ -111,30 +121,30 @@ def _linear_bwd(PQ, PK, V, DNUM, DDEN, DPQ, DPK, DV, heads, kv_heads, seq_q, seq
             offs = c + tl.arange(0, CHUNK)
             k_ok = offs < seq_k
             pk = tl.load(PK + (row_k + offs[:, None]) * feats + offs_f[None, :],
-                         mask=k_ok[:, None] & f_ok[None, :], other=0.0).to(ACC)
+                         mask=k_ok[:, None] & f_ok[None, :], other=0.0)
             v = tl.load(V + (row_k + offs[:, None]) * value_dim + offs_dv[None, :],
-                        mask=k_ok[:, None] & dv_ok[None, :], other=0.0).to(ACC)
+                        mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
             state += tl.dot(tl.trans(pk), v, out_dtype=ACC, input_precision=PREC)
-            total += tl.sum(pk, 0)
+            total += tl.sum(pk.to(ACC), 0)
     for c in range(0, end, CHUNK):
         offs = c + tl.arange(0, CHUNK)
         q_ok = offs < seq_q
         dnum = tl.load(DNUM + (row_q + offs[:, None]) * value_dim + offs_dv[None, :],
-                       mask=q_ok[:, None] & dv_ok[None, :], other=0.0).to(ACC)
-        dden = tl.load(DDEN + row_q + offs, mask=q_ok, other=0.0).to(ACC)
-        dpq = tl.dot(dnum, tl.trans(state), out_dtype=ACC, input_precision=PREC)
+                       mask=q_ok[:, None] & dv_ok[None, :], other=0.0)
+        dden = tl.load(DDEN + row_q + offs, mask=q_ok, other=0.0)
+        dpq = tl.dot(dnum, tl.trans(state.to(dnum.dtype)), out_dtype=ACC, input_precision=PREC)
         dpq += dden[:, None] * total[None, :]
         if CAUSAL:
             k_ok = offs < seq_k
             pk = tl.load(PK + (row_k + offs[:, None]) * feats + offs_f[None, :],
-                         mask=k_ok[:, None] & f_ok[None, :], other=0.0).to(ACC)
+                         mask=k_ok[:, None] & f_ok[None, :], other=0.0)
             v = tl.load(V + (row_k + offs[:, None]) * value_dim + offs_dv[None, :],
-                        mask=k_ok[:, None] & dv_ok[None, :], other=0.0).to(ACC)
+                        mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
             da = tl.dot(dnum, tl.trans(v), out_dtype=ACC, input_precision=PREC) + dden[:, None]
             da = tl.where(offs[:, None] >= offs[None, :], da, 0.0)
-            dpq += tl.dot(da, pk, out_dtype=ACC, input_precision=PREC)
+            dpq += tl.dot(da.to(pk.dtype), pk, out_dtype=ACC, input_precision=PREC)
             state += tl.dot(tl.trans(pk), v, out_dtype=ACC, input_precision=PREC)
-            total += tl.sum(pk, 0)
+            total += tl.sum(pk.to(ACC), 0)
         tl.store(DPQ + (row_q + offs[:, None]) * feats + offs_f[None, :],
                  dpq.to(DPQ.dtype.element_ty), mask=q_ok[:, None] & f_ok[None, :])
     rstate = tl.zeros([BLOCK_F, BLOCK_DV], ACC)
@@ -144,40 +154,41 @@ def _linear_bwd(PQ, PK, V, DNUM, DDEN, DPQ, DPK, DV, heads, kv_heads, seq_q, seq
             offs = c + tl.arange(0, CHUNK)
             q_ok = offs < seq_q
             pq = tl.load(PQ + (row_q + offs[:, None]) * feats + offs_f[None, :],
-                         mask=q_ok[:, None] & f_ok[None, :], other=0.0).to(ACC)
+                         mask=q_ok[:, None] & f_ok[None, :], other=0.0)
             dnum = tl.load(DNUM + (row_q + offs[:, None]) * value_dim + offs_dv[None, :],
-                           mask=q_ok[:, None] & dv_ok[None, :], other=0.0).to(ACC)
-            dden = tl.load(DDEN + row_q + offs, mask=q_ok, other=0.0).to(ACC)
+                           mask=q_ok[:, None] & dv_ok[None, :], other=0.0)
+            dden = tl.load(DDEN + row_q + offs, mask=q_ok, other=0.0)
             rstate += tl.dot(tl.trans(pq), dnum, out_dtype=ACC, input_precision=PREC)
-            rtotal += tl.sum(pq * dden[:, None], 0)
+            rtotal += tl.sum(pq.to(ACC) * dden[:, None], 0)
     n_chunks = tl.cdiv(end if CAUSAL else seq_k, CHUNK)
     for t in range(0, n_chunks):
         c = (n_chunks - 1 - t) * CHUNK if CAUSAL else t * CHUNK
         offs = c + tl.arange(0, CHUNK)
         k_ok = offs < seq_k
         pk = tl.load(PK + (row_k + offs[:, None]) * feats + offs_f[None, :],
-                     mask=k_ok[:, None] & f_ok[None, :], other=0.0).to(ACC)
+                     mask=k_ok[:, None] & f_ok[None, :], other=0.0)
         v = tl.load(V + (row_k + offs[:, None]) * value_dim + offs_dv[None, :],
-                    mask=k_ok[:, None] & dv_ok[None, :], other=0.0).to(ACC)
-        dv = tl.dot(pk, rstate, out_dtype=ACC, input_precision=PREC)
-        dpk = tl.dot(v, tl.trans(rstate), out_dtype=ACC, input_precision=PREC)
+                    mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
+        rs = rstate.to(pk.dtype)
+        dv = tl.dot(pk, rs, out_dtype=ACC, input_precision=PREC)
+        dpk = tl.dot(v, tl.trans(rs), out_dtype=ACC, input_precision=PREC)
         dpk += rtotal[None, :]
         if CAUSAL:
             q_ok = offs < seq_q
             pq = tl.load(PQ + (row_q + offs[:, None]) * feats + offs_f[None, :],
-                         mask=q_ok[:, None] & f_ok[None, :], other=0.0).to(ACC)
+                         mask=q_ok[:, None] & f_ok[None, :], other=0.0)
             dnum = tl.load(DNUM + (row_q + offs[:, None]) * value_dim + offs_dv[None, :],
-                           mask=q_ok[:, None] & dv_ok[None, :], other=0.0).to(ACC)
-            dden = tl.load(DDEN + row_q + offs, mask=q_ok, other=0.0).to(ACC)
+                           mask=q_ok[:, None] & dv_ok[None, :], other=0.0)
+            dden = tl.load(DDEN + row_q + offs, mask=q_ok, other=0.0)
             below = offs[:, None] >= offs[None, :]
             a = tl.where(below, tl.dot(pq, tl.trans(pk), out_dtype=ACC, input_precision=PREC),
                          0.0)
             da = tl.dot(dnum, tl.trans(v), out_dtype=ACC, input_precision=PREC) + dden[:, None]
             da = tl.where(below, da, 0.0)
-            dv += tl.dot(tl.trans(a), dnum, out_dtype=ACC, input_precision=PREC)
-            dpk += tl.dot(tl.trans(da), pq, out_dtype=ACC, input_precision=PREC)
+            dv += tl.dot(tl.trans(a.to(dnum.dtype)), dnum, out_dtype=ACC, input_precision=PREC)
+            dpk += tl.dot(tl.trans(da.to(pq.dtype)), pq, out_dtype=ACC, input_precision=PREC)
             rstate += tl.dot(tl.trans(pq), dnum, out_dtype=ACC, input_precision=PREC)
-            rtotal += tl.sum(pq * dden[:, None], 0)
+            rtotal += tl.sum(pq.to(ACC) * dden[:, None], 0)
         tl.store(DPK + (row_o + offs[:, None]) * feats + offs_f[None, :],
                  dpk.to(DPK.dtype.element_ty), mask=k_ok[:, None] & f_ok[None, :])
         tl.store(DV + (row_o + offs[:, None]) * value_dim + offs_dv[None, :],
@@ -185,73 +196,28 @@ def _linear_bwd(PQ, PK, V, DNUM, DDEN, DPQ, DPK, DV, heads, kv_heads, seq_q, seq
 '''
 
 
-def _identity(kernel):
-    return kernel
-
-
-def _acc(dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _block(n: int) -> int:
-    return max(16, 1 << (max(1, int(n)) - 1).bit_length())
-
-
-def _constants(module, config: dict, dtype) -> dict:
-    return dict(ACC=module._acc(dtype), PREC="ieee", CAUSAL=module.SPEC["causal"],
-                CHUNK=config["chunk"], num_warps=config["num_warps"],
-                num_stages=config["num_stages"])
+def _kernels(module):
+    return types.SimpleNamespace(linear=module._KERNELS.linear, linear_bwd=module._linear_bwd)
 
 
 def launch_linear(module, config: dict, phi_q, phi_k, v, wrap=None):
     """``out (B, H, Nq, Dv)`` of the generated ``module``'s ``_linear`` on φ(q), φ(k), v; not
     differentiable. Launched through ``wrap`` (``torch.library.wrap_triton`` in a triton_op)."""
-    wrap = wrap or _identity
-    phi_q, phi_k, v = (x.contiguous() for x in (phi_q, phi_k, v))
-    batch, heads, n_q, feats = phi_q.shape
-    kv_heads, n_k, value_dim = v.shape[1], v.shape[2], v.shape[3]
-    out = v.new_empty((batch, heads, n_q, value_dim))
-    wrap(module._KERNELS.linear)[(batch * heads,)](
-        phi_q, phi_k, v, out, *phi_q.stride()[:3], *phi_k.stride()[:3], *v.stride()[:3],
-        *out.stride()[:3], heads, kv_heads, n_q, n_k, feats, value_dim,
-        BLOCK_F=_block(feats), BLOCK_DV=_block(value_dim), **_constants(module, config, v.dtype))
-    return out
+    return linear_launch(_kernels(module), module.SPEC, config, phi_q, phi_k, v, wrap)
 
 
 def launch_linear_backward(module, config: dict, phi_q, phi_k, v, d_num, d_den, wrap=None):
     """``(dφq (B, H, Nq, F), dφk (B, Hkv, Nk, F), dv (B, Hkv, Nk, Dv))`` in the accumulation
-    dtype, from ``d_num = ∂L/∂num (B, H, Nq, Dv)`` and ``d_den = ∂L/∂den (B, H, Nq)``."""
-    wrap = wrap or _identity
-    acc = _acc(v.dtype)
-    phi_q, phi_k, v = (x.contiguous() for x in (phi_q, phi_k, v))
-    d_num, d_den = d_num.to(acc).contiguous(), d_den.to(acc).contiguous()
-    batch, heads, n_q, feats = phi_q.shape
-    kv_heads, n_k, value_dim = v.shape[1], v.shape[2], v.shape[3]
-    d_pq = torch.empty(phi_q.shape, dtype=acc, device=v.device)
-    d_pk = torch.empty((batch, heads, n_k, feats), dtype=acc, device=v.device)
-    d_v = torch.empty((batch, heads, n_k, value_dim), dtype=acc, device=v.device)
-    wrap(module._linear_bwd)[(batch * heads,)](
-        phi_q, phi_k, v, d_num, d_den, d_pq, d_pk, d_v, heads, kv_heads, n_q, n_k, feats,
-        value_dim, BLOCK_F=_block(feats), BLOCK_DV=_block(value_dim),
-        **_constants(module, config, v.dtype))
-    group = heads // kv_heads
-    d_pk = d_pk.unflatten(1, (kv_heads, group)).sum(2)
-    d_v = d_v.unflatten(1, (kv_heads, group)).sum(2)
-    return d_pq, d_pk, d_v
+    dtype, from ``d_num = ∂L/∂num (B, H, Nq, Dv)`` and ``d_den = ∂L/∂den (B, H, Nq)``; ``d_num``
+    enters the kernel's dots in the input dtype (rounded to it in bf16/fp16)."""
+    return linear_backward_launch(_kernels(module), module.SPEC, config, phi_q, phi_k, v, d_num,
+                                  d_den, wrap)
 
 
 def denominator(phi_q, phi_k, causal: bool):
     """``den_i = Σ_j φq_i·φk_j`` (over ``j <= i`` when ``causal``), ``(B, H, Nq)`` in the
     accumulation dtype: what ``_linear`` divides by."""
-    acc = _acc(phi_q.dtype)
-    group = phi_q.shape[1] // phi_k.shape[1]
-    pk = phi_k.to(acc)
-    if causal:
-        rows = torch.arange(phi_q.shape[2], device=pk.device).clamp(max=pk.shape[2] - 1)
-        sums = pk.cumsum(2).index_select(2, rows)
-    else:
-        sums = pk.sum(2, keepdim=True)
-    return (phi_q.to(acc) * sums.repeat_interleave(group, 1)).sum(-1)
+    return linear_denominator(phi_q, phi_k, causal)
 
 
 def features_vjp(feature_map: str, x, omega, d_phi):

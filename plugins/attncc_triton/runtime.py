@@ -2,8 +2,8 @@
 
 This file is pasted (after its imports) into every generated kernel module, so that the module
 runs with only torch and triton installed. It imports nothing from attncc. Its functions receive
-the module's kernels (``kern``: ``fwd``, ``bwd_dq``, ``bwd_dkdv``, ``classify``, ``linear``) and
-the module's ``SPEC`` and ``CONFIG`` dicts.
+the module's kernels (``kern``: ``fwd``, ``bwd_dq``, ``bwd_dkdv``, ``classify``, ``linear``,
+``linear_bwd``) and its ``SPEC`` and ``CONFIG``.
 """
 
 import math
@@ -297,57 +297,87 @@ def _features(spec, x, omega):
         spec["features"])
 
 
-def _linear_torch(phi_q, phi_k, v, causal: bool, chunk: int):
-    """The same chunked computation as the kernel, in torch: the backward recomputes it."""
+def _linear_consts(spec, config, dtype, feats: int, value_dim: int) -> dict:
+    return dict(ACC=_acc(dtype), PREC="ieee", CAUSAL=spec["causal"], CHUNK=config["chunk"],
+                BLOCK_F=_pow2(feats), BLOCK_DV=_pow2(value_dim), num_warps=config["num_warps"],
+                num_stages=config["num_stages"])
+
+
+def linear_launch(kern, spec, config, phi_q, phi_k, v, wrap=None):
+    """``out (B, H, Nq, Dv)`` of ``_linear`` on φ(q), φ(k) (B, H or Hkv, N, F) and v, not
+    differentiable: torch ops and one launch through ``wrap`` (``torch.library.wrap_triton``)."""
+    wrap = wrap if wrap is not None else (lambda kernel: kernel)
+    phi_q, phi_k, v = (x.contiguous() for x in (phi_q, phi_k, v))
+    batch, heads, n_q, feats = phi_q.shape
+    kv_heads, n_k, value_dim = v.shape[1], v.shape[2], v.shape[3]
+    out = v.new_empty((batch, heads, n_q, value_dim))
+    wrap(kern.linear)[(batch * heads,)](
+        phi_q, phi_k, v, out, *phi_q.stride()[:3], *phi_k.stride()[:3], *v.stride()[:3],
+        *out.stride()[:3], heads, kv_heads, n_q, n_k, feats, value_dim,
+        **_linear_consts(spec, config, v.dtype, feats, value_dim))
+    return out
+
+
+def linear_backward_launch(kern, spec, config, phi_q, phi_k, v, d_num, d_den, wrap=None):
+    """``(dφq (B, H, Nq, F), dφk (B, Hkv, Nk, F), dv (B, Hkv, Nk, Dv))`` in the accumulation
+    dtype from ``d_num = ∂L/∂num (B, H, Nq, Dv)`` (rounded to v's dtype for the kernel's dots)
+    and ``d_den = ∂L/∂den (B, H, Nq)``: torch ops and one launch of ``_linear_bwd``."""
+    wrap = wrap if wrap is not None else (lambda kernel: kernel)
+    acc = _acc_torch(v.dtype)
+    phi_q, phi_k, v = (x.contiguous() for x in (phi_q, phi_k, v))
+    d_num, d_den = d_num.to(v.dtype).contiguous(), d_den.to(acc).contiguous()
+    batch, heads, n_q, feats = phi_q.shape
+    kv_heads, n_k, value_dim = v.shape[1], v.shape[2], v.shape[3]
+    d_pq = torch.empty(phi_q.shape, dtype=acc, device=v.device)
+    d_pk = torch.empty((batch, heads, n_k, feats), dtype=acc, device=v.device)
+    d_v = torch.empty((batch, heads, n_k, value_dim), dtype=acc, device=v.device)
+    wrap(kern.linear_bwd)[(batch * heads,)](
+        phi_q, phi_k, v, d_num, d_den, d_pq, d_pk, d_v, heads, kv_heads, n_q, n_k, feats,
+        value_dim, **_linear_consts(spec, config, v.dtype, feats, value_dim))
+    group = heads // kv_heads
+    d_pk = d_pk.unflatten(1, (kv_heads, group)).sum(2)
+    d_v = d_v.unflatten(1, (kv_heads, group)).sum(2)
+    return d_pq, d_pk, d_v
+
+
+def linear_denominator(phi_q, phi_k, causal: bool):
+    """``den_i = Σ_j φq_i·φk_j`` (over ``j <= i`` when ``causal``), ``(B, H, Nq)`` in the
+    accumulation dtype: what ``_linear`` divides by."""
+    acc = _acc_torch(phi_q.dtype)
     group = phi_q.shape[1] // phi_k.shape[1]
-    phi_k = phi_k.repeat_interleave(group, 1)
-    v = v.repeat_interleave(group, 1)
-    n_q, n_k = phi_q.shape[2], phi_k.shape[2]
-    if not causal:
-        num = phi_q @ (phi_k.transpose(-1, -2) @ v)
-        den = phi_q @ phi_k.sum(2, keepdim=True).transpose(-1, -2)
+    pk = phi_k.to(acc)
+    if causal:
+        rows = torch.arange(phi_q.shape[2], device=pk.device).clamp(max=pk.shape[2] - 1)
+        sums = pk.cumsum(2).index_select(2, rows)
     else:
-        n = max(n_q, n_k)
-        pad = (0, 0, 0, -(-n // chunk) * chunk - n_q)
-        pq = torch.nn.functional.pad(phi_q, pad).unflatten(2, (-1, chunk))
-        pad_k = (0, 0, 0, pq.shape[2] * chunk - n_k)
-        pk = torch.nn.functional.pad(phi_k, pad_k).unflatten(2, (-1, chunk))
-        pv = torch.nn.functional.pad(v, pad_k).unflatten(2, (-1, chunk))
-        states = pk.transpose(-1, -2) @ pv
-        prefix = torch.cumsum(states, 2) - states
-        sums = torch.cumsum(pk.sum(3), 2) - pk.sum(3)
-        tril = torch.ones(chunk, chunk, dtype=torch.bool, device=v.device).tril()
-        a = (pq @ pk.transpose(-1, -2)).masked_fill(~tril, 0.0)
-        num = (pq @ prefix + a @ pv).flatten(2, 3)[:, :, :n_q]
-        den = ((pq * sums.unsqueeze(3)).sum(-1) + a.sum(-1)).flatten(2, 3)[:, :, :n_q, None]
-    safe = torch.where(den == 0, torch.ones_like(den), den)
-    return torch.where(den == 0, torch.zeros_like(num), num / safe)
+        sums = pk.sum(2, keepdim=True)
+    return (phi_q.to(acc) * sums.repeat_interleave(group, 1)).sum(-1)
 
 
 class _Linear(torch.autograd.Function):
+    """``out = num / den`` of ``_linear`` (0 where ``den`` is 0); gradients by ``_linear_bwd``."""
+
     @staticmethod
     def forward(ctx, kern, spec, config, phi_q, phi_k, v):
         phi_q, phi_k, v = (x.contiguous() for x in (phi_q, phi_k, v))
-        batch, heads, n_q, feats = phi_q.shape
-        kv_heads, n_k, value_dim = v.shape[1], v.shape[2], v.shape[3]
-        out = v.new_empty((batch, heads, n_q, value_dim))
-        kern.linear[(batch * heads,)](
-            phi_q, phi_k, v, out, *phi_q.stride()[:3], *phi_k.stride()[:3], *v.stride()[:3],
-            *out.stride()[:3], heads, kv_heads, n_q, n_k, feats, value_dim,
-            ACC=_acc(v.dtype), PREC="ieee", CAUSAL=spec["causal"], CHUNK=config["chunk"],
-            BLOCK_F=_pow2(feats), BLOCK_DV=_pow2(value_dim), num_warps=config["num_warps"],
-            num_stages=config["num_stages"])
-        ctx.save_for_backward(phi_q, phi_k, v)
-        ctx.spec, ctx.config = spec, config
+        out = linear_launch(kern, spec, config, phi_q, phi_k, v)
+        ctx.save_for_backward(phi_q, phi_k, v, out)
+        ctx.kern, ctx.spec, ctx.config = kern, spec, config
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        leaves = [x.detach().requires_grad_() for x in ctx.saved_tensors]
-        with torch.enable_grad():
-            out = _linear_torch(*leaves, ctx.spec["causal"], ctx.config["chunk"])
-            grads = torch.autograd.grad(out, leaves, d_out)
-        return (None, None, None, *grads)
+        phi_q, phi_k, v, out = ctx.saved_tensors
+        den = linear_denominator(phi_q, phi_k, ctx.spec["causal"])
+        empty = den == 0
+        safe = torch.where(empty, torch.ones_like(den), den)
+        d_out = d_out.to(den.dtype)
+        d_num = torch.where(empty[..., None], torch.zeros_like(d_out), d_out / safe[..., None])
+        d_den = -torch.where(empty, torch.zeros_like(den),
+                             (d_out * out.to(den.dtype)).sum(-1) / safe)
+        d_pq, d_pk, d_v = linear_backward_launch(ctx.kern, ctx.spec, ctx.config, phi_q, phi_k,
+                                                 v, d_num, d_den)
+        return (None, None, None, d_pq.to(phi_q.dtype), d_pk.to(phi_k.dtype), d_v.to(v.dtype))
 
 
 def run_linear(kern, spec, config, q, k, v, inputs: dict):

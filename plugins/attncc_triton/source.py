@@ -128,7 +128,7 @@ def generate(spec, node, config: dict) -> str:
     parts.append('''
 _KERNELS = types.SimpleNamespace(
     fwd=_fwd, bwd_dq=_bwd_dq, bwd_dkdv=_bwd_dkdv, classify=_classify,
-    linear=globals().get("_linear"))
+    linear=globals().get("_linear"), linear_bwd=globals().get("_linear_bwd"))
 
 
 def attention(q, k, v, *, return_lse=False, tables=None, **inputs):

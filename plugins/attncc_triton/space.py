@@ -7,8 +7,9 @@
 
 ``valid`` (what ``compile`` accepts) drops tiles that cannot run: ``block_n`` below the top-k K,
 which the threshold buffer needs, and tiles whose shared memory exceeds the target's (tiles are
-never below 16, the smallest ``tl.dot``). ``keep`` (what the tuner times) also drops tiles so
-register-hungry that every kernel would spill kilobytes.
+never below 16, the smallest ``tl.dot``), linear chunks included (``linear_smem``). ``keep``
+(what the tuner times) also drops tiles so register-hungry that every kernel would spill
+kilobytes.
 The estimates are fitted to what ``triton.compile`` reports for sm_90 (``bench/triton_aot_sm90.py``,
 ``bench/results/triton_aot_sm90.md``) and scale with the element size of the dtype the config
 must fit (``graph.graph["dtype"]``; float32 when absent): float32 and float64 kernels (FMA dots,
@@ -79,6 +80,20 @@ def estimate(config: dict, spec, head_dim: int, value_dim: int, elem_bytes: int 
     return smem, words // (32 * max(1, config.get("num_warps", 4)))
 
 
+def linear_smem(config: dict, feats: int, value_dim: int, elem_bytes: int = 2) -> int:
+    """Shared memory bytes of a linear config: an upper bound over its forward and backward scans.
+
+    Counted in elements of ``elem_bytes``: the running state (``F x Dv``), four chunk tiles
+    (φq, φk of ``chunk x F``; v, ∂L/∂num of ``chunk x Dv``: the backward stages all four) and
+    the chunk's ``a`` / ``dA`` tile (``chunk x chunk``), F and Dv rounded up to powers of two.
+    Measured on sm_90 for the forward at chunk 64, F = Dv = 128: 48 KB in bf16 (estimate
+    106 KB), 160 KB in float32 (estimate 210 KB), 256 KB in float64 (estimate 418 KB, over an
+    H200 block's 227 KiB either way); the backward was not compiled."""
+    c = config.get("chunk", 64)
+    f, dv = _pow2(feats), _pow2(value_dim)
+    return elem_bytes * (f * dv + c * (2 * f + 2 * dv) + c * c) + SMEM_SLACK
+
+
 def search_space(spec, kind: str, target, dtype=None) -> SearchSpace:
     """The tunables for a lowering ``kind`` (fused, linear, nystrom) on ``target``, whose keep()
     judges shared memory and registers for ``dtype`` (float32 when None)."""
@@ -87,6 +102,7 @@ def search_space(spec, kind: str, target, dtype=None) -> SearchSpace:
     reg_cap = getattr(target, "registers_per_block", None) if target is not None else None
     head_dim = spec.head_dim or 128
     value_dim = spec.value_dim or head_dim
+    feats = spec.features or head_dim
     if kind == "linear":
         params = {"chunk": BLOCKS, "num_warps": WARPS, "num_stages": STAGES}
     else:
@@ -97,7 +113,8 @@ def search_space(spec, kind: str, target, dtype=None) -> SearchSpace:
     def valid(config: dict) -> bool:
         """Whether the config runs at all: the top-k buffer fits, shared memory fits."""
         if kind == "linear":
-            return True
+            smem = linear_smem(config, feats, value_dim, size)
+            return smem_cap is None or smem <= smem_cap
         if config["block_n"] < topk:
             return False
         smem, _ = estimate(config, spec, head_dim, value_dim, size)
@@ -123,10 +140,18 @@ def default_config(spec, kind: str, target, dtype=None) -> dict:
 
     On CUDA: 64 x 64 tiles with 8 warps, the sm_90 measurement's best untuned choice (no spills
     in the forward and dq kernels at d = 128; 4 warps spill in both backward kernels), halved
-    while ``keep`` rejects it (the additive score's 3-D tensor, large top-k tiles)."""
+    while ``keep`` rejects it (the additive score's 3-D tensor, large top-k tiles). Linear: chunk
+    64 on CUDA (16 on CPU), halved while its shared memory does not fit (float64)."""
     cuda = target is not None and getattr(target, "kind", "cpu") == "cuda"
     if kind == "linear":
-        return {"chunk": 64 if cuda else 16, "num_warps": 4, "num_stages": 2}
+        config = {"chunk": 64 if cuda else 16, "num_warps": 4, "num_stages": 2}
+        space = search_space(spec, kind, target, dtype)
+        while not space.keep(config) and config["chunk"] > BLOCKS[0]:
+            config["chunk"] //= 2
+        if not space.accepts(config):
+            raise BackendError(f"triton backend: no {dtype or 'float32'} chunk of '{spec.name}' "
+                               "fits the target's shared memory")
+        return config
     block_n = 64 if cuda else 16
     while block_n < (spec.topk or 1):
         block_n *= 2
