@@ -208,21 +208,27 @@ def _optimize(study: optuna.Study, problem: Problem, budget: int, bar, guide: bo
         return
     limit = len(study.get_trials(deepcopy=False)) + 20 * budget + 50
     stop = studies.Stop(budget, limit, bar.update if bar is not None else None)
-    callbacks = [_Guide(problem), stop] if guide else [stop]
+    callbacks = [_Guide(problem, budget), stop] if guide else [stop]
     study.optimize(problem.objective, callbacks=callbacks, gc_after_trial=False)
 
 
 class _Guide:
     """An Optuna callback: after every other measured trial (from the third on), enqueue the
-    config the cost model predicts fastest among those not measured yet (``model.py``)."""
+    config the cost model predicts fastest among those not measured yet (``model.py``).
 
-    def __init__(self, problem: Problem):
-        self.problem, self.model = problem, None
+    It enqueues only while the measured trials plus those running in any worker stay below the
+    budget: then this worker's own stop check still finds budget left and its next trial takes
+    the enqueued config, so no WAITING trial outlives the tune.
+    """
+
+    def __init__(self, problem: Problem, budget: int):
+        self.problem, self.budget, self.model = problem, budget, None
 
     def __call__(self, study: optuna.Study, trial) -> None:
         trials = study.get_trials(deepcopy=False)
         done = studies.measured(trials)
-        if (len(done) < MIN_FIT or len(done) % 2 == 0
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        if (len(done) < MIN_FIT or len(done) % 2 == 0 or len(done) + running >= self.budget
                 or any(t.state == TrialState.WAITING for t in trials)):
             return
         if self.model is None:
