@@ -237,16 +237,33 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--replay-seeds", type=int, default=20)
     parser.add_argument("--backends", default="numpy,torch")
+    parser.add_argument("--specs", default=",".join(SPECS))
+    parser.add_argument("--out", default="tuner_quality",
+                        help="Results name under bench/results (rewritten after every spec).")
+    parser.add_argument("--merge", nargs="+", metavar="NAME", default=None,
+                        help="Measure nothing: join these results files into --out.")
     args = parser.parse_args()
-    os.environ["ATTNCC_SHIPPED_DB"] = os.devnull  # no shipped warm start either
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        parts = [json.loads((RESULTS / f"{name}.json").read_text()) for name in args.merge]
+        meta = {**parts[0]["meta"], "skipped": [s for p in parts for s in p["meta"]["skipped"]],
+                "merged_from": args.merge}
+        _write(args.out, [r for p in parts for r in p["results"]], meta)
+        return 0
+    os.environ["ATTNCC_SHIPPED_DB"] = os.devnull  # no shipped warm start either
     available = registry.available()
     results, skipped = [], []
+    target = default_target()
+    meta = {"date": datetime.now(UTC).strftime("%Y-%m-%d"), "target": target.key(1),
+            "target_key": target.key(3), "cores": os.cpu_count(),
+            "python": platform.python_version(), "seq": args.seq, "seeds": args.seeds,
+            "replay_seeds": args.replay_seeds,
+            "blas_threads": os.environ["OPENBLAS_NUM_THREADS"], "skipped": skipped}
     for backend in args.backends.split(","):
         if not hasattr(available.get(backend), "compile"):
             print(f"skipping backend {backend}: {available.get(backend, 'not installed')}")
             continue
-        for spec_name in SPECS:
+        for spec_name in args.specs.split(","):
             spec = load_spec(ROOT / "examples" / f"{spec_name}.yaml")
             size = len(Problem(spec, available[backend], default_target(), 1, args.seq,
                                args.seq, "float32").valid)
@@ -258,23 +275,20 @@ def main() -> int:
             plot = RESULTS / f"tuner_quality_{backend}_{spec_name}.png"
             result = one(backend, spec_name, args.seq, args.seeds, args.replay_seeds, plot)
             results.append(result)
+            _write(args.out, results, meta)
             print(f"{backend:6} {spec_name:15} grid {result['grid_size']:3} budget "
                   f"{result['budget']:2}  passed {result['passed']}/{args.seeds}  replay "
                   f"{result['replay_passed']}/{len(result['replay_ratios'])}  TPE alone "
                   f"{result['replay_tpe_passed']}/{len(result['replay_tpe_ratios'])}  GP "
                   f"{result['replay_gp_passed']}/{len(result['replay_gp_ratios'])}  ratios "
                   + " ".join(f"{r['chosen_ratio']:.3f}" for r in result["runs"]), flush=True)
-    target = default_target()
-    meta = {"date": datetime.now(UTC).strftime("%Y-%m-%d"), "target": target.key(1),
-            "target_key": target.key(3), "cores": os.cpu_count(),
-            "python": platform.python_version(), "seq": args.seq, "seeds": args.seeds,
-            "replay_seeds": args.replay_seeds,
-            "blas_threads": os.environ["OPENBLAS_NUM_THREADS"],
-            "skipped": skipped}
-    (RESULTS / "tuner_quality.json").write_text(json.dumps({"meta": meta, "results": results},
-                                                           indent=2) + "\n")
-    (RESULTS / "tuner_quality.md").write_text(markdown(results, meta))
     return 0
+
+
+def _write(name: str, results: list[dict], meta: dict) -> None:
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results},
+                                                     indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown(results, meta))
 
 
 if __name__ == "__main__":
