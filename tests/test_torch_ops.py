@@ -3,6 +3,7 @@ autograd registrations, opcheck, and torch.compile(fullgraph=True) without graph
 
 import pytest
 import torch
+from fullgraph import assert_fullgraph_matches_eager
 
 from attncc.backends import registry
 from attncc.errors import BackendError, InputError
@@ -70,19 +71,8 @@ class Tiny(torch.nn.Module):
 def test_compiles_fullgraph_without_graph_break():
     model = Tiny(op(ALIBI_PADDED))
     q, k, v, inputs = case()
-    explain = torch._dynamo.explain(model)(q, k, v, **inputs)
-    assert explain.graph_break_count == 0 and explain.graph_count == 1
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    got = compiled(q, k, v, **inputs)
-    got.sum().backward()
-    grads = [x.grad.clone() for x in (q, k, v, inputs["slope"], model.proj.weight)]
-    for x in (q, k, v, inputs["slope"], model.proj.weight):
-        x.grad = None
-    want = model(q, k, v, **inputs)
-    want.sum().backward()
-    torch.testing.assert_close(got, want)
-    for g, x in zip(grads, (q, k, v, inputs["slope"], model.proj.weight), strict=True):
-        torch.testing.assert_close(g, x.grad)
+    leaves = (q, k, v, inputs["slope"], model.proj.weight)
+    assert_fullgraph_matches_eager(model, model.fn, leaves, q, k, v, inputs)
 
 
 def test_user_mistakes():
@@ -153,22 +143,8 @@ def test_triton_op_compiles_fullgraph_without_graph_break():
     fn, device = _triton_or_skip()
     model = Tiny(fn).to(device)
     q, k, v, inputs = case(device=device)
-    explain = torch._dynamo.explain(model)(q, k, v, **inputs)
-    assert explain.graph_break_count == 0 and explain.graph_count == 1
-    targets = {str(n.target) for g in explain.graphs for n in g.graph.nodes}
-    assert f"attncc.{fn.op._qualname.split('::')[1]}.default" in targets
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    got = compiled(q, k, v, **inputs)
-    got.sum().backward()
     leaves = (q, k, v, inputs["slope"], model.proj.weight)
-    grads = [x.grad.clone() for x in leaves]
-    for x in leaves:
-        x.grad = None
-    want = model(q, k, v, **inputs)
-    want.sum().backward()
-    torch.testing.assert_close(got, want)
-    for g, x in zip(grads, leaves, strict=True):
-        torch.testing.assert_close(g, x.grad)
+    assert_fullgraph_matches_eager(model, fn, leaves, q, k, v, inputs)
 
 
 def test_triton_linear_kernels_are_triton_ops_too():

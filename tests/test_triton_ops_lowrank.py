@@ -4,6 +4,7 @@ compiled with ``torch.compile(fullgraph=True)`` without a graph break."""
 
 import pytest
 import torch
+from fullgraph import assert_fullgraph_matches_eager
 
 from attncc.api import compile as compile_spec
 from attncc.backends import registry
@@ -127,18 +128,4 @@ def test_compiles_fullgraph_without_graph_break(device, name, seq_q, seq_k):
               model.proj.weight]
     for x in leaves[:-1]:
         x.requires_grad_()
-    explain = torch._dynamo.explain(model)(q, k, v, **inputs)
-    assert explain.graph_break_count == 0 and explain.graph_count == 1
-    targets = {str(n.target) for g in explain.graphs for n in g.graph.nodes}
-    assert f"attncc.{fn.op._qualname.split('::')[1]}.default" in targets
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    got = compiled(q, k, v, **inputs)
-    got.sum().backward()
-    grads = [x.grad.clone() for x in leaves]
-    for x in leaves:
-        x.grad = None
-    want = model(q, k, v, **inputs)
-    want.sum().backward()
-    torch.testing.assert_close(got, want)
-    for g, x in zip(grads, leaves, strict=True):
-        torch.testing.assert_close(g, x.grad)
+    assert_fullgraph_matches_eager(model, fn, leaves, q, k, v, inputs)

@@ -42,19 +42,13 @@ from torch import Tensor
 from attncc.bind import bind
 from attncc.plan import build_plan
 
-__all__ = ["TABLES", "acc_dtype", "define", "supported", "triton_ops"]
+__all__ = ["TABLES", "acc_dtype", "define", "triton_ops"]
 
 #: Order of the plan tables in the plan operator's output and the forward operator's input.
 TABLES = ("fc", "fi", "pc", "pi", "fct", "fit", "pct", "pit")
 _OPS: dict = {}
 
 _PLAN = "(Tensor q, Tensor k, Tensor v, Tensor[] inputs) -> Tensor[]"
-
-
-def supported(kernel) -> bool:
-    """True for kernels these operators cover: every lowering of the Triton backend (fused,
-    Linformer, linear, Nyström)."""
-    return kernel.kind in ("fused", "linear", "nystrom")
 
 
 def _interpreted() -> bool:
