@@ -142,6 +142,21 @@ def test_real_numpy_kernel_tuned_through_the_cli_with_plots(tmp_path):
     assert set(hit.config) >= {"block_m", "block_n"}
 
 
+@pytest.mark.parametrize("flag,guided", [("--guide", True), ("--no-guide", False)])
+def test_cli_guide_flag_turns_the_cost_model_on_and_off(tmp_path, flag, guided):
+    out = CliRunner().invoke(tune_cli, ["examples/sliding_window.yaml", "--backend", "numpy",
+                                        "--seq", "64", "--trials", "6", "--db",
+                                        str(tmp_path / "t.db"), "--quiet", "--seed", "2", flag])
+    assert out.exit_code == 0, out.output + repr(out.exception)
+    record = lookup(load_spec("examples/sliding_window.yaml"), "numpy", 64,
+                    db=tmp_path / "t.db", target=default_target())
+    study = optuna.load_study(study_name=record.study,
+                              storage=f"sqlite:///{tmp_path / 't.optuna.db'}")
+    trials = study.get_trials()
+    assert any(t.user_attrs.get("guide") == "cost_model" for t in trials) is guided
+    assert not [t for t in trials if t.state == TrialState.WAITING]
+
+
 def test_unknown_sampler_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match=r"sampler: expected one of \('tpe', 'gp', 'random'\)"):
         tune(DENSE, FakeBackend(), seq=64, trials=2, db=tmp_path / "t.db", progress=False,
