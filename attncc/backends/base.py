@@ -55,9 +55,17 @@ class SearchSpace:
 class Kernel(ABC):
     """A compiled attention kernel: ``kernel(q, k, v, return_lse=False, **inputs)``.
 
-    ``source`` is the generated code (or a readable description of the lowering), ``config`` the
-    tile parameters it was compiled with, ``backward`` a callable where the backend supports
-    gradients (else None), ``record`` the tuning record it came from (None for defaults).
+    Everything attncc's core reads from a kernel is declared here:
+
+    - ``backend``: the name of the backend that compiled it; ``spec``: the Spec it runs;
+    - ``config``: the tile parameters it was compiled with (every tunable set);
+    - ``source``: the generated code, or a readable description of what runs, generated from the
+      same IR node the kernel runs;
+    - ``backward``: ``backward(q, k, v, grad_out, **inputs) -> {"q", "k", "v", floating input
+      name: gradient}`` where the backend supports gradients, else None;
+    - ``record``: the tuning record its config came from (None for defaults) and ``selection``:
+      in words, which backend and config ``attncc.compile`` chose and why (both set by
+      ``attncc.compile``).
     """
 
     backend: str
@@ -66,17 +74,33 @@ class Kernel(ABC):
     source: str
     backward: Callable | None = None
     record: Any = None
+    selection: str = ""
 
     @abstractmethod
     def __call__(self, q, k, v, *, return_lse: bool = False, **inputs):
         """Output ``(B, Hq, Nq, Dv)``; with ``return_lse``, ``(out, lse)``, lse ``(B, Hq, Nq)``."""
 
+    def torch_op(self) -> Callable | None:
+        """A function ``fn(q, k, v, **inputs) -> out`` that only calls ``torch.library``
+        operators of this kernel (registered with fake and autograd implementations), so that
+        ``torch.compile(fullgraph=True)`` keeps it in one graph; or None, in which case
+        ``attncc.integrations.ops.op`` wraps ``__call__`` and ``backward`` in the generic
+        ``attncc::attention`` custom op (this needs a ``backward`` for gradients). ``fn.ops``
+        may name the operators for tests (any object)."""
+        return None
+
 
 class Backend(ABC):
-    """A code generator for one kind of kernel. Subclasses set ``name`` and implement all four."""
+    """A code generator for one kind of kernel. Subclasses set ``name`` and implement all four.
+
+    ``version`` enters tuning-database keys (bump it when a config's meaning or speed changes);
+    ``library`` is the array library its kernels take and return: ``"numpy"`` or ``"torch"``
+    (the CLI, the conformance suite and the tuner make inputs of that kind).
+    """
 
     name: str
     version: str = "0"
+    library: str = "torch"
 
     @abstractmethod
     def supports(self, graph, target) -> Support:
