@@ -6,6 +6,7 @@ import warnings
 
 from attncc.backends import registry
 from attncc.backends.base import Backend, Kernel
+from attncc.backends.config import full_config
 from attncc.errors import AttnccError, BackendError
 from attncc.passes.pipeline import lower
 from attncc.spec.load import load_spec
@@ -55,14 +56,14 @@ def compile(spec, backend: str = "auto", *, target=None, config: dict | None = N
     else:
         source = "the backend's default config (no tuning record for this spec, backend and target)"
     try:
-        checked = _checked(chosen, graph, target, config)
+        full = full_config(chosen, graph, target, config)
     except BackendError as err:
         if record is None:
             raise
         warnings.warn(f"attncc: tuning record {record.id} not used: {err}", stacklevel=2)
-        record, checked = None, {}
+        record, full = None, chosen.default_config(graph, target)
         source = "the backend's default config (the tuning record's config does not fit)"
-    kernel = chosen.compile(graph, {**chosen.default_config(graph, target), **checked}, target)
+    kernel = chosen.compile(graph, full, target)
     kernel.record = record
     kernel.selection = f"backend {chosen.name} ({why}); config from {source}"
     return kernel
@@ -111,24 +112,3 @@ def _lookup(spec, backend: Backend, seq, seq_k, dtype, target, db):
     except AttnccError as err:
         warnings.warn(f"attncc: tuning database not used: {err}", stacklevel=3)
         return None
-
-
-def _checked(backend: Backend, graph, target, config: dict | None) -> dict:
-    """``config`` if every name is a tunable and every value one its search space offers."""
-    if not config:
-        return {}
-    space = backend.search_space(graph, target)
-    for name, value in config.items():
-        if name not in space.params:
-            raise BackendError(f"unknown tunable '{name}' for backend '{backend.name}'; "
-                               f"expected: {', '.join(space.params) or 'none'}")
-        allowed = space.params[name]
-        if not any(value == a and type(value) is type(a) for a in allowed):
-            raise BackendError(f"config {name}={value!r} is not a value backend "
-                               f"'{backend.name}' offers; expected one of "
-                               f"{', '.join(map(repr, allowed))}")
-    merged = {**backend.default_config(graph, target), **config}
-    if not space.accepts(merged):
-        raise BackendError(f"config {config} does not fit backend '{backend.name}' on this "
-                           "target (rejected by its search space)")
-    return config
