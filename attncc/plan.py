@@ -1,7 +1,7 @@
 """[4] The block plan: for every (query block, key block) pair, FULL, PARTIAL or EMPTY (DESIGN §4).
 
 ``build_plan`` classifies all block pairs at once with the interval engine of
-``attncc.passes.intervals``: each block is a box of ``(q_idx, kv_idx)`` (and one ``b``, one ``h``
+``attncc.analysis.intervals``: each block is a box of ``(q_idx, kv_idx)`` (and one ``b``, one ``h``
 where the mask varies with them), and the mask is evaluated three-valued over the boxes, never
 element by element. Inputs the mask reads (document ids) enter as their per-block min/max, found
 in one O(elements) pass. Plans of index-only masks are cached per (spec hash, sizes, blocks).
@@ -20,8 +20,8 @@ from functools import cached_property
 import numpy as np
 import sympy
 
+from attncc.analysis.intervals import INT_LIMIT, block_range, classify_checked
 from attncc.errors import InputError
-from attncc.passes.intervals import INT_LIMIT, block_range, classify_checked
 from attncc.passes.masks import mask_dependencies
 from attncc.spec import load_spec
 from attncc.spec.symbols import SIZES

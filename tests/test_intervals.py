@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import attncc
-from attncc.passes.intervals import ALWAYS, MAYBE, NEVER, classify, classify_checked, interval
+from attncc.analysis.intervals import ALWAYS, MAYBE, NEVER, classify, classify_checked, interval
 from attncc.plan import EMPTY, FULL, PARTIAL, build_plan
 from attncc.spec.numeric import evaluate
 from attncc.spec.symbols import kv_idx, q_idx

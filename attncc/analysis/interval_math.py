@@ -1,4 +1,4 @@
-"""Arithmetic on interval bounds for ``attncc.passes.intervals``: sums, products, powers and
+"""Arithmetic on interval bounds for ``attncc.analysis.intervals``: sums, products, powers and
 the three-valued comparisons, on NumPy arrays of bounds that broadcast against each other.
 
 Integer bounds are int64 (or Python ints for sizes) of magnitude at most ``INT_LIMIT``; float bounds

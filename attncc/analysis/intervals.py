@@ -34,7 +34,7 @@ import numpy as np
 import sympy
 from sympy.logic.boolalg import ITE
 
-from attncc.passes.interval_math import (
+from attncc.analysis.interval_math import (
     ALWAYS,
     FLOAT_SLACK,
     INT_LIMIT,
@@ -132,7 +132,10 @@ class _Intervals:
         with the float bounds widened by the rounding slack; elsewhere the exact bounds, as
         floats."""
         if reach <= INT_LIMIT:
-            return exact()
+            try:
+                return exact()
+            except OverflowError:  # a coefficient past int64 met an array of zeros
+                pass
         f_lo, f_hi = _widen(*approx())
         over = ~((np.abs(f_lo) <= INT_LIMIT) & (np.abs(f_hi) <= INT_LIMIT))
         try:
