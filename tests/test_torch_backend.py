@@ -75,8 +75,10 @@ def test_search_space_keep_filters_invalid_configs():
     assert set(linear.params) == {"chunk"}
     with pytest.raises(BackendError, match="unknown tunable 'bogus'"):
         compile_spec("examples/alibi.yaml", bogus=3)
-    with pytest.raises(BackendError, match=r"cannot run \(use_sdpa needs a dot-product softmax"):
+    with pytest.raises(BackendError, match="use_sdpa=True is not a value backend 'torch' offers"):
         compile_spec("examples/alibi.yaml", use_sdpa=True)
+    with pytest.raises(BackendError, match=r"cannot run for float32 on this target \(use_sdpa"):
+        compile_spec("examples/alibi.yaml", block_m=256, block_n=256, kv_chunk=64)
 
 
 def _space(spec, seq):

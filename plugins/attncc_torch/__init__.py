@@ -11,11 +11,12 @@ from __future__ import annotations
 import torch
 
 from attncc.backends.base import SUPPORTED, Backend, SearchSpace, Support
+from attncc.backends.config import full_config
 from attncc.errors import BackendError
 from attncc.ir.graph import LinearAttention, Nystrom, attention_node
 
 from .kernel import TorchKernel
-from .space import default_config, search_space, valid
+from .space import default_config, search_space
 
 __all__ = ["TorchBackend", "TorchKernel"]
 
@@ -54,18 +55,10 @@ class TorchBackend(Backend):
         return default_config(graph.graph["spec"], _kind(graph), target)
 
     def compile(self, graph, config, target) -> TorchKernel:
-        spec, kind = graph.graph["spec"], _kind(graph)
-        full = {**default_config(spec, kind, target), **(config or {})}
-        space = search_space(spec, kind, target)
-        unknown = sorted(set(full) - set(space.params))
-        if unknown:
-            raise BackendError(f"torch backend: unknown tunable '{unknown[0]}'; expected one of "
-                               f"{', '.join(space.params) or 'none'}")
-        if kind == "flash" and not valid(spec, full, target):
-            raise BackendError(f"torch backend: config {full} cannot run (use_sdpa needs a "
-                               "dot-product softmax spec; block_m * block_n * kv_chunk must stay "
-                               "within tile_elems, at most 2**24 on CPU)")
-        return TorchKernel(spec, kind, full)
+        full = full_config(self, graph, target, config,
+                           why="use_sdpa needs a dot-product softmax spec; block_m * block_n * "
+                               "kv_chunk must stay within tile_elems, at most 2**24 on CPU")
+        return TorchKernel(graph.graph["spec"], _kind(graph), full)
 
     def priority(self, target) -> int:
         return 20 if getattr(target, "kind", "cpu") == "cuda" else 10
