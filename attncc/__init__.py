@@ -7,12 +7,13 @@ The public surface is what ``__all__`` lists; everything else is internal::
     out = kernel(q, k, v, **inputs)
     ref = attncc.reference(spec, q, k, v, **inputs)          # float64 NumPy
     attncc.tune(spec, backend="torch", batch=1, seq=4096, trials=40)
+
+``tune`` needs the ``tune`` extra (Optuna, SQLAlchemy); it is imported when called.
 """
 
-import importlib
-
-from attncc.api import compile
+from attncc.api import compile, tune
 from attncc.backends.base import Kernel
+from attncc.db.key import DatabaseError
 from attncc.errors import AttnccError, BackendError, InputError, SpecError
 from attncc.reference import reference
 from attncc.spec import Spec, load_spec
@@ -20,12 +21,3 @@ from attncc.spec import Spec, load_spec
 __all__ = ["AttnccError", "BackendError", "DatabaseError", "InputError", "Kernel", "Spec",
            "SpecError", "compile", "load_spec", "reference", "tune"]
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str):
-    # the tuner and database import Optuna and SQLAlchemy: load them on first use only
-    if name == "tune":
-        return importlib.import_module("attncc.tune")
-    if name == "DatabaseError":
-        return importlib.import_module("attncc.db").DatabaseError
-    raise AttributeError(f"module 'attncc' has no attribute '{name}'")

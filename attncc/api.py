@@ -1,4 +1,5 @@
-"""``attncc.compile``: spec -> IR -> passes -> backend -> tuning record -> Kernel, in one place."""
+"""The two entry points: ``compile`` (spec -> IR -> passes -> backend -> tuning record -> Kernel)
+and ``tune`` (search a backend's tile parameters, store the winner)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import warnings
 from attncc.backends import registry
 from attncc.backends.base import Backend, Kernel
 from attncc.backends.config import full_config
-from attncc.errors import AttnccError, BackendError
+from attncc.db.key import Record
+from attncc.db.lookup import lookup
+from attncc.errors import AttnccError, BackendError, InputError
 from attncc.passes.pipeline import lower
 from attncc.spec.load import load_spec
 
@@ -48,9 +51,7 @@ def compile(spec, backend: str = "auto", *, target=None, config: dict | None = N
         config, source = record.config, f"tuning record {record.id} ({record.note}; " \
                                          f"{record.origin})"
     elif tune:
-        from attncc.tune.tuner import tune as run_tuner
-
-        record = run_tuner(spec, chosen.name, batch=batch, seq=seq or 1024, seq_k=seq_k,
+        record = tune(spec, chosen.name, batch=batch, seq=seq or 1024, seq_k=seq_k,
                            dtype=dtype, db=db, target=target)
         config, source = record.config, f"freshly tuned record {record.id}"
     else:
@@ -102,13 +103,47 @@ def _choose(candidates: list[Backend], records: dict, target) -> tuple[Backend, 
 
 def _lookup(spec, backend: Backend, seq, seq_k, dtype, target, db):
     """The tuning record for this compile, or None; a database that cannot be read only warns."""
-    try:
-        from attncc.tune.tuner import lookup
-    except ImportError:  # the tune extra (optuna, SQLAlchemy) is not installed
-        return None
     sizes = None if seq is None else (seq, seq_k or seq)
     try:
         return lookup(spec, backend, sizes, dtype, target, db)
     except AttnccError as err:
         warnings.warn(f"attncc: tuning database not used: {err}", stacklevel=3)
         return None
+
+
+def tune(spec, backend: str | Backend = "numpy", *, batch: int = 1, seq: int = 1024,
+         seq_k: int | None = None, dtype: str = "float32", trials: int = 40, workers: int = 1,
+         db=None, storage: str | None = None, plot_dir=None, target=None,
+         seed: int | None = None, progress: bool = True, timer=None, heartbeat: int = 30,
+         sampler: str = "tpe", guide: bool = True) -> Record:
+    """Tune ``backend``'s tile parameters for ``spec`` at ``(batch, seq, seq_k)`` and ``dtype``.
+
+    Needs the ``tune`` extra (Optuna, SQLAlchemy). ``trials`` configs are measured (at most the
+    number of valid ones); with ``workers > 1`` that many processes share the study (``backend``
+    must then be a registered name). ``db`` is the record database (a path, URL or ``Store``;
+    default ``$ATTNCC_DB``, then ``~/.cache/attncc/tuning.db``); ``storage`` the Optuna storage
+    URL (default: beside ``db``, ``attncc.db.store.study_storage``); ``plot_dir`` gets the
+    optimization-history and parameter-importance PNGs. ``target`` is a ``Target``, a device name
+    (``"cpu"``, ``"cuda"``) or None for this CPU. ``timer(kernel, (q, k, v, inputs), repeat) ->
+    Timing`` replaces the wall-clock measurement; ``heartbeat`` is the seconds between trial
+    heartbeats (a trial silent for twice as long is failed); ``sampler`` is ``tpe``, ``gp`` or
+    ``random``; ``guide`` lets the plan-based cost model propose every other trial.
+    Returns the stored Record. Raises InputError for bad arguments, BackendError when no config
+    runs, DatabaseError when the database cannot be used.
+    """
+    from attncc.target import default_target
+    from attncc.tuning.tuner import Problem, search
+
+    if trials < 1 or workers < 1:
+        raise InputError(f"tune: expected trials >= 1 and workers >= 1, got trials={trials}, "
+                         f"workers={workers}")
+    if workers > 1 and not isinstance(backend, str):
+        raise InputError("tune: workers > 1 needs the backend by its registered name")
+    spec = load_spec(spec)
+    chosen = registry.get(backend) if isinstance(backend, str) else backend
+    if target is None or isinstance(target, str):
+        target = default_target(target)
+    problem = Problem(spec, chosen, target, batch, seq, seq_k or seq, dtype, timer)
+    return search(problem, db, trials=trials, workers=workers, storage=storage, seed=seed,
+                  heartbeat=heartbeat, sampler=sampler, guide=guide, progress=progress,
+                  plot_dir=plot_dir)

@@ -45,13 +45,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 
+from attncc.api import tune  # noqa: E402
 from attncc.backends import registry  # noqa: E402
 from attncc.spec.load import load_spec  # noqa: E402
 from attncc.target import default_target  # noqa: E402
-from attncc.tune.measure import Timing  # noqa: E402
-from attncc.tune.space import decode, signature, tunables  # noqa: E402
-from attncc.tune.study import REPEAT, measured  # noqa: E402
-from attncc.tune.tuner import Problem, tune  # noqa: E402
+from attncc.tuning.measure import Timing  # noqa: E402
+from attncc.tuning.space import decode, signature, tunables  # noqa: E402
+from attncc.tuning.study import REPEAT, measured  # noqa: E402
+from attncc.tuning.tuner import Problem  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -215,7 +216,7 @@ def markdown(results: list[dict], meta: dict) -> str:
               "= the config it picks is within 5% of the table's best. 'replay TPE alone' is the "
               "same without the cost model (`guide=False`), 'replay GP' with Optuna's GPSampler "
               "instead of TPE (no cost model).", ""]
-    lines += ["Measurement: timings use attncc.tune.measure's steady allocator (glibc mmap/trim "
+    lines += ["Measurement: timings use attncc.tuning.measure's steady allocator (glibc mmap/trim "
               "thresholds fixed). Without it, NumPy's >=128 KiB tile temporaries were mmap'd "
               "afresh each call (688-1538 page faults per call at 256x256), a count that "
               "depends on allocation history, so the grid and the tuner timed the same config "

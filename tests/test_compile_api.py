@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 import attncc
 from attncc.backends import registry
-from attncc.db import Key, Record, Store
+from attncc.db.key import Key, Record
+from attncc.db.store import Store
 from attncc.errors import BackendError
 from attncc.target import default_target
-from attncc.tune import measurements
+from attncc.tuning.measure import measurements
 
 SPEC = "examples/sliding_window.yaml"
 
@@ -90,3 +95,29 @@ def test_a_corrupt_database_only_warns_and_keeps_its_bytes(tmp_path):
         kernel = attncc.compile(SPEC, backend="numpy", db=db)
     assert kernel.record is None
     assert db.read_bytes() == b"this is not sqlite" * 100
+
+
+SHIPPED_WITHOUT_TUNE_EXTRA = r"""
+import sys
+sys.modules["optuna"] = None      # neither is importable: the tune extra is not installed
+sys.modules["sqlalchemy"] = None
+import attncc
+kernel = attncc.compile(sys.argv[1], backend="numpy", seq=64)
+print(kernel.record.origin if kernel.record else "no record", kernel.config)
+"""
+
+
+def test_shipped_records_are_used_without_optuna_or_sqlalchemy(tmp_path):
+    spec = attncc.load_spec(SPEC)
+    target = default_target()
+    key = Key(spec.hash, "q64-k64", "float32", f"numpy@{registry.get('numpy').version}",
+              target.key(3))
+    record = Record(key, spec.name, {"block_m": 16, "block_n": 32}, 1e-3, 1e-5, 7,
+                    target.to_dict(), {})
+    (tmp_path / "cpu.jsonl").write_text(record.dumps() + "\n")
+    env = {**os.environ, "ATTNCC_SHIPPED_DB": str(tmp_path)}
+    env.pop("ATTNCC_DB", None)
+    out = subprocess.run([sys.executable, "-c", SHIPPED_WITHOUT_TUNE_EXTRA, SPEC], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.startswith(f"shipped {tmp_path / 'cpu.jsonl'}")
+    assert "'block_m': 16, 'block_n': 32" in out

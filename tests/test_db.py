@@ -13,8 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 from attncc.cli.db import db as db_cli
-from attncc.db import DatabaseError, Key, Record, Store, bucket_of, export, find, import_, read
-from attncc.db.store import resolve, study_storage
+from attncc.db.exchange import export, import_, read
+from attncc.db.key import DatabaseError, Key, Record, bucket_of
+from attncc.db.lookup import find
+from attncc.db.store import Store, resolve, study_storage
 from attncc.target import Target
 
 HERE = Target(kind="cpu", device="Test CPU", cores=8, arch="x86_64", isa=("avx2",),

@@ -14,9 +14,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from attncc.db import DatabaseError, Key, Record, Store, import_
-from attncc.db.exchange import parse
-from attncc.tune.study import open_study
+from attncc.db.exchange import import_, parse
+from attncc.db.key import DatabaseError, Key, Record
+from attncc.db.store import Store
+from attncc.tuning.study import open_study
 
 
 def record(bucket="q64-k64") -> Record:
@@ -100,7 +101,7 @@ def test_unreachable_postgres_is_one_line(monkeypatch):
 
 WORKER = """
 import sys, time
-from attncc.tune.study import open_study
+from attncc.tuning.study import open_study
 study = open_study(sys.argv[1], "killed", budget=3, heartbeat=1)
 def objective(trial):
     trial.suggest_categorical("block_m", [16, 32])

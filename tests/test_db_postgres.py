@@ -15,14 +15,14 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from attncc.api import tune
 from attncc.backends import registry
-from attncc.db import Store
+from attncc.db.store import Store
 from attncc.passes.pipeline import lower
 from attncc.spec.load import load_spec
 from attncc.target import default_target
-from attncc.tune import tune
-from attncc.tune.space import decode
-from attncc.tune.study import measured
+from attncc.tuning.space import decode
+from attncc.tuning.study import measured
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "postgres.sh"

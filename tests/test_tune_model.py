@@ -10,15 +10,15 @@ import numpy as np
 import optuna
 import pytest
 
+from attncc.api import tune
 from attncc.backends import registry
 from attncc.plan import EMPTY, PARTIAL, build_plan
 from attncc.spec.load import load_spec
 from attncc.target import default_target
-from attncc.tune import tune
-from attncc.tune.measure import Timing
-from attncc.tune.model import CostModel, nnls
-from attncc.tune.space import signature, tunables
-from attncc.tune.tuner import Problem
+from attncc.tuning.measure import Timing
+from attncc.tuning.model import CostModel, nnls
+from attncc.tuning.space import signature, tunables
+from attncc.tuning.tuner import Problem
 
 SPEC = load_spec("examples/sliding_window.yaml")
 SEQ = 256

@@ -13,16 +13,17 @@ import pytest
 from click.testing import CliRunner
 from optuna.trial import TrialState
 
+from attncc.api import tune
 from attncc.backends.base import SUPPORTED, Backend, Kernel, SearchSpace
 from attncc.cli.tune import tune as tune_cli
-from attncc.db import Store
+from attncc.db.lookup import lookup
+from attncc.db.store import Store
 from attncc.errors import BackendError, InputError
 from attncc.spec.load import load_spec
 from attncc.target import default_target
-from attncc.tune import lookup, measurements, tune
-from attncc.tune.measure import Timing
-from attncc.tune.space import decode
-from attncc.tune.study import REPEAT
+from attncc.tuning.measure import Timing, measurements
+from attncc.tuning.space import decode
+from attncc.tuning.study import REPEAT
 
 DENSE = {"attncc": 1, "name": "dense"}
 
@@ -169,8 +170,8 @@ import resource, sys
 from attncc.backends import registry
 from attncc.spec.load import load_spec
 from attncc.target import default_target
-from attncc.tune.measure import steady_allocator
-from attncc.tune.tuner import Problem
+from attncc.tuning.measure import steady_allocator
+from attncc.tuning.tuner import Problem
 steady = steady_allocator() if sys.argv[1] == "steady" else False
 problem = Problem(load_spec({"attncc": 1, "name": "dense"}), registry.get("numpy"),
                   default_target(), 1, 512, 512, "float32")

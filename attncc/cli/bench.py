@@ -1,7 +1,7 @@
 """``attncc bench SPEC``: time every installed backend on SPEC next to torch SDPA, in one run.
 
 Each backend's kernel and the peer are timed as the tuner times configs (median after warm-up,
-``attncc.tune.measure``). The peer is ``torch.nn.functional.scaled_dot_product_attention`` on the
+``attncc.tuning.measure``). The peer is ``torch.nn.functional.scaled_dot_product_attention`` on the
 same tensors: dense, or with ``is_causal`` when the spec's mask is exactly causal, so the ratio
 reads "this variant through attncc against the dense kernel a user would otherwise call". The
 side-by-side comparison with compiled FlexAttention lives in ``bench/`` (it compiles for seconds).
@@ -82,8 +82,8 @@ def bench(spec: str, batch: int, seq: int, seq_k: int | None, heads: int | None,
 
 
 def _median(fn, args: tuple, kwargs: dict, repeat: int, device) -> float:
-    """Median seconds of ``fn(*args, **kwargs)`` after warm-up (attncc.tune.measure)."""
-    from attncc.tune.measure import time_call
+    """Median seconds of ``fn(*args, **kwargs)`` after warm-up (attncc.tuning.measure)."""
+    from attncc.tuning.measure import time_call
 
     return time_call(lambda: fn(*args, **kwargs), repeat=repeat, budget_s=60.0,
                      sync=_sync(device)).median_s

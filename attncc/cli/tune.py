@@ -38,9 +38,9 @@ def tune(spec: str, backend: str, batch: int, seq: int, seq_k: int | None, dtype
          trials: int, workers: int, db: str | None, storage: str | None, plot_dir: str | None,
          seed: int | None, sampler: str, guide: bool, quiet: bool, target_name: str) -> None:
     """Tune SPEC's tile parameters for one shape and store the fastest config."""
+    from attncc.api import tune as run_tune
     from attncc.cli.options import detect_target
     from attncc.db.store import Store
-    from attncc.tune.tuner import tune as run_tune
 
     loaded = load(spec)
     store = Store(db)

@@ -20,9 +20,12 @@ import os
 import warnings
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from attncc.db.key import DatabaseError, Record
-from attncc.db.store import Store
+
+if TYPE_CHECKING:
+    from attncc.db.store import Store
 
 
 def dump(records: list[Record], out: io.TextIOBase) -> int:

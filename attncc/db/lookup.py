@@ -1,5 +1,10 @@
 """[8] Finding the record for a compile: exact target first, then the nearest layer.
 
+``lookup`` is what ``attncc.compile`` calls (no benchmarking, no Optuna); ``find`` does the
+matching. Reading the shipped ``tuning_db/`` records needs nothing beyond attncc itself; the
+user's database needs SQLAlchemy (the ``tune`` extra): without it only the shipped records are
+read, with a warning when a database was named (``db`` or ``$ATTNCC_DB``).
+
 Order: an exact target match in the user's database, then an exact match among the shipped
 records; then, layer by layer (same device and architecture with other versions, then same device
 model), the user's database before the shipped records. The record that is returned says how it
@@ -8,10 +13,64 @@ matched in ``note`` and where it came from in ``origin``. Records from other dev
 
 from __future__ import annotations
 
+import os
+import warnings
+from typing import TYPE_CHECKING
+
+from attncc.backends import registry
 from attncc.db.exchange import shipped
-from attncc.db.key import Key, Record
-from attncc.db.store import Store
+from attncc.db.key import Key, Record, bucket_of
 from attncc.errors import AttnccError
+from attncc.spec.load import load_spec
+
+if TYPE_CHECKING:
+    from attncc.backends.base import Backend
+    from attncc.db.store import Store
+
+
+def lookup(spec, backend: str | Backend, sizes=None, dtype: str = "float32", target=None,
+           db=None) -> Record | None:
+    """The tuned record a compile should use, or None (no benchmarking happens here).
+
+    ``spec``: anything ``load_spec`` takes; ``backend``: a registered name or a Backend.
+    ``sizes``: an int (seq), ``(seq_q, seq_k)``, a dict with ``seq_q``/``seq_k``, a bucket string
+    ``q<Q>-k<K>``, or None for any bucket (the most recently updated at the best target match).
+    ``target``: a ``Target``, a device name (``"cpu"``, ``"cuda"``) or None for this CPU. ``db``:
+    the user's database (a path, URL or ``Store``; default ``$ATTNCC_DB``, then
+    ``~/.cache/attncc/tuning.db``); one that cannot be read raises DatabaseError.
+    """
+    from attncc.target import default_target
+
+    spec = load_spec(spec)
+    chosen = registry.get(backend) if isinstance(backend, str) else backend
+    if target is None or isinstance(target, str):
+        target = default_target(target)
+    bucket = _bucket(sizes)
+    key = Key(spec.hash, bucket or "", dtype, f"{chosen.name}@{chosen.version}", target.key(3))
+    return find(_store(db), key, target, any_bucket=bucket is None)
+
+
+def _store(db) -> Store | None:
+    try:
+        from attncc.db.store import Store
+    except ImportError:  # SQLAlchemy missing: shipped records only
+        if db is not None or os.environ.get("ATTNCC_DB"):
+            warnings.warn("attncc: the tuning database is not read without SQLAlchemy "
+                          "(pip install 'attncc[tune]'); using the shipped records only",
+                          stacklevel=4)
+        return None
+    return db if isinstance(db, Store) else Store(db)
+
+
+def _bucket(sizes) -> str | None:
+    if sizes is None or isinstance(sizes, str):
+        return sizes
+    if isinstance(sizes, int):
+        return bucket_of(sizes)
+    if isinstance(sizes, dict):
+        return bucket_of(int(sizes["seq_q"]), int(sizes.get("seq_k", sizes["seq_q"])))
+    seq_q, seq_k = sizes
+    return bucket_of(int(seq_q), int(seq_k))
 
 
 def find(store: Store | None, key: Key, target, *, any_bucket: bool = False) -> Record | None:

@@ -24,8 +24,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent
 SECOND = r"""
 import json, sys, time
 start = time.perf_counter()
-import attncc.api, attncc.tune.measure as measure
-from attncc.tune import lookup
+import attncc.api, attncc.tuning.measure as measure
+from attncc.db.lookup import lookup
 spec, db, seq = sys.argv[1], sys.argv[2], int(sys.argv[3])
 record = lookup(spec, "torch", sizes=seq, db=db)
 if record is None:
@@ -52,11 +52,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     db = args.db or str(Path(tempfile.mkdtemp(prefix="attncc_tune_")) / "tuning.db")
 
-    import attncc.tune
+    import attncc
 
     start = time.perf_counter()
-    record = attncc.tune.tune(args.spec, backend="torch", batch=1, seq=args.seq,
-                              trials=args.trials, db=db, seed=0, progress=False)
+    record = attncc.tune(args.spec, backend="torch", batch=1, seq=args.seq,
+                         trials=args.trials, db=db, seed=0, progress=False)
     print(f"process 1: tuned {record.spec_name} in {time.perf_counter() - start:.1f}s over "
           f"{record.trials} trials -> {record.config} ({record.median_s * 1e3:.2f} ms)")
     env = {**os.environ, "ATTNCC_DB": db}  # the database attncc.compile would consult
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         return 1
     second = json.loads(result.stdout.strip().splitlines()[-1])
     how = ("attncc.compile chose the tuned config by itself" if second["found_by_compile"]
-           else "looked up with attncc.tune.lookup and passed to compile")
+           else "looked up with attncc.db.lookup.lookup and passed to compile")
     print(f"process 2: {how}; config {second['config']}; benchmarks run: "
           f"{second['benchmarks']}; {second['seconds']:.1f}s including imports")
     ok = second["benchmarks"] == 0 and all(second["config"][k] == v

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from attncc.tune.space import signature, tunables
+from attncc.tuning.space import signature, tunables
 
 #: Measured configs needed before the model's first proposal.
 MIN_FIT = 3

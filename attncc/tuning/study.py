@@ -25,14 +25,12 @@ from attncc.db.key import DatabaseError
 from attncc.db.store import masked
 from attncc.errors import InputError
 
-#: Seconds between trial heartbeats (RUNNING trials silent for twice this are failed).
-HEARTBEAT_S = 30
 REPEAT = "repeat_of"
 SAMPLERS = ("tpe", "gp", "random")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def storage(url: str, heartbeat: int = HEARTBEAT_S) -> optuna.storages.RDBStorage:
+def storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage at ``url`` (DatabaseError, one line, when it cannot be opened)."""
     if url.startswith(("postgresql://", "postgres://")):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
@@ -81,9 +79,10 @@ def sampler(budget: int, seed: int | None = None, kind: str = "tpe") -> optuna.s
     raise InputError(f"sampler: expected one of {SAMPLERS}, got {kind!r}")
 
 
-def open_study(url: str, name: str, *, budget: int, seed: int | None = None,
-               heartbeat: int = HEARTBEAT_S, kind: str = "tpe") -> optuna.Study:
-    """Create or load study ``name`` and fail its stale RUNNING trials (see the module doc)."""
+def open_study(url: str, name: str, *, budget: int, heartbeat: int, seed: int | None = None,
+               kind: str = "tpe") -> optuna.Study:
+    """Create or load study ``name`` and fail its stale RUNNING trials (see the module doc);
+    ``heartbeat``: seconds between trial heartbeats."""
     study = optuna.create_study(study_name=name, storage=storage(url, heartbeat),
                                 sampler=sampler(budget, seed, kind), direction="minimize",
                                 load_if_exists=True)

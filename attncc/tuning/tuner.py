@@ -1,12 +1,13 @@
-"""[7] ``tune``: search a backend's tile parameters for one spec and shape, keep the winner.
+"""[7] ``search``: the tune behind ``attncc.tune``, for one spec, backend, shape and target.
 
-The sequence, in order: load the spec and lower it; open the record database and the study for the
-record's key (``study.py``); enqueue the backend's default config and the winners recorded for other
-targets or shape buckets (warm start); run trials (in this process, or ``workers`` processes on the
-one study) until ``trials`` configs have been measured, TPE sampling and, every other trial, a
-cost model fitted to the measurements proposing (``model.py``, unless ``guide=False``); re-measure
-the best few and keep the fastest; write the record. Invalid configs are pruned unmeasured
-(``space.py``); a config that raises scores ``inf`` and the tune goes on.
+In order: ``attncc.tune`` checks its arguments and builds the ``Problem`` (the lowered graph,
+search space and defaults); ``search`` opens the record database and the study for the record's
+key (``study.py``); enqueues the backend's default config and the winners recorded for other
+targets or shape buckets (warm start); runs trials (in this process, or ``workers`` processes on
+the one study) until ``trials`` configs have been measured, TPE sampling and, every other trial, a
+cost model fitted to the measurements proposing (``model.py``, unless ``guide=False``);
+re-measures the best few and keeps the fastest; writes the record. Invalid configs are pruned
+unmeasured (``space.py``); a config that raises scores ``inf`` and the tune goes on.
 """
 
 from __future__ import annotations
@@ -24,14 +25,13 @@ from optuna.trial import TrialState
 from attncc.backends import registry
 from attncc.backends.base import Backend
 from attncc.db.key import Key, Record, bucket_of
-from attncc.db.lookup import find
 from attncc.db.store import Store, study_storage
-from attncc.errors import BackendError, InputError
+from attncc.errors import BackendError
 from attncc.spec.load import load_spec
-from attncc.tune import study as studies
-from attncc.tune.measure import Timing, time_call
-from attncc.tune.model import MIN_FIT, CostModel
-from attncc.tune.space import decode, encode, fits, signature, suggest, tunables
+from attncc.tuning import study as studies
+from attncc.tuning.measure import Timing, time_call
+from attncc.tuning.model import MIN_FIT, CostModel
+from attncc.tuning.space import decode, encode, fits, signature, suggest, tunables
 
 #: How many of the best configs are re-measured before one is chosen, and how many warm starts.
 TOP, WARM = 3, 4
@@ -101,8 +101,8 @@ class Problem:
         if self._args is None:
             from attncc.testing.inputs import random_inputs
 
-            library = getattr(self.backend, "library", "torch")
-            device = "cuda" if getattr(self.target, "kind", "cpu") == "cuda" else None
+            library = self.backend.library
+            device = "cuda" if self.target.kind == "cuda" else None
             self._args = random_inputs(self.spec, self.batch, self.seq_q, self.seq_k,
                                        self.dtype, 0, library,
                                        device if library == "torch" else None)
@@ -141,47 +141,24 @@ def _wall_clock(kernel, args, repeat: int) -> Timing:
     return time_call(lambda: kernel(q, k, v, **inputs), repeat=repeat, sync=sync)
 
 
-def tune(spec, backend: str | Backend = "numpy", *, batch: int = 1, seq: int = 1024,
-         seq_k: int | None = None, dtype: str = "float32", trials: int = 40, workers: int = 1,
-         db=None, storage: str | None = None, plot_dir=None, target=None,
-         seed: int | None = None, progress: bool = True, timer: Callable | None = None,
-         heartbeat: int = studies.HEARTBEAT_S, sampler: str = "tpe",
-         guide: bool = True) -> Record:
-    """Tune ``backend``'s tile parameters for ``spec`` at ``(batch, seq, seq_k)`` and ``dtype``.
-
-    ``trials`` configs are measured (at most the number of valid ones); with ``workers > 1`` that
-    many processes share the study (``backend`` must then be a registered name). ``db`` is the
-    record database (a path, URL or ``Store``; default ``resolve(None)``); ``storage`` the Optuna
-    storage URL (default ``study_storage`` of ``db``); ``plot_dir`` gets the optimization-history
-    and parameter-importance PNGs. ``target`` is a ``Target``, ``"cpu"``/``"cuda"``, or None for
-    this CPU. ``sampler`` is ``tpe`` (default), ``gp`` or ``random`` (``study.sampler``);
-    ``guide`` lets the plan-based cost model propose every other trial (``model.py``).
-    Returns the stored Record. Raises BackendError when no config runs.
-    """
-    from attncc.target import Target, default_target
-
-    if trials < 1 or workers < 1:
-        raise InputError(f"tune: expected trials >= 1 and workers >= 1, got trials={trials}, "
-                         f"workers={workers}")
-    spec = load_spec(spec)
-    chosen = registry.get(backend) if isinstance(backend, str) else backend
-    if workers > 1 and not isinstance(backend, str):
-        raise InputError("tune: workers > 1 needs the backend by its registered name")
-    if target is None or isinstance(target, str):
-        target = default_target() if target in (None, "cpu") else Target.detect(target)
-    problem = Problem(spec, chosen, target, batch, seq, seq_k or seq, dtype, timer)
+def search(problem: Problem, db, *, trials: int, workers: int, storage: str | None,
+           seed: int | None, heartbeat: int, sampler: str, guide: bool, progress: bool,
+           plot_dir) -> Record:
+    """Run the tune ``attncc.tune`` describes (its arguments, checked) on ``problem``; store and
+    return the Record."""
     store = db if isinstance(db, Store) else Store(db)
     url = storage or study_storage(store.url)
     budget = min(trials, len(problem.valid))
     study = studies.open_study(url, problem.study_name(), budget=budget, seed=seed,
                                heartbeat=heartbeat, kind=sampler)
     _warm_start(study, problem, store)
-    job = Job(spec.source, chosen.name, target.to_dict(), batch, seq, seq_k or seq, dtype, url,
-              study.study_name, budget, heartbeat, seed, sampler, guide)
-    bar = _Progress(spec.name, budget) if progress else None
+    bar = _Progress(problem.spec.name, budget) if progress else None
     if workers == 1:
         _optimize(study, problem, budget, bar, guide)
     else:
+        job = Job(problem.spec.source, problem.backend.name, problem.target.to_dict(),
+                  problem.batch, problem.seq_q, problem.seq_k, problem.dtype, url,
+                  study.study_name, budget, heartbeat, seed, sampler, guide)
         _spawn(job, workers, study, bar)
     if bar is not None:
         bar.close()
@@ -328,35 +305,3 @@ class _Progress:
 
 def _ms(value) -> str:
     return "-" if value is None else ("inf" if not math.isfinite(value) else f"{value*1e3:.3g}ms")
-
-
-def lookup(spec, backend: str | Backend, sizes=None, dtype: str = "float32", target=None,
-           db=None) -> Record | None:
-    """The tuned record a compile should use, or None (no benchmarking happens here).
-
-    ``sizes``: an int (seq), ``(seq_q, seq_k)``, a dict with ``seq_q``/``seq_k``, a bucket string
-    ``q<Q>-k<K>``, or None for any bucket (the most recently updated at the best target match).
-    Order and the ``note``/``origin`` of the result: see ``attncc.db.lookup``. ``db`` as in
-    ``tune``; a database that cannot be read raises DatabaseError.
-    """
-    from attncc.target import Target, default_target
-
-    spec = load_spec(spec)
-    chosen = registry.get(backend) if isinstance(backend, str) else backend
-    if target is None or isinstance(target, str):
-        target = default_target() if target in (None, "cpu") else Target.detect(target)
-    bucket = _bucket(sizes)
-    key = Key(spec.hash, bucket or "", dtype, f"{chosen.name}@{chosen.version}", target.key(3))
-    store = db if isinstance(db, Store) else Store(db)
-    return find(store, key, target, any_bucket=bucket is None)
-
-
-def _bucket(sizes) -> str | None:
-    if sizes is None or isinstance(sizes, str):
-        return sizes
-    if isinstance(sizes, int):
-        return bucket_of(sizes)
-    if isinstance(sizes, dict):
-        return bucket_of(int(sizes["seq_q"]), int(sizes.get("seq_k", sizes["seq_q"])))
-    seq_q, seq_k = sizes
-    return bucket_of(int(seq_q), int(seq_k))
