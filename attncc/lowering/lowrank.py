@@ -1,0 +1,61 @@
+"""Low-rank attention: the Linformer projection and Nyström attention (Xiong et al. 2021).
+
+- Linformer projects keys and values along the sequence, ``k ← E·k``, ``v ← F·v`` with
+  ``E, F (rank, seq_k)``; the fused kernel then attends over ``rank`` keys.
+- Nyström: ``out = softmax(s·Q K̃ᵀ) · pinv(softmax(s·Q̃ K̃ᵀ)) · (softmax(s·Q̃ Kᵀ) · V)`` with
+  landmarks Q̃, K̃ the means of ``landmarks`` equal contiguous segments of the sequence. The three
+  softmaxes are small (landmarks × seq). The landmark matrix is inverted with the array-API
+  Moore–Penrose ``linalg.pinv`` (default tolerance ``max(m, n)·eps``, as the reference), in
+  float64 by default whatever the compute dtype: it is tiny and can be badly conditioned.
+
+Query heads that share a kv head sit on their own axis, ``(B, Hkv, G, N, D)``, against K/V
+viewed ``(B, Hkv, 1, N, D)``: every product broadcasts over the group, K/V are never copied per
+query head. Namespace-generic (NumPy, torch with autograd).
+"""
+
+from __future__ import annotations
+
+import array_api_compat
+
+from attncc.lowering.env import merge_heads, shared_kv, split_heads
+
+__all__ = ["linformer", "nystrom", "segment_means", "softmax"]
+
+
+def linformer(k, v, e, f):
+    """``(E·k, F·v)``: k ``(B, Hkv, seq_k, D)``, v likewise, ``E, F (rank, seq_k)``."""
+    xp = array_api_compat.array_namespace(k, e)
+    return xp.matmul(e, k), xp.matmul(f, v)
+
+
+def segment_means(x, landmarks: int):
+    """Means of ``landmarks`` equal contiguous segments of axis -2 (which it must divide)."""
+    xp = array_api_compat.array_namespace(x)
+    *lead, n, d = x.shape
+    return xp.mean(xp.reshape(x, (*lead, landmarks, n // landmarks, d)), axis=-2)
+
+
+def softmax(x):
+    """Softmax over the last axis (dense rows, every entry finite)."""
+    xp = array_api_compat.array_namespace(x)
+    e = xp.exp(x - xp.max(x, axis=-1, keepdims=True))
+    return e / xp.sum(e, axis=-1, keepdims=True)
+
+
+def nystrom(q, k, v, landmarks: int, scale: float, *, exact_pinv: bool = True):
+    """Nyström attention ``(B, H, Nq, Dv)`` in q's dtype for q ``(B, H, Nq, D)`` and k, v
+    ``(B, Hkv, Nk, D|Dv)``; ``exact_pinv``: invert in float64 (else in q's dtype)."""
+    xp = array_api_compat.array_namespace(q, k, v)
+    q5, k5, v5 = split_heads(q, k.shape[1]), shared_kv(k), shared_kv(v)
+    q_land, k_land = segment_means(q5, landmarks), segment_means(k5, landmarks)
+    k_land_t = xp.matrix_transpose(k_land)
+    kernel_1 = softmax(scale * xp.matmul(q5, k_land_t))
+    kernel_2 = softmax(scale * xp.matmul(q_land, k_land_t))
+    kernel_3 = softmax(scale * xp.matmul(q_land, xp.matrix_transpose(k5)))
+    if exact_pinv:
+        inverse = xp.linalg.pinv(xp.astype(kernel_2, xp.float64))
+        inverse = xp.astype(inverse, q.dtype, copy=False)
+    else:
+        inverse = xp.linalg.pinv(kernel_2)
+    out = xp.matmul(xp.matmul(kernel_1, inverse), xp.matmul(kernel_3, v5))
+    return merge_heads(out)

@@ -1,0 +1,110 @@
+"""The call prologue every backend runs before its lowering: one function, one set of messages.
+
+``prologue(spec, q, k, v, inputs, ...)``:
+
+1. array kind: every tensor must be of the backend's ``library`` (``numpy`` arrays or ``torch``
+   tensors), with a message naming the argument, what was received and how to convert it;
+2. ``attncc.bind.bind``: ranks, shapes, dtypes, devices and the spec's declared inputs;
+3. the compute dtype (``COMPUTE``): float16, bfloat16 and float32 compute in float32, float64 in
+   float64; a backend lists the input dtypes it computes (``dtypes``);
+4. the lse rule: ``return_lse`` only where the lowering has a log-sum-exp (softmax and top-k
+   fused kernels; not sigmoid, linear or Nyström);
+5. casts: q, k, v and the floating inputs to the compute dtype (no copy when already there).
+
+It returns a frozen ``Call``. The Triton generator uses ``COMPUTE`` for its accumulator type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import array_api_compat
+
+from attncc.bind import bind
+from attncc.errors import InputError
+from attncc.ir.graph import LinearAttention, Nystrom
+
+__all__ = ["COMPUTE", "Call", "compute_dtype", "dtype_name", "lse_refusal", "prologue"]
+
+#: Input dtype name -> compute (accumulation) dtype name.
+COMPUTE = {"float16": "float32", "bfloat16": "float32", "float32": "float32",
+           "float64": "float64"}
+
+_LIBRARIES = {
+    "numpy": (array_api_compat.is_numpy_array, "NumPy arrays",
+              "convert it (e.g. x.numpy()) or compile with backend='torch'"),
+    "torch": (array_api_compat.is_torch_array, "torch tensors",
+              "convert it (e.g. torch.from_numpy(x)) or compile with backend='numpy'"),
+}
+
+
+@dataclass(frozen=True)
+class Call:
+    """A checked call: ``sizes`` and ``scale`` bound; ``q, k, v`` and ``inputs`` (floating ones)
+    in ``compute`` dtype; ``raw_inputs`` the inputs as given (the plan reads them); ``dtype`` the
+    caller's dtype (outputs go back to it); ``xp`` the namespace."""
+
+    sizes: dict
+    scale: float
+    q: object
+    k: object
+    v: object
+    inputs: dict
+    raw_inputs: dict
+    dtype: object
+    compute: object
+    xp: object
+
+    @property
+    def group(self) -> int:
+        """Query heads per kv head."""
+        return self.sizes["heads"] // self.sizes["kv_heads"]
+
+
+def lse_refusal(node) -> str | None:
+    """None where the attention ``node`` has a log-sum-exp (a fused softmax or top-k), else
+    what it is instead (``normalize sigmoid``, ``normalize linear``, ``low-rank nystrom``)."""
+    if isinstance(node, Nystrom):
+        return "low-rank nystrom"
+    if isinstance(node, LinearAttention):
+        return "normalize linear"
+    return None if node.normalize in ("softmax", "topk") else f"normalize {node.normalize}"
+
+
+def dtype_name(dtype) -> str:
+    """``float32`` for ``numpy.float32`` and ``torch.float32`` alike."""
+    return str(dtype).removeprefix("torch.")
+
+
+def compute_dtype(dtype) -> str:
+    """The compute dtype name of an input dtype (``COMPUTE``); KeyError for others."""
+    return COMPUTE[dtype_name(dtype)]
+
+
+def prologue(spec, node, q, k, v, inputs: dict, *, backend: str, library: str,
+             dtypes=tuple(COMPUTE), return_lse: bool = False) -> Call:
+    """Check and cast one call; raise InputError with the argument's name if anything is wrong.
+
+    ``spec`` gives the declared inputs, ``node`` is the graph's attention node (the lse rule
+    reads it); ``library``: numpy | torch, the array kind the ``backend`` takes; ``dtypes``: the
+    input dtype names it computes.
+    """
+    is_kind, kind, hint = _LIBRARIES[library]
+    for name, x in (("q", q), ("k", k), ("v", v), *inputs.items()):
+        if x is not None and not is_kind(x):
+            raise InputError(f"{name}: the {backend} backend takes {kind}, got "
+                             f"{type(x).__module__}.{type(x).__name__}; {hint}")
+    bound = bind(spec, q, k, v, inputs)
+    if dtype_name(q.dtype) not in dtypes:
+        listed = ", ".join(dtypes[:-1]) + f" and {dtypes[-1]}"
+        raise InputError(f"q: the {backend} backend computes {listed}, got {q.dtype}")
+    refusal = lse_refusal(node)
+    if return_lse and refusal is not None:
+        raise InputError(f"return_lse: the log-sum-exp exists for normalize softmax and topk "
+                         f"(not low-rank nystrom); this spec has {refusal}")
+    xp = array_api_compat.array_namespace(q)
+    ct = getattr(xp, compute_dtype(q.dtype))
+    cast = {n: (xp.astype(x, ct, copy=False) if spec.inputs[n].is_float else x)
+            for n, x in bound.inputs.items()}
+    return Call(bound.sizes, bound.scale, *(xp.astype(x, ct, copy=False) for x in (q, k, v)),
+                cast, bound.inputs, q.dtype, ct, xp)
