@@ -80,11 +80,12 @@ def _supported(name: str, graph, target) -> list[Backend]:
         return [backend]
     found, refused = [], []
     for backend_name, backend in registry.available().items():
-        support = backend.supports(graph, target) if isinstance(backend, Backend) else backend
-        if isinstance(backend, Backend) and support:
+        if isinstance(backend, BackendError):  # not loadable
+            refused.append(f"{backend_name}: {backend}")
+        elif support := backend.supports(graph, target):
             found.append(backend)
         else:
-            refused.append(f"{backend_name}: {getattr(support, 'reason', support)}")
+            refused.append(f"{backend_name}: {support.reason}")
     if not found:
         raise BackendError(f"no installed backend can run '{spec_name}': " + "; ".join(refused))
     return found

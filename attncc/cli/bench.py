@@ -60,7 +60,7 @@ def bench(spec: str, batch: int, seq: int, seq_k: int | None, heads: int | None,
         if not support:
             rows.append((name, None, support.reason))
             continue
-        library = getattr(backend, "library", "torch")
+        library = backend.library
         q, k, v, inputs = random_inputs(loaded, batch, seq, seq_k or seq, dtype, seed, library,
                                         device, heads=heads, head_dim=head_dim)
         kernel = compile_spec(loaded, backend=name, target=target, seq=seq, seq_k=seq_k,

@@ -82,7 +82,7 @@ def run_one(spec, backend, target, shape: tuple, dtype: str, seed: int, grads: b
     from attncc.testing import check_kernel, random_inputs
 
     batch, seq_q, seq_k, heads, head_dim = shape
-    library = getattr(backend, "library", "torch")
+    library = backend.library
     device = "cuda" if target.kind == "cuda" else None
     q, k, v, inputs = random_inputs(spec, batch, seq_q, seq_k, dtype, seed, library, device,
                                     heads=heads, head_dim=head_dim)

@@ -42,7 +42,7 @@ def compile_command(spec: str, backend: str, target_name: str, config_json: str 
         "spec_file": str(Path(spec).resolve()),
         "backend": kernel.backend,
         "backend_version": _backend_version(kernel.backend),
-        "selection": getattr(kernel, "selection", None),
+        "selection": kernel.selection,
         "config": kernel.config,
         "target": target.key(),
         "target_detail": target.to_dict(),

@@ -103,12 +103,12 @@ def writable_parent(path: str) -> None:
 def to_library(kernel, target, qkv: tuple, inputs: dict):
     """The call's arrays in the library the kernel's backend takes.
 
-    That is the backend class's ``library`` attribute (``numpy``), else torch, as in
-    attncc.testing; torch tensors go to the target's device.
+    That is ``Backend.library`` (``numpy`` or ``torch``), as in attncc.testing; torch tensors
+    go to the target's device.
     """
     from attncc.backends import registry
 
-    if getattr(registry.get(kernel.backend), "library", "torch") == "numpy":
+    if registry.get(kernel.backend).library == "numpy":
         return qkv, inputs
     import torch
 

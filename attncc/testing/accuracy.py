@@ -155,8 +155,10 @@ def check_kernel(kernel, spec, q, k, v, inputs: dict | None = None, *, grads: bo
                  seed: int = 0) -> Report:
     """Compare ``kernel(q, k, v, **inputs)`` with the float64 reference under the rule above.
 
-    The lse is checked too where the spec has one (softmax and top-k, not Nyström). Gradients are
-    checked when ``grads`` (default: the kernel has a ``backward``); that needs torch tensors.
+    ``kernel`` is a Kernel, or any callable with its call signature (a test's stand-in), whose
+    ``backend`` and ``backward`` are read where it has them. The lse is checked too where the
+    spec has one (softmax and top-k, not Nyström). Gradients are checked when ``grads`` (default:
+    the kernel has a ``backward``); that needs torch tensors.
     """
     spec = load_spec(spec)
     inputs = dict(inputs or {})

@@ -84,13 +84,13 @@ def conformance_cases(backend: str, dtypes=DTYPES, *, library: str | None = None
     """Every (example spec, dtype, size) case for ``backend`` that the spec can take, then the
     extreme-score family (``extreme_sizes``; empty for none) for specs that ``exponentiates``.
 
-    ``library`` is the array library the backend takes: the backend class's ``library``
-    attribute when it has one, else torch. ``specs`` defaults to ``example_specs()``.
+    ``library`` is the array library the backend takes (default: ``Backend.library``);
+    ``specs`` defaults to ``example_specs()``.
     """
     if library is None:
         from attncc.backends import registry
 
-        library = getattr(registry.get(backend), "library", "torch")
+        library = registry.get(backend).library
     specs = example_specs() if specs is None else specs
     cases = []
     for path in specs:
