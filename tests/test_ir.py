@@ -17,6 +17,7 @@ from attncc.ir.graph import (
     FusedAttention,
     Input,
     LinearAggregate,
+    Lowering,
     LowRankProject,
     Mask,
     MemoryConcat,
@@ -24,8 +25,10 @@ from attncc.ir.graph import (
     Normalize,
     Nystrom,
     Output,
+    Path,
     Score,
     add,
+    attention_node,
     derive,
     new_graph,
     op,
@@ -33,6 +36,7 @@ from attncc.ir.graph import (
 )
 from attncc.ir.printer import print_graph
 from attncc.ir.verify import IRError, verify
+from attncc.passes.pipeline import lower
 from attncc.passes.shapes import Shapes
 
 SLIDING = {"attncc": 1, "name": "sliding_alibi", "heads": 8, "kv_heads": 2,
@@ -224,5 +228,47 @@ def test_printer_prints_embedded_nodes_and_cost():
     assert text.startswith("# graph (passes: none)\n")
     assert ("%attention = FusedAttention(score=dot, scale=1, score_mod=None, mask=Mask(expr=x > 0,"
             " reads_inputs=[doc], varies_with=[b]), normalize=softmax, topk=None, "
-            "memory_tokens=0)(%q, %k, %v)") in text.splitlines()
+            "memory_tokens=0, projection=None, lowering=None)(%q, %k, %v)") in text.splitlines()
     assert text.endswith("# cost.flops = 2*n\n# cost.density = 1\n")
+
+
+def test_printer_prints_the_lowering_on_the_node_and_its_reasons_after():
+    graph = lower({"attncc": 1, "name": "alibi", "score_mod": "score - slope[h] * q_idx",
+                   "inputs": {"slope": {"shape": ["heads"], "dtype": "float32"}}})
+    lines = print_graph(graph).splitlines()
+    assert any("lowering=Lowering(sdpa=no, runs=no, tiles=yes))(%q, %k, %v, %slope)" in line
+               for line in lines)
+    assert "# lowering.sdpa = no: score_mod reads slope[h]" in lines
+    assert lines.index("# lowering.tiles = yes: the block-sparse tile loop over the plan serves "
+                       "any fused attention") < lines.index("# cost.density = 1")
+
+
+def test_lowering_allows_and_why():
+    lowering = Lowering((Path("sdpa", False, "the mask is a band"), Path("tiles", True, "any")))
+    assert not lowering.allows("sdpa") and lowering.allows("tiles")
+    assert not lowering.allows("decode")
+    assert lowering.why("sdpa") == "the mask is a band"
+    assert lowering.why("decode") == "'decode' is not a lowering path of this node (it has sdpa, " \
+                                     "tiles)"
+
+
+def _attention_replaced(graph, **fields):
+    node_id, node = attention_node(graph)
+    graph.nodes[node_id]["op"] = dataclasses.replace(node, **fields)
+    return graph
+
+
+@pytest.mark.parametrize(("spec", "fields", "message"), [
+    ({"attncc": 1}, {"projection": 8}, "projection=8, but its keys come from Input (rank None)"),
+    ({"attncc": 1, "lowrank": {"method": "linformer", "rank": 4}}, {"projection": None},
+     "projection=None, but its keys come from LowRankProject (rank 4)"),
+    ({"attncc": 1}, {"lowering": None}, "has no lowering after the strategy pass"),
+    ({"attncc": 1}, {"lowering": Lowering(())}, "lowering must be a Lowering of Path"),
+    ({"attncc": 1}, {"lowering": Lowering((Path("sdpa", True, ""),))}, "with a reason each"),
+    ({"attncc": 1}, {"lowering": Lowering((Path("a", True, "x"), Path("a", False, "y")))},
+     "lists a path twice"),
+])
+def test_verify_checks_projection_and_lowering(spec, fields, message):
+    verify(lower(spec))
+    with pytest.raises(IRError, match=re.escape(message)):
+        verify(_attention_replaced(lower(spec), **fields))

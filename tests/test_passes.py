@@ -1,4 +1,5 @@
-"""The passes shapes, masks, fuse, cost and the pipeline: golden text per stage, and properties.
+"""The passes (shapes, masks, fuse, cost, strategy) and the pipeline: golden text per stage,
+and properties.
 
 Golden files are tests/golden/<case>.<stage>.txt; regenerate them with ATTNCC_UPDATE_GOLDEN=1 and
 read the diff before committing it.
@@ -6,12 +7,14 @@ read the diff before committing it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import pytest
 import sympy
 
+import attncc
 from attncc.errors import InputError
 from attncc.ir.build import build
 from attncc.ir.graph import (
@@ -30,6 +33,7 @@ from attncc.passes.cost import ITEMSIZE, Cost, evaluate_cost
 from attncc.passes.fuse import Fuse
 from attncc.passes.pipeline import PIPELINE, lower
 from attncc.passes.shapes import Shapes
+from attncc.passes.strategy import Strategy, is_top_left_causal
 from attncc.spec.symbols import SIZES, density
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -82,10 +86,10 @@ def test_golden_text_after_build_and_each_pass(case):
 
 
 def test_pipeline_order_and_lower():
-    assert [stage.name for stage in PIPELINE] == ["shapes", "masks", "fuse", "cost"]
+    assert [stage.name for stage in PIPELINE] == ["shapes", "masks", "fuse", "cost", "strategy"]
     for spec in CASES.values():
         graph = lower(spec, verify=True)
-        assert graph.graph["passes"] == ("shapes", "masks", "fuse", "cost")
+        assert graph.graph["passes"] == ("shapes", "masks", "fuse", "cost", "strategy")
         attention_node(graph)
 
 
@@ -157,6 +161,8 @@ def test_fuse_fields_for_memory_additive_topk_and_linformer():
     linformer = Fuse().apply(shaped("linformer"))
     assert operands(linformer, "attention") == ["q", "k_proj", "v_proj"]
     assert isinstance(op(linformer, "k_proj"), LowRankProject)
+    assert attention_node(linformer)[1].projection == 64
+    assert memory.projection is None
 
 
 def test_fuse_linear_and_nystrom():
@@ -237,3 +243,67 @@ def test_every_example_lowers_verified_with_a_positive_cost(path):
     graph = lower(path, verify=True)
     values = evaluate_cost(graph, {"batch": 1, "seq_q": 256, "heads": 4, "head_dim": 32}, 0.5)
     assert values["flops"] > 0 and values["bytes"] > 0
+
+
+def lowering(spec):
+    return attention_node(lower(spec))[1].lowering
+
+
+def allowed(spec) -> list[str]:
+    return [p.name for p in lowering(spec).paths if p.ok]
+
+
+@pytest.mark.parametrize(("mask", "extra", "paths"), [
+    (None, {}, ["sdpa", "runs", "tiles"]),
+    ("kv_idx <= q_idx", {}, ["sdpa", "runs", "tiles"]),
+    ("q_idx >= kv_idx", {"heads": 4, "kv_heads": 4}, ["sdpa", "runs", "tiles"]),
+    ("kv_idx < q_idx + 1", {}, ["sdpa", "runs", "tiles"]),
+    ("kv_idx < q_idx", {}, ["runs", "tiles"]),
+    ("kv_idx <= q_idx + seq_k - seq_q", {}, ["runs", "tiles"]),
+    ("kv_idx <= q_idx", {"heads": 8, "kv_heads": 2}, ["runs", "tiles"]),
+    ("kv_idx <= q_idx", {"memory_tokens": 2}, ["tiles"]),
+    ("kv_idx <= q_idx", {"normalize": "sigmoid"}, ["tiles"]),
+    ("kv_idx <= q_idx", {"score_mod": "score * 2"}, ["tiles"]),
+    (None, {"score": "additive"}, ["tiles"]),
+    (None, {"lowrank": {"method": "linformer", "rank": 8}}, ["runs", "tiles"]),
+])
+def test_strategy_paths_of_fused_attention(mask, extra, paths):
+    assert allowed({"attncc": 1, "mask": mask, **extra}) == paths
+
+
+def test_strategy_reasons_name_what_blocks_a_path():
+    alibi = lowering(CASES["sliding_alibi"])
+    assert alibi.why("runs") == "score_mod reads slope[h]"
+    assert "kv_heads 2 differs from heads 8" in alibi.why("sdpa")
+    assert not alibi.allows("sdpa") and alibi.allows("tiles")
+    document = lowering(CASES["document"])
+    assert document.allows("runs")
+    assert "is not exactly kv_idx <= q_idx" in document.why("sdpa")
+    assert lowering(CASES["linformer"]).why("sdpa") == "k and v are projected to 64 keys"
+    assert "memory token" in lowering(CASES["memory"]).why("runs")
+    assert [p.name for p in lowering(CASES["linear_elu1_causal"]).paths] == ["scan"]
+    assert allowed(CASES["nystrom"]) == ["nystrom"]
+    assert not lowering(CASES["nystrom"]).allows("tiles")
+    assert "not a lowering path" in lowering(CASES["nystrom"]).why("tiles")
+
+
+def test_strategy_sees_the_ir_not_the_spec():
+    """A pass that rewrites the node changes the lowering: the mask is read from the node."""
+    graph = lower(CASES["gqa"])
+    node_id, node = attention_node(graph)
+    assert lowering(CASES["gqa"]).why("sdpa") == "kv_heads 8 differs from heads 32"
+    window = sympy.Lt(SIZES["seq_q"], 3)
+    graph.nodes[node_id]["op"] = dataclasses.replace(
+        node, lowering=None, mask=dataclasses.replace(node.mask, expr=window))
+    again = Strategy().apply(graph)
+    assert "the mask (seq_q < 3)" in attention_node(again)[1].lowering.why("sdpa")
+
+
+@pytest.mark.parametrize(("mask", "causal"), [
+    ("kv_idx <= q_idx", True), ("q_idx >= kv_idx", True), ("kv_idx - q_idx <= 0", True),
+    ("kv_idx < q_idx + 1", True), ("2 * kv_idx <= 2 * q_idx + 1", True),
+    ("kv_idx < q_idx", False), ("q_idx <= kv_idx", False), ("kv_idx <= 2 * q_idx", False),
+    ("kv_idx == q_idx", False), ("kv_idx <= q_idx + seq_k", False),
+])
+def test_is_top_left_causal_recognises_equivalent_forms(mask, causal):
+    assert is_top_left_causal(attncc.load_spec({"attncc": 1, "mask": mask}).mask) is causal

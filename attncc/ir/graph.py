@@ -7,7 +7,8 @@ order; ``derive`` appends one). Passes return new graphs; node objects are never
 them with ``dataclasses.replace``).
 
 Before ``fuse``, attention is the chain ``Score -> ScoreMod -> Mask -> Normalize -> Aggregate``;
-after it, one ``FusedAttention`` (or ``LinearAttention``, or ``Nystrom``) node.
+after it, one ``FusedAttention`` (or ``LinearAttention``, or ``Nystrom``) node, on which the
+``strategy`` pass records a ``Lowering``: the paths that serve it, and why.
 """
 
 from __future__ import annotations
@@ -110,10 +111,45 @@ class Aggregate(Node):
 
 
 @dataclass(frozen=True)
+class Path:
+    """One way to lower an attention node: ``name`` (e.g. ``sdpa``), whether it serves the node
+    (``ok``), and ``why``, a sentence a user can read."""
+
+    name: str
+    ok: bool
+    why: str
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """The lowering paths the ``strategy`` pass found for an attention node, in its order.
+
+    Backend-neutral: a backend picks the first path it implements that ``allows``; a path not
+    listed does not serve the node.
+    """
+
+    paths: tuple[Path, ...]
+
+    def allows(self, name: str) -> bool:
+        """Whether path ``name`` serves the node (False for a path not listed)."""
+        return any(p.name == name and p.ok for p in self.paths)
+
+    def why(self, name: str) -> str:
+        """The reason path ``name`` serves the node or does not."""
+        for p in self.paths:
+            if p.name == name:
+                return p.why
+        listed = ", ".join(p.name for p in self.paths)
+        return f"'{name}' is not a lowering path of this node (it has {listed})"
+
+
+@dataclass(frozen=True)
 class FusedAttention(Node):
     """The flash pattern after ``fuse``: (q, k, v[, inputs]) -> out, never materializing scores.
 
-    ``memory_tokens`` keys come first and skip score_mod and mask.
+    ``memory_tokens`` keys come first and skip score_mod and mask. ``projection`` is the number
+    of keys after a Linformer projection of k and v (the keys the mask and the block plan see),
+    None without one. ``lowering`` is filled by the ``strategy`` pass.
     """
 
     score: str
@@ -123,6 +159,8 @@ class FusedAttention(Node):
     normalize: str
     topk: int | None
     memory_tokens: int
+    projection: int | None = None
+    lowering: Lowering | None = None
 
 
 @dataclass(frozen=True)
@@ -145,19 +183,25 @@ class LinearAggregate(Node):
 
 @dataclass(frozen=True)
 class LinearAttention(Node):
-    """Linear attention after ``fuse``: computed in chunks, causal by running prefix sums."""
+    """Linear attention after ``fuse``: computed in chunks, causal by running prefix sums.
+
+    ``lowering`` is filled by the ``strategy`` pass (as on FusedAttention)."""
 
     feature_map: str
     features: int | None
     causal: bool
+    lowering: Lowering | None = None
 
 
 @dataclass(frozen=True)
 class Nystrom(Node):
-    """(q, k, v) -> Nyström attention with ``landmarks`` segment-mean landmarks."""
+    """(q, k, v) -> Nyström attention with ``landmarks`` segment-mean landmarks.
+
+    ``lowering`` is filled by the ``strategy`` pass (as on FusedAttention)."""
 
     landmarks: int
     scale: sympy.Expr
+    lowering: Lowering | None = None
 
 
 @dataclass(frozen=True)

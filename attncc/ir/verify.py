@@ -9,12 +9,14 @@ from __future__ import annotations
 import networkx as nx
 
 from attncc.ir.graph import (
+    ATTENTION_NODES,
     Aggregate,
     FeatureMap,
     FusedAttention,
     Input,
     LinearAggregate,
     LinearAttention,
+    Lowering,
     LowRankProject,
     Mask,
     MemoryConcat,
@@ -22,8 +24,10 @@ from attncc.ir.graph import (
     Normalize,
     Nystrom,
     Output,
+    Path,
     Score,
     ScoreMod,
+    op,
     operands,
 )
 
@@ -61,7 +65,9 @@ def verify(graph: nx.DiGraph) -> nx.DiGraph:
     each node's operand ports are 0..n-1 without gaps and their count fits the node type; inputs
     have no operands, roles q/k/v/input and are read by something; an input of role ``input``
     names a spec input; there is exactly one Output and nothing reads it; after the ``shapes``
-    pass every node has a shape.
+    pass every node has a shape; a FusedAttention's ``projection`` is the rank of the
+    LowRankProject its keys come from (None without one); an attention node's ``lowering`` is a
+    Lowering of named Paths with a reason each, and is set after the ``strategy`` pass.
     """
     for node_id, data in graph.nodes(data=True):
         op = data.get("op")
@@ -74,6 +80,7 @@ def verify(graph: nx.DiGraph) -> nx.DiGraph:
     for node_id in graph.nodes:
         _check_ports(graph, node_id)
     _check_inputs(graph)
+    _check_attention(graph)
     outputs = sorted(n for n, d in graph.nodes(data=True) if isinstance(d["op"], Output))
     if len(outputs) != 1:
         raise IRError(f"expected exactly one Output node, found {len(outputs)}: {outputs}")
@@ -118,3 +125,33 @@ def _check_inputs(graph: nx.DiGraph) -> None:
                           f"'{spec.name}' (it has {sorted(spec.inputs)})")
         if not graph.out_degree(node_id):
             raise IRError(f"input '{node_id}' ({op.name}) is read by no node")
+
+
+def _check_attention(graph: nx.DiGraph) -> None:
+    planned = "strategy" in graph.graph.get("passes", ())
+    for node_id, data in graph.nodes(data=True):
+        node = data["op"]
+        if not isinstance(node, ATTENTION_NODES):
+            continue
+        if isinstance(node, FusedAttention):
+            keys = op(graph, operands(graph, node_id)[1])
+            rank = keys.rank if isinstance(keys, LowRankProject) else None
+            if node.projection != rank:
+                raise IRError(f"node '{node_id}': projection={node.projection!r}, but its keys "
+                              f"come from {keys.op_name} (rank {rank})")
+        lowering = node.lowering
+        if lowering is None:
+            if planned:
+                raise IRError(f"node '{node_id}' ({node.op_name}) has no lowering after the "
+                              f"strategy pass")
+            continue
+        paths = getattr(lowering, "paths", None)
+        if (not isinstance(lowering, Lowering) or not isinstance(paths, tuple) or not paths
+                or not all(isinstance(p, Path) and isinstance(p.name, str)
+                           and isinstance(p.ok, bool) and isinstance(p.why, str) and p.why
+                           for p in paths)):
+            raise IRError(f"node '{node_id}': lowering must be a Lowering of Path(name, ok, why) "
+                          f"with a reason each, got {lowering!r}")
+        names = [p.name for p in paths]
+        if len(set(names)) != len(names):
+            raise IRError(f"node '{node_id}': lowering lists a path twice: {names}")

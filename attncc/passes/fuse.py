@@ -4,7 +4,8 @@
   k and v) becomes ``FusedAttention(q, k, v, inputs...)`` — the flash pattern. The Mask node object
   (with what the ``masks`` pass filled in) is embedded as the node's ``mask``.
 - ``FeatureMap(q), FeatureMap(k) -> LinearAggregate`` becomes ``LinearAttention(q, k, v[, omega])``.
-- ``Nystrom`` and ``LowRankProject`` stay: the projections feed the fused node's k and v.
+- ``Nystrom`` and ``LowRankProject`` stay: the projections feed the fused node's k and v, and
+  the fused node's ``projection`` records their rank (the number of keys).
 
 The fused node is named ``attention``; its operands are q, k, v (after any projection) and then the
 runtime inputs it reads, sorted by node id. Its shape is the shape of the node it replaces.
@@ -22,6 +23,7 @@ from attncc.ir.graph import (
     FusedAttention,
     LinearAggregate,
     LinearAttention,
+    LowRankProject,
     Mask,
     MemoryConcat,
     Normalize,
@@ -90,10 +92,12 @@ def _fuse_softmax(graph: nx.DiGraph, aggregate: str) -> None:
             x, mem = operands(graph, x)
             extras.append(mem)
         kv.append(x)
+    keys = op(graph, kv[0])
+    projection = keys.rank if isinstance(keys, LowRankProject) else None
     norm = op(graph, weights)
     fused = FusedAttention(score=score.kind, scale=score.scale, score_mod=score_mod, mask=mask,
                            normalize=norm.kind, topk=norm.topk, memory_tokens=tokens,
-                           shape=op(graph, aggregate).shape)
+                           projection=projection, shape=op(graph, aggregate).shape)
     _replace(graph, chain, fused, [q, *kv, *sorted(set(extras))])
 
 

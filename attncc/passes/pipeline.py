@@ -1,4 +1,5 @@
-"""The pipeline: spec -> IR -> the passes below, in this order (DESIGN §4)."""
+"""The pipeline: spec -> IR -> the passes below, in this order, up to the lowering decision
+(DESIGN §4)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from attncc.passes.cost import Cost
 from attncc.passes.fuse import Fuse
 from attncc.passes.masks import Masks
 from attncc.passes.shapes import Shapes
+from attncc.passes.strategy import Strategy
 
 __all__ = ["PIPELINE", "lower"]
 
@@ -18,6 +20,7 @@ PIPELINE = [
     Masks(),   # the Mask node learns which inputs it reads and whether it varies with b, h
     Fuse(),    # score -> mod -> mask -> normalize -> aggregate becomes one FusedAttention
     Cost(),    # FLOPs and bytes as formulas of the sizes and the mask density
+    Strategy(),  # the lowering paths that serve the attention node (sdpa, runs, tiles, ...), why
 ]
 
 

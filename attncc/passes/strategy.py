@@ -1,0 +1,150 @@
+"""The ``strategy`` pass: which lowering paths serve the attention node, and why (DESIGN §4).
+
+It records on the fused node (``FusedAttention``, ``LinearAttention``, ``Nystrom``) a
+backend-neutral ``Lowering``: one ``Path(name, ok, why)`` per path of ``PATHS`` for that node
+type, most specialised first. Backends read ``node.lowering.allows(name)`` instead of working the
+facts out again from the spec; ``attncc show`` prints every path with its reason. The paths:
+
+- ``sdpa``: the whole call is one fused dense or causal softmax kernel (torch's
+  ``scaled_dot_product_attention``): a dot score, softmax, no score_mod, no runtime input, no
+  memory tokens, no projection, and the mask absent or exactly top-left causal
+  (``kv_idx <= q_idx``), with ``kv_heads == heads`` where the spec fixes both.
+- ``runs``: fused softmax calls over runs of consecutive key blocks of the block plan, the mask
+  entering as additive 0/-inf tiles: a dot score, softmax, no score_mod, no memory tokens.
+- ``tiles``: the block-sparse tile loop over the plan; serves every ``FusedAttention``.
+- ``scan``: the chunked scan of running sums of ``LinearAttention``.
+- ``nystrom``: the landmark products of ``Nystrom``.
+
+The patterns are recognised from the node's fields and the structure of its sympy expressions,
+never from spec names; the spec is read only for the sizes it fixes (heads, kv_heads). Later
+paths (bias tiles, decode) are one more rule in ``PATHS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import networkx as nx
+import sympy
+
+from attncc.ir.graph import (
+    ATTENTION_NODES,
+    FusedAttention,
+    LinearAttention,
+    Lowering,
+    Nystrom,
+    Path,
+    derive,
+    op,
+    operands,
+)
+from attncc.spec.symbols import kv_idx, q_idx
+
+__all__ = ["PATHS", "Strategy", "is_top_left_causal"]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """Record a ``Lowering`` on every attention node of a fused graph."""
+
+    name: str = "strategy"
+
+    def apply(self, graph: nx.DiGraph) -> nx.DiGraph:
+        result = derive(graph, self.name)
+        spec = graph.graph.get("spec")
+        for node_id in sorted(result.nodes):
+            node = op(result, node_id)
+            if isinstance(node, ATTENTION_NODES):
+                reads = [op(result, a).name for a in operands(result, node_id)[3:]]
+                paths = tuple(rule(node, reads, spec) for rule in PATHS[type(node)])
+                result.nodes[node_id]["op"] = dataclasses.replace(node, lowering=Lowering(paths))
+        return result
+
+
+def is_top_left_causal(mask: sympy.Basic | None) -> bool:
+    """Whether ``mask`` is exactly ``kv_idx <= q_idx`` in any linear integer form
+    (``q_idx >= kv_idx``, ``kv_idx < q_idx + 1``, ``2*kv_idx - 2*q_idx <= 1``)."""
+    if not isinstance(mask, sympy.Rel) or isinstance(mask, sympy.Eq | sympy.Ne):
+        return False
+    diff = sympy.expand(mask.lhs - mask.rhs)  # the mask says diff <= 0 (or <, >=, >)
+    if isinstance(mask, sympy.GreaterThan | sympy.StrictGreaterThan):
+        diff = -diff
+    a = diff.coeff(kv_idx)
+    c = diff - a * (kv_idx - q_idx)  # diff = a*(kv_idx - q_idx) + c
+    if not (a.is_Rational and a > 0 and c.is_Rational):
+        return False
+    # a*t + c <= 0  <=>  t <= floor(-c/a);  a*t + c < 0  <=>  t <= ceil(-c/a) - 1
+    if isinstance(mask, sympy.StrictLessThan | sympy.StrictGreaterThan):
+        return sympy.ceiling(-c / a) - 1 == 0
+    return sympy.floor(-c / a) == 0
+
+
+def _softmax_blockers(node: FusedAttention) -> list[str]:
+    """Why a fused softmax kernel cannot compute ``node``: what it has beyond dot + softmax."""
+    why = []
+    if node.score != "dot":
+        why.append(f"the score is {node.score}, not a dot product")
+    if node.normalize != "softmax":
+        why.append(f"normalize is {node.normalize}, not softmax")
+    if node.score_mod is not None:
+        read = sorted(str(e) for e in node.score_mod.atoms(sympy.Indexed))
+        why.append(f"score_mod reads {', '.join(read)}" if read
+                   else f"score_mod rewrites the score ({_short(node.score_mod)})")
+    if node.memory_tokens:
+        why.append(f"{node.memory_tokens} memory token(s) skip the mask and score_mod")
+    return why
+
+
+def _sdpa(node: FusedAttention, reads: list[str], spec) -> Path:
+    why = _softmax_blockers(node)
+    if node.projection is not None:
+        why.append(f"k and v are projected to {node.projection} keys")
+    if node.mask is not None and not is_top_left_causal(node.mask.expr):
+        why.append(f"the mask ({_short(node.mask.expr)}) is not exactly kv_idx <= q_idx")
+    if reads and not why:  # inputs read by nothing above (a mask, a score_mod) block it too
+        why.append(f"it reads the input(s) {', '.join(sorted(reads))}")
+    heads, kv_heads = getattr(spec, "heads", None), getattr(spec, "kv_heads", None)
+    if heads is not None and kv_heads is not None and heads != kv_heads:
+        why.append(f"kv_heads {kv_heads} differs from heads {heads}")
+    if why:
+        return Path("sdpa", False, "; ".join(why))
+    kind = "causal" if node.mask is not None else "dense"
+    return Path("sdpa", True, f"{kind} dot-product softmax: one fused attention call")
+
+
+def _runs(node: FusedAttention, reads: list[str], spec) -> Path:
+    why = _softmax_blockers(node)
+    if why:
+        return Path("runs", False, "; ".join(why))
+    tiles = "the mask as additive 0/-inf tiles" if node.mask is not None else "no mask"
+    return Path("runs", True, f"dot-product softmax: fused calls over runs of key blocks, "
+                              f"{tiles}")
+
+
+def _tiles(node: FusedAttention, reads: list[str], spec) -> Path:
+    return Path("tiles", True, "the block-sparse tile loop over the plan serves any fused "
+                               "attention")
+
+
+def _scan(node: LinearAttention, reads: list[str], spec) -> Path:
+    order = "causal: running prefix sums" if node.causal else "dense: one sum over all keys"
+    return Path("scan", True, f"{node.feature_map} feature map, chunked scan ({order})")
+
+
+def _nystrom(node: Nystrom, reads: list[str], spec) -> Path:
+    return Path("nystrom", True, f"{node.landmarks} segment-mean landmarks")
+
+
+#: The path rules per attention node type, most specialised first.
+PATHS: dict[type, tuple[Callable[..., Path], ...]] = {
+    FusedAttention: (_sdpa, _runs, _tiles),
+    LinearAttention: (_scan,),
+    Nystrom: (_nystrom,),
+}
+
+
+def _short(expr, limit: int = 60) -> str:
+    text = str(expr)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
