@@ -268,10 +268,6 @@ def _versions() -> tuple[tuple[str, str], ...]:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             continue
-    if "attncc" not in found:
-        from attncc import __version__
-
-        found["attncc"] = __version__
     return tuple(sorted(found.items()))
 
 

@@ -10,7 +10,9 @@ so a kernel may be a few times less exact than the naive computation in its dtyp
 the floor (relative to the output's magnitude) covers dtypes where the eager error is ~0.
 Infinities the reference has (lse of rows with no kept key) must match exactly. The same rule
 applies to the lse and, for kernels with gradients, to the gradients of q, k, v and of every
-floating input (against autograd through ``attend`` on float64 torch tensors).
+floating input (against autograd through ``attend`` on float64 torch tensors, for a random
+output gradient; the floor of every gradient is relative to the largest reference gradient of the
+call).
 
 Two refinements keep the rule fair where its plain form measures the wrong thing:
 
@@ -179,14 +181,49 @@ def check_kernel(kernel, spec, q, k, v, inputs: dict | None = None, *, grads: bo
     if grads is None:
         grads = getattr(kernel, "backward", None) is not None
     if grads:
-        from attncc.testing.gradients import gradient_checks
-
         checks += gradient_checks(kernel, spec, q, k, v, inputs, dtype, seed)
     sizes = {"batch": q.shape[0], "heads": q.shape[1], "kv_heads": k.shape[1],
              "seq_q": q.shape[2], "seq_k": k.shape[2], "head_dim": q.shape[3],
              "value_dim": v.shape[3]}
     return Report(spec.name, getattr(kernel, "backend", type(kernel).__name__), dtype, sizes,
                   tuple(checks), tuple(notes))
+
+
+def gradient_checks(kernel, spec, q, k, v, inputs: dict, dtype: str, seed: int) -> list[Check]:
+    """One Check per differentiable tensor: ``grad q``, ``grad k``, ``grad v``, ``grad <input>``."""
+    import torch
+
+    if not isinstance(q, torch.Tensor):
+        raise AssertionError(f"gradient checks need torch tensors, got {type(q).__name__}")
+    names = ["q", "k", "v", *(n for n in inputs if spec.inputs[n].is_float)]
+    given = {"q": q, "k": k, "v": v, **inputs}
+    out_shape = (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+    gen = torch.Generator().manual_seed(seed + 1)
+    grad_out = torch.randn(out_shape, generator=gen, dtype=torch.float64)
+
+    def run(fn, cast):
+        leaves = {n: (cast(x).detach().clone().requires_grad_(True) if n in names
+                      else x) for n, x in given.items()}
+        ins = {n: leaves[n] for n in inputs}
+        out = fn(leaves["q"], leaves["k"], leaves["v"], ins)
+        out.backward(grad_out.to(device=out.device, dtype=out.dtype))
+        return {n: (leaves[n].grad if leaves[n].grad is not None
+                    else torch.zeros_like(leaves[n])) for n in names}
+
+    same = lambda x: x  # noqa: E731 - the identity cast
+    got = run(lambda q_, k_, v_, ins: kernel(q_, k_, v_, **ins), same)
+    ref = run(lambda q_, k_, v_, ins: attend(spec, q_, k_, v_, ins), lambda x: x.double())
+    if dtype == "float64":
+        eager_dtype, factor = "float32", FLOAT64_FROM_FLOAT32
+        eager = run(lambda q_, k_, v_, ins: attend(spec, q_, k_, v_, ins), lambda x: x.float())
+    else:
+        eager_dtype, factor = dtype, 1.0
+        eager = run(lambda q_, k_, v_, ins: eager_attend(spec, q_, k_, v_, ins, False)[0], same)
+    # a gradient that is exactly zero (hard attention's dq, dk) is still computed from terms as
+    # large as the other gradients, so the floor is relative to the largest of them
+    scale = max(magnitude(ref[n]) for n in names)
+    return [judge(f"grad {n}", got[n], eager[n], ref[n], dtype, scale, eager_dtype=eager_dtype,
+                  eager_factor=factor) for n in names]
 
 
 def yardstick(spec, q, k, v, inputs: dict, return_lse: bool):
