@@ -2,11 +2,13 @@
 
 A plugin package declares ``[project.entry-points."attncc.backends"] NAME = "module:BackendClass"``;
 attncc knows no backend by name. Two entry points with one name are an error; a plugin that fails
-to load (its dependency missing) is listed as unavailable with the reason.
+to load (its dependency missing) is listed as unavailable with the reason. The entry points are
+read once per process; ``refresh()`` reads them again (a plugin installed since).
 """
 
 from __future__ import annotations
 
+import importlib
 from functools import cache
 from importlib.metadata import entry_points
 
@@ -62,3 +64,11 @@ def available() -> dict[str, Backend | BackendError]:
         except BackendError as err:
             result[name] = err
     return result
+
+
+def refresh() -> None:
+    """Forget the entry points and loaded backends read so far; the next call reads them again
+    (import caches invalidated, so distributions added to ``sys.path`` since are found)."""
+    importlib.invalidate_caches()
+    _entry_points.cache_clear()
+    _load.cache_clear()
