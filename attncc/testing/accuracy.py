@@ -233,11 +233,7 @@ def yardstick(spec, q, k, v, inputs: dict, return_lse: bool):
     docstring); other dtypes run in their own dtype (``eager_attend``) with factor 1.
     """
     if _dtype_name(q) == "float64":
-        xp = array_api_compat.array_namespace(q)
-        narrow = [xp.astype(x, xp.float32) for x in (q, k, v)]
-        ins = {n: (xp.astype(x, xp.float32) if spec.inputs[n].is_float else x)
-               for n, x in inputs.items()}
-        result = attend(spec, *narrow, ins, return_lse=return_lse)
+        result = attend(spec, *_float32(spec, q, k, v, inputs), return_lse=return_lse)
         return result, "float32", FLOAT64_FROM_FLOAT32, None
     result, note = eager_attend(spec, q, k, v, inputs, return_lse)
     return result, ("float32" if note else _dtype_name(q)), 1.0, note
@@ -249,13 +245,17 @@ def eager_attend(spec, q, k, v, inputs: dict, return_lse: bool):
     try:
         return attend(spec, q, k, v, inputs, return_lse=return_lse), None
     except (TypeError, RuntimeError, NotImplementedError) as err:
-        xp = array_api_compat.array_namespace(q)
-        wide = [xp.astype(x, xp.float32) for x in (q, k, v)]
-        ins = {n: (xp.astype(x, xp.float32) if spec.inputs[n].is_float else x)
-               for n, x in inputs.items()}
         note = (f"eager {_dtype_name(q)} failed ({type(err).__name__}: {str(err)[:80]}); "
                 "eager error measured in float32")
-        return attend(spec, *wide, ins, return_lse=return_lse), note
+        return attend(spec, *_float32(spec, q, k, v, inputs), return_lse=return_lse), note
+
+
+def _float32(spec, q, k, v, inputs: dict) -> tuple:
+    """``(q, k, v, inputs)`` with every floating array in float32."""
+    xp = array_api_compat.array_namespace(q)
+    ins = {n: (xp.astype(x, xp.float32) if spec.inputs[n].is_float else x)
+           for n, x in inputs.items()}
+    return (*(xp.astype(x, xp.float32) for x in (q, k, v)), ins)
 
 
 def _dtype_name(x) -> str:

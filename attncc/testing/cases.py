@@ -139,11 +139,8 @@ def _compile(case: Case, spec, refusals: str):
     if case.config == "smallest":
         configs = backend.search_space(graph, target).configs()
         config = min(configs, key=_tile_area) if configs and configs[0] else None
-    try:
-        from attncc.api import compile as compile_spec
-    except ImportError:
-        full = {**backend.default_config(graph, target), **(config or {})}
-        return backend.compile(graph, full, target)
+    from attncc.api import compile as compile_spec
+
     return compile_spec(spec, backend=case.backend, target=target, config=config)
 
 
