@@ -1,10 +1,18 @@
 """[4] The block plan: for every (query block, key block) pair, FULL, PARTIAL or EMPTY (DESIGN §4).
 
-``build_plan`` classifies all block pairs at once with the interval engine of
-``attncc.analysis.intervals``: each block is a box of ``(q_idx, kv_idx)`` (and one ``b``, one ``h``
-where the mask varies with them), and the mask is evaluated three-valued over the boxes, never
-element by element. Inputs the mask reads (document ids) enter as their per-block min/max, found
-in one O(elements) pass. Plans of index-only masks are cached per (spec hash, sizes, blocks).
+The one block classifier. ``build_plan`` classifies all block pairs of a ``FusedAttention`` node
+at once with the interval engine of ``attncc.analysis.intervals``: each block is a box of
+``(q_idx, kv_idx)`` (and one ``b``, one ``h`` where the ``masks`` pass found that the mask varies
+with them), and the mask is evaluated three-valued over the boxes, never element by element. An
+input the mask reads enters as its min/max per box: each index expression's interval over the box
+(``q_idx // 64`` as well as ``q_idx``), then the input's min/max over that index range
+(``attncc.analysis.ranges``), O(elements + blocks log blocks); indexes the interval engine cannot
+bound read the whole axis. Soundness: a block may be PARTIAL where it could be FULL or EMPTY,
+never the reverse.
+
+Caching: a Kernel holds one ``PlanCache`` per (node, blocks); its ``get`` returns a cached plan
+for equal sizes (and equal contents of the inputs the mask reads) in microseconds. Index-only
+plans are also shared by every caller through one process-wide LRU cache.
 
 Backends iterate the index tables: per query block the FULL key blocks (no elementwise mask
 needed) and the PARTIAL ones (mask applied); EMPTY blocks cost nothing. The transposed tables
@@ -14,19 +22,21 @@ needed) and the PARTIAL ones (mask applied); EMPTY blocks cost nothing. The tran
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 import sympy
 
-from attncc.analysis.intervals import INT_LIMIT, block_range, classify_checked
+from attncc.analysis.intervals import INT_LIMIT, classify_checked, interval
+from attncc.analysis.ranges import range_bounds
 from attncc.errors import InputError
-from attncc.passes.masks import mask_dependencies
+from attncc.ir.graph import FusedAttention, Node, attention_node
 from attncc.spec import load_spec
 from attncc.spec.symbols import SIZES
 
-__all__ = ["EMPTY", "FULL", "PARTIAL", "BlockPlan", "build_plan"]
+__all__ = ["EMPTY", "FULL", "PARTIAL", "BlockPlan", "PlanCache", "build_plan", "fused_node"]
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 _AXES = {"b": 0, "h": 1, "q_idx": 2, "kv_idx": 3}
@@ -119,76 +129,129 @@ class BlockPlan:
 
 #: Block pairs one plan may hold (its states take a byte each, per batch/head slice kept).
 MAX_BLOCK_PAIRS = 1 << 26
+#: Bytes of mask inputs up to which a PlanCache keys plans by their content.
+CONTENT_CAP = 1 << 22
+_AXES = {"b": 0, "h": 1, "q_idx": 2, "kv_idx": 3}
 
 
-def build_plan(spec, sizes: dict, block_m: int, block_n: int,
+def build_plan(source, sizes: dict, block_m: int, block_n: int,
                inputs: dict | None = None) -> BlockPlan:
-    """The block plan of ``spec`` for the given ``sizes`` (size name -> int) and block sizes.
+    """The block plan of ``source`` for the given ``sizes`` (size name -> int) and block sizes.
 
-    ``sizes`` needs ``seq_q`` and ``seq_k``, plus ``batch``/``heads`` where the mask varies with
-    ``b``/``h``, and any size the mask names. A mask that reads inputs needs them in ``inputs``
-    (NumPy arrays or torch tensors); raises InputError when one is missing or malformed.
+    ``source`` is a FusedAttention node (after the ``masks`` pass), or anything ``load_spec``
+    takes, lowered through the pipeline (cached per spec). ``sizes`` needs ``seq_q`` and
+    ``seq_k`` (not under a Linformer projection, whose rank is the key count), plus
+    ``batch``/``heads`` where the mask varies with ``b``/``h``, and any size the mask names. A
+    mask that reads inputs needs them in ``inputs`` (NumPy arrays or torch tensors). Raises
+    InputError when one is missing or malformed, or when the source has no block plan.
+    Index-only plans are cached process-wide; others are built afresh (a PlanCache keys them by
+    content).
     """
-    spec = load_spec(spec)
-    for name, value in (("block_m", block_m), ("block_n", block_n)):
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-            raise InputError(f"build_plan: {name} must be a positive integer, got {value!r}")
-    sizes = {name: _size(name, value) for name, value in sizes.items()}
-    for name in ("seq_q", "seq_k"):
-        if name not in sizes:
-            raise InputError(f"build_plan: sizes must give '{name}'; got {sorted(sizes)}")
-    pairs = -(-sizes["seq_q"] // int(block_m)) * -(-sizes["seq_k"] // int(block_n))
-    if pairs > MAX_BLOCK_PAIRS:
-        raise InputError(f"build_plan: seq_q {sizes['seq_q']} x seq_k {sizes['seq_k']} in "
-                         f"{block_m}x{block_n} blocks gives {pairs} block pairs; at most "
-                         f"{MAX_BLOCK_PAIRS} are supported: use larger blocks")
-    reads, _ = mask_dependencies(spec.mask)
-    if reads:
-        return _plan(spec, sizes, int(block_m), int(block_n), _arrays(reads, inputs))
-    key = (spec.hash, tuple(sorted(sizes.items())), int(block_m), int(block_n))
-    return _cached_plan(_Keyed(key, spec))
+    return PlanCache(source, block_m, block_n, size=0).get(sizes, inputs)
 
 
-@dataclass(frozen=True)
-class _Keyed:
-    """A spec carried into the cache, compared by its key only."""
-
-    key: tuple
-    spec: object
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, _Keyed) and self.key == other.key
-
-    def __hash__(self) -> int:
-        return hash(self.key)
+def fused_node(source) -> FusedAttention:
+    """The FusedAttention node a plan is built from: ``source`` itself, or a spec's, lowered
+    through the pipeline (cached per spec). InputError for a node or spec without one."""
+    node = source if isinstance(source, Node) else _lowered(load_spec(source))
+    if not isinstance(node, FusedAttention):
+        raise InputError(f"build_plan: a {node.op_name} node has no block plan (only "
+                         f"FusedAttention, the flash pattern, has one)")
+    return node
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_plan(keyed: _Keyed) -> BlockPlan:
-    _, sizes, block_m, block_n = keyed.key
-    return _plan(keyed.spec, dict(sizes), block_m, block_n, {})
+def _lowered(spec) -> Node:
+    from attncc.passes.pipeline import lower  # the pipeline is above the plan
+
+    return attention_node(lower(spec))[1]
 
 
-def _plan(spec, sizes: dict, block_m: int, block_n: int, arrays: dict) -> BlockPlan:
+class PlanCache:
+    """The plans of one FusedAttention node in ``block_m x block_n`` blocks, most recent first.
+
+    ``get(sizes, inputs)`` returns the plan for ``sizes`` (only the sizes the plan depends on
+    count) and, where the mask reads inputs, their dtype, shape and bytes: equal inputs reuse
+    their plan, a changed one never does; inputs past ``CONTENT_CAP`` bytes in all are not
+    cached. Holds up to ``size`` plans (LRU). A hit costs a tuple and a dict lookup for an
+    index-only mask. Raises what ``build_plan`` raises.
+    """
+
+    def __init__(self, node, block_m: int, block_n: int, size: int = 16):
+        self.node = fused_node(node)
+        for name, value in (("block_m", block_m), ("block_n", block_n)):
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise InputError(f"build_plan: {name} must be a positive integer, got {value!r}")
+        self.block_m, self.block_n, self.size = int(block_m), int(block_n), size
+        mask = self.node.mask
+        self.reads = mask.reads_inputs if mask is not None else ()
+        varies = mask.varies_with if mask is not None else ()
+        named = sorted(s.name for s in (mask.expr.free_symbols if mask is not None else ())
+                       if isinstance(s, sympy.Symbol) and s.name in SIZES)
+        needed = ["seq_q"] + (["seq_k"] if self.node.projection is None else [])
+        needed += [n for a, n in (("b", "batch"), ("h", "heads")) if a in varies]
+        self.names = tuple(dict.fromkeys(needed + named))
+        self._plans: OrderedDict = OrderedDict()
+
+    def get(self, sizes: dict, inputs: dict | None = None) -> BlockPlan:
+        """The plan at ``sizes`` (and ``inputs``, where the mask reads them); see the class."""
+        try:
+            key = tuple([sizes[name] for name in self.names])
+        except KeyError:
+            key = None  # _build names what is missing
+        arrays = None
+        if self.reads and key is not None:
+            arrays = _arrays(self.reads, inputs)
+            content = _content(arrays) if self.size else None
+            key = key + content if content is not None else None
+        plan = self._plans.get(key) if key is not None else None
+        if plan is not None:
+            self._plans.move_to_end(key)
+            return plan
+        plan = self._build(sizes, inputs, arrays)
+        if key is not None and self.size:
+            self._plans[key] = plan
+            if len(self._plans) > self.size:
+                self._plans.popitem(last=False)
+        return plan
+
+    def _build(self, sizes: dict, inputs, arrays) -> BlockPlan:
+        needed = {}
+        for name in self.names:
+            if name not in sizes:
+                raise InputError(f"build_plan: sizes must give '{name}' (the plan depends on "
+                                 f"it); got {sorted(sizes)}")
+            needed[name] = _size(name, sizes[name])
+        bm, bn = self.block_m, self.block_n
+        seq_k = self.node.projection or needed["seq_k"]
+        pairs = -(-needed["seq_q"] // bm) * -(-seq_k // bn)
+        if pairs > MAX_BLOCK_PAIRS:
+            raise InputError(f"build_plan: seq_q {needed['seq_q']} x seq_k {seq_k} in {bm}x{bn} "
+                             f"blocks gives {pairs} block pairs; at most {MAX_BLOCK_PAIRS} are "
+                             f"supported: use larger blocks")
+        if self.reads:
+            arrays = arrays if arrays is not None else _arrays(self.reads, inputs)
+            return _classify(self.node, needed, bm, bn, arrays)
+        return _cached_plan(self.node, tuple(needed.items()), bm, bn)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_plan(node: FusedAttention, sizes: tuple, block_m: int, block_n: int) -> BlockPlan:
+    """The shared plans of index-only masks (equal nodes compare equal by their fields)."""
+    return _classify(node, dict(sizes), block_m, block_n, {})
+
+
+def _classify(node: FusedAttention, sizes: dict, block_m: int, block_n: int,
+              arrays: dict) -> BlockPlan:
     seq_q = sizes["seq_q"]
-    linformer = spec.lowrank is not None and spec.lowrank.method == "linformer"
-    seq_k = spec.lowrank.size if linformer else sizes["seq_k"]
+    seq_k = node.projection or sizes["seq_k"]
     n_q, n_k = -(-seq_q // block_m), -(-seq_k // block_n)
-    if spec.mask is None:
+    if node.mask is None:
         return _frozen(seq_q, seq_k, block_m, block_n, np.full((1, 1, n_q, n_k), FULL, np.int8))
-    mask = spec.mask
-    left = sorted(s.name for s in mask.free_symbols
-                  if isinstance(s, sympy.Symbol) and s.name in SIZES and s.name not in sizes)
-    if left:
-        raise InputError(f"build_plan: the mask reads the size(s) {', '.join(left)}; pass them "
-                         f"in sizes (got {sorted(sizes)})")
-    _, varies = mask_dependencies(mask)
+    mask = node.mask.expr
     extent = {"b": 1, "h": 1, "q_idx": seq_q, "kv_idx": seq_k}
     for axis, size_name in (("b", "batch"), ("h", "heads")):
-        if axis in varies:
-            if size_name not in sizes:
-                raise InputError(f"build_plan: the mask varies with {axis}; sizes must give "
-                                 f"'{size_name}'")
+        if axis in node.mask.varies_with:
             extent[axis] = sizes[size_name]
     # sizes are point intervals, not substituted: sympy would decide some relations exactly
     # (q_idx == sigmoid(42) is False) where the elementwise float evaluation does not
@@ -196,9 +259,9 @@ def _plan(spec, sizes: dict, block_m: int, block_n: int, arrays: dict) -> BlockP
     boxes.update({"b": _box(extent["b"], 1, extent["b"], 0),
                   "h": _box(extent["h"], 1, extent["h"], 1),
                   "q_idx": _box(seq_q, block_m, n_q, 2), "kv_idx": _box(seq_k, block_n, n_k, 3)})
-    blocks = {"b": 1, "h": 1, "q_idx": block_m, "kv_idx": block_n}
-    leaves = {e: _leaf(e, arrays[str(e.base.label)], extent, blocks)
-              for e in mask.atoms(sympy.Indexed)}
+    leaves: dict = {}
+    for e in sorted(mask.atoms(sympy.Indexed), key=lambda e: len(str(e))):  # inner first
+        leaves[e] = _leaf(e, arrays[str(e.base.label)], extent, boxes, leaves)
     found = classify_checked(mask, boxes, leaves)
     shape = (extent["b"], extent["h"], n_q, n_k)
     states = np.array(np.broadcast_to(np.asarray(found.states, dtype=np.int8), shape))
@@ -228,52 +291,31 @@ def _box(length: int, block: int, count: int, axis: int):
     return lo.reshape(view), hi.reshape(view)
 
 
-def _leaf(e: sympy.Indexed, table: np.ndarray, extent: dict, blocks: dict):
-    """Interval of input element ``e`` over every box: per-block min/max where each index is an
-    index symbol or a constant, the input's global min/max otherwise (conservative)."""
+def _leaf(e: sympy.Indexed, table: np.ndarray, extent: dict, boxes: dict, leaves: dict):
+    """Interval of input element ``e`` over every box: the input's min/max over the range of
+    each index's interval; the whole axis where an index may leave it or is not an integer."""
     name = str(e.base.label)
     if table.ndim != len(e.indices):
         raise InputError(f"input '{name}': expected {len(e.indices)} dimension(s), got shape "
                          f"{table.shape}")
     if table.size == 0:
         raise InputError(f"input '{name}': expected a non-empty array, got shape {table.shape}")
-    plain = [i.is_Integer or (i.is_Symbol and i.name in _AXES) for i in e.indices]
-    symbols = [i.name for i in e.indices if i.is_Symbol]
-    if not all(plain) or len(set(symbols)) != len(symbols):
-        return _cast(table.min()), _cast(table.max())
-    lo = hi = table
-    layout = []
+    ranges = []
     for axis, index in enumerate(e.indices):
         size = table.shape[axis]
-        if index.is_Integer:
-            if not 0 <= int(index) < size:
-                raise InputError(f"input '{name}' is indexed at {index} on its axis {axis} of "
-                                 f"size {size}")
-            lo, hi = np.take(lo, [int(index)], axis), np.take(hi, [int(index)], axis)
-            layout.append(None)
-            continue
-        length = extent[index.name]
-        if size < length:
+        if index.is_Integer and not 0 <= int(index) < size:
+            raise InputError(f"input '{name}' is indexed at {index} on its axis {axis} of "
+                             f"size {size}")
+        if index.is_Symbol and index.name in _AXES and size < extent[index.name]:
             raise InputError(f"input '{name}': its axis {axis} is indexed by {index} up to "
-                             f"{length - 1}, but has size {size}")
-        lo = block_range(lo, axis, blocks[index.name], length)[0]
-        hi = block_range(hi, axis, blocks[index.name], length)[1]
-        layout.append(_AXES[index.name])
-    return _to_layout(_cast(lo), layout), _to_layout(_cast(hi), layout)
-
-
-def _to_layout(values: np.ndarray, layout: list) -> np.ndarray:
-    """Move the input's axes to their place in the 4-d (b, h, q, kv) layout; ``None`` marks an
-    axis taken at a constant (size 1, dropped)."""
-    places = [p for p in layout if p is not None]
-    values = values.reshape([n for n, p in zip(values.shape, layout, strict=True)
-                             if p is not None])
-    order = np.argsort(places)
-    values = np.transpose(values, order)
-    view = [1, 1, 1, 1]
-    for k, i in enumerate(order):
-        view[places[i]] = values.shape[k]
-    return values.reshape(view)
+                             f"{extent[index.name] - 1}, but has size {size}")
+        lo, hi = interval(index, boxes, leaves)
+        if not all(np.issubdtype(np.asarray(x).dtype, np.integer) for x in (lo, hi)):
+            lo, hi = 0, size - 1
+        outside = (np.asarray(lo) < 0) | (np.asarray(hi) > size - 1)
+        ranges.append((np.where(outside, 0, lo), np.where(outside, size - 1, hi)))
+    lo, hi = range_bounds(table, ranges)
+    return _cast(lo), _cast(hi)
 
 
 def _cast(values):
@@ -295,6 +337,13 @@ def _arrays(reads: tuple, inputs: dict | None) -> dict:
             x = x.detach().cpu().numpy()
         result[name] = np.asarray(x)
     return result
+
+
+def _content(arrays: dict) -> tuple | None:
+    """Cache key of the inputs' values: (name, dtype, shape, bytes) each; None past the cap."""
+    if sum(x.nbytes for x in arrays.values()) > CONTENT_CAP:
+        return None
+    return tuple((n, x.dtype.str, x.shape, x.tobytes()) for n, x in arrays.items())
 
 
 def _size(name: str, value) -> int:

@@ -111,7 +111,12 @@ def problems(draw):
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_random_masks_are_never_misclassified(problem):
-    mask, sizes, bm, bn, doc = problem
+    assert_sound(*problem)
+
+
+def assert_sound(mask, sizes, bm, bn, doc):
+    """The plan of ``mask`` has no FULL block with a false element, no EMPTY with a true one
+    (masks the evaluator rejects are skipped)."""
     try:
         spec = attncc.load_spec({"attncc": 1, "mask": mask,
                                  "inputs": DOC if "doc[" in mask else {}})
@@ -123,6 +128,40 @@ def test_random_masks_are_never_misclassified(problem):
     states, every, some = plan_and_truth(mask, sizes, bm, bn, {"doc": doc})
     assert np.all(every[states == FULL]), f"FULL block with a false element: {mask}"
     assert not np.any(some[states == EMPTY]), f"EMPTY block with a true element: {mask}"
+
+
+COMPUTED_READS = ["doc[b, q_idx // 2]", "doc[b, (q_idx + kv_idx) // 3]",
+                  "doc[b, abs(q_idx - kv_idx)]", "doc[b, kv_idx % 4]", "doc[b, q_idx - kv_idx]",
+                  "doc[b, min(q_idx, 3)]", "doc[b, doc[b, kv_idx] % 2]",
+                  "doc[b, q_idx if kv_idx < 3 else kv_idx // 2]"]
+COMPUTED_NUMBERS = st.recursive(st.one_of(LEAVES, st.sampled_from(COMPUTED_READS)), numbers,
+                                max_leaves=4)
+COMPUTED_MASKS = st.recursive(conditions(COMPUTED_NUMBERS), boolean, max_leaves=3)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems(), COMPUTED_MASKS)
+def test_inputs_read_at_computed_indices_are_never_misclassified(problem, mask):
+    """Per-block bounds of ``doc[b, q_idx // 2]`` and the like (ranges of each index's interval,
+    negative indices wrapping, nested reads): never a wrong FULL or EMPTY."""
+    _, sizes, bm, bn, doc = problem
+    assert_sound(mask, sizes, bm, bn, doc)
+
+
+def test_computed_block_indices_are_classified_per_block():
+    """BigBird's random blocks, read at ``q_idx // 4``: the plan is as tight as the elements."""
+    rand = {"rand": {"shape": ["seq_q // 4", "seq_k // 4"], "dtype": "bool"}}
+    spec = attncc.load_spec({"attncc": 1, "mask": "rand[q_idx // 4, kv_idx // 4] or "
+                                                   "kv_idx == q_idx", "inputs": rand})
+    table = np.random.default_rng(1).random((16, 16)) < 0.3
+    sizes = {"batch": 1, "heads": 1, "seq_q": 64, "seq_k": 64}
+    for bm, bn in ((4, 4), (8, 4), (4, 12), (16, 16), (5, 7)):
+        every, some = block_truth(dense_mask(spec, sizes, {"rand": table}), bm, bn)
+        states = np.broadcast_to(build_plan(spec, sizes, bm, bn, {"rand": table}).states,
+                                 every.shape)
+        assert np.all(every[states == FULL]) and not np.any(some[states == EMPTY])
+        assert np.array_equal(states == FULL, every), (bm, bn)
+        assert np.array_equal(states == EMPTY, ~some), (bm, bn)
 
 
 # -- exactness on the common masks -------------------------------------------------------------

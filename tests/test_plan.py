@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
+import sympy
 
 import attncc
 from attncc.errors import InputError
 from attncc.ir.build import build
 from attncc.ir.graph import Mask, op
 from attncc.passes.masks import Masks
-from attncc.plan import EMPTY, FULL, PARTIAL, build_plan
+from attncc.plan import CONTENT_CAP, EMPTY, FULL, PARTIAL, PlanCache, build_plan, fused_node
+from attncc.spec.symbols import kv_idx, q_idx
 
 DOC_INPUT = {"doc": {"shape": ["batch", "seq_q"], "dtype": "int64"}}
 
@@ -102,6 +106,50 @@ def test_linformer_plans_over_rank_keys():
     s = spec(lowrank={"method": "linformer", "rank": 20})
     plan = build_plan(s, sizes(64, 256), 16, 8)
     assert (plan.seq_k, plan.states.shape) == (20, (1, 1, 4, 3))
+    node = fused_node(s)
+    assert node.projection == 20
+    assert build_plan(node, {"seq_q": 64}, 16, 8).seq_k == 20  # the key count is the node's
+
+
+def test_plans_come_from_the_node_not_the_spec():
+    """The plan reads the fused node's mask and annotations: a node rewritten by a pass plans
+    as rewritten."""
+    node = fused_node(spec("kv_idx <= q_idx"))
+    band = dataclasses.replace(node.mask, expr=sympy.Le(sympy.Abs(q_idx - kv_idx), 3))
+    plan = build_plan(dataclasses.replace(node, mask=band), sizes(32), 8, 8)
+    assert plan.counts() == {"FULL": 0, "PARTIAL": 10, "EMPTY": 6}
+    with pytest.raises(InputError, match="LinearAttention node has no block plan"):
+        build_plan(spec("kv_idx <= q_idx", normalize="linear", feature_map="elu1"),
+                   sizes(32), 8, 8)
+
+
+def test_plan_cache_keys_by_sizes_and_input_content():
+    s = spec("doc[b, q_idx] == doc[b, kv_idx]", inputs=DOC_INPUT)
+    cache = PlanCache(fused_node(s), 8, 8, size=2)
+    doc = np.repeat(np.arange(4), 8)[None]
+    first = cache.get({**sizes(32), "head_dim": 64}, {"doc": doc})
+    assert cache.get(sizes(32), {"doc": doc.copy()}) is first  # equal content, unused size
+    other = cache.get(sizes(32), {"doc": np.zeros_like(doc)})
+    assert other is not first and not np.array_equal(other.states, first.states)
+    assert cache.get(sizes(32), {"doc": doc.astype(np.int32)}) is not first  # dtype counts
+    assert cache.get(sizes(32), {"doc": doc}) is not first  # evicted: two plans at most
+    big = np.zeros((1, (CONTENT_CAP // 8) + 1), dtype=np.int64)
+    huge = {"batch": 1, "heads": 1, "seq_q": big.shape[1], "seq_k": big.shape[1]}
+    wide = PlanCache(fused_node(s), 4096, 4096)
+    assert wide.get(huge, {"doc": big}) is not wide.get(huge, {"doc": big})  # not cached
+    with pytest.raises(InputError, match="reads the input"):
+        cache.get(sizes(32))
+
+
+def test_plan_cache_of_an_index_only_mask_shares_the_global_plans():
+    node = fused_node(spec("kv_idx <= q_idx"))
+    cache = PlanCache(node, 16, 16)
+    plan = cache.get(sizes(64, batch=2, heads=3))
+    assert cache.get(sizes(64)) is plan  # batch and heads do not change this plan
+    assert PlanCache(node, 16, 16).get(sizes(64)) is plan
+    assert build_plan(node, sizes(64), 16, 16) is plan
+    with pytest.raises(InputError, match="block_n"):
+        PlanCache(node, 16, 0)
 
 
 def test_index_only_plans_are_cached_and_read_only():

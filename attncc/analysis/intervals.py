@@ -60,8 +60,8 @@ from attncc.analysis.interval_math import (
 )
 from attncc.spec.symbols import sigmoid
 
-__all__ = ["ALWAYS", "INT_LIMIT", "MAYBE", "NEVER", "Classified", "block_range", "classify",
-           "classify_checked", "interval"]
+__all__ = ["ALWAYS", "INT_LIMIT", "MAYBE", "NEVER", "Classified", "classify", "classify_checked",
+           "interval"]
 
 
 _MONOTONE = {sympy.exp: np.exp, sympy.tanh: np.tanh}
@@ -102,19 +102,6 @@ def interval(expr: sympy.Expr, boxes: dict, leaves: dict | None = None):
     """The ``(lo, hi)`` bounds of number ``expr`` over the boxes (see ``classify``)."""
     with np.errstate(all="ignore"):
         return _Intervals(boxes, leaves or {}).num(expr)
-
-
-def block_range(values: np.ndarray, axis: int, block: int, length: int):
-    """Per-block ``(min, max)`` of ``values[:length]`` along ``axis``, in blocks of ``block``.
-
-    O(elements): one ``reduceat`` each; the last block is clipped to ``length``.
-    """
-    values = np.take(values, np.arange(length), axis=axis)
-    if values.dtype == np.bool_:
-        values = values.astype(np.int8)
-    starts = np.arange(0, length, block)
-    return np.minimum.reduceat(values, starts, axis=axis), np.maximum.reduceat(values, starts,
-                                                                              axis=axis)
 
 
 class _Intervals:
