@@ -80,6 +80,11 @@ class Kernel(ABC):
     def __call__(self, q, k, v, *, return_lse: bool = False, **inputs):
         """Output ``(B, Hq, Nq, Dv)``; with ``return_lse``, ``(out, lse)``, lse ``(B, Hq, Nq)``."""
 
+    def companions(self) -> dict[str, str]:
+        """Files ``source`` needs beside it when exported (``attncc compile -o DIR``): file
+        name -> text, e.g. a host runtime the generated module imports; {} by default."""
+        return {}
+
     def torch_op(self) -> Callable | None:
         """A function ``fn(q, k, v, **inputs) -> out`` that only calls ``torch.library``
         operators of this kernel (registered with fake and autograd implementations), so that
@@ -121,7 +126,15 @@ class Backend(ABC):
 
     @abstractmethod
     def compile(self, graph, config: dict, target) -> Kernel:
-        """The kernel for a fused ``graph`` with ``config`` on ``target``."""
+        """The kernel for a lowered ``graph`` (``attncc.passes.pipeline.lower``) with ``config``
+        (every tunable set; ``attncc.backends.config.full_config`` checks and completes one) on
+        ``target``.
+
+        What to compute is the attention node (``attncc.ir.graph.attention_node(graph)``): its
+        fields and its ``lowering`` (the paths the strategy pass allows, and why).
+        ``graph.graph["spec"]`` is the Spec, for ``Kernel.spec`` and for checking calls against
+        its declared inputs (``attncc.lowering.prologue``); ``graph.graph["sizes"]`` and
+        ``["dtype"]`` are set where the caller knows them (see ``search_space``)."""
 
     def priority(self, target) -> int:
         """Expected speed on ``target`` relative to other backends (higher is faster).
