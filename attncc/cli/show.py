@@ -1,4 +1,5 @@
-"""``attncc show SPEC``: the IR after the pipeline, the block plan, the cost, and the inputs."""
+"""``attncc show SPEC``: the IR after the pipeline, its lowering paths, the block plan, the cost,
+and the inputs."""
 
 from __future__ import annotations
 
@@ -24,27 +25,31 @@ from attncc.cli.options import (
               help="Seed of the random inputs a data-dependent mask is classified from.")
 def show(spec: str, batch: int, seq: int, seq_k: int | None, heads: int | None,
          head_dim: int | None, block_m: int, block_n: int, dtype: str, seed: int) -> None:
-    """Print the lowered IR, block plan and density, FLOPs and bytes, and the inputs of SPEC."""
+    """Print the lowered IR, lowering paths, block plan and density, FLOPs and bytes, and the
+    inputs of SPEC."""
     from attncc.ir.printer import print_graph
     from attncc.passes.cost import DTYPE_BYTES, evaluate_cost
-    from attncc.passes.pipeline import lower
-    from attncc.plan import build_plan
 
     loaded = load(spec)
     sizes = resolve_sizes(loaded, batch, seq, seq_k, heads, head_dim)
-    graph = lower(loaded)
-    data = plan_inputs(loaded, sizes, seed)
-    plan = build_plan(loaded, sizes, block_m, block_n, data)
-    density = float(plan.block_density())
+    graph, node, plan, data = lowered_plan(loaded, sizes, block_m, block_n, seed)
+    density = float(plan.block_density()) if plan is not None else 1.0
 
     click.echo(f"spec: {loaded.name}  (hash {loaded.hash})" + (f"  {loaded.doc}" if loaded.doc
                                                               else ""))
     click.echo("sizes: " + " ".join(f"{name}={value}" for name, value in sizes.items()))
     click.echo("\n== IR ==")
     click.echo(print_graph(graph), nl=False)
-    click.echo(f"\n== block plan (block_m={block_m}, block_n={block_n}) ==")
-    for line in plan_summary(plan, data is not None, seed):
+    click.echo(f"\n== lowering of the {node.op_name} node (strategy pass) ==")
+    for line in lowering_lines(node.lowering):
         click.echo(line)
+    click.echo(f"\n== block plan (block_m={block_m}, block_n={block_n}) ==")
+    if plan is None:
+        click.echo(f"block density: n/a ({node.op_name} has no block plan; it lowers by the "
+                   f"{' / '.join(p.name for p in node.lowering.paths)} path)")
+    else:
+        for line in plan_summary(plan, data is not None, seed):
+            click.echo(line)
     click.echo(f"\n== cost at these sizes (density = block density, itemsize = "
                f"{DTYPE_BYTES[dtype]} for {dtype}) ==")
     values = evaluate_cost(graph, sizes, density, itemsize=DTYPE_BYTES[dtype])
@@ -57,6 +62,28 @@ def show(spec: str, batch: int, seq: int, seq_k: int | None, heads: int | None,
     click.echo("\n== inputs ==")
     for line in input_lines(loaded, sizes):
         click.echo(line)
+
+
+def lowered_plan(spec, sizes: dict[str, int], block_m: int, block_n: int, seed: int):
+    """``(graph, attention node, block plan or None, mask inputs or None)`` of ``spec``: the
+    pipeline's graph, and the plan ``attncc.plan.build_plan`` makes of its FusedAttention node
+    (None for a node without one), on random inputs (``seed``) where the mask reads inputs."""
+    from attncc.ir.graph import FusedAttention, attention_node
+    from attncc.passes.pipeline import lower
+    from attncc.plan import build_plan
+
+    graph = lower(spec)
+    _, node = attention_node(graph)
+    if not isinstance(node, FusedAttention):
+        return graph, node, None, None
+    data = plan_inputs(spec, node, sizes, seed)
+    return graph, node, build_plan(node, sizes, block_m, block_n, data), data
+
+
+def lowering_lines(lowering) -> list[str]:
+    """One line per lowering path: its name, yes or no, and why."""
+    width = max(len(p.name) for p in lowering.paths)
+    return [f"{p.name:<{width}}  {'yes' if p.ok else 'no ':<3}  {p.why}" for p in lowering.paths]
 
 
 def plan_summary(plan, random_data: bool, seed: int) -> list[str]:
@@ -99,26 +126,19 @@ def input_lines(spec, sizes: dict[str, int]) -> list[str]:
     return lines
 
 
-def plan_inputs(spec, sizes: dict[str, int], seed: int) -> dict | None:
+def plan_inputs(spec, node, sizes: dict[str, int], seed: int) -> dict | None:
     """Random values (NumPy) of the spec's named inputs at ``sizes`` for the block plan.
 
-    Only a mask that reads inputs (document ids) needs them, to classify its blocks; None for
-    every other spec.
+    Only a mask that reads inputs (document ids; the ``masks`` pass's ``reads_inputs`` of the
+    fused ``node``) needs them, to classify its blocks; None for every other node.
     """
-    if not mask_reads_inputs(spec):
+    if getattr(node, "mask", None) is None or not node.mask.reads_inputs:
         return None
     from attncc.testing import random_inputs
 
     *_, inputs = random_inputs(spec, sizes["batch"], sizes["seq_q"], sizes["seq_k"], "float32",
                                seed, "numpy", heads=sizes["heads"], head_dim=sizes["head_dim"])
     return inputs
-
-
-def mask_reads_inputs(spec) -> bool:
-    """Whether the spec's mask reads named inputs (so its block plan depends on their values)."""
-    from attncc.spec.symbols import free_names
-
-    return spec.mask is not None and bool(free_names(spec.mask) & set(spec.inputs))
 
 
 def _number(value) -> str:

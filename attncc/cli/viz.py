@@ -2,7 +2,8 @@
 
 In the style of attention-gym's visualizations: the mask element by element at a small size
 (query rows, key columns, kept pairs dark), and beside it the block plan at the given sizes with
-each (query block, key block) tile colored FULL, PARTIAL or EMPTY. Batch 0, head 0.
+each (query block, key block) tile colored FULL, PARTIAL or EMPTY, from the same plan as
+``attncc show`` (``show.lowered_plan``). Batch 0, head 0.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 
 from attncc.cli.options import block_options, load, resolve_sizes, size_options, spec_argument
 from attncc.cli.run import writable_parent
-from attncc.cli.show import plan_inputs
+from attncc.cli.show import lowered_plan, plan_inputs
 from attncc.errors import AttnccError
 
 STATE_COLORS = ("#f7f7f7", "#f4a261", "#264653")  # EMPTY, PARTIAL, FULL
@@ -34,21 +35,27 @@ def viz(spec: str, batch: int, seq: int, seq_k: int | None, heads: int | None,
         head_dim: int | None, block_m: int, block_n: int, mask_size: int, seed: int,
         out_path: str) -> None:
     """Draw the mask of SPEC and its block plan (FULL/PARTIAL/EMPTY) as a PNG."""
-    from attncc.plan import build_plan
+    from attncc.plan import FULL
 
     loaded = load(spec)
     writable_parent(out_path)
-    small = resolve_sizes(loaded, batch, mask_size, mask_size, heads, head_dim)
-    mask = element_mask(loaded, small, plan_inputs(loaded, small, seed))
     sizes = resolve_sizes(loaded, batch, seq, seq_k, heads, head_dim)
-    plan = build_plan(loaded, sizes, block_m, block_n, plan_inputs(loaded, sizes, seed))
-    density = float(plan.block_density())
-    figure = draw(loaded.name, mask, plan.states[0, 0], density,
-                  (plan.seq_q, plan.seq_k, block_m, block_n))
+    _, node, plan, _ = lowered_plan(loaded, sizes, block_m, block_n, seed)
+    small = resolve_sizes(loaded, batch, mask_size, mask_size, heads, head_dim)
+    mask = element_mask(loaded, small, plan_inputs(loaded, node, small, seed))
+    if plan is None:  # a node without a block plan reads every key block
+        n_q, n_k = -(-sizes["seq_q"] // block_m), -(-sizes["seq_k"] // block_n)
+        states, density, geometry = (np.full((n_q, n_k), FULL, np.int8), 1.0,
+                                     (sizes["seq_q"], sizes["seq_k"], block_m, block_n))
+    else:
+        states, density = plan.states[0, 0], float(plan.block_density())
+        geometry = (plan.seq_q, plan.seq_k, block_m, block_n)
+    figure = draw(loaded.name, mask, states, density, geometry)
     path = Path(out_path)
     figure.savefig(path, dpi=110, bbox_inches="tight")
+    note = "" if plan is not None else f"; {node.op_name} has no block plan"
     click.echo(f"wrote {path} (mask density {mask.mean():.3f} at {mask_size}x{mask_size}, "
-               f"block density {density:.3f} at {plan.seq_q}x{plan.seq_k})")
+               f"block density {density:.3f} at {geometry[0]}x{geometry[1]}{note})")
 
 
 def element_mask(spec, sizes: dict[str, int], inputs: dict | None) -> np.ndarray:
