@@ -85,6 +85,8 @@ def test_show_classifies_an_input_reading_mask_and_lists_inputs(specs):
     assert "doc  [batch, seq_q] = (2, 128)  int32" in out
     alibi = assert_ok(invoke("show", specs["alibi"], "--seq", 64, "--heads", 2))
     assert "slope  [heads] = (2,)  float32" in alibi
+    assert "sdpa   no   score_mod reads slope[h]" in alibi  # the strategy pass's lowering
+    assert "tiles  yes  " in alibi
     assert "the mask reads inputs" not in alibi
 
 
