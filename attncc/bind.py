@@ -6,6 +6,7 @@ whichever runs it. Works on any array-API array (NumPy, torch).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import array_api_compat
@@ -86,11 +87,18 @@ def bind(spec: Spec, q, k, v, inputs: dict) -> Bound:
         if seq_q % m or seq_k % m:
             raise InputError(f"nystrom with {m} landmarks needs seq_q and seq_k divisible by "
                              f"{m}; got seq_q {seq_q}, seq_k {seq_k}")
-    scale = spec.scale.subs({SIZES[n]: value for n, value in sizes.items()})
+    scale = _at(spec.scale, tuple(sizes.items()))
     if not (scale.is_real and scale.is_finite):
         raise InputError(f"scale {spec.scale} is {scale} at these sizes ({sizes}); expected a "
                          "finite real number")
     return Bound(sizes, _check_inputs(spec, inputs, sizes, q), float(scale))
+
+
+@functools.lru_cache(maxsize=1024)
+def _at(expr, sizes: tuple):
+    """``expr`` (a sympy expression of the sizes) at ``sizes`` (name, value) pairs; cached, as
+    every call of a kernel asks for the same few."""
+    return sympy.sympify(expr).subs({SIZES[name]: value for name, value in sizes})
 
 
 def _check_inputs(spec: Spec, given: dict, sizes: dict, q) -> dict:
@@ -98,7 +106,7 @@ def _check_inputs(spec: Spec, given: dict, sizes: dict, q) -> dict:
     if extra:
         known = ", ".join(sorted(spec.inputs)) or "none"
         raise InputError(f"unexpected input '{extra[0]}'; the spec '{spec.name}' takes: {known}")
-    subs = {SIZES[name]: value for name, value in sizes.items()}
+    at = tuple(sizes.items())
     device = getattr(q, "device", None)
     result = {}
     for name, decl in spec.inputs.items():
@@ -111,7 +119,7 @@ def _check_inputs(spec: Spec, given: dict, sizes: dict, q) -> dict:
         if array_api_compat.is_torch_array(q) != array_api_compat.is_torch_array(x):
             raise InputError(f"{name}: expected the same kind of array as q "
                              f"({type(q).__name__}), got {type(x).__name__}")
-        shape = tuple(int(sympy.sympify(d).subs(subs)) for d in decl.shape)
+        shape = tuple(int(_at(d, at)) for d in decl.shape)
         if tuple(x.shape) != shape:
             raise InputError(f"{name}: expected shape {shape} "
                              f"({', '.join(str(d) for d in decl.shape)}), got {tuple(x.shape)}")

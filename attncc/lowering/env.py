@@ -8,7 +8,8 @@ A backend evaluates ``score_mod`` and ``mask`` (``attncc.spec.numeric.evaluate``
 its own layout: ``Layout`` says which axes of the ``ndim``-D tile hold the batch entry ``b``, the
 query head ``h``, the query position ``q_idx`` and the key position ``kv_idx``; the backend gives
 each index as an integer array with one axis per listed tile axis (in order), and ``Layout``
-reshapes it to broadcast against the tile (size 1 on every other axis). So ``slope[h]`` or
+reshapes it (``.reshape``, a method of NumPy arrays and torch tensors alike) to broadcast
+against the tile (size 1 on every other axis). So ``slope[h]`` or
 ``doc[b, q_idx]`` index the inputs exactly as the reference does. The expression environment is
 the sizes and inputs by name plus the four index arrays (and ``score`` for score_mod).
 """
@@ -17,16 +18,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import array_api_compat
-
 __all__ = ["Layout", "merge_heads", "shared_kv", "split_heads"]
 
 
 def split_heads(q, kv_heads: int):
     """``(B, H, N, D)`` -> the view ``(B, Hkv, G, N, D)``."""
-    xp = array_api_compat.array_namespace(q)
     batch, heads, n, d = q.shape
-    return xp.reshape(q, (batch, kv_heads, heads // kv_heads, n, d))
+    return q.reshape((batch, kv_heads, heads // kv_heads, n, d))
 
 
 def shared_kv(x):
@@ -36,9 +34,8 @@ def shared_kv(x):
 
 def merge_heads(x):
     """The inverse of ``split_heads``: ``(B, Hkv, G, N, D)`` -> ``(B, H, N, D)``."""
-    xp = array_api_compat.array_namespace(x)
     batch, kv_heads, group, n, d = x.shape
-    return xp.reshape(x, (batch, kv_heads * group, n, d))
+    return x.reshape((batch, kv_heads * group, n, d))
 
 
 @dataclass(frozen=True)

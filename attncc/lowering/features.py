@@ -5,7 +5,8 @@ code runs on NumPy arrays and on torch tensors (differentiable by torch autograd
 
 - ``elu1``: ``x + 1`` where ``x > 0``, else ``exp(x)`` (exact for very negative x, unlike
   ``elu(x) + 1``).
-- ``relu``: ``max(x, 0)``; its derivative at 0 is 0.
+- ``relu``: ``max(x, 0)``; the vjp takes its derivative at 0 as 0 (torch autograd of
+  ``maximum`` splits it there).
 - ``performer`` (DESIGN §3): ``x' = x·head_dim^(-1/4)`` with head_dim the last axis of x,
   ``φ(x) = exp(x'·ωᵀ − ‖x'‖²/2) / √features`` for ``ω (features, head_dim)``.
 
@@ -29,13 +30,13 @@ def feature_map(kind: str, x, omega=None):
     """φ(x) over the last axis of ``x``; ``omega (features, head_dim)`` for performer only."""
     xp = array_api_compat.array_namespace(x)
     if kind == "elu1":
-        return xp.where(x > 0, x + 1, xp.exp(xp.clip(x, max=0.0)))
+        return xp.where(x > 0, x + 1, xp.exp(xp.minimum(x, 0.0)))
     if kind == "relu":
-        return xp.where(x > 0, x, xp.zeros_like(x))
+        return xp.maximum(x, 0.0)
     if kind != "performer":
         raise ValueError(f"unknown feature map {kind!r}; expected one of {FEATURE_MAPS}")
     xs, omega = _performer_inputs(xp, x, omega)
-    projected = xp.matmul(xs, xp.matrix_transpose(omega))
+    projected = xs @ omega.mT
     norm = xp.sum(xs * xs, axis=-1, keepdims=True) / 2
     return xp.exp(projected - norm) / math.sqrt(omega.shape[0])
 
@@ -49,18 +50,17 @@ def feature_map_vjp(kind: str, x, omega, d_phi):
     xp = array_api_compat.array_namespace(d_phi)
     x = xp.astype(x, d_phi.dtype, copy=False)
     if kind == "elu1":
-        return d_phi * xp.where(x > 0, xp.ones_like(x), xp.exp(xp.clip(x, max=0.0))), None
+        return d_phi * xp.where(x > 0, 1.0, xp.exp(xp.minimum(x, 0.0))), None
     if kind == "relu":
         return d_phi * xp.astype(x > 0, x.dtype), None
     xs, omega = _performer_inputs(xp, x, omega)
     scale = x.shape[-1] ** -0.25
-    phi = xp.exp(xp.matmul(xs, xp.matrix_transpose(omega))
-                 - xp.sum(xs * xs, axis=-1, keepdims=True) / 2)
+    phi = xp.exp(xs @ omega.mT - xp.sum(xs * xs, axis=-1, keepdims=True) / 2)
     g = d_phi * phi / math.sqrt(omega.shape[0])
-    d_xs = xp.matmul(g, omega) - xs * xp.sum(g, axis=-1, keepdims=True)
+    d_xs = g @ omega - xs * xp.sum(g, axis=-1, keepdims=True)
     flat_g = xp.reshape(g, (-1, g.shape[-1]))
     flat_xs = xp.reshape(xs, (-1, xs.shape[-1]))
-    return d_xs * scale, xp.matmul(xp.matrix_transpose(flat_g), flat_xs)
+    return d_xs * scale, flat_g.mT @ flat_xs
 
 
 def _performer_inputs(xp, x, omega):
@@ -73,7 +73,7 @@ def divide(num, den):
     """``num / den`` where ``den != 0``, else 0; ``den`` broadcasts against ``num``."""
     xp = array_api_compat.array_namespace(num, den)
     empty = den == 0
-    return xp.where(empty, xp.zeros_like(num), num / xp.where(empty, xp.ones_like(den), den))
+    return xp.where(empty, 0.0, num / xp.where(empty, 1.0, den))
 
 
 def divide_vjp(out, den, d_out):
@@ -81,8 +81,8 @@ def divide_vjp(out, den, d_out):
     ``(..., rows, Dv)``, computed in den's dtype; both are 0 on rows where ``den`` is 0."""
     xp = array_api_compat.array_namespace(den)
     empty = den == 0
-    safe = xp.where(empty, xp.ones_like(den), den)
+    safe = xp.where(empty, 1.0, den)
     d_out = xp.astype(d_out, den.dtype, copy=False)
-    d_num = xp.where(empty[..., None], xp.zeros_like(d_out), d_out / safe[..., None])
+    d_num = xp.where(empty[..., None], 0.0, d_out / safe[..., None])
     dot = xp.sum(d_out * xp.astype(out, den.dtype, copy=False), axis=-1)
-    return d_num, -xp.where(empty, xp.zeros_like(den), dot / safe)
+    return d_num, -xp.where(empty, 0.0, dot / safe)

@@ -24,20 +24,20 @@ __all__ = ["linformer", "nystrom", "segment_means", "softmax"]
 
 def linformer(k, v, e, f):
     """``(E·k, F·v)``: k ``(B, Hkv, seq_k, D)``, v likewise, ``E, F (rank, seq_k)``."""
-    xp = array_api_compat.array_namespace(k, e)
-    return xp.matmul(e, k), xp.matmul(f, v)
+    return e @ k, f @ v
 
 
-def segment_means(x, landmarks: int):
-    """Means of ``landmarks`` equal contiguous segments of axis -2 (which it must divide)."""
-    xp = array_api_compat.array_namespace(x)
+def segment_means(x, landmarks: int, xp=None):
+    """Means of ``landmarks`` equal contiguous segments of axis -2 (which it must divide);
+    ``xp``: x's namespace, when the caller has it."""
+    xp = xp or array_api_compat.array_namespace(x)
     *lead, n, d = x.shape
     return xp.mean(xp.reshape(x, (*lead, landmarks, n // landmarks, d)), axis=-2)
 
 
-def softmax(x):
+def softmax(x, xp=None):
     """Softmax over the last axis (dense rows, every entry finite)."""
-    xp = array_api_compat.array_namespace(x)
+    xp = xp or array_api_compat.array_namespace(x)
     e = xp.exp(x - xp.max(x, axis=-1, keepdims=True))
     return e / xp.sum(e, axis=-1, keepdims=True)
 
@@ -47,15 +47,15 @@ def nystrom(q, k, v, landmarks: int, scale: float, *, exact_pinv: bool = True):
     ``(B, Hkv, Nk, D|Dv)``; ``exact_pinv``: invert in float64 (else in q's dtype)."""
     xp = array_api_compat.array_namespace(q, k, v)
     q5, k5, v5 = split_heads(q, k.shape[1]), shared_kv(k), shared_kv(v)
-    q_land, k_land = segment_means(q5, landmarks), segment_means(k5, landmarks)
-    k_land_t = xp.matrix_transpose(k_land)
-    kernel_1 = softmax(scale * xp.matmul(q5, k_land_t))
-    kernel_2 = softmax(scale * xp.matmul(q_land, k_land_t))
-    kernel_3 = softmax(scale * xp.matmul(q_land, xp.matrix_transpose(k5)))
+    q_land, k_land = segment_means(q5, landmarks, xp), segment_means(k5, landmarks, xp)
+    k_land_t = k_land.mT
+    kernel_1 = softmax(scale * (q5 @ k_land_t), xp)
+    kernel_2 = softmax(scale * (q_land @ k_land_t), xp)
+    kernel_3 = softmax(scale * (q_land @ k5.mT), xp)
     if exact_pinv:
         inverse = xp.linalg.pinv(xp.astype(kernel_2, xp.float64))
         inverse = xp.astype(inverse, q.dtype, copy=False)
     else:
         inverse = xp.linalg.pinv(kernel_2)
-    out = xp.matmul(xp.matmul(kernel_1, inverse), xp.matmul(kernel_3, v5))
+    out = (kernel_1 @ inverse) @ (kernel_3 @ v5)
     return merge_heads(out)

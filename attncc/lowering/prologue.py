@@ -82,12 +82,13 @@ def compute_dtype(dtype) -> str:
 
 
 def prologue(spec, node, q, k, v, inputs: dict, *, backend: str, library: str,
-             dtypes=tuple(COMPUTE), return_lse: bool = False) -> Call:
+             dtypes=tuple(COMPUTE), return_lse: bool = False, cast: bool = True) -> Call:
     """Check and cast one call; raise InputError with the argument's name if anything is wrong.
 
     ``spec`` gives the declared inputs, ``node`` is the graph's attention node (the lse rule
     reads it); ``library``: numpy | torch, the array kind the ``backend`` takes; ``dtypes``: the
-    input dtype names it computes.
+    input dtype names it computes; ``cast=False`` leaves q, k, v and the inputs as given (a
+    backend whose kernels take the input dtype and accumulate in ``compute``).
     """
     is_kind, kind, hint = _LIBRARIES[library]
     for name, x in (("q", q), ("k", k), ("v", v), *inputs.items()):
@@ -104,6 +105,9 @@ def prologue(spec, node, q, k, v, inputs: dict, *, backend: str, library: str,
                          f"(not low-rank nystrom); this spec has {refusal}")
     xp = array_api_compat.array_namespace(q)
     ct = getattr(xp, compute_dtype(q.dtype))
+    if not cast:
+        return Call(bound.sizes, bound.scale, q, k, v, bound.inputs, bound.inputs, q.dtype, ct,
+                    xp)
     cast = {n: (xp.astype(x, ct, copy=False) if spec.inputs[n].is_float else x)
             for n, x in bound.inputs.items()}
     return Call(bound.sizes, bound.scale, *(xp.astype(x, ct, copy=False) for x in (q, k, v)),

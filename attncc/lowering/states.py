@@ -79,7 +79,7 @@ class SoftmaxState(_State):
             p = self._exp_(s)
         else:
             p = xp.exp(s - m_safe)
-        pv, p_sum = xp.matmul(p, v), xp.sum(p, axis=-1, keepdims=True)
+        pv, p_sum = p @ v, xp.sum(p, axis=-1, keepdims=True)
         if self.m is None:
             self.l_sum, self.acc = p_sum, pv
         elif self.inplace:
@@ -118,7 +118,7 @@ class SigmoidState(_State):
         weights = self._sigmoid(s)
         if keep is not None:
             weights = self.xp.where(keep, weights, 0.0)
-        pv = self.xp.matmul(weights, v)
+        pv = weights @ v
         if self.acc is None:
             self.acc = pv
         elif self.inplace:

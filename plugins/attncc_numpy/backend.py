@@ -2,13 +2,13 @@
 
 Tunables: ``block_m`` and ``block_n`` (query and key tile sizes) for the fused kernel, ``chunk``
 for chunked linear attention; Nyström has none. The search space lives here, next to the kernel
-it tunes.
+it tunes. Everything is read from the graph's attention node.
 """
 
 from __future__ import annotations
 
 from attncc.backends.base import SUPPORTED, Backend, SearchSpace, Support
-from attncc.errors import BackendError
+from attncc.backends.config import full_config
 from attncc.ir.graph import LinearAttention, Nystrom, attention_node
 from attncc_numpy.kernel import NumpyKernel
 from attncc_numpy.source import describe
@@ -40,61 +40,48 @@ class NumpyBackend(Backend):
         return SUPPORTED
 
     def search_space(self, graph, target) -> SearchSpace:
-        spec = graph.graph["spec"]
-        kind = _kind(graph)
+        node, kind = _node(graph)
         if kind == "nystrom":
             return SearchSpace({})
         if kind == "linear":
             return SearchSpace({"chunk": TILES})
-        limit = MAX_ADDITIVE_TILE if spec.score == "additive" else MAX_TILE
+        limit = MAX_ADDITIVE_TILE if node.score == "additive" else MAX_TILE
         sizes = graph.graph.get("sizes") or {}
 
+        def fits(config: dict) -> bool:
+            return config.get("block_m", 64) * config.get("block_n", 64) <= limit
+
         def keep(config: dict) -> bool:
-            bm, bn = config.get("block_m", 64), config.get("block_n", 64)
-            if bm * bn > limit:
-                return False
             # A tile more than 4x the padded sequence only adds padding work.
-            for tile, seq in ((bm, sizes.get("seq_q")), (bn, sizes.get("seq_k"))):
+            for tile, seq in ((config.get("block_m", 64), sizes.get("seq_q")),
+                              (config.get("block_n", 64), sizes.get("seq_k"))):
                 if seq and tile > 4 * max(16, 1 << (int(seq) - 1).bit_length()):
                     return False
-            return True
+            return fits(config)
 
-        return SearchSpace({"block_m": TILES, "block_n": TILES}, keep)
+        return SearchSpace({"block_m": TILES, "block_n": TILES}, keep, valid=fits)
 
     def default_config(self, graph, target) -> dict:
-        kind = _kind(graph)
+        node, kind = _node(graph)
         if kind == "nystrom":
             return {}
         if kind == "linear":
             return {"chunk": 64}
-        if graph.graph["spec"].score == "additive":
+        if node.score == "additive":
             return {"block_m": 32, "block_n": 32}
         return {"block_m": 64, "block_n": 128}
 
     def compile(self, graph, config: dict, target) -> NumpyKernel:
+        full = full_config(self, graph, target, config,
+                           why="the score tile block_m x block_n is too large")
+        node, kind = _node(graph)
         spec = graph.graph["spec"]
-        kind = _kind(graph)
-        full = {**self.default_config(graph, target), **(config or {})}
-        space = self.search_space(graph, target)
-        unknown = sorted(set(full) - set(space.params))
-        if unknown:
-            raise BackendError(f"unknown tunable '{unknown[0]}' for the numpy backend "
-                               f"({kind} kernel); expected: {', '.join(space.params) or 'none'}")
-        for name, value in full.items():
-            if not isinstance(value, int) or value < 1:
-                raise BackendError(f"tunable '{name}' must be a positive integer, got {value!r}")
-        return NumpyKernel(spec, full, describe(spec, kind, full), kind)
+        return NumpyKernel(spec, node, kind, full, describe(spec, node, kind, full))
 
 
-def _kind(graph) -> str:
-    """fused | linear | nystrom, from the graph's attention node (or the spec before fuse)."""
-    try:
-        _, node = attention_node(graph)
-    except ValueError:
-        spec = graph.graph["spec"]
-        if spec.lowrank is not None and spec.lowrank.method == "nystrom":
-            return "nystrom"
-        return "linear" if spec.normalize == "linear" else "fused"
+def _node(graph):
+    """The attention node and its lowering: fused | linear | nystrom."""
+    _, node = attention_node(graph)
     if isinstance(node, Nystrom):
-        return "nystrom"
-    return "linear" if isinstance(node, LinearAttention) else "fused"
+        return node, "nystrom"
+    return node, ("linear" if isinstance(node, LinearAttention) else "fused")

@@ -4,13 +4,14 @@ For each group of (batch, head) slices that share a slice of the block plan (all
 plan is shared, Bp = Hp = 1), and each query block ``m``::
 
     [top-k: a first pass over the same tiles finds each row's K-th largest kept score]
-    state = init()                               # running max/sum/acc
+    state = init()                               # attncc.lowering.states
     [memory tile: all keys kept, no score_mod]   # memory_tokens > 0
-    for n in full blocks of m:  state.update(score_mod(q·kᵀ), keep=None)      # mask skipped
+    for n in full blocks of m:  state.update(score_mod(q·kᵀ))          # mask skipped
     for n in partial blocks of m: state.update(score_mod(q·kᵀ), keep=mask)
     out[m], lse[m] = state.finish()
 
-EMPTY blocks are never touched. ``Stats`` counts what was visited, for tests and ``source``.
+EMPTY blocks are never touched. ``Stats`` counts what was visited, for tests and benchmarks.
+``NORMALIZE`` pairs each normalization with its state class and the pseudo-code of its steps.
 """
 
 from __future__ import annotations
@@ -19,8 +20,29 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from attncc_numpy.states import SigmoidState, SoftmaxState, TopkThreshold
-from attncc_numpy.tiles import Slice, TileScorer
+from attncc.lowering.env import shared_kv, split_heads
+from attncc.lowering.states import SigmoidState, SoftmaxState, TopkThreshold
+from attncc_numpy.tiles import LAYOUT, Slice, TileScorer
+
+_SOFTMAX = ("state = SoftmaxState()   # online softmax: row_max = -inf, row_sum = 0, acc = 0",
+            "state.update(s, v[cols])   # row_sum, acc *= exp(row_max - new_max); "
+            "row_sum += rowsum(p); acc += p @ v[cols]; p = exp(s - new_max)",
+            "out[rows], lse[rows] = acc / row_sum, row_max + log(row_sum)   "
+            "# 0 and -inf where no key is kept")
+
+#: normalize -> (state class, (init, update, finish) pseudo-code)
+NORMALIZE = {
+    "softmax": (SoftmaxState, _SOFTMAX),
+    "topk": (SoftmaxState, _SOFTMAX),
+    "sigmoid": (SigmoidState, ("state = SigmoidState()   # acc = 0",
+                               "state.update(s, v[cols])   # acc += sigmoid(s) @ v[cols]",
+                               "out[rows] = acc")),
+}
+
+#: the top-k steps: the first pass, and the keep rule of the second
+TOPK = ("thr = K-th largest kept score of each row over the tiles below (TopkThreshold, "
+        "running top-{topk}; -inf if fewer are kept)",
+        "s = where(s >= thr, s, -inf)   # top-{topk}: every key tied at the K-th score kept")
 
 
 @dataclass
@@ -35,103 +57,91 @@ class Stats:
         return self.full + self.partial
 
 
-def run_fused(spec, plan, scorer: TileScorer, q, k, v, inputs: dict, stats: Stats):
+def run_fused(node, plan, scorer: TileScorer, q, k, v, stats: Stats):
     """Output ``(B, Hq, Nq, Dv)`` and lse ``(B, Hq, Nq)`` (None for sigmoid) of the fused kernel.
 
     ``q, k, v`` are already in the compute dtype (and k, v projected for linformer).
     """
-    batch, heads, seq_q, head_dim = q.shape
+    batch, heads, seq_q, _ = q.shape
     kv_heads, value_dim = k.shape[1], v.shape[-1]
     group = heads // kv_heads
-    q5 = q.reshape(batch, kv_heads, group, seq_q, head_dim)
-    k5, v5 = k[:, :, None], v[:, :, None]
+    q5, k5, v5 = split_heads(q, kv_heads), shared_kv(k), shared_kv(v)
     out = np.zeros((batch, kv_heads, group, seq_q, value_dim), dtype=q.dtype)
     lse = np.full((batch, kv_heads, group, seq_q), -np.inf, dtype=q.dtype)
+    every_head = np.arange(heads).reshape(kv_heads, group)
     bp_count, hp_count = plan.states.shape[:2]
     for bp in range(bp_count):
         bsel = slice(None) if bp_count == 1 else slice(bp, bp + 1)
         for hp in range(hp_count):
             if hp_count == 1:
-                hsel = (slice(None), slice(None))
-                h = np.arange(heads).reshape(1, kv_heads, group, 1, 1)
+                kv, g, h = slice(None), slice(None), every_head
             else:
-                hsel = (slice(hp // group, hp // group + 1), slice(hp % group, hp % group + 1))
-                h = np.full((1, 1, 1, 1, 1), hp)
-            b = np.arange(batch)[bsel].reshape(-1, 1, 1, 1, 1)
-            kv_sel = (bsel, hsel[0])
-            sl = Slice(b=b, h=h, kv=hsel[0], q=q5[bsel, hsel[0], hsel[1]], k=k5[kv_sel],
-                       v=v5[kv_sel], w=_additive_weight(spec, inputs, h, q.dtype))
-            o, lse_part = _run_slice(spec, plan, scorer, sl, bp, hp, inputs, stats)
-            out[bsel, hsel[0], hsel[1]] = o
+                kv, g = slice(hp // group, hp // group + 1), slice(hp % group, hp % group + 1)
+                h = np.full((1, 1), hp)
+            sl = scorer.slice(np.arange(batch)[bsel], h, kv, q5[bsel, kv, g], k5[bsel, kv],
+                              v5[bsel, kv])
+            out[bsel, kv, g], lse_part = _run_slice(node, plan, scorer, sl, bp, hp, stats)
             if lse_part is not None:
-                lse[bsel, hsel[0], hsel[1]] = lse_part
+                lse[bsel, kv, g] = lse_part
     out = out.reshape(batch, heads, seq_q, value_dim)
-    if spec.normalize == "sigmoid":
+    if node.normalize == "sigmoid":
         return out, None
     return out, lse.reshape(batch, heads, seq_q)
 
 
-def _additive_weight(spec, inputs, h, dtype):
-    if spec.score != "additive":
-        return None
-    w = np.asarray(inputs["w"], dtype=dtype)
-    return w[h[..., 0, 0]][..., None, None, :]
-
-
-def _run_slice(spec, plan, scorer, sl: Slice, bp: int, hp: int, inputs: dict, stats: Stats):
+def _run_slice(node, plan, scorer, sl: Slice, bp: int, hp: int, stats: Stats):
     seq_q, block_m = sl.q.shape[-2], plan.block_m
-    lead, dtype = sl.q.shape[:3], sl.q.dtype
-    mem = _slice_memory(sl, inputs, dtype) if spec.memory_tokens else None
+    state_class = NORMALIZE[node.normalize][0]
+    mem = _slice_memory(sl, scorer.inputs) if node.memory_tokens else None
     outs, lses = [], []
     for m in range((seq_q + block_m - 1) // block_m):
         rows = range(m * block_m, min((m + 1) * block_m, seq_q))
-        shape = (*lead, len(rows))
+        q_tile = sl.q[..., rows.start:rows.stop, :]
+        block = (plan, scorer, sl, bp, hp, m, rows, q_tile, mem)
+        lead = q_tile.shape[:-1]
         threshold = None
-        if spec.normalize == "topk":
-            first = TopkThreshold(shape, spec.topk, dtype)
-            for s, keep, _ in _tiles(spec, plan, scorer, sl, bp, hp, m, rows, mem, None):
+        if node.normalize == "topk":
+            first = TopkThreshold(node.topk, lead, q_tile)
+            for s, keep, _, _ in _tiles(*block, None):
                 first.update(s, keep)
-            threshold = first.value()[..., None]
-        state = (SigmoidState if spec.normalize == "sigmoid" else SoftmaxState)(
-            shape, sl.v.shape[-1], dtype)
-        for s, keep, v_tile in _tiles(spec, plan, scorer, sl, bp, hp, m, rows, mem, stats):
+            threshold = first.value()
+        state = state_class(lead, sl.v.shape[-1], q_tile, inplace=True)
+        for s, keep, v_tile, owned in _tiles(*block, stats):
             if threshold is not None:
-                above = s >= threshold
-                keep = above if keep is None else keep & above
-            state.update(s, keep, v_tile)
-        o, lse = state.finish()
-        outs.append(o)
-        lses.append(lse)
-    lse = None if spec.normalize == "sigmoid" else np.concatenate(lses, axis=-1)
-    return np.concatenate(outs, axis=-2), lse
+                keep = TopkThreshold.keeps(s, threshold, keep)
+            state.update(s, v_tile, keep, owned=owned)
+        result = state.finish()
+        outs.append(result.out)
+        lses.append(result.lse)
+    out = np.concatenate(outs, axis=-2)
+    return out, (None if lses[0] is None else np.concatenate(lses, axis=-2)[..., 0])
 
 
-def _tiles(spec, plan, scorer, sl: Slice, bp: int, hp: int, m: int, rows: range, mem, stats):
-    """``(scores, keep or None, values)`` of query block ``m``'s tiles: the memory tile first, then
-    the FULL blocks (no mask work), then the PARTIAL ones; counted in ``stats`` unless None."""
-    q_tile = sl.q[..., rows.start:rows.stop, :]
+def _tiles(plan, scorer, sl: Slice, bp: int, hp: int, m: int, rows: range, q_tile, mem, stats):
+    """``(scores, keep or None, values, owned)`` of query block ``m``'s tiles: the memory tile
+    first, then the FULL blocks (no mask work), then the PARTIAL ones; counted in ``stats``
+    unless None. ``owned``: the scores are a fresh array the state may overwrite."""
+    modded = scorer.node.score_mod is not None
     if mem is not None:
-        yield scorer.raw(sl, q_tile, mem[0]), None, mem[1]
+        yield scorer.raw(sl, q_tile, mem[0]), None, mem[1], True
     full, partial = plan.kv_blocks(bp, hp, m)
     seq_k, block_n = sl.k.shape[-2], plan.block_n
+    q_idx = LAYOUT.place("q_idx", np.arange(rows.start, rows.stop))
     for n, is_full in [(int(n), True) for n in full] + [(int(n), False) for n in partial]:
-        cols = range(n * block_n, min((n + 1) * block_n, seq_k))
-        s = scorer.raw(sl, q_tile, sl.k[..., cols.start:cols.stop, :])
-        env = scorer.env(sl, rows, cols) if (spec.score_mod is not None or not is_full) else None
-        if spec.score_mod is not None:
+        start, stop = n * block_n, min((n + 1) * block_n, seq_k)
+        s = scorer.raw(sl, q_tile, sl.k[..., start:stop, :])
+        env = None
+        if modded or not is_full:
+            env = {**sl.fixed, "q_idx": q_idx, "kv_idx": scorer.kv_idx(start, stop)}
+        if modded:
             s = scorer.modded(s, env)
         if stats is not None:
             stats.full += is_full
             stats.partial += not is_full
         keep = None if is_full else scorer.keep(env, s.shape)
-        yield s, keep, sl.v[..., cols.start:cols.stop, :]
+        yield s, keep, sl.v[..., start:stop, :], not modded
 
 
-def _slice_memory(sl: Slice, inputs: dict, dtype):
+def _slice_memory(sl: Slice, inputs: dict):
     """Memory keys and values of the slice's kv heads, ``(1, Hkv', 1, M, D)``."""
-    mem_k = np.asarray(inputs["mem_k"], dtype=dtype)[sl.kv][None, :, None]
-    mem_v = np.asarray(inputs["mem_v"], dtype=dtype)[sl.kv][None, :, None]
-    return mem_k, mem_v
-
-
-
+    return inputs["mem_k"][sl.kv][None, :, None], inputs["mem_v"][sl.kv][None, :, None]

@@ -2,47 +2,46 @@
 
 ``out_i = φ(q_i)·S_i / φ(q_i)·z_i`` with ``S_i = Σ_{j≤i} φ(k_j)ᵀ v_j`` and ``z_i = Σ_{j≤i} φ(k_j)``.
 For a query chunk ``[c0, c1)`` the keys before ``c0`` are in the running sums; the keys of the chunk
-itself are handled by a small masked product (the diagonal block). Without a mask the sums cover
-every key. Memory grows with the chunk, never with seq². A zero denominator gives 0.
+itself are handled by a small masked product (the diagonal block). Without the causal mask the
+sums cover every key. Memory grows with the chunk, never with seq². φ and the zero-denominator
+rule are ``attncc.lowering.features``.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
+from attncc.lowering.env import merge_heads, shared_kv, split_heads
+from attncc.lowering.features import divide, feature_map
 
-def features(kind: str, x, omega, head_dim: int, n_features: int | None):
-    """φ(x) on the last axis: elu1, relu, or performer (positive random features)."""
-    if kind == "elu1":
-        return np.where(x > 0, x + 1, np.exp(np.minimum(x, 0)))
-    if kind == "relu":
-        return np.maximum(x, 0)
-    xs = x * x.dtype.type(head_dim ** -0.25)
-    projected = xs @ omega.T
-    norm = (xs * xs).sum(axis=-1, keepdims=True) / 2
-    return np.exp(projected - norm) / x.dtype.type(math.sqrt(n_features))
+#: feature map -> the pseudo-code of what ``feature_map`` computes
+FEATURE_TEXT = {
+    "elu1": "where(x > 0, x + 1, exp(x))",
+    "relu": "max(x, 0)",
+    "performer": "exp(x' @ omega.T - |x'|²/2) / sqrt(features), x' = x * head_dim**-0.25",
+}
+DENSE_TEXT = ("out = fq @ (fk.T @ v) / (fq @ sum(fk))   # 0 where the denominator is 0",)
+CAUSAL_TEXT = (
+    "S = 0; z = 0                                # running Σ fkᵀv, Σ fk",
+    "for c in range(ceil(Nq / {chunk})):            # query chunks",
+    "    rows = [c*{chunk}, (c+1)*{chunk})",
+    "    a = tril(fq[rows] @ fk[rows].T)         # diagonal block, kv_idx <= q_idx",
+    "    out[rows] = (fq[rows] @ S + a @ v[rows]) / (fq[rows] @ z + rowsum(a))   # 0 where 0",
+    "    S += fk[rows].T @ v[rows]; z += sum(fk[rows])")
 
 
-def run_linear(spec, q, k, v, inputs: dict, chunk: int):
+def run_linear(node, q, k, v, inputs: dict, chunk: int):
     """Output ``(B, Hq, Nq, Dv)``; k and v are shared by the query heads of a kv head."""
-    batch, heads, seq_q, head_dim = q.shape
-    kv_heads, seq_k, value_dim = k.shape[1], k.shape[2], v.shape[-1]
-    group = heads // kv_heads
     omega = inputs.get("omega")
-    phi_q = features(spec.feature_map, q.reshape(batch, kv_heads, group, seq_q, head_dim),
-                     omega, head_dim, spec.features)
-    phi_k = features(spec.feature_map, k[:, :, None], omega, head_dim, spec.features)
-    v5 = v[:, :, None]
-    if spec.mask is None:
+    phi_q = feature_map(node.feature_map, split_heads(q, k.shape[1]), omega)
+    phi_k = feature_map(node.feature_map, shared_kv(k), omega)
+    v5 = shared_kv(v)
+    if node.causal:
+        num, den = _causal(phi_q, phi_k, v5, chunk, k.shape[2])
+    else:
         num = phi_q @ (np.swapaxes(phi_k, -1, -2) @ v5)
         den = phi_q @ phi_k.sum(axis=-2)[..., None]
-    else:
-        num, den = _causal(phi_q, phi_k, v5, chunk, seq_k)
-    safe = np.where(den == 0, 1, den)
-    out = np.where(den == 0, 0, num / safe)
-    return out.reshape(batch, heads, seq_q, value_dim)
+    return merge_heads(divide(num, den))
 
 
 def _causal(phi_q, phi_k, v5, chunk: int, seq_k: int):
