@@ -182,7 +182,7 @@ BAD = [
     (lambda q, k, v, d: (q, k, v, {**d, "extra": d["doc"]}), "unexpected input 'extra'"),
     (lambda q, k, v, d: (q, k, v, {"doc": d["doc"].float()}), "doc: expected a int dtype"),
     (lambda q, k, v, d: (q, k, v, {"doc": d["doc"][:, :5]}), "doc: expected shape"),
-    (lambda q, k, v, d: (q.numpy(), k, v, d), "torch.Tensor"),
+    (lambda q, k, v, d: (q.numpy(), k, v, d), "takes torch tensors"),
     (lambda q, k, v, d: (q[:, :3], k[:, :2], v[:, :2], d), "must divide"),
 ]
 

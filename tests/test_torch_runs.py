@@ -11,14 +11,15 @@ import pytest
 import torch
 
 import attncc
+from attncc.ir.graph import attention_node
+from attncc.passes.pipeline import lower
 from attncc.testing import check_kernel, example_specs, random_inputs
 from attncc_torch import runs
-from attncc_torch.space import fused_eligible
 
 
 def _served(spec) -> bool:
-    nystrom = spec.lowrank is not None and spec.lowrank.method == "nystrom"
-    return fused_eligible(spec) and not nystrom and spec.kv_heads in (None, spec.heads)
+    _, node = attention_node(lower(spec))
+    return node.lowering.allows("runs") and spec.kv_heads in (None, spec.heads)
 
 
 SPECS = [p for p in example_specs() if _served(attncc.load_spec(p))]

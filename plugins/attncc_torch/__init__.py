@@ -1,9 +1,9 @@
 """PyTorch backend: block-plan gathers and batched matmuls, CPU and CUDA, with autograd.
 
 Registered as the ``torch`` entry point of ``attncc.backends``. ``compile`` turns a fused graph into
-a ``TorchKernel``; the lowering follows the graph's one attention node: FusedAttention -> the flash
-pattern over the block plan (``flash.py``), LinearAttention -> chunked prefix sums
-(``linear.py``), Nystrom -> ``nystrom.py``.
+a ``TorchKernel`` that reads the graph's one attention node: FusedAttention -> fused SDPA calls
+where its ``lowering`` allows them, else the flash pattern over the block plan (``flash.py``);
+LinearAttention -> chunked prefix sums (``linear.py``); Nystrom -> the shared landmark products.
 """
 
 from __future__ import annotations
@@ -20,17 +20,16 @@ from .space import default_config, search_space
 
 __all__ = ["TorchBackend", "TorchKernel"]
 
+_KINDS = {LinearAttention: "linear", Nystrom: "nystrom"}
 
-def _kind(graph) -> str:
+
+def _node(graph):
+    """``(node id, attention node, lowering kind)``: flash, linear or nystrom by node type."""
     try:
-        _, node = attention_node(graph)
+        node_id, node = attention_node(graph)
     except ValueError as err:
         raise BackendError(f"torch backend: {err}") from None
-    if isinstance(node, LinearAttention):
-        return "linear"
-    if isinstance(node, Nystrom):
-        return "nystrom"
-    return "flash"
+    return node_id, node, _KINDS.get(type(node), "flash")
 
 
 class TorchBackend(Backend):
@@ -45,20 +44,22 @@ class TorchBackend(Backend):
             return Support(False, "torch sees no CUDA device here; use a cpu target")
         if kind not in ("cpu", "cuda"):
             return Support(False, f"torch backend runs on cpu or cuda targets, not {kind!r}")
-        _kind(graph)
+        _node(graph)
         return SUPPORTED
 
     def search_space(self, graph, target) -> SearchSpace:
-        return search_space(graph.graph["spec"], _kind(graph), target, graph.graph.get("sizes"))
+        _, node, kind = _node(graph)
+        return search_space(node, kind, target, graph.graph.get("sizes"))
 
     def default_config(self, graph, target) -> dict:
-        return default_config(graph.graph["spec"], _kind(graph), target)
+        _, node, kind = _node(graph)
+        return default_config(node, kind, target)
 
     def compile(self, graph, config, target) -> TorchKernel:
         full = full_config(self, graph, target, config,
                            why="use_sdpa needs a dot-product softmax spec; block_m * block_n * "
                                "kv_chunk must stay within tile_elems, at most 2**24 on CPU")
-        return TorchKernel(graph.graph["spec"], _kind(graph), full)
+        return TorchKernel(graph, *_node(graph), full)
 
     def priority(self, target) -> int:
         return 20 if getattr(target, "kind", "cpu") == "cuda" else 10

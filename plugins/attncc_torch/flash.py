@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from attncc.lowering.states import SigmoidState, SoftmaxState, TopkThreshold
+
 from .tiles import Problem
 
 NEG_INF = float("-inf")
@@ -23,38 +25,40 @@ NEG_INF = float("-inf")
 
 def forward(pb: Problem, q6, k4, v4, inputs: dict):
     """``(out6, rows)`` for block-major ``q6 (nQ, B, Hkv, group, bm, D)``, ``k4``/``v4`` block-major
-    ``(nK, B, Hkv, bn, D)``: ``out6`` has the same
-    layout; ``rows`` maps lse, m, inv_l, thr to ``(..., bm, 1)`` tensors (None where the
-    normalization has no such statistic).
+    ``(nK, B, Hkv, bn, D)``: ``out6`` has the same layout; ``rows`` maps lse, m, inv_l, thr to
+    ``(..., bm, 1)`` tensors (None where the normalization has no such statistic).
 
-    The backward rebuilds P as ``exp(s - m) * inv_l`` rather than ``exp(s - lse)``: rounding lse
-    (large where scores are large) would scale every P of a row by one common factor.
+    The per-row states are the shared ones (``attncc.lowering.states``, in place: no autograd
+    here). The backward rebuilds P as ``exp(s - m) * inv_l`` rather than ``exp(s - lse)``:
+    rounding lse (large where scores are large) would scale every P of a row by one common factor.
     """
-    norm = pb.spec.normalize
-    shape = (*q6.shape[:-1], v4.shape[-1])
-    out = torch.zeros(shape, dtype=q6.dtype, device=q6.device)
-    row = (*q6.shape[:-1], 1)
+    norm = pb.node.normalize
+    out = q6.new_zeros((*q6.shape[:-1], v4.shape[-1]))
+    soft = norm != "sigmoid"
 
     def new(fill):
-        return torch.full(row, fill, dtype=q6.dtype, device=q6.device)
+        return torch.full((*q6.shape[:-1], 1), fill, dtype=q6.dtype, device=q6.device)
 
-    soft = norm != "sigmoid"
     rows = {"lse": new(NEG_INF) if soft else None, "m": new(0.0) if soft else None,
             "inv_l": new(0.0) if soft else None, "thr": new(NEG_INF) if norm == "topk" else None}
     for step in pb.schedule.steps:
         q = pb.rows(q6, step)
         tiles = _tiles(pb, step, q, k4, v4, inputs)
-        if not soft:
-            acc = None
-            for s, v in tiles:
-                pv = torch.sigmoid(s) @ v
-                acc = pv if acc is None else acc + pv
-            pb.put_rows(out, step, acc)
-            continue
-        t = _threshold(pb, tiles) if norm == "topk" else None
-        o, stats = _softmax(tiles, t)
-        pb.put_rows(out, step, o)
-        for name, value in (*stats.items(), ("thr", t)):
+        lead = q.shape[:-1]
+        thr = None
+        if norm == "topk":
+            best = TopkThreshold(pb.node.topk, lead, q)
+            for s, _ in tiles:
+                best.update(s)
+            thr = best.value()
+        state = (SoftmaxState if soft else SigmoidState)(lead, v4.shape[-1], q, inplace=True)
+        for s, v in tiles:
+            keep = None if thr is None else TopkThreshold.keeps(s, thr)
+            state.update(s, v, keep, owned=_owned(s))
+        done = state.finish()
+        pb.put_rows(out, step, done.out)
+        for name, value in (("lse", done.lse), ("m", done.row_max), ("inv_l", done.inv_sum),
+                            ("thr", thr)):
             if value is not None:
                 pb.put_rows(rows[name], step, value)
     return out, rows
@@ -84,49 +88,10 @@ class _Replay:
         return self.generate()
 
 
-def _threshold(pb: Problem, tiles):
-    """Per row, the K-th largest kept score over all tiles (-inf where fewer than K are kept)."""
-    kk = pb.spec.topk
-    best = None
-    for s, _ in tiles:
-        cand = s if best is None else torch.cat([best, s], dim=-1)
-        best = torch.topk(cand, min(kk, cand.shape[-1]), dim=-1).values
-    if best is None or best.shape[-1] < kk:
-        lead = best.shape[:-1] if best is not None else ()
-        return torch.full((*lead, 1), NEG_INF, dtype=best.dtype, device=best.device)
-    return best[..., kk - 1:kk]
-
-
 def _owned(s) -> bool:
     """Whether the tile may be overwritten: score tiles are fresh results (matmul, score_mod,
     gathers), never saved tensors; an expanded (broadcast) one is not contiguous."""
     return not s.requires_grad and s.is_contiguous()
-
-
-def _softmax(tiles, thr):
-    """Online softmax over the tiles: ``(out, {lse, m, inv_l})``; a row with no kept key gives
-    out 0, lse -inf, m 0 and inv_l 0."""
-    m = l_sum = acc = None
-    for s, v in tiles:
-        if thr is not None:
-            s = torch.where(s >= thr, s, NEG_INF)
-        s_max = s.amax(-1, keepdim=True)
-        m_new = s_max if m is None else torch.maximum(m, s_max)
-        m_safe = torch.where(m_new == NEG_INF, 0.0, m_new)
-        p = (s.sub_(m_safe) if _owned(s) else s - m_safe).exp_()
-        pv = p @ v
-        if m is None:
-            l_sum, acc = p.sum(-1, keepdim=True), pv
-        else:
-            alpha = torch.exp(m - m_safe)
-            l_sum = l_sum * alpha + p.sum(-1, keepdim=True)
-            acc = acc * alpha + pv
-        m = m_new
-    empty = l_sum == 0
-    inv_l = torch.where(empty, 0.0, 1.0 / torch.where(empty, 1.0, l_sum))
-    m_safe = torch.where(empty, 0.0, m)
-    lse = torch.where(empty, NEG_INF, m + torch.log(torch.where(empty, 1.0, l_sum)))
-    return acc * inv_l, {"lse": lse, "m": m_safe, "inv_l": inv_l}
 
 
 def backward(pb: Problem, saved: dict, dout6, grad_inputs: list[str]):
@@ -136,7 +101,7 @@ def backward(pb: Problem, saved: dict, dout6, grad_inputs: list[str]):
     """
     q6, k4, v4, out6 = saved["q6"], saved["k4"], saved["v4"], saved["out6"]
     inputs, rows = saved["inputs"], saved["rows"]
-    norm = pb.spec.normalize
+    norm = pb.node.normalize
     dq6, dk4, dv4 = torch.zeros_like(q6), torch.zeros_like(k4), torch.zeros_like(v4)
     dinp = {name: torch.zeros_like(inputs[name]) for name in grad_inputs}
     delta = (dout6 * out6).sum(-1, keepdim=True) if norm != "sigmoid" else None
@@ -208,7 +173,7 @@ def _exact_delta(pb: Problem, step, q, do, tiles, inputs: dict, stat: dict):
 def _probs(s, stat: dict):
     p = torch.exp(s - stat["m"]) * stat["inv_l"]
     if stat["thr"] is not None:
-        p = torch.where(s >= stat["thr"], p, 0.0)
+        p = torch.where(TopkThreshold.keeps(s, stat["thr"]), p, 0.0)
     return p
 
 

@@ -11,40 +11,27 @@ a per-kv-head state, never against K/V): K/V are not copied per query head.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F  # noqa: N812 - the name torch code uses
 
-
-def features(kind: str, x, omega, head_dim: int, n_features: int | None):
-    """φ(x) over the last axis: elu1, relu, or Performer's positive random features."""
-    if kind == "elu1":
-        return F.elu(x) + 1.0
-    if kind == "relu":
-        return torch.relu(x)
-    xs = x * head_dim ** -0.25
-    projected = xs @ omega.transpose(0, 1)
-    norm = (xs * xs).sum(-1, keepdim=True) / 2.0
-    return torch.exp(projected - norm) / math.sqrt(n_features)
+from attncc.lowering.env import split_heads
+from attncc.lowering.features import divide, feature_map
 
 
-def run_linear(spec, sizes: dict, q, k, v, inputs: dict, chunk: int):
-    """Output ``(B, H, Nq, Dv)`` in the dtype of q (already the compute dtype)."""
-    _, heads, nq, d = q.shape
-    kv_heads, nk = k.shape[1], k.shape[2]
-    omega = inputs.get("omega")
-    phi_q = features(spec.feature_map, q, omega, d, spec.features)
-    phi_k = features(spec.feature_map, k, omega, d, spec.features)
-    phi_q = phi_q.unflatten(1, (kv_heads, heads // kv_heads))       # B Hkv g Nq F
-    if spec.mask is None:
+def run_linear(node, call, chunk: int):
+    """Output ``(B, H, Nq, Dv)`` of the LinearAttention ``node`` for a checked ``call``, in the
+    compute dtype; the feature maps and the zero-denominator rule are the shared ones."""
+    q, k, v = call.q, call.k, call.v
+    omega = call.inputs.get("omega")
+    phi_q = split_heads(feature_map(node.feature_map, q, omega), k.shape[1])   # B Hkv g Nq F
+    phi_k = feature_map(node.feature_map, k, omega)
+    if not node.causal:
         state = (phi_k.transpose(-1, -2) @ v)[:, :, None]            # B Hkv 1 F Dv
         num = phi_q @ state
         den = phi_q @ phi_k.sum(-2)[:, :, None, :, None]
     else:
-        num, den = _causal(phi_q, phi_k, v, chunk, nq, nk)
-    out = torch.where(den == 0, 0.0, num / torch.where(den == 0, 1.0, den))
-    return out.flatten(1, 2)
+        num, den = _causal(phi_q, phi_k, v, chunk, q.shape[2], k.shape[2])
+    return divide(num, den).flatten(1, 2)
 
 
 def _causal(phi_q, phi_k, v, chunk: int, nq: int, nk: int):

@@ -17,7 +17,7 @@ Few, large calls matter beyond their Python overhead: each call is an OpenMP par
 and on a loaded machine every region waits for descheduled threads (per-block calls were 5-25x
 slower than one call per segment under load). Driven by the plan alone: no mask is recognised
 by name. Used for forward passes without gradients (the autograd path keeps the recomputing
-flash backward); ``space.fused_eligible`` says for which specs.
+flash backward) where the fused node's ``lowering`` allows the ``runs`` path.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import array_api_compat.torch as xp
 import numpy as np
 import torch
 
+from attncc.lowering.env import Layout
 from attncc.plan import EMPTY, FULL, PARTIAL
 from attncc.spec.numeric import evaluate
 
@@ -65,7 +66,7 @@ class Segment:
     runs: tuple[Run, ...]
 
 
-def refine(spec, plan, sizes: dict, inputs: dict, device) -> np.ndarray:
+def refine(mask, plan, sizes: dict, inputs: dict, device) -> np.ndarray:
     """The plan's states with every PARTIAL block re-classified from the mask's values.
 
     The plan is conservative where its interval bounds are loose (an input indexed by
@@ -90,7 +91,7 @@ def refine(spec, plan, sizes: dict, inputs: dict, device) -> np.ndarray:
                 env = {**sizes, **inputs, "b": b.view(-1, 1, 1, 1, 1), "h": h.view(1, -1, 1, 1, 1),
                        "q_idx": ar(m * bm, min((m + 1) * bm, nq)).view(1, 1, -1, 1, 1),
                        "kv_idx": pos.clamp(max=nk - 1).view(1, 1, 1, *pos.shape)}
-                keep = evaluate(spec.mask, env, xp)
+                keep = evaluate(mask, env, xp)
                 if isinstance(keep, bool):
                     keep = torch.full((1,) * 5, keep, device=device)
                 some = (keep & valid).flatten(0, 2).any(0).any(-1)
@@ -164,18 +165,21 @@ def _segment(sl, hq0: int, nhq: int, cur, bm: int) -> Segment:
     return Segment(sl.b0, sl.nb, hq0, nhq, m0 * bm, bm, count, runs)
 
 
-def run_mask(spec, seg: Segment, run: Run, sizes: dict, inputs: dict, dtype, device):
+#: Where b, h, q_idx, kv_idx sit in a run's mask tile ``(count, nhq, rows, length)``.
+LAYOUT = Layout(4, b=(0,), h=(1,), q_idx=(0, 2), kv_idx=(0, 3))
+
+
+def run_mask(mask, seg: Segment, run: Run, sizes: dict, inputs: dict, dtype, device):
     """``(additive mask (count|1, nhq|1, rows, length), dead rows (count|1, nhq|1, rows))`` of a
-    masked run of a segment: 0 where the mask keeps a pair, -inf where it drops it; a dead row
+    masked run of a segment: 0 where ``mask`` keeps a pair, -inf where it drops it; a dead row
     keeps no pair. Equal tiles of all blocks (a translation-invariant band) are stored once."""
     ar = lambda a, b: torch.arange(a, b, device=device)  # noqa: E731
-    blocks = ar(0, seg.count).view(-1, 1, 1, 1)
+    blocks = ar(0, seg.count)[:, None]
     # a mask that reads b has one batch entry per slice (nb = 1); otherwise b is unused
-    env = {**sizes, **inputs, "b": ar(seg.b0, seg.b0 + 1).view(1, 1, 1, 1),
-           "h": ar(seg.hq0, seg.hq0 + seg.nhq).view(1, -1, 1, 1),
-           "q_idx": seg.r0 + blocks * seg.rows + ar(0, seg.rows).view(1, 1, -1, 1),
-           "kv_idx": run.start + blocks * run.stride + ar(0, run.length).view(1, 1, 1, -1)}
-    keep = evaluate(spec.mask, env, xp)
+    fixed = LAYOUT.fixed(sizes, inputs, ar(seg.b0, seg.b0 + 1), ar(seg.hq0, seg.hq0 + seg.nhq))
+    env = LAYOUT.env(fixed, seg.r0 + blocks * seg.rows + ar(0, seg.rows),
+                     run.start + blocks * run.stride + ar(0, run.length))
+    keep = evaluate(mask, env, xp)
     if isinstance(keep, bool):
         keep = torch.full((1, 1, 1, 1), keep, device=device)
     keep = torch.broadcast_to(keep, (*keep.shape[:2], seg.rows, run.length))
@@ -186,14 +190,17 @@ def run_mask(spec, seg: Segment, run: Run, sizes: dict, inputs: dict, dtype, dev
 
 
 class RunsForward:
-    """Forward of one spec over a plan's segments; holds the (lazily built) mask tiles."""
+    """Forward of a fused node over a plan's segments; holds the (lazily built) mask tiles.
 
-    def __init__(self, spec, plan, sizes: dict, inputs: dict, device):
-        self.spec, self.plan, self.sizes = spec, plan, sizes
+    Holds no reference to the plan (kernels cache runners with their plan as a weak key)."""
+
+    def __init__(self, node, plan, sizes: dict, inputs: dict, device):
+        self.mask = node.mask.expr if node.mask is not None else None
+        self.sizes = sizes
         group = sizes["heads"] // sizes["kv_heads"]
         states = np.asarray(plan.states)
-        if spec.mask is not None and (states == PARTIAL).any():
-            states = refine(spec, plan, sizes, inputs, device)
+        if self.mask is not None and (states == PARTIAL).any():
+            states = refine(self.mask, plan, sizes, inputs, device)
         self.segments = build_segments(plan, states, sizes["batch"], sizes["kv_heads"], group)
         self.inputs = inputs
         self._masks: dict = {}
@@ -202,7 +209,7 @@ class RunsForward:
         key = (i, j, dtype, str(device))
         if key not in self._masks:
             seg = self.segments[i]
-            self._masks[key] = run_mask(self.spec, seg, seg.runs[j], self.sizes, self.inputs,
+            self._masks[key] = run_mask(self.mask, seg, seg.runs[j], self.sizes, self.inputs,
                                         dtype, device)
         return self._masks[key]
 

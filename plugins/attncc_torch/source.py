@@ -1,96 +1,111 @@
-"""``kernel.source`` for the torch backend: a readable account of exactly what runs."""
+"""``kernel.source`` for the torch backend: what runs, written from the node the kernel runs.
+
+Every line is derived from the fused attention node (its fields, and ``node.lowering``: which
+paths serve it and why) and the config, the same values ``TorchKernel`` dispatches on.
+"""
 
 from __future__ import annotations
 
-from .space import fused_eligible, sdpa_eligible
 
-
-def describe(spec, kind: str, config: dict) -> str:
-    """Text naming the lowering, the tile parameters, and every expression the kernel evaluates."""
+def describe(spec, node, kind: str, config: dict) -> str:
+    """Text naming the path taken (and why), the tile parameters, and every expression the
+    kernel evaluates; ``spec`` only names the kernel."""
     head = [f"# attncc torch backend: spec '{spec.name}' ({spec.hash})", f"# config: {config}"]
     if kind == "linear":
-        return "\n".join([*head, _linear(spec, config)])
+        return "\n".join([*head, *_linear(node, config)])
     if kind == "nystrom":
-        return "\n".join([*head, _NYSTROM.format(m=spec.lowrank.size)])
-    lines = [*head]
-    if config.get("use_sdpa") and sdpa_eligible(spec):
-        causal = ", is_causal=True" if spec.mask is not None else ""
-        lines.append(f"out = torch.nn.functional.scaled_dot_product_attention(q, k, v, "
-                     f"scale=scale{causal})   # dispatched: dense/causal dot-product softmax")
-        lines.append("# return_lse=True, or kv_heads < heads (GQA), runs the paths below "
-                     "instead")
-    if config.get("use_sdpa") and fused_eligible(spec):
-        lines += [
-            "# CPU, no gradient wanted: per group of query blocks with equal runs of non-EMPTY "
-            "key blocks (runs.py)",
-            "#   out[rows], lse[rows] = aten._scaled_dot_product_flash_attention_for_cpu("
-            "q[rows], k[runs], v[runs], attn_mask=0/-inf mask tile (PARTIAL groups only, cached "
-            "for index-only masks), scale=scale)",
-            "# otherwise (gradients, CUDA, value_dim != head_dim):"]
-    lines += _flash(spec, config)
-    return "\n".join(lines)
+        return "\n".join([*head, *_nystrom(node)])
+    lowering, lines = node.lowering, list(head)
+    if node.projection is not None:
+        lines.append(f"k, v = E @ k, F @ v   # sdpa not served; linformer projection to "
+                     f"{node.projection} keys before the runs and tiles paths")
+    for path in ("sdpa", "runs"):
+        why = lowering.why(path)
+        if not config["use_sdpa"]:
+            lines.append(f"# path {path}: not taken (use_sdpa=False; lowering: {why})")
+        elif not lowering.allows(path):
+            lines.append(f"# path {path}: not served ({why})")
+        elif path == "sdpa":
+            causal = ", is_causal=True" if node.mask is not None else ""
+            lines += [f"# path sdpa ({why}), unless return_lse=True or kv_heads < heads:",
+                      f"out = torch.nn.functional.scaled_dot_product_attention(q, k, v, "
+                      f"scale=scale{causal})"]
+        else:
+            lines += [f"# path runs ({why}), on CPU without gradients and kv_heads == heads:",
+                      "#   per segment of query blocks with equal runs of non-EMPTY key blocks "
+                      "(runs.py):",
+                      "#   out[rows], lse[rows] = aten._scaled_dot_product_flash_attention_for_cpu("
+                      "q[rows], k[run], v[run], attn_mask=0/-inf tile (runs with a PARTIAL "
+                      "block only, cached with the plan), scale=scale)"]
+    lines.append(f"# path tiles ({lowering.why('tiles')}), otherwise:")
+    return "\n".join(lines + _tiles(node, config))
 
 
-def _flash(spec, config: dict) -> list[str]:
-    score = ("(q * scale) @ k.T" if spec.score == "dot"
+def _tiles(node, config: dict) -> list[str]:
+    score = ("(q * scale) @ k.T" if node.score == "dot"
              else "sum_d w[h, d] * tanh(q[:, None, d] + k[None, :, d])")
     lines = [
-        "# flash pattern over attncc.plan.build_plan(spec, sizes, "
-        f"block_m={config['block_m']}, block_n={config['block_n']}); EMPTY blocks never visited",
+        f"# block plan (attncc.plan) in {config['block_m']}x{config['block_n']} blocks; EMPTY "
+        "blocks never visited",
         "# GQA: q rows of the query heads of one kv head stacked (group*block_m rows); k, v "
         "gathered once per kv head (no copy per query head)",
         "# layout: q6 = (nQ, B, Hkv, group, block_m, D), kb/vb = (nK, B, Hkv, block_n, D) "
         "block-major copies (O(N), once per call)",
     ]
-    if spec.lowrank is not None:
-        lines.append("k, v = E @ k, F @ v                      # linformer projection first")
     lines += [
         "for step in schedule:                     # query blocks with equal FULL/PARTIAL counts",
         "    q_t = q6.index_select(0, step.qblocks)   # -> (nb, Hkv, G, group*block_m, D)",
     ]
-    if spec.memory_tokens:
-        lines.append(f"    tiles = [({score} on mem_k, mem_v)]   # {spec.memory_tokens} memory "
+    if node.memory_tokens:
+        lines.append(f"    tiles = [({score} on mem_k, mem_v)]   # {node.memory_tokens} memory "
                      "tokens, no score_mod or mask")
     lines += [
         f"    for chunk in step.chunks:             # <= {config['kv_chunk']} key blocks each",
         "        k_t, v_t = kb.index_select(0, chunk.kv), vb...   # -> (nb, Hkv, G, c*block_n, D)",
         f"        s = {score}",
     ]
-    if spec.score_mod is not None:
-        lines.append(f"        s = {spec.score_mod}   # attncc.spec.numeric.evaluate on torch")
-    mask = f"({spec.mask}) and " if spec.mask is not None else ""
+    if node.score_mod is not None:
+        lines.append(f"        s = {node.score_mod}   # attncc.spec.numeric.evaluate on torch")
+    mask = f"({node.mask.expr}) and " if node.mask is not None else ""
     lines.append(f"        s[PARTIAL cols] = where({mask}kv_idx < seq_k, s, -inf)   "
                  "# FULL cols skip the mask")
-    norm = {
-        "softmax": "        online softmax: m, l, acc = update(m, l, acc, s, v_t)",
-        "topk": f"        pass 1: thr = running torch.topk(s, {spec.topk}) K-th value;"
-                "  pass 2: online softmax over s >= thr",
-        "sigmoid": "        acc += sigmoid(s) @ v_t   # unnormalized",
-    }[spec.normalize]
-    lines.append(norm)
-    lines.append("    out = acc / l; lse = m + log(l)   # out written with index_copy_"
-                 if spec.normalize != "sigmoid" else "    out = acc")
-    lines.append("# backward: torch.autograd.Function saving q, k, v, out and per-row m, 1/l"
-                 " (top-k threshold); recomputes each tile: P = exp(s - m) / l,")
-    lines.append("#   dS = P*(dP - rowsum(dO*O)) (rows of dS re-centred to sum 0 when a floating "
-                 "score_mod input needs a gradient),")
-    lines.append("#   then torch.autograd.grad on the tile's scores for dq, dk and the floating "
-                 "inputs score_mod reads; dk, dv by index_add_")
-    return lines
+    lines.append({
+        "softmax": "        state.update(s, v_t)   # attncc.lowering.states.SoftmaxState",
+        "topk": f"        pass 1: thr = TopkThreshold({node.topk}) over the tiles;  pass 2: "
+                "SoftmaxState over s >= thr",
+        "sigmoid": "        state.update(s, v_t)   # SigmoidState: acc += sigmoid(s) @ v_t",
+    }[node.normalize])
+    lines.append("    out, lse, m, 1/l = state.finish()   # written back with index_copy_")
+    return [
+        *lines,
+        "# backward: torch.autograd.Function saving q, k, v, out and per-row m, 1/l (top-k "
+        "threshold); recomputes each tile: P = exp(s - m) / l,",
+        "#   dS = P*(dP - D), D = rowsum(P*dP) recomputed exactly (rows of dS sum to 0),",
+        "#   then torch.autograd.grad on the tile's scores for dq, dk and the floating inputs "
+        "score_mod reads; dk, dv by index_add_",
+    ]
 
 
-def _linear(spec, config: dict) -> str:
-    phi = {"elu1": "elu(x) + 1", "relu": "relu(x)",
-           "performer": "exp(omega @ x' - |x'|^2 / 2) / sqrt(features), x' = x * D**-0.25"}
-    if spec.mask is None:
-        body = "out = phi(q) @ (phi(k).T @ v) / phi(q) @ sum(phi(k))   # zero denominator -> 0"
+def _linear(node, config: dict) -> list[str]:
+    phi = {"elu1": "where(x > 0, x + 1, exp(x))", "relu": "where(x > 0, x, 0)",
+           "performer": "exp(x' @ omega.T - |x'|^2 / 2) / sqrt(features), x' = x * D**-0.25"}
+    lines = [f"# path scan ({node.lowering.why('scan')})",
+             f"phi(x) = {phi[node.feature_map]}   # attncc.lowering.features"]
+    if node.causal:
+        lines += [f"causal, chunks of {config['chunk']}: S_c = phi(k_c).T @ v_c; prefix = "
+                  "cumsum(S) - S;",
+                  "out_c = (phi(q_c) @ prefix_c + tril(phi(q_c) @ phi(k_c).T) @ v_c) / (same "
+                  "with ones)   # zero denominator -> 0"]
     else:
-        body = (f"causal, chunks of {config['chunk']}: S_c = phi(k_c).T @ v_c; prefix = "
-                "cumsum(S) - S;\nout_c = (phi(q_c) @ prefix_c + tril(phi(q_c) @ phi(k_c).T) @ "
-                "v_c) / (same with ones)")
-    return f"phi(x) = {phi[spec.feature_map]}\n{body}\n# autograd: torch's own (plain ops)"
+        lines.append("out = phi(q) @ (phi(k).T @ v) / phi(q) @ sum(phi(k))   # zero denominator "
+                     "-> 0")
+    return [*lines, "# autograd: torch's own (plain ops)"]
 
 
-_NYSTROM = """landmarks: means of {m} equal segments of q and k
-out = softmax(s q k~.T) @ torch.linalg.pinv(softmax(s q~ k~.T)) @ (softmax(s q~ k.T) @ v)
-# autograd: torch's own (plain ops); GQA: k, v expanded to the query heads (see nystrom.py)"""
+def _nystrom(node) -> list[str]:
+    return [f"# path nystrom ({node.lowering.why('nystrom')})   # attncc.lowering.lowrank",
+            f"landmarks: means of {node.landmarks} equal segments of q and k",
+            "out = softmax(s q k~.T) @ torch.linalg.pinv(softmax(s q~ k~.T)) @ "
+            "(softmax(s q~ k.T) @ v)",
+            "# autograd: torch's own (plain ops); GQA: a group axis broadcast against k, v "
+            "(never copied)"]

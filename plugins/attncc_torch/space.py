@@ -12,8 +12,9 @@ Flash pattern (softmax, sigmoid, top-k, Linformer):
 - ``use_sdpa``: dispatch to torch's fused SDPA kernels: the whole call to
   ``torch.nn.functional.scaled_dot_product_attention`` where the spec is plain dense or causal
   softmax; otherwise, for a masked dot-product softmax on CPU without gradients, one CPU
-  flash-attention call per run of key blocks of the plan (``runs.py``). keep() rejects it for
-  other specs (score mods, sigmoid, top-k, memory tokens).
+  flash-attention call per run of key blocks of the plan (``runs.py``). Offered where the fused
+  node's ``lowering`` (the ``strategy`` pass) allows the ``runs`` path; whole SDPA where it
+  allows ``sdpa``.
 
 Linear attention: ``chunk``, the positions per chunk of the causal prefix-sum scan. Nyström has
 no tunable.
@@ -28,26 +29,11 @@ BLOCKS = (16, 32, 64, 128, 256)
 TILE_ELEMS = 1 << 22
 
 
-def sdpa_eligible(spec) -> bool:
-    """True where torch SDPA computes exactly this spec (dense or causal dot-product softmax)."""
-    heads_ok = spec.kv_heads is None or spec.kv_heads == spec.heads
-    return (spec.score == "dot" and spec.score_mod is None and spec.normalize == "softmax"
-            and spec.lowrank is None and not spec.memory_tokens and not spec.inputs
-            and (spec.mask is None or spec.is_causal) and heads_ok)
-
-
-def fused_eligible(spec) -> bool:
-    """True where ``use_sdpa`` may be set: dot-product softmax with at most a mask (the runs
-    path of ``runs.py``; plain dense or causal specs go to SDPA whole)."""
-    return (spec.score == "dot" and spec.score_mod is None and spec.normalize == "softmax"
-            and not spec.memory_tokens)
-
-
-def valid(spec, config: dict, target) -> bool:
-    """Whether ``compile`` can run ``config``: ``use_sdpa`` only where a fused kernel computes the
-    spec, and a tile within the memory cap. Looser than the tuner's ``keep`` (below): a user may
-    ask for any config that runs, however slow."""
-    if config.get("use_sdpa") and not fused_eligible(spec):
+def valid(lowering, config: dict, target) -> bool:
+    """Whether ``compile`` can run ``config``: ``use_sdpa`` only where the node's ``lowering``
+    allows the runs path, and a tile within the memory cap. Looser than the tuner's ``keep``
+    (below): a user may ask for any config that runs, however slow."""
+    if config.get("use_sdpa") and not lowering.allows("runs"):
         return False
     cap = 1 << 26 if getattr(target, "kind", "cpu") == "cuda" else 1 << 24
     width = config["block_n"] * config["kv_chunk"]
@@ -55,8 +41,9 @@ def valid(spec, config: dict, target) -> bool:
             and config["tile_elems"] <= cap)
 
 
-def search_space(spec, kind: str, target, sizes: dict | None = None) -> SearchSpace:
-    """The tunables for a lowering ``kind`` (flash, linear, nystrom) on ``target``.
+def search_space(node, kind: str, target, sizes: dict | None = None) -> SearchSpace:
+    """The tunables of the attention ``node`` lowered as ``kind`` (flash, linear, nystrom) on
+    ``target``; ``node.lowering`` says which fused paths may serve it.
 
     ``keep`` admits the valid configs worth timing at ``sizes`` (``seq_q``/``seq_k`` when known):
 
@@ -77,16 +64,17 @@ def search_space(spec, kind: str, target, sizes: dict | None = None) -> SearchSp
         return SearchSpace({"chunk": (16, 32, 64, 128, 256)})
     if kind == "nystrom":
         return SearchSpace({})
-    eligible, whole = fused_eligible(spec), sdpa_eligible(spec)
+    lowering = node.lowering
+    eligible, whole = lowering.allows("runs"), lowering.allows("sdpa")
     params = {"block_m": BLOCKS, "block_n": BLOCKS, "kv_chunk": (1, 2, 4, 8, 16, 32, 64),
               "group_blocks": (4, 16, 64, 256), "tile_elems": (TILE_ELEMS,),
               "use_sdpa": (True, False) if eligible and (whole or not cuda) else (False,)}
-    base = default_config(spec, "flash", target)
+    base = default_config(node, "flash", target)
     sizes = sizes or {}
     padded_q, padded_k = (_padded(sizes.get(name)) for name in ("seq_q", "seq_k"))
 
     def keep(config: dict) -> bool:
-        if not valid(spec, config, target):
+        if not valid(lowering, config, target):
             return False
         if config.get("use_sdpa") and whole:
             return all(config[name] == base[name]
@@ -99,7 +87,7 @@ def search_space(spec, kind: str, target, sizes: dict | None = None) -> SearchSp
         width = config["block_n"] * config["kv_chunk"]
         return min(256, padded_k) <= width <= min(2048, max(padded_k, config["block_n"]))
 
-    return SearchSpace(params, keep, lambda config: valid(spec, config, target))
+    return SearchSpace(params, keep, lambda config: valid(lowering, config, target))
 
 
 def _padded(seq) -> int:
@@ -107,7 +95,7 @@ def _padded(seq) -> int:
     return 1 << (int(seq) - 1).bit_length() if seq else 1 << 30
 
 
-def default_config(spec, kind: str, target) -> dict:
+def default_config(node, kind: str, target) -> dict:
     """An untuned config that is fast enough on CPU and valid everywhere."""
     if kind == "linear":
         return {"chunk": 64}
@@ -115,6 +103,7 @@ def default_config(spec, kind: str, target) -> dict:
         return {}
     # 64-blocks for the fused runs path: a band then wastes 1/4 of a 256-window, not 1/2, and
     # the per-call overhead stays small (measured in bench/results/torch_cpu.md)
-    block = 64 if fused_eligible(spec) else 128
+    runs = node.lowering.allows("runs")
+    block = 64 if runs else 128
     return {"block_m": block, "block_n": block, "kv_chunk": 16, "group_blocks": 64,
-            "tile_elems": TILE_ELEMS, "use_sdpa": fused_eligible(spec)}
+            "tile_elems": TILE_ELEMS, "use_sdpa": runs}

@@ -5,30 +5,35 @@ rows (the ``ng`` query heads of a kv head times ``block_m`` positions) and colum
 times ``block_n`` positions). Queries of the heads sharing a kv head are stacked on the row axis, so
 one gathered key tile serves all of them: K/V are never copied per query head. For expressions the
 tile is viewed as ``(nb, nh, G, ng, block_m, c, block_n)`` and the index symbols are integer tensors
-that broadcast against it, so ``slope[h]`` or ``doc[b, q_idx]`` index inputs as the reference does.
+that broadcast against it (``attncc.lowering.env.Layout``), so ``slope[h]`` or ``doc[b, q_idx]``
+index inputs as the reference does.
 """
 
 from __future__ import annotations
 
 import array_api_compat.torch as xp
-import sympy
 import torch
 
+from attncc.lowering.env import Layout
 from attncc.spec.numeric import evaluate
 
 from .schedule import Chunk, Slice, Step
 
+#: Where b, h, q_idx, kv_idx sit in the 7-D view ``(nb, nh, G, ng, block_m, c, block_n)``.
+LAYOUT = Layout(7, b=(0,), h=(1, 3), q_idx=(2, 4), kv_idx=(2, 5, 6))
+
 
 class Problem:
-    """One call, bound: spec, sizes, padded tensors' geometry, inputs and the compute dtype.
+    """One call, bound: the fused node, sizes, padded tensors' geometry, inputs and the schedule.
 
-    ``inputs`` holds every input by name (float ones already in the compute dtype); ``nk`` is the
-    number of keys the mask sees (``seq_k``, or the Linformer rank).
+    ``drop`` is ``Not(mask)`` (None without a mask); ``inputs`` holds the integer inputs by name
+    (float ones travel as autograd arguments); ``nk`` is the number of keys the mask sees
+    (``seq_k``, or the Linformer rank).
     """
 
-    def __init__(self, spec, sizes: dict, inputs: dict, scale: float, plan, nk: int,
+    def __init__(self, node, drop, sizes: dict, inputs: dict, scale: float, plan, nk: int,
                  schedule, device):
-        self.spec = spec
+        self.node = node
         self.sizes = sizes
         self.inputs = inputs
         self.scale = scale
@@ -37,8 +42,8 @@ class Problem:
         self.group = sizes["heads"] // sizes["kv_heads"]
         self.schedule = schedule
         self.device = device
-        self.memory = spec.memory_tokens
-        self.drop_expr = sympy.Not(spec.mask) if spec.mask is not None else None
+        self.memory = node.memory_tokens
+        self.drop_expr = drop
         self.padded = -(-self.nk // self.bn) * self.bn != self.nk
         self.ar_m = torch.arange(self.bm, device=device)
         self.ar_n = torch.arange(self.bn, device=device)
@@ -98,7 +103,7 @@ class Problem:
     # -- scores --------------------------------------------------------------------------
     def raw(self, sl: Slice, q, k, inputs: dict):
         """Scores before score_mod: ``scale·q·kᵀ`` or additive ``Σ_d w[h,d]·tanh(q_d + k_d)``."""
-        if self.spec.score != "additive":
+        if self.node.score != "additive":
             return (q * self.scale) @ k.transpose(-1, -2)
         w = inputs["w"].unflatten(0, (-1, self.group))[sl.h0:sl.h0 + sl.nh, sl.g0:sl.g0 + sl.ng]
         qv = q.unflatten(3, (sl.ng, self.bm))[..., :, None, :]        # nb nh G ng bm 1 D
@@ -118,13 +123,13 @@ class Problem:
         """
         sl = step.slice
         s = self.raw(sl, q, k, inputs)
-        spec = self.spec
-        if spec.score_mod is None and chunk.n_full == chunk.kv.shape[1]:
+        score_mod = self.node.score_mod
+        if score_mod is None and chunk.n_full == chunk.kv.shape[1]:
             return s
         s7 = s.unflatten(4, (-1, self.bn)).unflatten(3, (sl.ng, self.bm))
-        env = self.env(step, chunk.kv, inputs)
-        if spec.score_mod is not None:
-            s7 = _like(evaluate(spec.score_mod, {**env, "score": s7}, xp), s7)
+        if score_mod is not None:
+            env = self.env(step, chunk.kv, inputs)
+            s7 = _like(evaluate(score_mod, {**env, "score": s7}, xp), s7)
         nf = chunk.n_full
         if nf < chunk.kv.shape[1]:
             part = chunk.kv[:, nf:]
@@ -155,16 +160,14 @@ class Problem:
 
     def env(self, step: Step, blocks, inputs: dict) -> dict:
         """Sizes, inputs and ``b, h, q_idx, kv_idx`` for a tile (positions clamped in-bounds)."""
-        sl = step.slice
-        dev = self.device
-        b = torch.arange(sl.b0, sl.b0 + sl.nb, device=dev).view(-1, 1, 1, 1, 1, 1, 1)
+        sl, dev = step.slice, self.device
         heads = (torch.arange(sl.h0, sl.h0 + sl.nh, device=dev)[:, None] * self.group
                  + torch.arange(sl.g0, sl.g0 + sl.ng, device=dev))
+        fixed = LAYOUT.fixed(self.sizes, inputs, torch.arange(sl.b0, sl.b0 + sl.nb, device=dev),
+                             heads)
         q_pos = (step.qblocks[:, None] * self.bm + self.ar_m).clamp(max=self.nq - 1)
         kv_pos = (blocks[:, :, None] * self.bn + self.ar_n).clamp(max=self.nk - 1)
-        return {**self.sizes, **inputs, "b": b, "h": heads.view(1, sl.nh, 1, sl.ng, 1, 1, 1),
-                "q_idx": q_pos.view(1, 1, -1, 1, self.bm, 1, 1),
-                "kv_idx": kv_pos.view(1, 1, -1, 1, 1, *kv_pos.shape[1:])}
+        return LAYOUT.env(fixed, q_pos, kv_pos)
 
 
 def _take(x, index):
