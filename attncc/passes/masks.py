@@ -4,7 +4,8 @@ For the ``Mask`` node (or the mask inside a ``FusedAttention``) it fills ``reads
 runtime inputs the expression reads, sorted) and ``varies_with`` (which of ``b``, ``h`` it depends
 on, directly or through an input indexed by them). An index-only mask is classified once per
 shape (``attncc.plan`` caches it); a mask that reads inputs is classified at call time from
-per-block min/max of those inputs. The classification itself is ``attncc.plan.build_plan``.
+per-block min/max of those inputs. The classification itself is ``attncc.plan.build_plan``,
+from these annotations.
 """
 
 from __future__ import annotations
