@@ -25,8 +25,8 @@ from attncc.lowering.states import SigmoidState, SoftmaxState, TopkThreshold
 from attncc_numpy.tiles import LAYOUT, Slice, TileScorer
 
 _SOFTMAX = ("state = SoftmaxState()   # online softmax: row_max = -inf, row_sum = 0, acc = 0",
-            "state.update(s, v[cols])   # row_sum, acc *= exp(row_max - new_max); "
-            "row_sum += rowsum(p); acc += p @ v[cols]; p = exp(s - new_max)",
+            "state.update(s, v[cols])   # p = exp(s - new_max); alpha = exp(row_max - new_max); "
+            "row_sum = alpha * row_sum + rowsum(p); acc = alpha * acc + p @ v[cols]",
             "out[rows], lse[rows] = acc / row_sum, row_max + log(row_sum)   "
             "# 0 and -inf where no key is kept")
 
