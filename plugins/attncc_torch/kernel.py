@@ -23,7 +23,7 @@ from attncc.backends.base import Kernel
 from attncc.ir.graph import LowRankProject, op, operands
 from attncc.lowering.lowrank import linformer, nystrom
 from attncc.lowering.prologue import prologue
-from attncc.plan import build_plan
+from attncc.plan import PlanCache
 
 from .autograd import FlashAttention
 from .linear import run_linear
@@ -37,8 +37,9 @@ class TorchKernel(Kernel):
     """``kernel(q, k, v, return_lse=False, **inputs)`` on torch tensors (CPU or CUDA).
 
     Built from a fused graph: ``node`` is its attention node, what the kernel computes; the
-    spec only checks calls (its input declarations). Block plans, and the schedules and runners
-    derived from them, are cached per kernel.
+    spec only checks calls (its input declarations). Block plans are cached per kernel by a
+    ``PlanCache`` (per sizes and mask-input content); the schedules and runners derived from a
+    plan are cached with that plan object (weakly keyed: they go when the cache drops it).
     """
 
     backend = "torch"
@@ -55,6 +56,7 @@ class TorchKernel(Kernel):
         self._sdpa = fused and node.lowering.allows("sdpa")
         self._runs = fused and node.lowering.allows("runs")
         self._drop = sympy.Not(node.mask.expr) if node.mask is not None else None
+        self._plans = PlanCache(node, self.config["block_m"], self.config["block_n"])
         self._derived: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
@@ -75,8 +77,7 @@ class TorchKernel(Kernel):
         k, v = call.k, call.v
         if self._projection is not None:
             k, v = linformer(k, v, *(call.inputs[n] for n in self._projection))
-        plan = build_plan(self.spec, call.sizes, self.config["block_m"], self.config["block_n"],
-                          inputs=call.raw_inputs)
+        plan = self._plans.get(call.sizes, call.raw_inputs)
         if self._runs_ok(call):
             key = ("runs", *sorted(call.sizes.items()), str(q.device))
             runner = self._derive(plan, key, lambda: RunsForward(

@@ -10,8 +10,7 @@ returned) serves each run of a segment, the query blocks being its batch axis an
 overlapping zero-copy ``as_strided`` windows; several runs merge by their log-sum-exps (a lone
 block with several runs concatenates them instead). The mask enters as an additive 0/-inf tile
 only for runs that touch a PARTIAL block, built once per plan (per input content for masks that
-read inputs); PARTIAL blocks are first re-classified from the mask's values, which corrects
-plans whose interval bounds are loose.
+read inputs).
 
 Few, large calls matter beyond their Python overhead: each call is an OpenMP parallel region,
 and on a loaded machine every region waits for descheduled threads (per-block calls were 5-25x
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from attncc.lowering.env import Layout
-from attncc.plan import EMPTY, FULL, PARTIAL
+from attncc.plan import EMPTY, PARTIAL
 from attncc.spec.numeric import evaluate
 
 from .schedule import slices
@@ -66,42 +65,6 @@ class Segment:
     runs: tuple[Run, ...]
 
 
-def refine(mask, plan, sizes: dict, inputs: dict, device) -> np.ndarray:
-    """The plan's states with every PARTIAL block re-classified from the mask's values.
-
-    The plan is conservative where its interval bounds are loose (an input indexed by
-    ``q_idx // 64`` is bounded by its global min/max, so every block is PARTIAL); evaluating the
-    mask on the PARTIAL blocks, one query block at a time, turns those that drop every pair into
-    EMPTY and those that keep every pair into FULL. Run once per plan (cached by the caller).
-    """
-    states = np.array(plan.states)
-    bm, bn, nq, nk = plan.block_m, plan.block_n, plan.seq_q, plan.seq_k
-    ar = lambda a, b: torch.arange(a, b, device=device)  # noqa: E731
-    bps, hps = states.shape[:2]
-    for bp in range(bps):
-        for hp in range(hps):
-            b = ar(0, sizes["batch"]) if bps == 1 else ar(bp, bp + 1)
-            h = ar(0, sizes["heads"]) if hps == 1 else ar(hp, hp + 1)
-            for m in range(states.shape[2]):
-                part = np.nonzero(states[bp, hp, m] == PARTIAL)[0]
-                if part.size == 0:
-                    continue
-                pos = torch.as_tensor(part, device=device)[:, None] * bn + ar(0, bn)
-                valid = pos < nk
-                env = {**sizes, **inputs, "b": b.view(-1, 1, 1, 1, 1), "h": h.view(1, -1, 1, 1, 1),
-                       "q_idx": ar(m * bm, min((m + 1) * bm, nq)).view(1, 1, -1, 1, 1),
-                       "kv_idx": pos.clamp(max=nk - 1).view(1, 1, 1, *pos.shape)}
-                keep = evaluate(mask, env, xp)
-                if isinstance(keep, bool):
-                    keep = torch.full((1,) * 5, keep, device=device)
-                some = (keep & valid).flatten(0, 2).any(0).any(-1)
-                every = (keep | ~valid).flatten(0, 2).all(0).all(-1)
-                some = torch.broadcast_to(some, (part.size,)).cpu().numpy()
-                every = torch.broadcast_to(every, (part.size,)).cpu().numpy()
-                states[bp, hp, m, part] = np.where(~some, EMPTY, np.where(every, FULL, PARTIAL))
-    return states
-
-
 def _block_runs(row, bn: int, nk: int):
     """``[(start, length, masked)]`` in key positions of one query block's non-EMPTY blocks."""
     kept = np.nonzero(row != EMPTY)[0]
@@ -115,15 +78,15 @@ def _block_runs(row, bn: int, nk: int):
                                                                               strict=True)]
 
 
-def build_segments(plan, states, batch: int, kv_heads: int, group: int) -> list[Segment]:
-    """The segments of ``states`` (``plan``'s, refined), per slice: maximal runs of consecutive
-    query blocks whose key runs have equal lengths and starts moving by a constant stride.
+def build_segments(plan, batch: int, kv_heads: int, group: int) -> list[Segment]:
+    """The segments of ``plan``, per slice: maximal runs of consecutive query blocks whose key
+    runs have equal lengths and starts moving by a constant stride.
 
     Where every stride is 0 (the blocks read the same keys) the blocks merge into one taller
     block. Query blocks with no key block get no segment (rows stay 0 with lse -inf).
     """
     bm, bn, nq, nk = plan.block_m, plan.block_n, plan.seq_q, plan.seq_k
-    segments = []
+    states, segments = plan.states, []
     for sl, bp, hp in slices(plan, batch, kv_heads, group):
         hq0, nhq = sl.h0 * group + sl.g0, sl.nh * sl.ng
         cur = None  # [m0, count, last runs, strides, masked flags, rows of the last block]
@@ -198,10 +161,7 @@ class RunsForward:
         self.mask = node.mask.expr if node.mask is not None else None
         self.sizes = sizes
         group = sizes["heads"] // sizes["kv_heads"]
-        states = np.asarray(plan.states)
-        if self.mask is not None and (states == PARTIAL).any():
-            states = refine(self.mask, plan, sizes, inputs, device)
-        self.segments = build_segments(plan, states, sizes["batch"], sizes["kv_heads"], group)
+        self.segments = build_segments(plan, sizes["batch"], sizes["kv_heads"], group)
         self.inputs = inputs
         self._masks: dict = {}
 
