@@ -133,5 +133,15 @@ def _check_inputs(spec: Spec, given: dict, sizes: dict, q) -> dict:
 
 
 def _has_kind(x, kind: str) -> bool:
-    xp = array_api_compat.array_namespace(x)
-    return xp.isdtype(x.dtype, _KINDS[kind])
+    return namespace(x).isdtype(x.dtype, _KINDS[kind])
+
+
+_NAMESPACES: dict = {}
+
+
+def namespace(x):
+    """``array_api_compat.array_namespace(x)``, looked up once per array type."""
+    xp = _NAMESPACES.get(type(x))
+    if xp is None:
+        xp = _NAMESPACES[type(x)] = array_api_compat.array_namespace(x)
+    return xp

@@ -16,11 +16,12 @@ It returns a frozen ``Call``. The Triton generator uses ``COMPUTE`` for its accu
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import array_api_compat
 
-from attncc.bind import bind
+from attncc.bind import bind, namespace
 from attncc.errors import InputError
 from attncc.ir.graph import LinearAttention, Nystrom
 
@@ -71,6 +72,7 @@ def lse_refusal(node) -> str | None:
     return None if node.normalize in ("softmax", "topk") else f"normalize {node.normalize}"
 
 
+@functools.lru_cache(maxsize=64)
 def dtype_name(dtype) -> str:
     """``float32`` for ``numpy.float32`` and ``torch.float32`` alike."""
     return str(dtype).removeprefix("torch.")
@@ -96,19 +98,20 @@ def prologue(spec, node, q, k, v, inputs: dict, *, backend: str, library: str,
             raise InputError(f"{name}: the {backend} backend takes {kind}, got "
                              f"{type(x).__module__}.{type(x).__name__}; {hint}")
     bound = bind(spec, q, k, v, inputs)
-    if dtype_name(q.dtype) not in dtypes:
+    name = dtype_name(q.dtype)
+    if name not in dtypes:
         listed = ", ".join(dtypes[:-1]) + f" and {dtypes[-1]}"
         raise InputError(f"q: the {backend} backend computes {listed}, got {q.dtype}")
     refusal = lse_refusal(node)
     if return_lse and refusal is not None:
         raise InputError(f"return_lse: the log-sum-exp exists for normalize softmax and topk "
                          f"(not low-rank nystrom); this spec has {refusal}")
-    xp = array_api_compat.array_namespace(q)
-    ct = getattr(xp, compute_dtype(q.dtype))
+    xp = namespace(q)
+    ct = getattr(xp, COMPUTE[name])
     if not cast:
         return Call(bound.sizes, bound.scale, q, k, v, bound.inputs, bound.inputs, q.dtype, ct,
                     xp)
-    cast = {n: (xp.astype(x, ct, copy=False) if spec.inputs[n].is_float else x)
-            for n, x in bound.inputs.items()}
+    floats = {n: (xp.astype(x, ct, copy=False) if spec.inputs[n].is_float else x)
+              for n, x in bound.inputs.items()}
     return Call(bound.sizes, bound.scale, *(xp.astype(x, ct, copy=False) for x in (q, k, v)),
-                cast, bound.inputs, q.dtype, ct, xp)
+                floats, bound.inputs, q.dtype, ct, xp)

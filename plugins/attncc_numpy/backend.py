@@ -2,17 +2,21 @@
 
 Tunables: ``block_m`` and ``block_n`` (query and key tile sizes) for the fused kernel, ``chunk``
 for chunked linear attention; Nyström has none. The search space lives here, next to the kernel
-it tunes. Everything is read from the graph's attention node.
+it tunes. Everything is read from the graph's attention node; the path is the first of the
+``strategy`` pass's lowering paths (``node.lowering``) that this backend implements (``PATHS``).
 """
 
 from __future__ import annotations
 
 from attncc.backends.base import SUPPORTED, Backend, SearchSpace, Support
 from attncc.backends.config import full_config
-from attncc.ir.graph import LinearAttention, Nystrom, attention_node
+from attncc.ir.graph import attention_node
 from attncc_numpy.kernel import NumpyKernel
 from attncc_numpy.source import describe
 
+#: The lowering paths this backend implements: the fused tile loop, the chunked linear scan and
+#: Nyström.
+PATHS = ("tiles", "scan", "nystrom")
 TILES = (16, 32, 64, 128, 256)
 #: Largest score tile (rows x cols) kept by the search space; for additive scores the tile also
 #: holds a head_dim axis, so its limit is smaller.
@@ -29,7 +33,7 @@ class NumpyBackend(Backend):
 
     def supports(self, graph, target) -> Support:
         try:
-            attention_node(graph)
+            _node(graph)
         except ValueError as err:
             return Support(False, f"{err} (the numpy backend compiles lowered graphs: "
                                   "attncc.passes.pipeline.lower(spec))")
@@ -40,10 +44,10 @@ class NumpyBackend(Backend):
         return SUPPORTED
 
     def search_space(self, graph, target) -> SearchSpace:
-        node, kind = _node(graph)
-        if kind == "nystrom":
+        node, path = _node(graph)
+        if path == "nystrom":
             return SearchSpace({})
-        if kind == "linear":
+        if path == "scan":
             return SearchSpace({"chunk": TILES})
         limit = MAX_ADDITIVE_TILE if node.score == "additive" else MAX_TILE
         sizes = graph.graph.get("sizes") or {}
@@ -62,10 +66,10 @@ class NumpyBackend(Backend):
         return SearchSpace({"block_m": TILES, "block_n": TILES}, keep, valid=fits)
 
     def default_config(self, graph, target) -> dict:
-        node, kind = _node(graph)
-        if kind == "nystrom":
+        node, path = _node(graph)
+        if path == "nystrom":
             return {}
-        if kind == "linear":
+        if path == "scan":
             return {"chunk": 64}
         if node.score == "additive":
             return {"block_m": 32, "block_n": 32}
@@ -74,14 +78,16 @@ class NumpyBackend(Backend):
     def compile(self, graph, config: dict, target) -> NumpyKernel:
         full = full_config(self, graph, target, config,
                            why="the score tile block_m x block_n is too large")
-        node, kind = _node(graph)
+        node, path = _node(graph)
         spec = graph.graph["spec"]
-        return NumpyKernel(spec, node, kind, full, describe(spec, node, kind, full))
+        return NumpyKernel(spec, node, path, full, describe(spec, node, path, full))
 
 
 def _node(graph):
-    """The attention node and its lowering: fused | linear | nystrom."""
+    """The attention node and the path that lowers it (one of ``PATHS``); ValueError when the
+    graph has no lowered attention node."""
     _, node = attention_node(graph)
-    if isinstance(node, Nystrom):
-        return node, "nystrom"
-    return node, ("linear" if isinstance(node, LinearAttention) else "fused")
+    if node.lowering is None:
+        raise ValueError(f"the {node.op_name} node has no lowering paths (the strategy pass "
+                         "has not run)")
+    return node, next(p.name for p in node.lowering.paths if p.ok and p.name in PATHS)

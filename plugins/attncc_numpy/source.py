@@ -17,25 +17,26 @@ from attncc_numpy.linear import CAUSAL_TEXT, DENSE_TEXT, FEATURE_TEXT
 from attncc_numpy.tiles import SCORES
 
 
-def describe(spec, node, kind: str, config: dict) -> str:
-    """The source text of ``node`` lowered as ``kind`` (fused | linear | nystrom) with
+def describe(spec, node, path: str, config: dict) -> str:
+    """The source text of ``node`` lowered by ``path`` (tiles | scan | nystrom) with
     ``config``; ``spec`` names the kernel."""
     compute = ", ".join(f"{d} -> {COMPUTE[d]}" for d in DTYPES)
     head = [f"# attncc numpy kernel for '{spec.name}' (spec {spec.hash})",
+            f"# lowering: {path} ({node.lowering.why(path)})",
             f"# config: {', '.join(f'{k}={v}' for k, v in sorted(config.items())) or 'none'}",
             f"# compute dtype: {compute}",
             "# q: (B, Hq, Nq, D) viewed as (B, Hkv, G, Nq, D); k, v: (B, Hkv, 1, Nk, D),",
             "#   broadcast over the G query heads of a kv head (never copied)"]
-    body = {"fused": _fused, "linear": _linear, "nystrom": _nystrom}[kind](node, config)
+    body = {"tiles": _fused, "scan": _linear, "nystrom": _nystrom}[path](node, config)
     return "\n".join([*head, "", *body]) + "\n"
 
 
 def _plan(node, bm: int, bn: int) -> list[str]:
     mask = node.mask
     reads = ", ".join(mask.reads_inputs) if mask is not None else ""
-    lines = [f"plan = build_plan(spec, sizes, block_m={bm}, block_n={bn}"
-             + (f", inputs)   # classified per call from block min/max of {reads}" if reads
-                else ")   # cached per sizes")]
+    lines = [f"plan = PlanCache(node, block_m={bm}, block_n={bn}).get(sizes"
+             + (f", inputs)   # per sizes and contents of {reads} (block min/max)" if reads
+                else ")   # per sizes")]
     varies = " and ".join(mask.varies_with) if mask is not None else ""
     lines.append("# plan slices: " + (f"one per {varies} (the mask reads them)" if varies
                                       else "one, shared by every batch and head"))
