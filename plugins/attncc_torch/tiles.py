@@ -47,6 +47,7 @@ class Problem:
         self.padded = -(-self.nk // self.bn) * self.bn != self.nk
         self.ar_m = torch.arange(self.bm, device=device)
         self.ar_n = torch.arange(self.bn, device=device)
+        self._heads: dict = {}
 
     # -- gathers -------------------------------------------------------------------------
     # Block axes come first and the gathers run on a 2-D (blocks, rest) view: index_select /
@@ -160,14 +161,16 @@ class Problem:
 
     def env(self, step: Step, blocks, inputs: dict) -> dict:
         """Sizes, inputs and ``b, h, q_idx, kv_idx`` for a tile (positions clamped in-bounds)."""
-        sl, dev = step.slice, self.device
-        heads = (torch.arange(sl.h0, sl.h0 + sl.nh, device=dev)[:, None] * self.group
-                 + torch.arange(sl.g0, sl.g0 + sl.ng, device=dev))
-        fixed = LAYOUT.fixed(self.sizes, inputs, torch.arange(sl.b0, sl.b0 + sl.nb, device=dev),
-                             heads)
+        sl = step.slice
+        if sl not in self._heads:  # b and h are the slice's: placed once per call
+            dev = self.device
+            heads = (torch.arange(sl.h0, sl.h0 + sl.nh, device=dev)[:, None] * self.group
+                     + torch.arange(sl.g0, sl.g0 + sl.ng, device=dev))
+            self._heads[sl] = LAYOUT.fixed({}, {}, torch.arange(sl.b0, sl.b0 + sl.nb, device=dev),
+                                           heads)
         q_pos = (step.qblocks[:, None] * self.bm + self.ar_m).clamp(max=self.nq - 1)
         kv_pos = (blocks[:, :, None] * self.bn + self.ar_n).clamp(max=self.nk - 1)
-        return LAYOUT.env(fixed, q_pos, kv_pos)
+        return LAYOUT.env({**self.sizes, **inputs, **self._heads[sl]}, q_pos, kv_pos)
 
 
 def _take(x, index):
