@@ -1,5 +1,5 @@
 """The Triton backend's parts: the sympy -> Triton printer, supports(), priority, the search
-space's keep() filter, plan tables built by the generated classifier, and autograd."""
+space's keep() filter, plan tables from attncc.plan, the generated text, and autograd."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from attncc.testing import examples_dir, random_inputs  # noqa: E402
 from attncc_triton import TritonBackend  # noqa: E402
 from attncc_triton.kernel import load_module  # noqa: E402
 from attncc_triton.printer import TritonPrinter  # noqa: E402
+from attncc_triton.source import RUNTIME  # noqa: E402
 
 CPU = Target.detect("cpu")
 
@@ -147,12 +148,13 @@ EXPRS = [("mask", "(q_idx - kv_idx) // 3 == 0"), ("mask", "(kv_idx - q_idx) % 5 
 def test_printer_means_what_numeric_evaluate_means(field, text, interpret):
     import triton.language as tl
 
-    from attncc_triton.source import _HELPERS
+    from attncc_triton.source import HELPERS
 
     spec = _spec(**{field: text})
     expr = spec.mask if field == "mask" else spec.score_mod
     code = TritonPrinter(set())(expr)
-    source = (f"import triton\nimport triton.language as tl\n\n\n{_HELPERS}\n\n"
+    helpers = "\n\n".join(HELPERS.values())
+    source = (f"import triton\nimport triton.language as tl\n\n\n{helpers}\n\n"
               f"@triton.jit\ndef _k(O, ACC: tl.constexpr):\n"
               f"    q_idx = tl.arange(0, 16)[:, None]\n    kv_idx = tl.arange(0, 16)[None, :]\n"
               f"    r = ({code}) + q_idx * 0 + kv_idx * 0\n"
@@ -166,27 +168,25 @@ def test_printer_means_what_numeric_evaluate_means(field, text, interpret):
 
 
 @pytest.mark.parametrize("name", ["sliding_window.yaml", "document_mask.yaml", "bigbird.yaml"])
-def test_generated_classifier_matches_build_plan(name, interpret):
+def test_plan_tables_come_from_attncc_plan_and_only_skip_work(name, interpret):
+    """The kernel runs attncc's block plan; the standalone module, given no tables, visits
+    every block as PARTIAL: the same output, so EMPTY blocks were empty and FULL ones full."""
     spec = load_spec(examples_dir() / name)
     graph = lower(spec)
     kernel = TritonBackend().compile(graph, TritonBackend().default_config(graph, CPU), CPU)
     q, k, v, inputs = random_inputs(spec, 2, 40, 40, "float32", 0, "torch")
     sizes = {"batch": 2, "heads": 4, "kv_heads": 2, "seq_q": 40, "seq_k": 40,
              "head_dim": 16, "value_dim": 16}
-    mod, cfg = kernel.module, kernel.config
-    tables = mod.build_tables(mod._KERNELS, mod.SPEC, cfg, sizes, inputs, q.device)
+    cfg = kernel.config
+    tables = kernel.tables(sizes, inputs, q.device)
     plan = build_plan(spec, sizes, cfg["block_m"], cfg["block_n"], inputs=inputs)
-    dense = np.zeros(plan.states.shape, dtype=np.int8)
-    for code, counts, index in ((2, "fc", "fi"), (1, "pc", "pi")):
-        c, i = tables[counts].numpy(), tables[index].numpy()
-        for pos in np.ndindex(*c.shape):
-            dense[pos][i[pos][:c[pos]]] = code
-    # the interval plan may call a block PARTIAL that is in fact FULL or EMPTY, never the reverse
-    exact = dense == plan.states
-    assert np.all(exact | (plan.states == 1))
+    np.testing.assert_array_equal(tables["fc"].numpy(), plan.full_counts)
+    np.testing.assert_array_equal(tables["pit"].numpy(), plan.partial_index_t)
+    if not inputs:  # an index-only mask: the tables are cached with the plan
+        assert kernel.tables(sizes, inputs, q.device)["fi"] is tables["fi"]
     out_plan = kernel(q, k, v, **inputs)
-    out_own = mod.attention(q, k, v, **inputs)
-    torch.testing.assert_close(out_plan, out_own)
+    out_dense = load_module(kernel.source).attention(q, k, v, **inputs)
+    torch.testing.assert_close(out_plan, out_dense)
 
 
 def test_source_is_a_standalone_module_with_a_glossary(interpret):
@@ -196,12 +196,18 @@ def test_source_is_a_standalone_module_with_a_glossary(interpret):
     tree = ast.parse(kernel.source)
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert imported <= {"math", "types", "torch", "triton", "triton.language"}
+    assert imported <= {"math", "triton", "triton.language", RUNTIME}
     assert "Glossary" in kernel.source and "slope_ptr" in kernel.source
-    # the mask is evaluated only in the PARTIAL loops: once in each of fwd, dq's exact-delta
-    # pass, dq and dk/dv
-    assert kernel.source.count("keep = keep & (") == 4
+    # the score block is written once, the mask in it under MASK (PARTIAL blocks); one tile
+    # function per pass, called for the FULL and the PARTIAL blocks of fwd, dq's exact-delta
+    # pass, dq and dk/dv; slope[h] loaded once per head, outside the loops
+    assert kernel.source.count("keep = keep & (") == 1
+    assert kernel.source.count("def _scores(") == 1
     assert kernel.source.count("for it in range(0, tl.load(FC + row))") == 4
+    assert kernel.source.count("MASK=True") == 4
+    assert "(q_idx - kv_idx) * slope_h" in kernel.source
+    assert kernel.source.count("slope_h = tl.load(") == 3  # fwd, dq, dk/dv's head loop
+    assert max(len(line) for line in kernel.source.splitlines()) <= 100
 
 
 def test_autograd_through_the_kernel_matches_float64(interpret):
@@ -275,8 +281,8 @@ def test_linear_backward_runs_the_kernel_and_matches_float64(name, heads, interp
         spec = replace(spec, heads=heads[0], kv_heads=heads[1])
     graph = lower(spec)
     kernel = TritonBackend().compile(graph, TritonBackend().default_config(graph, CPU), CPU)
-    spy = _Spy(kernel.module._KERNELS.linear_bwd)
-    monkeypatch.setattr(kernel.module._KERNELS, "linear_bwd", spy)
+    spy = _Spy(kernel.program.kernels["linear_bwd"])
+    monkeypatch.setitem(kernel.program.kernels, "linear_bwd", spy)
     q, k, v, inputs = random_inputs(spec, 1, 21, 21, "float64", 5, "torch")
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     weights = torch.linspace(-1, 1, 21 * v.shape[-1], dtype=torch.float64)
@@ -301,13 +307,11 @@ def test_linear_kernels_take_half_precision_operands(interpret):
     pq, pk = (torch.rand(1, 2, 37, 16, generator=gen) for _ in range(2))
     v = torch.randn(1, 2, 37, 16, generator=gen)
     leaves = [x.half().double().requires_grad_() for x in (pq, pk, v)]
-    out = kernel.module._Linear.apply(kernel.module._KERNELS, kernel.module.SPEC, kernel.config,
-                                      *leaves)
+    out = kernel.program.linear_attention(*leaves)
     d_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
     want = torch.autograd.grad(out, leaves, d_out)
     half = [x.detach().half().requires_grad_() for x in leaves]
-    got_out = kernel.module._Linear.apply(kernel.module._KERNELS, kernel.module.SPEC,
-                                          kernel.config, *half)
+    got_out = kernel.program.linear_attention(*half)
     assert got_out.dtype == torch.float16
     torch.testing.assert_close(got_out.double(), out.detach(), rtol=2e-2, atol=2e-2)
     got = torch.autograd.grad(got_out, half, d_out.half())

@@ -1,5 +1,6 @@
-"""Ahead-of-time export: the generated module runs in a fresh process with only torch and triton,
-and ``attncc compile --backend triton`` writes it with a manifest."""
+"""Ahead-of-time export: the generated module and its host runtime run in a fresh process with
+only torch and triton (no block tables given: every masked block PARTIAL), and ``attncc compile
+--backend triton`` writes both with a manifest."""
 
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ def test_exported_module_runs_without_attncc(tmp_path):
     kernel = TritonBackend().compile(graph, TritonBackend().default_config(graph, target),
                                      target)
     (tmp_path / "kernel.py").write_text(kernel.source)
+    for name, text in kernel.companions().items():  # the host runtime it imports
+        (tmp_path / name).write_text(text)
     (tmp_path / "run.py").write_text(RUNNER)
     q, k, v, inputs = random_inputs(spec, 2, 21, 21, "float64", 1, "torch")
     np.savez(tmp_path / "in.npz", q=q.numpy(), k=k.numpy(), v=v.numpy(),
@@ -88,6 +91,8 @@ def test_cli_compile_writes_the_module_and_a_manifest(tmp_path):
     assert result.exit_code == 0, result.output
     source = (tmp_path / "kernel.py").read_text()
     assert "def attention(q, k, v" in source and "@triton.jit" in source
+    runtime = [p.name for p in tmp_path.glob("attention_runtime_*.py")]
+    assert len(runtime) == 1 and f"from {runtime[0][:-3]} import Program" in source
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["backend"] == "triton"
     assert manifest["spec_hash"] == load_spec(spec_file).hash

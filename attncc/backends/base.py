@@ -90,8 +90,9 @@ class Kernel(ABC):
         operators of this kernel (registered with fake and autograd implementations), so that
         ``torch.compile(fullgraph=True)`` keeps it in one graph; or None, in which case
         ``attncc.integrations.ops.op`` wraps ``__call__`` and ``backward`` in the generic
-        ``attncc::attention`` custom op (this needs a ``backward`` for gradients). ``fn.ops``
-        may name the operators for tests (any object)."""
+        ``attncc::attention`` custom op (this needs a ``backward`` for gradients). Where set,
+        ``fn.op`` (the forward operator) and ``fn.args(q, k, v, **inputs)`` (its arguments for
+        one call) serve opcheck and tests, and ``fn.ops`` may name the others (any object)."""
         return None
 
 

@@ -36,6 +36,8 @@ def compile_command(spec: str, backend: str, target_name: str, config_json: str 
     directory.mkdir(parents=True, exist_ok=True)
     source_file = source_name(kernel.source)
     (directory / source_file).write_text(kernel.source, encoding="utf-8")
+    for name, text in kernel.companions().items():
+        (directory / name).write_text(text, encoding="utf-8")
     manifest = {
         "spec": loaded.name,
         "spec_hash": loaded.hash,

@@ -1,18 +1,19 @@
 """attncc kernels as ``torch.library`` operators: opaque to ``torch.compile``, with autograd.
 
-- ``attncc::attention`` (``torch.library.custom_op``) runs a kernel of the torch backend;
-  ``attncc::attention_backward`` its gradients. Both have ``register_fake`` (shapes only) and the
-  forward has ``register_autograd``, so ``torch.library.opcheck`` passes and a model calling them
-  compiles with ``torch.compile(fullgraph=True)`` without a graph break.
-- Every Triton kernel (fused attention, Linformer, linear attention, Nyström) becomes real
-  ``torch.library.triton_op``s, one set per spec hash and config (``triton_ops.py``,
-  ``triton_linear.py``, ``triton_nystrom.py``); a fused kernel's block plan is built by a separate
-  opaque op.
+``op(spec, backend=..., config=...)`` compiles the spec once, in eager Python, and returns
+``fn(q, k, v, **inputs) -> out`` for use inside a model. A kernel that offers its own operators
+(``Kernel.torch_op``) is called through them; any other kernel of a torch backend is wrapped in
+the one generic pair:
 
-An operator's schema cannot hold a spec, so a spec is compiled once, in eager Python, by ``op``,
-and the operator receives a key (a string) naming that compiled kernel in a process-wide table,
-and the spec's runtime inputs as a list in the spec's declared order. ``op`` returns the function to
-call inside a model: it only calls the operator, so dynamo traces it without breaking.
+- ``attncc::attention(q, k, v, key, inputs) -> Tensor`` (``torch.library.custom_op``) runs the
+  kernel's ``__call__``; ``attncc::attention_backward`` its ``backward``. Both have
+  ``register_fake`` (shapes only) and the forward has ``register_autograd``, so
+  ``torch.library.opcheck`` passes and a model calling them compiles with
+  ``torch.compile(fullgraph=True)`` without a graph break.
+
+An operator's schema cannot hold a spec, so the generic operator receives a key (a string)
+naming the compiled kernel in a process-wide table, and the spec's runtime inputs as a list in
+the spec's declared order.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import json
 import torch
 
 from attncc.errors import InputError
-from attncc.integrations import triton_ops
 from attncc.spec.load import load_spec
 
 __all__ = ["op"]
@@ -60,9 +60,12 @@ def _forward_fake(q, k, v, key, inputs):
 
 def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
               key: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    named = _named(key, inputs)
+    named, kernel = _named(key, inputs), _kernel(key)
+    if kernel.backward is None:
+        raise InputError(f"backward: the {kernel.backend} kernel of '{kernel.spec.name}' has "
+                         "no gradients")
     with _autograd_on():
-        grads = _kernel(key).backward(q, k, v, grad_out, **named)
+        grads = kernel.backward(q, k, v, grad_out, **named)
     floats = [grads[n] for n, x in named.items() if x.is_floating_point()]
     return [g.contiguous() for g in (grads["q"], grads["k"], grads["v"], *floats)]
 
@@ -87,70 +90,69 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, *tensors)
 
 
-def _make_grad(backward_op):
-    def grad(ctx, grad_out):
-        q, k, v, *tensors = ctx.saved_tensors
-        grads = backward_op(q, k, v, grad_out.contiguous(), ctx.key, list(tensors))
-        rest = iter(grads[3:])
-        per_input = [next(rest) if x.is_floating_point() else None for x in tensors]
-        return grads[0], grads[1], grads[2], None, per_input
-
-    return grad
+def _grad(ctx, grad_out):
+    q, k, v, *tensors = ctx.saved_tensors
+    grads = attention_backward(q, k, v, grad_out.contiguous(), ctx.key, list(tensors))
+    rest = iter(grads[3:])
+    per_input = [next(rest) if x.is_floating_point() else None for x in tensors]
+    return grads[0], grads[1], grads[2], None, per_input
 
 
-def _op_pair(name: str):
-    """The ``custom_op`` ``attncc::<name>`` and its backward op, with fakes and autograd."""
-    forward = torch.library.custom_op(f"attncc::{name}", _forward, mutates_args=(),
-                                      schema=_FORWARD)
-    forward.register_fake(_forward_fake)
-    backward = torch.library.custom_op(f"attncc::{name}_backward", _backward, mutates_args=(),
-                                       schema=_BACKWARD)
-    backward.register_fake(_backward_fake)
-    forward.register_autograd(_make_grad(backward), setup_context=_setup_context)
-    return forward, backward
-
-
-attention, attention_backward = _op_pair("attention")
+attention = torch.library.custom_op("attncc::attention", _forward, mutates_args=(),
+                                    schema=_FORWARD)
+attention.register_fake(_forward_fake)
+attention_backward = torch.library.custom_op("attncc::attention_backward", _backward,
+                                             mutates_args=(), schema=_BACKWARD)
+attention_backward.register_fake(_backward_fake)
+attention.register_autograd(_grad, setup_context=_setup_context)
 
 
 def op(spec, *, backend: str = "torch", config: dict | None = None):
-    """Compile ``spec`` now; return ``fn(q, k, v, **inputs) -> out`` calling the library op.
+    """Compile ``spec`` now; return ``fn(q, k, v, **inputs) -> out`` calling library ops only.
 
-    ``backend`` is ``"torch"`` (``attncc::attention``) or ``"triton"`` (the ``triton_op``s
-    ``attncc::triton_<hash>_<config>`` and their kin for linear attention and Nyström).
-    ``fn.op`` is the operator, ``fn.args(q, k, v, **inputs)`` the arguments ``fn`` passes it,
-    ``fn.names`` the input order, ``fn.key`` the kernel's key; ``fn.ops`` the ``triton_ops`` set
-    (plan, forward, backward) or None.
+    ``backend`` must take torch tensors (``Backend.library``). The kernel's own operators
+    (``Kernel.torch_op``) are used where it has them, else ``attncc::attention``. ``fn.key`` is
+    the kernel's key, ``fn.names`` the input order, ``fn.kernel`` the kernel; ``fn.op`` the
+    forward operator and ``fn.args(q, k, v, **inputs)`` its arguments for a call (for opcheck
+    and tests), ``fn.ops`` whatever the kernel's ``torch_op`` names (None for the generic op).
     """
     from attncc.api import compile as compile_spec
+    from attncc.backends import registry
 
-    if backend not in ("torch", "triton"):
-        raise InputError(f"backend: expected 'torch' or 'triton', got {backend!r}")
+    library = registry.get(backend).library
+    if library != "torch":
+        raise InputError(f"backend: '{backend}' computes on {library} arrays; a torch.library "
+                         "op needs a backend whose library is torch")
     spec = load_spec(spec)
     key = f"{backend}:{spec.name}:{spec.hash}:{json.dumps(config or {}, sort_keys=True)}"
     if key not in _KERNELS:
         _KERNELS[key] = compile_spec(spec, backend=backend, config=config)
-    names = tuple(spec.inputs)
-    ops = None
-    if backend == "torch":
-        target = attention
-    else:
-        ops = triton_ops.triton_ops(_KERNELS[key])
-        target = ops.forward
+    kernel, names = _KERNELS[key], tuple(spec.inputs)
+    own = kernel.torch_op()
+    if own is None:
+        def own(q, k, v, **inputs):
+            return attention(q, k, v, key, [inputs[n] for n in names])
 
-    def args(q, k, v, **inputs):
+        own.op, own.ops = attention, None
+        own.args = lambda q, k, v, **inputs: (q, k, v, key, [inputs[n] for n in names])
+
+    def checked(inputs: dict) -> None:
         missing = [n for n in names if n not in inputs]
         extra = [n for n in inputs if n not in names]
         if missing or extra:
             raise InputError(f"inputs: the spec '{spec.name}' takes {list(names)}; missing "
                              f"{missing}, unexpected {extra}")
-        tensors = [inputs[n] for n in names]
-        return ops.args(q, k, v, tensors) if ops is not None else (q, k, v, key, tensors)
 
     def fn(q, k, v, **inputs):
-        result = target(*args(q, k, v, **inputs))
-        return result[0] if ops is not None else result
+        checked(inputs)
+        return own(q, k, v, **inputs)
 
-    fn.key, fn.op, fn.names, fn.spec, fn.args, fn.ops = key, target, names, spec, args, ops
+    def args(q, k, v, **inputs):
+        checked(inputs)
+        return own.args(q, k, v, **inputs)
+
+    fn.key, fn.names, fn.spec, fn.kernel = key, names, spec, kernel
+    fn.op, fn.ops = getattr(own, "op", None), getattr(own, "ops", None)
+    fn.args = args if hasattr(own, "args") else None
     fn.__name__ = f"attncc_op_{spec.name}"
     return fn

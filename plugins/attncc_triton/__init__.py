@@ -1,10 +1,12 @@
 """Triton backend: fused attention kernels generated from the IR, forward and backward.
 
-Registered as the ``triton`` entry point of ``attncc.backends``. ``compile`` writes one standalone
-module per (spec, config) (``source.py``): the fused forward, dq and dk/dv kernels with the
-score_mod and mask printed inline (``printer.py``, ``fused.py``), a block classifier, a chunked
-linear-attention kernel, and the host code (``runtime.py``). On a machine without a GPU it runs
-under ``TRITON_INTERPRET=1`` (slow; for tests).
+Registered as the ``triton`` entry point of ``attncc.backends``. ``compile`` writes one module per
+(spec, config) (``source.py``): the fused forward, dq and dk/dv kernels with the score_mod and
+mask printed inline (``printer.py``, ``fused.py``), or the chunked linear-attention kernels
+(``linear.py``); it imports the host code, ``runtime.py``, as a sibling module. The kernel
+(``kernel.py``) calls it with attncc's block plan; ``Kernel.torch_op`` gives its
+``torch.library.triton_op``s (``ops.py``, ``ops_lowrank.py``). On a machine without a GPU it
+runs under ``TRITON_INTERPRET=1`` (slow; for tests).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 
 from attncc.backends.base import SUPPORTED, Backend, SearchSpace, Support
+from attncc.backends.config import full_config
 from attncc.errors import BackendError
 from attncc.ir.graph import LinearAttention, Nystrom, attention_node
 
@@ -92,20 +95,12 @@ class TritonBackend(Backend):
                               graph.graph.get("dtype"))
 
     def compile(self, graph, config, target) -> TritonKernel:
-        spec = graph.graph["spec"]
         kind, node = _kind(graph)
-        dtype = graph.graph.get("dtype")
-        full = {**default_config(spec, kind, target, dtype), **(config or {})}
-        space = search_space(spec, kind, target, dtype)
-        unknown = sorted(set(full) - set(space.params))
-        if unknown:
-            raise BackendError(f"triton backend: unknown tunable '{unknown[0]}'; expected one "
-                               f"of {', '.join(space.params)}")
-        if not space.accepts(full):
-            raise BackendError(f"triton backend: config {full} cannot run for "
-                               f"{dtype or 'float32'} on this target (block_n below the top-k "
-                               "K, or tiles too big for its shared memory)")
-        return TritonKernel(spec, kind, full, generate(spec, node, full))
+        full = full_config(self, graph, target, config,
+                           why="block_n below the top-k K, or tiles too big for its shared "
+                               "memory")
+        spec = graph.graph["spec"]
+        return TritonKernel(spec, node, kind, full, generate(spec, node, full))
 
     def priority(self, target) -> int:
         return 30 if getattr(target, "kind", "cpu") == "cuda" else -1

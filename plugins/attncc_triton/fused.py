@@ -1,13 +1,18 @@
-"""Generating the fused attention kernels (forward, dq, dk/dv, block classifier) from the IR.
+"""Generating the fused attention kernels (forward, dq, dk/dv) from the FusedAttention node.
 
-Everything spec-specific is decided here, in Python, while the text is written: the score
-(``tl.dot`` or the additive tanh sum), the score_mod and the mask printed inline, the mask only in
-the PARTIAL-block loop, the normalization's update, the top-k threshold pass, the memory-token
-loop, and one atomic gradient accumulation per floating input element the score_mod reads.
+Everything spec-specific is decided here, in Python, while the text is written. The module has
+one score block, ``_scores`` (the ``tl.dot`` or additive tanh score, the score_mod, and the mask
+under the ``MASK`` flag), called by one tile function per pass (``_fwd_tile``, ``_topk_tile``,
+``_delta_tile``, ``_dq_tile``, ``_dkdv_tile``); each kernel calls its tile for the FULL blocks
+(``MASK=False``), the PARTIAL ones (``MASK=True``) and the memory tokens (``MEMORY=True``: no
+score_mod, no mask). Input elements indexed by ``b``, ``h`` and sizes only (``slope[h]``) are
+loaded once per (batch, head) and passed in. Every function takes only the names its body
+reads (``Fn``), and a kernel launched by keyword gets only those (``runtime``).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import sympy
@@ -18,6 +23,11 @@ from attncc.spec.symbols import score as score_symbol
 from .printer import TritonPrinter, derivatives, input_atoms
 
 _BH = {"b", "h", *SIZE_NAMES}
+_DOT = "out_dtype=ACC, input_precision=PREC"
+_WORD = re.compile(r"[A-Za-z_]\w*")
+_CONSTS = ("ACC", "PREC", "MEM", "TOPK", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV")
+_SIZES = ("scale", *SIZE_NAMES)
+_INF = "float('-inf')"
 
 
 @dataclass
@@ -45,330 +55,493 @@ class FusedSpec:
                        if str(a.base.label) in self.float_inputs})
 
 
-class _Lines:
-    def __init__(self):
-        self.lines: list[str] = []
+def _wrap(words: list[str], indent: str, width: int = 100) -> list[str]:
+    """``words`` joined by ", " into lines of at most ``width`` columns, each ending in ","."""
+    lines, line = [], ""
+    for word in words:
+        if line and len(indent) + len(line) + len(word) + 2 > width:
+            lines.append(indent + line.rstrip())
+            line = ""
+        line += word + ", "
+    return [*lines, indent + line.rstrip()] if line else lines
 
-    def __call__(self, indent: int, *texts: str):
-        for text in texts:
-            self.lines.append("    " * indent + text if text else "")
+
+@dataclass
+class Fn:
+    """One ``@triton.jit`` function: its parameters are the candidates (in groups, one line
+    each) that its body reads; ``flags`` are constexprs passed by keyword."""
+
+    name: str
+    doc: str
+    groups: list[list[str]]
+    body: list[str]
+    flags: tuple[str, ...] = ()
+    kernel: bool = False
+
+    def __post_init__(self):
+        self.body = _unpack_unused(self.body)
+        used = set(_WORD.findall("\n".join(self.body)))
+        self.groups = [[p for p in g if p in used] for g in self.groups]
+        self.groups = [g for g in self.groups if g]
+        self.flags = tuple(f for f in self.flags if f in used)
+
+    @property
+    def params(self) -> list[str]:
+        return [p for g in self.groups for p in g]
 
     def text(self) -> str:
-        return "\n".join(self.lines) + "\n"
+        const = set(_CONSTS) | set(self.flags)
+        lines = ["@triton.jit", f"def {self.name}("]
+        for group in [*self.groups, list(self.flags)]:
+            lines += _wrap([f"{p}: tl.constexpr" if p in const else p for p in group], "    ")
+        lines += ["):", f'    """{self.doc}"""']
+        lines += [x for b in self.body for x in _fit("    " + b if b else "")]
+        return "\n".join(lines) + "\n"
 
-
-def expr_args(fs: FusedSpec, ndims: dict[str, int]) -> str:
-    """The kernel parameters of the expression inputs: pointer, strides, sizes."""
-    parts = []
-    for name in fs.expr_inputs:
-        parts.append(f"{name}_ptr")
-        parts += [f"{name}_s{i}" for i in range(ndims[name])]
-        parts += [f"{name}_n{i}" for i in range(ndims[name])]
-    return "".join(p + ", " for p in parts)
-
-
-_SIZES = "scale, batch, heads, kv_heads, seq_q, seq_k, head_dim, value_dim"
-_CONST = ("ACC: tl.constexpr, PREC: tl.constexpr, MEM: tl.constexpr, TOPK: tl.constexpr, "
-          "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, "
-          "BLOCK_DV: tl.constexpr")
-_TENSORS = ("Q, K, V, MK, MV, W, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, "
-            "smkh, smkn, smvh, smvn, swh")
+    def call(self, result: str, subs: dict | None = None, **flags) -> list[str]:
+        """The lines of ``result = name(...)`` (no result: a bare call), names replaced by
+        ``subs`` and flags given by keyword (flags not given pass the caller's own)."""
+        subs = subs or {}
+        head = f"{result} = {self.name}(" if result else f"{self.name}("
+        lines = [head]
+        for group in self.groups:
+            lines += _wrap([str(subs.get(p, p)) for p in group], "    ")
+        passed = [f"{f}={flags.get(f, f)}" for f in self.flags]
+        if passed:
+            lines += _wrap(passed, "    ")
+        return [*lines, ")"]
 
 
 class FusedGenerator:
-    """Writes the four kernels of one FusedAttention node."""
+    """Writes the score block, the tile functions and the three kernels of one node."""
 
     def __init__(self, fs: FusedSpec, ndims: dict[str, int]):
         self.fs = fs
-        self.args = expr_args(fs, ndims)
-        self.pr = TritonPrinter(fs.float_inputs)
+        self.additive = fs.score == "additive"
+        atoms = input_atoms(fs.score_mod) + input_atoms(fs.mask)
+        self.hoisted = {a: _element_name(a, i) for i, a in enumerate(dict.fromkeys(atoms))
+                        if _names(a) <= _BH}
+        self.pr = TritonPrinter(fs.float_inputs, self.hoisted)
+        self.expr = []
+        for name in fs.expr_inputs:
+            self.expr += [f"{name}_ptr", *(f"{name}_s{i}" for i in range(ndims[name])),
+                          *(f"{name}_n{i}" for i in range(ndims[name]))]
+        self.flags = ((("MEMORY",) if fs.memory_tokens else ())
+                      + (("MASK",) if fs.mask is not None else ()))
         if fs.score_mod is not None:
             self.d_score, self.d_inputs = derivatives(fs.score_mod, score_symbol,
                                                       fs.float_inputs)
+        self.scores = self._scores()
+        self.kv = self._kv()
 
-    # ---- shared pieces -------------------------------------------------------------------
-    def prologue(self, out: _Lines, per_query: bool, backward: bool = False):
-        """Program ids -> b, h (or kv head), the index vectors, and q (per query block)."""
-        out(1, "pid = tl.program_id(0)", "bh = tl.program_id(1)",
-            "offs_d = tl.arange(0, BLOCK_D)", "offs_dv = tl.arange(0, BLOCK_DV)",
-            "d_ok = offs_d < head_dim", "dv_ok = offs_dv < value_dim")
-        if per_query:
-            out(1, "b = bh // heads", "h = bh % heads", "kvh = h // (heads // kv_heads)")
-            self.load_rows(out, 1, "pid", backward)
+    # ---- the score block -----------------------------------------------------------------
+    def _scores(self) -> Fn:
+        fs, body = self.fs, []
+        if self.additive:
+            body += ["t = _tanh(q[:, None, :].to(ACC) + k[None, :, :].to(ACC))",
+                     "score = tl.sum(t * w[None, None, :], 2)"]
         else:
-            out(1, "b = bh // kv_heads", "kvh = bh % kv_heads")
+            body.append(f"score = tl.dot(q, tl.trans(k), {_DOT}) * scale")
+        s = "score"
+        mod_atoms = self._locals(fs.score_mod)
+        if fs.score_mod is not None:
+            body += self._loads(mod_atoms)
+            text = self._printer(mod_atoms)(fs.score_mod)
+            s = text if score_symbol in fs.score_mod.free_symbols else f"score * 0 + {text}"
+            if fs.memory_tokens:
+                body += ["if MEMORY:", "    s = score", "else:", f"    s = {s}"]
+                s = "s"
+        if fs.mask is not None:
+            atoms = {**mod_atoms, **self._locals(fs.mask)}
+            mask = self._printer(atoms)(fs.mask)
+            body += ["if MASK:", *_indent(self._loads(atoms, skip=mod_atoms)),
+                     f"    keep = keep & {_paren(mask)}"]
+        body.append(f"return score, {s}, keep" + (", t" if self.additive else ""))
+        doc = ("The raw score of a tile, after the score_mod (not on memory tokens), and the "
+               "kept pairs\n    (``keep`` narrowed by the mask under ``MASK``).")
+        return Fn("_scores", doc, [["q", "k", "w", "keep"], ["b", "h", "q_idx", "kv_idx"],
+                                   list(self.hoisted.values()), self.expr, list(_SIZES),
+                                   ["ACC", "PREC"]], body, self.flags)
 
-    def load_rows(self, out: _Lines, i: int, block: str, backward: bool = False):
-        out(i, f"offs_m = {block} * BLOCK_M + tl.arange(0, BLOCK_M)", "q_idx = offs_m[:, None]",
-            "row_ok = offs_m < seq_q",
-            "q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], "
-            "mask=row_ok[:, None] & d_ok[None, :], other=0.0)")
-        if self.fs.score == "additive":
-            out(i, "w = tl.load(W + h * swh + offs_d, mask=d_ok, other=0.0).to(ACC)")
-        if backward:
-            out(i, "do = tl.load(DO + b * sob + h * soh + offs_m[:, None] * som + "
-                "offs_dv[None, :], mask=row_ok[:, None] & dv_ok[None, :], other=0.0)",
-                "stat = (b * heads + h) * seq_q + offs_m",
-                )
-            if self.fs.normalize != "sigmoid":
-                out(i, "lse = tl.load(LSE + stat, mask=row_ok, other=0.0)",
-                    "lse = tl.where(lse == float('-inf'), 0.0, lse)",
-                    "delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)")
-            if self.fs.normalize == "topk":
-                out(i, "thr = tl.load(THR + stat, mask=row_ok, other=0.0)")
+    def _kv(self) -> Fn:
+        body = ["offs_n = start + tl.arange(0, BLOCK_N)", "col_ok = offs_n < n_keys",
+                "offs_d = tl.arange(0, BLOCK_D)", "offs_dv = tl.arange(0, BLOCK_DV)",
+                "k = tl.load(k_at + offs_n[:, None] * sk + offs_d[None, :],",
+                "            mask=col_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)",
+                "v = tl.load(v_at + offs_n[:, None] * sv + offs_dv[None, :],",
+                "            mask=col_ok[:, None] & (offs_dv < value_dim)[None, :], other=0.0)",
+                "return offs_n, col_ok, k, v"]
+        return Fn("_kv", "The k and v rows ``start .. start + BLOCK_N`` of ``n_keys``.",
+                  [["k_at", "v_at", "sk", "sv", "start", "n_keys", "head_dim", "value_dim"],
+                   ["BLOCK_N", "BLOCK_D", "BLOCK_DV"]], body)
 
-    def load_cols(self, out: _Lines, i: int, mem: bool):
-        """k, v of one key block (``n_blk``) or one memory chunk (``j``), and the scores."""
-        if mem:
-            out(i, "offs_n = j + tl.arange(0, BLOCK_N)", "col_ok = offs_n < MEM",
-                "k = tl.load(MK + kvh * smkh + offs_n[:, None] * smkn + offs_d[None, :], "
-                "mask=col_ok[:, None] & d_ok[None, :], other=0.0)",
-                "v = tl.load(MV + kvh * smvh + offs_n[:, None] * smvn + offs_dv[None, :], "
-                "mask=col_ok[:, None] & dv_ok[None, :], other=0.0)")
-        else:
-            out(i, "offs_n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)", "kv_idx = offs_n[None, :]",
-                "col_ok = offs_n < seq_k",
-                "k = tl.load(K + b * skb + kvh * skh + offs_n[:, None] * skn + offs_d[None, :], "
-                "mask=col_ok[:, None] & d_ok[None, :], other=0.0)",
-                "v = tl.load(V + b * svb + kvh * svh + offs_n[:, None] * svn + offs_dv[None, :], "
-                "mask=col_ok[:, None] & dv_ok[None, :], other=0.0)")
-        if self.fs.score == "additive":
-            out(i, "t = _tanh(q[:, None, :].to(ACC) + k[None, :, :].to(ACC))",
-                "score = tl.sum(t * w[None, None, :], 2)")
-        else:
-            out(i, "score = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision=PREC) * scale")
-        out(i, "keep = row_ok[:, None] & col_ok[None, :]")
-        mod = self.fs.score_mod
-        if mod is not None and not mem:
-            text = self.pr(mod)
-            if score_symbol not in mod.free_symbols:
-                text = f"score * 0 + {text}"
-            out(i, f"s = {text}")
-        else:
-            out(i, "s = score")
+    def _locals(self, *exprs) -> dict:
+        """Local names of the input elements ``exprs`` read that are not hoisted."""
+        atoms = dict.fromkeys(a for e in exprs for a in input_atoms(e) if a not in self.hoisted)
+        return {a: _element_name(a, i) for i, a in enumerate(atoms)}
 
-    def mask_line(self, out: _Lines, i: int):
-        if self.fs.mask is not None:
-            out(i, f"keep = keep & ({self.pr(self.fs.mask)})")
+    def _printer(self, local: dict) -> TritonPrinter:
+        return TritonPrinter(self.fs.float_inputs, {**self.hoisted, **local})
 
-    def block(self, out: _Lines, i: int, mem: bool, partial: bool, role: str):
-        """One key block (or memory chunk) of a kernel: ``role`` is fwd, topk, delta, dq or
-        dkdv."""
-        self.load_cols(out, i, mem)
-        if partial:
-            self.mask_line(out, i)
-        if role == "topk":
-            out(i, "sm = tl.where(keep, s, float('-inf'))",
-                "both = tl.reshape(tl.join(top, sm), [BLOCK_M, 2 * BLOCK_N])",
-                "both = tl.sort(both, 1, descending=True)",
-                "top, _ = tl.split(tl.permute(tl.reshape(both, [BLOCK_M, 2, BLOCK_N]), "
-                "[0, 2, 1]))")
-            return
-        if self.fs.normalize == "topk":
-            out(i, "keep = keep & (s >= thr[:, None])")
-        if role == "delta":
-            out(i, "dp = tl.dot(do, tl.trans(v), out_dtype=ACC, input_precision=PREC)",
-                "p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)",
-                "corr += tl.sum(p * (dp - delta[:, None]), 1)")
-        elif role == "fwd":
-            self.forward_update(out, i)
-        else:
-            self.backward_update(out, i, mem, role)
+    def _loads(self, local: dict, skip: dict = ()) -> list[str]:
+        """One line per input element: ``doc_b_q_idx = tl.load(...)``."""
+        plain = TritonPrinter(self.fs.float_inputs)
+        return [f"{name} = {plain(atom)}" for atom, name in local.items() if atom not in skip]
 
-    def forward_update(self, out: _Lines, i: int):
+    def _score_call(self, **flags) -> list[str]:
+        """The score block called in a tile."""
+        result = "score, s, keep" + (", t" if self.additive else "")
+        return self.scores.call(result, {"keep": "row_ok[:, None] & col_ok[None, :]"}, **flags)
+
+    def _thr(self) -> list[str]:
+        return ["keep = keep & (s >= thr[:, None])"] if self.fs.normalize == "topk" else []
+
+    def _row_tile(self, name: str, state: str, update: list[str], doc: str,
+                  memory: list[str] = (), thr: bool = True, ret: str = "") -> Fn:
+        """A tile of one query block against the keys ``start ..``: load, score, ``update``;
+        it takes and returns ``state`` (returns ``ret`` where given)."""
+        body = self.kv.call("offs_n, col_ok, k, v")
+        if "kv_idx" in self.scores.params:
+            body.append("kv_idx = offs_n[None, :]")
+        body += [*self._score_call(), *(self._thr() if thr else []), *update]
+        if memory:
+            body += ["if MEMORY:", *("    " + m for m in memory)]
+        body.append(f"return {ret or state}")
+        groups = [state.split(", "), ["q", "q_idx", "row_ok", "w", "do", "lse", "delta", "thr"],
+                  ["k_at", "v_at", "sk", "sv", "start", "n_keys", "dmk_at", "dmv_at", "b", "h"],
+                  list(self.hoisted.values()), self.expr, ["DW", "swh"], list(_SIZES),
+                  list(_CONSTS)]
+        return Fn(name, doc, groups, body, self.flags)
+
+    # ---- the tile functions --------------------------------------------------------------
+    def fwd_tile(self) -> Fn:
         if self.fs.normalize == "sigmoid":
-            out(i, "p = tl.where(keep, tl.sigmoid(s), 0.0)",
-                "acc += tl.dot(p.to(v.dtype), v, out_dtype=ACC, input_precision=PREC)")
-            return
-        out(i, "s = tl.where(keep, s, float('-inf'))",
-            "m_new = tl.maximum(m_i, tl.max(s, 1))",
-            "m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)",
-            "alpha = tl.exp(m_i - m_safe)", "p = tl.exp(s - m_safe[:, None])",
-            "l_i = l_i * alpha + tl.sum(p, 1)",
-            "acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=ACC, "
-            "input_precision=PREC)",
-            "m_i = m_new")
+            update = ["p = tl.where(keep, tl.sigmoid(s), 0.0)",
+                      f"acc += tl.dot(p.to(v.dtype), v, {_DOT})"]
+            return self._row_tile("_fwd_tile", "acc", update, "The sigmoid-weighted sum of a tile.")
+        update = [f"s = tl.where(keep, s, {_INF})", "m_new = tl.maximum(m_i, tl.max(s, 1))",
+                  f"m_safe = tl.where(m_new == {_INF}, 0.0, m_new)",
+                  "alpha = tl.exp(m_i - m_safe)", "p = tl.exp(s - m_safe[:, None])",
+                  "l_i = l_i * alpha + tl.sum(p, 1)",
+                  f"acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, {_DOT})"]
+        return self._row_tile("_fwd_tile", "acc, m_i, l_i", update,
+                              "The online-softmax update of one tile: running max, sum, output.",
+                              ret="acc, m_new, l_i")
 
-    def backward_update(self, out: _Lines, i: int, mem: bool, role: str):
-        fs = self.fs
-        out(i, "dp = tl.dot(do, tl.trans(v), out_dtype=ACC, input_precision=PREC)")
+    def topk_tile(self) -> Fn:
+        update = [f"s = tl.where(keep, s, {_INF})",
+                  "both = tl.reshape(tl.join(top, s), [BLOCK_M, 2 * BLOCK_N])",
+                  "both = tl.sort(both, 1, descending=True)",
+                  "both = tl.permute(tl.reshape(both, [BLOCK_M, 2, BLOCK_N]), [0, 2, 1])",
+                  "top, _ = tl.split(both)"]
+        return self._row_tile("_topk_tile", "top", update,
+                              "The BLOCK_N largest kept scores of each row so far.", thr=False)
+
+    def delta_tile(self) -> Fn:
+        update = [f"dp = tl.dot(do, tl.trans(v), {_DOT})",
+                  "p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)",
+                  "corr += tl.sum(p * (dp - delta[:, None]), 1)"]
+        return self._row_tile("_delta_tile", "corr", update,
+                              "Row sums of P * (dP - D) of one tile, for the exact delta.")
+
+    def _grads(self, memory: bool, local: dict, p: bool = True) -> list[str]:
+        """dp, p (where ``p``), ds and the raw-score gradient ``dsr`` (and ``dt`` of the
+        additive score); ``local``: the input elements loaded in the tile."""
+        fs, pr = self.fs, self._printer(local)
+        lines = [f"dp = tl.dot(do, tl.trans(v), {_DOT})"]
         if fs.normalize == "sigmoid":
-            out(i, "sg = tl.sigmoid(s)", "p = tl.where(keep, sg, 0.0)",
-                "ds = tl.where(keep, dp * sg * (1.0 - sg), 0.0)")
+            lines += ["sg = tl.sigmoid(s)", *(["p = tl.where(keep, sg, 0.0)"] if p else []),
+                      "ds = tl.where(keep, dp * sg * (1.0 - sg), 0.0)"]
         else:
-            out(i, "p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)",
-                "ds = p * (dp - delta[:, None])")
-        if fs.score_mod is not None and not mem:
-            out(i, f"dsr = tl.where(keep, ds * ({self.pr(self.d_score)}), 0.0)")
+            lines += ["p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)",
+                      "ds = p * (dp - delta[:, None])"]
+        if fs.score_mod is None:
+            lines.append("dsr = ds")
+        elif memory and fs.memory_tokens:
+            lines += ["if MEMORY:", "    dsr = ds", "else:",
+                      f"    dsr = tl.where(keep, ds * {_paren(pr(self.d_score))}, 0.0)"]
         else:
-            out(i, "dsr = ds")
-        additive = fs.score == "additive"
-        if additive:
-            out(i, "dt = dsr[:, :, None] * w[None, None, :] * (1.0 - t * t)")
-        if role == "dq":
-            if additive:
-                out(i, "dq += tl.sum(dt, 1)")
-            else:
-                out(i, "dq += tl.dot(dsr.to(k.dtype), k, out_dtype=ACC, "
-                    "input_precision=PREC) * scale")
-        dk = ("tl.sum(dt, 0)" if additive else "tl.dot(tl.trans(dsr).to(q.dtype), q, "
-              "out_dtype=ACC, input_precision=PREC) * scale")
-        dv = "tl.dot(tl.trans(p).to(do.dtype), do, out_dtype=ACC, input_precision=PREC)"
-        if role == "dkdv":
-            out(i, f"dk += {dk}", f"dv += {dv}")
-        if mem:
-            out(i, "mem_at = kvh * smkh + offs_n[:, None] * smkn + offs_d[None, :]",
-                f"tl.atomic_add(DMK + mem_at, {dk}, mask=col_ok[:, None] & d_ok[None, :])",
-                "mem_at = kvh * smvh + offs_n[:, None] * smvn + offs_dv[None, :]",
-                f"tl.atomic_add(DMV + mem_at, {dv}, mask=col_ok[:, None] & dv_ok[None, :])")
-        if additive and (mem or role == "dkdv"):
-            out(i, "tl.atomic_add(DW + h * swh + offs_d, "
-                "tl.sum(tl.sum(dsr[:, :, None] * t, 0), 0), mask=d_ok)")
-        if role == "dkdv" and fs.score_mod is not None:
-            self.input_grads(out, i)
+            lines.append(f"dsr = tl.where(keep, ds * {_paren(pr(self.d_score))}, 0.0)")
+        if self.additive:
+            lines.append("dt = dsr[:, :, None] * w[None, None, :] * (1.0 - t * t)")
+        return lines
 
-    def input_grads(self, out: _Lines, i: int):
-        for atom, d_atom in self.d_inputs:
-            name = str(atom.base.label)
-            off = self.pr.offset(atom)
-            # not ``g``: that is the query-head loop variable of the dk/dv kernel
-            out(i, f"g_in = tl.where(keep, ds * ({self.pr(d_atom)}), 0.0)")
-            names = {str(s) for s in sympy.Tuple(*atom.indices).free_symbols}
-            if names <= _BH:
-                out(i, f"tl.atomic_add({name}_grad + {off}, tl.sum(tl.sum(g_in, 1), 0))")
-            else:
-                out(i, f"tl.atomic_add({name}_grad + ({off}) + 0 * (q_idx + kv_idx), g_in, "
-                    "mask=keep)")
+    def _dk_dv(self) -> tuple[str, str]:
+        dk = ("tl.sum(dt, 0)" if self.additive
+              else f"tl.dot(tl.trans(dsr).to(q.dtype), q, {_DOT}) * scale")
+        return dk, f"tl.dot(tl.trans(p).to(do.dtype), do, {_DOT})"
 
-    def table_loops(self, out: _Lines, i: int, block: str, var: str, body):
-        """Iterate the FULL then the PARTIAL blocks of row ``block`` of the block plan."""
-        out(i, f"row = b * c_b + h * c_h + {block} * c_m",
-            f"irow = b * i_b + h * i_h + {block} * i_m")
-        for kind, partial in (("F", False), ("P", True)):
-            out(i, f"for it in range(0, tl.load({kind}C + row)):",
-                f"    {var} = tl.load({kind}I + irow + it)")
-            body(out, i + 1, partial)
+    def _dw(self) -> list[str]:
+        return ["dw = tl.sum(tl.sum(dsr[:, :, None] * t, 0), 0)",
+                "tl.atomic_add(DW + h * swh + offs_d, dw, mask=offs_d < head_dim)"]
+
+    def dq_tile(self) -> Fn:
+        local = self._locals(self.d_score) if self.fs.score_mod is not None else {}
+        update = [*self._loads(local),
+                  *self._grads(memory=True, local=local, p=bool(self.fs.memory_tokens))]
+        update.append("dq += tl.sum(dt, 1)" if self.additive else
+                      f"dq += tl.dot(dsr.to(k.dtype), k, {_DOT}) * scale")
+        memory = []
+        if self.fs.memory_tokens:
+            dk, dv = self._dk_dv()
+            memory = ["offs_d = tl.arange(0, BLOCK_D)", "offs_dv = tl.arange(0, BLOCK_DV)",
+                      "d_ok = (offs_d < head_dim)[None, :]",
+                      "dv_ok = (offs_dv < value_dim)[None, :]",
+                      f"dk = {dk}", f"dv = {dv}",
+                      "tl.atomic_add(dmk_at + offs_n[:, None] * sk + offs_d[None, :], dk,",
+                      "              mask=col_ok[:, None] & d_ok)",
+                      "tl.atomic_add(dmv_at + offs_n[:, None] * sv + offs_dv[None, :], dv,",
+                      "              mask=col_ok[:, None] & dv_ok)",
+                      *(self._dw() if self.additive else [])]
+        return self._row_tile("_dq_tile", "dq", update,
+                              "dq of one tile; the memory tokens' dk, dv (and dw) by atomics.",
+                              memory)
+
+    def dkdv_tile(self) -> Fn:
+        fs = self.fs
+        result = "score, s, keep" + (", t" if self.additive else "")
+        body = ["offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)", *self._rows(True),
+                *self.scores.call(result, {"keep": "row_ok[:, None] & col_ok[None, :]"},
+                                  MEMORY=False),
+                *self._thr()]
+        local = {}
+        if fs.score_mod is not None:
+            local = self._locals(self.d_score, *(d for _, d in self.d_inputs))
+        body += [*self._loads(local), *self._grads(memory=False, local=local)]
+        dk, dv = self._dk_dv()
+        body += [f"dk += {dk}", f"dv += {dv}", *(self._dw() if self.additive else [])]
+        for atom, d_atom in self.d_inputs if fs.score_mod is not None else []:
+            name, off = str(atom.base.label), self.pr.offset(atom)
+            body.append(f"g_in = tl.where(keep, ds * {_paren(self._printer(local)(d_atom))}, "
+                        "0.0)")
+            if _names(atom) <= _BH:
+                body.append(f"tl.atomic_add({name}_grad + {off}, tl.sum(tl.sum(g_in, 1), 0))")
+            else:
+                body.append(f"tl.atomic_add({name}_grad + {off} + 0 * (q_idx + kv_idx), g_in, "
+                            "mask=keep)")
+        body.append("return dk, dv")
+        groups = [["dk", "dv", "k", "v", "offs_n", "kv_idx", "col_ok", "m_blk"],
+                  ["q_at", "do_at", "sqm", "som", "LSE", "DELTA", "THR", "b", "h", "w"],
+                  list(self.hoisted.values()), self.expr,
+                  [f"{n}_grad" for n in fs.grad_inputs], ["DW", "swh"], list(_SIZES),
+                  list(_CONSTS)]
+        return Fn("_dkdv_tile", "dk, dv of a key block from query block ``m_blk``; the "
+                  "score_mod's floating inputs'\n    gradients by atomics.", groups, body,
+                  ("MASK",) if fs.mask is not None else ())
 
     # ---- the kernels ---------------------------------------------------------------------
-    def forward(self) -> str:
-        fs, out = self.fs, _Lines()
-        out(0, "@triton.jit",
-            f"def _fwd({_TENSORS}, O, LSE, THR, sob, soh, som, FC, FI, PC, PI, c_b, c_h, c_m, "
-            f"i_b, i_h, i_m, {self.args}{_SIZES}, {_CONST}):",
-            '    """One query block of one (batch, head): out, lse (and the top-k threshold)."""')
-        self.prologue(out, per_query=True)
-        passes = ["topk", "fwd"] if fs.normalize == "topk" else ["fwd"]
-        for role in passes:
-            if role == "topk":
-                out(1, "top = tl.full([BLOCK_M, BLOCK_N], float('-inf'), ACC)")
-            elif fs.normalize == "sigmoid":
-                out(1, "acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC)")
-            else:
-                out(1, "m_i = tl.full([BLOCK_M], float('-inf'), ACC)",
-                    "l_i = tl.zeros([BLOCK_M], ACC)", "acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC)")
-            if fs.memory_tokens:
-                out(1, "for j in range(0, MEM, BLOCK_N):")
-                self.block(out, 2, mem=True, partial=False, role=role)
-            self.table_loops(out, 1, "pid", "n_blk",
-                             lambda o, i, partial, r=role: self.block(o, i, False, partial, r))
-            if role == "topk":
-                out(1, "col = tl.arange(0, BLOCK_N)[None, :]",
-                    "thr = tl.max(tl.where(col == TOPK - 1, top, float('-inf')), 1)",
-                    "tl.store(THR + (b * heads + h) * seq_q + offs_m, thr, mask=row_ok)")
-        out(1, "o_at = O + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :]")
-        if fs.normalize == "sigmoid":
-            out(1, "tl.store(o_at, acc.to(O.dtype.element_ty), "
-                "mask=row_ok[:, None] & dv_ok[None, :])")
-        else:
-            out(1, "l_safe = tl.where(l_i == 0.0, 1.0, l_i)",
-                "tl.store(o_at, (acc / l_safe[:, None]).to(O.dtype.element_ty), "
-                "mask=row_ok[:, None] & dv_ok[None, :])",
-                "lse = tl.where(l_i == 0.0, float('-inf'), m_i + tl.log(l_safe))",
-                "tl.store(LSE + (b * heads + h) * seq_q + offs_m, lse, mask=row_ok)")
-        return out.text()
-
-    def backward_dq(self) -> str:
-        fs, out = self.fs, _Lines()
-        out(0, "@triton.jit",
-            f"def _bwd_dq({_TENSORS}, DO, DQ, DMK, DMV, DW, LSE, DELTA, DLSE, THR, sob, soh, som, "
-            f"FC, FI, PC, PI, c_b, c_h, c_m, i_b, i_h, i_m, {self.args}{_SIZES}, {_CONST}):",
-            '    """dq of one query block; memory-token and (additive) w gradients by atomics."""')
-        self.prologue(out, per_query=True, backward=True)
+    def _rows(self, backward: bool) -> list[str]:
+        """Query rows ``offs_m``: index, bounds, q (and the backward's do, lse, delta, thr)."""
+        fs = self.fs
+        lines = ["q_idx = offs_m[:, None]", "row_ok = offs_m < seq_q",
+                 "offs_d = tl.arange(0, BLOCK_D)", "offs_dv = tl.arange(0, BLOCK_DV)",
+                 "q = tl.load(q_at + q_idx * sqm + offs_d[None, :],",
+                 "            mask=row_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)"]
         if fs.normalize != "sigmoid":
-            self.exact_delta(out)
-        out(1, "dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)")
-        if fs.memory_tokens:
-            out(1, "for j in range(0, MEM, BLOCK_N):")
-            self.block(out, 2, mem=True, partial=False, role="dq")
-        self.table_loops(out, 1, "pid", "n_blk",
-                         lambda o, i, partial: self.block(o, i, False, partial, "dq"))
-        out(1, "tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], "
-            "dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])")
-        return out.text()
+            lines.append("stat = (b * heads + h) * seq_q + offs_m")
+        if not backward:
+            return lines
+        lines += ["do = tl.load(do_at + q_idx * som + offs_dv[None, :],",
+                  "             mask=row_ok[:, None] & (offs_dv < value_dim)[None, :], "
+                  "other=0.0)"]
+        if fs.normalize != "sigmoid":
+            lines += ["lse = tl.load(LSE + stat, mask=row_ok, other=0.0)",
+                      f"lse = tl.where(lse == {_INF}, 0.0, lse)",
+                      "delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)"]
+        if fs.normalize == "topk":
+            lines.append("thr = tl.load(THR + stat, mask=row_ok, other=0.0)")
+        return lines
 
-    def exact_delta(self, out: _Lines):
-        """``D' = D + rowsum(P ∘ (dP − D))`` over every kept key of the query block, then
-        ``D' − dlse`` stored back to DELTA for the dk/dv kernel (launched after this one).
+    def _per_head(self) -> list[str]:
+        """Loads that depend on (b, h) only: the additive w, the hoisted input elements."""
+        plain = TritonPrinter(self.fs.float_inputs)
+        lines = [f"{name} = {plain(atom)}" for atom, name in self.hoisted.items()]
+        if self.additive:
+            lines.append("w = tl.load(W + h * swh + offs_d, mask=offs_d < head_dim, "
+                         "other=0.0).to(ACC)")
+        return lines
 
-        ``D = rowsum(dO ∘ O)`` is off by ~1 ulp of O's rounding, and dS carries that error
-        times the keys (|k| ~ 1e2 where scores are ~1e3): recomputing the row sum from the
-        tiles makes every row of dS sum to 0 as autograd through a softmax does, at the cost of
-        one more pass over the row's blocks."""
-        out(1, "corr = tl.zeros([BLOCK_M], ACC)")
+    def _head(self, backward: bool) -> list[str]:
+        """Program ids -> b, h, the query block's rows, per-head loads, base pointers, the
+        block plan's rows."""
+        lines = ["pid = tl.program_id(0)", "bh = tl.program_id(1)", "b = bh // heads",
+                 "h = bh % heads", "kvh = h // (heads // kv_heads)",
+                 "q_at = Q + b * sqb + h * sqh"]
+        if backward:
+            lines.append("do_at = DO + b * sob + h * soh")
+        lines += ["offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)", *self._rows(backward),
+                  *self._per_head(), "k_at = K + b * skb + kvh * skh",
+                  "v_at = V + b * svb + kvh * svh"]
         if self.fs.memory_tokens:
-            out(1, "for j in range(0, MEM, BLOCK_N):")
-            self.block(out, 2, mem=True, partial=False, role="delta")
-        self.table_loops(out, 1, "pid", "n_blk",
-                         lambda o, i, partial: self.block(o, i, False, partial, "delta"))
-        out(1, "dlse = tl.load(DLSE + stat, mask=row_ok, other=0.0)",
-            "delta = delta + corr - dlse",
-            "tl.store(DELTA + stat, delta, mask=row_ok)")
+            lines += ["mk_at = MK + kvh * smkh", "mv_at = MV + kvh * smvh"]
+        return [*lines, "row = b * c_b + h * c_h + pid * c_m",
+                "irow = b * i_b + h * i_h + pid * i_m"]
 
-    def backward_dkdv(self) -> str:
-        out = _Lines()
-        grads = "".join(f"{n}_grad, " for n in self.fs.grad_inputs)
-        out(0, "@triton.jit",
-            f"def _bwd_dkdv({_TENSORS}, DO, DK, DV, DW, LSE, DELTA, THR, sob, soh, som, "
-            f"FC, FI, PC, PI, c_b, c_h, c_m, i_b, i_h, i_m, {grads}{self.args}{_SIZES}, "
-            f"{_CONST}):",
-            '    """dk, dv of one key block of one (batch, kv head), summed over its query heads;',
-            '    the gradients of the score_mod\'s floating inputs by atomics."""')
-        self.prologue(out, per_query=False)
-        out(1, "n_blk = pid", "dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)",
-            "dv = tl.zeros([BLOCK_N, BLOCK_DV], ACC)",
-            "for g in range(0, heads // kv_heads):",
-            "    h = kvh * (heads // kv_heads) + g")
+    def _loops(self, tile: Fn, result: str, block: str = "n_blk") -> list[str]:
+        """Calls of ``tile`` for the memory chunks, then the FULL and PARTIAL blocks."""
+        lines = []
+        if self.fs.memory_tokens and block == "n_blk":  # the dk/dv kernel's keys are no memory
+            subs = {"k_at": "mk_at", "v_at": "mv_at", "sk": "smkn", "sv": "smvn",
+                    "start": "j", "n_keys": "MEM"}
+            lines += ["for j in range(0, MEM, BLOCK_N):",
+                      *_indent(tile.call(result, subs, MEMORY=True, MASK=False))]
+        subs = {"sk": "skn", "sv": "svn", "start": "n_blk * BLOCK_N", "n_keys": "seq_k"}
+        for table, partial in (("F", False), ("P", True)):
+            lines += [f"for it in range(0, tl.load({table}C + row)):",
+                      f"    {block} = tl.load({table}I + irow + it)",
+                      *_indent(tile.call(result, subs, MEMORY=False, MASK=partial))]
+        return lines
 
-        def body(o, i, partial):
-            self.load_rows(o, i, "m_blk", backward=True)
-            self.block(o, i, False, partial, "dkdv")
-        self.table_loops(out, 2, "n_blk", "m_blk", body)
-        out(1, "offs_n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)", "col_ok = offs_n < seq_k",
-            "tl.store(DK + b * skb + kvh * skh + offs_n[:, None] * skn + offs_d[None, :], "
-            "dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])",
-            "tl.store(DV + b * svb + kvh * svh + offs_n[:, None] * svn + offs_dv[None, :], "
-            "dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & dv_ok[None, :])")
-        return out.text()
+    def _kernel(self, name: str, doc: str, body: list[str]) -> Fn:
+        groups = [["Q", "K", "V", "MK", "MV", "W", "OUT", "DO", "DQ", "DK", "DV", "DMK", "DMV",
+                   "DW", "LSE", "DELTA", "DLSE", "THR"],
+                  ["sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh",
+                   "som"], ["smkh", "smkn", "smvh", "smvn", "swh"],
+                  ["FC", "FI", "PC", "PI", "c_b", "c_h", "c_m", "i_b", "i_h", "i_m"],
+                  [f"{n}_grad" for n in self.fs.grad_inputs], self.expr, list(_SIZES),
+                  list(_CONSTS)]
+        return Fn(name, doc, groups, body, kernel=True)
 
-    def classify(self) -> str:
-        """The block classifier the standalone module uses to build its own plan tables."""
-        out = _Lines()
-        mask = self.pr(self.fs.mask) if self.fs.mask is not None else "True"
-        out(0, "@triton.jit",
-            f"def _classify(STATES, {self.args}batch, heads, kv_heads, seq_q, seq_k, head_dim, "
-            "value_dim, n_q, n_k, plan_h, ACC: tl.constexpr, BLOCK_M: tl.constexpr, "
-            "BLOCK_N: tl.constexpr):",
-            '    """State of one (query block, key block) pair: 0 EMPTY, 1 PARTIAL, 2 FULL."""',
-            "    pid = tl.program_id(0)", "    bh = tl.program_id(1)",
-            "    b = bh // plan_h", "    h = bh % plan_h", "    m_blk = pid // n_k",
-            "    n_blk = pid % n_k",
-            "    offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)",
-            "    offs_n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)",
-            "    q_idx = offs_m[:, None]", "    kv_idx = offs_n[None, :]",
-            "    inside = (q_idx < seq_q) & (kv_idx < seq_k)",
-            f"    keep = inside & ({mask})",
-            "    kept = tl.sum(keep.to(tl.int32), 1)", "    kept = tl.sum(kept, 0)",
-            "    total = tl.sum(tl.sum(inside.to(tl.int32), 1), 0)",
-            "    state = tl.where(kept == 0, 0, tl.where(kept == total, 2, 1))",
-            "    tl.store(STATES + bh * n_q * n_k + pid, state.to(tl.int8))")
-        return out.text()
+    def forward(self) -> Fn:
+        fs, body = self.fs, self._head(backward=False)
+        if fs.normalize == "topk":
+            body += [f"top = tl.full([BLOCK_M, BLOCK_N], {_INF}, ACC)",
+                     *self._loops(self.topk_tile(), "top"),
+                     "col = tl.arange(0, BLOCK_N)[None, :]",
+                     f"thr = tl.max(tl.where(col == TOPK - 1, top, {_INF}), 1)",
+                     "tl.store(THR + stat, thr, mask=row_ok)"]
+        body += ["o_at = OUT + b * sob + h * soh + q_idx * som + offs_dv[None, :]",
+                 "o_ok = row_ok[:, None] & (offs_dv < value_dim)[None, :]"]
+        if fs.normalize == "sigmoid":
+            body += ["acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC)",
+                     *self._loops(self.fwd_tile(), "acc"),
+                     "tl.store(o_at, acc.to(OUT.dtype.element_ty), mask=o_ok)"]
+        else:
+            body += [f"m_i = tl.full([BLOCK_M], {_INF}, ACC)", "l_i = tl.zeros([BLOCK_M], ACC)",
+                     "acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC)",
+                     *self._loops(self.fwd_tile(), "acc, m_i, l_i"),
+                     "l_safe = tl.where(l_i == 0.0, 1.0, l_i)",
+                     "tl.store(o_at, (acc / l_safe[:, None]).to(OUT.dtype.element_ty), "
+                     "mask=o_ok)",
+                     f"lse = tl.where(l_i == 0.0, {_INF}, m_i + tl.log(l_safe))",
+                     "tl.store(LSE + stat, lse, mask=row_ok)"]
+        return self._kernel("_fwd", "One query block of one (batch, head): out, lse (and the "
+                            "top-k threshold).", body)
+
+    def backward_dq(self) -> Fn:
+        """dq of a query block. First the exact ``D' = D + rowsum(P * (dP - D))`` over the
+        row's kept keys, stored as ``D' - dlse`` for the dk/dv kernel (launched after this
+        one): ``D = rowsum(dO * O)`` is off by ~1 ulp of O's rounding, and dS carries that
+        error times the keys, which matters where scores are ~1e3."""
+        fs, body = self.fs, self._head(backward=True)
+        if fs.normalize != "sigmoid":
+            body += ["corr = tl.zeros([BLOCK_M], ACC)", *self._loops(self.delta_tile(), "corr"),
+                     "dlse = tl.load(DLSE + stat, mask=row_ok, other=0.0)",
+                     "delta = delta + corr - dlse", "tl.store(DELTA + stat, delta, mask=row_ok)"]
+        if fs.memory_tokens:
+            body += ["dmk_at = DMK + kvh * smkh", "dmv_at = DMV + kvh * smvh"]
+        body += ["dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)", *self._loops(self.dq_tile(), "dq"),
+                 "tl.store(DQ + b * sqb + h * sqh + q_idx * sqm + offs_d[None, :], "
+                 "dq.to(DQ.dtype.element_ty),",
+                 "         mask=row_ok[:, None] & (offs_d < head_dim)[None, :])"]
+        return self._kernel("_bwd_dq", "dq of one query block (exact delta first); memory-token "
+                            "and additive w gradients\n    by atomics.", body)
+
+    def backward_dkdv(self) -> Fn:
+        tile = self.dkdv_tile()
+        body = ["pid = tl.program_id(0)", "bh = tl.program_id(1)", "b = bh // kv_heads",
+                "kvh = bh % kv_heads", "offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)",
+                *(["kv_idx = offs_n[None, :]"] if "kv_idx" in tile.params else []),
+                "col_ok = offs_n < seq_k", "offs_d = tl.arange(0, BLOCK_D)",
+                "offs_dv = tl.arange(0, BLOCK_DV)",
+                "d_ok = col_ok[:, None] & (offs_d < head_dim)[None, :]",
+                "dv_ok = col_ok[:, None] & (offs_dv < value_dim)[None, :]",
+                "k_at = K + b * skb + kvh * skh + offs_n[:, None] * skn + offs_d[None, :]",
+                "v_at = V + b * svb + kvh * svh + offs_n[:, None] * svn + offs_dv[None, :]",
+                "k = tl.load(k_at, mask=d_ok, other=0.0)",
+                "v = tl.load(v_at, mask=dv_ok, other=0.0)",
+                "dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)", "dv = tl.zeros([BLOCK_N, BLOCK_DV], ACC)",
+                "for g in range(0, heads // kv_heads):",
+                *_indent(["h = kvh * (heads // kv_heads) + g", "q_at = Q + b * sqb + h * sqh",
+                          "do_at = DO + b * sob + h * soh", *self._per_head(),
+                          "row = b * c_b + h * c_h + pid * c_m",
+                          "irow = b * i_b + h * i_h + pid * i_m",
+                          *self._loops(tile, "dk, dv", "m_blk")]),
+                "tl.store(DK + b * skb + kvh * skh + offs_n[:, None] * skn + offs_d[None, :],",
+                "         dk.to(DK.dtype.element_ty), mask=d_ok)",
+                "tl.store(DV + b * svb + kvh * svh + offs_n[:, None] * svn + offs_dv[None, :],",
+                "         dv.to(DV.dtype.element_ty), mask=dv_ok)"]
+        return self._kernel("_bwd_dkdv", "dk, dv of one key block of one (batch, kv head), summed "
+                            "over its query heads.", body)
+
+    def functions(self) -> list[Fn]:
+        """Every function of the module, callees first."""
+        fs = self.fs
+        tiles = [self.topk_tile()] if fs.normalize == "topk" else []
+        tiles.append(self.fwd_tile())
+        if fs.normalize != "sigmoid":
+            tiles.append(self.delta_tile())
+        tiles += [self.dq_tile(), self.dkdv_tile()]
+        return [self.scores, self.kv, *tiles, self.forward(), self.backward_dq(),
+                self.backward_dkdv()]
+
+
+def _indent(lines: list[str]) -> list[str]:
+    return ["    " + x if x else x for x in lines]
+
+
+def _names(atom: sympy.Indexed) -> set[str]:
+    """The symbols an input element's indices read."""
+    return {str(s) for s in sympy.Tuple(*atom.indices).free_symbols}
+
+
+def _paren(text: str) -> str:
+    """``text`` in parentheses unless one pair already encloses all of it."""
+    depth = 0
+    for i, c in enumerate(text):
+        depth += (c == "(") - (c == ")")
+        if depth == 0 and i < len(text) - 1:
+            return f"({text})"
+    return text if text.startswith("(") else f"({text})"
+
+
+_UNPACK = re.compile(r"^(\s*)([\w, ]+) = (_\w+\()$")
+
+
+def _unpack_unused(body: list[str]) -> list[str]:
+    """``_`` for the names a tuple assignment from a call binds that no other line reads."""
+    result = list(body)
+    for i, line in enumerate(body):
+        found = _UNPACK.match(line)
+        if found is None or "," not in found.group(2):
+            continue
+        rest = set(_WORD.findall("\n".join(body[:i] + body[i + 1:])))
+        names = [n if n in rest else "_" for n in found.group(2).split(", ")]
+        result[i] = f"{found.group(1)}{', '.join(names)} = {found.group(3)}"
+    return result
+
+
+def _element_name(atom: sympy.Indexed, number: int) -> str:
+    """``doc_b_q_idx`` for ``doc[b, q_idx]``; ``x_e<number>`` for computed indices."""
+    parts = [str(i) for i in atom.indices if i.is_Symbol or i.is_Integer]
+    name = str(atom.base.label)
+    if len(parts) == len(atom.indices):
+        return f"{name}_{'_'.join(parts)}"
+    return f"{name}_e{number}"
+
+
+def _fit(line: str, width: int = 100) -> list[str]:
+    """``line`` broken inside its parentheses, after a comma or before an operator, into
+    lines of at most ``width`` columns where it can be (continuations indented 4 more)."""
+    lines, indent = [], " " * (len(line) - len(line.lstrip()) + 4)
+    while len(line) > width:
+        depth, best = 0, None
+        for i, c in enumerate(line[:width]):
+            depth += (c in "([") - (c in ")]")
+            if depth > 0 and line.startswith((", ", " + ", " - ", " & ", " | ", " * "), i):
+                best = i + 1 if c == "," else i
+        if best is None or line[:best].strip() == "":
+            break
+        lines.append(line[:best].rstrip())
+        line = indent + line[best:].lstrip()
+    return [*lines, line]

@@ -1,5 +1,10 @@
 """The Triton Kernel: the generated module imported from its own file, called with attncc's
-checks and attncc's block plan."""
+call prologue, attncc's block plan and attncc's shared lowering pieces.
+
+The plugin reads the generated module through its public names only: ``PROGRAM`` (the host
+runtime's ``Program``: launches, ``scale``, ``fused``, ``linear_attention``, ``denominator``)
+and ``attention`` (the standalone entry point, which attncc does not call).
+"""
 
 from __future__ import annotations
 
@@ -9,17 +14,21 @@ import importlib.util
 import os
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
 
 from attncc.backends.autograd import autograd_backward
 from attncc.backends.base import Kernel
-from attncc.bind import bind
-from attncc.errors import InputError
-from attncc.plan import build_plan
+from attncc.lowering.features import feature_map
+from attncc.lowering.lowrank import linformer, segment_means, softmax
+from attncc.lowering.prologue import prologue
+from attncc.plan import PlanCache
 
-from . import linear
+from . import runtime
+from .runtime import acc_dtype
+from .source import RUNTIME, RUNTIME_TEXT
 
 #: Folder the generated modules are written to (Triton's jit reads a kernel's source file).
 CACHE_ENV = "ATTNCC_TRITON_CACHE"
@@ -34,7 +43,9 @@ def _cache_dir() -> Path:
 
 
 def load_module(source: str):
-    """Import ``source`` as a module from a file named by its hash (written once)."""
+    """Import ``source`` as a module from a file named by its hash (written once); its runtime
+    import resolves to this plugin's ``runtime`` module (the same text, by the name's digest)."""
+    sys.modules.setdefault(RUNTIME, runtime)
     digest = hashlib.sha256(source.encode()).hexdigest()[:20]
     name = f"attncc_triton_gen_{digest}"
     if name in sys.modules:
@@ -53,67 +64,94 @@ def load_module(source: str):
 
 class TritonKernel(Kernel):
     """``kernel(q, k, v, return_lse=False, **inputs)`` on torch tensors; ``source`` is the
-    standalone generated module."""
+    generated module (standalone with its ``companions``, the host runtime)."""
 
     backend = "triton"
 
-    def __init__(self, spec, kind: str, config: dict, source: str):
-        self.spec = spec
-        self.kind = kind
+    def __init__(self, spec, node, kind: str, config: dict, source: str):
+        self.spec, self.node, self.kind = spec, node, kind
         self.config = dict(config)
         self.source = source
-        self.module = load_module(source)
+        self.program = load_module(source).PROGRAM
         self.backward = functools.partial(autograd_backward, self)
+        self.plans = (PlanCache(node, self.config["block_m"], self.config["block_n"])
+                      if kind == "fused" else None)
+        self._tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"TritonKernel({self.spec.name!r}, kind={self.kind!r}, config={self.config})"
 
+    def companions(self) -> dict[str, str]:
+        return {f"{RUNTIME}.py": RUNTIME_TEXT}
+
+    def torch_op(self):
+        """The ``triton_op``s of this kernel (``ops.registered``: ``fn.op``, ``fn.args``,
+        ``fn.ops``)."""
+        from .ops import FusedOps, registered
+        from .ops_lowrank import LinearOps, NystromOps
+
+        return registered(self, {"linear": LinearOps, "nystrom": NystromOps}.get(self.kind,
+                                                                                FusedOps))
+
+    def prologue(self, q, k, v, inputs: dict, return_lse: bool = False):
+        """attncc's checked call (no casts: the kernels take the input dtype)."""
+        return prologue(self.spec, self.node, q, k, v, inputs, backend="triton",
+                        library="torch", return_lse=return_lse, cast=False)
+
+    def tables(self, sizes: dict, inputs: dict, device, padded: bool = False) -> dict:
+        """The block plan of a fused kernel for these sizes and (mask) inputs, as the eight
+        int32 index tables on ``device`` (plans cached by ``PlanCache``, tables with their plan
+        object). ``padded``: indices as wide as
+        the block axis and one row per batch/head where the mask varies with them, so that the
+        shapes follow from the sizes alone."""
+        plan = self.plans.get(sizes, inputs)
+        cached = self._tables.setdefault(plan, {})
+        key = (str(device), padded)
+        if key not in cached:
+            arrays = {"fc": plan.full_counts, "fi": plan.full_index, "pc": plan.partial_counts,
+                      "pi": plan.partial_index, "fct": plan.full_counts_t,
+                      "fit": plan.full_index_t, "pct": plan.partial_counts_t,
+                      "pit": plan.partial_index_t}
+            if padded:
+                arrays = _padded(arrays, plan.num_q_blocks, plan.num_kv_blocks)
+            cached[key] = {n: torch.from_numpy(a.copy()).to(device) for n, a in arrays.items()}
+        return cached[key]
+
     def __call__(self, q, k, v, *, return_lse: bool = False, **inputs):
-        spec = self.spec
-        for name, x in (("q", q), ("k", k), ("v", v)):
-            if not isinstance(x, torch.Tensor):
-                raise InputError(f"{name}: the triton backend expects a torch.Tensor, got "
-                                 f"{type(x).__name__}")
-        bound = bind(spec, q, k, v, inputs)
-        lse_ok = spec.normalize in ("softmax", "topk") and self.kind == "fused"
-        if return_lse and not lse_ok:
-            raise InputError(f"return_lse: the log-sum-exp exists for normalize softmax and topk "
-                             f"(not nystrom); this spec is {spec.normalize} ({self.kind})")
-        tables = None
-        if self.kind == "fused":
-            plan = build_plan(spec, bound.sizes, self.config["block_m"], self.config["block_n"],
-                              inputs=bound.inputs)
-            tables = _tables(plan, q.device)
-        return self.module.attention(q, k, v, return_lse=return_lse, tables=tables,
-                                     **bound.inputs)
+        call = self.prologue(q, k, v, inputs, return_lse)
+        program, named = self.program, call.inputs
+        if self.kind == "linear":
+            fm, omega = self.spec.feature_map, named.get("omega")
+            out = program.linear_attention(feature_map(fm, q, omega), feature_map(fm, k, omega), v)
+            return (out, None) if return_lse else out
+        if self.kind == "nystrom":
+            return self._nystrom(q, k, v, call.scale)
+        tables = self.tables(call.sizes, call.raw_inputs, q.device)
+        if "E" in named:
+            k, v = linformer(k, v, named["E"].to(k.dtype), named["F"].to(v.dtype))
+        out, lse = program.fused(q, k, v, named, tables, call.scale)
+        return (out, lse.to(q.dtype)) if return_lse else out
 
-    # linear attention's pieces, as torch ops and launches through ``wrap`` (for triton_ops) --
-    def features(self, x, omega=None):
-        """φ(x), the spec's feature map (torch, differentiable); ``omega`` for performer."""
-        return self.module._features(self.module.SPEC, x, omega)
-
-    def features_vjp(self, x, omega, d_phi):
-        """``(dx, d_omega or None)`` of ``features`` for the gradient ``d_phi``."""
-        return linear.features_vjp(self.module.SPEC["feature_map"], x, omega, d_phi)
-
-    def denominator(self, phi_q, phi_k):
-        """``(B, H, Nq)`` row sums ``Σ_j φq_i·φk_j`` the linear kernel divides by."""
-        return linear.denominator(phi_q, phi_k, self.module.SPEC["causal"])
-
-    def linear_forward(self, phi_q, phi_k, v, wrap=None):
-        """The linear kernel's output (one launch through ``wrap``; not differentiable)."""
-        return linear.launch_linear(self.module, self.config, phi_q, phi_k, v, wrap)
-
-    def linear_backward(self, phi_q, phi_k, v, d_num, d_den, wrap=None):
-        """``(dφq, dφk, dv)`` of the linear kernel from the gradients of its numerator and
-        denominator (one launch through ``wrap``)."""
-        return linear.launch_linear_backward(self.module, self.config, phi_q, phi_k, v, d_num,
-                                             d_den, wrap)
+    def _nystrom(self, q, k, v, scale: float):
+        """``softmax(s q k̃ᵀ) · pinv(softmax(s q̃ k̃ᵀ)) · softmax(s q̃ kᵀ) v``: the outer two by
+        the dense fused kernel, the landmarks and the pinv (accumulation dtype) in torch."""
+        m, group, program = self.node.landmarks, q.shape[1] // k.shape[1], self.program
+        q_land = segment_means(q, m)
+        k_land = segment_means(k, m).repeat_interleave(group, dim=1)
+        middle = softmax(scale * (q_land @ k_land.transpose(-1, -2)))
+        dense = program.dense_tables(m, k.shape[2], runtime.FULL, q.device)
+        attn_v, _ = program.fused(q_land, k, v, {}, dense, scale)
+        z = torch.linalg.pinv(middle.to(acc_dtype(q.dtype))).to(q.dtype) @ attn_v
+        dense = program.dense_tables(q.shape[2], m, runtime.FULL, q.device)
+        return program.fused(q, k_land, z, {}, dense, scale)[0]
 
 
-def _tables(plan, device) -> dict:
-    """attncc's BlockPlan as the generated module's eight int32 tables."""
-    arrays = {"fc": plan.full_counts, "fi": plan.full_index, "pc": plan.partial_counts,
-              "pi": plan.partial_index, "fct": plan.full_counts_t, "fit": plan.full_index_t,
-              "pct": plan.partial_counts_t, "pit": plan.partial_index_t}
-    return {n: torch.from_numpy(a.copy()).to(device) for n, a in arrays.items()}
+def _padded(arrays: dict, n_q: int, n_k: int) -> dict:
+    """Index tables widened to the whole block axis (zeros after the valid entries)."""
+    import numpy as np
+
+    result = dict(arrays)
+    for name, width in (("fi", n_k), ("pi", n_k), ("fit", n_q), ("pit", n_q)):
+        a = arrays[name]
+        result[name] = np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - a.shape[-1])])
+    return result

@@ -1,4 +1,4 @@
-"""Generating the chunked linear-attention kernels, and their host launches for ``triton_op``s.
+"""Generating the chunked linear-attention kernels ``_linear`` and ``_linear_bwd``.
 
 One program per (batch, query head) walks the sequence in chunks of ``CHUNK`` positions, keeping
 the running state ``S = Σ φ(k_j) v_jᵀ`` and ``z = Σ φ(k_j)``; with ``CAUSAL`` a chunk adds its own
@@ -12,20 +12,10 @@ tiles as they are, the running float32 values (the state, the chunk's ``a`` or `
 it right before the dot, which accumulates in ``ACC``; sums and the denominator stay in ``ACC``.
 For float32/float64 inputs the casts are no-ops.
 
-The host functions below (``launch_linear``, ``launch_linear_backward``, ``denominator``,
-``features_vjp``) are made of torch ops and kernel launches through ``wrap`` only, so that they
-can form the body of a ``torch.library.triton_op`` (``attncc.integrations.triton_linear``); the
-launches are those of ``runtime.py``, which the generated module's own autograd also uses.
+The host launches are ``runtime.Program.linear`` and ``linear_backward``.
 """
 
 from __future__ import annotations
-
-import math
-import types
-
-import torch
-
-from .runtime import linear_backward_launch, linear_denominator, linear_launch
 
 
 def linear_kernel() -> str:
@@ -34,10 +24,13 @@ def linear_kernel() -> str:
 
 
 _FORWARD = '''@triton.jit
-def _linear(PQ, PK, V, O, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-            heads, kv_heads, seq_q, seq_k, feats, value_dim, ACC: tl.constexpr,
-            PREC: tl.constexpr, CAUSAL: tl.constexpr, CHUNK: tl.constexpr,
-            BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _linear(
+    PQ, PK, V, OUT,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+    heads, kv_heads, seq_q, seq_k, feats, value_dim,
+    ACC: tl.constexpr, PREC: tl.constexpr, CAUSAL: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
     """out_i = Σ_j φq_i·φk_j v_j / Σ_j φq_i·φk_j (over j <= i when CAUSAL), for one (b, h)."""
     bh = tl.program_id(0)
     b = bh // heads
@@ -81,8 +74,8 @@ def _linear(PQ, PK, V, O, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh,
             total += tl.sum(pk.to(ACC), 0)
         safe = tl.where(den == 0.0, 1.0, den)
         out = tl.where(den[:, None] == 0.0, 0.0, num / safe[:, None])
-        tl.store(O + b * sob + h * soh + offs[:, None] * son + offs_dv[None, :],
-                 out.to(O.dtype.element_ty), mask=q_ok[:, None] & dv_ok[None, :])
+        tl.store(OUT + b * sob + h * soh + offs[:, None] * son + offs_dv[None, :],
+                 out.to(OUT.dtype.element_ty), mask=q_ok[:, None] & dv_ok[None, :])
 '''
 
 
@@ -98,9 +91,12 @@ def linear_backward_kernel() -> str:
     All tensors are contiguous; dφk and dv are written per query head (the host sums a group).
     """
     return '''@triton.jit
-def _linear_bwd(PQ, PK, V, DNUM, DDEN, DPQ, DPK, DV, heads, kv_heads, seq_q, seq_k, feats,
-                value_dim, ACC: tl.constexpr, PREC: tl.constexpr, CAUSAL: tl.constexpr,
-                CHUNK: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _linear_bwd(
+    PQ, PK, V, DNUM, DDEN, DPQ, DPK, DV,
+    heads, kv_heads, seq_q, seq_k, feats, value_dim,
+    ACC: tl.constexpr, PREC: tl.constexpr, CAUSAL: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
     """dφq (B, H, Nq, F), dφk (B, H, Nk, F) and dv (B, H, Nk, Dv) of ``_linear``, one (b, h)."""
     bh = tl.program_id(0)
     b = bh // heads
@@ -194,46 +190,3 @@ def _linear_bwd(PQ, PK, V, DNUM, DDEN, DPQ, DPK, DV, heads, kv_heads, seq_q, seq
         tl.store(DV + (row_o + offs[:, None]) * value_dim + offs_dv[None, :],
                  dv.to(DV.dtype.element_ty), mask=k_ok[:, None] & dv_ok[None, :])
 '''
-
-
-def _kernels(module):
-    return types.SimpleNamespace(linear=module._KERNELS.linear, linear_bwd=module._linear_bwd)
-
-
-def launch_linear(module, config: dict, phi_q, phi_k, v, wrap=None):
-    """``out (B, H, Nq, Dv)`` of the generated ``module``'s ``_linear`` on φ(q), φ(k), v; not
-    differentiable. Launched through ``wrap`` (``torch.library.wrap_triton`` in a triton_op)."""
-    return linear_launch(_kernels(module), module.SPEC, config, phi_q, phi_k, v, wrap)
-
-
-def launch_linear_backward(module, config: dict, phi_q, phi_k, v, d_num, d_den, wrap=None):
-    """``(dφq (B, H, Nq, F), dφk (B, Hkv, Nk, F), dv (B, Hkv, Nk, Dv))`` in the accumulation
-    dtype, from ``d_num = ∂L/∂num (B, H, Nq, Dv)`` and ``d_den = ∂L/∂den (B, H, Nq)``; ``d_num``
-    enters the kernel's dots in the input dtype (rounded to it in bf16/fp16)."""
-    return linear_backward_launch(_kernels(module), module.SPEC, config, phi_q, phi_k, v, d_num,
-                                  d_den, wrap)
-
-
-def denominator(phi_q, phi_k, causal: bool):
-    """``den_i = Σ_j φq_i·φk_j`` (over ``j <= i`` when ``causal``), ``(B, H, Nq)`` in the
-    accumulation dtype: what ``_linear`` divides by."""
-    return linear_denominator(phi_q, phi_k, causal)
-
-
-def features_vjp(feature_map: str, x, omega, d_phi):
-    """``(dx, d_omega or None)`` of the runtime's feature map φ(x) for the gradient ``d_phi``,
-    in the dtype of ``d_phi`` (elu1: elu(x) + 1; relu; performer: exp(xs ωᵀ - |xs|²/2) / √m
-    with xs = x d^-1/4)."""
-    x = x.to(d_phi.dtype)
-    if feature_map == "elu1":
-        return d_phi * torch.where(x > 0, torch.ones_like(x), torch.exp(x.clamp(max=0))), None
-    if feature_map == "relu":
-        return d_phi * (x > 0).to(x.dtype), None
-    omega = omega.to(x.dtype)
-    c = x.shape[-1] ** -0.25
-    xs = x * c
-    phi = torch.exp(xs @ omega.transpose(0, 1) - (xs * xs).sum(-1, keepdim=True) / 2.0)
-    g = d_phi * phi / math.sqrt(omega.shape[0])
-    d_xs = g @ omega - xs * g.sum(-1, keepdim=True)
-    d_omega = g.flatten(0, -2).transpose(0, 1) @ xs.flatten(0, -2)
-    return d_xs * c, d_omega

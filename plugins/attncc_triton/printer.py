@@ -4,8 +4,8 @@ The printed code means what ``attncc.spec.numeric.evaluate`` computes: ``//`` an
 round toward minus infinity (through the ``_floordiv``/``_mod`` helpers, correct whichever way the
 hardware truncates), ``Piecewise`` is ``tl.where``, ``And``/``Or``/``Not`` are ``&``/``|``/``== 0``,
 and an input element ``x[i, j]`` is ``tl.load(x_ptr + i * x_s0 + j * x_s1)`` with each index clamped
-into ``[0, x_n0)``: an index past the input never faults (it reads the nearest element; positions
-outside the sequences, in partial tiles, are dropped by ``keep``).
+into ``[0, x_n0)`` (``_clamp``): an index past the input never faults (it reads the nearest
+element; positions outside the sequences, in partial tiles, are dropped by ``keep``).
 
 Names in the printed code: ``score``, ``b``, ``h``, ``q_idx``, ``kv_idx``, the sizes (``seq_k``...)
 as kernel arguments, ``ACC`` (the accumulation dtype, a constexpr), and per input ``x``: ``x_ptr``,
@@ -26,10 +26,12 @@ _UNARY = {sympy.exp: "tl.exp", sympy.log: "tl.log", sympy.tanh: "_tanh", sympy.A
 
 
 class TritonPrinter:
-    """Prints one expression; ``float_inputs`` names the inputs whose loads are cast to ACC."""
+    """Prints one expression; ``float_inputs`` names the inputs whose loads are cast to ACC,
+    ``names`` maps subexpressions (hoisted input loads) to the variable holding them."""
 
-    def __init__(self, float_inputs: set[str]):
+    def __init__(self, float_inputs: set[str], names: dict | None = None):
         self.float_inputs = set(float_inputs)
+        self.names = dict(names or {})
 
     def __call__(self, e) -> str:
         return self.p(e)
@@ -38,15 +40,17 @@ class TritonPrinter:
         if e is sympy.true or e is sympy.false:
             return "True" if e is sympy.true else "False"
         if e.is_Integer:
-            return f"({int(e)})"
+            return f"({int(e)})" if e < 0 else str(int(e))
         if e.is_Number or (isinstance(e, sympy.Expr) and e.is_number):
-            return f"({float(e)!r})"
+            return f"({float(e)!r})" if e < 0 else repr(float(e))
+        if e in self.names:
+            return self.names[e]
         if isinstance(e, sympy.Indexed):
             return self.load(e)
         if e.is_Symbol:
             return e.name
         if isinstance(e, sympy.Add):
-            return "(" + " + ".join(self.p(a) for a in e.args) + ")"
+            return self.add(e)
         if isinstance(e, sympy.Mul):
             return self.mul(e)
         if isinstance(e, sympy.Pow):
@@ -81,11 +85,22 @@ class TritonPrinter:
             return result
         raise BackendError(f"triton backend: cannot print {type(e).__name__} ({e}) as Triton code")
 
+    def add(self, e: sympy.Add) -> str:
+        """``a - b`` for a negative term, a positive term first where there is one."""
+        terms = sorted(e.args, key=lambda t: (t.could_extract_minus_sign(),
+                                              sympy.default_sort_key(t)))
+        text = self.p(terms[0])
+        for t in terms[1:]:
+            text += f" - {self.p(-t)}" if t.could_extract_minus_sign() else f" + {self.p(t)}"
+        return f"({text})"
+
     def mul(self, e: sympy.Mul) -> str:
+        if e.could_extract_minus_sign():
+            return f"(-{self.p(-e)})"
         num, den = sympy.fraction(e)
         if den != 1 and num.is_integer and den.is_integer:
             return f"(({self.p(num)}) / ({self.p(den)}))"
-        return "(" + " * ".join(self.p(a) for a in e.args) + ")"
+        return " * ".join(self.p(a) for a in e.args)
 
     def power(self, e: sympy.Pow) -> str:
         base, exp = self.p(e.base), e.exp
@@ -121,8 +136,7 @@ class TritonPrinter:
             if index.is_Integer:
                 parts.append(f"{i} * {name}_s{axis}")
             else:
-                parts.append(f"tl.minimum(tl.maximum({i}, 0), {name}_n{axis} - 1) * "
-                             f"{name}_s{axis}")
+                parts.append(f"_clamp({i}, {name}_n{axis}) * {name}_s{axis}")
         return " + ".join(parts)
 
     def load(self, e: sympy.Indexed) -> str:
