@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-import array_api_compat
+from attncc.bind import namespace
 
 __all__ = ["FEATURE_MAPS", "divide", "divide_vjp", "feature_map", "feature_map_vjp"]
 
@@ -28,7 +28,7 @@ FEATURE_MAPS = ("elu1", "relu", "performer")
 
 def feature_map(kind: str, x, omega=None):
     """φ(x) over the last axis of ``x``; ``omega (features, head_dim)`` for performer only."""
-    xp = array_api_compat.array_namespace(x)
+    xp = namespace(x)
     if kind == "elu1":
         return xp.where(x > 0, x + 1, xp.exp(xp.minimum(x, 0.0)))
     if kind == "relu":
@@ -47,7 +47,7 @@ def feature_map_vjp(kind: str, x, omega, d_phi):
     Computed in the dtype of ``d_phi`` (x and omega are cast to it); ``d_omega`` is None except
     for performer, where it sums over every leading axis of x.
     """
-    xp = array_api_compat.array_namespace(d_phi)
+    xp = namespace(d_phi)
     x = xp.astype(x, d_phi.dtype, copy=False)
     if kind == "elu1":
         return d_phi * xp.where(x > 0, 1.0, xp.exp(xp.minimum(x, 0.0))), None
@@ -71,7 +71,7 @@ def _performer_inputs(xp, x, omega):
 
 def divide(num, den):
     """``num / den`` where ``den != 0``, else 0; ``den`` broadcasts against ``num``."""
-    xp = array_api_compat.array_namespace(num, den)
+    xp = namespace(num)
     empty = den == 0
     return xp.where(empty, 0.0, num / xp.where(empty, 1.0, den))
 
@@ -79,7 +79,7 @@ def divide(num, den):
 def divide_vjp(out, den, d_out):
     """``(d_num, d_den)`` of ``out = divide(num, den)``, den ``(..., rows)`` and out, d_out
     ``(..., rows, Dv)``, computed in den's dtype; both are 0 on rows where ``den`` is 0."""
-    xp = array_api_compat.array_namespace(den)
+    xp = namespace(den)
     empty = den == 0
     safe = xp.where(empty, 1.0, den)
     d_out = xp.astype(d_out, den.dtype, copy=False)

@@ -15,8 +15,7 @@ query head. Namespace-generic (NumPy, torch with autograd).
 
 from __future__ import annotations
 
-import array_api_compat
-
+from attncc.bind import namespace
 from attncc.lowering.env import merge_heads, shared_kv, split_heads
 
 __all__ = ["linformer", "nystrom", "segment_means", "softmax"]
@@ -27,17 +26,16 @@ def linformer(k, v, e, f):
     return e @ k, f @ v
 
 
-def segment_means(x, landmarks: int, xp=None):
-    """Means of ``landmarks`` equal contiguous segments of axis -2 (which it must divide);
-    ``xp``: x's namespace, when the caller has it."""
-    xp = xp or array_api_compat.array_namespace(x)
+def segment_means(x, landmarks: int):
+    """Means of ``landmarks`` equal contiguous segments of axis -2 (which it must divide)."""
+    xp = namespace(x)
     *lead, n, d = x.shape
     return xp.mean(xp.reshape(x, (*lead, landmarks, n // landmarks, d)), axis=-2)
 
 
-def softmax(x, xp=None):
+def softmax(x):
     """Softmax over the last axis (dense rows, every entry finite)."""
-    xp = xp or array_api_compat.array_namespace(x)
+    xp = namespace(x)
     e = xp.exp(x - xp.max(x, axis=-1, keepdims=True))
     return e / xp.sum(e, axis=-1, keepdims=True)
 
@@ -45,13 +43,13 @@ def softmax(x, xp=None):
 def nystrom(q, k, v, landmarks: int, scale: float, *, exact_pinv: bool = True):
     """Nyström attention ``(B, H, Nq, Dv)`` in q's dtype for q ``(B, H, Nq, D)`` and k, v
     ``(B, Hkv, Nk, D|Dv)``; ``exact_pinv``: invert in float64 (else in q's dtype)."""
-    xp = array_api_compat.array_namespace(q, k, v)
+    xp = namespace(q)
     q5, k5, v5 = split_heads(q, k.shape[1]), shared_kv(k), shared_kv(v)
-    q_land, k_land = segment_means(q5, landmarks, xp), segment_means(k5, landmarks, xp)
+    q_land, k_land = segment_means(q5, landmarks), segment_means(k5, landmarks)
     k_land_t = k_land.mT
-    kernel_1 = softmax(scale * (q5 @ k_land_t), xp)
-    kernel_2 = softmax(scale * (q_land @ k_land_t), xp)
-    kernel_3 = softmax(scale * (q_land @ k5.mT), xp)
+    kernel_1 = softmax(scale * (q5 @ k_land_t))
+    kernel_2 = softmax(scale * (q_land @ k_land_t))
+    kernel_3 = softmax(scale * (q_land @ k5.mT))
     if exact_pinv:
         inverse = xp.linalg.pinv(xp.astype(kernel_2, xp.float64))
         inverse = xp.astype(inverse, q.dtype, copy=False)

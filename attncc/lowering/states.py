@@ -28,6 +28,8 @@ from typing import NamedTuple
 
 import array_api_compat
 
+from attncc.bind import namespace
+
 __all__ = ["Rows", "SigmoidState", "SoftmaxState", "TopkThreshold"]
 
 NEG_INF = -math.inf
@@ -45,7 +47,7 @@ class Rows(NamedTuple):
 
 class _State:
     def __init__(self, lead: tuple, value_dim: int, like, inplace: bool):
-        self.xp = array_api_compat.array_namespace(like)
+        self.xp = namespace(like)
         self.lead, self.value_dim, self.inplace = tuple(lead), value_dim, inplace
         self.dtype, self.device = like.dtype, array_api_compat.device(like)
         self.acc = None
@@ -134,7 +136,7 @@ class TopkThreshold:
     """First pass of top-k: the K largest kept scores of each row seen so far."""
 
     def __init__(self, topk: int, lead: tuple, like):
-        self.xp = array_api_compat.array_namespace(like)
+        self.xp = namespace(like)
         self.topk, self.lead, self.like = topk, tuple(lead), like
         self.best = None
         self._largest = _largest(self.xp)
