@@ -25,7 +25,7 @@ from attncc.lowering.lowrank import linformer, nystrom
 from attncc.lowering.prologue import prologue
 from attncc.plan import PlanCache
 
-from .autograd import FlashAttention
+from .flash import FlashAttention
 from .linear import run_linear
 from .runs import RunsForward
 from .schedule import build_schedule
