@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of the generated Triton kernels for an H200 (sm_90), no GPU needed.
 
-For every example spec the Triton backend supports, the generated kernels (forward, dq, dk/dv and
-the classifier of fused specs; the chunked scan of linear specs) are compiled by ``triton.compile``
+For every example spec the Triton backend supports, the generated kernels (forward, dq and dk/dv of
+fused specs; the chunked scan of linear specs) are compiled by ``triton.compile``
 for ``GPUTarget("cuda", 90, 32)`` down to a cubin with the wheel's ptxas. Per kernel it records
 whether it compiled (or the compiler's error), ``metadata.shared`` (bytes), the registers per
 thread and spill bytes (ptxas -v log; cuobjdump as a fallback). Each config is then judged against
@@ -53,7 +53,7 @@ INPUT_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float6
 SWEEP_SPECS = ("causal",)
 SAMPLE = [{"block_m": m, "block_n": n, "num_warps": w, "num_stages": s}
           for m in (64, 128) for n in (64, 128) for w in (4, 8) for s in (1, 2, 3, 4)]
-_ELEM = {"Q", "K", "V", "MK", "MV", "W", "O", "DO", "DQ", "DK", "DV", "PQ", "PK"}
+_ELEM = {"Q", "K", "V", "MK", "MV", "W", "OUT", "DO", "DQ", "DK", "DV", "PQ", "PK"}
 _ACC = {"LSE", "THR", "DELTA", "DLSE", "DMK", "DMV", "DW"}
 _TABLES = {"FC", "FI", "PC", "PI"}
 
@@ -124,7 +124,7 @@ def kernels_for(spec, node, kind: str, config: dict, dtype: str) -> list[tuple]:
     import triton.language as tl
 
     from attncc_triton.kernel import load_module
-    from attncc_triton.runtime import _pow2
+    from attncc_triton.runtime import pow2
     from attncc_triton.source import generate
 
     module = load_module(generate(spec, node, config))
@@ -135,17 +135,15 @@ def kernels_for(spec, node, kind: str, config: dict, dtype: str) -> list[tuple]:
     if kind == "linear":
         feats = spec.features or d
         consts = dict(ACC=acc, PREC="ieee", CAUSAL=bool(getattr(node, "causal", False)),
-                      CHUNK=config["chunk"], BLOCK_F=_pow2(feats), BLOCK_DV=_pow2(dv))
-        return [("linear", module._linear, consts, opts)]
+                      CHUNK=config["chunk"], BLOCK_F=pow2(feats), BLOCK_DV=pow2(dv))
+        return [("linear", module.PROGRAM.kernels["linear"], consts, opts)]
     consts = dict(ACC=acc, PREC="ieee", MEM=spec.memory_tokens, TOPK=spec.topk or 1,
-                  BLOCK_M=config["block_m"], BLOCK_N=config["block_n"], BLOCK_D=_pow2(d),
-                  BLOCK_DV=_pow2(dv))
-    prec = getattr(module, "_precision", None)
-    if prec is not None:  # the runtime picks the dot precision per dtype
-        consts["PREC"] = prec(dtype)
-    result = [(n, getattr(module, "_" + n), consts, opts) for n in ("fwd", "bwd_dq", "bwd_dkdv")]
-    classify = dict(ACC=tl.float32, BLOCK_M=config["block_m"], BLOCK_N=config["block_n"])
-    result.append(("classify", module._classify, classify, {"num_warps": 4, "num_stages": 1}))
+                  BLOCK_M=config["block_m"], BLOCK_N=config["block_n"], BLOCK_D=pow2(d),
+                  BLOCK_DV=pow2(dv))
+    result = []
+    for name in ("fwd", "bwd_dq", "bwd_dkdv"):  # each kernel takes the constants it reads
+        fn = module.PROGRAM.kernels[name]
+        result.append((name, fn, {k: v for k, v in consts.items() if k in fn.arg_names}, opts))
     return result
 
 
@@ -306,7 +304,7 @@ def judge(entry: dict, rows: list[dict], spec, kind: str, target) -> dict:
 
     space = search_space(spec, kind, target, entry["dtype"])
 
-    main = [r for r in rows if r["kernel"] != "classify"]
+    main = rows
     fits = all(r["ok"] and (r["shared"] or 0) <= SMEM_LIMIT
                and (r["registers"] or 0) <= REGS_PER_THREAD for r in rows)
     entry.update(keep=bool(space.keep(entry["config"])), fits=fits,
@@ -450,7 +448,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--config", help="JSON dict overriding the default config's values")
     parser.add_argument("--kernels", help="comma-separated subset of fwd,bwd_dq,bwd_dkdv,"
-                                          "classify,linear (default: all)")
+                                          "linear (default: all)")
     parser.add_argument("--wide-specs", default="causal,linear_elu",
                         help="specs compiled in the dtypes other than bfloat16 ('all': every "
                              "spec); fp32 and fp64 kernels take ~30 s each to compile")

@@ -20,7 +20,7 @@ import sympy
 from attncc.spec.symbols import SIZE_NAMES
 from attncc.spec.symbols import score as score_symbol
 
-from .printer import TritonPrinter, derivatives, input_atoms
+from .printer import TritonPrinter, derivatives, enclosed, input_atoms
 
 _BH = {"b", "h", *SIZE_NAMES}
 _DOT = "out_dtype=ACC, input_precision=PREC"
@@ -497,12 +497,7 @@ def _names(atom: sympy.Indexed) -> set[str]:
 
 def _paren(text: str) -> str:
     """``text`` in parentheses unless one pair already encloses all of it."""
-    depth = 0
-    for i, c in enumerate(text):
-        depth += (c == "(") - (c == ")")
-        if depth == 0 and i < len(text) - 1:
-            return f"({text})"
-    return text if text.startswith("(") else f"({text})"
+    return text if enclosed(text) else f"({text})"
 
 
 _UNPACK = re.compile(r"^(\s*)([\w, ]+) = (_\w+\()$")

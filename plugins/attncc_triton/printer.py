@@ -60,15 +60,15 @@ class TritonPrinter:
         if type(e) in _UNARY:
             arg = self.p(e.args[0])
             if isinstance(e, sympy.Abs):
-                return f"tl.abs({arg})"
+                return f"tl.abs({self.bare(e.args[0])})"
             return f"{_UNARY[type(e)]}(({arg}).to(ACC))"
         if isinstance(e, sympy.Mod):
-            return f"_mod({self.p(e.args[0])}, {self.p(e.args[1])})"
+            return f"_mod({self.bare(e.args[0])}, {self.bare(e.args[1])})"
         if isinstance(e, (sympy.Min, sympy.Max)):
             fn = "tl.minimum" if isinstance(e, sympy.Min) else "tl.maximum"
-            result = self.p(e.args[0])
+            result = self.bare(e.args[0])
             for arg in e.args[1:]:
-                result = f"{fn}({result}, {self.p(arg)})"
+                result = f"{fn}({result}, {self.bare(arg)})"
             return result
         if type(e) in _COMPARE:
             return f"({self.p(e.lhs)} {_COMPARE[type(e)]} {self.p(e.rhs)})"
@@ -84,6 +84,11 @@ class TritonPrinter:
                 result = f"tl.where({self.p(branch.cond)}, {self.p(branch.expr)}, {result})"
             return result
         raise BackendError(f"triton backend: cannot print {type(e).__name__} ({e}) as Triton code")
+
+    def bare(self, e) -> str:
+        """``e`` printed without the parentheses that enclose all of it (a call's argument)."""
+        text = self.p(e)
+        return text[1:-1] if enclosed(text) else text
 
     def add(self, e: sympy.Add) -> str:
         """``a - b`` for a negative term, a positive term first where there is one."""
@@ -118,7 +123,7 @@ class TritonPrinter:
     def rounding(self, e) -> str:
         num, den = sympy.fraction(sympy.together(e.args[0]))
         if den != 1 and num.is_integer and den.is_integer:
-            n, d = self.p(num), self.p(den)
+            n, d = self.bare(num), self.bare(den)
             if isinstance(e, sympy.floor):
                 return f"_floordiv({n}, {d})"
             return f"(-_floordiv(-({n}), {d}))"
@@ -143,6 +148,16 @@ class TritonPrinter:
         name = str(e.base.label)
         value = f"tl.load({name}_ptr + {self.offset(e)})"
         return f"{value}.to(ACC)" if name in self.float_inputs else value
+
+
+def enclosed(text: str) -> bool:
+    """Whether one pair of parentheses encloses all of ``text``."""
+    depth = 0
+    for i, c in enumerate(text):
+        depth += (c == "(") - (c == ")")
+        if depth == 0 and i < len(text) - 1:
+            return False
+    return text.startswith("(")
 
 
 def input_atoms(expr) -> list[sympy.Indexed]:
