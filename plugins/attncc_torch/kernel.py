@@ -78,21 +78,21 @@ class TorchKernel(Kernel):
         if self._projection is not None:
             k, v = linformer(k, v, *(call.inputs[n] for n in self._projection))
         plan = self._plans.get(call.sizes, call.raw_inputs)
-        if self._runs_ok(call):
-            key = ("runs", *sorted(call.sizes.items()), str(q.device))
+        runs = self._runs_ok(call)
+        key = (runs, *sorted(call.sizes.items()), str(q.device))  # a plan serves many sizes
+        if runs:
             runner = self._derive(plan, key, lambda: RunsForward(
                 node, plan, call.sizes, call.inputs, q.device))
             out, lse = runner(call.q, k, v, call.scale)
         else:
-            out, lse = self._flash(plan, call, k, v)
+            out, lse = self._flash(plan, key, call, k, v)
         if return_lse:
             return out.to(call.dtype), lse.to(call.dtype)
         return out.to(call.dtype)
 
-    def _flash(self, plan, call, k, v):
+    def _flash(self, plan, key: tuple, call, k, v):
         cfg, sizes, q = self.config, call.sizes, call.q
         bm, bn = cfg["block_m"], cfg["block_n"]
-        key = (sizes["batch"], sizes["kv_heads"], sizes["heads"], str(q.device))
         schedule = self._derive(plan, key, lambda: build_schedule(
             plan, sizes["batch"], sizes["kv_heads"], call.group, kv_chunk=cfg["kv_chunk"],
             group_blocks=cfg["group_blocks"], tile_elems=cfg["tile_elems"],

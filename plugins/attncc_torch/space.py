@@ -7,14 +7,13 @@ Flash pattern (softmax, sigmoid, top-k, Linformer):
 - ``kv_chunk``: key blocks per inner iteration of the online softmax (wider = fewer, bigger
   matmuls, more memory per tile).
 - ``group_blocks``: query blocks with equal key-block counts batched into one step.
-- ``tile_elems``: cap on score elements per tile (bounds memory; a step is split to fit). One
-  value in the search space; ``compile`` takes others.
-- ``use_sdpa``: dispatch to torch's fused SDPA kernels: the whole call to
-  ``torch.nn.functional.scaled_dot_product_attention`` where the spec is plain dense or causal
-  softmax; otherwise, for a masked dot-product softmax on CPU without gradients, one CPU
-  flash-attention call per run of key blocks of the plan (``runs.py``). Offered where the fused
-  node's ``lowering`` (the ``strategy`` pass) allows the ``runs`` path; whole SDPA where it
-  allows ``sdpa``.
+- ``tile_elems``: cap on score elements per tile (bounds memory; a step is split to fit); one
+  value.
+- ``use_sdpa``: dispatch to torch's fused SDPA kernels, offered where the fused node's
+  ``lowering`` (the ``strategy`` pass) allows the ``runs`` path: the whole call to
+  ``torch.nn.functional.scaled_dot_product_attention`` where it also allows ``sdpa`` (plain
+  dense or causal softmax); otherwise, on CPU without gradients, one CPU flash-attention call per
+  run of key blocks of the plan (``runs.py``).
 
 Linear attention: ``chunk``, the positions per chunk of the causal prefix-sum scan. Nyström has
 no tunable.
