@@ -2,8 +2,8 @@
 
 ``op(spec, backend=..., config=...)`` compiles the spec once, in eager Python, and returns
 ``fn(q, k, v, **inputs) -> out`` for use inside a model. A kernel that offers its own operators
-(``Kernel.torch_op``) is called through them; any other kernel of a torch backend is wrapped in
-the one generic pair:
+(``Kernel.torch_op``) is called through them; any other kernel that takes torch tensors is
+wrapped in the one generic pair:
 
 - ``attncc::attention(q, k, v, key, inputs) -> Tensor`` (``torch.library.custom_op``) runs the
   kernel's ``__call__``; ``attncc::attention_backward`` its ``backward``. Both have

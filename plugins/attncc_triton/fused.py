@@ -12,7 +12,6 @@ reads (``Fn``), and a kernel launched by keyword gets only those (``runtime``).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import sympy
@@ -20,12 +19,11 @@ import sympy
 from attncc.spec.symbols import SIZE_NAMES
 from attncc.spec.symbols import score as score_symbol
 
-from .printer import TritonPrinter, derivatives, enclosed, input_atoms
+from .printer import TritonPrinter, derivatives, input_atoms
+from .text import CONSTS, Fn, indent, paren
 
 _BH = {"b", "h", *SIZE_NAMES}
 _DOT = "out_dtype=ACC, input_precision=PREC"
-_WORD = re.compile(r"[A-Za-z_]\w*")
-_CONSTS = ("ACC", "PREC", "MEM", "TOPK", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV")
 _SIZES = ("scale", *SIZE_NAMES)
 _INF = "float('-inf')"
 
@@ -53,63 +51,6 @@ class FusedSpec:
         """Floating inputs of the score_mod, whose gradients the dk/dv kernel accumulates."""
         return sorted({str(a.base.label) for a in input_atoms(self.score_mod)
                        if str(a.base.label) in self.float_inputs})
-
-
-def _wrap(words: list[str], indent: str, width: int = 100) -> list[str]:
-    """``words`` joined by ", " into lines of at most ``width`` columns, each ending in ","."""
-    lines, line = [], ""
-    for word in words:
-        if line and len(indent) + len(line) + len(word) + 2 > width:
-            lines.append(indent + line.rstrip())
-            line = ""
-        line += word + ", "
-    return [*lines, indent + line.rstrip()] if line else lines
-
-
-@dataclass
-class Fn:
-    """One ``@triton.jit`` function: its parameters are the candidates (in groups, one line
-    each) that its body reads; ``flags`` are constexprs passed by keyword."""
-
-    name: str
-    doc: str
-    groups: list[list[str]]
-    body: list[str]
-    flags: tuple[str, ...] = ()
-    kernel: bool = False
-
-    def __post_init__(self):
-        self.body = _unpack_unused(self.body)
-        used = set(_WORD.findall("\n".join(self.body)))
-        self.groups = [[p for p in g if p in used] for g in self.groups]
-        self.groups = [g for g in self.groups if g]
-        self.flags = tuple(f for f in self.flags if f in used)
-
-    @property
-    def params(self) -> list[str]:
-        return [p for g in self.groups for p in g]
-
-    def text(self) -> str:
-        const = set(_CONSTS) | set(self.flags)
-        lines = ["@triton.jit", f"def {self.name}("]
-        for group in [*self.groups, list(self.flags)]:
-            lines += _wrap([f"{p}: tl.constexpr" if p in const else p for p in group], "    ")
-        lines += ["):", f'    """{self.doc}"""']
-        lines += [x for b in self.body for x in _fit("    " + b if b else "")]
-        return "\n".join(lines) + "\n"
-
-    def call(self, result: str, subs: dict | None = None, **flags) -> list[str]:
-        """The lines of ``result = name(...)`` (no result: a bare call), names replaced by
-        ``subs`` and flags given by keyword (flags not given pass the caller's own)."""
-        subs = subs or {}
-        head = f"{result} = {self.name}(" if result else f"{self.name}("
-        lines = [head]
-        for group in self.groups:
-            lines += _wrap([str(subs.get(p, p)) for p in group], "    ")
-        passed = [f"{f}={flags.get(f, f)}" for f in self.flags]
-        if passed:
-            lines += _wrap(passed, "    ")
-        return [*lines, ")"]
 
 
 class FusedGenerator:
@@ -148,14 +89,14 @@ class FusedGenerator:
             body += self._loads(mod_atoms)
             text = self._printer(mod_atoms)(fs.score_mod)
             s = text if score_symbol in fs.score_mod.free_symbols else f"score * 0 + {text}"
-            if fs.memory_tokens:
-                body += ["if MEMORY:", "    s = score", "else:", f"    s = {s}"]
-                s = "s"
+            body += (["if MEMORY:", "    s = score", "else:", f"    s = {s}"]
+                     if fs.memory_tokens else [f"s = {s}"])
+            s = "s"
         if fs.mask is not None:
             atoms = {**mod_atoms, **self._locals(fs.mask)}
             mask = self._printer(atoms)(fs.mask)
-            body += ["if MASK:", *_indent(self._loads(atoms, skip=mod_atoms)),
-                     f"    keep = keep & {_paren(mask)}"]
+            body += ["if MASK:", *indent(self._loads(atoms, skip=mod_atoms)),
+                     f"    keep = keep & {paren(mask)}"]
         body.append(f"return score, {s}, keep" + (", t" if self.additive else ""))
         doc = ("The raw score of a tile, after the score_mod (not on memory tokens), and the "
                "kept pairs\n    (``keep`` narrowed by the mask under ``MASK``).")
@@ -210,7 +151,7 @@ class FusedGenerator:
         groups = [state.split(", "), ["q", "q_idx", "row_ok", "w", "do", "lse", "delta", "thr"],
                   ["k_at", "v_at", "sk", "sv", "start", "n_keys", "dmk_at", "dmv_at", "b", "h"],
                   list(self.hoisted.values()), self.expr, ["DW", "swh"], list(_SIZES),
-                  list(_CONSTS)]
+                  list(CONSTS)]
         return Fn(name, doc, groups, body, self.flags)
 
     # ---- the tile functions --------------------------------------------------------------
@@ -259,9 +200,9 @@ class FusedGenerator:
             lines.append("dsr = ds")
         elif memory and fs.memory_tokens:
             lines += ["if MEMORY:", "    dsr = ds", "else:",
-                      f"    dsr = tl.where(keep, ds * {_paren(pr(self.d_score))}, 0.0)"]
+                      f"    dsr = tl.where(keep, ds * {paren(pr(self.d_score))}, 0.0)"]
         else:
-            lines.append(f"dsr = tl.where(keep, ds * {_paren(pr(self.d_score))}, 0.0)")
+            lines.append(f"dsr = tl.where(keep, ds * {paren(pr(self.d_score))}, 0.0)")
         if self.additive:
             lines.append("dt = dsr[:, :, None] * w[None, None, :] * (1.0 - t * t)")
         return lines
@@ -312,7 +253,7 @@ class FusedGenerator:
         body += [f"dk += {dk}", f"dv += {dv}", *(self._dw() if self.additive else [])]
         for atom, d_atom in self.d_inputs if fs.score_mod is not None else []:
             name, off = str(atom.base.label), self.pr.offset(atom)
-            body.append(f"g_in = tl.where(keep, ds * {_paren(self._printer(local)(d_atom))}, "
+            body.append(f"g_in = tl.where(keep, ds * {paren(self._printer(local)(d_atom))}, "
                         "0.0)")
             if _names(atom) <= _BH:
                 body.append(f"tl.atomic_add({name}_grad + {off}, tl.sum(tl.sum(g_in, 1), 0))")
@@ -324,7 +265,7 @@ class FusedGenerator:
                   ["q_at", "do_at", "sqm", "som", "LSE", "DELTA", "THR", "b", "h", "w"],
                   list(self.hoisted.values()), self.expr,
                   [f"{n}_grad" for n in fs.grad_inputs], ["DW", "swh"], list(_SIZES),
-                  list(_CONSTS)]
+                  list(CONSTS)]
         return Fn("_dkdv_tile", "dk, dv of a key block from query block ``m_blk``; the "
                   "score_mod's floating inputs'\n    gradients by atomics.", groups, body,
                   ("MASK",) if fs.mask is not None else ())
@@ -384,12 +325,12 @@ class FusedGenerator:
             subs = {"k_at": "mk_at", "v_at": "mv_at", "sk": "smkn", "sv": "smvn",
                     "start": "j", "n_keys": "MEM"}
             lines += ["for j in range(0, MEM, BLOCK_N):",
-                      *_indent(tile.call(result, subs, MEMORY=True, MASK=False))]
+                      *indent(tile.call(result, subs, MEMORY=True, MASK=False))]
         subs = {"sk": "skn", "sv": "svn", "start": "n_blk * BLOCK_N", "n_keys": "seq_k"}
         for table, partial in (("F", False), ("P", True)):
             lines += [f"for it in range(0, tl.load({table}C + row)):",
                       f"    {block} = tl.load({table}I + irow + it)",
-                      *_indent(tile.call(result, subs, MEMORY=False, MASK=partial))]
+                      *indent(tile.call(result, subs, MEMORY=False, MASK=partial))]
         return lines
 
     def _kernel(self, name: str, doc: str, body: list[str]) -> Fn:
@@ -399,8 +340,8 @@ class FusedGenerator:
                    "som"], ["smkh", "smkn", "smvh", "smvn", "swh"],
                   ["FC", "FI", "PC", "PI", "c_b", "c_h", "c_m", "i_b", "i_h", "i_m"],
                   [f"{n}_grad" for n in self.fs.grad_inputs], self.expr, list(_SIZES),
-                  list(_CONSTS)]
-        return Fn(name, doc, groups, body, kernel=True)
+                  list(CONSTS)]
+        return Fn(name, doc, groups, body)
 
     def forward(self) -> Fn:
         fs, body = self.fs, self._head(backward=False)
@@ -462,7 +403,7 @@ class FusedGenerator:
                 "v = tl.load(v_at, mask=dv_ok, other=0.0)",
                 "dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)", "dv = tl.zeros([BLOCK_N, BLOCK_DV], ACC)",
                 "for g in range(0, heads // kv_heads):",
-                *_indent(["h = kvh * (heads // kv_heads) + g", "q_at = Q + b * sqb + h * sqh",
+                *indent(["h = kvh * (heads // kv_heads) + g", "q_at = Q + b * sqb + h * sqh",
                           "do_at = DO + b * sob + h * soh", *self._per_head(),
                           "row = b * c_b + h * c_h + pid * c_m",
                           "irow = b * i_b + h * i_h + pid * i_m",
@@ -486,34 +427,9 @@ class FusedGenerator:
                 self.backward_dkdv()]
 
 
-def _indent(lines: list[str]) -> list[str]:
-    return ["    " + x if x else x for x in lines]
-
-
 def _names(atom: sympy.Indexed) -> set[str]:
     """The symbols an input element's indices read."""
     return {str(s) for s in sympy.Tuple(*atom.indices).free_symbols}
-
-
-def _paren(text: str) -> str:
-    """``text`` in parentheses unless one pair already encloses all of it."""
-    return text if enclosed(text) else f"({text})"
-
-
-_UNPACK = re.compile(r"^(\s*)([\w, ]+) = (_\w+\()$")
-
-
-def _unpack_unused(body: list[str]) -> list[str]:
-    """``_`` for the names a tuple assignment from a call binds that no other line reads."""
-    result = list(body)
-    for i, line in enumerate(body):
-        found = _UNPACK.match(line)
-        if found is None or "," not in found.group(2):
-            continue
-        rest = set(_WORD.findall("\n".join(body[:i] + body[i + 1:])))
-        names = [n if n in rest else "_" for n in found.group(2).split(", ")]
-        result[i] = f"{found.group(1)}{', '.join(names)} = {found.group(3)}"
-    return result
 
 
 def _element_name(atom: sympy.Indexed, number: int) -> str:
@@ -523,20 +439,3 @@ def _element_name(atom: sympy.Indexed, number: int) -> str:
     if len(parts) == len(atom.indices):
         return f"{name}_{'_'.join(parts)}"
     return f"{name}_e{number}"
-
-
-def _fit(line: str, width: int = 100) -> list[str]:
-    """``line`` broken inside its parentheses, after a comma or before an operator, into
-    lines of at most ``width`` columns where it can be (continuations indented 4 more)."""
-    lines, indent = [], " " * (len(line) - len(line.lstrip()) + 4)
-    while len(line) > width:
-        depth, best = 0, None
-        for i, c in enumerate(line[:width]):
-            depth += (c in "([") - (c in ")]")
-            if depth > 0 and line.startswith((", ", " + ", " - ", " & ", " | ", " * "), i):
-                best = i + 1 if c == "," else i
-        if best is None or line[:best].strip() == "":
-            break
-        lines.append(line[:best].rstrip())
-        line = indent + line[best:].lstrip()
-    return [*lines, line]

@@ -1,9 +1,9 @@
-"""The Triton Kernel: the generated module imported from its own file, called with attncc's
-call prologue, attncc's block plan and attncc's shared lowering pieces.
+"""The Triton Kernel: the generated module imported from its own file, called after attncc's
+call prologue with attncc's block plan.
 
-The plugin reads the generated module through its public names only: ``PROGRAM`` (the host
-runtime's ``Program``: launches, ``scale``, ``fused``, ``linear_attention``, ``denominator``)
-and ``attention`` (the standalone entry point, which attncc does not call).
+The plugin reads the generated module through one public name, ``PROGRAM`` (the host runtime's
+``Program``): the kernel calls its ``attention`` (the module's entry point) with the plan's
+tables; the ``torch.library`` ops (``ops.py``) call its launches.
 """
 
 from __future__ import annotations
@@ -21,13 +21,10 @@ import torch
 
 from attncc.backends.autograd import autograd_backward
 from attncc.backends.base import Kernel
-from attncc.lowering.features import feature_map
-from attncc.lowering.lowrank import linformer, segment_means, softmax
 from attncc.lowering.prologue import prologue
 from attncc.plan import PlanCache
 
 from . import runtime
-from .runtime import acc_dtype
 from .source import RUNTIME, RUNTIME_TEXT
 
 #: Folder the generated modules are written to (Triton's jit reads a kernel's source file).
@@ -119,31 +116,9 @@ class TritonKernel(Kernel):
 
     def __call__(self, q, k, v, *, return_lse: bool = False, **inputs):
         call = self.prologue(q, k, v, inputs, return_lse)
-        program, named = self.program, call.inputs
-        if self.kind == "linear":
-            fm, omega = self.spec.feature_map, named.get("omega")
-            out = program.linear_attention(feature_map(fm, q, omega), feature_map(fm, k, omega), v)
-            return (out, None) if return_lse else out
-        if self.kind == "nystrom":
-            return self._nystrom(q, k, v, call.scale)
-        tables = self.tables(call.sizes, call.raw_inputs, q.device)
-        if "E" in named:
-            k, v = linformer(k, v, named["E"].to(k.dtype), named["F"].to(v.dtype))
-        out, lse = program.fused(q, k, v, named, tables, call.scale)
-        return (out, lse.to(q.dtype)) if return_lse else out
-
-    def _nystrom(self, q, k, v, scale: float):
-        """``softmax(s q k̃ᵀ) · pinv(softmax(s q̃ k̃ᵀ)) · softmax(s q̃ kᵀ) v``: the outer two by
-        the dense fused kernel, the landmarks and the pinv (accumulation dtype) in torch."""
-        m, group, program = self.node.landmarks, q.shape[1] // k.shape[1], self.program
-        q_land = segment_means(q, m)
-        k_land = segment_means(k, m).repeat_interleave(group, dim=1)
-        middle = softmax(scale * (q_land @ k_land.transpose(-1, -2)))
-        dense = program.dense_tables(m, k.shape[2], runtime.FULL, q.device)
-        attn_v, _ = program.fused(q_land, k, v, {}, dense, scale)
-        z = torch.linalg.pinv(middle.to(acc_dtype(q.dtype))).to(q.dtype) @ attn_v
-        dense = program.dense_tables(q.shape[2], m, runtime.FULL, q.device)
-        return program.fused(q, k_land, z, {}, dense, scale)[0]
+        tables = (self.tables(call.sizes, call.raw_inputs, q.device) if self.kind == "fused"
+                  else None)
+        return self.program.attention(q, k, v, return_lse, tables, call.inputs)
 
 
 def _padded(arrays: dict, n_q: int, n_k: int) -> dict:

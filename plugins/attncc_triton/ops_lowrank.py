@@ -38,7 +38,7 @@ class LinearOps:
     """The forward and backward ``triton_op``s of one linear-attention Triton kernel."""
 
     def __init__(self, kernel):
-        self.program, self.kind = kernel.program, kernel.spec.feature_map
+        self.program, self.kind = kernel.program, kernel.node.feature_map
         self.names = tuple(kernel.spec.inputs)
         self.forward, self.backward = define(self, f"triton_{tag(kernel)}")
 

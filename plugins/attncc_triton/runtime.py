@@ -236,7 +236,7 @@ class Program:
         scale = self.scale(q, k, v)
         if spec["kind"] == "nystrom":
             return self._nystrom(q, k, v, scale)
-        if spec["lowrank"] == "linformer":
+        if spec["projection"]:
             k, v = inputs["E"].to(k.dtype) @ k, inputs["F"].to(v.dtype) @ v
         if tables is None:
             tables = self.dense_tables(q.shape[2], k.shape[2],

@@ -109,9 +109,10 @@ def generate(spec, node, config: dict) -> str:
     meta = {
         "name": spec.name, "hash": spec.hash, "kind": kind, "normalize": fs.normalize,
         "topk": fs.topk, "memory_tokens": fs.memory_tokens, "masked": fs.mask is not None,
-        "lowrank": spec.lowrank.method if spec.lowrank is not None else None,
+        "projection": getattr(node, "projection", None),
         "landmarks": node.landmarks if isinstance(node, Nystrom) else None,
-        "feature_map": spec.feature_map, "features": spec.features,
+        "feature_map": getattr(node, "feature_map", None),
+        "features": getattr(node, "features", None),
         "causal": bool(getattr(node, "causal", False)), "expr_inputs": fs.expr_inputs,
     }
     doc = [f'"""attncc-generated Triton kernels for the spec {spec.name!r} ({kind}).', "",
@@ -130,7 +131,7 @@ def generate(spec, node, config: dict) -> str:
         kernels = {"fwd": "_fwd", "bwd_dq": "_bwd_dq", "bwd_dkdv": "_bwd_dkdv"}
         ndims = {n: len(i.shape) for n, i in spec.inputs.items()}
         functions = [f.text() for f in FusedGenerator(fs, ndims).functions()]
-    scale = _scale_function(spec.scale)
+    scale = _scale_function(getattr(node, "scale", spec.scale))
     used = set(re.findall(r"\b_\w+(?=\()", "\n".join(functions)))
     helpers = [text for name, text in HELPERS.items()
                if name in used or (name == "_floordiv" and "_mod" in used)]
