@@ -28,7 +28,6 @@ import torch
 from torch import Tensor
 
 from attncc.lowering.features import divide_vjp, feature_map, feature_map_vjp
-from attncc.lowering.lowrank import segment_means, softmax
 
 from .ops import define, floating_like, per_input, tag
 from .runtime import FULL, acc_dtype
@@ -113,18 +112,8 @@ class NystromOps:
         self.program, self.landmarks = kernel.program, kernel.node.landmarks
         self.forward, self.backward = define(self, f"triton_{tag(kernel)}")
 
-    def _landmarks(self, q, k):
-        """Segment means q̃ (B, H, m, D) and k̃ repeated to the query heads (B, H, m, D)."""
-        k_land = segment_means(k, self.landmarks)
-        return segment_means(q, self.landmarks), k_land.repeat_interleave(
-            q.shape[1] // k.shape[1], dim=1)
-
     def _tables(self, q, k) -> dict:
         return self.program.dense_tables(q.shape[2], k.shape[2], FULL, q.device)
-
-    def _fused(self, q, k, v, scale):
-        return self.program.forward(q, k, v, {}, self._tables(q, k), scale,
-                                    wrap=torch.library.wrap_triton)
 
     def _fused_backward(self, q, k, v, scale, out, lse, d_out):
         dq, dk, dv, _ = self.program.backward(q, k, v, {}, self._tables(q, k), scale, out, lse,
@@ -134,12 +123,7 @@ class NystromOps:
 
     def _forward(self, q: Tensor, k: Tensor, v: Tensor, scale: float
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        q_land, k_rep = self._landmarks(q, k)
-        middle = softmax(scale * (q_land @ _t(k_rep)))
-        inverse = torch.linalg.pinv(middle.to(acc_dtype(q.dtype)))
-        attn_v, lse_v, _ = self._fused(q_land, k, v, scale)
-        out, lse_out, _ = self._fused(q, k_rep, inverse.to(q.dtype) @ attn_v, scale)
-        return out, middle, inverse, attn_v, lse_v, lse_out
+        return self.program.nystrom(q, k, v, scale, wrap=torch.library.wrap_triton, grad=False)
 
     def _forward_fake(self, q, k, v, scale):
         b, h, n_q, _ = q.shape
@@ -152,7 +136,7 @@ class NystromOps:
                   middle: Tensor, inverse: Tensor, attn_v: Tensor, lse_v: Tensor,
                   lse_out: Tensor, d_out: Tensor) -> list[Tensor]:
         acc = inverse.dtype
-        q_land, k_rep = self._landmarks(q, k)
+        q_land, k_rep = self.program.landmarks(q, k)
         z = inverse.to(q.dtype) @ attn_v
         dq, dk_rep, dz = self._fused_backward(q, k_rep, z, scale, out, lse_out, d_out)
         dz = dz.to(acc)

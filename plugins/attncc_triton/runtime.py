@@ -235,7 +235,7 @@ class Program:
             return (out, None) if return_lse else out
         scale = self.scale(q, k, v)
         if spec["kind"] == "nystrom":
-            return self._nystrom(q, k, v, scale)
+            return self.nystrom(q, k, v, scale)[0]
         if spec["projection"]:
             k, v = inputs["E"].to(k.dtype) @ k, inputs["F"].to(v.dtype) @ v
         if tables is None:
@@ -244,18 +244,30 @@ class Program:
         out, lse = self.fused(q, k, v, inputs, tables, scale)
         return (out, lse.to(q.dtype)) if return_lse else out
 
-    def _nystrom(self, q, k, v, scale: float):
-        """Segment-mean landmarks, two dense fused-kernel calls and a pinv (torch)."""
+    def landmarks(self, q, k):
+        """Nyström's segment-mean landmarks q̃ (B, H, m, D) and k̃, repeated to the query heads."""
         m, group = self.spec["landmarks"], q.shape[1] // k.shape[1]
         q_land = q.unflatten(2, (m, q.shape[2] // m)).mean(3)
-        k_land = k.unflatten(2, (m, k.shape[2] // m)).mean(3).repeat_interleave(group, dim=1)
+        return q_land, k.unflatten(2, (m, k.shape[2] // m)).mean(3).repeat_interleave(group, 1)
+
+    def nystrom(self, q, k, v, scale: float, wrap=None, grad: bool = True):
+        """``(out, middle, inverse, attn_v, lse_v, lse_out)`` of ``out = softmax(s q k̃ᵀ) ·
+        inverse · attn_v``, ``inverse = pinv(middle)`` (accumulation dtype), ``middle =
+        softmax(s q̃ k̃ᵀ)``, ``attn_v = softmax(s q̃ kᵀ) v``: two dense fused-kernel calls
+        (``fused`` where ``grad``, else ``forward`` through ``wrap``) and torch ops."""
+        q_land, k_land = self.landmarks(q, k)
         middle = torch.softmax(scale * (q_land @ k_land.transpose(-1, -2)), -1)
-        dense = self.dense_tables(m, k.shape[2], FULL, q.device)
-        attn_v, _ = self.fused(q_land, k, v, {}, dense, scale)
-        z = torch.linalg.pinv(middle.to(acc_dtype(q.dtype))).to(q.dtype) @ attn_v
-        out, _ = self.fused(q, k_land, z, {}, self.dense_tables(q.shape[2], m, FULL, q.device),
-                            scale)
-        return out
+        inverse = torch.linalg.pinv(middle.to(acc_dtype(q.dtype)))
+
+        def run(q_, k_, v_):
+            dense = self.dense_tables(q_.shape[2], k_.shape[2], FULL, q.device)
+            if grad:
+                return self.fused(q_, k_, v_, {}, dense, scale)
+            return self.forward(q_, k_, v_, {}, dense, scale, wrap=wrap)[:2]
+
+        attn_v, lse_v = run(q_land, k, v)
+        out, lse_out = run(q, k_land, inverse.to(q.dtype) @ attn_v)
+        return out, middle, inverse, attn_v, lse_v, lse_out
 
 
 def prepared(q, inputs: dict) -> dict:
