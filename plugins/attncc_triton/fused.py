@@ -87,8 +87,9 @@ class FusedGenerator:
         mod_atoms = self._locals(fs.score_mod)
         if fs.score_mod is not None:
             body += self._loads(mod_atoms)
-            text = self._printer(mod_atoms)(fs.score_mod)
-            s = text if score_symbol in fs.score_mod.free_symbols else f"score * 0 + {text}"
+            pr = self._printer(mod_atoms)
+            s = (pr.bare(fs.score_mod) if score_symbol in fs.score_mod.free_symbols
+                 else f"score * 0 + {pr(fs.score_mod)}")
             body += (["if MEMORY:", "    s = score", "else:", f"    s = {s}"]
                      if fs.memory_tokens else [f"s = {s}"])
             s = "s"
