@@ -71,6 +71,21 @@ class Target:
             raise BackendError(f"target: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
         return _detect_cuda(int(match.group(1) or 0))
 
+    @property
+    def torch_device(self) -> str | None:
+        """Where torch tensors for this target live: ``"cuda"``, or None (torch's default CPU)."""
+        return "cuda" if self.kind == "cuda" else None
+
+    @property
+    def sync(self):
+        """``torch.cuda.synchronize`` on a CUDA target (a clock read waits for the device), else
+        None."""
+        if self.kind != "cuda":
+            return None
+        import torch
+
+        return torch.cuda.synchronize
+
     def key(self, layers: int = 3) -> str:
         """The first ``layers`` layers as one stable string, layers joined by ``/``.
 

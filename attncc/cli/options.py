@@ -63,6 +63,26 @@ def target_option(command):
                         metavar="cpu|cuda[:N]", help="Hardware target to compile for.")(command)
 
 
+def every_backend_options(verb: str, seq: int, batch: int):
+    """What ``check`` and ``bench`` share: SPEC, the sizes, --dtype, a repeatable --backend,
+    --target and --seed (``verb`` words the --backend help)."""
+
+    def decorate(command):
+        for option in reversed((
+            spec_argument, size_options(seq=seq, batch=batch), dtype_option(),
+            click.option("--backend", "backend_names", multiple=True, metavar="NAME",
+                         help=f"{verb} only this backend (repeatable); default: every "
+                              "installed one."),
+            target_option,
+            click.option("--seed", type=int, default=0, show_default=True,
+                         help="Seed of the inputs."),
+        )):
+            command = option(command)
+        return command
+
+    return decorate
+
+
 def resolve_sizes(spec, batch: int, seq: int, seq_k: int | None, heads: int | None,
                   head_dim: int | None) -> dict[str, int]:
     """Every size name -> int, from the spec where it fixes a size, else from the options."""
@@ -100,6 +120,43 @@ def detect_target(name: str):
     from attncc.target import Target, default_target
 
     return default_target() if name == "cpu" else Target.detect(name)
+
+
+def lowered(spec_path: str, batch: int, seq: int, seq_k: int | None, heads: int | None,
+            head_dim: int | None, target_name: str):
+    """``(spec, target, graph)`` for a command over every backend; rejects size options the spec
+    fixes (``resolve_sizes``)."""
+    from attncc.passes.pipeline import lower
+
+    spec = load(spec_path)
+    resolve_sizes(spec, batch, seq, seq_k, heads, head_dim)
+    return spec, detect_target(target_name), lower(spec)
+
+
+def each_backend(asked: tuple[str, ...], graph, target):
+    """``(name, backend, why not)`` per backend of ``checked_backends(asked)``: ``backend`` is
+    None, with the reason, where it cannot load or does not support ``graph`` on ``target``."""
+    from attncc.backends import registry
+    from attncc.errors import BackendError
+
+    for name in checked_backends(asked):
+        try:
+            backend = registry.get(name)
+        except BackendError as err:
+            yield name, None, str(err)
+            continue
+        support = backend.supports(graph, target)
+        yield name, backend if support else None, support.reason
+
+
+def random_call(spec, library: str, target, shape: tuple, dtype: str, seed: int):
+    """``(q, k, v, inputs)`` of ``shape`` = ``(batch, seq_q, seq_k, heads, head_dim)`` drawn by
+    attncc.testing in ``library`` (torch tensors on the target's device)."""
+    from attncc.testing import random_inputs
+
+    batch, seq_q, seq_k, heads, head_dim = shape
+    return random_inputs(spec, batch, seq_q, seq_k, dtype, seed, library, target.torch_device,
+                         heads=heads, head_dim=head_dim)
 
 
 def checked_backends(asked: tuple[str, ...]) -> list[str]:

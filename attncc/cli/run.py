@@ -40,10 +40,11 @@ def run(spec: str, inputs_path: str, out_path: str, backend: str, target_name: s
     kernel = compile_spec(loaded, backend=backend, target=target)
     q, k, v = (_cast(arrays.pop(name), dtype) for name in ("q", "k", "v"))
     args = to_library(kernel, target, (q, k, v), arrays)
+    sync = target.sync or (lambda: None)
 
     def call():
         result = kernel(*args[0], return_lse=lse, **args[1])
-        _synchronize(target)
+        sync()
         return result
 
     start = time.perf_counter()
@@ -112,13 +113,11 @@ def to_library(kernel, target, qkv: tuple, inputs: dict):
         return qkv, inputs
     import torch
 
-    device = "cuda" if target.kind == "cuda" else "cpu"
-
     def convert(x):
         if x.dtype.kind not in "biuf":
             raise InputError(f"expected numeric arrays in the .npz, got dtype {x.dtype}")
         native = x.astype(x.dtype.newbyteorder("="), copy=False)  # torch takes native order only
-        return torch.from_numpy(np.ascontiguousarray(native)).to(device)
+        return torch.from_numpy(np.ascontiguousarray(native)).to(target.torch_device or "cpu")
 
     return tuple(convert(x) for x in qkv), {n: convert(x) for n, x in inputs.items()}
 
@@ -142,13 +141,6 @@ def _cast(x: np.ndarray, dtype: str | None) -> np.ndarray:
         raise InputError("--dtype bfloat16: NumPy arrays cannot hold bfloat16; store the .npz "
                          "in float32 and pick a backend that computes in bfloat16")
     return x.astype(dtype)
-
-
-def _synchronize(target) -> None:
-    if target.kind == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
 
 
 def _ms(seconds: float) -> str:

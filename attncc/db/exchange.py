@@ -14,7 +14,6 @@ never stops compilation.
 from __future__ import annotations
 
 import importlib.resources
-import io
 import json
 import os
 import warnings
@@ -28,19 +27,14 @@ if TYPE_CHECKING:
     from attncc.db.store import Store
 
 
-def dump(records: list[Record], out: io.TextIOBase) -> int:
-    """Write ``records`` as JSONL to ``out`` (sorted by id); the number written."""
-    for record in sorted(records, key=lambda r: r.id):
-        out.write(record.dumps() + "\n")
-    return len(records)
-
-
 def export(store: Store, path: str | os.PathLike, **filters) -> int:
-    """Write the store's records matching ``filters`` (see ``Store.records``) to ``path``."""
-    records = store.records(**filters)
+    """Write the store's records matching ``filters`` (see ``Store.records``) to ``path`` as
+    JSONL, sorted by id; the number written."""
+    records = sorted(store.records(**filters), key=lambda r: r.id)
     try:
         with open(path, "w", encoding="utf-8") as out:
-            return dump(records, out)
+            out.writelines(record.dumps() + "\n" for record in records)
+            return len(records)
     except OSError as err:
         raise DatabaseError(f"cannot write {path}: {err.strerror or err}") from None
 

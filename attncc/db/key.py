@@ -112,10 +112,10 @@ class Record:
 
     def to_json(self) -> dict:
         """A flat JSON-able dict (one JSONL line); ``Record.from_json`` inverts it exactly."""
-        data = {name: value for name, value in asdict(self).items()
-                if name not in ("key", "note", "origin")}
-        return {"schema": self.schema, **asdict(self.key),
-                **{k: v for k, v in data.items() if k != "schema"}}
+        data = asdict(self)
+        for name in ("note", "origin"):
+            del data[name]
+        return {**data.pop("key"), **data}
 
     @staticmethod
     def from_json(data: dict, where: str = "record") -> Record:

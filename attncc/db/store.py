@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import warnings
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -99,7 +100,7 @@ class Store:
         else:
             try:
                 self.engine = sa.create_engine(self.url, pool_pre_ping=True,
-                                               connect_args=_connect_args(self.url))
+                                               connect_args=connect_args(self.url))
             except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, ImportError) as err:
                 raise DatabaseError(_driver_message(self.url, err)) from None
         with self._guard("open"):
@@ -231,42 +232,33 @@ class Store:
         return (f"tuning database {self.path} {why}; it was left untouched{saved}; move it "
                 "away or point --db / ATTNCC_DB elsewhere")
 
+    @contextmanager
     def _guard(self, action: str):
-        return _Guard(self, action)
+        """Turns SQLAlchemy/driver exceptions inside the block into one DatabaseError line
+        (IntegrityError passes: ``put`` handles it)."""
+        try:
+            yield
+        except sa_exc.IntegrityError:
+            raise
+        except (sa_exc.SQLAlchemyError, ImportError) as err:
+            raise DatabaseError(self._fault(action, err)) from None
 
-
-class _Guard:
-    """Turns SQLAlchemy/driver exceptions inside a block into one DatabaseError line."""
-
-    def __init__(self, store: Store, action: str):
-        self.store, self.action = store, action
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, err, tb) -> bool:
-        if err is None or isinstance(err, DatabaseError) or not isinstance(
-                err, sa_exc.SQLAlchemyError | ImportError):
-            return False
-        store = self.store
+    def _fault(self, action: str, err: Exception) -> str:
         text = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
         lowered = text.lower()
-        if isinstance(err, sa_exc.IntegrityError):
-            return False  # handled by put()
         if "locked" in lowered or "busy" in lowered:
-            raise DatabaseError(f"tuning database {store.display} is locked by another process "
-                                f"(waited {store.timeout:g} s to {self.action}); retry when it "
-                                "is done, or raise ATTNCC_DB_TIMEOUT") from None
-        if store.path is not None and ("malformed" in lowered or "not a database" in lowered
-                                       or "corrupt" in lowered):
-            raise DatabaseError(store._unreadable(f"is damaged ({text})")) from None
-        if store.path is None and isinstance(err, sa_exc.OperationalError | sa_exc.InterfaceError):
-            raise DatabaseError(f"cannot {self.action} tuning database {store.display}: {text}; "
-                                "is the server running and reachable?") from None
+            return (f"tuning database {self.display} is locked by another process (waited "
+                    f"{self.timeout:g} s to {action}); retry when it is done, or raise "
+                    "ATTNCC_DB_TIMEOUT")
+        if self.path is not None and ("malformed" in lowered or "not a database" in lowered
+                                      or "corrupt" in lowered):
+            return self._unreadable(f"is damaged ({text})")
+        if self.path is None and isinstance(err, sa_exc.OperationalError | sa_exc.InterfaceError):
+            return (f"cannot {action} tuning database {self.display}: {text}; is the server "
+                    "running and reachable?")
         if isinstance(err, ImportError | sa_exc.NoSuchModuleError):
-            raise DatabaseError(_driver_message(store.url, err)) from None
-        raise DatabaseError(f"cannot {self.action} tuning database {store.display}: "
-                            f"{type(err).__name__}: {text}") from None
+            return _driver_message(self.url, err)
+        return f"cannot {action} tuning database {self.display}: {type(err).__name__}: {text}"
 
 
 def _row(record: Record) -> dict:
@@ -286,7 +278,9 @@ def _sqlite_path(url: str) -> Path | None:
     return Path(parsed.database)
 
 
-def _connect_args(url: str) -> dict:
+def connect_args(url: str) -> dict:
+    """The driver's connect options for ``url``: a PostgreSQL connect timeout
+    (``$ATTNCC_DB_CONNECT_TIMEOUT`` seconds, default 5)."""
     if sa.engine.make_url(url).get_backend_name() == "postgresql":
         return {"connect_timeout": int(os.environ.get("ATTNCC_DB_CONNECT_TIMEOUT", 5))}
     return {}

@@ -31,7 +31,7 @@ from attncc.errors import InputError
 from attncc.spec.load import load_spec
 
 from .ops import op
-from .torch import own_inputs
+from .torch import own_inputs, owned_inputs
 
 __all__ = ["MultiheadAttention"]
 
@@ -117,9 +117,9 @@ class MultiheadAttention(nn.Module):
                 raise InputError(f"attn_mask: expected bool (True = takes part, as SDPA), got "
                                  f"{attn_mask.dtype}; write additive biases in the spec")
             extra["mha_allowed"] = attn_mask.expand(batch, seq_q, seq_k).contiguous()
-        owned = {name: getattr(self, name) for name in self._owned}
         fn = self._ops[(key_padding_mask is not None, attn_mask is not None)]
-        out = fn(q.contiguous(), k.contiguous(), v.contiguous(), **{**owned, **inputs, **extra})
+        out = fn(q.contiguous(), k.contiguous(), v.contiguous(),
+                 **owned_inputs(self, self._owned, {**inputs, **extra}))
         out = out.transpose(1, 2).reshape(batch, seq_q, self.embed_dim)
         return self.out_proj(out), None
 

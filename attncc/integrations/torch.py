@@ -89,6 +89,12 @@ def own_inputs(module: nn.Module, spec, params: dict, device=None) -> tuple[str,
     return tuple(params)
 
 
+def owned_inputs(module: nn.Module, names: tuple[str, ...], inputs: dict) -> dict:
+    """The call's spec inputs: the tensors ``module`` owns (``own_inputs``) overridden by the
+    call-time ``inputs`` of the same name."""
+    return {**{name: getattr(module, name) for name in names}, **inputs}
+
+
 class AttnccAttention(nn.Module):
     """``forward(query, key, value, **inputs)`` computing ``spec`` with its learned inputs owned.
 
@@ -106,10 +112,9 @@ class AttnccAttention(nn.Module):
         self._owned = own_inputs(self, self.spec, params)
 
     def forward(self, query, key, value, **inputs):
-        owned = {name: getattr(self, name) for name in self._owned}
-        enable_gqa = key.shape[1] != query.shape[1]
         return self.fn(query, key, value, is_causal=self.is_causal, scale=self.scale,
-                       enable_gqa=enable_gqa, **{**owned, **inputs})
+                       enable_gqa=key.shape[1] != query.shape[1],
+                       **owned_inputs(self, self._owned, inputs))
 
     def extra_repr(self) -> str:
         return f"spec={self.spec.name!r}, owned={list(self._owned)}"

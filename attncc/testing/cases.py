@@ -25,6 +25,7 @@ normalization exponentiates scores, so a kernel that does not subtract the row m
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,17 +146,12 @@ def _compile(case: Case, spec, refusals: str):
 
 
 def _tile_area(config: dict) -> int:
-    area = 1
-    for value in config.values():
-        area *= value if isinstance(value, int) else 1
-    return area
+    return math.prod(value if isinstance(value, int) else 1 for value in config.values())
 
 
 def _target(case: Case):
-    try:
-        from attncc.target import Target
-    except ImportError:
-        return None
+    from attncc.target import Target
+
     device = str(case.device or "cpu")
     return Target.detect(device if device.startswith("cuda") else "cpu")
 

@@ -47,6 +47,13 @@ def _param(name: str, kind: str) -> str:
     return {"log2": f"log2_{name}", "index": f"{name}_index"}.get(kind, name)
 
 
+def _value(kind: str, info, param):
+    """The config value that trial parameter ``param`` of ``_kind`` ``(kind, info)`` stands for."""
+    if kind == "log2":
+        return 2 ** int(param)
+    return info[int(param)] if kind == "index" else param
+
+
 def suggest(trial: optuna.Trial, space: SearchSpace, base: dict) -> dict:
     """The config of ``trial``: ``base`` (the backend's defaults) updated with the suggestions.
 
@@ -55,13 +62,14 @@ def suggest(trial: optuna.Trial, space: SearchSpace, base: dict) -> dict:
     config = dict(base)
     for name, values in space.params.items():
         kind, info = _kind(values)
+        key = _param(name, kind)
         if kind == "log2":
-            lo, hi, step = info
-            config[name] = 2 ** trial.suggest_int(_param(name, kind), lo, hi, step=step)
+            param = trial.suggest_int(key, info[0], info[1], step=info[2])
         elif kind == "index":
-            config[name] = info[trial.suggest_int(_param(name, kind), 0, len(info) - 1)]
+            param = trial.suggest_int(key, 0, len(info) - 1)
         else:
-            config[name] = trial.suggest_categorical(name, list(info))
+            param = trial.suggest_categorical(key, list(info))
+        config[name] = _value(kind, info, param)
     if not space.keep(config):
         trial.set_user_attr(INVALID, True)
         raise optuna.TrialPruned(f"config {config} rejected by the backend's keep() filter")
@@ -72,16 +80,11 @@ def encode(space: SearchSpace, config: dict) -> dict:
     """Trial params for the tunables in ``config`` (values must be listed in the space)."""
     params = {}
     for name, values in space.params.items():
-        if name not in config:
-            continue
-        kind, info = _kind(values)
-        value = config[name]
-        if kind == "log2":
-            params[_param(name, kind)] = int(math.log2(value))
-        elif kind == "index":
-            params[_param(name, kind)] = info.index(value)
-        else:
-            params[name] = value
+        if name in config:
+            kind, info = _kind(values)
+            value = config[name]
+            params[_param(name, kind)] = (int(math.log2(value)) if kind == "log2" else
+                                          info.index(value) if kind == "index" else value)
     return params
 
 
@@ -90,15 +93,8 @@ def decode(space: SearchSpace, params: dict) -> dict:
     config = {}
     for name, values in space.params.items():
         kind, info = _kind(values)
-        key = _param(name, kind)
-        if key not in params:
-            continue
-        if kind == "log2":
-            config[name] = 2 ** int(params[key])
-        elif kind == "index":
-            config[name] = info[int(params[key])]
-        else:
-            config[name] = params[key]
+        if _param(name, kind) in params:
+            config[name] = _value(kind, info, params[_param(name, kind)])
     return config
 
 
@@ -114,8 +110,6 @@ def tunables(space: SearchSpace, config: dict) -> dict:
 
 def fits(space: SearchSpace, base: dict, config: dict) -> bool:
     """Whether ``config`` sets every tunable to a listed value and passes ``keep``."""
-    if set(config) != set(space.params):
-        return False
-    if any(config[name] not in space.params[name] for name in config):
-        return False
-    return bool(space.keep({**base, **config}))
+    return (set(config) == set(space.params)
+            and all(config[name] in space.params[name] for name in config)
+            and bool(space.keep({**base, **config})))

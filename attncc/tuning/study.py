@@ -16,13 +16,14 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from attncc.db.key import DatabaseError
-from attncc.db.store import masked
+from attncc.db.store import connect_args, masked, resolve
 from attncc.errors import InputError
 
 REPEAT = "repeat_of"
@@ -30,20 +31,24 @@ SAMPLERS = ("tpe", "gp", "random")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+@contextmanager
+def _experimental():
+    """Optuna's ExperimentalWarning silenced (heartbeats, GPSampler, multivariate TPE)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
 def storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage at ``url`` (DatabaseError, one line, when it cannot be opened)."""
-    if url.startswith(("postgresql://", "postgres://")):
-        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    url = resolve(url)
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         engine = {"connect_args": {"timeout": 60}}
     else:
-        engine = {"pool_pre_ping": True,
-                  "connect_args": {"connect_timeout": int(
-                      os.environ.get("ATTNCC_DB_CONNECT_TIMEOUT", 5))}}
+        engine = {"pool_pre_ping": True, "connect_args": connect_args(url)}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with _experimental():
             return optuna.storages.RDBStorage(url, engine_kwargs=engine,
                                               heartbeat_interval=int(heartbeat),
                                               grace_period=int(2 * heartbeat))
@@ -66,12 +71,10 @@ def sampler(budget: int, seed: int | None = None, kind: str = "tpe") -> optuna.s
             import torch  # noqa: F401
         except ImportError as err:
             raise InputError(f"sampler 'gp' needs torch and scipy ({err}); use 'tpe'") from None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with _experimental():
             return optuna.samplers.GPSampler(n_startup_trials=startup, seed=seed)
     if kind == "tpe":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with _experimental():
             return optuna.samplers.TPESampler(n_startup_trials=startup, multivariate=True,
                                               seed=seed)
     if kind == "random":
@@ -86,8 +89,7 @@ def open_study(url: str, name: str, *, budget: int, heartbeat: int, seed: int | 
     study = optuna.create_study(study_name=name, storage=storage(url, heartbeat),
                                 sampler=sampler(budget, seed, kind), direction="minimize",
                                 load_if_exists=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with _experimental():
         optuna.storages.fail_stale_trials(study)
     return study
 

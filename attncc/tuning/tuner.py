@@ -82,7 +82,7 @@ class Problem:
         if not self.valid:
             raise BackendError(f"backend '{backend.name}' has no valid config for '{spec.name}' "
                                f"at seq_q={seq_q}, seq_k={seq_k} (keep() rejects all of them)")
-        self.timer = timer or _wall_clock
+        self.timer = timer or self._wall_clock
         self._args = None
 
     @property
@@ -101,17 +101,20 @@ class Problem:
         if self._args is None:
             from attncc.testing.inputs import random_inputs
 
-            library = self.backend.library
-            device = "cuda" if self.target.kind == "cuda" else None
             self._args = random_inputs(self.spec, self.batch, self.seq_q, self.seq_k,
-                                       self.dtype, 0, library,
-                                       device if library == "torch" else None)
+                                       self.dtype, 0, self.backend.library,
+                                       self.target.torch_device)
         return self._args
 
     def run(self, config: dict, repeat: int = 7) -> Timing:
         """Compile ``config`` (over the defaults) and time it; exceptions propagate."""
         kernel = self.backend.compile(self.graph, {**self.base, **config}, self.target)
         return self.timer(kernel, self.args(), repeat)
+
+    def _wall_clock(self, kernel, args, repeat: int) -> Timing:
+        q, k, v, inputs = args
+        return time_call(lambda: kernel(q, k, v, **inputs), repeat=repeat,
+                         sync=self.target.sync)
 
     def objective(self, trial: optuna.Trial) -> float:
         """Optuna objective: median seconds; ``inf`` (with the error kept) for a failing config."""
@@ -129,16 +132,6 @@ class Problem:
             return math.inf
         trial.set_user_attr("spread_s", timing.spread_s)
         return timing.median_s
-
-
-def _wall_clock(kernel, args, repeat: int) -> Timing:
-    q, k, v, inputs = args
-    sync = None
-    if getattr(q, "is_cuda", False):
-        import torch
-
-        sync = torch.cuda.synchronize
-    return time_call(lambda: kernel(q, k, v, **inputs), repeat=repeat, sync=sync)
 
 
 def search(problem: Problem, db, *, trials: int, workers: int, storage: str | None,
