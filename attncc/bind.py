@@ -35,10 +35,6 @@ class Bound:
         """Query heads per kv head (kv head of query head h is h // group)."""
         return self.sizes["heads"] // self.sizes["kv_heads"]
 
-    def subs(self) -> dict:
-        """The sizes as a sympy substitution."""
-        return {SIZES[name]: value for name, value in self.sizes.items()}
-
 
 def bind(spec: Spec, q, k, v, inputs: dict) -> Bound:
     """Check ``q, k, v`` and the keyword ``inputs`` against ``spec``; raise InputError if wrong.
@@ -73,12 +69,9 @@ def bind(spec: Spec, q, k, v, inputs: dict) -> Bound:
         raise InputError(f"k: kv_heads ({kv_heads}) must divide the query heads ({heads})")
     sizes = {"batch": batch, "heads": heads, "kv_heads": kv_heads, "seq_q": seq_q,
              "seq_k": seq_k, "head_dim": head_dim, "value_dim": value_dim}
-    for name in ("heads", "kv_heads", "head_dim", "value_dim"):
-        fixed = getattr(spec, name)
-        if name == "kv_heads" and fixed is None:
-            fixed = spec.heads
-        if name == "value_dim" and fixed is None:
-            fixed = spec.head_dim
+    fixes = {"heads": spec.heads, "kv_heads": spec.kv_heads or spec.heads,
+             "head_dim": spec.head_dim, "value_dim": spec.value_dim or spec.head_dim}
+    for name, fixed in fixes.items():
         if fixed is not None and fixed != sizes[name]:
             raise InputError(f"the spec '{spec.name}' fixes {name} = {fixed}; the tensors have "
                              f"{sizes[name]} (q {tuple(q.shape)}, v {tuple(v.shape)})")

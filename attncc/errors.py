@@ -32,11 +32,6 @@ class SpecError(AttnccError, ValueError):
             where.append(f"column {self.column}")
         return f"{': '.join(where)}: {self.message}" if where else self.message
 
-    def located(self, *, file: str | None = None, field: str | None = None) -> SpecError:
-        """A copy with ``file``/``field`` filled in where this error did not yet name them."""
-        return SpecError(self.message, file=self.file or file, field=self.field or field,
-                         column=self.column)
-
 
 class InputError(AttnccError, ValueError):
     """A tensor passed to a kernel has the wrong rank, shape, dtype or device, or is missing."""

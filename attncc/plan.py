@@ -42,6 +42,16 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 _AXES = {"b": 0, "h": 1, "q_idx": 2, "kv_idx": 3}
 
 
+def _table(state: int, transposed: bool, part: int, doc: str) -> cached_property:
+    """A BlockPlan attribute: the counts (``part`` 0) or index (1) of one ``_tables`` entry,
+    kept on the plan after its first read (a plain attribute lookup on the hot path)."""
+    def read(plan):
+        return plan._tables(state, transposed)[part]
+
+    read.__doc__ = doc
+    return cached_property(read)
+
+
 @dataclass(frozen=True, eq=False)
 class BlockPlan:
     """Block states of one attention call.
@@ -72,30 +82,23 @@ class BlockPlan:
     def num_kv_blocks(self) -> int:
         return self.states.shape[3]
 
-    @cached_property
-    def _full(self):
-        return _index_table(self.states == FULL)
+    def _tables(self, state: int, transposed: bool) -> tuple[np.ndarray, np.ndarray]:
+        """``_index_table`` of the blocks in ``state``, per query block (or per key block when
+        ``transposed``); built on first use, then kept with the plan."""
+        tables = self.__dict__.setdefault("_index_tables", {})
+        if (state, transposed) not in tables:
+            states = np.swapaxes(self.states, 2, 3) if transposed else self.states
+            tables[state, transposed] = _index_table(states == state)
+        return tables[state, transposed]
 
-    @cached_property
-    def _partial(self):
-        return _index_table(self.states == PARTIAL)
-
-    @cached_property
-    def _full_t(self):
-        return _index_table(np.swapaxes(self.states, 2, 3) == FULL)
-
-    @cached_property
-    def _partial_t(self):
-        return _index_table(np.swapaxes(self.states, 2, 3) == PARTIAL)
-
-    full_counts = property(lambda self: self._full[0], doc="(Bp, Hp, nQ) FULL key blocks per row")
-    full_index = property(lambda self: self._full[1], doc="(Bp, Hp, nQ, max) FULL key blocks")
-    partial_counts = property(lambda self: self._partial[0], doc="(Bp, Hp, nQ) PARTIAL per row")
-    partial_index = property(lambda self: self._partial[1], doc="(Bp, Hp, nQ, max) PARTIAL")
-    full_counts_t = property(lambda self: self._full_t[0], doc="(Bp, Hp, nK) FULL query blocks")
-    full_index_t = property(lambda self: self._full_t[1], doc="(Bp, Hp, nK, max) FULL q blocks")
-    partial_counts_t = property(lambda self: self._partial_t[0], doc="(Bp, Hp, nK) PARTIAL")
-    partial_index_t = property(lambda self: self._partial_t[1], doc="(Bp, Hp, nK, max) PARTIAL")
+    full_counts = _table(FULL, False, 0, "(Bp, Hp, nQ) FULL key blocks per row")
+    full_index = _table(FULL, False, 1, "(Bp, Hp, nQ, max) FULL key blocks")
+    partial_counts = _table(PARTIAL, False, 0, "(Bp, Hp, nQ) PARTIAL key blocks per row")
+    partial_index = _table(PARTIAL, False, 1, "(Bp, Hp, nQ, max) PARTIAL key blocks")
+    full_counts_t = _table(FULL, True, 0, "(Bp, Hp, nK) FULL query blocks per key block")
+    full_index_t = _table(FULL, True, 1, "(Bp, Hp, nK, max) FULL query blocks")
+    partial_counts_t = _table(PARTIAL, True, 0, "(Bp, Hp, nK) PARTIAL query blocks per key block")
+    partial_index_t = _table(PARTIAL, True, 1, "(Bp, Hp, nK, max) PARTIAL query blocks")
 
     def kv_blocks(self, b: int, h: int, m: int) -> tuple[np.ndarray, np.ndarray]:
         """``(full, partial)`` key-block indices of query block ``m`` for batch ``b``, head ``h``
@@ -131,7 +134,6 @@ class BlockPlan:
 MAX_BLOCK_PAIRS = 1 << 26
 #: Bytes of mask inputs up to which a PlanCache keys plans by their content.
 CONTENT_CAP = 1 << 22
-_AXES = {"b": 0, "h": 1, "q_idx": 2, "kv_idx": 3}
 
 
 def build_plan(source, sizes: dict, block_m: int, block_n: int,
@@ -179,10 +181,9 @@ class PlanCache:
 
     def __init__(self, node, block_m: int, block_n: int, size: int = 16):
         self.node = fused_node(node)
-        for name, value in (("block_m", block_m), ("block_n", block_n)):
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-                raise InputError(f"build_plan: {name} must be a positive integer, got {value!r}")
-        self.block_m, self.block_n, self.size = int(block_m), int(block_n), size
+        self.block_m = _positive("block_m", block_m)
+        self.block_n = _positive("block_n", block_n)
+        self.size = size
         mask = self.node.mask
         self.reads = mask.reads_inputs if mask is not None else ()
         varies = mask.varies_with if mask is not None else ()
@@ -221,7 +222,7 @@ class PlanCache:
             if name not in sizes:
                 raise InputError(f"build_plan: sizes must give '{name}' (the plan depends on "
                                  f"it); got {sorted(sizes)}")
-            needed[name] = _size(name, sizes[name])
+            needed[name] = _positive(f"size '{name}'", sizes[name])
         bm, bn = self.block_m, self.block_n
         seq_k = self.node.projection or needed["seq_k"]
         pairs = -(-needed["seq_q"] // bm) * -(-seq_k // bn)
@@ -346,9 +347,9 @@ def _content(arrays: dict) -> tuple | None:
     return tuple((n, x.dtype.str, x.shape, x.tobytes()) for n, x in arrays.items())
 
 
-def _size(name: str, value) -> int:
+def _positive(what: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise InputError(f"build_plan: size '{name}' must be a positive integer, got {value!r}")
+        raise InputError(f"build_plan: {what} must be a positive integer, got {value!r}")
     return int(value)
 
 

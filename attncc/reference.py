@@ -27,12 +27,9 @@ def reference(spec, q, k, v, *, return_lse: bool = False, **inputs):
     ``spec`` is anything ``load_spec`` takes; tensors may be NumPy arrays or torch tensors of any
     floating dtype; they are converted to float64 NumPy first.
     """
-    spec = load_spec(spec)
-    q, k, v = (_as_float64_numpy(x) for x in (q, k, v))
-    inputs = {n: _as_numpy(x) for n, x in inputs.items()}
+    q, k, v = (_as_numpy(x, wide=True) for x in (q, k, v))
     # Only floating inputs are widened; a wrong dtype is left for bind() to report.
-    inputs = {n: (x.astype(np.float64) if np.issubdtype(x.dtype, np.floating) else x)
-              for n, x in inputs.items()}
+    inputs = {n: _as_numpy(x, wide=False) for n, x in inputs.items()}
     return attend(spec, q, k, v, inputs, return_lse=return_lse)
 
 
@@ -46,25 +43,21 @@ def attend(spec, q, k, v, inputs: dict, *, return_lse: bool = False):
                          f"not {spec.normalize}")
     if return_lse and spec.lowrank is not None and spec.lowrank.method == "nystrom":
         raise InputError("return_lse: nystrom approximates the softmax and has no log-sum-exp")
-    if spec.lowrank is not None and spec.lowrank.method == "nystrom":
-        return _nystrom(spec, bound, q, k, v, xp)
-    if spec.lowrank is not None:
+    if spec.lowrank is not None and spec.lowrank.method == "linformer":
         k = xp.matmul(bound.inputs["E"], k)
         v = xp.matmul(bound.inputs["F"], v)
-    heads = xp.arange(bound.sizes["heads"]) // bound.group
+    heads = xp.arange(bound.sizes["heads"]) // bound.group  # the kv head of each query head
     k, v = xp.take(k, heads, axis=1), xp.take(v, heads, axis=1)
+    if spec.lowrank is not None and spec.lowrank.method == "nystrom":
+        return _nystrom(spec.lowrank.size, bound.scale, q, k, v, xp)
     if spec.normalize == "linear":
         out = _linear(spec, bound, q, k, v, xp)
         return (out, None) if return_lse else out
     scores = _scores(spec, bound, q, k, xp)
-    keep = xp.ones(scores.shape, dtype=xp.bool)
-    if spec.score_mod is not None or spec.mask is not None:
-        env = _index_env(bound, scores.shape, xp)
-        if spec.score_mod is not None:
-            scores = _broadcast(evaluate(spec.score_mod, {**env, "score": scores}, xp),
-                                scores, xp)
-        if spec.mask is not None:
-            keep = xp.broadcast_to(xp.asarray(evaluate(spec.mask, env, xp)), scores.shape)
+    if spec.score_mod is not None:
+        env = {**_index_env(bound, scores.shape, xp), "score": scores}
+        scores = _broadcast(evaluate(spec.score_mod, env, xp), scores, xp)
+    keep = _keep(spec, bound, scores.shape, xp)
     if spec.memory_tokens:
         mem_k = xp.take(bound.inputs["mem_k"], heads, axis=0)
         mem_v = xp.take(bound.inputs["mem_v"], heads, axis=0)
@@ -104,6 +97,14 @@ def _index_env(bound: Bound, shape, xp) -> dict:
     b, h, nq, nk = shape
     return {**bound.sizes, **bound.inputs, "b": axis(b, 0), "h": axis(h, 1),
             "q_idx": axis(nq, 2), "kv_idx": axis(nk, 3)}
+
+
+def _keep(spec, bound: Bound, shape, xp):
+    """Bool ``shape`` (B, H, Nq, Nk): the pairs the mask keeps (all of them without a mask)."""
+    if spec.mask is None:
+        return xp.ones(shape, dtype=xp.bool)
+    return xp.broadcast_to(xp.asarray(evaluate(spec.mask, _index_env(bound, shape, xp), xp)),
+                           shape)
 
 
 def _broadcast(value, like, xp):
@@ -157,20 +158,15 @@ def _linear(spec, bound: Bound, q, k, v, xp):
     weights = xp.matmul(_features(spec, bound, q, xp),
                         xp.matrix_transpose(_features(spec, bound, k, xp)))
     if spec.mask is not None:
-        env = _index_env(bound, weights.shape, xp)
-        keep = xp.broadcast_to(xp.asarray(evaluate(spec.mask, env, xp)), weights.shape)
-        weights = xp.where(keep, weights, xp.zeros_like(weights))
+        weights = xp.where(_keep(spec, bound, weights.shape, xp), weights, xp.zeros_like(weights))
     denom = xp.sum(weights, axis=-1, keepdims=True)
     safe = xp.where(denom == 0, xp.ones_like(denom), denom)
     return xp.where(denom == 0, xp.zeros_like(denom), xp.matmul(weights, v) / safe)
 
 
-def _nystrom(spec, bound: Bound, q, k, v, xp):
-    """Nyström attention (Xiong et al. 2021) with segment-mean landmarks and the exact pinv."""
-    m = spec.lowrank.size
-    heads = xp.arange(bound.sizes["heads"]) // bound.group
-    k, v = xp.take(k, heads, axis=1), xp.take(v, heads, axis=1)
-    scale = bound.scale
+def _nystrom(m: int, scale: float, q, k, v, xp):
+    """Nyström attention (Xiong et al. 2021) with ``m`` segment-mean landmarks and the exact
+    pinv; k and v have one head per query head."""
 
     def landmarks(x):
         b, h, n, d = x.shape
@@ -187,14 +183,12 @@ def _nystrom(spec, bound: Bound, q, k, v, xp):
     return xp.matmul(xp.matmul(kernel_1, xp.linalg.pinv(kernel_2)), xp.matmul(kernel_3, v))
 
 
-def _as_numpy(x):
+def _as_numpy(x, wide: bool):
+    """``x`` as a NumPy array, float64 where it is floating (or everywhere when ``wide``)."""
     if array_api_compat.is_torch_array(x):
         x = x.detach().cpu()
-        return (x.double() if x.is_floating_point() else x).numpy()
-    return np.asarray(x)
-
-
-def _as_float64_numpy(x):
-    if array_api_compat.is_torch_array(x):
-        return x.detach().cpu().double().numpy()
-    return np.asarray(x, dtype=np.float64)
+        return (x.double() if wide or x.is_floating_point() else x).numpy()
+    x = np.asarray(x)
+    if wide or np.issubdtype(x.dtype, np.floating):
+        return x.astype(np.float64, copy=False)
+    return x

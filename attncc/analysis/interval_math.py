@@ -7,6 +7,8 @@ may be infinite or NaN (unknown). Every function here is pure.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import sympy
 
@@ -63,29 +65,9 @@ def _scale(lo, hi, c):
     return (lo * c, hi * c) if c >= 0 else (hi * c, lo * c)
 
 
-def _fold(fn, values):
-    result = values[0]
-    for v in values[1:]:
-        result = fn(result, v)
-    return result
-
-
 def _sigmoid(x):
     with np.errstate(over="ignore"):
         return 1.0 / (1.0 + np.exp(-x))
-
-
-def _le_state(lo, hi, always_bound, never_bound):
-    """State of ``x <= 0`` for floats: ALWAYS where hi <= always_bound, NEVER where
-    lo > never_bound."""
-    return (np.asarray(hi <= always_bound, dtype=np.int8)
-            + np.asarray(lo <= never_bound, dtype=np.int8))
-
-
-def _lt_state(lo, hi, always_bound, never_bound):
-    """State of ``x < 0`` for floats: ALWAYS where hi < always_bound, NEVER where lo >= never."""
-    return (np.asarray(hi < always_bound, dtype=np.int8)
-            + np.asarray(lo < never_bound, dtype=np.int8))
 
 
 def _int_sum_state(kind, los: list, his: list):
@@ -157,4 +139,4 @@ def _sum(parts):
 
 def _times(a, b):
     corners = (a[0] * b[0], a[0] * b[1], a[1] * b[0], a[1] * b[1])
-    return _fold(np.minimum, corners), _fold(np.maximum, corners)
+    return functools.reduce(np.minimum, corners), functools.reduce(np.maximum, corners)

@@ -28,6 +28,7 @@ the evaluator computes them as written, even where their difference cancels.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +37,6 @@ from sympy.logic.boolalg import ITE
 
 from attncc.analysis.interval_math import (
     ALWAYS,
-    FLOAT_SLACK,
     INT_LIMIT,
     MAYBE,
     NEVER,
@@ -46,8 +46,6 @@ from attncc.analysis.interval_math import (
     _infinite,
     _int_sum_state,
     _is_int,
-    _le_state,
-    _lt_state,
     _magnitude,
     _nan_source,
     _nan_where,
@@ -56,6 +54,7 @@ from attncc.analysis.interval_math import (
     _sigmoid,
     _sum,
     _times,
+    _tri,
     _widen,
 )
 from attncc.spec.symbols import sigmoid
@@ -140,13 +139,10 @@ class _Intervals:
         if self.worst is None:
             self.worst = (e, reach)
 
-    def reach(self, e) -> float:
-        """A cheap bound of ``|x|`` for every integer ``x`` computed in ``e`` as written, from
-        the magnitudes of the boxes and inputs alone (0 where ``e`` computes no integer)."""
-        return self.sized(e)[1]
-
     def sized(self, e) -> tuple[float | None, float]:
-        """``(bound of |e| where e is an integer else None, reach of e)``, memoized."""
+        """``(bound of |e| where e is an integer else None, reach of e)``, memoized; the reach
+        is a cheap bound of ``|x|`` for every integer ``x`` computed in ``e`` as written, from
+        the magnitudes of the boxes and inputs alone (0 where ``e`` computes no integer)."""
         key = ("sized", e)
         if key in self.memo:
             return self.memo[key]
@@ -174,11 +170,9 @@ class _Intervals:
 
     # -- conditions --------------------------------------------------------------------------
     def state(self, e):
-        if e in self.memo:
-            return self.memo[e]
-        result = self._state(e)
-        self.memo[e] = result
-        return result
+        if e not in self.memo:
+            self.memo[e] = self._state(e)
+        return self.memo[e]
 
     def _state(self, e):
         if e is sympy.true:
@@ -187,10 +181,7 @@ class _Intervals:
             return NEVER
         if isinstance(e, sympy.And | sympy.Or):
             pick = np.minimum if isinstance(e, sympy.And) else np.maximum
-            result = self.state(e.args[0])
-            for arg in e.args[1:]:
-                result = pick(result, self.state(arg))
-            return result
+            return functools.reduce(pick, map(self.state, e.args))
         if isinstance(e, sympy.Not):
             return ALWAYS - self.state(e.args[0])
         if isinstance(e, sympy.Rel):
@@ -209,7 +200,7 @@ class _Intervals:
         ``inf + 1 <= inf`` true), so where a side may be, the state is MAYBE.
         """
         state = self.relation_of_difference(e)
-        sides = [s for s in (e.lhs, e.rhs) if _nan_source(s) or self.reach(s) > INT_LIMIT]
+        sides = [s for s in (e.lhs, e.rhs) if _nan_source(s) or self.sized(s)[1] > INT_LIMIT]
         if not sides:
             return state
         unknown = np.zeros((), dtype=bool)
@@ -231,27 +222,23 @@ class _Intervals:
         lo, hi = self.num(diff)
         if _is_int(lo) and _is_int(hi):
             return _int_sum_state(kind, [lo], [hi])
-        lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
-        with np.errstate(invalid="ignore"):
-            slack = FLOAT_SLACK * (1.0 + np.maximum(np.abs(lo), np.abs(hi)))
-            if kind in (sympy.Equality, sympy.Unequality):
-                # never ALWAYS: float equality is left to the elementwise mask
-                state = np.asarray(~((lo > slack) | (hi < -slack)), dtype=np.int8)
-                state = state if kind is sympy.Equality else ALWAYS - state
-            elif kind is sympy.StrictLessThan:
-                state = _lt_state(lo, hi, -slack, slack)
-            else:
-                state = _le_state(lo, hi, -slack, slack)
-            unknown = np.isnan(lo) | np.isnan(hi)
+        unknown = np.isnan(lo) | np.isnan(hi)
+        lo, hi = _widen(lo, hi)  # the evaluator's rounding may differ: decide past the slack
+        if kind in (sympy.Equality, sympy.Unequality):
+            # never ALWAYS: float equality is left to the elementwise mask
+            state = np.asarray((lo <= 0) & (hi >= 0), dtype=np.int8)
+            state = state if kind is sympy.Equality else ALWAYS - state
+        elif kind is sympy.StrictLessThan:
+            state = _tri(hi < 0, lo < 0)
+        else:
+            state = _tri(hi <= 0, lo <= 0)
         return np.where(unknown, np.int8(MAYBE), state)
 
     # -- numbers -----------------------------------------------------------------------------
     def num(self, e):
-        if e in self.memo:
-            return self.memo[e]
-        result = self._num(e)
-        self.memo[e] = result
-        return result
+        if e not in self.memo:
+            self.memo[e] = self._num(e)
+        return self.memo[e]
 
     def _num(self, e):
         if e.is_Integer:
@@ -289,11 +276,8 @@ class _Intervals:
             return self.mod(*e.args)
         if isinstance(e, sympy.Min | sympy.Max):
             pick = np.minimum if isinstance(e, sympy.Min) else np.maximum
-            lo, hi = self.num(e.args[0])
-            for arg in e.args[1:]:
-                a_lo, a_hi = self.num(arg)
-                lo, hi = pick(lo, a_lo), pick(hi, a_hi)
-            return lo, hi
+            los, his = zip(*map(self.num, e.args), strict=True)
+            return functools.reduce(pick, los), functools.reduce(pick, his)
         if isinstance(e, sympy.Abs):
             lo, hi = self.num(e.args[0])
             if _is_int(lo) and _is_int(hi) and _magnitude(lo, hi) > INT_LIMIT:

@@ -88,18 +88,13 @@ def lowering_lines(lowering) -> list[str]:
 
 def plan_summary(plan, random_data: bool, seed: int) -> list[str]:
     """Block counts per state and the block density, one fact per line."""
-    from attncc.plan import EMPTY, FULL, PARTIAL
-
-    states = plan.states
-    n_q, n_k = states.shape[-2:]
-    shared = (f"{'per batch' if states.shape[0] > 1 else 'shared over batch'}, "
-              f"{'per head' if states.shape[1] > 1 else 'shared over heads'}")
-    total = states.size
+    batch, heads, n_q, n_k = plan.states.shape
+    shared = (f"{'per batch' if batch > 1 else 'shared over batch'}, "
+              f"{'per head' if heads > 1 else 'shared over heads'}")
     lines = [f"seq_q={plan.seq_q} seq_k={plan.seq_k}: {n_q} query blocks x {n_k} key blocks "
              f"({shared})"]
-    for label, state in (("FULL", FULL), ("PARTIAL", PARTIAL), ("EMPTY", EMPTY)):
-        count = int((states == state).sum())
-        lines.append(f"{label:<8}{count:>10}  ({100 * count / total:.1f}% of blocks)")
+    for label, count in plan.counts().items():
+        lines.append(f"{label:<8}{count:>10}  ({100 * count / plan.states.size:.1f}% of blocks)")
     lines.append(f"block density: {float(plan.block_density()):.4f}")
     if random_data:
         lines.append(f"(the mask reads inputs: classified on random inputs, seed {seed})")

@@ -29,6 +29,7 @@ from attncc.ir.graph import (
     Normalize,
     Score,
     ScoreMod,
+    add,
     derive,
     op,
     operands,
@@ -127,9 +128,7 @@ def _replace(graph: nx.DiGraph, chain: list[str], node, args: list[str]) -> None
     node_id = "attention"
     while node_id in graph:
         node_id += "_"
-    graph.add_node(node_id, op=node)
-    for port, src in enumerate(args):
-        graph.add_edge(src, node_id, port=port)
+    add(graph, node_id, node, *args)
     for _, dst, port in list(graph.out_edges(chain[0], data="port")):
         graph.add_edge(node_id, dst, port=port)
     graph.remove_nodes_from(chain)

@@ -18,22 +18,14 @@ import sympy
 
 from attncc.ir.graph import FusedAttention, Mask, derive
 
-__all__ = ["Masks", "mask_dependencies"]
-
-_BATCH_HEAD = ("b", "h")
-
-
-def mask_dependencies(expr: sympy.Basic | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """``(reads_inputs, varies_with)`` of a mask expression; ``((), ())`` for no mask."""
-    if expr is None:
-        return (), ()
-    reads = tuple(sorted({str(i.base.label) for i in expr.atoms(sympy.Indexed)}))
-    names = {s.name for s in expr.free_symbols if isinstance(s, sympy.Symbol)}
-    return reads, tuple(n for n in _BATCH_HEAD if n in names)
+__all__ = ["Masks"]
 
 
 def _annotated(mask: Mask) -> Mask:
-    reads, varies = mask_dependencies(mask.expr)
+    """``mask`` with ``reads_inputs`` (sorted input names) and ``varies_with`` (of b, h)."""
+    reads = tuple(sorted({str(i.base.label) for i in mask.expr.atoms(sympy.Indexed)}))
+    names = {s.name for s in mask.expr.free_symbols if isinstance(s, sympy.Symbol)}
+    varies = tuple(n for n in ("b", "h") if n in names)
     return dataclasses.replace(mask, reads_inputs=reads, varies_with=varies)
 
 

@@ -81,44 +81,40 @@ def _input(node: Input, args, spec) -> Shape:
     return spec.inputs[node.name].shape
 
 
-def _seq_replaced(args, length) -> Shape:
-    x = args[0]
-    return (*x[:2], length, *x[3:])
-
-
-def _scores(node, args, spec) -> Shape:
-    q, k = args[0], args[1]
-    return (*q[:3], k[2])
-
-
-def _rows_by_last(args) -> Shape:
-    """Rows of the first operand, last axis of the last tensor operand (weights·v)."""
-    return (*args[0][:3], args[-1][3])
-
-
 def _feature_map(node: FeatureMap, args, spec) -> Shape:
     width = node.features if node.kind == "performer" else args[0][3]
     return (*args[0][:3], width)
 
 
-def _attention(node, args, spec) -> Shape:
-    """q rows, v's last axis: (q, k, v, ...) -> [batch, heads, seq_q, value_dim]."""
-    return (*args[0][:3], args[2][3])
+def _seq_replaced(args, length) -> Shape:
+    """The first operand's shape with ``length`` on the sequence axis."""
+    return (*args[0][:2], length, *args[0][3:])
+
+
+def _rows_by_v(node, args, spec) -> Shape:
+    """The first operand's rows, v's last axis: v is operand 1 of Aggregate (weights, v) and
+    operand 2 of the attention nodes (q, k, v, ...): [batch, heads, seq_q, value_dim]."""
+    v = args[1] if isinstance(node, Aggregate) else args[2]
+    return (*args[0][:3], v[3])
+
+
+def _same(node, args, spec) -> Shape:
+    return args[0]
 
 
 _RULES: dict[type, Callable[[Node, list[Shape], object], Shape]] = {
     Input: _input,
     LowRankProject: lambda node, args, spec: _seq_replaced(args, node.rank),
     MemoryConcat: lambda node, args, spec: _seq_replaced(args, args[0][2] + node.tokens),
-    Score: _scores,
-    ScoreMod: lambda node, args, spec: args[0],
-    Mask: lambda node, args, spec: args[0],
-    Normalize: lambda node, args, spec: args[0],
-    Aggregate: lambda node, args, spec: _rows_by_last(args),
+    Score: lambda node, args, spec: (*args[0][:3], args[1][2]),  # q rows, k's keys
+    ScoreMod: _same,
+    Mask: _same,
+    Normalize: _same,
+    Aggregate: _rows_by_v,
     FeatureMap: _feature_map,
-    LinearAggregate: _attention,
-    FusedAttention: _attention,
-    LinearAttention: _attention,
-    Nystrom: _attention,
-    Output: lambda node, args, spec: args[0],
+    LinearAggregate: _rows_by_v,
+    FusedAttention: _rows_by_v,
+    LinearAttention: _rows_by_v,
+    Nystrom: _rows_by_v,
+    Output: _same,
 }

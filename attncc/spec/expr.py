@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import math
+import operator
 from dataclasses import dataclass, field
 
 import sympy
@@ -34,13 +35,18 @@ FUNCTIONS = {
     "sqrt": 1, "exp": 1, "log": 1, "tanh": 1, "sigmoid": 1, "abs": 1, "floor": 1, "ceil": 1,
     "min": None, "max": None, "where": 3,
 }
-_UNARY_FUNCS = {
+_SYMPY_FUNCS = {
     "sqrt": sympy.sqrt, "exp": sympy.exp, "log": sympy.log, "tanh": sympy.tanh,
     "sigmoid": sigmoid, "abs": sympy.Abs, "floor": sympy.floor, "ceil": sympy.ceiling,
+    "min": sympy.Min, "max": sympy.Max,
 }
 _COMPARE = {
     ast.Lt: sympy.Lt, ast.LtE: sympy.Le, ast.Gt: sympy.Gt, ast.GtE: sympy.Ge,
     ast.Eq: sympy.Eq, ast.NotEq: sympy.Ne,
+}
+_ARITHMETIC = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+    ast.Div: operator.truediv, ast.FloorDiv: lambda a, b: sympy.floor(a / b), ast.Mod: sympy.Mod,
 }
 _OP_TEXT = {
     ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%",
@@ -259,23 +265,13 @@ class _Builder:
             left, right = self.condition(node.left), self.condition(node.right)
             return sympy.And(left, right) if op is ast.BitAnd else sympy.Or(left, right)
         left, right = self.number(node.left), self.number(node.right)
-        if op is ast.Add:
-            return left + right
-        if op is ast.Sub:
-            return left - right
-        if op is ast.Mult:
-            return left * right
         if op in (ast.Div, ast.FloorDiv, ast.Mod) and right.is_zero:
             self.fail(node, f"division by zero in '{_OP_TEXT[op]}'")
-        if op is ast.Div:
-            return left / right
-        if op is ast.FloorDiv:
-            return sympy.floor(left / right)
-        if op is ast.Mod:
-            return sympy.Mod(left, right)
         if op is ast.Pow:
             return self._power(node, left, right)
-        self.fail(node, f"operator '{_OP_TEXT.get(op, op.__name__)}' is not allowed")
+        if op not in _ARITHMETIC:
+            self.fail(node, f"operator '{_OP_TEXT.get(op, op.__name__)}' is not allowed")
+        return _ARITHMETIC[op](left, right)
 
     def _power(self, node, base, exponent):
         if not exponent.is_Number:
@@ -329,11 +325,7 @@ class _Builder:
         if name == "where":
             return self._choose(node, self.condition(node.args[0]), node.args[1], node.args[2])
         args = [self.number(a) for a in node.args]
-        if name == "min":
-            return sympy.Min(*args)
-        if name == "max":
-            return sympy.Max(*args)
         bad_log = name == "log" and args[0].is_Number and args[0] <= 0
         if bad_log or (name == "sqrt" and args[0].is_Number and args[0] < 0):
             self.fail(node, f"{name}() of {args[0]} is not a real number")
-        return _UNARY_FUNCS[name](args[0])
+        return _SYMPY_FUNCS[name](*args)

@@ -9,6 +9,7 @@ arithmetic.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 
@@ -25,6 +26,10 @@ _COMPARE = {
 }
 _UNARY = {sympy.exp: "exp", sympy.log: "log", sympy.tanh: "tanh", sympy.Abs: "abs",
           sympy.floor: "floor", sympy.ceiling: "ceil"}
+#: n-ary nodes folded pairwise: (namespace function, the same on Python scalars)
+_FOLDS = {sympy.Min: ("minimum", min), sympy.Max: ("maximum", max),
+          sympy.And: ("logical_and", lambda a, b: a and b),
+          sympy.Or: ("logical_or", lambda a, b: a or b)}
 _SCALAR_UNARY = {"exp": math.exp, "log": math.log, "tanh": math.tanh, "abs": abs,
                  "floor": math.floor, "ceil": math.ceil}
 
@@ -50,11 +55,9 @@ class _Evaluator:
         self.memo: dict[sympy.Basic, object] = {}
 
     def value(self, expr):
-        if expr in self.memo:
-            return self.memo[expr]
-        result = self._value(expr)
-        self.memo[expr] = result
-        return result
+        if expr not in self.memo:
+            self.memo[expr] = self._value(expr)
+        return self.memo[expr]
 
     def _value(self, e):
         xp = self.xp
@@ -72,11 +75,11 @@ class _Evaluator:
             except KeyError:
                 raise InputError(f"no value for '{e.name}'") from None
         if isinstance(e, sympy.Add):
-            return _fold(operator.add, [self.value(a) for a in e.args])
+            return functools.reduce(operator.add, map(self.value, e.args))
         if isinstance(e, sympy.Mul):
             values = [self.value(a) for a in e.args]
             self.no_overflow(e, values)
-            return _fold(operator.mul, values)
+            return functools.reduce(operator.mul, values)
         if isinstance(e, sympy.Pow):
             return self.power(e)
         if isinstance(e, (sympy.floor, sympy.ceiling)) and _is_ratio(e.args[0]):
@@ -89,19 +92,12 @@ class _Evaluator:
             name = "sigmoid" if isinstance(e, sigmoid) else _UNARY[type(e)]
             return self.unary(name, arg)
         if isinstance(e, sympy.Mod):
-            return _fold(operator.mod, [self.value(a) for a in e.args])
-        if isinstance(e, (sympy.Min, sympy.Max)):
-            pick = xp.minimum if isinstance(e, sympy.Min) else xp.maximum
-            return self.reduce(pick, min if isinstance(e, sympy.Min) else max,
-                               [self.value(a) for a in e.args])
+            return self.value(e.args[0]) % self.value(e.args[1])
+        if type(e) in _FOLDS:
+            array_fn, scalar_fn = _FOLDS[type(e)]
+            return self.reduce(getattr(xp, array_fn), scalar_fn, [self.value(a) for a in e.args])
         if type(e) in _COMPARE:
             return _COMPARE[type(e)](self.value(e.lhs), self.value(e.rhs))
-        if isinstance(e, sympy.And):
-            return self.reduce(xp.logical_and, lambda a, b: a and b,
-                               [self.value(a) for a in e.args])
-        if isinstance(e, sympy.Or):
-            return self.reduce(xp.logical_or, lambda a, b: a or b,
-                               [self.value(a) for a in e.args])
         if isinstance(e, sympy.Not):
             arg = self.value(e.args[0])
             return (not arg) if _is_scalar(arg) else xp.logical_not(arg)
@@ -154,13 +150,13 @@ class _Evaluator:
                              f"sizes, past what 64-bit integers hold exactly")
 
     def reduce(self, array_fn, scalar_fn, values):
-        result = values[0]
-        for other in values[1:]:
-            if _is_scalar(result) and _is_scalar(other):
-                result = scalar_fn(result, other)
-            else:
-                result = array_fn(*self.as_arrays(result, other))
-        return result
+        """``values`` folded pairwise: ``scalar_fn`` on two Python scalars, else ``array_fn``."""
+        def pair(a, b):
+            if _is_scalar(a) and _is_scalar(b):
+                return scalar_fn(a, b)
+            return array_fn(*self.as_arrays(a, b))
+
+        return functools.reduce(pair, values)
 
     def as_arrays(self, a, b):
         """Both operands as arrays of one namespace (a Python scalar takes the other's dtype)."""
@@ -202,13 +198,6 @@ class _Evaluator:
                                  f"{size} by {index}")
             indices.append(value)
         return table[tuple(indices)]
-
-
-def _fold(op, values):
-    result = values[0]
-    for other in values[1:]:
-        result = op(result, other)
-    return result
 
 
 def _is_ratio(arg) -> bool:

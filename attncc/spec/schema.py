@@ -6,6 +6,7 @@ docs/spec.md documents each of them and a test keeps the two in step.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -179,21 +180,14 @@ class _Validator:
         feature_map = self.choice("feature_map", FEATURE_MAPS, "elu1" if normalize == "linear"
                                   else None)
         inputs = self.inputs(base, score, lowrank, memory_tokens, feature_map, features)
-        scope = Scope(names=base)
-        scale = parse_expr(d.get("scale", "1/sqrt(head_dim)"), scope, field="scale",
-                           file=self.file)
+        scale = self.expression("scale", Scope(names=base), default="1/sqrt(head_dim)")
         indexed = Scope(names={**base, **sym.INDEX_SYMBOLS},
                         inputs={n: (len(i.shape), not i.is_float) for n, i in inputs.items()
                                 if not i.implied},
                         booleans=frozenset(n for n, i in inputs.items() if i.dtype == "bool"))
-        mask = None
-        if d.get("mask") is not None:
-            mask = parse_expr(d["mask"], indexed, field="mask", file=self.file, want="bool")
-        score_mod = None
-        if d.get("score_mod") is not None:
-            mod_scope = Scope(names={**indexed.names, "score": sym.score}, inputs=indexed.inputs,
-                              booleans=indexed.booleans)
-            score_mod = parse_expr(d["score_mod"], mod_scope, field="score_mod", file=self.file)
+        mask = self.expression("mask", indexed, want="bool")
+        score_mod = self.expression("score_mod", dataclasses.replace(
+            indexed, names={**indexed.names, "score": sym.score}))
         self.used(inputs, mask, score_mod)
         topk = self.count("topk", None)
         self.combinations(normalize, topk, feature_map, features, score, score_mod, mask,
@@ -204,6 +198,14 @@ class _Validator:
                     feature_map=feature_map if normalize == "linear" else None,
                     features=features, lowrank=lowrank, memory_tokens=memory_tokens,
                     constants=constants, inputs=inputs, source=_plain(d), file=self.file)
+
+    def expression(self, key: str, scope: Scope, default=None, want: str = "number"):
+        """The parsed expression under ``key``, or of ``default`` when the key is absent; None
+        for an absent or null key without a default."""
+        text = self.data.get(key, default)
+        if text is None and default is None:
+            return None
+        return parse_expr(text, scope, field=key, file=self.file, want=want)
 
     def count(self, key, default, minimum=1):
         value = self.data.get(key)
