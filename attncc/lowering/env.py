@@ -1,4 +1,4 @@
-"""Tile layouts: the GQA head grouping, and the index environment of score_mod and mask.
+"""Tile layouts: the GQA head grouping, raw scores, and the index environment of score_mod and mask.
 
 GQA: query heads ``(B, H, N, D)`` are viewed ``(B, Hkv, G, N, D)`` (``split_heads``, G = H / Hkv,
 query head ``h`` is kv head ``h // G``) and keys/values ``(B, Hkv, 1, N, D)`` (``shared_kv``), so
@@ -18,7 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Layout", "merge_heads", "shared_kv", "split_heads"]
+from attncc.bind import namespace
+
+__all__ = ["Layout", "Slice", "merge_heads", "plan_slices", "raw_scores", "shared_kv",
+           "split_heads"]
 
 
 def split_heads(q, kv_heads: int):
@@ -36,6 +39,56 @@ def merge_heads(x):
     """The inverse of ``split_heads``: ``(B, Hkv, G, N, D)`` -> ``(B, H, N, D)``."""
     batch, kv_heads, group, n, d = x.shape
     return x.reshape((batch, kv_heads * group, n, d))
+
+
+def raw_scores(q, k, scale, w=None):
+    """Scores before score_mod ``(..., R, C)``, a fresh array, of q ``(..., R, D)`` against
+    k ``(..., C, D)`` (broadcast): dot ``(scale·q)·kᵀ``, or additive (``w`` given, broadcast
+    as ``(..., 1, 1, D)``) ``Σ_d w_d·tanh(q_d + k_d)``."""
+    if w is None:
+        return (q * scale) @ k.mT
+    xp = namespace(q)
+    return xp.sum(xp.tanh(q[..., :, None, :] + k[..., None, :, :]) * w, axis=-1)
+
+
+@dataclass(frozen=True)
+class Slice:
+    """The (batch, head) pairs that share slice ``(bp, hp)`` of a block plan's states: batch
+    entries ``b0:b0+nb``, kv heads ``h0:h0+nh`` and, in each kv head's group, query heads
+    ``g0:g0+ng`` (every pair where the plan is shared, Bp = Hp = 1; one batch entry where the
+    mask reads ``b``, one query head where it reads ``h``)."""
+
+    b0: int
+    nb: int
+    h0: int
+    nh: int
+    g0: int
+    ng: int
+    bp: int
+    hp: int
+
+    @property
+    def index(self) -> tuple[slice, slice, slice]:
+        """The slice's part of an array laid out ``(B, Hkv, G, ...)``."""
+        return (slice(self.b0, self.b0 + self.nb), slice(self.h0, self.h0 + self.nh),
+                slice(self.g0, self.g0 + self.ng))
+
+    def indices(self, xp, group: int, device=None):
+        """``(b (nb,), h (nh, ng))``: its batch entries and global query head numbers."""
+        def ar(start, n):
+            return xp.arange(start, start + n, device=device)
+
+        return ar(self.b0, self.nb), ar(self.h0, self.nh)[:, None] * group + ar(self.g0, self.ng)
+
+
+def plan_slices(plan, batch: int, kv_heads: int, group: int) -> list[Slice]:
+    """Every ``Slice`` of ``plan`` (its states are ``(Bp, Hp, ...)``, Hp over query heads)."""
+    bps, hps = plan.states.shape[:2]
+    bs = [(0, batch, 0)] if bps == 1 else [(b, 1, b) for b in range(batch)]
+    hs = ([(0, kv_heads, 0, group, 0)] if hps == 1
+          else [(h // group, 1, h % group, 1, h) for h in range(kv_heads * group)])
+    return [Slice(b0, nb, h0, nh, g0, ng, bp, hp)
+            for b0, nb, bp in bs for h0, nh, g0, ng, hp in hs]
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import array_api_compat
 
 from attncc.bind import namespace
 
-__all__ = ["Rows", "SigmoidState", "SoftmaxState", "TopkThreshold"]
+__all__ = ["Rows", "SigmoidState", "SoftmaxState", "TopkThreshold", "fold"]
 
 NEG_INF = -math.inf
 
@@ -164,6 +164,26 @@ class TopkThreshold:
         """The second pass's mask: kept and ``s >= threshold`` (every tie at the K-th kept)."""
         above = s >= threshold
         return above if keep is None else keep & above
+
+
+def fold(node, lead: tuple, value_dim: int, like, tiles) -> tuple[Rows, object]:
+    """``(Rows, top-k threshold or None)`` of a block of query rows of the fused ``node``
+    (its ``normalize`` and ``topk``), states in place: ``tiles()`` yields the block's key tiles
+    ``(s, keep or None, v, owned)`` (``update``'s arguments) and is called a second time under
+    top-k, whose first pass finds the threshold."""
+    threshold = None
+    if node.normalize == "topk":
+        first = TopkThreshold(node.topk, lead, like)
+        for s, keep, _, _ in tiles():
+            first.update(s, keep)
+        threshold = first.value()
+    state_class = SigmoidState if node.normalize == "sigmoid" else SoftmaxState
+    state = state_class(lead, value_dim, like, inplace=True)
+    for s, keep, v, owned in tiles():
+        if threshold is not None:
+            keep = TopkThreshold.keeps(s, threshold, keep)
+        state.update(s, v, keep, owned=owned)
+    return state.finish(), threshold
 
 
 def _exp_inplace(xp):

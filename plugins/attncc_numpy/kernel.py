@@ -11,9 +11,8 @@ from attncc.backends.base import Kernel
 from attncc.lowering.lowrank import linformer, nystrom
 from attncc.lowering.prologue import prologue
 from attncc.plan import PlanCache
-from attncc_numpy.fused import Stats, run_fused
 from attncc_numpy.linear import run_linear
-from attncc_numpy.tiles import TileScorer
+from attncc_numpy.tiles import Stats, TileScorer, run_fused
 
 DTYPES = ("float16", "float32", "float64")
 
@@ -57,7 +56,8 @@ class NumpyKernel(Kernel):
                 k_c, v_c = linformer(k_c, v_c, call.inputs["E"], call.inputs["F"])
             plan = self._plans.get(call.sizes, call.raw_inputs)
             stats = Stats()
-            scorer = TileScorer(node, call.sizes, call.inputs, call.scale, call.compute)
+            scorer = TileScorer(node, call.sizes, call.inputs, call.scale, call.compute,
+                                plan.block_n)
             out, lse = run_fused(node, plan, scorer, call.q, k_c, v_c, stats)
             self.last_plan, self.last_stats = plan, stats
         out = out.astype(call.dtype, copy=False)

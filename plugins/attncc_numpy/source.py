@@ -1,7 +1,7 @@
 """``kernel.source`` for the NumPy backend: the lowering of the attention node as pseudo-code.
 
 Every line is chosen by the same node field the kernel's code branches on, and its text comes
-from the table that also holds the code (``tiles.SCORES``, ``fused.NORMALIZE``, ``fused.TOPK``,
+from the table that also holds the code (``tiles.SCORES``, ``tiles.NORMALIZE``, ``tiles.TOPK``,
 ``linear.FEATURE_TEXT``); expressions are sympy's own printing of the node's, as evaluated on
 broadcast index arrays.
 """
@@ -11,10 +11,9 @@ from __future__ import annotations
 import sympy
 
 from attncc.lowering.prologue import COMPUTE
-from attncc_numpy.fused import NORMALIZE, TOPK
 from attncc_numpy.kernel import DTYPES
 from attncc_numpy.linear import CAUSAL_TEXT, DENSE_TEXT, FEATURE_TEXT
-from attncc_numpy.tiles import SCORES
+from attncc_numpy.tiles import NORMALIZE, SCORES, TOPK
 
 
 def describe(spec, node, path: str, config: dict) -> str:
@@ -47,8 +46,8 @@ def _plan(node, bm: int, bn: int) -> list[str]:
 
 def _fused(node, config) -> list[str]:
     bm, bn = config["block_m"], config["block_n"]
-    init, update, finish = NORMALIZE[node.normalize][1]
-    score = SCORES[node.score][1]
+    init, update, finish = NORMALIZE[node.normalize]
+    score = SCORES[node.score]
     scale = sympy.sstr(node.scale)
     lines = []
     if node.projection is not None:

@@ -1,96 +1,167 @@
-"""One tile of scores: raw score, score_mod and mask, evaluated on broadcast index arrays.
+"""The fused (flash) kernel: online softmax / sigmoid / top-k over the FULL and PARTIAL blocks.
 
-Arrays are five-dimensional, ``(B', Hkv', G', rows, cols)`` (``LAYOUT``): the query heads of one
-kv head sit on their own axis (G', the group) so that keys and values ``(B', Hkv', 1, cols, D)``
-broadcast over them instead of being copied per query head. The index environment comes from
-``attncc.lowering.env.Layout``, so ``slope[h]`` or ``lengths[b]`` index the inputs as the
-reference does.
+For each group of (batch, head) slices that share a slice of the block plan
+(``attncc.lowering.env.plan_slices``), and each query block ``m``::
 
-``SCORES`` pairs each score kind with the function that computes it and the pseudo-code line
-``kernel.source`` prints for it.
+    [top-k: a first pass over the same tiles finds each row's K-th largest kept score]
+    state = init()                               # attncc.lowering.states.fold
+    [memory tile: all keys kept, no score_mod]   # memory_tokens > 0
+    for n in full blocks of m:  state.update(score_mod(q·kᵀ))          # mask skipped
+    for n in partial blocks of m: state.update(score_mod(q·kᵀ), keep=mask)
+    out[m], lse[m] = state.finish()
+
+EMPTY blocks are never touched. Tiles are five-dimensional, ``(B', Hkv', G', rows, cols)``
+(``LAYOUT``): the query heads of one kv head sit on their own axis (G', the group) so that keys
+and values ``(B', Hkv', 1, cols, D)`` broadcast over them instead of being copied per query head.
+The index environment comes from ``attncc.lowering.env.Layout``, so ``slope[h]`` or
+``lengths[b]`` index the inputs as the reference does. ``Stats`` counts what was visited, for
+tests and benchmarks. ``NORMALIZE``, ``TOPK`` and ``SCORES`` hold the pseudo-code
+``kernel.source`` prints for each step.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
-from attncc.lowering.env import Layout
+from attncc.lowering.env import Layout, plan_slices, raw_scores, shared_kv, split_heads
+from attncc.lowering.states import fold
 from attncc.spec.numeric import evaluate
 
 LAYOUT = Layout(5, b=(0,), h=(1, 2), q_idx=(3,), kv_idx=(4,))
 
+_SOFTMAX = ("state = SoftmaxState()   # online softmax: row_max = -inf, row_sum = 0, acc = 0",
+            "state.update(s, v[cols])   # p = exp(s - new_max); alpha = exp(row_max - new_max); "
+            "row_sum = alpha * row_sum + rowsum(p); acc = alpha * acc + p @ v[cols]",
+            "out[rows], lse[rows] = acc / row_sum, row_max + log(row_sum)   "
+            "# 0 and -inf where no key is kept")
 
-def _dot(scorer, sl, q_tile, k_tile):
-    return scorer.scale * (q_tile @ np.swapaxes(k_tile, -1, -2))
+#: normalize -> the (init, update, finish) pseudo-code of its state
+NORMALIZE = {"softmax": _SOFTMAX, "topk": _SOFTMAX,
+             "sigmoid": ("state = SigmoidState()   # acc = 0",
+                         "state.update(s, v[cols])   # acc += sigmoid(s) @ v[cols]",
+                         "out[rows] = acc")}
+
+#: the top-k steps: the first pass, and the keep rule of the second
+TOPK = ("thr = K-th largest kept score of each row over the tiles below (TopkThreshold, "
+        "running top-{topk}; -inf if fewer are kept)",
+        "s = where(s >= thr, s, -inf)   # top-{topk}: every key tied at the K-th score kept")
+
+#: score kind -> the text of its raw score (``raw_scores``), ``{scale}`` and ``{k}`` filled in
+SCORES = {"dot": "({scale}) * q[rows] @ {k}.T",
+          "additive": "sum(w[h, :] * tanh(q[rows, None, :] + {k}[None, :, :]), axis=-1)"}
 
 
-def _additive(scorer, sl, q_tile, k_tile):
-    hidden = np.tanh(q_tile[..., :, None, :] + k_tile[..., None, :, :])
-    return (hidden * sl.w).sum(axis=-1)
+@dataclass
+class Stats:
+    """Tiles visited by the last call (memory tiles not counted)."""
 
+    full: int = 0
+    partial: int = 0
 
-#: score kind -> (tile function, source text with ``{scale}`` and ``{k}`` to fill in)
-SCORES = {"dot": (_dot, "({scale}) * q[rows] @ {k}.T"),
-          "additive": (_additive, "sum(w[h, :] * tanh(q[rows, None, :] + {k}[None, :, :]), "
-                                  "axis=-1)")}
+    @property
+    def tiles(self) -> int:
+        return self.full + self.partial
 
 
 @dataclass(frozen=True)
 class Slice:
-    """A group of (batch, head) slices that share one block plan slice.
-
-    ``fixed`` is the index environment without positions (sizes, inputs, ``b`` and ``h``);
-    ``kv`` selects the slices' kv heads; ``q``, ``k``, ``v`` are views of the inputs for these
-    slices; ``w`` is the additive score's weight ``(1, Hkv', G', 1, 1, D)`` or None.
-    """
+    """Views of one plan slice's (batch, head) pairs: ``q``, ``k``, ``v``; ``fixed`` the index
+    environment without positions (sizes, inputs, ``b`` and ``h``); ``w`` the additive score's
+    weight ``(1, Hkv', G', 1, 1, D)`` and ``mem`` the memory keys and values
+    ``(1, Hkv', 1, M, D)``, or None."""
 
     fixed: dict
-    kv: slice
     q: np.ndarray
     k: np.ndarray
     v: np.ndarray
-    w: np.ndarray | None = None
+    w: np.ndarray | None
+    mem: tuple | None
 
 
 class TileScorer:
     """Computes score tiles of one fused node for one call (sizes and inputs bound)."""
 
-    def __init__(self, node, sizes: dict, inputs: dict, scale: float, dtype):
-        self.node = node
+    def __init__(self, node, sizes: dict, inputs: dict, scale: float, dtype, block_n: int):
+        self.node, self.block_n = node, block_n
         self.sizes, self.inputs = sizes, inputs
         self.dtype = np.dtype(dtype)
         self.scale = self.dtype.type(scale)
-        self._score = SCORES[node.score][0]
-        self.mask = node.mask.expr if node.mask is not None else None
         self._kv_idx: dict = {}
 
-    def slice(self, b, h, kv: slice, q, k, v) -> Slice:
-        """The Slice of batch entries ``b (B',)`` and query heads ``h (Hkv', G')``."""
-        w = None
+    def slice(self, part, q5, k5, v5) -> Slice:
+        """The ``Slice`` of plan slice ``part`` (``attncc.lowering.env.Slice``) of
+        ``q5 (B, Hkv, G, Nq, D)`` and ``k5, v5 (B, Hkv, 1, Nk, D)``."""
+        b, kv, g = part.index
+        group = q5.shape[2]
+        bs, h = part.indices(np, group)
+        w = mem = None
         if self.node.score == "additive":
             w = self.inputs["w"][h][None, :, :, None, None, :]
-        return Slice(LAYOUT.fixed(self.sizes, self.inputs, b, h), kv, q, k, v, w)
+        if self.node.memory_tokens:
+            mem = tuple(self.inputs[n][kv][None, :, None] for n in ("mem_k", "mem_v"))
+        return Slice(LAYOUT.fixed(self.sizes, self.inputs, bs, h), q5[b, kv, g], k5[b, kv],
+                     v5[b, kv], w, mem)
 
-    def kv_idx(self, start: int, stop: int):
+    def raw(self, sl: Slice, q_tile, k_tile):
+        """Scores before score_mod, a fresh array."""
+        return raw_scores(q_tile, k_tile, self.scale, sl.w)
+
+    def tiles(self, sl: Slice, rows: slice, full, partial):
+        """``(scores, keep or None, values, owned)`` of the tiles of query rows ``rows``: the
+        memory tile first, then the FULL key blocks (no mask work), then the PARTIAL ones.
+        ``owned``: the scores are a fresh array the state may overwrite."""
+        q_tile = sl.q[..., rows, :]
+        if sl.mem is not None:
+            yield self.raw(sl, q_tile, sl.mem[0]), None, sl.mem[1], True
+        node, seq_k, block_n = self.node, sl.k.shape[-2], self.block_n
+        q_idx = LAYOUT.place("q_idx", np.arange(rows.start, rows.stop))
+        for n, is_full in [(int(n), True) for n in full] + [(int(n), False) for n in partial]:
+            start, stop = n * block_n, min((n + 1) * block_n, seq_k)
+            s = self.raw(sl, q_tile, sl.k[..., start:stop, :])
+            env = None
+            if node.score_mod is not None or not is_full:
+                env = {**sl.fixed, "q_idx": q_idx, "kv_idx": self._kv_positions(start, stop)}
+            if node.score_mod is not None:
+                value = evaluate(node.score_mod, {**env, "score": s}, np)
+                s = np.broadcast_to(np.asarray(value, dtype=self.dtype), s.shape)
+            keep = None
+            if not is_full:
+                keep = np.broadcast_to(np.asarray(evaluate(node.mask.expr, env, np)), s.shape)
+            yield s, keep, sl.v[..., start:stop, :], node.score_mod is None
+
+    def _kv_positions(self, start: int, stop: int):
         """Key positions ``[start, stop)`` on the tile's kv axis (built once per call)."""
         placed = self._kv_idx.get((start, stop))
         if placed is None:
             placed = self._kv_idx[start, stop] = LAYOUT.place("kv_idx", np.arange(start, stop))
         return placed
 
-    def raw(self, sl: Slice, q_tile, k_tile):
-        """Scores before score_mod, a fresh array."""
-        return self._score(self, sl, q_tile, k_tile)
 
-    def modded(self, s, env: dict):
-        """``score_mod`` applied to the tile (identity when the node has none)."""
-        if self.node.score_mod is None:
-            return s
-        value = evaluate(self.node.score_mod, {**env, "score": s}, np)
-        return np.broadcast_to(np.asarray(value, dtype=self.dtype), s.shape)
+def run_fused(node, plan, scorer: TileScorer, q, k, v, stats: Stats):
+    """Output ``(B, Hq, Nq, Dv)`` and lse ``(B, Hq, Nq)`` (None for sigmoid) of the fused kernel.
 
-    def keep(self, env: dict, shape: tuple):
-        """The mask of a PARTIAL tile as a boolean array broadcast to ``shape``."""
-        return np.broadcast_to(np.asarray(evaluate(self.mask, env, np)), shape)
+    ``q, k, v`` are already in the compute dtype (and k, v projected for linformer).
+    """
+    batch, heads, seq_q, _ = q.shape
+    kv_heads, value_dim, bm = k.shape[1], v.shape[-1], plan.block_m
+    q5, k5, v5 = split_heads(q, kv_heads), shared_kv(k), shared_kv(v)
+    out = np.zeros((*q5.shape[:-1], value_dim), dtype=q.dtype)
+    lse = np.full(q5.shape[:-1], -np.inf, dtype=q.dtype)
+    for part in plan_slices(plan, batch, kv_heads, heads // kv_heads):
+        sl = scorer.slice(part, q5, k5, v5)
+        for m in range(plan.num_q_blocks):
+            rows = slice(m * bm, min((m + 1) * bm, seq_q))
+            full, partial = plan.kv_blocks(part.bp, part.hp, m)
+            stats.full += len(full)
+            stats.partial += len(partial)
+            lead = (*sl.q.shape[:-2], rows.stop - rows.start)
+            tiles = functools.partial(scorer.tiles, sl, rows, full, partial)
+            done, _ = fold(node, lead, value_dim, sl.q, tiles)
+            out[(*part.index, rows)] = done.out
+            if done.lse is not None:
+                lse[(*part.index, rows)] = done.lse[..., 0]
+    out = out.reshape(batch, heads, seq_q, value_dim)
+    return out, (None if node.normalize == "sigmoid" else lse.reshape(batch, heads, seq_q))

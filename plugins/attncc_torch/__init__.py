@@ -24,12 +24,12 @@ _KINDS = {LinearAttention: "linear", Nystrom: "nystrom"}
 
 
 def _node(graph):
-    """``(node id, attention node, lowering kind)``: flash, linear or nystrom by node type."""
+    """``(attention node, lowering kind)``: flash, linear or nystrom by node type."""
     try:
-        node_id, node = attention_node(graph)
+        _, node = attention_node(graph)
     except ValueError as err:
         raise BackendError(f"torch backend: {err}") from None
-    return node_id, node, _KINDS.get(type(node), "flash")
+    return node, _KINDS.get(type(node), "flash")
 
 
 class TorchBackend(Backend):
@@ -48,11 +48,11 @@ class TorchBackend(Backend):
         return SUPPORTED
 
     def search_space(self, graph, target) -> SearchSpace:
-        _, node, kind = _node(graph)
+        node, kind = _node(graph)
         return search_space(node, kind, target, graph.graph.get("sizes"))
 
     def default_config(self, graph, target) -> dict:
-        _, node, kind = _node(graph)
+        node, kind = _node(graph)
         return default_config(node, kind, target)
 
     def compile(self, graph, config, target) -> TorchKernel:

@@ -2,26 +2,26 @@
 
 Tensors arrive padded, block-major and laid out for GQA without copies: query rows
 ``q6 (nQ, B, Hkv, group, bm, D)``, keys and values ``(nK, B, Hkv, bn, D)`` (one block per index
-of dim 0, which ``index_select`` copies fast). The forward keeps per row the running max
-``m``, sum ``l`` and accumulator (softmax), or just the accumulator (sigmoid); top-k first finds the
-K-th largest kept score of every row with a running ``torch.topk`` over the chunks, then runs the
-softmax over the scores at or above it. Saved for backward: q, k, v, out and per-row statistics
-(row max, 1/sum, top-k threshold) — never an N×N matrix. The backward recomputes each tile
-(FlashAttention-2: ``dS = P ∘ (dP − D)``, with ``D = rowsum(P ∘ dP)`` recomputed exactly rather
-than taken from ``rowsum(dO ∘ O)``, see ``_exact_delta``) and differentiates the tile's own scores
-with ``torch.autograd.grad`` on the tile, which also yields the gradients of score_mod inputs.
-``FlashAttention`` (a ``torch.autograd.Function``) ties the two together.
+of dim 0, which ``index_select`` copies fast). The forward folds each step's tiles into the shared
+per-row states (``attncc.lowering.states.fold``: online softmax, sigmoid sum, top-k's two passes).
+Saved for backward: q, k, v, out and per-row statistics (row max, 1/sum, top-k threshold) —
+never an N×N matrix. The backward recomputes each tile (FlashAttention-2:
+``dS = P ∘ (dP − D)``, with ``D = rowsum(P ∘ dP)`` recomputed exactly rather than taken from
+``rowsum(dO ∘ O)``, see ``_exact_delta``) and differentiates the tile's own scores with
+``torch.autograd.grad`` on the tile, which also yields the gradients of score_mod inputs and of
+the memory tokens. ``FlashAttention`` (a ``torch.autograd.Function``) ties the two together.
 """
 
 from __future__ import annotations
 
 import torch
 
-from attncc.lowering.states import SigmoidState, SoftmaxState, TopkThreshold
+from attncc.lowering.states import TopkThreshold, fold
 
 from .tiles import Problem
 
-NEG_INF = float("-inf")
+#: Per-row statistics kept by the forward, with the value of rows no step visits.
+STATS = {"lse": float("-inf"), "row_max": 0.0, "inv_sum": 0.0, "thr": float("-inf")}
 
 
 class FlashAttention(torch.autograd.Function):
@@ -39,148 +39,93 @@ class FlashAttention(torch.autograd.Function):
     def forward(ctx, pb: Problem, names: tuple, q5, k4, v4, *tensors):
         inputs = {**pb.inputs, **dict(zip(names, tensors, strict=True))}
         q6, kb, vb = pb.to_blocks(q5), pb.to_kv_blocks(k4), pb.to_kv_blocks(v4)
-        out6, rows = forward(pb, q6, kb, vb, inputs)
-        lse = pb.from_blocks(rows["lse"]) if rows["lse"] is not None else q5.new_empty(0)
-        ctx.pb, ctx.names = pb, names
-        ctx.row_names = tuple(n for n, x in rows.items() if x is not None)
-        ctx.save_for_backward(q6, kb, vb, out6, *(rows[n] for n in ctx.row_names), *tensors)
+        out6, stats = forward(pb, q6, kb, vb, inputs)
+        lse = pb.from_blocks(stats.pop("lse")) if "lse" in stats else q5.new_empty(0)
+        ctx.pb, ctx.names, ctx.stats = pb, names, tuple(stats)
+        ctx.save_for_backward(q6, kb, vb, out6, *stats.values(), *tensors)
         ctx.mark_non_differentiable(lse)
         return pb.from_blocks(out6), lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        pb, names = ctx.pb, ctx.names
-        q5, k4, v4, out, *rest = ctx.saved_tensors
-        n_rows = len(ctx.row_names)
-        rows = dict.fromkeys(("lse", "m", "inv_l", "thr"))
-        rows.update(zip(ctx.row_names, rest[:n_rows], strict=True))
-        tensors = rest[n_rows:]
-        inputs = {**pb.inputs, **dict(zip(names, tensors, strict=True))}
+        pb, names, n_stats = ctx.pb, ctx.names, len(ctx.stats)
+        q6, kb, vb, out6, *rest = ctx.saved_tensors
+        stats = dict(zip(ctx.stats, rest[:n_stats], strict=True))
+        inputs = {**pb.inputs, **dict(zip(names, rest[n_stats:], strict=True))}
         wanted = [name for i, name in enumerate(names) if ctx.needs_input_grad[5 + i]]
-        saved = {"q6": q5, "k4": k4, "v4": v4, "out6": out, "inputs": inputs, "rows": rows}
-        dq6, dk, dv, dinp = backward(pb, saved, pb.to_blocks(dout), wanted)
+        dq6, dk, dv, dinp = backward(pb, (q6, kb, vb, out6), stats, inputs, pb.to_blocks(dout),
+                                     wanted)
         return (None, None, pb.from_blocks(dq6), pb.from_kv_blocks(dk), pb.from_kv_blocks(dv),
                 *(dinp.get(name) for name in names))
 
 
 def forward(pb: Problem, q6, k4, v4, inputs: dict):
-    """``(out6, rows)`` for block-major ``q6 (nQ, B, Hkv, group, bm, D)``, ``k4``/``v4`` block-major
-    ``(nK, B, Hkv, bn, D)``: ``out6`` has the same layout; ``rows`` maps lse, m, inv_l, thr to
-    ``(..., bm, 1)`` tensors (None where the normalization has no such statistic).
+    """``(out6, stats)`` for block-major ``q6 (nQ, B, Hkv, group, bm, D)``, ``k4``/``v4``
+    ``(nK, B, Hkv, bn, D)``: ``out6`` has q6's layout; ``stats`` maps the ``STATS`` the
+    normalization has (lse, row_max, inv_sum for softmax and top-k; thr for top-k; none for
+    sigmoid) to ``(..., bm, 1)`` tensors.
 
-    The per-row states are the shared ones (``attncc.lowering.states``, in place: no autograd
-    here). The backward rebuilds P as ``exp(s - m) * inv_l`` rather than ``exp(s - lse)``:
-    rounding lse (large where scores are large) would scale every P of a row by one common factor.
+    The per-row states are the shared ones, in place (no autograd here). The backward rebuilds P
+    as ``exp(s - row_max) * inv_sum`` rather than ``exp(s - lse)``: rounding lse (large where
+    scores are large) would scale every P of a row by one common factor.
     """
-    norm = pb.node.normalize
+    node = pb.node
     out = q6.new_zeros((*q6.shape[:-1], v4.shape[-1]))
-    soft = norm != "sigmoid"
-
-    def new(fill):
-        return torch.full((*q6.shape[:-1], 1), fill, dtype=q6.dtype, device=q6.device)
-
-    rows = {"lse": new(NEG_INF) if soft else None, "m": new(0.0) if soft else None,
-            "inv_l": new(0.0) if soft else None, "thr": new(NEG_INF) if norm == "topk" else None}
+    names = {"sigmoid": (), "topk": tuple(STATS)}.get(node.normalize, tuple(STATS)[:3])
+    stats = {n: q6.new_full((*q6.shape[:-1], 1), STATS[n]) for n in names}
     for step in pb.schedule.steps:
         q = pb.rows(q6, step)
-        tiles = _tiles(pb, step, q, k4, v4, inputs)
-        lead = q.shape[:-1]
-        thr = None
-        if norm == "topk":
-            best = TopkThreshold(pb.node.topk, lead, q)
-            for s, _ in tiles:
-                best.update(s)
-            thr = best.value()
-        state = (SoftmaxState if soft else SigmoidState)(lead, v4.shape[-1], q, inplace=True)
-        for s, v in tiles:
-            keep = None if thr is None else TopkThreshold.keeps(s, thr)
-            state.update(s, v, keep, owned=_owned(s))
-        done = state.finish()
+
+        def tiles(step=step, q=q):
+            for chunk, k, v in pb.tiles(step, k4, v4, inputs):
+                s = pb.scores(step, chunk, q, k, inputs)
+                # fresh score tiles may be overwritten; a broadcast one is not contiguous
+                yield s, None, v, s.is_contiguous()
+
+        done, thr = fold(node, q.shape[:-1], v4.shape[-1], q, tiles)
         pb.put_rows(out, step, done.out)
-        for name, value in (("lse", done.lse), ("m", done.row_max), ("inv_l", done.inv_sum),
-                            ("thr", thr)):
-            if value is not None:
-                pb.put_rows(rows[name], step, value)
-    return out, rows
+        values = {**done._asdict(), "thr": thr}
+        for name, x in stats.items():
+            pb.put_rows(x, step, values[name])
+    return out, stats
 
 
-def _tiles(pb: Problem, step, q, k4, v4, inputs: dict):
-    """Lazily yields ``(scores, values)`` of a step: the memory tokens first, then each chunk."""
-    sl = step.slice
-
-    def generate():
-        if pb.memory:
-            yield pb.memory_scores(sl, q, inputs), inputs["mem_v"][None, sl.h0:sl.h0 + sl.nh, None]
-        for chunk in step.chunks:
-            k, v = pb.cols(k4, sl, chunk), pb.cols(v4, sl, chunk)
-            yield pb.scores(step, chunk, q, k, inputs), v
-
-    return _Replay(generate)
-
-
-class _Replay:
-    """An iterable that regenerates its items on every pass (top-k reads the tiles twice)."""
-
-    def __init__(self, generate):
-        self.generate = generate
-
-    def __iter__(self):
-        return self.generate()
-
-
-def _owned(s) -> bool:
-    """Whether the tile may be overwritten: score tiles are fresh results (matmul, score_mod,
-    gathers), never saved tensors; an expanded (broadcast) one is not contiguous."""
-    return not s.requires_grad and s.is_contiguous()
-
-
-def backward(pb: Problem, saved: dict, dout6, grad_inputs: list[str]):
-    """Gradients ``(dq6, dk4, dv4, {input name: grad})`` for the tensors ``forward`` read.
-
-    ``grad_inputs`` names the floating inputs that need a gradient (memory tokens included).
-    """
-    q6, k4, v4, out6 = saved["q6"], saved["k4"], saved["v4"], saved["out6"]
-    inputs, rows = saved["inputs"], saved["rows"]
+def backward(pb: Problem, saved: tuple, stats: dict, inputs: dict, dout6, grad_inputs: list):
+    """Gradients ``(dq6, dk4, dv4, {input name: grad})`` of the tensors ``forward`` read,
+    ``saved = (q6, k4, v4, out6)``; ``grad_inputs`` names the floating inputs that need one
+    (memory tokens included)."""
+    q6, k4, v4, out6 = saved
     norm = pb.node.normalize
     dq6, dk4, dv4 = torch.zeros_like(q6), torch.zeros_like(k4), torch.zeros_like(v4)
     dinp = {name: torch.zeros_like(inputs[name]) for name in grad_inputs}
-    delta = (dout6 * out6).sum(-1, keepdim=True) if norm != "sigmoid" else None
+    leaves = {name: inputs[name].detach().requires_grad_() for name in grad_inputs}
+    traced = {**inputs, **leaves}
+    if norm != "sigmoid":
+        stats = {**stats, "delta": (dout6 * out6).sum(-1, keepdim=True)}
     for step in pb.schedule.steps:
         sl = step.slice
         q, do = pb.rows(q6, step), pb.rows(dout6, step)
-        stat = {n: (pb.rows(x, step) if x is not None else None)
-                for n, x in (*rows.items(), ("delta", delta))}
-        dq = torch.zeros_like(q)
-        tiles = []
-        if pb.memory:
-            tiles.append((None, None, inputs["mem_v"][None, sl.h0:sl.h0 + sl.nh, None]))
-        tiles += [(chunk, pb.cols(k4, sl, chunk), pb.cols(v4, sl, chunk))
-                  for chunk in step.chunks]
-        if delta is not None:
+        stat = dict.fromkeys(STATS) | {n: pb.rows(x, step) for n, x in stats.items()}
+        tiles = list(pb.tiles(step, k4, v4, inputs))
+        if norm != "sigmoid":
             stat["delta"] = _exact_delta(pb, step, q, do, tiles, inputs, stat)
+        dq = torch.zeros_like(q)
         for chunk, k, v in tiles:
-            leaves = {name: inputs[name].detach().requires_grad_() for name in grad_inputs}
-            env_inputs = {**inputs, **leaves}
             with torch.enable_grad():
-                q_leaf = q.detach().requires_grad_()
-                k_leaf = k.detach().requires_grad_() if k is not None else None
-                if chunk is None:
-                    s = pb.memory_scores(sl, q_leaf, env_inputs)
-                    v = env_inputs["mem_v"][None, sl.h0:sl.h0 + sl.nh, None]
-                else:
-                    s = pb.scores(step, chunk, q_leaf, k_leaf, env_inputs)
-            ds, dv = _tile_grads(norm, s.detach(), v.detach(), do, stat)
-            wrt = [q_leaf] + ([k_leaf] if k_leaf is not None else []) + list(leaves.values())
-            grads = torch.autograd.grad(s, wrt, ds, allow_unused=True)
-            dq += grads[0]
-            named = dict(zip(leaves, grads[len(wrt) - len(leaves):], strict=True))
-            if chunk is None:
-                if "mem_v" in dinp:
-                    named["mem_v"] = _mem_grad(inputs["mem_v"], sl, dv)
-            else:
-                pb.add_cols(dk4, sl, chunk, grads[1])
+                q_leaf, k_leaf = q.detach().requires_grad_(), k.detach().requires_grad_()
+                s = pb.scores(step, chunk, q_leaf, k_leaf, traced)
+            ds, dv = _tile_grads(norm, s.detach(), v, do, stat)
+            dq_t, dk, *named = torch.autograd.grad(s, [q_leaf, k_leaf, *leaves.values()], ds,
+                                                   allow_unused=True)
+            dq += dq_t
+            if chunk is not None:
+                pb.add_cols(dk4, sl, chunk, dk)
                 pb.add_cols(dv4, sl, chunk, dv)
-            for name, g in named.items():
+            else:  # memory tokens (1, nh, 1, M, D): summed over batch entries and query blocks
+                for name, g in (("mem_k", dk), ("mem_v", dv)):
+                    if name in dinp:
+                        dinp[name][sl.h0:sl.h0 + sl.nh] += g.sum(dim=(0, 2))
+            for name, g in zip(leaves, named, strict=True):
                 if g is not None:
                     dinp[name] += g
         pb.put_rows(dq6, step, dq)
@@ -201,17 +146,13 @@ def _exact_delta(pb: Problem, step, q, do, tiles, inputs: dict, stat: dict):
     delta = stat["delta"]
     total = torch.zeros_like(delta)
     for chunk, k, v in tiles:
-        if chunk is None:
-            s = pb.memory_scores(step.slice, q, inputs)
-        else:
-            s = pb.scores(step, chunk, q, k, inputs)
-        p = _probs(s, stat)
+        p = _probs(pb.scores(step, chunk, q, k, inputs), stat)
         total += (p * (do @ v.transpose(-1, -2) - delta)).sum(-1, keepdim=True)
     return delta + total
 
 
 def _probs(s, stat: dict):
-    p = torch.exp(s - stat["m"]) * stat["inv_l"]
+    p = torch.exp(s - stat["row_max"]) * stat["inv_sum"]
     if stat["thr"] is not None:
         p = torch.where(TopkThreshold.keeps(s, stat["thr"]), p, 0.0)
     return p
@@ -221,16 +162,6 @@ def _tile_grads(norm: str, s, v, do, stat: dict):
     """``(dS, dV_tile)`` of one tile from its recomputed scores and the saved row statistics."""
     if norm == "sigmoid":
         w = torch.sigmoid(s)
-        dv = w.transpose(-1, -2) @ do
-        return (do @ v.transpose(-1, -2)) * w * (1 - w), dv
+        return (do @ v.transpose(-1, -2)) * w * (1 - w), w.transpose(-1, -2) @ do
     p = _probs(s, stat)
-    dv = p.transpose(-1, -2) @ do
-    ds = p * (do @ v.transpose(-1, -2) - stat["delta"])
-    return ds, dv
-
-
-def _mem_grad(mem_v, sl, dv):
-    """The memory values' gradient: ``dv (nb, nh, G, M, Dv)`` summed over batch and blocks."""
-    grad = torch.zeros_like(mem_v)
-    grad[sl.h0:sl.h0 + sl.nh] = dv.sum(dim=(0, 2))
-    return grad
+    return p * (do @ v.transpose(-1, -2) - stat["delta"]), p.transpose(-1, -2) @ do

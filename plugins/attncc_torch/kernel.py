@@ -20,7 +20,6 @@ import torch.nn.functional as F  # noqa: N812 - the name torch code uses
 
 from attncc.backends.autograd import autograd_backward
 from attncc.backends.base import Kernel
-from attncc.ir.graph import LowRankProject, op, operands
 from attncc.lowering.lowrank import linformer, nystrom
 from attncc.lowering.prologue import prologue
 from attncc.plan import PlanCache
@@ -44,14 +43,15 @@ class TorchKernel(Kernel):
 
     backend = "torch"
 
-    def __init__(self, graph, node_id: str, node, kind: str, config: dict):
+    def __init__(self, graph, node, kind: str, config: dict):
         self.spec = graph.graph["spec"]
         self.node, self.kind, self.config = node, kind, dict(config)
         self.source = describe(self.spec, node, kind, self.config)
         self.backward = functools.partial(autograd_backward, self)
-        self._projection = _projection_inputs(graph, node_id)
         if kind != "flash":
             return
+        # the Linformer matrices that project k and v (the schema names them E and F)
+        self._projection = ("E", "F") if node.projection is not None else ()
         fused = self.config["use_sdpa"]
         self._sdpa = fused and node.lowering.allows("sdpa")
         self._runs = fused and node.lowering.allows("runs")
@@ -75,7 +75,7 @@ class TorchKernel(Kernel):
             return F.scaled_dot_product_attention(q, k, v, is_causal=node.mask is not None,
                                                   scale=call.scale)
         k, v = call.k, call.v
-        if self._projection is not None:
+        if self._projection:
             k, v = linformer(k, v, *(call.inputs[n] for n in self._projection))
         plan = self._plans.get(call.sizes, call.raw_inputs)
         runs = self._runs_ok(call)
@@ -108,7 +108,7 @@ class TorchKernel(Kernel):
         v4 = F.pad(v, (0, 0, 0, pad_k)) if pad_k else v
         ins = call.inputs
         names = tuple(n for n, x in ins.items()
-                      if x.is_floating_point() and n not in (self._projection or ()))
+                      if x.is_floating_point() and n not in self._projection)
         ints = {n: x for n, x in ins.items() if not x.is_floating_point()}
         pb = Problem(self.node, self._drop, sizes, ints, call.scale, plan, nk, schedule,
                      q.device)
@@ -134,12 +134,3 @@ class TorchKernel(Kernel):
             derived[key] = build()
         return derived[key]
 
-
-def _projection_inputs(graph, node_id: str) -> tuple[str, str] | None:
-    """The names of the Linformer matrices that project k and v (``E``, ``F``), read from the
-    graph's ``LowRankProject`` nodes; None without a projection."""
-    found = []
-    for x in operands(graph, node_id)[1:3]:
-        if isinstance(op(graph, x), LowRankProject):
-            found.append(op(graph, operands(graph, x)[1]).name)
-    return tuple(found) if found else None

@@ -27,11 +27,9 @@ import array_api_compat.torch as xp
 import numpy as np
 import torch
 
-from attncc.lowering.env import Layout
+from attncc.lowering.env import Layout, plan_slices
 from attncc.plan import EMPTY, PARTIAL
 from attncc.spec.numeric import evaluate
-
-from .schedule import slices
 
 NEG_INF = float("-inf")
 
@@ -87,11 +85,11 @@ def build_segments(plan, batch: int, kv_heads: int, group: int) -> list[Segment]
     """
     bm, bn, nq, nk = plan.block_m, plan.block_n, plan.seq_q, plan.seq_k
     states, segments = plan.states, []
-    for sl, bp, hp in slices(plan, batch, kv_heads, group):
+    for sl in plan_slices(plan, batch, kv_heads, group):
         hq0, nhq = sl.h0 * group + sl.g0, sl.nh * sl.ng
         cur = None  # [m0, count, last runs, strides, masked flags, rows of the last block]
         for m in range(states.shape[2]):
-            runs = _block_runs(states[bp, hp, m], bn, nk)
+            runs = _block_runs(states[sl.bp, sl.hp, m], bn, nk)
             rows = min((m + 1) * bm, nq) - m * bm
             if cur is not None and runs and _extends(cur, runs, rows, bm):
                 strides = [b[0] - a[0] for a, b in zip(cur[2], runs, strict=True)]
@@ -132,20 +130,21 @@ def _segment(sl, hq0: int, nhq: int, cur, bm: int) -> Segment:
 LAYOUT = Layout(4, b=(0,), h=(1,), q_idx=(0, 2), kv_idx=(0, 3))
 
 
-def run_mask(mask, seg: Segment, run: Run, sizes: dict, inputs: dict, dtype, device):
-    """``(additive mask (count|1, nhq|1, rows, length), dead rows (count|1, nhq|1, rows))`` of a
-    masked run of a segment: 0 where ``mask`` keeps a pair, -inf where it drops it; a dead row
-    keeps no pair. Equal tiles of all blocks (a translation-invariant band) are stored once."""
+def run_mask(mask, seg: Segment, runs: tuple[Run, ...], sizes: dict, inputs: dict, dtype,
+             device):
+    """``(additive mask (count|1, nhq|1, rows, length), dead rows (count|1, nhq|1, rows))`` of
+    ``runs`` of a segment side by side (one call's keys): 0 where ``mask`` keeps a pair, -inf
+    where it drops it; a dead row keeps no pair. Equal tiles of all blocks (a
+    translation-invariant band) are stored once."""
     ar = lambda a, b: torch.arange(a, b, device=device)  # noqa: E731
     blocks = ar(0, seg.count)[:, None]
     # a mask that reads b has one batch entry per slice (nb = 1); otherwise b is unused
     fixed = LAYOUT.fixed(sizes, inputs, ar(seg.b0, seg.b0 + 1), ar(seg.hq0, seg.hq0 + seg.nhq))
-    env = LAYOUT.env(fixed, seg.r0 + blocks * seg.rows + ar(0, seg.rows),
-                     run.start + blocks * run.stride + ar(0, run.length))
-    keep = evaluate(mask, env, xp)
+    kv = torch.cat([r.start + blocks * r.stride + ar(0, r.length) for r in runs], dim=-1)
+    keep = evaluate(mask, LAYOUT.env(fixed, seg.r0 + blocks * seg.rows + ar(0, seg.rows), kv), xp)
     if isinstance(keep, bool):
         keep = torch.full((1, 1, 1, 1), keep, device=device)
-    keep = torch.broadcast_to(keep, (*keep.shape[:2], seg.rows, run.length))
+    keep = torch.broadcast_to(keep, (*keep.shape[:2], seg.rows, kv.shape[-1]))
     if keep.shape[0] > 1 and bool((keep == keep[:1]).all()):
         keep = keep[:1]
     mask = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, NEG_INF)
@@ -162,38 +161,21 @@ class RunsForward:
         self.sizes = sizes
         group = sizes["heads"] // sizes["kv_heads"]
         self.segments = build_segments(plan, sizes["batch"], sizes["kv_heads"], group)
+        # per segment, the runs of each fused call: a lone block with several runs makes one
+        # call on their keys side by side, else one call per run (merged by log-sum-exp)
+        self.calls = [[seg.runs] if seg.count == 1 and len(seg.runs) > 1
+                      else [(r,) for r in seg.runs] for seg in self.segments]
         self.inputs = inputs
         self._masks: dict = {}
 
     def _mask(self, i: int, j: int, dtype, device):
+        """The mask and dead rows of call ``j`` of segment ``i``; (None, None) when none of its
+        runs touches a PARTIAL block."""
         key = (i, j, dtype, str(device))
         if key not in self._masks:
-            seg = self.segments[i]
-            self._masks[key] = run_mask(self.mask, seg, seg.runs[j], self.sizes, self.inputs,
-                                        dtype, device)
-        return self._masks[key]
-
-    def _joined_mask(self, i: int, dtype, device):
-        """The runs' masks side by side (zeros for unmasked runs) and the rows dead in all."""
-        key = (i, "joined", dtype, str(device))
-        if key not in self._masks:
-            seg, tiles, dead = self.segments[i], [], None
-            if not any(r.masked for r in seg.runs):
-                self._masks[key] = (None, None)
-                return self._masks[key]
-            for j, run in enumerate(seg.runs):
-                if run.masked:
-                    tile, gone = self._mask(i, j, dtype, device)
-                    dead = gone if dead is None else dead & gone
-                else:
-                    tile = torch.zeros((1, 1, seg.rows, run.length), dtype=dtype, device=device)
-                    dead = torch.zeros((1, 1, seg.rows), dtype=torch.bool, device=device)
-                tiles.append(tile)
-            shape = torch.broadcast_shapes(*(t.shape[:2] for t in tiles))
-            tiles = [t.expand(*shape, *t.shape[2:]) for t in tiles]
-            self._masks[key] = (torch.cat(tiles, dim=-1), dead)
-            for j in range(len(seg.runs)):  # the per-run tiles are not needed any more
-                self._masks.pop((i, j, dtype, str(device)), None)
+            runs = self.calls[i][j]
+            self._masks[key] = (None, None) if not any(r.masked for r in runs) else run_mask(
+                self.mask, self.segments[i], runs, self.sizes, self.inputs, dtype, device)
         return self._masks[key]
 
     def __call__(self, q, k, v, scale: float):
@@ -207,25 +189,12 @@ class RunsForward:
         for i, seg in enumerate(self.segments):
             hs = slice(seg.hq0, seg.hq0 + seg.nhq)
             span = slice(seg.r0, seg.r0 + seg.count * seg.rows)
-            joined = seg.count == 1 and len(seg.runs) > 1
             for b in range(seg.b0, seg.b0 + seg.nb):
                 qs = q[b, hs, span].unflatten(1, (seg.count, seg.rows)).transpose(0, 1)
-                if joined:  # one block, several runs: one call on their concatenated keys
-                    ks, vs = (torch.cat([x[b, hs, r.start:r.start + r.length] for r in seg.runs],
-                                        dim=1)[None] for x in (k, v))
-                    mask, dead = self._joined_mask(i, q.dtype, q.device)
-                    o_acc, l_acc = flash(qs, ks, vs, attn_mask=mask, scale=scale)
-                    if dead is not None:
-                        l_acc = l_acc.masked_fill(dead, NEG_INF)
-                    runs = ()
-                else:
-                    o_acc = l_acc = None
-                    runs = seg.runs
-                for j, run in enumerate(runs):
-                    ks, vs = (_windows(x[b, hs], run, seg.count) for x in (k, v))
-                    mask = dead = None
-                    if run.masked:
-                        mask, dead = self._mask(i, j, q.dtype, q.device)
+                o_acc = l_acc = None
+                for j, runs in enumerate(self.calls[i]):
+                    ks, vs = (_keys(x[b, hs], runs, seg.count) for x in (k, v))
+                    mask, dead = self._mask(i, j, q.dtype, q.device)
                     o, lg = flash(qs, ks, vs, attn_mask=mask, scale=scale)
                     if dead is not None:
                         lg = lg.masked_fill(dead, NEG_INF)
@@ -233,6 +202,14 @@ class RunsForward:
                 out[b, hs, span].unflatten(1, (seg.count, seg.rows)).transpose(0, 1).copy_(o_acc)
                 lse[b, hs, span].unflatten(1, (seg.count, seg.rows)).transpose(0, 1).copy_(l_acc)
         return out, lse
+
+
+def _keys(x, runs: tuple[Run, ...], count: int):
+    """The keys ``(count, H, length, D)`` of one call from ``x (H, N, D)``: one run's windows,
+    or several runs of a lone block side by side."""
+    if len(runs) == 1:
+        return _windows(x, runs[0], count)
+    return torch.cat([x[:, r.start:r.start + r.length] for r in runs], dim=1)[None]
 
 
 def _windows(x, run: Run, count: int):

@@ -1,8 +1,7 @@
 """From a BlockPlan to the steps the torch kernel runs: batched gathers over equal-sized rows.
 
-A *slice* is the set of (batch, head) pairs that share one slice of the plan: everything when the
-plan is broadcast (``Bp = Hp = 1``), one batch entry when the mask reads ``b``, one query head when
-it reads ``h``. Inside a slice, query blocks with the same number of FULL and PARTIAL key blocks
+A *slice* (``attncc.lowering.env.Slice``) is the set of (batch, head) pairs that share one slice of
+the plan. Inside a slice, query blocks with the same number of FULL and PARTIAL key blocks
 form a *step*: their key blocks are gathered into one ``(G, c)`` index table and processed by one
 batched matmul per kv chunk. EMPTY blocks appear in no table, so they cost nothing; in every row of
 a table the FULL blocks come first, so the elementwise mask runs only on the columns after them.
@@ -18,19 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from attncc.lowering.env import Slice, plan_slices
 from attncc.plan import FULL, PARTIAL
-
-
-@dataclass(frozen=True)
-class Slice:
-    """Batch entries ``b0:b0+nb``, kv heads ``h0:h0+nh``, in each group members ``g0:g0+ng``."""
-
-    b0: int
-    nb: int
-    h0: int
-    nh: int
-    g0: int
-    ng: int
 
 
 @dataclass(frozen=True)
@@ -59,18 +47,6 @@ class Schedule:
     total: int
 
 
-def slices(plan, batch: int, kv_heads: int, group: int) -> list[tuple[Slice, int, int]]:
-    """``(Slice, bp, hp)`` for every slice of the plan (bp, hp index the plan's states)."""
-    bps, hps = plan.states.shape[:2]
-    bs = [(0, batch, 0)] if bps == 1 else [(b, 1, b) for b in range(batch)]
-    if hps == 1:
-        hs = [((0, kv_heads, 0, group), 0)]
-    else:
-        hs = [((h // group, 1, h % group, 1), h) for h in range(kv_heads * group)]
-    return [(Slice(b0, nb, h0, nh, g0, ng), bp, hp)
-            for b0, nb, bp in bs for (h0, nh, g0, ng), hp in hs]
-
-
 def build_schedule(plan, batch: int, kv_heads: int, group: int, *, kv_chunk: int,
                    group_blocks: int, tile_elems: int, value_cost: int, memory: bool,
                    device) -> Schedule:
@@ -87,8 +63,8 @@ def build_schedule(plan, batch: int, kv_heads: int, group: int, *, kv_chunk: int
         states = states.copy()
         states[..., -1] = np.where(last == FULL, PARTIAL, last)
     steps, visited = [], 0
-    for sl, bp, hp in slices(plan, batch, kv_heads, group):
-        st = states[bp, hp]
+    for sl in plan_slices(plan, batch, kv_heads, group):
+        st = states[sl.bp, sl.hp]
         full, part = st == FULL, st == PARTIAL
         n_full, n_part = full.sum(-1), part.sum(-1)
         order = np.argsort(-(st.astype(np.int64)), axis=-1, kind="stable")

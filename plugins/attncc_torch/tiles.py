@@ -14,10 +14,10 @@ from __future__ import annotations
 import array_api_compat.torch as xp
 import torch
 
-from attncc.lowering.env import Layout
+from attncc.lowering.env import Layout, Slice, raw_scores
 from attncc.spec.numeric import evaluate
 
-from .schedule import Chunk, Slice, Step
+from .schedule import Chunk, Step
 
 #: Where b, h, q_idx, kv_idx sit in the 7-D view ``(nb, nh, G, ng, block_m, c, block_n)``.
 LAYOUT = Layout(7, b=(0,), h=(1, 3), q_idx=(2, 4), kv_idx=(2, 5, 6))
@@ -102,30 +102,36 @@ class Problem:
         target.index_add_(0, chunk.kv.flatten(), value)
 
     # -- scores --------------------------------------------------------------------------
-    def raw(self, sl: Slice, q, k, inputs: dict):
-        """Scores before score_mod: ``scale·q·kᵀ`` or additive ``Σ_d w[h,d]·tanh(q_d + k_d)``."""
-        if self.node.score != "additive":
-            return (q * self.scale) @ k.transpose(-1, -2)
-        w = inputs["w"].unflatten(0, (-1, self.group))[sl.h0:sl.h0 + sl.nh, sl.g0:sl.g0 + sl.ng]
-        qv = q.unflatten(3, (sl.ng, self.bm))[..., :, None, :]        # nb nh G ng bm 1 D
-        kv = k[:, :, :, None, None, :, :]                              # nb nh G 1 1 C D
-        hidden = torch.tanh(qv + kv) * w[None, :, None, :, None, None, :]
-        return hidden.sum(-1).flatten(3, 4)
+    def tiles(self, step: Step, kb, vb, inputs: dict):
+        """Lazily ``(chunk, k, v)`` of a step's tiles: the memory tokens first (chunk None,
+        ``(1, nh, 1, M, D)``), then each chunk's key blocks gathered ``(nb, nh, G, c*bn, D)``."""
+        sl = step.slice
+        if self.memory:
+            heads = slice(sl.h0, sl.h0 + sl.nh)
+            yield None, inputs["mem_k"][None, heads, None], inputs["mem_v"][None, heads, None]
+        for chunk in step.chunks:
+            yield chunk, self.cols(kb, sl, chunk), self.cols(vb, sl, chunk)
 
-    def memory_scores(self, sl: Slice, q, inputs: dict):
-        """Raw scores of the rows against the memory tokens ``(nb, nh, G, R, M)``."""
-        mem_k = inputs["mem_k"][None, sl.h0:sl.h0 + sl.nh, None]
-        return self.raw(sl, q, mem_k, inputs)
+    def raw(self, sl: Slice, q, k, inputs: dict):
+        """Scores before score_mod (``attncc.lowering.env.raw_scores``); additive scores are
+        computed on the rows viewed ``(nb, nh, G, ng, bm, D)``, w per query head."""
+        if self.node.score != "additive":
+            return raw_scores(q, k, self.scale)
+        w = inputs["w"].unflatten(0, (-1, self.group))[sl.h0:sl.h0 + sl.nh, sl.g0:sl.g0 + sl.ng]
+        s = raw_scores(q.unflatten(3, (sl.ng, self.bm)), k[:, :, :, None], self.scale,
+                       w[None, :, None, :, None, None, :])
+        return s.flatten(3, 4)
 
     def scores(self, step: Step, chunk: Chunk, q, k, inputs: dict):
         """The tile's final scores: raw, score_mod, then -inf where the mask (or padding) drops.
 
-        The mask is evaluated on the PARTIAL columns only; FULL columns keep every pair.
+        The mask is evaluated on the PARTIAL columns only; FULL columns keep every pair. The
+        memory tile (``chunk`` None) has raw scores only.
         """
         sl = step.slice
         s = self.raw(sl, q, k, inputs)
         score_mod = self.node.score_mod
-        if score_mod is None and chunk.n_full == chunk.kv.shape[1]:
+        if chunk is None or (score_mod is None and chunk.n_full == chunk.kv.shape[1]):
             return s
         s7 = s.unflatten(4, (-1, self.bn)).unflatten(3, (sl.ng, self.bm))
         if score_mod is not None:
@@ -163,11 +169,7 @@ class Problem:
         """Sizes, inputs and ``b, h, q_idx, kv_idx`` for a tile (positions clamped in-bounds)."""
         sl = step.slice
         if sl not in self._heads:  # b and h are the slice's: placed once per call
-            dev = self.device
-            heads = (torch.arange(sl.h0, sl.h0 + sl.nh, device=dev)[:, None] * self.group
-                     + torch.arange(sl.g0, sl.g0 + sl.ng, device=dev))
-            self._heads[sl] = LAYOUT.fixed({}, {}, torch.arange(sl.b0, sl.b0 + sl.nb, device=dev),
-                                           heads)
+            self._heads[sl] = LAYOUT.fixed({}, {}, *sl.indices(torch, self.group, self.device))
         q_pos = (step.qblocks[:, None] * self.bm + self.ar_m).clamp(max=self.nq - 1)
         kv_pos = (blocks[:, :, None] * self.bn + self.ar_n).clamp(max=self.nk - 1)
         return LAYOUT.env({**self.sizes, **inputs, **self._heads[sl]}, q_pos, kv_pos)
