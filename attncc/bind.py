@@ -14,10 +14,9 @@ import sympy
 
 from attncc.errors import InputError
 from attncc.spec.schema import Spec
-from attncc.spec.symbols import SIZES
+from attncc.spec.symbols import SIZES, TENSORS
 
-_LAYOUT = {"q": "(batch, heads, seq_q, head_dim)", "k": "(batch, kv_heads, seq_k, head_dim)",
-           "v": "(batch, kv_heads, seq_k, value_dim)"}
+_LAYOUT = {name: "(" + ", ".join(map(str, shape)) + ")" for name, shape in TENSORS.items()}
 _KINDS = {"float": "real floating", "int": "integral", "bool": "bool"}
 
 

@@ -18,7 +18,7 @@ from attncc.errors import InputError
 from attncc.spec.load import load_spec
 from attncc.spec.numeric import evaluate
 
-__all__ = ["attend", "reference"]
+__all__ = ["attend", "kept_pairs", "reference"]
 
 
 def reference(spec, q, k, v, *, return_lse: bool = False, **inputs):
@@ -55,9 +55,9 @@ def attend(spec, q, k, v, inputs: dict, *, return_lse: bool = False):
         return (out, None) if return_lse else out
     scores = _scores(spec, bound, q, k, xp)
     if spec.score_mod is not None:
-        env = {**_index_env(bound, scores.shape, xp), "score": scores}
+        env = {**_index_env(bound.sizes, bound.inputs, scores.shape, xp), "score": scores}
         scores = _broadcast(evaluate(spec.score_mod, env, xp), scores, xp)
-    keep = _keep(spec, bound, scores.shape, xp)
+    keep = kept_pairs(spec, bound.sizes, bound.inputs, scores.shape, xp)
     if spec.memory_tokens:
         mem_k = xp.take(bound.inputs["mem_k"], heads, axis=0)
         mem_v = xp.take(bound.inputs["mem_v"], heads, axis=0)
@@ -87,7 +87,7 @@ def _scores(spec, bound: Bound, q, k, xp):
     return scale * xp.matmul(q, xp.matrix_transpose(k))
 
 
-def _index_env(bound: Bound, shape, xp) -> dict:
+def _index_env(sizes: dict, inputs: dict, shape, xp) -> dict:
     """b, h, q_idx, kv_idx as broadcastable integer arrays, with the sizes and the inputs."""
     def axis(n, dim):
         view = [1, 1, 1, 1]
@@ -95,16 +95,17 @@ def _index_env(bound: Bound, shape, xp) -> dict:
         return xp.reshape(xp.arange(n, dtype=xp.int64), tuple(view))
 
     b, h, nq, nk = shape
-    return {**bound.sizes, **bound.inputs, "b": axis(b, 0), "h": axis(h, 1),
+    return {**sizes, **inputs, "b": axis(b, 0), "h": axis(h, 1),
             "q_idx": axis(nq, 2), "kv_idx": axis(nk, 3)}
 
 
-def _keep(spec, bound: Bound, shape, xp):
-    """Bool ``shape`` (B, H, Nq, Nk): the pairs the mask keeps (all of them without a mask)."""
+def kept_pairs(spec, sizes: dict, inputs: dict, shape, xp):
+    """Bool ``shape`` (B, H, Nq, Nk): the pairs the mask of ``spec`` keeps at ``sizes`` (every
+    one without a mask), on namespace ``xp``; ``inputs`` are those the mask reads."""
     if spec.mask is None:
         return xp.ones(shape, dtype=xp.bool)
-    return xp.broadcast_to(xp.asarray(evaluate(spec.mask, _index_env(bound, shape, xp), xp)),
-                           shape)
+    env = _index_env(sizes, inputs, shape, xp)
+    return xp.broadcast_to(xp.asarray(evaluate(spec.mask, env, xp)), shape)
 
 
 def _broadcast(value, like, xp):
@@ -158,7 +159,8 @@ def _linear(spec, bound: Bound, q, k, v, xp):
     weights = xp.matmul(_features(spec, bound, q, xp),
                         xp.matrix_transpose(_features(spec, bound, k, xp)))
     if spec.mask is not None:
-        weights = xp.where(_keep(spec, bound, weights.shape, xp), weights, xp.zeros_like(weights))
+        keep = kept_pairs(spec, bound.sizes, bound.inputs, weights.shape, xp)
+        weights = xp.where(keep, weights, xp.zeros_like(weights))
     denom = xp.sum(weights, axis=-1, keepdims=True)
     safe = xp.where(denom == 0, xp.ones_like(denom), denom)
     return xp.where(denom == 0, xp.zeros_like(denom), xp.matmul(weights, v) / safe)

@@ -103,13 +103,10 @@ def plan_summary(plan, random_data: bool, seed: int) -> list[str]:
 
 def input_lines(spec, sizes: dict[str, int]) -> list[str]:
     """q, k, v and each named input: symbolic shape, shape at ``sizes``, dtype."""
-    from attncc.spec.symbols import SIZES
+    from attncc.spec.symbols import SIZES, TENSORS
 
     subs = {SIZES[name]: value for name, value in sizes.items()}
-    rows = [("q", ("batch", "heads", "seq_q", "head_dim"), "float"),
-            ("k", ("batch", "kv_heads", "seq_k", "head_dim"), "float"),
-            ("v", ("batch", "kv_heads", "seq_k", "value_dim"), "float")]
-    rows = [(name, tuple(SIZES[d] for d in dims), dtype) for name, dims, dtype in rows]
+    rows = [(name, shape, "float") for name, shape in TENSORS.items()]
     rows += [(name, decl.shape, decl.dtype + (" (implied)" if decl.implied else ""))
              for name, decl in spec.inputs.items()]
     width = max(len(name) for name, _, _ in rows)

@@ -60,16 +60,10 @@ def viz(spec: str, batch: int, seq: int, seq_k: int | None, heads: int | None,
 
 def element_mask(spec, sizes: dict[str, int], inputs: dict | None) -> np.ndarray:
     """Bool (seq_q, seq_k) of kept pairs for batch 0, head 0 (all True without a mask)."""
-    shape = (sizes["seq_q"], sizes["seq_k"])
-    if spec.mask is None:
-        return np.ones(shape, dtype=bool)
-    from attncc.spec.numeric import evaluate
+    from attncc.reference import kept_pairs
 
-    env = {**sizes, **(inputs or {}), "b": np.zeros((1, 1), dtype=np.int64),
-           "h": np.zeros((1, 1), dtype=np.int64),
-           "q_idx": np.arange(shape[0], dtype=np.int64)[:, None],
-           "kv_idx": np.arange(shape[1], dtype=np.int64)[None, :]}
-    return np.broadcast_to(np.asarray(evaluate(spec.mask, env, np), dtype=bool), shape)
+    shape = (1, 1, sizes["seq_q"], sizes["seq_k"])
+    return np.asarray(kept_pairs(spec, sizes, inputs or {}, shape, np), dtype=bool)[0, 0]
 
 
 def draw(name: str, mask: np.ndarray, states: np.ndarray, density: float, geometry: tuple):

@@ -38,17 +38,9 @@ from attncc.ir.graph import (
     op,
     operands,
 )
-from attncc.spec.symbols import SIZES
+from attncc.spec.symbols import TENSORS
 
 __all__ = ["Shapes", "node_shape"]
-
-S = SIZES
-_TENSORS = {
-    "q": (S["batch"], S["heads"], S["seq_q"], S["head_dim"]),
-    "k": (S["batch"], S["kv_heads"], S["seq_k"], S["head_dim"]),
-    "v": (S["batch"], S["kv_heads"], S["seq_k"], S["value_dim"]),
-}
-
 
 @dataclass(frozen=True)
 class Shapes:
@@ -76,8 +68,8 @@ def node_shape(node: Node, args: list[Shape], spec) -> Shape:
 
 
 def _input(node: Input, args, spec) -> Shape:
-    if node.role in _TENSORS:
-        return _TENSORS[node.role]
+    if node.role in TENSORS:
+        return TENSORS[node.role]
     return spec.inputs[node.name].shape
 
 

@@ -19,6 +19,12 @@ INDEX_SYMBOLS = {"b": b, "h": h, "q_idx": q_idx, "kv_idx": kv_idx}
 
 SIZE_NAMES = ("batch", "heads", "kv_heads", "seq_q", "seq_k", "head_dim", "value_dim")
 SIZES = {name: sympy.Symbol(name, integer=True, positive=True) for name in SIZE_NAMES}
+#: The layouts of q, k and v over the sizes (every backend takes these shapes).
+TENSORS = {
+    "q": (SIZES["batch"], SIZES["heads"], SIZES["seq_q"], SIZES["head_dim"]),
+    "k": (SIZES["batch"], SIZES["kv_heads"], SIZES["seq_k"], SIZES["head_dim"]),
+    "v": (SIZES["batch"], SIZES["kv_heads"], SIZES["seq_k"], SIZES["value_dim"]),
+}
 
 #: The density of the mask: kept (query, key) pairs over all pairs; used by cost formulas.
 density = sympy.Symbol("density", positive=True)
