@@ -25,7 +25,6 @@ from pathlib import Path
 
 from attncc.errors import BackendError, InputError
 
-LAYERS = ("device", "architecture", "versions")
 KINDS = ("cpu", "cuda")
 
 #: CPU flags (as /proc/cpuinfo names them) that change which kernels are fast.
@@ -138,14 +137,13 @@ class Target:
         versions = data.get("versions") or {}
         if not isinstance(versions, dict):
             raise InputError(f"target.versions: expected a mapping, got {versions!r}")
+        counts = ("cores", "shared_memory_per_block", "sm_count", "registers_per_block")
         try:
             return Target(
-                kind=data["kind"], device=data["device"], cores=_opt_int(data.get("cores")),
+                kind=data["kind"], device=data["device"],
+                **{name: _opt_int(data.get(name)) for name in counts},
                 arch=str(data.get("arch") or ""), isa=tuple(sorted(data.get("isa") or ())),
                 compute_capability=tuple(int(x) for x in cc) if cc else None,
-                shared_memory_per_block=_opt_int(data.get("shared_memory_per_block")),
-                sm_count=_opt_int(data.get("sm_count")),
-                registers_per_block=_opt_int(data.get("registers_per_block")),
                 versions=tuple(sorted((str(k), str(v)) for k, v in versions.items())))
         except (TypeError, ValueError) as err:
             raise InputError(f"target: malformed field: {err}") from None

@@ -28,6 +28,7 @@ def compile_command(spec: str, backend: str, target_name: str, config_json: str 
     """Compile SPEC with a backend; write its source and a manifest to DIR."""
     import attncc
     from attncc.api import compile as compile_spec
+    from attncc.backends import registry
 
     loaded = load(spec)
     target = detect_target(target_name)
@@ -43,7 +44,7 @@ def compile_command(spec: str, backend: str, target_name: str, config_json: str 
         "spec_hash": loaded.hash,
         "spec_file": str(Path(spec).resolve()),
         "backend": kernel.backend,
-        "backend_version": _backend_version(kernel.backend),
+        "backend_version": registry.get(kernel.backend).version,
         "selection": kernel.selection,
         "config": kernel.config,
         "target": target.key(),
@@ -81,9 +82,3 @@ def parse_config(text: str | None) -> dict | None:
     if not isinstance(value, dict):
         raise InputError(f"--config: expected a JSON object of tile parameters, got {text!r}")
     return value
-
-
-def _backend_version(name: str) -> str:
-    from attncc.backends import registry
-
-    return registry.get(name).version

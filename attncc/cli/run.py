@@ -108,16 +108,17 @@ def to_library(kernel, target, qkv: tuple, inputs: dict):
     go to the target's device.
     """
     from attncc.backends import registry
+    from attncc.testing.inputs import converter
 
-    if registry.get(kernel.backend).library == "numpy":
+    library = registry.get(kernel.backend).library
+    if library == "numpy":
         return qkv, inputs
-    import torch
+    to_torch = converter(library, None, target.torch_device)
 
     def convert(x):
         if x.dtype.kind not in "biuf":
             raise InputError(f"expected numeric arrays in the .npz, got dtype {x.dtype}")
-        native = x.astype(x.dtype.newbyteorder("="), copy=False)  # torch takes native order only
-        return torch.from_numpy(np.ascontiguousarray(native)).to(target.torch_device or "cpu")
+        return to_torch(x)
 
     return tuple(convert(x) for x in qkv), {n: convert(x) for n, x in inputs.items()}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from attncc.cli.options import DTYPES, load, spec_argument, target_option
+from attncc.cli.options import DTYPES, detect_target, load, spec_argument, target_option
 
 
 @click.command("tune")
@@ -39,7 +39,6 @@ def tune(spec: str, backend: str, batch: int, seq: int, seq_k: int | None, dtype
          seed: int | None, sampler: str, guide: bool, quiet: bool, target_name: str) -> None:
     """Tune SPEC's tile parameters for one shape and store the fastest config."""
     from attncc.api import tune as run_tune
-    from attncc.cli.options import detect_target
     from attncc.db.store import Store
 
     loaded = load(spec)

@@ -31,7 +31,7 @@ from attncc.errors import InputError
 from attncc.spec.load import load_spec
 
 from .ops import op
-from .torch import own_inputs, owned_inputs
+from .torch import and_mask, own_inputs, owned_inputs
 
 __all__ = ["MultiheadAttention"]
 
@@ -44,17 +44,13 @@ def _with_masks(spec, extra):
     """The spec with the masks named in ``extra`` ANDed into its mask, as bool inputs."""
     if not extra:
         return spec
-    source = {**spec.source, "inputs": dict(spec.source.get("inputs") or {})}
-    terms = [f"({source['mask']})"] if spec.mask is not None else []
-    for name, term, shape in extra:
-        if name in source["inputs"]:
+    for name, _, _ in extra:
+        if name in spec.inputs:
             raise InputError(f"inputs: '{name}' is the module's own input name; rename the "
                              f"spec's input")
-        terms.append(term)
-        source["inputs"][name] = {"shape": shape, "dtype": "bool"}
-    source["mask"] = " and ".join(terms)
-    source["name"] = f"{spec.name}_{'_'.join(n for n, _, _ in extra)}"
-    return load_spec(source)
+    source = and_mask(spec.source, [term for _, term, _ in extra],
+                      {name: shape for name, _, shape in extra})
+    return load_spec({**source, "name": f"{spec.name}_{'_'.join(n for n, _, _ in extra)}"})
 
 
 class MultiheadAttention(nn.Module):

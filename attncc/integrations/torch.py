@@ -25,13 +25,25 @@ __all__ = ["AttnccAttention", "sdpa"]
 _CAUSAL = "kv_idx <= q_idx"
 
 
+def and_mask(source: dict, terms: list[str], bools: dict | None = None) -> dict:
+    """A copy of the spec ``source`` whose mask is its own ANDed with ``terms``, declaring
+    ``bools`` (input name -> shape) as bool inputs. The integrations' spec variants use it."""
+    source = dict(source)
+    if bools:
+        source["inputs"] = {**(source.get("inputs") or {}),
+                            **{name: {"shape": shape, "dtype": "bool"}
+                               for name, shape in bools.items()}}
+    terms = ([f"({source['mask']})"] if source.get("mask") else []) + list(terms)
+    if terms:
+        source["mask"] = " and ".join(terms)
+    return source
+
+
 def _variant(spec, is_causal: bool, scale: float | None):
     """The spec with ``is_causal`` / ``scale`` folded in (itself when they change nothing)."""
     source = dict(spec.source)
     if is_causal and not spec.is_causal:
-        mask = source.get("mask")
-        source["mask"] = f"({mask}) and {_CAUSAL}" if mask else _CAUSAL
-        source["name"] = f"{spec.name}_causal"
+        source = {**and_mask(source, [_CAUSAL]), "name": f"{spec.name}_causal"}
     if scale is not None:
         source["scale"] = repr(float(scale))
     return spec if source == spec.source else load_spec(source)

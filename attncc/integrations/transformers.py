@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from attncc.errors import InputError
+from attncc.integrations.torch import and_mask
 from attncc.spec.load import load_spec
 
 __all__ = ["AttnccMask", "attention_function", "mask_function", "register"]
@@ -139,13 +140,12 @@ def _from_tensor(mask, module, is_causal, sliding_window, query, key):
 
 def _variant(spec, mask: AttnccMask, bias, seq_q: int, seq_k: int, scaling, softcap):
     """``(spec source dict, {input name: tensor})`` for one call."""
-    inputs, terms = {}, []
+    inputs, terms, bools = {}, [], {}
     if spec is None:
         source = {"attncc": 1, "name": "hf_attention", "constants": {}, "inputs": {}}
         if mask.allowed is not None:
             terms.append("hf_allowed[b, q_idx, kv_idx]")
-            source["inputs"]["hf_allowed"] = {"shape": ["batch", "seq_q", "seq_k"],
-                                              "dtype": "bool"}
+            bools["hf_allowed"] = ["batch", "seq_q", "seq_k"]
             inputs["hf_allowed"] = mask.allowed
         else:
             shift = mask.shift
@@ -170,16 +170,11 @@ def _variant(spec, mask: AttnccMask, bias, seq_q: int, seq_k: int, scaling, soft
             source["score_mod"] = mods
     else:
         source = json.loads(json.dumps(spec.source, default=str))
-        source.setdefault("constants", {})
-        source.setdefault("inputs", {})
-        if spec.mask is not None:
-            terms.append(f"({source['mask']})")
     if mask.keep is not None and mask.allowed is None:
         terms.append("hf_keep[b, kv_idx]")
-        source["inputs"]["hf_keep"] = {"shape": ["batch", "seq_k"], "dtype": "bool"}
+        bools["hf_keep"] = ["batch", "seq_k"]
         inputs["hf_keep"] = mask.keep
-    if terms:
-        source["mask"] = " and ".join(terms)
+    source = and_mask(source, terms, bools)
     if scaling is not None and (spec is None or "scale" not in spec.source):
         source["scale"] = repr(float(scaling))
     return source, inputs

@@ -103,7 +103,7 @@ def random_inputs(spec, batch: int, seq_q: int, seq_k: int, dtype: str = "float3
             scale = abs(float(sympy.sympify(spec.scale).subs(subs)))
             c = math.sqrt(score_std / (scale * math.sqrt(s["head_dim"]))) if scale else 1.0
             q, k = q * c, k * c
-    convert = _converter(library, str(dtype), device)
+    convert = converter(library, str(dtype), device)
     return (convert(q), convert(k), convert(v),
             {name: convert(x) for name, x in inputs.items()})
 
@@ -123,19 +123,22 @@ def _draw(decl, subs: dict, sizes: dict, rng):
     return ids.astype(decl.dtype)
 
 
-def _converter(library: str, dtype: str, device):
-    dtype = dtype.removeprefix("torch.")
+def converter(library: str, dtype: str | None, device):
+    """NumPy array -> array of ``library`` (``numpy`` or ``torch``, on ``device``), floating ones
+    cast to ``dtype`` (None: kept). Torch gets native byte order and contiguous memory."""
+    dtype = dtype and dtype.removeprefix("torch.")
     if library == "numpy":
         def to_numpy(x):
-            return x.astype(dtype) if x.dtype.kind == "f" else x
+            return x.astype(dtype) if dtype and x.dtype.kind == "f" else x
         return to_numpy
     if library != "torch":
         raise ValueError(f"library: expected 'numpy' or 'torch', got {library!r}")
     import torch
 
     def to_torch(x):
-        t = torch.from_numpy(np.ascontiguousarray(x))
-        if t.is_floating_point():
+        native = x.astype(x.dtype.newbyteorder("="), copy=False)  # torch takes native order only
+        t = torch.from_numpy(np.ascontiguousarray(native))
+        if dtype and t.is_floating_point():
             t = t.to(getattr(torch, dtype))
         return t.to(device) if device is not None else t
     return to_torch

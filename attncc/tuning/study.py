@@ -100,11 +100,12 @@ def measured(trials: list[FrozenTrial]) -> list[FrozenTrial]:
             and REPEAT not in t.user_attrs]
 
 
-def finished_best(trials: list[FrozenTrial]) -> FrozenTrial | None:
-    """The completed trial with the lowest finite value, or None."""
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
-            and math.isfinite(t.value)]
-    return min(done, key=lambda t: t.value) if done else None
+def finished(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The completed trials with a finite value, fastest first; repeats left out (each has the
+    value of the trial it repeats)."""
+    return sorted((t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
+                   and math.isfinite(t.value) and REPEAT not in t.user_attrs),
+                  key=lambda t: t.value)
 
 
 class Stop:

@@ -249,9 +249,7 @@ def _warm_start(study: optuna.Study, problem: Problem, store: Store) -> None:
 def _choose(study: optuna.Study, problem: Problem) -> Record:
     """Re-measure the best few distinct configs; the Record of the fastest."""
     trials = study.get_trials(deepcopy=False)
-    done = sorted((t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
-                   and math.isfinite(t.value) and studies.REPEAT not in t.user_attrs),
-                  key=lambda t: t.value)
+    done = studies.finished(trials)
     if not done:
         errors = [t.user_attrs["error"] for t in trials if "error" in t.user_attrs]
         raise BackendError(f"tune '{problem.spec.name}' on '{problem.backend.name}': no config "
@@ -287,9 +285,9 @@ class _Progress:
     def update(self, study, trial, trials) -> None:
         done = len(studies.measured(trials))
         self.bar.n = min(done, self.bar.total)
-        best = studies.finished_best(trials)
+        best = studies.finished(trials)[:1]
         self.bar.set_postfix(trial=trial.number, current=_ms(trial.value),
-                             best=_ms(best.value if best else None), refresh=False)
+                             best=_ms(best[0].value if best else None), refresh=False)
         self.bar.refresh()
 
     def close(self) -> None:
