@@ -1,4 +1,4 @@
-"""Linear-attention feature maps φ, their vector-Jacobian products, and the division rule.
+"""Linear attention: feature maps φ, their vector-Jacobian products, the division rule, the scan.
 
 Every function takes its namespace from its array argument (``array_api_compat``), so the same
 code runs on NumPy arrays and on torch tensors (differentiable by torch autograd as written):
@@ -12,18 +12,29 @@ code runs on NumPy arrays and on torch tensors (differentiable by torch autograd
 
 Linear attention divides ``num = Σ_j φq_i·φk_j v_j`` by ``den = Σ_j φq_i·φk_j``; a zero
 denominator (no kept key, or relu features all zero) gives 0, and no gradient reaches ``num``
-there (``divide``, ``divide_vjp``).
+there (``divide``, ``divide_vjp``). ``linear_attention`` runs the whole thing; causal, it scans
+chunks (``_causal``), so memory grows with the chunk, never with seq².
 """
 
 from __future__ import annotations
 
 import math
 
-from attncc.bind import namespace
+import array_api_compat
 
-__all__ = ["FEATURE_MAPS", "divide", "divide_vjp", "feature_map", "feature_map_vjp"]
+from attncc.bind import namespace
+from attncc.lowering.env import merge_heads, split_heads
+
+__all__ = ["FEATURE_MAPS", "divide", "divide_vjp", "feature_map", "feature_map_vjp",
+           "linear_attention", "linear_text"]
 
 FEATURE_MAPS = ("elu1", "relu", "performer")
+#: feature map -> the pseudo-code of what ``feature_map`` computes (for ``kernel.source``)
+FEATURE_TEXT = {
+    "elu1": "where(x > 0, x + 1, exp(x))",
+    "relu": "max(x, 0)",
+    "performer": "exp(x' @ omega.T - |x'|²/2) / sqrt(features), x' = x * head_dim**-0.25",
+}
 
 
 def feature_map(kind: str, x, omega=None):
@@ -86,3 +97,69 @@ def divide_vjp(out, den, d_out):
     d_num = xp.where(empty[..., None], 0.0, d_out / safe[..., None])
     dot = xp.sum(d_out * xp.astype(out, den.dtype, copy=False), axis=-1)
     return d_num, -xp.where(empty, 0.0, dot / safe)
+
+
+def linear_attention(kind: str, q, k, v, omega=None, *, causal: bool, chunk: int):
+    """``(B, H, Nq, Dv)`` in q's dtype: ``out_i = φ(q_i)·S_i / φ(q_i)·z_i`` with
+    ``S_i = Σ_j φ(k_j)ᵀ v_j`` and ``z_i = Σ_j φ(k_j)`` over every key, or (``causal``) over
+    ``j <= i``, by chunks of ``chunk`` positions; q ``(B, H, Nq, D)``, k, v ``(B, Hkv, Nk, .)``.
+
+    The query heads of a kv head are stacked on the row axis of every product (or broadcast
+    against a per-kv-head state), never K/V: nothing is copied per query head.
+    """
+    xp = namespace(q)
+    phi_q = split_heads(feature_map(kind, q, omega), k.shape[1])   # B Hkv g Nq F
+    phi_k = feature_map(kind, k, omega)                             # B Hkv Nk F
+    if causal:
+        num, den = _causal(xp, phi_q, phi_k, v, chunk)
+    else:
+        num = phi_q @ (phi_k.mT @ v)[:, :, None]
+        den = phi_q @ xp.sum(phi_k, axis=-2)[:, :, None, :, None]
+    return merge_heads(divide(num, den))
+
+
+def _causal(xp, phi_q, phi_k, v, chunk: int):
+    """``(num, den)`` ``(B, Hkv, g, Nq, Dv|1)`` of causal linear attention.
+
+    The state entering a chunk is an exclusive prefix sum of per-chunk states; inside the chunk
+    a lower-triangular ``chunk × chunk`` product adds the rest. The ``g`` query heads of a kv head
+    are stacked, ``(B, Hkv, n, g·C, F)`` against keys ``(B, Hkv, n, C, F)``: plain batched matmuls
+    over kv heads (torch's matmul would copy a broadcast operand).
+    """
+    batch, kv_heads, group, nq, _ = phi_q.shape
+    n = -(-max(nq, phi_k.shape[-2]) // chunk)
+
+    def blocks(x):                                                  # ... N X -> ... n C X
+        pad = xp.zeros((*x.shape[:-2], n * chunk - x.shape[-2], x.shape[-1]), dtype=x.dtype,
+                       device=array_api_compat.device(x))
+        return xp.reshape(xp.concat([x, pad], axis=-2), (*x.shape[:-2], n, chunk, x.shape[-1]))
+
+    pk, pv = blocks(phi_k), blocks(v)                               # B Hkv n C F|Dv
+    pq = xp.permute_dims(blocks(phi_q), (0, 1, 3, 2, 4, 5))         # B Hkv n g C F
+    pq = xp.reshape(pq, (batch, kv_heads, n, group * chunk, pq.shape[-1]))
+    states, sums = pk.mT @ pv, xp.sum(pk, axis=-2)                  # B Hkv n F Dv, B Hkv n F
+    before = xp.cumulative_sum(states, axis=2) - states
+    z_before = xp.cumulative_sum(sums, axis=2) - sums
+    rows = xp.arange(group * chunk, device=array_api_compat.device(pq)) % chunk
+    lower = rows[:, None] >= xp.arange(chunk, device=array_api_compat.device(pq))[None, :]
+    inner = xp.where(lower, pq @ pk.mT, 0.0)                        # B Hkv n g·C C
+    num = pq @ before + inner @ pv                                  # B Hkv n g·C Dv
+    den = pq @ z_before[..., None] + xp.sum(inner, axis=-1, keepdims=True)
+
+    def unstack(x):                                                 # -> B Hkv g Nq X
+        x = xp.reshape(x, (batch, kv_heads, n, group, chunk, x.shape[-1]))
+        x = xp.permute_dims(x, (0, 1, 3, 2, 4, 5))
+        return xp.reshape(x, (batch, kv_heads, group, n * chunk, x.shape[-1]))[..., :nq, :]
+
+    return unstack(num), unstack(den)
+
+
+def linear_text(kind: str, causal: bool, chunk: int) -> list[str]:
+    """The pseudo-code of ``linear_attention`` (``kernel.source``)."""
+    lines = [f"phi(x) = {FEATURE_TEXT[kind]}   # feature map {kind}", "fq, fk = phi(q), phi(k)"]
+    if not causal:
+        return [*lines, "out = fq @ (fk.T @ v) / (fq @ sum(fk))   # 0 where the denominator is 0"]
+    return [*lines, f"causal, chunks c of {chunk}: S_c = fk_c.T @ v_c, z_c = sum(fk_c); "
+            "running sums before c: S< = cumsum(S) - S, z< = cumsum(z) - z",
+            "out_c = (fq_c @ S<_c + tril(fq_c @ fk_c.T) @ v_c) / (fq_c @ z<_c + "
+            "rowsum(tril(fq_c @ fk_c.T)))   # 0 where the denominator is 0"]

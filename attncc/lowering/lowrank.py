@@ -18,7 +18,7 @@ from __future__ import annotations
 from attncc.bind import namespace
 from attncc.lowering.env import merge_heads, shared_kv, split_heads
 
-__all__ = ["linformer", "nystrom", "segment_means", "softmax"]
+__all__ = ["linformer", "nystrom", "nystrom_text", "segment_means", "softmax"]
 
 
 def linformer(k, v, e, f):
@@ -57,3 +57,13 @@ def nystrom(q, k, v, landmarks: int, scale: float, *, exact_pinv: bool = True):
         inverse = xp.linalg.pinv(kernel_2)
     out = (kernel_1 @ inverse) @ (kernel_3 @ v5)
     return merge_heads(out)
+
+
+def nystrom_text(landmarks: int, scale: str, *, exact_pinv: bool) -> list[str]:
+    """The pseudo-code of ``nystrom`` (``kernel.source``), ``scale`` as printed."""
+    pinv = "in float64" if exact_pinv else "in the compute dtype"
+    return [f"q~, k~ = segment means of q, k over {landmarks} landmarks   # GQA: a group axis "
+            "broadcast against k, v (never copied)",
+            f"k1 = softmax(({scale}) * q @ k~.T); k2 = softmax(({scale}) * q~ @ k~.T)",
+            f"k3 = softmax(({scale}) * q~ @ k.T)",
+            f"out = (k1 @ pinv(k2)) @ (k3 @ v)      # Moore–Penrose pinv {pinv}"]

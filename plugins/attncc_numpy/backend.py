@@ -11,8 +11,7 @@ from __future__ import annotations
 from attncc.backends.base import SUPPORTED, Backend, SearchSpace, Support
 from attncc.backends.config import full_config
 from attncc.ir.graph import attention_node
-from attncc_numpy.kernel import NumpyKernel
-from attncc_numpy.source import describe
+from attncc_numpy.kernel import NumpyKernel, describe
 
 #: The lowering paths this backend implements: the fused tile loop, the chunked linear scan and
 #: Nyström.

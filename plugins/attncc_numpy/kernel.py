@@ -3,16 +3,24 @@
 Float16 and float32 inputs are computed in float32, float64 in float64
 (``attncc.lowering.prologue``); the output comes back in the input dtype, the lse in the compute
 dtype. Inputs must be NumPy arrays.
+
+``describe`` writes ``kernel.source``, the lowering as pseudo-code: every line is chosen by the
+same node field the kernel's code branches on, and its text comes from the tables beside the
+code (``tiles.SCORES``, ``tiles.NORMALIZE``, ``tiles.TOPK``; the shared recipes' ``linear_text``
+and ``nystrom_text``); expressions are sympy's own printing of the node's, as evaluated on
+broadcast index arrays.
 """
 
 from __future__ import annotations
 
+import sympy
+
 from attncc.backends.base import Kernel
-from attncc.lowering.lowrank import linformer, nystrom
-from attncc.lowering.prologue import prologue
+from attncc.lowering.features import linear_attention, linear_text
+from attncc.lowering.lowrank import linformer, nystrom, nystrom_text
+from attncc.lowering.prologue import COMPUTE, prologue
 from attncc.plan import PlanCache
-from attncc_numpy.linear import run_linear
-from attncc_numpy.tiles import Stats, TileScorer, run_fused
+from attncc_numpy.tiles import NORMALIZE, SCORES, TOPK, Stats, TileScorer, run_fused
 
 DTYPES = ("float16", "float32", "float64")
 
@@ -47,7 +55,9 @@ class NumpyKernel(Kernel):
                         dtypes=DTYPES, return_lse=return_lse)
         lse = None
         if self.path == "scan":
-            out = run_linear(node, call.q, call.k, call.v, call.inputs, self.config["chunk"])
+            out = linear_attention(node.feature_map, call.q, call.k, call.v,
+                                   call.inputs.get("omega"), causal=node.causal,
+                                   chunk=self.config["chunk"])
         elif self.path == "nystrom":
             out = nystrom(call.q, call.k, call.v, node.landmarks, call.scale)
         else:
@@ -62,3 +72,73 @@ class NumpyKernel(Kernel):
             self.last_plan, self.last_stats = plan, stats
         out = out.astype(call.dtype, copy=False)
         return (out, lse) if return_lse else out
+
+
+def describe(spec, node, path: str, config: dict) -> str:
+    """The source text of ``node`` lowered by ``path`` (tiles | scan | nystrom) with
+    ``config``; ``spec`` names the kernel."""
+    compute = ", ".join(f"{d} -> {COMPUTE[d]}" for d in DTYPES)
+    head = [f"# attncc numpy kernel for '{spec.name}' (spec {spec.hash})",
+            f"# lowering: {path} ({node.lowering.why(path)})",
+            f"# config: {', '.join(f'{k}={v}' for k, v in sorted(config.items())) or 'none'}",
+            f"# compute dtype: {compute}",
+            "# q: (B, Hq, Nq, D) viewed as (B, Hkv, G, Nq, D); k, v: (B, Hkv, 1, Nk, D),",
+            "#   broadcast over the G query heads of a kv head (never copied)"]
+    if path == "tiles":
+        body = _fused(node, config)
+    elif path == "scan":
+        body = linear_text(node.feature_map, node.causal, config["chunk"])
+    else:
+        body = nystrom_text(node.landmarks, sympy.sstr(node.scale), exact_pinv=True)
+    return "\n".join([*head, "", *body]) + "\n"
+
+
+def _plan(node, bm: int, bn: int) -> list[str]:
+    mask = node.mask
+    reads = ", ".join(mask.reads_inputs) if mask is not None else ""
+    lines = [f"plan = PlanCache(node, block_m={bm}, block_n={bn}).get(sizes"
+             + (f", inputs)   # per sizes and contents of {reads} (block min/max)" if reads
+                else ")   # per sizes")]
+    varies = " and ".join(mask.varies_with) if mask is not None else ""
+    lines.append("# plan slices: " + (f"one per {varies} (the mask reads them)" if varies
+                                      else "one, shared by every batch and head"))
+    if mask is None:
+        lines.append("# no mask: every block is FULL")
+    return lines
+
+
+def _fused(node, config) -> list[str]:
+    bm, bn = config["block_m"], config["block_n"]
+    init, update, finish = NORMALIZE[node.normalize]
+    score = SCORES[node.score]
+    scale = sympy.sstr(node.scale)
+    lines = []
+    if node.projection is not None:
+        lines.append(f"k, v = E @ k, F @ v      # linformer: rank {node.projection}")
+    lines += _plan(node, bm, bn)
+    lines += [f"for m in range(ceil(Nq / {bm})):            # query blocks",
+              f"    rows = [m*{bm}, (m+1)*{bm})"]
+    topk = [t.format(topk=node.topk) for t in TOPK] if node.normalize == "topk" else None
+    if topk:
+        lines.append(f"    {topk[0]}")
+    lines.append(f"    {init}")
+    if node.memory_tokens:
+        lines += [f"    s = {score.format(scale=scale, k='mem_k')}"
+                  f"   # {node.memory_tokens} memory tokens: no score_mod, no mask"]
+        lines += [f"    {topk[1]}"] if topk else []
+        lines.append(f"    {update.replace('v[cols]', 'mem_v')}")
+    mod = ([f"        s = {sympy.sstr(node.score_mod)}   # score_mod, score = s"]
+           if node.score_mod is not None else [])
+    for label, masked in (("FULL", False), ("PARTIAL", True)):
+        if node.mask is None and masked:
+            continue
+        lines += [f"    for n in plan.{label.lower()}_index[m]:   # {label} blocks"
+                  + ("; mask skipped" if not masked else ""),
+                  f"        cols = [n*{bn}, (n+1)*{bn})",
+                  f"        s = {score.format(scale=scale, k='k[cols]')}", *mod]
+        if masked:
+            lines.append(f"        s = where({sympy.sstr(node.mask.expr)}, s, -inf)   # mask")
+        lines += [f"        {topk[1]}"] if topk else []
+        lines.append(f"        {update}")
+    lines += ["    # EMPTY blocks are never visited", f"    {finish}"]
+    return lines

@@ -3,8 +3,8 @@
 Paths, read from the fused node (``node.lowering``, the ``strategy`` pass) and the config:
 ``sdpa`` (the whole call is one ``scaled_dot_product_attention``), ``runs`` (CPU forward without
 gradients: fused calls over runs of key blocks, ``runs.py``), and the flash pattern over the block
-plan (``flash.py``; softmax, sigmoid, top-k, Linformer after its projection); LinearAttention runs
-``linear.py``, Nystrom the shared landmark products. Half types compute in float32 and return in
+plan (``flash.py``; softmax, sigmoid, top-k, Linformer after its projection); LinearAttention and
+Nystrom run the shared recipes (``attncc.lowering``). Half types compute in float32 and return in
 their own dtype; autograd works through all of them (a custom Function for flash, torch's own for
 the rest).
 """
@@ -20,12 +20,12 @@ import torch.nn.functional as F  # noqa: N812 - the name torch code uses
 
 from attncc.backends.autograd import autograd_backward
 from attncc.backends.base import Kernel
+from attncc.lowering.features import linear_attention
 from attncc.lowering.lowrank import linformer, nystrom
 from attncc.lowering.prologue import prologue
 from attncc.plan import PlanCache
 
 from .flash import FlashAttention
-from .linear import run_linear
 from .runs import RunsForward
 from .schedule import build_schedule
 from .source import describe
@@ -67,7 +67,10 @@ class TorchKernel(Kernel):
                         library="torch", return_lse=return_lse)
         node = self.node
         if self.kind == "linear":
-            return run_linear(node, call, self.config["chunk"]).to(call.dtype)
+            out = linear_attention(node.feature_map, call.q, call.k, call.v,
+                                   call.inputs.get("omega"), causal=node.causal,
+                                   chunk=self.config["chunk"])
+            return out.to(call.dtype)
         if self.kind == "nystrom":
             out = nystrom(call.q, call.k, call.v, node.landmarks, call.scale, exact_pinv=False)
             return out.to(call.dtype)

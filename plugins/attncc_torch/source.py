@@ -6,6 +6,9 @@ paths serve it and why) and the config, the same values ``TorchKernel`` dispatch
 
 from __future__ import annotations
 
+from attncc.lowering.features import linear_text
+from attncc.lowering.lowrank import nystrom_text
+
 
 def describe(spec, node, kind: str, config: dict) -> str:
     """Text naming the path taken (and why), the tile parameters, and every expression the
@@ -14,7 +17,9 @@ def describe(spec, node, kind: str, config: dict) -> str:
     if kind == "linear":
         return "\n".join([*head, *_linear(node, config)])
     if kind == "nystrom":
-        return "\n".join([*head, *_nystrom(node)])
+        return "\n".join([*head, f"# path nystrom ({node.lowering.why('nystrom')})",
+                          *nystrom_text(node.landmarks, str(node.scale), exact_pinv=False),
+                          "# autograd: torch's own (plain ops)"])
     lowering, lines = node.lowering, list(head)
     if node.projection is not None:
         lines.append(f"k, v = E @ k, F @ v   # sdpa not served; linformer projection to "
@@ -87,25 +92,6 @@ def _tiles(node, config: dict) -> list[str]:
 
 
 def _linear(node, config: dict) -> list[str]:
-    phi = {"elu1": "where(x > 0, x + 1, exp(x))", "relu": "where(x > 0, x, 0)",
-           "performer": "exp(x' @ omega.T - |x'|^2 / 2) / sqrt(features), x' = x * D**-0.25"}
-    lines = [f"# path scan ({node.lowering.why('scan')})",
-             f"phi(x) = {phi[node.feature_map]}   # attncc.lowering.features"]
-    if node.causal:
-        lines += [f"causal, chunks of {config['chunk']}: S_c = phi(k_c).T @ v_c; prefix = "
-                  "cumsum(S) - S;",
-                  "out_c = (phi(q_c) @ prefix_c + tril(phi(q_c) @ phi(k_c).T) @ v_c) / (same "
-                  "with ones)   # zero denominator -> 0"]
-    else:
-        lines.append("out = phi(q) @ (phi(k).T @ v) / phi(q) @ sum(phi(k))   # zero denominator "
-                     "-> 0")
-    return [*lines, "# autograd: torch's own (plain ops)"]
-
-
-def _nystrom(node) -> list[str]:
-    return [f"# path nystrom ({node.lowering.why('nystrom')})   # attncc.lowering.lowrank",
-            f"landmarks: means of {node.landmarks} equal segments of q and k",
-            "out = softmax(s q k~.T) @ torch.linalg.pinv(softmax(s q~ k~.T)) @ "
-            "(softmax(s q~ k.T) @ v)",
-            "# autograd: torch's own (plain ops); GQA: a group axis broadcast against k, v "
-            "(never copied)"]
+    return [f"# path scan ({node.lowering.why('scan')})",
+            *linear_text(node.feature_map, node.causal, config["chunk"]),
+            "# autograd: torch's own (plain ops)"]
