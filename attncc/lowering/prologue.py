@@ -25,7 +25,7 @@ from attncc.bind import bind, namespace
 from attncc.errors import InputError
 from attncc.ir.graph import LinearAttention, Nystrom
 
-__all__ = ["COMPUTE", "Call", "compute_dtype", "dtype_name", "lse_refusal", "prologue"]
+__all__ = ["COMPUTE", "Call", "dtype_name", "lse_refusal", "prologue"]
 
 #: Input dtype name -> compute (accumulation) dtype name.
 COMPUTE = {"float16": "float32", "bfloat16": "float32", "float32": "float32",
@@ -76,11 +76,6 @@ def lse_refusal(node) -> str | None:
 def dtype_name(dtype) -> str:
     """``float32`` for ``numpy.float32`` and ``torch.float32`` alike."""
     return str(dtype).removeprefix("torch.")
-
-
-def compute_dtype(dtype) -> str:
-    """The compute dtype name of an input dtype (``COMPUTE``); KeyError for others."""
-    return COMPUTE[dtype_name(dtype)]
 
 
 def prologue(spec, node, q, k, v, inputs: dict, *, backend: str, library: str,

@@ -25,7 +25,8 @@ STATS = {"lse": float("-inf"), "row_max": 0.0, "inv_sum": 0.0, "thr": float("-in
 
 
 class FlashAttention(torch.autograd.Function):
-    """``apply(problem, names, q5, k4, v4, *tensors) -> (out5, lse5)``.
+    """``apply(problem, names, q5, k4, v4, *tensors) -> (out5, lse5)``: q5 ``(B, Hkv, group,
+    Nq, D)``, k4, v4 ``(B, Hkv, Nk, D)``.
 
     Inside, q, k, v are block-major, ``(nQ, B, Hkv, group, block_m, D)`` and
     ``(nK, B, Hkv, block_n, D)`` (``Problem.to_blocks``), so that a step's gathers are
@@ -38,7 +39,7 @@ class FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pb: Problem, names: tuple, q5, k4, v4, *tensors):
         inputs = {**pb.inputs, **dict(zip(names, tensors, strict=True))}
-        q6, kb, vb = pb.to_blocks(q5), pb.to_kv_blocks(k4), pb.to_kv_blocks(v4)
+        q6, kb, vb = pb.to_blocks(q5), pb.to_blocks(k4, kv=True), pb.to_blocks(v4, kv=True)
         out6, stats = forward(pb, q6, kb, vb, inputs)
         lse = pb.from_blocks(stats.pop("lse")) if "lse" in stats else q5.new_empty(0)
         ctx.pb, ctx.names, ctx.stats = pb, names, tuple(stats)
@@ -55,8 +56,8 @@ class FlashAttention(torch.autograd.Function):
         wanted = [name for i, name in enumerate(names) if ctx.needs_input_grad[5 + i]]
         dq6, dk, dv, dinp = backward(pb, (q6, kb, vb, out6), stats, inputs, pb.to_blocks(dout),
                                      wanted)
-        return (None, None, pb.from_blocks(dq6), pb.from_kv_blocks(dk), pb.from_kv_blocks(dv),
-                *(dinp.get(name) for name in names))
+        return (None, None, pb.from_blocks(dq6), pb.from_blocks(dk, kv=True),
+                pb.from_blocks(dv, kv=True), *(dinp.get(name) for name in names))
 
 
 def forward(pb: Problem, q6, k4, v4, inputs: dict):

@@ -20,6 +20,7 @@ import torch.nn.functional as F  # noqa: N812 - the name torch code uses
 
 from attncc.backends.autograd import autograd_backward
 from attncc.backends.base import Kernel
+from attncc.lowering.env import merge_heads, split_heads
 from attncc.lowering.features import linear_attention
 from attncc.lowering.lowrank import linformer, nystrom
 from attncc.lowering.prologue import prologue
@@ -95,30 +96,20 @@ class TorchKernel(Kernel):
 
     def _flash(self, plan, key: tuple, call, k, v):
         cfg, sizes, q = self.config, call.sizes, call.q
-        bm, bn = cfg["block_m"], cfg["block_n"]
         schedule = self._derive(plan, key, lambda: build_schedule(
             plan, sizes["batch"], sizes["kv_heads"], call.group, kv_chunk=cfg["kv_chunk"],
             group_blocks=cfg["group_blocks"], tile_elems=cfg["tile_elems"],
             value_cost=sizes["head_dim"] if self.node.score == "additive" else 1,
             memory=bool(self.node.memory_tokens), device=q.device))
-        _, heads, nq, _ = q.shape
-        kv_heads, nk = k.shape[1], k.shape[2]
-        pad_q = plan.num_q_blocks * bm - nq
-        pad_k = plan.num_kv_blocks * bn - nk
-        q5 = F.pad(q, (0, 0, 0, pad_q)) if pad_q else q
-        q5 = q5.unflatten(1, (kv_heads, heads // kv_heads))
-        k4 = F.pad(k, (0, 0, 0, pad_k)) if pad_k else k
-        v4 = F.pad(v, (0, 0, 0, pad_k)) if pad_k else v
         ins = call.inputs
         names = tuple(n for n, x in ins.items()
                       if x.is_floating_point() and n not in self._projection)
         ints = {n: x for n, x in ins.items() if not x.is_floating_point()}
-        pb = Problem(self.node, self._drop, sizes, ints, call.scale, plan, nk, schedule,
+        pb = Problem(self.node, self._drop, sizes, ints, call.scale, plan, k.shape[2], schedule,
                      q.device)
-        out5, lse5 = FlashAttention.apply(pb, names, q5, k4, v4, *(ins[n] for n in names))
-        out = out5.flatten(1, 2)[:, :, :nq]
-        lse = lse5.flatten(1, 2)[:, :, :nq, 0] if lse5.numel() else None
-        return out, lse
+        out5, lse5 = FlashAttention.apply(pb, names, split_heads(q, k.shape[1]), k, v,
+                                          *(ins[n] for n in names))
+        return merge_heads(out5), (merge_heads(lse5)[..., 0] if lse5.numel() else None)
 
     def _runs_ok(self, call) -> bool:
         """Whether the fused-runs forward (``runs.py``) serves this call: the node's lowering

@@ -84,46 +84,47 @@ def build_segments(plan, batch: int, kv_heads: int, group: int) -> list[Segment]
     block. Query blocks with no key block get no segment (rows stay 0 with lse -inf).
     """
     bm, bn, nq, nk = plan.block_m, plan.block_n, plan.seq_q, plan.seq_k
-    states, segments = plan.states, []
+    segments = []
     for sl in plan_slices(plan, batch, kv_heads, group):
         hq0, nhq = sl.h0 * group + sl.g0, sl.nh * sl.ng
-        cur = None  # [m0, count, last runs, strides, masked flags, rows of the last block]
-        for m in range(states.shape[2]):
-            runs = _block_runs(states[sl.bp, sl.hp, m], bn, nk)
+        blocks = []  # the segment being grown: (runs, rows) of consecutive query blocks
+        for m in range(plan.num_q_blocks):
+            runs = _block_runs(plan.states[sl.bp, sl.hp, m], bn, nk)
             rows = min((m + 1) * bm, nq) - m * bm
-            if cur is not None and runs and _extends(cur, runs, rows, bm):
-                strides = [b[0] - a[0] for a, b in zip(cur[2], runs, strict=True)]
-                cur[1], cur[2], cur[3], cur[5] = cur[1] + 1, runs, strides, rows
-                cur[4] = [f or r[2] for f, r in zip(cur[4], runs, strict=True)]
+            if blocks and runs and _extends(blocks, runs, rows, bm):
+                blocks.append((runs, rows))
                 continue
-            if cur is not None:
-                segments.append(_segment(sl, hq0, nhq, cur, bm))
-            cur = [m, 1, runs, None, [r[2] for r in runs], rows] if runs else None
-        if cur is not None:
-            segments.append(_segment(sl, hq0, nhq, cur, bm))
+            if blocks:
+                segments.append(_segment(sl, hq0, nhq, m - len(blocks), blocks, bm))
+            blocks = [(runs, rows)] if runs else []
+        if blocks:
+            segments.append(_segment(sl, hq0, nhq, plan.num_q_blocks - len(blocks), blocks, bm))
     return segments
 
 
-def _extends(cur, runs, rows: int, bm: int) -> bool:
-    last = cur[2]
+def _strides(a, b) -> list[int]:
+    return [y[0] - x[0] for x, y in zip(a, b, strict=True)]
+
+
+def _extends(blocks, runs, rows: int, bm: int) -> bool:
+    last, last_rows = blocks[-1]
     if len(runs) != len(last) or any(a[1] != b[1] for a, b in zip(last, runs, strict=True)):
         return False
-    strides = [b[0] - a[0] for a, b in zip(last, runs, strict=True)]
-    if min(strides) < 0 or (cur[3] is not None and strides != cur[3]):
+    strides = _strides(last, runs)
+    if min(strides) < 0 or (len(blocks) > 1 and strides != _strides(blocks[-2][0], last)):
         return False
     # a short (last) query block only joins blocks that read the same keys (merged rows)
-    return cur[5] == bm and (rows == bm or not any(strides))
+    return last_rows == bm and (rows == bm or not any(strides))
 
 
-def _segment(sl, hq0: int, nhq: int, cur, bm: int) -> Segment:
-    m0, count, last, strides, masked, rows_last = cur
-    strides = strides or [0] * len(last)
-    runs = tuple(Run(r[0] - (count - 1) * t, r[1], t, f)
-                 for r, t, f in zip(last, strides, masked, strict=True))
+def _segment(sl, hq0: int, nhq: int, m0: int, blocks, bm: int) -> Segment:
+    first = blocks[0][0]
+    strides = _strides(first, blocks[1][0]) if len(blocks) > 1 else [0] * len(first)
+    runs = tuple(Run(r[0], r[1], t, any(b[0][j][2] for b in blocks))
+                 for j, (r, t) in enumerate(zip(first, strides, strict=True)))
     if not any(strides):  # same keys for every block: one block of all their rows
-        return Segment(sl.b0, sl.nb, hq0, nhq, m0 * bm, (count - 1) * bm + rows_last, 1,
-                       tuple(Run(r.start, r.length, 0, r.masked) for r in runs))
-    return Segment(sl.b0, sl.nb, hq0, nhq, m0 * bm, bm, count, runs)
+        return Segment(sl.b0, sl.nb, hq0, nhq, m0 * bm, sum(r for _, r in blocks), 1, runs)
+    return Segment(sl.b0, sl.nb, hq0, nhq, m0 * bm, bm, len(blocks), runs)
 
 
 #: Where b, h, q_idx, kv_idx sit in a run's mask tile ``(count, nhq, rows, length)``.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import array_api_compat.torch as xp
 import torch
+import torch.nn.functional as F  # noqa: N812 - the name torch code uses
 
 from attncc.lowering.env import Layout, Slice, raw_scores
 from attncc.spec.numeric import evaluate
@@ -53,21 +54,21 @@ class Problem:
     # Block axes come first and the gathers run on a 2-D (blocks, rest) view: index_select /
     # index_copy_ / index_add_ then copy whole contiguous rows (on an inner dim of a 5-D or 6-D
     # tensor torch's CPU kernels were measured 30-1000x slower).
-    def to_blocks(self, x5):
-        """``(B, Hkv, group, nQ*bm, X)`` -> the block-major copy ``(nQ, B, Hkv, group, bm, X)``."""
-        return x5.unflatten(3, (-1, self.bm)).permute(3, 0, 1, 2, 4, 5).contiguous()
+    def to_blocks(self, x, kv: bool = False):
+        """Queries ``(B, Hkv, group, Nq, X)`` (keys or values ``(B, Hkv, Nk, X)`` with ``kv``),
+        zero-padded to whole blocks -> the block-major copy ``(nQ, B, Hkv, group, bm, X)``
+        (``(nK, B, Hkv, bn, X)``)."""
+        size, n = (self.bn, self.nk) if kv else (self.bm, self.nq)
+        if n % size:
+            x = F.pad(x, (0, 0, 0, -n % size))
+        a = x.ndim - 2
+        return x.unflatten(a, (-1, size)).permute(a, *range(a), a + 1, a + 2).contiguous()
 
-    def from_blocks(self, x6):
-        """The inverse of ``to_blocks``."""
-        return x6.permute(1, 2, 3, 0, 4, 5).flatten(3, 4)
-
-    def to_kv_blocks(self, x4):
-        """``(B, Hkv, nK*bn, X)`` -> the block-major copy ``(nK, B, Hkv, bn, X)``."""
-        return x4.unflatten(2, (-1, self.bn)).permute(2, 0, 1, 3, 4).contiguous()
-
-    def from_kv_blocks(self, x5):
-        """The inverse of ``to_kv_blocks``."""
-        return x5.permute(1, 2, 0, 3, 4).flatten(2, 3)
+    def from_blocks(self, x, kv: bool = False):
+        """The inverse of ``to_blocks``, padding cut off (a view)."""
+        a = x.ndim - 3
+        x = x.permute(*range(1, a + 1), 0, a + 1, a + 2).flatten(a, a + 1)
+        return x[..., :self.nk if kv else self.nq, :]
 
     def rows(self, x6, step: Step):
         """Rows of block-major ``x6`` for a step: ``(nb, nh, G, ng*bm, X)``."""
