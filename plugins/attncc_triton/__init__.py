@@ -5,7 +5,7 @@ Registered as the ``triton`` entry point of ``attncc.backends``. ``compile`` wri
 mask printed inline (``printer.py``, ``fused.py``), or the chunked linear-attention kernels
 (``linear.py``); it imports the host code, ``runtime.py``, as a sibling module. The kernel
 (``kernel.py``) calls it with attncc's block plan; ``Kernel.torch_op`` gives its
-``torch.library.triton_op``s (``ops.py``, ``ops_lowrank.py``). On a machine without a GPU it
+``torch.library.triton_op``s (``ops.py``). On a machine without a GPU it
 runs under ``TRITON_INTERPRET=1`` (slow; for tests).
 """
 

@@ -84,8 +84,7 @@ class TritonKernel(Kernel):
     def torch_op(self):
         """The ``triton_op``s of this kernel (``ops.registered``: ``fn.op``, ``fn.args``,
         ``fn.ops``)."""
-        from .ops import FusedOps, registered
-        from .ops_lowrank import LinearOps, NystromOps
+        from .ops import FusedOps, LinearOps, NystromOps, registered
 
         return registered(self, {"linear": LinearOps, "nystrom": NystromOps}.get(self.kind,
                                                                                 FusedOps))

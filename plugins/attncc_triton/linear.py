@@ -19,23 +19,36 @@ from __future__ import annotations
 
 
 def linear_kernel() -> str:
-    """The Triton source of ``_linear`` and ``_linear_bwd``."""
-    return _FORWARD + "\n\n" + linear_backward_kernel()
+    """The Triton source of ``_linear`` and ``_linear_bwd`` (every tensor contiguous)."""
+    return _ROWS + "\n\n" + _FORWARD + "\n\n" + linear_backward_kernel()
 
+
+_ROWS = '''@triton.jit
+def _rows(X, row, offs, n, width, offs_w, w_ok):
+    """Rows ``row + offs`` (those below ``n``), columns ``offs_w`` of a contiguous tensor."""
+    return tl.load(X + (row + offs[:, None]) * width + offs_w[None, :],
+                   mask=(offs < n)[:, None] & w_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _store_rows(X, row, offs, n, width, offs_w, w_ok, x):
+    """``x`` stored where ``_rows`` with the same arguments loads."""
+    tl.store(X + (row + offs[:, None]) * width + offs_w[None, :], x.to(X.dtype.element_ty),
+             mask=(offs < n)[:, None] & w_ok[None, :])
+'''
 
 _FORWARD = '''@triton.jit
 def _linear(
     PQ, PK, V, OUT,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     heads, kv_heads, seq_q, seq_k, feats, value_dim,
     ACC: tl.constexpr, PREC: tl.constexpr, CAUSAL: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """out_i = Σ_j φq_i·φk_j v_j / Σ_j φq_i·φk_j (over j <= i when CAUSAL), for one (b, h)."""
     bh = tl.program_id(0)
-    b = bh // heads
-    h = bh % heads
-    kvh = h // (heads // kv_heads)
+    kvh = (bh % heads) // (heads // kv_heads)
+    row_q = bh * seq_q
+    row_k = (bh // heads * kv_heads + kvh) * seq_k
     offs_f = tl.arange(0, BLOCK_F)
     offs_dv = tl.arange(0, BLOCK_DV)
     f_ok = offs_f < feats
@@ -45,27 +58,19 @@ def _linear(
     if not CAUSAL:
         for c in range(0, seq_k, CHUNK):
             offs = c + tl.arange(0, CHUNK)
-            k_ok = offs < seq_k
-            pk = tl.load(PK + b * skb + kvh * skh + offs[:, None] * skn + offs_f[None, :],
-                         mask=k_ok[:, None] & f_ok[None, :], other=0.0)
-            v = tl.load(V + b * svb + kvh * svh + offs[:, None] * svn + offs_dv[None, :],
-                        mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
+            pk = _rows(PK, row_k, offs, seq_k, feats, offs_f, f_ok)
+            v = _rows(V, row_k, offs, seq_k, value_dim, offs_dv, dv_ok)
             state += tl.dot(tl.trans(pk), v, out_dtype=ACC, input_precision=PREC)
             total += tl.sum(pk.to(ACC), 0)
     end = tl.maximum(seq_q, seq_k) if CAUSAL else seq_q
     for c in range(0, end, CHUNK):
         offs = c + tl.arange(0, CHUNK)
-        q_ok = offs < seq_q
-        pq = tl.load(PQ + b * sqb + h * sqh + offs[:, None] * sqn + offs_f[None, :],
-                     mask=q_ok[:, None] & f_ok[None, :], other=0.0)
+        pq = _rows(PQ, row_q, offs, seq_q, feats, offs_f, f_ok)
         num = tl.dot(pq, state.to(pq.dtype), out_dtype=ACC, input_precision=PREC)
         den = tl.sum(pq.to(ACC) * total[None, :], 1)
         if CAUSAL:
-            k_ok = offs < seq_k
-            pk = tl.load(PK + b * skb + kvh * skh + offs[:, None] * skn + offs_f[None, :],
-                         mask=k_ok[:, None] & f_ok[None, :], other=0.0)
-            v = tl.load(V + b * svb + kvh * svh + offs[:, None] * svn + offs_dv[None, :],
-                        mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
+            pk = _rows(PK, row_k, offs, seq_k, feats, offs_f, f_ok)
+            v = _rows(V, row_k, offs, seq_k, value_dim, offs_dv, dv_ok)
             a = tl.dot(pq, tl.trans(pk), out_dtype=ACC, input_precision=PREC)
             a = tl.where(offs[:, None] >= offs[None, :], a, 0.0)
             num += tl.dot(a.to(v.dtype), v, out_dtype=ACC, input_precision=PREC)
@@ -74,8 +79,7 @@ def _linear(
             total += tl.sum(pk.to(ACC), 0)
         safe = tl.where(den == 0.0, 1.0, den)
         out = tl.where(den[:, None] == 0.0, 0.0, num / safe[:, None])
-        tl.store(OUT + b * sob + h * soh + offs[:, None] * son + offs_dv[None, :],
-                 out.to(OUT.dtype.element_ty), mask=q_ok[:, None] & dv_ok[None, :])
+        _store_rows(OUT, row_q, offs, seq_q, value_dim, offs_dv, dv_ok, out)
 '''
 
 
@@ -99,11 +103,9 @@ def _linear_bwd(
 ):
     """dφq (B, H, Nq, F), dφk (B, H, Nk, F) and dv (B, H, Nk, Dv) of ``_linear``, one (b, h)."""
     bh = tl.program_id(0)
-    b = bh // heads
-    h = bh % heads
-    kvh = h // (heads // kv_heads)
+    kvh = (bh % heads) // (heads // kv_heads)
     row_q = bh * seq_q
-    row_k = (b * kv_heads + kvh) * seq_k
+    row_k = (bh // heads * kv_heads + kvh) * seq_k
     row_o = bh * seq_k
     offs_f = tl.arange(0, BLOCK_F)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -115,67 +117,49 @@ def _linear_bwd(
     if not CAUSAL:
         for c in range(0, seq_k, CHUNK):
             offs = c + tl.arange(0, CHUNK)
-            k_ok = offs < seq_k
-            pk = tl.load(PK + (row_k + offs[:, None]) * feats + offs_f[None, :],
-                         mask=k_ok[:, None] & f_ok[None, :], other=0.0)
-            v = tl.load(V + (row_k + offs[:, None]) * value_dim + offs_dv[None, :],
-                        mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
+            pk = _rows(PK, row_k, offs, seq_k, feats, offs_f, f_ok)
+            v = _rows(V, row_k, offs, seq_k, value_dim, offs_dv, dv_ok)
             state += tl.dot(tl.trans(pk), v, out_dtype=ACC, input_precision=PREC)
             total += tl.sum(pk.to(ACC), 0)
     for c in range(0, end, CHUNK):
         offs = c + tl.arange(0, CHUNK)
-        q_ok = offs < seq_q
-        dnum = tl.load(DNUM + (row_q + offs[:, None]) * value_dim + offs_dv[None, :],
-                       mask=q_ok[:, None] & dv_ok[None, :], other=0.0)
-        dden = tl.load(DDEN + row_q + offs, mask=q_ok, other=0.0)
+        dnum = _rows(DNUM, row_q, offs, seq_q, value_dim, offs_dv, dv_ok)
+        dden = tl.load(DDEN + row_q + offs, mask=offs < seq_q, other=0.0)
         dpq = tl.dot(dnum, tl.trans(state.to(dnum.dtype)), out_dtype=ACC, input_precision=PREC)
         dpq += dden[:, None] * total[None, :]
         if CAUSAL:
-            k_ok = offs < seq_k
-            pk = tl.load(PK + (row_k + offs[:, None]) * feats + offs_f[None, :],
-                         mask=k_ok[:, None] & f_ok[None, :], other=0.0)
-            v = tl.load(V + (row_k + offs[:, None]) * value_dim + offs_dv[None, :],
-                        mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
+            pk = _rows(PK, row_k, offs, seq_k, feats, offs_f, f_ok)
+            v = _rows(V, row_k, offs, seq_k, value_dim, offs_dv, dv_ok)
             da = tl.dot(dnum, tl.trans(v), out_dtype=ACC, input_precision=PREC) + dden[:, None]
             da = tl.where(offs[:, None] >= offs[None, :], da, 0.0)
             dpq += tl.dot(da.to(pk.dtype), pk, out_dtype=ACC, input_precision=PREC)
             state += tl.dot(tl.trans(pk), v, out_dtype=ACC, input_precision=PREC)
             total += tl.sum(pk.to(ACC), 0)
-        tl.store(DPQ + (row_q + offs[:, None]) * feats + offs_f[None, :],
-                 dpq.to(DPQ.dtype.element_ty), mask=q_ok[:, None] & f_ok[None, :])
+        _store_rows(DPQ, row_q, offs, seq_q, feats, offs_f, f_ok, dpq)
     rstate = tl.zeros([BLOCK_F, BLOCK_DV], ACC)
     rtotal = tl.zeros([BLOCK_F], ACC)
     if not CAUSAL:
         for c in range(0, seq_q, CHUNK):
             offs = c + tl.arange(0, CHUNK)
-            q_ok = offs < seq_q
-            pq = tl.load(PQ + (row_q + offs[:, None]) * feats + offs_f[None, :],
-                         mask=q_ok[:, None] & f_ok[None, :], other=0.0)
-            dnum = tl.load(DNUM + (row_q + offs[:, None]) * value_dim + offs_dv[None, :],
-                           mask=q_ok[:, None] & dv_ok[None, :], other=0.0)
-            dden = tl.load(DDEN + row_q + offs, mask=q_ok, other=0.0)
+            pq = _rows(PQ, row_q, offs, seq_q, feats, offs_f, f_ok)
+            dnum = _rows(DNUM, row_q, offs, seq_q, value_dim, offs_dv, dv_ok)
+            dden = tl.load(DDEN + row_q + offs, mask=offs < seq_q, other=0.0)
             rstate += tl.dot(tl.trans(pq), dnum, out_dtype=ACC, input_precision=PREC)
             rtotal += tl.sum(pq.to(ACC) * dden[:, None], 0)
     n_chunks = tl.cdiv(end if CAUSAL else seq_k, CHUNK)
     for t in range(0, n_chunks):
         c = (n_chunks - 1 - t) * CHUNK if CAUSAL else t * CHUNK
         offs = c + tl.arange(0, CHUNK)
-        k_ok = offs < seq_k
-        pk = tl.load(PK + (row_k + offs[:, None]) * feats + offs_f[None, :],
-                     mask=k_ok[:, None] & f_ok[None, :], other=0.0)
-        v = tl.load(V + (row_k + offs[:, None]) * value_dim + offs_dv[None, :],
-                    mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
+        pk = _rows(PK, row_k, offs, seq_k, feats, offs_f, f_ok)
+        v = _rows(V, row_k, offs, seq_k, value_dim, offs_dv, dv_ok)
         rs = rstate.to(pk.dtype)
         dv = tl.dot(pk, rs, out_dtype=ACC, input_precision=PREC)
         dpk = tl.dot(v, tl.trans(rs), out_dtype=ACC, input_precision=PREC)
         dpk += rtotal[None, :]
         if CAUSAL:
-            q_ok = offs < seq_q
-            pq = tl.load(PQ + (row_q + offs[:, None]) * feats + offs_f[None, :],
-                         mask=q_ok[:, None] & f_ok[None, :], other=0.0)
-            dnum = tl.load(DNUM + (row_q + offs[:, None]) * value_dim + offs_dv[None, :],
-                           mask=q_ok[:, None] & dv_ok[None, :], other=0.0)
-            dden = tl.load(DDEN + row_q + offs, mask=q_ok, other=0.0)
+            pq = _rows(PQ, row_q, offs, seq_q, feats, offs_f, f_ok)
+            dnum = _rows(DNUM, row_q, offs, seq_q, value_dim, offs_dv, dv_ok)
+            dden = tl.load(DDEN + row_q + offs, mask=offs < seq_q, other=0.0)
             below = offs[:, None] >= offs[None, :]
             a = tl.where(below, tl.dot(pq, tl.trans(pk), out_dtype=ACC, input_precision=PREC),
                          0.0)
@@ -185,8 +169,6 @@ def _linear_bwd(
             dpk += tl.dot(tl.trans(da.to(pq.dtype)), pq, out_dtype=ACC, input_precision=PREC)
             rstate += tl.dot(tl.trans(pq), dnum, out_dtype=ACC, input_precision=PREC)
             rtotal += tl.sum(pq.to(ACC) * dden[:, None], 0)
-        tl.store(DPK + (row_o + offs[:, None]) * feats + offs_f[None, :],
-                 dpk.to(DPK.dtype.element_ty), mask=k_ok[:, None] & f_ok[None, :])
-        tl.store(DV + (row_o + offs[:, None]) * value_dim + offs_dv[None, :],
-                 dv.to(DV.dtype.element_ty), mask=k_ok[:, None] & dv_ok[None, :])
+        _store_rows(DPK, row_o, offs, seq_k, feats, offs_f, f_ok, dpk)
+        _store_rows(DV, row_o, offs, seq_k, value_dim, offs_dv, dv_ok, dv)
 '''

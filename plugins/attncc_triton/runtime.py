@@ -170,41 +170,45 @@ class Program:
                             *(inputs[n] for n in names))
 
     # linear attention ------------------------------------------------------------------------
-    def _linear_consts(self, v, feats: int) -> dict:
-        return dict(ACC=tl.float64 if v.dtype == torch.float64 else tl.float32, PREC="ieee",
-                    CAUSAL=self.spec["causal"], CHUNK=self.config["chunk"],
-                    BLOCK_F=pow2(feats), BLOCK_DV=pow2(v.shape[3]),
-                    num_warps=self.config["num_warps"], num_stages=self.config["num_stages"])
+    def _linear(self, name: str, phi_q, phi_k, v, wrap, **tensors):
+        """One launch of the linear kernel ``name`` per (batch, query head)."""
+        batch, heads, seq_q, feats = phi_q.shape
+        values = dict(PQ=phi_q, PK=phi_k, V=v, heads=heads, kv_heads=v.shape[1], seq_q=seq_q,
+                      seq_k=v.shape[2], feats=feats, value_dim=v.shape[3],
+                      ACC=tl.float64 if v.dtype == torch.float64 else tl.float32, PREC="ieee",
+                      CAUSAL=self.spec["causal"], CHUNK=self.config["chunk"],
+                      BLOCK_F=pow2(feats), BLOCK_DV=pow2(v.shape[3]), **tensors)
+        _launch(self.kernels[name], (batch * heads,), wrap, values, self.config)
 
     def linear(self, phi_q, phi_k, v, wrap=None):
         """``out (B, H, Nq, Dv)`` of ``_linear`` on φ(q), φ(k) (B, H or Hkv, N, F) and v, not
         differentiable: torch ops and one launch through ``wrap``."""
         phi_q, phi_k, v = (x.contiguous() for x in (phi_q, phi_k, v))
-        batch, heads, n_q, feats = phi_q.shape
-        out = v.new_empty((batch, heads, n_q, v.shape[3]))
-        fn = self.kernels["linear"]
-        (wrap(fn) if wrap is not None else fn)[(batch * heads,)](
-            phi_q, phi_k, v, out, *phi_q.stride()[:3], *phi_k.stride()[:3], *v.stride()[:3],
-            *out.stride()[:3], heads, v.shape[1], n_q, v.shape[2], feats, v.shape[3],
-            **self._linear_consts(v, feats))
+        out = v.new_empty((*phi_q.shape[:3], v.shape[3]))
+        self._linear("linear", phi_q, phi_k, v, wrap, OUT=out)
         return out
 
-    def linear_backward(self, phi_q, phi_k, v, d_num, d_den, wrap=None):
+    def linear_backward(self, phi_q, phi_k, v, out, d_out, den=None, d_den=None, wrap=None):
         """``(dφq (B, H, Nq, F), dφk (B, Hkv, Nk, F), dv (B, Hkv, Nk, Dv))`` in the
-        accumulation dtype from ``d_num = ∂L/∂num`` (rounded to v's dtype for the kernel's
-        dots) and ``d_den = ∂L/∂den (B, H, Nq)``: torch ops and one launch of ``_linear_bwd``."""
+        accumulation dtype of ``out = linear(φq, φk, v) = num / den`` (0 where ``den``, the
+        ``denominator``, is 0) from ``∂L/∂out`` and, where ``den`` is an output too, ``∂L/∂den``:
+        ``∂L/∂num`` (none on rows where ``den`` is 0) and the total ``∂L/∂den`` by torch ops,
+        then one launch of ``_linear_bwd`` through ``wrap``."""
         acc = acc_dtype(v.dtype)
+        den = self.denominator(phi_q, phi_k) if den is None else den.to(acc)
+        empty = den == 0
+        safe = torch.where(empty, 1.0, den)
+        d_out = d_out.to(acc)
+        d_num = torch.where(empty[..., None], 0.0, d_out / safe[..., None])
+        through = torch.where(empty, 0.0, (d_out * out.to(acc)).sum(-1) / safe)
+        d_den = (0.0 if d_den is None else d_den.to(acc)) - through
         phi_q, phi_k, v = (x.contiguous() for x in (phi_q, phi_k, v))
-        d_num, d_den = d_num.to(v.dtype).contiguous(), d_den.to(acc).contiguous()
-        batch, heads, n_q, feats = phi_q.shape
-        kv_heads, n_k, value_dim = v.shape[1:]
+        heads, kv_heads = phi_q.shape[1], v.shape[1]
         d_pq = torch.empty(phi_q.shape, dtype=acc, device=v.device)
-        d_pk = torch.empty((batch, heads, n_k, feats), dtype=acc, device=v.device)
-        d_v = torch.empty((batch, heads, n_k, value_dim), dtype=acc, device=v.device)
-        fn = self.kernels["linear_bwd"]
-        (wrap(fn) if wrap is not None else fn)[(batch * heads,)](
-            phi_q, phi_k, v, d_num, d_den, d_pq, d_pk, d_v, heads, kv_heads, n_q, n_k, feats,
-            value_dim, **self._linear_consts(v, feats))
+        d_pk = torch.empty((*phi_q.shape[:2], *phi_k.shape[2:]), dtype=acc, device=v.device)
+        d_v = torch.empty((*phi_q.shape[:2], *v.shape[2:]), dtype=acc, device=v.device)
+        self._linear("linear_bwd", phi_q, phi_k, v, wrap, DNUM=d_num.to(v.dtype).contiguous(),
+                     DDEN=d_den.contiguous(), DPQ=d_pq, DPK=d_pk, DV=d_v)
         group = heads // kv_heads
         return (d_pq, d_pk.unflatten(1, (kv_heads, group)).sum(2),
                 d_v.unflatten(1, (kv_heads, group)).sum(2))
@@ -231,7 +235,7 @@ class Program:
         spec = self.spec
         if spec["kind"] == "linear":
             omega = inputs.get("omega")
-            out = self.linear_attention(_features(spec, q, omega), _features(spec, k, omega), v)
+            out = self.linear_attention(features(spec, q, omega), features(spec, k, omega), v)
             return (out, None) if return_lse else out
         scale = self.scale(q, k, v)
         if spec["kind"] == "nystrom":
@@ -312,24 +316,14 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out):
         phi_q, phi_k, v, out = ctx.saved_tensors
-        d_num, d_den = linear_out_grads(ctx.program.denominator(phi_q, phi_k), out, d_out)
-        d_pq, d_pk, d_v = ctx.program.linear_backward(phi_q, phi_k, v, d_num, d_den)
+        d_pq, d_pk, d_v = ctx.program.linear_backward(phi_q, phi_k, v, out, d_out)
         return None, d_pq.to(phi_q.dtype), d_pk.to(phi_k.dtype), d_v.to(v.dtype)
 
 
-def linear_out_grads(den, out, d_out, d_den=None):
-    """``(∂L/∂num, ∂L/∂den)`` from ``∂L/∂out`` (and a direct ``d_den``) where ``out = num /
-    den``, 0 where ``den`` is 0 (no gradient reaches num there)."""
-    empty = den == 0
-    safe = torch.where(empty, torch.ones_like(den), den)
-    d_out = d_out.to(den.dtype)
-    d_num = torch.where(empty[..., None], torch.zeros_like(d_out), d_out / safe[..., None])
-    through = torch.where(empty, torch.zeros_like(den), (d_out * out.to(den.dtype)).sum(-1) / safe)
-    return d_num, (d_den.to(den.dtype) if d_den is not None else 0) - through
-
-
-def _features(spec: dict, x, omega):
-    """The linear-attention feature map φ(x) (torch, differentiable)."""
+def features(spec: dict, x, omega):
+    """The linear-attention feature map φ(x) (torch, differentiable): ``attncc.lowering.
+    features.feature_map`` written again in torch alone, for a module that imports no attncc
+    (and for ``torch.compile``, which traces torch ops but not the array-API namespace)."""
     if spec["feature_map"] == "elu1":
         return torch.where(x > 0, x + 1.0, torch.exp(x.clamp(max=0.0)))
     if spec["feature_map"] == "relu":
