@@ -20,8 +20,12 @@ from dataclasses import dataclass
 
 from attncc.bind import namespace
 
-__all__ = ["Layout", "Slice", "merge_heads", "plan_slices", "raw_scores", "shared_kv",
-           "split_heads"]
+__all__ = ["SCORE_TEXT", "Layout", "Slice", "merge_heads", "plan_slices", "raw_scores",
+           "shared_kv", "split_heads"]
+
+#: score kind -> the pseudo-code of ``raw_scores`` (``kernel.source``; fill in scale, q, k)
+SCORE_TEXT = {"dot": "({scale} * {q}) @ {k}.T",
+              "additive": "sum(w[h, :] * tanh({q}[:, None, :] + {k}[None, :, :]), axis=-1)"}
 
 
 def split_heads(q, kv_heads: int):

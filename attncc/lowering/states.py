@@ -30,9 +30,24 @@ import array_api_compat
 
 from attncc.bind import namespace
 
-__all__ = ["Rows", "SigmoidState", "SoftmaxState", "TopkThreshold", "fold"]
+__all__ = ["STATE_TEXT", "TOPK_TEXT", "Rows", "SigmoidState", "SoftmaxState", "TopkThreshold",
+           "fold"]
 
 NEG_INF = -math.inf
+
+_SOFTMAX = ("state = SoftmaxState()   # online softmax: row_max = -inf, row_sum = 0, acc = 0",
+            "state.update(s, {v})   # p = exp(s - new_max); alpha = exp(row_max - new_max); "
+            "row_sum = alpha * row_sum + rowsum(p); acc = alpha * acc + p @ {v}",
+            "out, lse = acc / row_sum, row_max + log(row_sum)   # 0 and -inf where no key is kept")
+#: normalize -> the pseudo-code of ``fold``'s (init, update, finish) (``kernel.source``; fill in
+#: the value tile v)
+STATE_TEXT = {"softmax": _SOFTMAX, "topk": _SOFTMAX,
+              "sigmoid": ("state = SigmoidState()   # acc = 0",
+                          "state.update(s, {v})   # acc += sigmoid(s) @ {v}", "out = acc")}
+#: top-k's first pass and the keep rule of its second (fill in topk)
+TOPK_TEXT = ("thr = K-th largest kept score of each row over the tiles below (TopkThreshold, "
+             "running top-{topk}; -inf if fewer are kept)",
+             "s = where(s >= thr, s, -inf)   # top-{topk}: every key tied at the K-th score kept")
 
 
 class Rows(NamedTuple):

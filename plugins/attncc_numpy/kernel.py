@@ -6,8 +6,8 @@ dtype. Inputs must be NumPy arrays.
 
 ``describe`` writes ``kernel.source``, the lowering as pseudo-code: every line is chosen by the
 same node field the kernel's code branches on, and its text comes from the tables beside the
-code (``tiles.SCORES``, ``tiles.NORMALIZE``, ``tiles.TOPK``; the shared recipes' ``linear_text``
-and ``nystrom_text``); expressions are sympy's own printing of the node's, as evaluated on
+code (the shared recipes' ``SCORE_TEXT``, ``STATE_TEXT``, ``TOPK_TEXT``, ``linear_text`` and
+``nystrom_text``); expressions are sympy's own printing of the node's, as evaluated on
 broadcast index arrays.
 """
 
@@ -16,11 +16,13 @@ from __future__ import annotations
 import sympy
 
 from attncc.backends.base import Kernel
+from attncc.lowering.env import SCORE_TEXT
 from attncc.lowering.features import linear_attention, linear_text
 from attncc.lowering.lowrank import linformer, nystrom, nystrom_text
 from attncc.lowering.prologue import COMPUTE, prologue
+from attncc.lowering.states import STATE_TEXT, TOPK_TEXT
 from attncc.plan import PlanCache
-from attncc_numpy.tiles import NORMALIZE, SCORES, TOPK, Stats, TileScorer, run_fused
+from attncc_numpy.tiles import Stats, TileScorer, run_fused
 
 DTYPES = ("float16", "float32", "float64")
 
@@ -109,24 +111,23 @@ def _plan(node, bm: int, bn: int) -> list[str]:
 
 def _fused(node, config) -> list[str]:
     bm, bn = config["block_m"], config["block_n"]
-    init, update, finish = NORMALIZE[node.normalize]
-    score = SCORES[node.score]
-    scale = sympy.sstr(node.scale)
+    init, update, finish = STATE_TEXT[node.normalize]
+    score, scale = SCORE_TEXT[node.score], sympy.sstr(node.scale)
     lines = []
     if node.projection is not None:
         lines.append(f"k, v = E @ k, F @ v      # linformer: rank {node.projection}")
     lines += _plan(node, bm, bn)
     lines += [f"for m in range(ceil(Nq / {bm})):            # query blocks",
               f"    rows = [m*{bm}, (m+1)*{bm})"]
-    topk = [t.format(topk=node.topk) for t in TOPK] if node.normalize == "topk" else None
+    topk = [t.format(topk=node.topk) for t in TOPK_TEXT] if node.normalize == "topk" else None
     if topk:
         lines.append(f"    {topk[0]}")
     lines.append(f"    {init}")
     if node.memory_tokens:
-        lines += [f"    s = {score.format(scale=scale, k='mem_k')}"
+        lines += [f"    s = {score.format(scale=scale, q='q[rows]', k='mem_k')}"
                   f"   # {node.memory_tokens} memory tokens: no score_mod, no mask"]
         lines += [f"    {topk[1]}"] if topk else []
-        lines.append(f"    {update.replace('v[cols]', 'mem_v')}")
+        lines.append(f"    {update.format(v='mem_v')}")
     mod = ([f"        s = {sympy.sstr(node.score_mod)}   # score_mod, score = s"]
            if node.score_mod is not None else [])
     for label, masked in (("FULL", False), ("PARTIAL", True)):
@@ -135,10 +136,10 @@ def _fused(node, config) -> list[str]:
         lines += [f"    for n in plan.{label.lower()}_index[m]:   # {label} blocks"
                   + ("; mask skipped" if not masked else ""),
                   f"        cols = [n*{bn}, (n+1)*{bn})",
-                  f"        s = {score.format(scale=scale, k='k[cols]')}", *mod]
+                  f"        s = {score.format(scale=scale, q='q[rows]', k='k[cols]')}", *mod]
         if masked:
             lines.append(f"        s = where({sympy.sstr(node.mask.expr)}, s, -inf)   # mask")
         lines += [f"        {topk[1]}"] if topk else []
-        lines.append(f"        {update}")
+        lines.append(f"        {update.format(v='v[cols]')}")
     lines += ["    # EMPTY blocks are never visited", f"    {finish}"]
     return lines

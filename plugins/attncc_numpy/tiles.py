@@ -15,8 +15,7 @@ EMPTY blocks are never touched. Tiles are five-dimensional, ``(B', Hkv', G', row
 and values ``(B', Hkv', 1, cols, D)`` broadcast over them instead of being copied per query head.
 The index environment comes from ``attncc.lowering.env.Layout``, so ``slope[h]`` or
 ``lengths[b]`` index the inputs as the reference does. ``Stats`` counts what was visited, for
-tests and benchmarks. ``NORMALIZE``, ``TOPK`` and ``SCORES`` hold the pseudo-code
-``kernel.source`` prints for each step.
+tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -31,28 +30,6 @@ from attncc.lowering.states import fold
 from attncc.spec.numeric import evaluate
 
 LAYOUT = Layout(5, b=(0,), h=(1, 2), q_idx=(3,), kv_idx=(4,))
-
-_SOFTMAX = ("state = SoftmaxState()   # online softmax: row_max = -inf, row_sum = 0, acc = 0",
-            "state.update(s, v[cols])   # p = exp(s - new_max); alpha = exp(row_max - new_max); "
-            "row_sum = alpha * row_sum + rowsum(p); acc = alpha * acc + p @ v[cols]",
-            "out[rows], lse[rows] = acc / row_sum, row_max + log(row_sum)   "
-            "# 0 and -inf where no key is kept")
-
-#: normalize -> the (init, update, finish) pseudo-code of its state
-NORMALIZE = {"softmax": _SOFTMAX, "topk": _SOFTMAX,
-             "sigmoid": ("state = SigmoidState()   # acc = 0",
-                         "state.update(s, v[cols])   # acc += sigmoid(s) @ v[cols]",
-                         "out[rows] = acc")}
-
-#: the top-k steps: the first pass, and the keep rule of the second
-TOPK = ("thr = K-th largest kept score of each row over the tiles below (TopkThreshold, "
-        "running top-{topk}; -inf if fewer are kept)",
-        "s = where(s >= thr, s, -inf)   # top-{topk}: every key tied at the K-th score kept")
-
-#: score kind -> the text of its raw score (``raw_scores``), ``{scale}`` and ``{k}`` filled in
-SCORES = {"dot": "({scale}) * q[rows] @ {k}.T",
-          "additive": "sum(w[h, :] * tanh(q[rows, None, :] + {k}[None, :, :]), axis=-1)"}
-
 
 @dataclass
 class Stats:

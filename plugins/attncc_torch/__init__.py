@@ -69,12 +69,68 @@ class TorchBackend(Backend):
         return SUPPORTED
 
     def search_space(self, graph, target) -> SearchSpace:
+        """The tunables of the graph's attention node on ``target`` by its lowering kind (flash,
+        linear, nystrom); ``node.lowering`` says which fused paths may serve it.
+
+        ``keep`` admits the valid configs worth timing at the graph's ``sizes`` (``seq_q``/``seq_k``
+        when known):
+
+        - where a fused torch kernel runs (``use_sdpa``: SDPA whole for dense/causal specs, the runs
+          path of ``runs.py`` on CPU), the flash knobs are unused, so they must hold their defaults
+          (and the blocks too under whole SDPA); one config per distinct kernel, not dozens of
+          identical ones. On CUDA a masked spec's ``use_sdpa`` would run the flash path anyway
+          and is dropped for the same reason;
+        - blocks no larger than the padded sequence; on the flash path, a key tile
+          (``block_n * kv_chunk``) of at least 256 keys (or the whole padded sequence) and at most
+          2048 (a spot sweep, sliding window at seq 1024 on CPU: 64-key tiles 3.4 ms against 2.9 ms
+          for 128-2048; wider tiles only cost memory). ``tile_elems`` bounds memory and has one
+          value (2^20-2^24 timed within noise of each other); ``group_blocks`` 1 ran up to 3x slower
+          than 4 and more in the same sweep and is not offered.
+        """
         node, kind = _node(graph)
-        return search_space(node, kind, target, graph.graph.get("sizes"))
+        cuda = target is not None and getattr(target, "kind", "cpu") == "cuda"
+        if kind == "linear":
+            return SearchSpace({"chunk": (16, 32, 64, 128, 256)})
+        if kind == "nystrom":
+            return SearchSpace({})
+        lowering = node.lowering
+        eligible, whole = lowering.allows("runs"), lowering.allows("sdpa")
+        params = {"block_m": BLOCKS, "block_n": BLOCKS, "kv_chunk": (1, 2, 4, 8, 16, 32, 64),
+                  "group_blocks": (4, 16, 64, 256), "tile_elems": (TILE_ELEMS,),
+                  "use_sdpa": (True, False) if eligible and (whole or not cuda) else (False,)}
+        base = self.default_config(graph, target)
+        sizes = graph.graph.get("sizes") or {}
+        padded_q, padded_k = (_padded(sizes.get(name)) for name in ("seq_q", "seq_k"))
+
+        def keep(config: dict) -> bool:
+            if not valid(lowering, config, target):
+                return False
+            if config.get("use_sdpa") and whole:
+                return all(config[name] == base[name]
+                           for name in ("kv_chunk", "group_blocks", "block_m", "block_n"))
+            if config["block_m"] > max(16, padded_q) or config["block_n"] > max(16, padded_k):
+                return False
+            if config.get("use_sdpa"):
+                return not cuda and all(config[name] == base[name]
+                                        for name in ("kv_chunk", "group_blocks"))
+            width = config["block_n"] * config["kv_chunk"]
+            return min(256, padded_k) <= width <= min(2048, max(padded_k, config["block_n"]))
+
+        return SearchSpace(params, keep, lambda config: valid(lowering, config, target))
 
     def default_config(self, graph, target) -> dict:
+        """An untuned config that is fast enough on CPU and valid everywhere."""
         node, kind = _node(graph)
-        return default_config(node, kind, target)
+        if kind == "linear":
+            return {"chunk": 64}
+        if kind == "nystrom":
+            return {}
+        # 64-blocks for the fused runs path: a band then wastes 1/4 of a 256-window, not 1/2, and
+        # the per-call overhead stays small (measured in bench/results/torch_cpu.md)
+        runs = node.lowering.allows("runs")
+        block = 64 if runs else 128
+        return {"block_m": block, "block_n": block, "kv_chunk": 16, "group_blocks": 64,
+                "tile_elems": TILE_ELEMS, "use_sdpa": runs}
 
     def compile(self, graph, config, target) -> TorchKernel:
         full = full_config(self, graph, target, config,
@@ -98,69 +154,6 @@ def valid(lowering, config: dict, target) -> bool:
             and config["tile_elems"] <= cap)
 
 
-def search_space(node, kind: str, target, sizes: dict | None = None) -> SearchSpace:
-    """The tunables of the attention ``node`` lowered as ``kind`` (flash, linear, nystrom) on
-    ``target``; ``node.lowering`` says which fused paths may serve it.
-
-    ``keep`` admits the valid configs worth timing at ``sizes`` (``seq_q``/``seq_k`` when known):
-
-    - where a fused torch kernel runs (``use_sdpa``: SDPA whole for dense/causal specs, the runs
-      path of ``runs.py`` on CPU), the flash knobs are unused, so they must hold their defaults
-      (and the blocks too under whole SDPA); one config per distinct kernel, not dozens of
-      identical ones. On CUDA a masked spec's ``use_sdpa`` would run the flash path anyway and is
-      dropped for the same reason;
-    - blocks no larger than the padded sequence; on the flash path, a key tile
-      (``block_n * kv_chunk``) of at least 256 keys (or the whole padded sequence) and at most
-      2048 (a spot sweep, sliding window at seq 1024 on CPU: 64-key tiles 3.4 ms against 2.9 ms
-      for 128-2048; wider tiles only cost memory). ``tile_elems`` bounds memory and has one
-      value (2^20-2^24 timed within noise of each other); ``group_blocks`` 1 ran up to 3x slower
-      than 4 and more in the same sweep and is not offered.
-    """
-    cuda = target is not None and getattr(target, "kind", "cpu") == "cuda"
-    if kind == "linear":
-        return SearchSpace({"chunk": (16, 32, 64, 128, 256)})
-    if kind == "nystrom":
-        return SearchSpace({})
-    lowering = node.lowering
-    eligible, whole = lowering.allows("runs"), lowering.allows("sdpa")
-    params = {"block_m": BLOCKS, "block_n": BLOCKS, "kv_chunk": (1, 2, 4, 8, 16, 32, 64),
-              "group_blocks": (4, 16, 64, 256), "tile_elems": (TILE_ELEMS,),
-              "use_sdpa": (True, False) if eligible and (whole or not cuda) else (False,)}
-    base = default_config(node, "flash", target)
-    sizes = sizes or {}
-    padded_q, padded_k = (_padded(sizes.get(name)) for name in ("seq_q", "seq_k"))
-
-    def keep(config: dict) -> bool:
-        if not valid(lowering, config, target):
-            return False
-        if config.get("use_sdpa") and whole:
-            return all(config[name] == base[name]
-                       for name in ("kv_chunk", "group_blocks", "block_m", "block_n"))
-        if config["block_m"] > max(16, padded_q) or config["block_n"] > max(16, padded_k):
-            return False
-        if config.get("use_sdpa"):
-            return not cuda and all(config[name] == base[name]
-                                    for name in ("kv_chunk", "group_blocks"))
-        width = config["block_n"] * config["kv_chunk"]
-        return min(256, padded_k) <= width <= min(2048, max(padded_k, config["block_n"]))
-
-    return SearchSpace(params, keep, lambda config: valid(lowering, config, target))
-
-
 def _padded(seq) -> int:
     """``seq`` rounded up to a power of two; a large number when unknown (no size limit)."""
     return 1 << (int(seq) - 1).bit_length() if seq else 1 << 30
-
-
-def default_config(node, kind: str, target) -> dict:
-    """An untuned config that is fast enough on CPU and valid everywhere."""
-    if kind == "linear":
-        return {"chunk": 64}
-    if kind == "nystrom":
-        return {}
-    # 64-blocks for the fused runs path: a band then wastes 1/4 of a 256-window, not 1/2, and
-    # the per-call overhead stays small (measured in bench/results/torch_cpu.md)
-    runs = node.lowering.allows("runs")
-    block = 64 if runs else 128
-    return {"block_m": block, "block_n": block, "kv_chunk": 16, "group_blocks": 64,
-            "tile_elems": TILE_ELEMS, "use_sdpa": runs}
