@@ -10,7 +10,7 @@ from attncc.plan import build_plan
 from attncc.reference import attend
 from attncc.testing import random_inputs
 from attncc_torch import TorchBackend
-from attncc_torch.schedule import build_schedule
+from attncc_torch.tiles import build_schedule
 
 BACKEND = TorchBackend()
 

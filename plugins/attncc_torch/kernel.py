@@ -33,8 +33,7 @@ from attncc.plan import PlanCache
 
 from .flash import FlashAttention
 from .runs import RunsForward
-from .schedule import build_schedule
-from .tiles import Problem
+from .tiles import Problem, build_schedule
 
 
 class TorchKernel(Kernel):

@@ -1,4 +1,14 @@
-"""One tile of scores in torch: gathers, raw score, score_mod and mask on broadcast index tensors.
+"""The torch kernel's steps over a BlockPlan, and one tile of scores: gathers, raw score,
+score_mod and mask on broadcast index tensors.
+
+A *slice* (``attncc.lowering.env.Slice``) is the set of (batch, head) pairs that share one slice of
+the plan. Inside a slice, query blocks with the same number of FULL and PARTIAL key blocks
+form a *step*: their key blocks are gathered into one ``(G, c)`` index table and processed by one
+batched matmul per kv chunk. EMPTY blocks appear in no table, so they cost nothing; in every row of
+a table the FULL blocks come first, so the elementwise mask runs only on the columns after them.
+
+When ``seq_k`` is not a multiple of ``block_n`` the last key block holds padding, so it is demoted
+from FULL to PARTIAL (the padding is removed with the mask, on PARTIAL blocks only).
 
 A step's tiles are five-dimensional, ``(nb, nh, G, R, C)``: batch entries, kv heads, query blocks,
 rows (the ``ng`` query heads of a kv head times ``block_m`` positions) and columns (``c`` key blocks
@@ -11,14 +21,96 @@ index inputs as the reference does.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import array_api_compat.torch as xp
+import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 - the name torch code uses
 
-from attncc.lowering.env import Layout, Slice, raw_scores
+from attncc.lowering.env import Layout, Slice, plan_slices, raw_scores
+from attncc.plan import FULL, PARTIAL
 from attncc.spec.numeric import evaluate
 
-from .schedule import Chunk, Step
+
+@dataclass(frozen=True)
+class Chunk:
+    """Key blocks ``kv (G, c)`` of one inner iteration; the first ``n_full`` columns are FULL."""
+
+    kv: torch.Tensor
+    n_full: int
+
+
+@dataclass(frozen=True)
+class Step:
+    """Query blocks ``qblocks (G,)`` of one slice, with their key blocks split into chunks."""
+
+    slice: Slice
+    qblocks: torch.Tensor
+    chunks: tuple[Chunk, ...]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Every step of one call; ``visited`` / ``total`` count key blocks (for the source text)."""
+
+    steps: tuple[Step, ...]
+    visited: int
+    total: int
+
+
+def build_schedule(plan, batch: int, kv_heads: int, group: int, *, kv_chunk: int,
+                   group_blocks: int, tile_elems: int, value_cost: int, memory: bool,
+                   device) -> Schedule:
+    """The steps for ``plan``: query blocks grouped by (FULL, PARTIAL) counts.
+
+    ``kv_chunk`` caps the key blocks per inner iteration, ``group_blocks`` the query blocks per
+    step; ``tile_elems`` caps the score elements of one tile (times ``value_cost`` per element, the
+    head_dim for additive scores). Query blocks with no key block are skipped unless ``memory``
+    (memory tokens are seen by every row).
+    """
+    states = np.asarray(plan.states)
+    if plan.seq_k % plan.block_n:
+        last = states[..., -1]
+        states = states.copy()
+        states[..., -1] = np.where(last == FULL, PARTIAL, last)
+    steps, visited = [], 0
+    for sl in plan_slices(plan, batch, kv_heads, group):
+        st = states[sl.bp, sl.hp]
+        full, part = st == FULL, st == PARTIAL
+        n_full, n_part = full.sum(-1), part.sum(-1)
+        order = np.argsort(-(st.astype(np.int64)), axis=-1, kind="stable")
+        visited += int((n_full + n_part).sum()) * sl.nb * sl.nh * sl.ng
+        keys = sorted(set(zip(n_full.tolist(), n_part.tolist(), strict=True)))
+        for nf, npart in keys:
+            if nf + npart == 0 and not memory:
+                continue
+            rows = np.nonzero((n_full == nf) & (n_part == npart))[0]
+            table = order[rows, :nf + npart]
+            steps += _split(sl, rows, table, nf, plan, kv_chunk, group_blocks,
+                            tile_elems // max(value_cost, 1), device)
+    total = states.shape[-2] * states.shape[-1] * batch * kv_heads * group
+    return Schedule(tuple(steps), visited, total)
+
+
+def _split(sl: Slice, rows, table, nf: int, plan, kv_chunk: int, group_blocks: int,
+           tile_elems: int, device) -> list[Step]:
+    c = table.shape[1]
+    per_chunk = max(1, min(kv_chunk, c)) if c else 0
+    tile_per_block = sl.nb * sl.nh * sl.ng * plan.block_m * max(per_chunk * plan.block_n, 1)
+    g_max = max(1, min(group_blocks, tile_elems // max(tile_per_block, 1)))
+    steps = []
+    for start in range(0, len(rows), g_max):
+        part_rows, part_table = rows[start:start + g_max], table[start:start + g_max]
+        chunks = []
+        for c0 in range(0, c, per_chunk or 1):
+            kv = torch.as_tensor(np.ascontiguousarray(part_table[:, c0:c0 + per_chunk]),
+                                 dtype=torch.long, device=device)
+            chunks.append(Chunk(kv, max(0, min(nf - c0, per_chunk))))
+        qb = torch.as_tensor(part_rows, dtype=torch.long, device=device)
+        steps.append(Step(sl, qb, tuple(chunks)))
+    return steps
+
 
 #: Where b, h, q_idx, kv_idx sit in the 7-D view ``(nb, nh, G, ng, block_m, c, block_n)``.
 LAYOUT = Layout(7, b=(0,), h=(1, 3), q_idx=(2, 4), kv_idx=(2, 5, 6))
@@ -34,18 +126,12 @@ class Problem:
 
     def __init__(self, node, drop, sizes: dict, inputs: dict, scale: float, plan, nk: int,
                  schedule, device):
-        self.node = node
-        self.sizes = sizes
-        self.inputs = inputs
-        self.scale = scale
+        self.node, self.drop_expr, self.sizes, self.inputs = node, drop, sizes, inputs
+        self.scale, self.schedule, self.device = scale, schedule, device
         self.bm, self.bn = plan.block_m, plan.block_n
         self.nq, self.nk = sizes["seq_q"], nk
         self.group = sizes["heads"] // sizes["kv_heads"]
-        self.schedule = schedule
-        self.device = device
-        self.memory = node.memory_tokens
-        self.drop_expr = drop
-        self.padded = -(-self.nk // self.bn) * self.bn != self.nk
+        self.padded = self.nk % self.bn != 0
         self.ar_m = torch.arange(self.bm, device=device)
         self.ar_n = torch.arange(self.bn, device=device)
         self._heads: dict = {}
@@ -107,7 +193,7 @@ class Problem:
         """Lazily ``(chunk, k, v)`` of a step's tiles: the memory tokens first (chunk None,
         ``(1, nh, 1, M, D)``), then each chunk's key blocks gathered ``(nb, nh, G, c*bn, D)``."""
         sl = step.slice
-        if self.memory:
+        if self.node.memory_tokens:
             heads = slice(sl.h0, sl.h0 + sl.nh)
             yield None, inputs["mem_k"][None, heads, None], inputs["mem_v"][None, heads, None]
         for chunk in step.chunks:
@@ -139,16 +225,12 @@ class Problem:
             env = self.env(step, chunk.kv, inputs)
             s7 = _like(evaluate(score_mod, {**env, "score": s7}, xp), s7)
         nf = chunk.n_full
-        if nf < chunk.kv.shape[1]:
-            part = chunk.kv[:, nf:]
-            drop = self.drop(step, part, inputs)
-            if drop is None:
-                pass
-            elif s7.requires_grad:
-                tail = torch.where(drop, float("-inf"), s7[..., nf:, :])
-                s7 = torch.cat([s7[..., :nf, :], tail], dim=-2) if nf else tail
-            else:  # no autograd graph to protect: mask in place, no copy of the tile
-                s7[..., nf:, :].masked_fill_(drop, float("-inf"))
+        drop = self.drop(step, chunk.kv[:, nf:], inputs) if nf < chunk.kv.shape[1] else None
+        if drop is not None and s7.requires_grad:
+            tail = torch.where(drop, float("-inf"), s7[..., nf:, :])
+            s7 = torch.cat([s7[..., :nf, :], tail], dim=-2) if nf else tail
+        elif drop is not None:  # no autograd graph to protect: mask in place, no copy of the tile
+            s7[..., nf:, :].masked_fill_(drop, float("-inf"))
         return s7.flatten(5, 6).flatten(3, 4)
 
     def drop(self, step: Step, blocks, inputs: dict):
