@@ -79,10 +79,8 @@ class Slice:
 
     def indices(self, xp, group: int, device=None):
         """``(b (nb,), h (nh, ng))``: its batch entries and global query head numbers."""
-        def ar(start, n):
-            return xp.arange(start, start + n, device=device)
-
-        return ar(self.b0, self.nb), ar(self.h0, self.nh)[:, None] * group + ar(self.g0, self.ng)
+        b, h, g = (xp.arange(i.start, i.stop, device=device) for i in self.index)
+        return b, h[:, None] * group + g
 
 
 def plan_slices(plan, batch: int, kv_heads: int, group: int) -> list[Slice]:

@@ -99,18 +99,19 @@ def divide_vjp(out, den, d_out):
     return d_num, -xp.where(empty, 0.0, dot / safe)
 
 
-def linear_attention(kind: str, q, k, v, omega=None, *, causal: bool, chunk: int):
-    """``(B, H, Nq, Dv)`` in q's dtype: ``out_i = φ(q_i)·S_i / φ(q_i)·z_i`` with
-    ``S_i = Σ_j φ(k_j)ᵀ v_j`` and ``z_i = Σ_j φ(k_j)`` over every key, or (``causal``) over
-    ``j <= i``, by chunks of ``chunk`` positions; q ``(B, H, Nq, D)``, k, v ``(B, Hkv, Nk, .)``.
+def linear_attention(node, q, k, v, omega=None, *, chunk: int):
+    """``(B, H, Nq, Dv)`` in q's dtype of the LinearAttention ``node`` (its ``feature_map`` and
+    ``causal``): ``out_i = φ(q_i)·S_i / φ(q_i)·z_i`` with ``S_i = Σ_j φ(k_j)ᵀ v_j`` and
+    ``z_i = Σ_j φ(k_j)`` over every key, or (causal) over ``j <= i``, by chunks of ``chunk``
+    positions; q ``(B, H, Nq, D)``, k, v ``(B, Hkv, Nk, .)``.
 
     The query heads of a kv head are stacked on the row axis of every product (or broadcast
     against a per-kv-head state), never K/V: nothing is copied per query head.
     """
     xp = namespace(q)
-    phi_q = split_heads(feature_map(kind, q, omega), k.shape[1])   # B Hkv g Nq F
-    phi_k = feature_map(kind, k, omega)                             # B Hkv Nk F
-    if causal:
+    phi_q = split_heads(feature_map(node.feature_map, q, omega), k.shape[1])   # B Hkv g Nq F
+    phi_k = feature_map(node.feature_map, k, omega)                             # B Hkv Nk F
+    if node.causal:
         num, den = _causal(xp, phi_q, phi_k, v, chunk)
     else:
         num = phi_q @ (phi_k.mT @ v)[:, :, None]

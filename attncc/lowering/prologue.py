@@ -42,8 +42,8 @@ _LIBRARIES = {
 @dataclass(frozen=True)
 class Call:
     """A checked call: ``sizes`` and ``scale`` bound; ``q, k, v`` and ``inputs`` (floating ones)
-    in ``compute`` dtype; ``raw_inputs`` the inputs as given (the plan reads them); ``dtype`` the
-    caller's dtype (outputs go back to it); ``xp`` the namespace."""
+    in the compute dtype (unless cast=False); ``raw_inputs`` the inputs as given (the plan reads
+    them); ``dtype`` the caller's dtype (outputs go back to it)."""
 
     sizes: dict
     scale: float
@@ -53,8 +53,6 @@ class Call:
     inputs: dict
     raw_inputs: dict
     dtype: object
-    compute: object
-    xp: object
 
     @property
     def group(self) -> int:
@@ -85,7 +83,7 @@ def prologue(spec, node, q, k, v, inputs: dict, *, backend: str, library: str,
     ``spec`` gives the declared inputs, ``node`` is the graph's attention node (the lse rule
     reads it); ``library``: numpy | torch, the array kind the ``backend`` takes; ``dtypes``: the
     input dtype names it computes; ``cast=False`` leaves q, k, v and the inputs as given (a
-    backend whose kernels take the input dtype and accumulate in ``compute``).
+    backend whose kernels take the input dtype and accumulate in its ``COMPUTE`` dtype).
     """
     is_kind, kind, hint = _LIBRARIES[library]
     for name, x in (("q", q), ("k", k), ("v", v), *inputs.items()):
@@ -101,12 +99,11 @@ def prologue(spec, node, q, k, v, inputs: dict, *, backend: str, library: str,
     if return_lse and refusal is not None:
         raise InputError(f"return_lse: the log-sum-exp exists for normalize softmax and topk "
                          f"(not low-rank nystrom); this spec has {refusal}")
+    if not cast:
+        return Call(bound.sizes, bound.scale, q, k, v, bound.inputs, bound.inputs, q.dtype)
     xp = namespace(q)
     ct = getattr(xp, COMPUTE[name])
-    if not cast:
-        return Call(bound.sizes, bound.scale, q, k, v, bound.inputs, bound.inputs, q.dtype, ct,
-                    xp)
     floats = {n: (xp.astype(x, ct, copy=False) if spec.inputs[n].is_float else x)
               for n, x in bound.inputs.items()}
     return Call(bound.sizes, bound.scale, *(xp.astype(x, ct, copy=False) for x in (q, k, v)),
-                floats, bound.inputs, q.dtype, ct, xp)
+                floats, bound.inputs, q.dtype)

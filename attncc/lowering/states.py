@@ -166,13 +166,10 @@ class TopkThreshold:
 
     def value(self):
         """``(..., rows, 1)``: the K-th largest kept score, -inf where fewer than K are kept."""
-        xp = self.xp
-        if self.best is None:
-            return xp.full((*self.lead, 1), NEG_INF, dtype=self.like.dtype,
-                           device=array_api_compat.device(self.like))
-        if self.best.shape[-1] < self.topk:
-            return xp.full_like(self.best[..., :1], NEG_INF)
-        return xp.min(self.best, axis=-1, keepdims=True)
+        if self.best is None or self.best.shape[-1] < self.topk:
+            return self.xp.full((*self.lead, 1), NEG_INF, dtype=self.like.dtype,
+                                device=array_api_compat.device(self.like))
+        return self.xp.min(self.best, axis=-1, keepdims=True)
 
     @staticmethod
     def keeps(s, threshold, keep=None):

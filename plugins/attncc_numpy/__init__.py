@@ -13,7 +13,7 @@ from __future__ import annotations
 from attncc.backends.base import SUPPORTED, Backend, SearchSpace, Support
 from attncc.backends.config import full_config
 from attncc.ir.graph import attention_node
-from attncc_numpy.kernel import NumpyKernel, describe
+from attncc_numpy.kernel import NumpyKernel
 
 __all__ = ["NumpyBackend", "NumpyKernel"]
 
@@ -81,9 +81,7 @@ class NumpyBackend(Backend):
     def compile(self, graph, config: dict, target) -> NumpyKernel:
         full = full_config(self, graph, target, config,
                            why="the score tile block_m x block_n is too large")
-        node, path = _node(graph)
-        spec = graph.graph["spec"]
-        return NumpyKernel(spec, node, path, full, describe(spec, node, path, full))
+        return NumpyKernel(graph.graph["spec"], *_node(graph), full)
 
 
 def _node(graph):

@@ -37,14 +37,10 @@ class NumpyKernel(Kernel):
     backend = "numpy"
     backward = None
 
-    def __init__(self, spec, node, path: str, config: dict, source: str):
-        self.spec = spec
-        self.node = node
-        self.path = path
-        self.config = dict(config)
-        self.source = source
-        self.last_plan = None
-        self.last_stats = Stats()
+    def __init__(self, spec, node, path: str, config: dict):
+        self.spec, self.node, self.path, self.config = spec, node, path, dict(config)
+        self.source = describe(spec, node, path, self.config)
+        self.last_plan, self.last_stats = None, Stats()
         self._plans = (PlanCache(node, config["block_m"], config["block_n"])
                        if path == "tiles" else None)
 
@@ -57,8 +53,7 @@ class NumpyKernel(Kernel):
                         dtypes=DTYPES, return_lse=return_lse)
         lse = None
         if self.path == "scan":
-            out = linear_attention(node.feature_map, call.q, call.k, call.v,
-                                   call.inputs.get("omega"), causal=node.causal,
+            out = linear_attention(node, call.q, call.k, call.v, call.inputs.get("omega"),
                                    chunk=self.config["chunk"])
         elif self.path == "nystrom":
             out = nystrom(call.q, call.k, call.v, node.landmarks, call.scale)
@@ -68,7 +63,7 @@ class NumpyKernel(Kernel):
                 k_c, v_c = linformer(k_c, v_c, call.inputs["E"], call.inputs["F"])
             plan = self._plans.get(call.sizes, call.raw_inputs)
             stats = Stats()
-            scorer = TileScorer(node, call.sizes, call.inputs, call.scale, call.compute,
+            scorer = TileScorer(node, call.sizes, call.inputs, call.scale, call.q.dtype,
                                 plan.block_n)
             out, lse = run_fused(node, plan, scorer, call.q, k_c, v_c, stats)
             self.last_plan, self.last_stats = plan, stats

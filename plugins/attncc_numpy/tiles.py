@@ -72,8 +72,7 @@ class TileScorer:
         """The ``Slice`` of plan slice ``part`` (``attncc.lowering.env.Slice``) of
         ``q5 (B, Hkv, G, Nq, D)`` and ``k5, v5 (B, Hkv, 1, Nk, D)``."""
         b, kv, g = part.index
-        group = q5.shape[2]
-        bs, h = part.indices(np, group)
+        bs, h = part.indices(np, q5.shape[2])
         w = mem = None
         if self.node.score == "additive":
             w = self.inputs["w"][h][None, :, :, None, None, :]

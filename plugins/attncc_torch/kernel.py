@@ -71,8 +71,7 @@ class TorchKernel(Kernel):
                         library="torch", return_lse=return_lse)
         node = self.node
         if self.kind == "linear":
-            out = linear_attention(node.feature_map, call.q, call.k, call.v,
-                                   call.inputs.get("omega"), causal=node.causal,
+            out = linear_attention(node, call.q, call.k, call.v, call.inputs.get("omega"),
                                    chunk=self.config["chunk"])
             return out.to(call.dtype)
         if self.kind == "nystrom":
@@ -93,9 +92,8 @@ class TorchKernel(Kernel):
             out, lse = runner(call.q, k, v, call.scale)
         else:
             out, lse = self._flash(plan, key, call, k, v)
-        if return_lse:
-            return out.to(call.dtype), lse.to(call.dtype)
-        return out.to(call.dtype)
+        out = out.to(call.dtype)
+        return (out, lse.to(call.dtype)) if return_lse else out
 
     def _flash(self, plan, key: tuple, call, k, v):
         cfg, sizes, q = self.config, call.sizes, call.q

@@ -66,14 +66,9 @@ class Segment:
 def _block_runs(row, bn: int, nk: int):
     """``[(start, length, masked)]`` in key positions of one query block's non-EMPTY blocks."""
     kept = np.nonzero(row != EMPTY)[0]
-    if kept.size == 0:
-        return []
-    cuts = np.nonzero(np.diff(kept) > 1)[0]
-    firsts = np.concatenate([[0], cuts + 1])
-    lasts = np.concatenate([cuts, [kept.size - 1]])
-    return [(int(kept[a]) * bn, min(int(kept[z] + 1) * bn, nk) - int(kept[a]) * bn,
-             bool((row[kept[a]:kept[z] + 1] == PARTIAL).any())) for a, z in zip(firsts, lasts,
-                                                                              strict=True)]
+    runs = np.split(kept, np.nonzero(np.diff(kept) > 1)[0] + 1) if kept.size else []
+    return [(int(r[0]) * bn, min(int(r[-1] + 1) * bn, nk) - int(r[0]) * bn,
+             bool((row[r] == PARTIAL).any())) for r in runs]
 
 
 def build_segments(plan, batch: int, kv_heads: int, group: int) -> list[Segment]:
