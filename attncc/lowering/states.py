@@ -68,11 +68,8 @@ class _State:
         self.acc = None
         self._exp_ = _exp_inplace(self.xp)
 
-    def _zeros(self, shape):
-        return self.xp.zeros(shape, dtype=self.dtype, device=self.device)
-
-    def _empty_out(self):
-        return self._zeros((*self.lead, self.value_dim))
+    def _zeros(self, width: int):
+        return self.xp.zeros((*self.lead, width), dtype=self.dtype, device=self.device)
 
 
 class SoftmaxState(_State):
@@ -115,8 +112,8 @@ class SoftmaxState(_State):
         """Out and lse, with the row max and 1/sum a recomputing backward needs."""
         xp = self.xp
         if self.m is None:
-            rows = self._zeros((*self.lead, 1))
-            return Rows(self._empty_out(), rows + NEG_INF, rows, rows)
+            rows = self._zeros(1)
+            return Rows(self._zeros(self.value_dim), rows + NEG_INF, rows, rows)
         empty = self.l_sum == 0
         inv_sum = xp.where(empty, 0.0, 1.0 / xp.where(empty, 1.0, self.l_sum))
         lse = xp.where(empty, NEG_INF, self.m + xp.log(xp.where(empty, 1.0, self.l_sum)))
@@ -144,7 +141,7 @@ class SigmoidState(_State):
             self.acc = self.acc + pv
 
     def finish(self) -> Rows:
-        return Rows(self._empty_out() if self.acc is None else self.acc)
+        return Rows(self._zeros(self.value_dim) if self.acc is None else self.acc)
 
 
 class TopkThreshold:

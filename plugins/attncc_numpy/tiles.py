@@ -66,7 +66,6 @@ class TileScorer:
         self.sizes, self.inputs = sizes, inputs
         self.dtype = np.dtype(dtype)
         self.scale = self.dtype.type(scale)
-        self._kv_idx: dict = {}
 
     def slice(self, part, q5, k5, v5) -> Slice:
         """The ``Slice`` of plan slice ``part`` (``attncc.lowering.env.Slice``) of
@@ -99,7 +98,7 @@ class TileScorer:
             s = self.raw(sl, q_tile, sl.k[..., start:stop, :])
             env = None
             if node.score_mod is not None or not is_full:
-                env = {**sl.fixed, "q_idx": q_idx, "kv_idx": self._kv_positions(start, stop)}
+                env = {**sl.fixed, "q_idx": q_idx, "kv_idx": _kv_positions(start, stop)}
             if node.score_mod is not None:
                 value = evaluate(node.score_mod, {**env, "score": s}, np)
                 s = np.broadcast_to(np.asarray(value, dtype=self.dtype), s.shape)
@@ -108,12 +107,11 @@ class TileScorer:
                 keep = np.broadcast_to(np.asarray(evaluate(node.mask.expr, env, np)), s.shape)
             yield s, keep, sl.v[..., start:stop, :], node.score_mod is None
 
-    def _kv_positions(self, start: int, stop: int):
-        """Key positions ``[start, stop)`` on the tile's kv axis (built once per call)."""
-        placed = self._kv_idx.get((start, stop))
-        if placed is None:
-            placed = self._kv_idx[start, stop] = LAYOUT.place("kv_idx", np.arange(start, stop))
-        return placed
+
+@functools.lru_cache(maxsize=4096)
+def _kv_positions(start: int, stop: int):
+    """Key positions ``[start, stop)`` on the tile's kv axis (built once, read only)."""
+    return LAYOUT.place("kv_idx", np.arange(start, stop))
 
 
 def run_fused(node, plan, scorer: TileScorer, q, k, v, stats: Stats):

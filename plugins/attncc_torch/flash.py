@@ -71,9 +71,9 @@ def forward(pb: Problem, q6, k4, v4, inputs: dict):
     scores are large) would scale every P of a row by one common factor.
     """
     node = pb.node
-    out = q6.new_zeros((*q6.shape[:-1], v4.shape[-1]))
     names = {"sigmoid": (), "topk": tuple(STATS)}.get(node.normalize, tuple(STATS)[:3])
-    stats = {n: q6.new_full((*q6.shape[:-1], 1), STATS[n]) for n in names}
+    stats = {"out": q6.new_zeros((*q6.shape[:-1], v4.shape[-1])),
+             **{n: q6.new_full((*q6.shape[:-1], 1), STATS[n]) for n in names}}
     for step in pb.schedule.steps:
         q = pb.rows(q6, step)
 
@@ -84,11 +84,10 @@ def forward(pb: Problem, q6, k4, v4, inputs: dict):
                 yield s, None, v, s.is_contiguous()
 
         done, thr = fold(node, q.shape[:-1], v4.shape[-1], q, tiles)
-        pb.put_rows(out, step, done.out)
         values = {**done._asdict(), "thr": thr}
         for name, x in stats.items():
             pb.put_rows(x, step, values[name])
-    return out, stats
+    return stats.pop("out"), stats
 
 
 def backward(pb: Problem, saved: tuple, stats: dict, inputs: dict, dout6, grad_inputs: list):

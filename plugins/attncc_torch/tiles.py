@@ -223,7 +223,9 @@ class Problem:
         s7 = s.unflatten(4, (-1, self.bn)).unflatten(3, (sl.ng, self.bm))
         if score_mod is not None:
             env = self.env(step, chunk.kv, inputs)
-            s7 = _like(evaluate(score_mod, {**env, "score": s7}, xp), s7)
+            value = torch.as_tensor(evaluate(score_mod, {**env, "score": s7}, xp),
+                                    dtype=s7.dtype, device=s7.device)
+            s7 = torch.broadcast_to(value, s7.shape)
         nf = chunk.n_full
         drop = self.drop(step, chunk.kv[:, nf:], inputs) if nf < chunk.kv.shape[1] else None
         if drop is not None and s7.requires_grad:
@@ -261,9 +263,3 @@ class Problem:
 def _take(x, index):
     """``x[index]`` along dim 0 of a contiguous tensor, as whole-row copies of a 2-D view."""
     return x.view(x.shape[0], -1).index_select(0, index).view(index.shape[0], *x.shape[1:])
-
-
-def _like(value, like):
-    if isinstance(value, (int, float)):
-        return torch.full_like(like, float(value))
-    return torch.broadcast_to(value.to(like.dtype), like.shape)
