@@ -271,6 +271,9 @@ class _Spy:
         self.launches += 1
         return self.kernel[grid]
 
+    def __getattr__(self, name):  # arg_names and the rest, as the kernel has them
+        return getattr(self.kernel, name)
+
 
 @pytest.mark.parametrize("name,heads", [("linear_elu", None), ("performer", None),
                                         ("linear_elu", (4, 2))])

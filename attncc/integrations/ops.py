@@ -94,8 +94,7 @@ def _grad(ctx, grad_out):
     q, k, v, *tensors = ctx.saved_tensors
     grads = attention_backward(q, k, v, grad_out.contiguous(), ctx.key, list(tensors))
     rest = iter(grads[3:])
-    per_input = [next(rest) if x.is_floating_point() else None for x in tensors]
-    return grads[0], grads[1], grads[2], None, per_input
+    return (*grads[:3], None, [next(rest) if x.is_floating_point() else None for x in tensors])
 
 
 attention = torch.library.custom_op("attncc::attention", _forward, mutates_args=(),
@@ -128,31 +127,32 @@ def op(spec, *, backend: str = "torch", config: dict | None = None):
     if key not in _KERNELS:
         _KERNELS[key] = compile_spec(spec, backend=backend, config=config)
     kernel, names = _KERNELS[key], tuple(spec.inputs)
-    own = kernel.torch_op()
-    if own is None:
-        def own(q, k, v, **inputs):
-            return attention(q, k, v, key, [inputs[n] for n in names])
+    own = kernel.torch_op() or _generic(key, names)
 
-        own.op, own.ops = attention, None
-        own.args = lambda q, k, v, **inputs: (q, k, v, key, [inputs[n] for n in names])
-
-    def checked(inputs: dict) -> None:
+    def checked(inputs: dict) -> dict:
         missing = [n for n in names if n not in inputs]
         extra = [n for n in inputs if n not in names]
         if missing or extra:
             raise InputError(f"inputs: the spec '{spec.name}' takes {list(names)}; missing "
                              f"{missing}, unexpected {extra}")
+        return inputs
 
     def fn(q, k, v, **inputs):
-        checked(inputs)
-        return own(q, k, v, **inputs)
-
-    def args(q, k, v, **inputs):
-        checked(inputs)
-        return own.args(q, k, v, **inputs)
+        return own(q, k, v, **checked(inputs))
 
     fn.key, fn.names, fn.spec, fn.kernel = key, names, spec, kernel
     fn.op, fn.ops = getattr(own, "op", None), getattr(own, "ops", None)
-    fn.args = args if hasattr(own, "args") else None
+    fn.args = ((lambda q, k, v, **inputs: own.args(q, k, v, **checked(inputs)))
+               if hasattr(own, "args") else None)
     fn.__name__ = f"attncc_op_{spec.name}"
+    return fn
+
+
+def _generic(key: str, names: tuple):
+    """``fn`` calling ``attncc::attention`` on the kernel registered as ``key``."""
+    def fn(q, k, v, **inputs):
+        return attention(q, k, v, key, [inputs[n] for n in names])
+
+    fn.op, fn.ops = attention, None
+    fn.args = lambda q, k, v, **inputs: (q, k, v, key, [inputs[n] for n in names])
     return fn

@@ -241,11 +241,8 @@ class FusedGenerator:
 
     def dkdv_tile(self) -> Fn:
         fs = self.fs
-        result = "score, s, keep" + (", t" if self.additive else "")
         body = ["offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)", *self._rows(True),
-                *self.scores.call(result, {"keep": "row_ok[:, None] & col_ok[None, :]"},
-                                  MEMORY=False),
-                *self._thr()]
+                *self._score_call(MEMORY=False), *self._thr()]
         local = {}
         if fs.score_mod is not None:
             local = self._locals(self.d_score, *(d for _, d in self.d_inputs))
@@ -296,8 +293,7 @@ class FusedGenerator:
 
     def _per_head(self) -> list[str]:
         """Loads that depend on (b, h) only: the additive w, the hoisted input elements."""
-        plain = TritonPrinter(self.fs.float_inputs)
-        lines = [f"{name} = {plain(atom)}" for atom, name in self.hoisted.items()]
+        lines = self._loads(self.hoisted)
         if self.additive:
             lines.append("w = tl.load(W + h * swh + offs_d, mask=offs_d < head_dim, "
                          "other=0.0).to(ACC)")

@@ -17,6 +17,7 @@ import tempfile
 import weakref
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from attncc.backends.autograd import autograd_backward
@@ -104,13 +105,15 @@ class TritonKernel(Kernel):
         cached = self._tables.setdefault(plan, {})
         key = (str(device), padded)
         if key not in cached:
-            arrays = {"fc": plan.full_counts, "fi": plan.full_index, "pc": plan.partial_counts,
-                      "pi": plan.partial_index, "fct": plan.full_counts_t,
-                      "fit": plan.full_index_t, "pct": plan.partial_counts_t,
-                      "pit": plan.partial_index_t}
-            if padded:
-                arrays = _padded(arrays, plan.num_q_blocks, plan.num_kv_blocks)
-            cached[key] = {n: torch.from_numpy(a.copy()).to(device) for n, a in arrays.items()}
+            tables = {}
+            for t, width in (("", plan.num_kv_blocks), ("t", plan.num_q_blocks)):
+                for name, attr in (("fc", "full_counts"), ("fi", "full_index"),
+                                   ("pc", "partial_counts"), ("pi", "partial_index")):
+                    a = getattr(plan, attr + ("_t" if t else ""))
+                    if padded and name.endswith("i"):  # zeros after the valid entries
+                        a = np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - a.shape[-1])])
+                    tables[name + t] = torch.from_numpy(a.copy()).to(device)
+            cached[key] = tables
         return cached[key]
 
     def __call__(self, q, k, v, *, return_lse: bool = False, **inputs):
@@ -119,13 +122,3 @@ class TritonKernel(Kernel):
                   else None)
         return self.program.attention(q, k, v, return_lse, tables, call.inputs)
 
-
-def _padded(arrays: dict, n_q: int, n_k: int) -> dict:
-    """Index tables widened to the whole block axis (zeros after the valid entries)."""
-    import numpy as np
-
-    result = dict(arrays)
-    for name, width in (("fi", n_k), ("pi", n_k), ("fit", n_q), ("pit", n_q)):
-        a = arrays[name]
-        result[name] = np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - a.shape[-1])])
-    return result

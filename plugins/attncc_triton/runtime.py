@@ -81,14 +81,13 @@ class Program:
         n_k = triton.cdiv(seq_k, self.config["block_n"])
         key = (n_q, n_k, state, str(device))
         if key not in self._dense:
-            rows = {"": (n_q, n_k), "t": (n_k, n_q)}
             made = {}
-            for t, (n, m) in rows.items():
+            for t, n, m in (("", n_q, n_k), ("t", n_k, n_q)):
                 count = torch.full((1, 1, n), m, dtype=torch.int32, device=device)
-                index = torch.arange(m, dtype=torch.int32, device=device).expand(1, 1, n, m)
                 none = torch.zeros_like(count)
                 made["fc" + t], made["pc" + t] = (count, none) if state == FULL else (none, count)
-                made["fi" + t] = made["pi" + t] = index.contiguous()
+                made["fi" + t] = made["pi" + t] = torch.arange(
+                    m, dtype=torch.int32, device=device).expand(1, 1, n, m).contiguous()
             self._dense[key] = made
         return self._dense[key]
 

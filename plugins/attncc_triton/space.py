@@ -98,34 +98,27 @@ def search_space(spec, kind: str, target, dtype=None) -> SearchSpace:
     """The tunables for a lowering ``kind`` (fused, linear, nystrom) on ``target``, whose keep()
     judges shared memory and registers for ``dtype`` (float32 when None)."""
     size = elem_bytes(dtype)
-    smem_cap = getattr(target, "shared_memory_per_block", None) if target is not None else None
-    reg_cap = getattr(target, "registers_per_block", None) if target is not None else None
+    smem_cap = getattr(target, "shared_memory_per_block", None)
+    reg_cap = getattr(target, "registers_per_block", None)
     head_dim = spec.head_dim or 128
     value_dim = spec.value_dim or head_dim
-    feats = spec.features or head_dim
-    if kind == "linear":
-        params = {"chunk": BLOCKS, "num_warps": WARPS, "num_stages": STAGES}
-    else:
-        params = {"block_m": BLOCKS, "block_n": BLOCKS, "num_warps": WARPS,
-                  "num_stages": STAGES}
-    topk = spec.topk or 1
+    params = {"chunk": BLOCKS} if kind == "linear" else {"block_m": BLOCKS, "block_n": BLOCKS}
+    params.update(num_warps=WARPS, num_stages=STAGES)
 
     def valid(config: dict) -> bool:
         """Whether the config runs at all: the top-k buffer fits, shared memory fits."""
         if kind == "linear":
-            smem = linear_smem(config, feats, value_dim, size)
-            return smem_cap is None or smem <= smem_cap
-        if config["block_n"] < topk:
+            smem = linear_smem(config, spec.features or head_dim, value_dim, size)
+        elif config["block_n"] < (spec.topk or 1):
             return False
-        smem, _ = estimate(config, spec, head_dim, value_dim, size)
+        else:
+            smem, _ = estimate(config, spec, head_dim, value_dim, size)
         return smem_cap is None or smem <= smem_cap
 
     def keep(config: dict) -> bool:
-        if kind == "linear" or not valid(config):
+        if kind == "linear" or reg_cap is None or not valid(config):
             return valid(config)
         _, regs = estimate(config, spec, head_dim, value_dim, size)
-        if reg_cap is None:
-            return True
         per_thread = min(REGS_PER_THREAD, reg_cap // (32 * config["num_warps"]))
         # up to 2x the register file spills some (the tuner measures that); beyond, kilobytes
         return regs <= 2 * per_thread
@@ -142,28 +135,24 @@ def default_config(spec, kind: str, target, dtype=None) -> dict:
     in the forward and dq kernels at d = 128; 4 warps spill in both backward kernels), halved
     while ``keep`` rejects it (the additive score's 3-D tensor, large top-k tiles). Linear: chunk
     64 on CUDA (16 on CPU), halved while its shared memory does not fit (float64)."""
-    cuda = target is not None and getattr(target, "kind", "cpu") == "cuda"
+    cuda = getattr(target, "kind", "cpu") == "cuda"
+    topk = spec.topk or 1
     if kind == "linear":
         config = {"chunk": 64 if cuda else 16, "num_warps": 4, "num_stages": 2}
-        space = search_space(spec, kind, target, dtype)
-        while not space.keep(config) and config["chunk"] > BLOCKS[0]:
-            config["chunk"] //= 2
-        if not space.accepts(config):
-            raise BackendError(f"triton backend: no {dtype or 'float32'} chunk of '{spec.name}' "
-                               "fits the target's shared memory")
-        return config
-    block_n = 64 if cuda else 16
-    while block_n < (spec.topk or 1):
-        block_n *= 2
-    config = {"block_m": 64 if cuda else 16, "block_n": block_n, "num_warps": 8 if cuda else 4,
-              "num_stages": 2 if cuda else 1}
+        least = {"chunk": BLOCKS[0]}
+    else:
+        block_n = 64 if cuda else 16
+        while block_n < topk:
+            block_n *= 2
+        config = {"block_m": 64 if cuda else 16, "block_n": block_n,
+                  "num_warps": 8 if cuda else 4, "num_stages": 2 if cuda else 1}
+        least = {"block_m": BLOCKS[0], "block_n": max(BLOCKS[0], topk)}
     space = search_space(spec, kind, target, dtype)
-    keep = space.keep
-    while not keep(config) and config["block_m"] > BLOCKS[0]:
-        config["block_m"] //= 2
-    while not keep(config) and config["block_n"] // 2 >= max(BLOCKS[0], spec.topk or 1):
-        config["block_n"] //= 2
+    for name, smallest in least.items():
+        while not space.keep(config) and config[name] // 2 >= smallest:
+            config[name] //= 2
     if not space.accepts(config):
-        raise BackendError(f"triton backend: no {dtype or 'float32'} tile of '{spec.name}' fits "
+        raise BackendError(f"triton backend: no {dtype or 'float32'} "
+                           f"{'chunk' if kind == 'linear' else 'tile'} of '{spec.name}' fits "
                            "the target's shared memory")
     return config
