@@ -103,7 +103,8 @@ def linear_attention(node, q, k, v, omega=None, *, chunk: int):
     """``(B, H, Nq, Dv)`` in q's dtype of the LinearAttention ``node`` (its ``feature_map`` and
     ``causal``): ``out_i = φ(q_i)·S_i / φ(q_i)·z_i`` with ``S_i = Σ_j φ(k_j)ᵀ v_j`` and
     ``z_i = Σ_j φ(k_j)`` over every key, or (causal) over ``j <= i``, by chunks of ``chunk``
-    positions; q ``(B, H, Nq, D)``, k, v ``(B, Hkv, Nk, .)``.
+    positions; q ``(B, H, Nq, D)``, k, v ``(B, Hkv, Nk, .)``. The torch backend's scan (the
+    NumPy backend keeps a loop over chunks, which NumPy runs faster in cache).
 
     The query heads of a kv head are stacked on the row axis of every product (or broadcast
     against a per-kv-head state), never K/V: nothing is copied per query head.
@@ -122,30 +123,32 @@ def linear_attention(node, q, k, v, omega=None, *, chunk: int):
 def _causal(xp, phi_q, phi_k, v, chunk: int):
     """``(num, den)`` ``(B, Hkv, g, Nq, Dv|1)`` of causal linear attention.
 
-    The state entering a chunk is an exclusive prefix sum of per-chunk states; inside the chunk
-    a lower-triangular ``chunk × chunk`` product adds the rest. The ``g`` query heads of a kv head
-    are stacked, ``(B, Hkv, n, g·C, F)`` against keys ``(B, Hkv, n, C, F)``: plain batched matmuls
-    over kv heads (torch's matmul would copy a broadcast operand).
+    The state entering a chunk is the sum of the earlier chunks' states (added up in a loop:
+    cumsum was slower than the whole scan); inside the chunk a lower-triangular
+    ``chunk × chunk`` product adds the rest. The ``g`` query heads of a kv head are stacked,
+    ``(B, Hkv, n, g·C, F)`` against keys ``(B, Hkv, n, C, F)``: plain batched matmuls over kv
+    heads (torch's matmul would copy a broadcast operand).
     """
     batch, kv_heads, group, nq, _ = phi_q.shape
-    n = -(-max(nq, phi_k.shape[-2]) // chunk)
+    n, dev = -(-max(nq, phi_k.shape[-2]) // chunk), array_api_compat.device(v)
 
     def blocks(x):                                                  # ... N X -> ... n C X
-        pad = xp.zeros((*x.shape[:-2], n * chunk - x.shape[-2], x.shape[-1]), dtype=x.dtype,
-                       device=array_api_compat.device(x))
-        return xp.reshape(xp.concat([x, pad], axis=-2), (*x.shape[:-2], n, chunk, x.shape[-1]))
+        if x.shape[-2] < n * chunk:
+            pad = (*x.shape[:-2], n * chunk - x.shape[-2], x.shape[-1])
+            x = xp.concat([x, xp.zeros(pad, dtype=x.dtype, device=dev)], axis=-2)
+        return xp.reshape(x, (*x.shape[:-2], n, chunk, x.shape[-1]))
 
     pk, pv = blocks(phi_k), blocks(v)                               # B Hkv n C F|Dv
     pq = xp.permute_dims(blocks(phi_q), (0, 1, 3, 2, 4, 5))         # B Hkv n g C F
     pq = xp.reshape(pq, (batch, kv_heads, n, group * chunk, pq.shape[-1]))
-    states, sums = pk.mT @ pv, xp.sum(pk, axis=-2)                  # B Hkv n F Dv, B Hkv n F
-    before = xp.cumulative_sum(states, axis=2) - states
-    z_before = xp.cumulative_sum(sums, axis=2) - sums
-    rows = xp.arange(group * chunk, device=array_api_compat.device(pq)) % chunk
-    lower = rows[:, None] >= xp.arange(chunk, device=array_api_compat.device(pq))[None, :]
+    kv, ks = pk.mT @ pv, xp.sum(pk, axis=-2)[..., None]             # B Hkv n F Dv|1
+    before = [(xp.zeros_like(kv[:, :, 0]), xp.zeros_like(ks[:, :, 0]))]  # (S, z) entering chunks
+    for c in range(n - 1):
+        before.append((before[-1][0] + kv[:, :, c], before[-1][1] + ks[:, :, c]))
+    lower = (xp.arange(group * chunk, device=dev) % chunk)[:, None] >= xp.arange(chunk, device=dev)
     inner = xp.where(lower, pq @ pk.mT, 0.0)                        # B Hkv n g·C C
-    num = pq @ before + inner @ pv                                  # B Hkv n g·C Dv
-    den = pq @ z_before[..., None] + xp.sum(inner, axis=-1, keepdims=True)
+    num = pq @ xp.stack([b[0] for b in before], axis=2) + inner @ pv
+    den = pq @ xp.stack([b[1] for b in before], axis=2) + xp.sum(inner, axis=-1, keepdims=True)
 
     def unstack(x):                                                 # -> B Hkv g Nq X
         x = xp.reshape(x, (batch, kv_heads, n, group, chunk, x.shape[-1]))
