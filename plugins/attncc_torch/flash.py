@@ -111,12 +111,14 @@ def backward(pb: Problem, saved: tuple, stats: dict, inputs: dict, dout6, grad_i
             stat["delta"] = _exact_delta(pb, step, q, do, tiles, inputs, stat)
         dq = torch.zeros_like(q)
         for chunk, k, v in tiles:
-            with torch.enable_grad():
-                q_leaf, k_leaf = q.detach().requires_grad_(), k.detach().requires_grad_()
+            with torch.enable_grad():  # memory keys: a gradient only where mem_k wants one
+                q_leaf = q.detach().requires_grad_()
+                k_leaf = k.detach().requires_grad_(chunk is not None or "mem_k" in dinp)
                 s = pb.scores(step, chunk, q_leaf, k_leaf, traced)
             ds, dv = _tile_grads(norm, s.detach(), v, do, stat)
-            dq_t, dk, *named = torch.autograd.grad(s, [q_leaf, k_leaf, *leaves.values()], ds,
-                                                   allow_unused=True)
+            wrt = [q_leaf, *([k_leaf] if k_leaf.requires_grad else []), *leaves.values()]
+            dq_t, *named = torch.autograd.grad(s, wrt, ds, allow_unused=True)
+            dk = named.pop(0) if k_leaf.requires_grad else None
             dq += dq_t
             if chunk is not None:
                 pb.add_cols(dk4, sl, chunk, dk)
