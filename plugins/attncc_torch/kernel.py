@@ -179,13 +179,10 @@ def _tiles(node, config: dict) -> list[str]:
         "gathered once per kv head (no copy per query head)",
         "# layout: q6 = (nQ, B, Hkv, group, block_m, D), kb/vb = (nK, B, Hkv, block_n, D) "
         "block-major copies (O(N), once per call)",
-    ]
-    lines += [
         "for step in schedule:                     # query blocks with equal FULL/PARTIAL counts",
         "    q_t = q6.index_select(0, step.qblocks)   # -> (nb, Hkv, G, group*block_m, D)",
+        *([f"    {topk[0]}"] if topk else []), f"    {init}",
     ]
-    lines += [f"    {topk[0]}"] if topk else []
-    lines.append(f"    {init}")
     if node.memory_tokens:
         lines += [f"    s = {score.format(k='mem_k')}   # {node.memory_tokens} memory tokens, "
                   "no score_mod or mask", *([f"    {topk[1]}"] if topk else []),
@@ -200,11 +197,9 @@ def _tiles(node, config: dict) -> list[str]:
     mask = f"({node.mask.expr}) and " if node.mask is not None else ""
     lines.append(f"        s[PARTIAL cols] = where({mask}kv_idx < seq_k, s, -inf)   "
                  "# FULL cols skip the mask")
-    lines += [f"        {topk[1]}"] if topk else []
-    lines.append(f"        {update.format(v='v_t')}")
-    lines.append("    out, lse, m, 1/l = state.finish()   # written back with index_copy_")
     return [
-        *lines,
+        *lines, *([f"        {topk[1]}"] if topk else []), f"        {update.format(v='v_t')}",
+        "    out, lse, m, 1/l = state.finish()   # written back with index_copy_",
         "# backward: torch.autograd.Function saving q, k, v, out and per-row m, 1/l (top-k "
         "threshold); recomputes each tile: P = exp(s - m) / l,",
         "#   dS = P*(dP - D), D = rowsum(P*dP) recomputed exactly (rows of dS sum to 0),",
