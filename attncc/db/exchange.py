@@ -128,8 +128,14 @@ def _package_root() -> Path | None:
 
 
 def shipped() -> list[tuple[str, Record]]:
-    """Every shipped record with the file it came from, files in name order."""
+    """Every shipped record with the file it came from, files in name order; read once per
+    folder and process (``reread_shipped`` forgets what was read)."""
     return list(_shipped(str(shipped_dir())))
+
+
+def reread_shipped() -> None:
+    """Forget the shipped records read so far: the next ``shipped()`` reads the files again."""
+    _shipped.cache_clear()
 
 
 @cache

@@ -21,7 +21,7 @@ import attncc
 from attncc.errors import InputError
 from attncc.reference import attend
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def t(rows):
@@ -382,3 +382,10 @@ def test_tensors_on_different_devices_are_one_clear_error():
     q = torch.randn(1, 2, 4, 8)
     with pytest.raises(attncc.InputError, match="expected one device"):
         attend(attncc.load_spec({"attncc": 1}), q, q.to("meta"), q, {})
+
+
+def test_a_scale_that_divides_by_zero_at_call_time_is_an_input_error():
+    spec = attncc.load_spec({"attncc": 1, "scale": "1/(head_dim - 32)"})
+    q = np.zeros((1, 1, 4, 32))
+    with pytest.raises(attncc.InputError, match="expected a finite real number"):
+        attncc.reference(spec, q, q, q)

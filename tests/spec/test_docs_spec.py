@@ -16,7 +16,7 @@ from attncc.spec import expr, schema
 from attncc.spec.symbols import SIZE_NAMES
 from attncc.testing import example_specs
 
-PAGE = Path(__file__).resolve().parent.parent / "docs" / "spec.md"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "spec.md"
 TEXT = PAGE.read_text(encoding="utf-8")
 
 

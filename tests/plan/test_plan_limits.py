@@ -1,4 +1,5 @@
-"""Inputs a review found crashing or silently wrong; each now gives one clear attncc error."""
+"""Plans at their limits: conditions nested in where(), integers past int64, plans too large to
+hold; each gives the right answer or one clear attncc error."""
 
 from __future__ import annotations
 
@@ -18,15 +19,6 @@ def test_a_where_inside_a_condition_evaluates_and_classifies():
     assert build_plan(spec, {"seq_q": 64, "seq_k": 64}, 4, 4).states.size == 256
 
 
-@pytest.mark.parametrize("text, message", [
-    ("attncc: 1\nconstants: &a {x: 1}\ninputs: *a\n", "aliases"),
-    ("? [a]\n: 1\n", "keys must be plain names"),
-])
-def test_yaml_bombs_and_complex_keys_are_spec_errors(text, message):
-    with pytest.raises(attncc.SpecError, match=message):
-        attncc.load_spec(text)
-
-
 def test_integer_overflow_is_an_error_not_a_wrong_answer():
     spec = attncc.load_spec({"attncc": 1, "mask": "(q_idx - kv_idx)**2 * 10**18 <= 4 * 10**18"})
     with pytest.raises(attncc.InputError, match="64-bit integers"):
@@ -40,10 +32,3 @@ def test_a_plan_too_large_to_hold_is_an_error():
     with pytest.raises(attncc.InputError, match="block pairs"):
         build_plan(attncc.load_spec("examples/causal.yaml"),
                    {"seq_q": 10 ** 8, "seq_k": 10 ** 8}, 64, 64)
-
-
-def test_a_scale_that_divides_by_zero_at_call_time_is_an_input_error():
-    spec = attncc.load_spec({"attncc": 1, "scale": "1/(head_dim - 32)"})
-    q = np.zeros((1, 1, 4, 32))
-    with pytest.raises(attncc.InputError, match="expected a finite real number"):
-        attncc.reference(spec, q, q, q)

@@ -113,13 +113,13 @@ def test_lookup_exact_then_nearest_layer_user_before_shipped(store, tmp_path, mo
     monkeypatch.setenv("ATTNCC_SHIPPED_DB", str(shipped_dir))
     from attncc.db import exchange
 
-    exchange._shipped.cache_clear()
+    exchange.reread_shipped()
     key = record().key
     assert find(store, key, HERE) is None
     # A shipped record for this exact target beats a user record from other versions.
     (shipped_dir / "cpu.jsonl").write_text(record(config={"block_m": 16, "block_n": 16}).dumps()
                                            + "\n")
-    exchange._shipped.cache_clear()
+    exchange.reread_shipped()
     store.put(record(NEWER, config={"block_m": 128, "block_n": 128}))
     hit = find(store, key, HERE)
     assert hit.config == {"block_m": 16, "block_n": 16}
@@ -138,7 +138,7 @@ def test_lookup_exact_then_nearest_layer_user_before_shipped(store, tmp_path, mo
     assert find(store, key, ELSEWHERE) is None
     assert find(store, Key("s1", "q128-k128", "float32", "numpy@1", ""), HERE) is None
     assert find(store, Key("s1", "", "float32", "numpy@1", ""), HERE, any_bucket=True) is not None
-    exchange._shipped.cache_clear()
+    exchange.reread_shipped()
 
 
 def test_db_cli_list_show_export_import_clear(store, tmp_path):
@@ -166,7 +166,7 @@ def test_db_cli_list_show_export_import_clear(store, tmp_path):
 
 
 # -- where the shipped records are found -----------------------------------------------------
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_shipped_folder_order_checkout_then_installed_copy(tmp_path, monkeypatch):
@@ -196,11 +196,11 @@ def test_an_installed_copy_is_read_when_no_checkout_is_around(tmp_path, monkeypa
     monkeypatch.delenv("ATTNCC_SHIPPED_DB", raising=False)
     monkeypatch.setattr(exchange, "__file__", str(package / "db" / "exchange.py"))
     monkeypatch.setattr(exchange, "_package_root", lambda: package)
-    exchange._shipped.cache_clear()
+    exchange.reread_shipped()
     try:
         assert [r.id for _, r in exchange.shipped()] == [record().id]
     finally:
-        exchange._shipped.cache_clear()
+        exchange.reread_shipped()
 
 
 def test_a_built_wheel_carries_the_shipped_records(tmp_path):

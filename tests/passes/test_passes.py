@@ -234,7 +234,7 @@ def test_evaluate_cost_numbers_and_errors():
         Cost().apply(build(CASES["gqa"]))
 
 
-EXAMPLES = sorted(p for p in (Path(__file__).parent.parent / "examples").glob("*.*")
+EXAMPLES = sorted(p for p in (Path(__file__).resolve().parents[2] / "examples").glob("*.*")
                   if p.suffix in (".yaml", ".yml", ".toml", ".json"))
 
 

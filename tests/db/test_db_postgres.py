@@ -24,7 +24,7 @@ from attncc.target import default_target
 from attncc.tuning.space import decode
 from attncc.tuning.study import measured
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "postgres.sh"
 SPEC = ROOT / "examples" / "sliding_window.yaml"
 PG_BINS = [Path("/usr/lib/postgresql/15/bin"), *Path("/usr/lib/postgresql").glob("*/bin")]

@@ -16,7 +16,7 @@ import pytest
 # Triton decorates its own helpers at import: the interpreter must be on before triton loads.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "plugins"))
 
 from attncc.backends import registry
 from attncc.passes.pipeline import lower

@@ -15,7 +15,7 @@ from attncc.backends import registry
 from attncc.testing import conformance_cases, random_inputs, run_case
 
 HERE = Path(__file__).resolve().parent
-EXAMPLES = HERE.parents[1] / "examples"
+EXAMPLES = HERE.parents[2] / "examples"
 SPECS = [EXAMPLES / f"{name}.yaml"
          for name in ("dense", "causal", "alibi", "document_mask", "sliding_window")]
 CASES = conformance_cases("dense", ("float32", "float64"), library="torch", specs=SPECS,

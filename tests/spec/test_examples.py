@@ -12,7 +12,7 @@ from spec_inputs import random_case
 import attncc
 from attncc.spec.load import EXTENSIONS
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SPEC_FILES = sorted(p for p in EXAMPLES.iterdir() if p.suffix in EXTENSIONS)
 
 #: The variants the issue asks for, by file stem; each must have its own example.

@@ -363,3 +363,12 @@ def test_every_schema_key_is_accepted():
     assert set(data) | set(linear) | set(lowrank) == set(KEYS)
     assert attncc.load_spec({"attncc": 1, **linear}).features == 4
     assert attncc.load_spec({"attncc": 1, **lowrank}).lowrank.size == 2
+
+
+@pytest.mark.parametrize("text, message", [
+    ("attncc: 1\nconstants: &a {x: 1}\ninputs: *a\n", "aliases"),
+    ("? [a]\n: 1\n", "keys must be plain names"),
+])
+def test_yaml_bombs_and_complex_keys_are_spec_errors(text, message):
+    with pytest.raises(attncc.SpecError, match=message):
+        attncc.load_spec(text)
