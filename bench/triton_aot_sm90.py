@@ -10,7 +10,7 @@ SM) and compared with the backend's ``keep()`` filter on an H200 target.
 
     python bench/triton_aot_sm90.py                      # full report -> bench/results/
     python bench/triton_aot_sm90.py --specs causal,alibi --dtypes bfloat16 --sweep none \\
-        --json /tmp/out.json --no-md                     # what tests/backends/triton/test_triton_aot.py runs
+        --json /tmp/out.json --no-md    # what tests/backends/triton/test_triton_aot.py runs
 
 Sizes: head_dim is the spec's, else 128 (value_dim likewise). ``--sweep sample`` (the default)
 compiles the default config of every spec in every dtype, plus for a few representative specs in
