@@ -81,7 +81,8 @@ def _autograd_on():
 
 
 def _backward_fake(q, k, v, grad_out, key, inputs):
-    return [torch.empty_like(x) for x in (q, k, v, *(x for x in inputs if x.is_floating_point()))]
+    # contiguous, as ``_backward`` returns them (inductor checks the real strides against these)
+    return [x.new_empty(x.shape) for x in (q, k, v, *(x for x in inputs if x.is_floating_point()))]
 
 
 def _setup_context(ctx, inputs, output):

@@ -9,7 +9,9 @@ scale=None, enable_gqa=False, **inputs)`` with SDPA's layout ``(B, H, N, D)`` an
 - ``attn_mask`` and ``dropout_p > 0`` are refused with an InputError: write the mask in the spec.
 
 Extra keyword arguments are the spec's runtime inputs (``slope=...``). Gradients flow through the
-compiled kernel's autograd.
+compiled kernel's autograd. Under ``torch.compile`` the call is the kernel's ``torch.library`` op
+(``attncc.integrations.ops``), its key found at trace time by an
+``assume_constant_result`` function, so a model compiles with ``fullgraph=True``.
 """
 
 from __future__ import annotations
@@ -52,9 +54,18 @@ def _variant(spec, is_causal: bool, scale: float | None):
 def sdpa(spec, *, backend: str = "torch", config: dict | None = None):
     """A function with SDPA's keyword interface computing ``spec`` (see the module docstring)."""
     from attncc.api import compile as compile_spec
+    from attncc.integrations.ops import op
 
     spec = load_spec(spec)
     kernels: dict = {}
+    ops: dict = {}
+
+    @torch.compiler.assume_constant_result
+    def _op(is_causal: bool, scale) -> str:
+        key = f"{is_causal}:{scale!r}"
+        if key not in ops:
+            ops[key] = op(_variant(spec, is_causal, scale), backend=backend, config=config)
+        return key
 
     def attention(query, key, value, attn_mask=None, dropout_p: float = 0.0,
                   is_causal: bool = False, scale: float | None = None,
@@ -74,6 +85,8 @@ def sdpa(spec, *, backend: str = "torch", config: dict | None = None):
             raise InputError(f"key: {key.shape[1]} heads for {query.shape[1]} query heads needs "
                              "enable_gqa=True")
         variant_key = (bool(is_causal), None if scale is None else float(scale))
+        if torch.compiler.is_compiling():
+            return ops[_op(*variant_key)](query, key, value, **inputs)
         if variant_key not in kernels:
             kernels[variant_key] = compile_spec(_variant(spec, *variant_key), backend=backend,
                                                 config=config)

@@ -116,7 +116,8 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv
     if attention_mask is not None:
         padding = mu.prepare_padding_mask(attention_mask.to(torch.bool), kv_length, kv_offset)
         padding = padding[:, int(kv_offset):int(kv_offset) + kv_length]
-        if not bool(padding.all()):
+        # under torch.compile a data-dependent branch would break the graph: always pass it
+        if torch.compiler.is_compiling() or not bool(padding.all()):
             keep = padding.expand(batch_size, kv_length).contiguous()
     return AttnccMask(causal=pattern[0], window=pattern[1], shift=shift, keep=keep)
 
@@ -138,46 +139,49 @@ def _from_tensor(mask, module, is_causal, sliding_window, query, key):
     return AttnccMask(causal=False, window=None, shift=0), full
 
 
-def _variant(spec, mask: AttnccMask, bias, seq_q: int, seq_k: int, scaling, softcap):
-    """``(spec source dict, {input name: tensor})`` for one call."""
-    inputs, terms, bools = {}, [], {}
+def _pos(shift, seq_q, seq_k) -> str:
+    """The key position of query row ``q_idx``: ``seq_k - seq_q`` is written symbolically (one
+    kernel for every decoding step)."""
+    if shift == seq_k - seq_q and shift:
+        return "q_idx + seq_k - seq_q"
+    return f"q_idx + {int(shift)}" if shift else "q_idx"
+
+
+def _variant(spec, causal: bool, window, pos: str, reads: tuple[str, ...], scaling, softcap):
+    """The spec source of one call, from its structure only (no tensor, no size): ``reads``
+    names the ``hf_`` tensors the call passes (``hf_allowed``, ``hf_keep``, ``hf_bias``)."""
+    terms, bools = [], {}
     if spec is None:
         source = {"attncc": 1, "name": "hf_attention", "constants": {}, "inputs": {}}
-        if mask.allowed is not None:
+        if "hf_allowed" in reads:
             terms.append("hf_allowed[b, q_idx, kv_idx]")
             bools["hf_allowed"] = ["batch", "seq_q", "seq_k"]
-            inputs["hf_allowed"] = mask.allowed
         else:
-            shift = mask.shift
-            pos = ("q_idx + seq_k - seq_q" if shift == seq_k - seq_q and shift
-                   else f"q_idx + {shift}" if shift else "q_idx")
-            if mask.causal:
+            if causal:
                 terms.append(f"kv_idx <= {pos}")
-            if mask.window is not None:
-                source["constants"]["hf_window"] = int(mask.window)
-                terms.append(f"{pos} - kv_idx < hf_window" if mask.causal
+            if window is not None:
+                source["constants"]["hf_window"] = int(window)
+                terms.append(f"{pos} - kv_idx < hf_window" if causal
                              else f"abs({pos} - kv_idx) <= hf_window")
         mods = "score"
         if softcap is not None:
             source["constants"]["hf_softcap"] = float(softcap)
             mods = "hf_softcap * tanh(score / hf_softcap)"
-        if bias is not None:
+        if "hf_bias" in reads:
             mods = f"{mods} + hf_bias[b, q_idx, kv_idx]"
             source["inputs"]["hf_bias"] = {"shape": ["batch", "seq_q", "seq_k"],
                                            "dtype": "float32"}
-            inputs["hf_bias"] = bias
         if mods != "score":
             source["score_mod"] = mods
     else:
         source = json.loads(json.dumps(spec.source, default=str))
-    if mask.keep is not None and mask.allowed is None:
+    if "hf_keep" in reads:
         terms.append("hf_keep[b, kv_idx]")
         bools["hf_keep"] = ["batch", "seq_k"]
-        inputs["hf_keep"] = mask.keep
     source = and_mask(source, terms, bools)
     if scaling is not None and (spec is None or "scale" not in spec.source):
         source["scale"] = repr(float(scaling))
-    return source, inputs
+    return source
 
 
 def attention_function(spec=None, *, backend: str = "torch", config: dict | None = None,
@@ -186,15 +190,36 @@ def attention_function(spec=None, *, backend: str = "torch", config: dict | None
 
     ``inputs`` are the spec's runtime tensors (moved to the query's device on each call). The
     function returns ``(attn_output (batch, seq_q, heads, value_dim), None)``.
+
+    Eager calls run the compiled kernel directly. Under ``torch.compile`` the kernel is built by
+    ``_op`` (``torch.compiler.assume_constant_result``: dynamo calls it at trace time and keeps
+    only its key, never tracing attncc's Python) and the call is the ``attncc::attention``
+    library op of ``attncc.integrations.ops``, so the model compiles with ``fullgraph=True``.
     """
     from attncc.api import compile as compile_spec
+    from attncc.integrations.ops import op
 
     spec = load_spec(spec) if spec is not None else None
     fixed = dict(inputs or {})
     clash = sorted(n for n in fixed if n.startswith("hf_"))
     if clash:
         raise InputError(f"inputs: names starting with 'hf_' are attncc's own; got '{clash[0]}'")
+    sources: dict = {}  # key (the source as JSON) -> source; then its kernel, its op
     kernels: dict = {}
+    ops: dict = {}
+
+    def source_key(*structure) -> str:
+        source = _variant(spec, *structure)
+        key = json.dumps(source, sort_keys=True, default=str)
+        sources.setdefault(key, source)
+        return key
+
+    @torch.compiler.assume_constant_result
+    def _op(*structure) -> str:
+        key = source_key(*structure)
+        if key not in ops:
+            ops[key] = op(load_spec(sources[key]), backend=backend, config=config)
+        return key
 
     def attncc_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                          scaling=None, sliding_window=None, softcap=None, is_causal=None,
@@ -211,13 +236,21 @@ def attention_function(spec=None, *, backend: str = "torch", config: dict | None
         else:
             mask, bias = _from_tensor(attention_mask, module, is_causal, sliding_window, query,
                                       key)
-        source, call_inputs = _variant(spec, mask, bias, query.shape[2], key.shape[2], scaling,
-                                       softcap)
-        cache_key = json.dumps(source, sort_keys=True, default=str)
-        if cache_key not in kernels:
-            kernels[cache_key] = compile_spec(load_spec(source), backend=backend, config=config)
-        extra = {n: t.to(query.device) for n, t in fixed.items()}
-        out = kernels[cache_key](query, key, value, **extra, **call_inputs)
+        hf = {"hf_allowed": mask.allowed,
+              "hf_keep": mask.keep if mask.allowed is None else None, "hf_bias": bias}
+        hf = {n: t for n, t in hf.items() if t is not None}
+        structure = (mask.causal, mask.window, _pos(mask.shift, query.shape[2], key.shape[2]),
+                     tuple(sorted(hf)), None if scaling is None else float(scaling),
+                     None if softcap is None else float(softcap))
+        call = {**{n: t.to(query.device) for n, t in fixed.items()}, **hf}
+        if torch.compiler.is_compiling():
+            out = ops[_op(*structure)](query, key, value, **call)
+        else:
+            cache_key = source_key(*structure)
+            if cache_key not in kernels:
+                kernels[cache_key] = compile_spec(load_spec(sources[cache_key]),
+                                                  backend=backend, config=config)
+            out = kernels[cache_key](query, key, value, **call)
         return out.transpose(1, 2).contiguous(), None
 
     attncc_attention.spec = spec
