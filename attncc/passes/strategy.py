@@ -8,7 +8,8 @@ facts out again from the spec; ``attncc show`` prints every path with its reason
 - ``sdpa``: the whole call is one fused dense or causal softmax kernel (torch's
   ``scaled_dot_product_attention``): a dot score, softmax, no score_mod, no runtime input, no
   memory tokens, no projection, and the mask absent or exactly top-left causal
-  (``kv_idx <= q_idx``), with ``kv_heads == heads`` where the spec fixes both.
+  (``kv_idx <= q_idx``). Grouped-query heads are no blocker: the fused kernels take K/V with
+  ``kv_heads`` heads (``enable_gqa``), never a copy per query head.
 - ``runs``: fused softmax calls over runs of consecutive key blocks of the block plan, the mask
   entering as additive 0/-inf tiles: a dot score, softmax, no score_mod, no memory tokens.
 - ``tiles``: the block-sparse tile loop over the plan; serves every ``FusedAttention``.
@@ -105,9 +106,6 @@ def _sdpa(node: FusedAttention, reads: list[str], spec) -> Path:
         why.append(f"the mask ({_short(node.mask.expr)}) is not exactly kv_idx <= q_idx")
     if reads and not why:  # inputs read by nothing above (a mask, a score_mod) block it too
         why.append(f"it reads the input(s) {', '.join(sorted(reads))}")
-    heads, kv_heads = getattr(spec, "heads", None), getattr(spec, "kv_heads", None)
-    if heads is not None and kv_heads is not None and heads != kv_heads:
-        why.append(f"kv_heads {kv_heads} differs from heads {heads}")
     if why:
         return Path("sdpa", False, "; ".join(why))
     kind = "causal" if node.mask is not None else "dense"

@@ -77,9 +77,9 @@ class TorchKernel(Kernel):
         if self.kind == "nystrom":
             out = nystrom(call.q, call.k, call.v, node.landmarks, call.scale, exact_pinv=False)
             return out.to(call.dtype)
-        if self._sdpa and not return_lse and call.group == 1:
+        if self._sdpa and not return_lse:
             return F.scaled_dot_product_attention(q, k, v, is_causal=node.mask is not None,
-                                                  scale=call.scale)
+                                                  scale=call.scale, enable_gqa=call.group > 1)
         k, v = call.k, call.v
         if self._projection:
             k, v = linformer(k, v, *(call.inputs[n] for n in self._projection))
@@ -114,10 +114,10 @@ class TorchKernel(Kernel):
 
     def _runs_ok(self, call) -> bool:
         """Whether the fused-runs forward (``runs.py``) serves this call: the node's lowering
-        allows it, ``use_sdpa`` asks for it, CPU tensors, no GQA (it would copy keys per query
-        head), equal q/v head sizes, and no gradient wanted."""
+        allows it, ``use_sdpa`` asks for it, CPU tensors, equal q/v head sizes, and no gradient
+        wanted (grouped-query heads read their kv heads' slices, no copy)."""
         q, k, v = call.q, call.k, call.v
-        if not self._runs or q.device.type != "cpu" or v.shape[-1] != q.shape[-1] or call.group > 1:
+        if not self._runs or q.device.type != "cpu" or v.shape[-1] != q.shape[-1]:
             return False
         tensors = (q, k, v, *(x for x in call.inputs.values() if x.is_floating_point()))
         return not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
@@ -154,11 +154,11 @@ def describe(spec, node, kind: str, config: dict) -> str:
             lines.append(f"# path {path}: not served ({why})")
         elif path == "sdpa":
             causal = ", is_causal=True" if node.mask is not None else ""
-            lines += [f"# path sdpa ({why}), unless return_lse=True or kv_heads < heads:",
+            lines += [f"# path sdpa ({why}), unless return_lse=True:",
                       f"out = torch.nn.functional.scaled_dot_product_attention(q, k, v, "
-                      f"scale=scale{causal})"]
+                      f"scale=scale{causal}, enable_gqa=kv_heads < heads)"]
         else:
-            lines += [f"# path runs ({why}), on CPU without gradients and kv_heads == heads:",
+            lines += [f"# path runs ({why}), on CPU without gradients (GQA: kv-head slices):",
                       "#   per segment of query blocks with equal runs of non-EMPTY key blocks "
                       "(runs.py):",
                       "#   out[rows], lse[rows] = aten._scaled_dot_product_flash_attention_for_cpu("

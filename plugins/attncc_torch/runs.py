@@ -176,20 +176,24 @@ class RunsForward:
 
     def __call__(self, q, k, v, scale: float):
         """``(out (B, H, Nq, D), lse (B, H, Nq))`` for ``q (B, H, Nq, D)``, ``k``/``v``
-        ``(B, H, Nk, D)`` (no GQA) on CPU, all one floating dtype; the mask's inputs are those
+        ``(B, Hkv, Nk, D)`` on CPU, all one floating dtype; the mask's inputs are those
         the runner was built with."""
         batch, heads, nq, _ = q.shape
         out = torch.zeros((batch, heads, nq, v.shape[-1]), dtype=q.dtype, device=q.device)
         lse = torch.full((batch, heads, nq), NEG_INF, dtype=q.dtype, device=q.device)
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        group = heads // k.shape[1]
         for i, seg in enumerate(self.segments):
             hs = slice(seg.hq0, seg.hq0 + seg.nhq)
+            # the kv heads of those query heads (whole groups, or one head): the fused kernel
+            # takes fewer kv heads than query heads, so K/V are never copied per query head
+            hk = slice(seg.hq0 // group, (seg.hq0 + seg.nhq - 1) // group + 1)
             span = slice(seg.r0, seg.r0 + seg.count * seg.rows)
             for b in range(seg.b0, seg.b0 + seg.nb):
                 qs = q[b, hs, span].unflatten(1, (seg.count, seg.rows)).transpose(0, 1)
                 o_acc = l_acc = None
                 for j, runs in enumerate(self.calls[i]):
-                    ks, vs = (_keys(x[b, hs], runs, seg.count) for x in (k, v))
+                    ks, vs = (_keys(x[b, hk], runs, seg.count) for x in (k, v))
                     mask, dead = self._mask(i, j, q.dtype, q.device)
                     o, lg = flash(qs, ks, vs, attn_mask=mask, scale=scale)
                     if dead is not None:

@@ -130,9 +130,9 @@ def test_half_types_return_their_dtype(dtype):
 
 
 def test_gqa_does_not_copy_keys_per_query_head():
-    """Gathered key tiles have a kv-head axis, never a query-head one."""
+    """Gathered key tiles of the tile loop have a kv-head axis, never a query-head one."""
     spec = "examples/mqa.json"
-    kernel = compile_spec(spec, block_m=16, block_n=16)
+    kernel = compile_spec(spec, block_m=16, block_n=16, use_sdpa=False)
     q, k, v, _ = random_inputs(spec, 1, 40, 40, "float64", library="torch")
     seen = []
     original = torch.Tensor.__matmul__
@@ -148,6 +148,35 @@ def test_gqa_does_not_copy_keys_per_query_head():
         torch.Tensor.__matmul__ = original
     assert seen and all(shape[1] == 1 for shape in seen)  # kv heads = 1, not 8
     torch.testing.assert_close(kernel(q, k, v), attend(spec, q, k, v, {}))
+
+
+GQA_CAUSAL = {"attncc": 1, "name": "gqa_causal", "heads": 8, "kv_heads": 2,
+              "mask": "kv_idx <= q_idx"}
+GQA_WINDOW = {**GQA_CAUSAL, "name": "gqa_window",
+              "mask": "kv_idx <= q_idx and q_idx - kv_idx < 20"}
+
+
+@pytest.mark.parametrize("source", [GQA_CAUSAL, GQA_WINDOW], ids=["causal", "window"])
+def test_gqa_fused_paths_read_kv_heads_without_copies(source):
+    """GQA on the sdpa and runs paths: the fused kernels take the kv heads as they are (no
+    repeat_interleave, index_select or gather of K/V), forward, and backward through sdpa."""
+    kernel = compile_spec(source, block_m=16, block_n=16)
+    q, k, v, _ = random_inputs(source, 1, 70, 70, "float32", library="torch")
+    v = v[..., :q.shape[-1]].contiguous()  # the fused CPU kernel needs equal head sizes
+    with torch.profiler.profile() as prof:
+        out = kernel(q, k, v)
+    names = {e.name for e in prof.events()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in names
+    assert not names & {"aten::repeat_interleave", "aten::index_select", "aten::gather"}
+    f64 = [x.double().requires_grad_() for x in (q, k, v)]
+    want = attend(source, *f64, {})
+    torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
+    if source is GQA_CAUSAL:
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        kernel(*leaves).pow(2).sum().backward()
+        want.pow(2).sum().backward()
+        for got, ref in zip(leaves, f64, strict=True):
+            torch.testing.assert_close(got.grad.double(), ref.grad, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("spec", ["examples/relative_bias.yaml", "examples/memory_tokens.yaml",
