@@ -8,66 +8,108 @@ import warnings
 from attncc.backends import registry
 from attncc.backends.base import Backend, Kernel
 from attncc.backends.config import full_config
-from attncc.db.key import Record
-from attncc.db.lookup import lookup
+from attncc.db.key import Key, Record, bucket_of, upper_bound
+from attncc.db.lookup import find
 from attncc.errors import AttnccError, BackendError, InputError
 from attncc.passes.pipeline import lower
 from attncc.spec.load import load_spec
 
 
 def compile(spec, backend: str = "auto", *, target=None, config: dict | None = None,
-            tune: bool = False, seq: int | None = None, seq_k: int | None = None, batch: int = 1,
-            dtype: str = "float32", db=None) -> Kernel:
+            tune: bool | str = False, seq: int | None = None, seq_k: int | None = None,
+            batch: int = 1, dtype: str = "float32", db=None) -> Kernel:
     """Compile ``spec`` (anything ``load_spec`` takes) into a callable Kernel.
 
-    Order: an explicit ``config`` wins; else the tuning database is looked up (no benchmarking:
-    the user's database at ``db``/``$ATTNCC_DB``, then the shipped ``tuning_db/`` records; the
-    shape bucket of ``seq``/``seq_k`` when given, else the newest record of any bucket); on a
-    miss, ``tune=True`` tunes for ``(batch, seq, seq_k, dtype)`` and stores the winner, otherwise
-    the backend's default config is used. ``kernel.record`` is the record used (None for
-    defaults) and ``kernel.selection`` says in words which backend and config were chosen, why.
+    An explicit ``config`` pins one config for every call (``kernel.records`` is empty).
+    Otherwise the kernel dispatches per call (``attncc.tuning.dispatch``): each call's shape
+    bucket and dtype are looked up in the tuning database the first time they are seen (no
+    benchmarking: the user's database at ``db``/``$ATTNCC_DB``, then the shipped ``tuning_db/``
+    records), the variant for that record's config (or the backend's default config) is compiled
+    and cached; a record from a fallback target layer is checked against the default config on
+    its first call, never taken blindly. ``kernel.records`` maps ``(bucket, dtype)`` to the record
+    serving it; ``kernel.selection`` says in words which backend and configs were chosen, why.
+    With ``seq``/``seq_k`` that bucket is selected now: ``kernel.config``, ``source`` and
+    ``record`` are its (else the default config's, and ``record`` is None). On a miss there,
+    ``tune=True`` tunes it for ``(batch, seq, seq_k, dtype)`` (seq 1024 without ``seq``) and
+    stores the winner; ``tune="new-shapes"`` tunes every bucket a call meets without an exact
+    record, once per machine (a small budget, at the bucket's upper bound).
 
     ``backend`` names a registered backend or is ``"auto"``: when every supported backend has a
-    tuning record, the one whose record is fastest; else the highest ``priority`` for the target.
-    Unknown config names, or a config the backend's search space does not accept on this target,
-    raise BackendError. ``dtype`` also tells the backend which element size a config must fit
-    (``graph.graph["dtype"]``: shared memory and registers scale with it); a kernel checked for
-    float32 fits the half types too.
+    tuning record (the ``seq`` bucket, else any bucket), the one whose record is fastest; else
+    the highest ``priority`` for the target. Unknown config names, or a config the backend's
+    search space does not accept on this target, raise BackendError. ``dtype`` also tells the
+    backend which element size a config must fit (``graph.graph["dtype"]``: shared memory and
+    registers scale with it); a call in another dtype compiles its own variant.
     """
     from attncc.target import default_target
+    from attncc.tuning.dispatch import Dispatch
 
+    if tune not in (False, True, "new-shapes"):
+        raise InputError(f"tune: expected False, True or 'new-shapes', got {tune!r}")
     spec = load_spec(spec)
     graph = lower(spec)
     graph.graph["dtype"] = dtype
     target = target or default_target()
     candidates = _supported(backend, graph, target)
-    records = {} if config else {b.name: _lookup(spec, b, seq, seq_k, dtype, target, db)
-                                 for b in candidates}
-    chosen, why = _choose(candidates, records, target)
-    record = records.get(chosen.name)
     if config:
-        source = "the config passed in"
-    elif record is not None:
-        config, source = record.config, f"tuning record {record.id} ({record.note}; " \
-                                         f"{record.origin})"
-    elif tune:
-        record = tune(spec, chosen.name, batch=batch, seq=seq or 1024, seq_k=seq_k,
-                           dtype=dtype, db=db, target=target)
-        config, source = record.config, f"freshly tuned record {record.id}"
-    else:
-        source = "the backend's default config (no tuning record for this spec, backend and target)"
-    try:
-        full = full_config(chosen, graph, target, config)
-    except BackendError as err:
-        if record is None:
-            raise
-        warnings.warn(f"attncc: tuning record {record.id} not used: {err}", stacklevel=2)
-        record, full = None, chosen.default_config(graph, target)
-        source = "the backend's default config (the tuning record's config does not fit)"
-    kernel = chosen.compile(graph, full, target)
-    kernel.record = record
-    kernel.selection = f"backend {chosen.name} ({why}); config from {source}"
+        chosen, why = _choose(candidates, {}, target)
+        kernel = chosen.compile(graph, full_config(chosen, graph, target, config), target)
+        kernel.records = {}
+        kernel.selection = (f"backend {chosen.name} ({why}); config from the config passed in, "
+                            "for every shape")
+        return kernel
+    store = _open(db)
+    records = {b.name: _lookup(spec, b, seq, seq_k, dtype, target, store) for b in candidates}
+    chosen, why = _choose(candidates, records, target)
+    kernel = Dispatch(chosen, spec, target, dtype=dtype, db=store, why=why,
+                      tune="new-shapes" if tune == "new-shapes" else False)
+    record, tuned = records.get(chosen.name) if seq is not None else None, False
+    if tune and record is None and store is not False:
+        record, tuned = _tune_here(spec, chosen, batch, seq or 1024, seq_k, dtype, store,
+                                   target), True
+    if seq is not None or tuned:
+        seq_q = seq or 1024
+        kernel.prepare(seq_q, seq_k or seq_q, dtype, record, tuned)
     return kernel
+
+
+def _tune_here(spec, backend, batch, seq, seq_k, dtype, store, target) -> Record:
+    """``tune`` for ``compile(tune=True)`` (whose argument hides the function's name there)."""
+    return tune(spec, backend, batch=batch, seq=seq, seq_k=seq_k, dtype=dtype, db=store,
+                target=target, progress=False)
+
+
+def _open(db):
+    """The user's database as a Store (None without SQLAlchemy), False (a warning) if it cannot
+    be opened."""
+    from attncc.db.lookup import open_store
+
+    try:
+        return open_store(db)
+    except AttnccError as err:
+        warnings.warn(f"attncc: tuning database not used: {err}", stacklevel=3)
+        return False
+
+
+def attention_map(spec, q, k, v, *, heads=None, rows=None, backend: str = "auto", **inputs):
+    """The exact attention weights of ``spec`` (``Kernel.attention_map``), computed by the
+    kernel ``compile(spec, backend)`` from its own statistics; shape ``(B, len(heads),
+    len(rows), memory_tokens + seq_k)``. ``backend="auto"`` takes the fastest supported backend
+    whose library matches the arrays (torch tensors or NumPy arrays)."""
+    import array_api_compat
+
+    from attncc.target import default_target
+
+    if backend == "auto":
+        library = "torch" if array_api_compat.is_torch_array(q) else "numpy"
+        target = default_target()
+        found = [b for b in _supported("auto", lower(load_spec(spec)), target)
+                 if b.library == library]
+        if not found:
+            raise BackendError(f"backend: no installed backend takes {library} arrays")
+        backend = max(found, key=lambda b: (b.priority(target), b.name)).name
+    kernel = compile(spec, backend)
+    return kernel.attention_map(q, k, v, heads=heads, rows=rows, **inputs)
 
 
 def _supported(name: str, graph, target) -> list[Backend]:
@@ -102,49 +144,70 @@ def _choose(candidates: list[Backend], records: dict, target) -> tuple[Backend, 
     return best, f"auto: no tuning records, highest priority on this target; also: {others}"
 
 
-def _lookup(spec, backend: Backend, seq, seq_k, dtype, target, db):
-    """The tuning record for this compile, or None; a database that cannot be read only warns."""
+def _lookup(spec, backend: Backend, seq, seq_k, dtype, target, store):
+    """The tuning record of the ``seq`` bucket (any bucket without ``seq``), or None; a database
+    that cannot be read only warns."""
+    if store is False:
+        return None
     sizes = None if seq is None else (seq, seq_k or seq)
     try:
-        return lookup(spec, backend, sizes, dtype, target, db)
+        return find(store, Key(spec.hash, bucket_of(*sizes) if sizes else "", dtype,
+                               f"{backend.name}@{backend.version}", target.key(3)),
+                    target, any_bucket=sizes is None)
     except AttnccError as err:
         warnings.warn(f"attncc: tuning database not used: {err}", stacklevel=3)
         return None
 
 
+#: ``effort`` presets: configs to measure and the time budget in seconds (None: no limit).
+EFFORTS = {"quick": (12, 60.0), "standard": (40, None), "full": (200, None)}
+
+
 def tune(spec, backend: str | Backend = "numpy", *, batch: int = 1, seq: int = 1024,
-         seq_k: int | None = None, dtype: str = "float32", trials: int = 40, workers: int = 1,
-         db=None, storage: str | None = None, plot_dir=None, target=None,
+         seq_k: int | None = None, dtype: str = "float32", trials: int | None = None,
+         budget_s: float | None = None, effort: str = "standard", heads: int | None = None,
+         workers: int = 1, db=None, storage: str | None = None, plot_dir=None, target=None,
          seed: int | None = None, progress: bool = True, timer=None, heartbeat: int = 30,
          sampler: str = "tpe", guide: bool = True) -> Record:
     """Tune ``backend``'s tile parameters for ``spec`` at ``(batch, seq, seq_k)`` and ``dtype``.
 
-    Needs the ``tune`` extra (Optuna, SQLAlchemy). ``trials`` configs are measured (at most the
-    number of valid ones); with ``workers > 1`` that many processes share the study (``backend``
-    must then be a registered name). ``db`` is the record database (a path, URL or ``Store``;
-    default ``$ATTNCC_DB``, then ``~/.cache/attncc/tuning.db``); ``storage`` the Optuna storage
-    URL (default: beside ``db``, ``attncc.db.store.study_storage``); ``plot_dir`` gets the
-    optimization-history and parameter-importance PNGs. ``target`` is a ``Target``, a device name
-    (``"cpu"``, ``"cuda"``) or None for this CPU. ``timer(kernel, (q, k, v, inputs), repeat) ->
-    Timing`` replaces the wall-clock measurement; ``heartbeat`` is the seconds between trial
-    heartbeats (a trial silent for twice as long is failed); ``sampler`` is ``tpe``, ``gp`` or
-    ``random``; ``guide`` lets the plan-based cost model propose every other trial.
-    Returns the stored Record. Raises InputError for bad arguments, BackendError when no config
-    runs, DatabaseError when the database cannot be used.
+    The record covers the shape bucket of ``(seq, seq_k)`` and is tuned at the sizes it will
+    serve: the bucket's upper bound (``seq=3000`` is timed at 4096), ``batch`` and ``heads``
+    (default: the spec's, else 4) as given. Needs the ``tune`` extra (Optuna, SQLAlchemy).
+    ``trials`` configs are measured (at most the number of valid ones), stopping early once
+    ``budget_s`` seconds have passed; ``effort`` (``quick``, ``standard``, ``full``: ``EFFORTS``)
+    gives whichever of the two is not passed. With ``workers > 1`` that many processes share the
+    study (``backend`` must then be a registered name). ``db`` is the record database (a path, URL
+    or ``Store``; default ``$ATTNCC_DB``, then ``~/.cache/attncc/tuning.db``); ``storage`` the
+    Optuna storage URL (default: beside ``db``, ``attncc.db.store.study_storage``); ``plot_dir``
+    gets the optimization-history and parameter-importance PNGs. ``target`` is a ``Target``, a
+    device name (``"cpu"``, ``"cuda"``) or None for this CPU. ``timer(kernel, (q, k, v, inputs),
+    repeat) -> Timing`` replaces the wall-clock measurement; ``heartbeat`` is the seconds between
+    trial heartbeats (a trial silent for twice as long is failed); ``sampler`` is ``tpe``, ``gp``
+    or ``random``; ``guide`` lets the plan-based cost model propose every other trial. Every
+    config is checked against the reference before it is timed (a wrong one scores inf).
+    Returns the stored Record, its ``note`` the closing summary (speedup over the default
+    config, share of the space measured). Raises InputError for bad arguments, BackendError when
+    no config runs, DatabaseError when the database cannot be used.
     """
     from attncc.target import default_target
     from attncc.tuning.tuner import Problem, search
 
-    if trials < 1 or workers < 1:
-        raise InputError(f"tune: expected trials >= 1 and workers >= 1, got trials={trials}, "
-                         f"workers={workers}")
+    if effort not in EFFORTS:
+        raise InputError(f"tune: expected effort one of {sorted(EFFORTS)}, got {effort!r}")
+    trials = EFFORTS[effort][0] if trials is None else trials
+    budget_s = EFFORTS[effort][1] if budget_s is None else budget_s
+    if trials < 1 or workers < 1 or (budget_s is not None and budget_s <= 0):
+        raise InputError(f"tune: expected trials >= 1, workers >= 1 and budget_s > 0, got "
+                         f"trials={trials}, workers={workers}, budget_s={budget_s}")
     if workers > 1 and not isinstance(backend, str):
         raise InputError("tune: workers > 1 needs the backend by its registered name")
     spec = load_spec(spec)
     chosen = registry.get(backend) if isinstance(backend, str) else backend
     if target is None or isinstance(target, str):
         target = default_target(target)
-    problem = Problem(spec, chosen, target, batch, seq, seq_k or seq, dtype, timer)
+    seq_q, seq_k = upper_bound(bucket_of(seq, seq_k or seq))
+    problem = Problem(spec, chosen, target, batch, seq_q, seq_k, dtype, timer, heads=heads)
     return search(problem, db, trials=trials, workers=workers, storage=storage, seed=seed,
                   heartbeat=heartbeat, sampler=sampler, guide=guide, progress=progress,
-                  plot_dir=plot_dir)
+                  plot_dir=plot_dir, budget_s=budget_s)

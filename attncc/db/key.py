@@ -46,6 +46,12 @@ def bucket_of(seq_q: int, seq_k: int | None = None) -> str:
     return f"q{_pow2(seq_q)}-k{_pow2(seq_k)}"
 
 
+def upper_bound(bucket: str) -> tuple[int, int]:
+    """``(Q, K)`` of bucket ``q<Q>-k<K>``: the longest call it serves, at which it is tuned."""
+    q, k = bucket.split("-")
+    return int(q[1:]), int(k[1:])
+
+
 def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
@@ -83,8 +89,12 @@ class Record:
     ``median_s`` is the median wall time of one call in seconds, ``spread_s`` the interquartile
     range of the samples it came from; ``trials`` how many configs the study measured;
     ``fingerprint`` the full ``Target.to_dict()`` it was tuned on; ``versions`` the package versions
-    at tuning time; ``study`` the Optuna study it came from. ``note`` and ``origin`` are filled by
-    a lookup (how the record matched, and which layer it came from) and are not stored.
+    at tuning time; ``study`` the Optuna study it came from. ``verified``, when set, says that the
+    record is the verdict of a check on this target (a record from another target's layer timed
+    against the backend's default config, ``attncc.tuning.dispatch``); it is written only when set.
+    ``note``, ``origin`` and ``layer`` are filled by a lookup (how the record matched, where it
+    came from, and the deepest target layer it shares: 3 exact, 2 other versions, 1 other
+    architecture) and are not stored; a fresh tune puts its summary in ``note``.
     """
 
     key: Key
@@ -99,8 +109,10 @@ class Record:
     updated: str = field(default_factory=now)
     study: str | None = None
     schema: int = SCHEMA_VERSION
+    verified: str | None = None
     note: str = field(default="", compare=False)
     origin: str = field(default="", compare=False)
+    layer: int = field(default=3, compare=False)
 
     @property
     def id(self) -> str:
@@ -113,8 +125,10 @@ class Record:
     def to_json(self) -> dict:
         """A flat JSON-able dict (one JSONL line); ``Record.from_json`` inverts it exactly."""
         data = asdict(self)
-        for name in ("note", "origin"):
+        for name in ("note", "origin", "layer"):
             del data[name]
+        if data["verified"] is None:
+            del data["verified"]
         return {**data.pop("key"), **data}
 
     @staticmethod
@@ -133,13 +147,15 @@ class Record:
                                 f"up to schema {SCHEMA_VERSION}; upgrade attncc to read it "
                                 "(the record was left as it is)")
         key_names = [f.name for f in fields(Key)]
-        known = {*key_names, *(f.name for f in fields(Record))} - {"key", "note", "origin"}
+        known = {*key_names, *(f.name for f in fields(Record))} - {"key", "note", "origin", "layer"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise DatabaseError(f"{where}: unknown field '{unknown[0]}'; expected {sorted(known)}")
         types = {"spec_name": str, "config": dict, "median_s": (int, float),
                  "spread_s": (int, float), "trials": int, "fingerprint": dict, "versions": dict,
                  "created": str, "updated": str, **dict.fromkeys(key_names, str)}
+        if "verified" in data:
+            types["verified"] = str
         for name, kind in types.items():
             if not isinstance(data.get(name), kind) or isinstance(data.get(name), bool):
                 raise DatabaseError(f"{where}: expected '{name}' of type "
@@ -156,6 +172,12 @@ class Record:
     def dumps(self) -> str:
         """One canonical JSON line (sorted keys, no trailing newline)."""
         return json.dumps(self.to_json(), sort_keys=True)
+
+
+def tuned_versions(target, backend) -> dict:
+    """The ``versions`` a record measured now stores: the target's package versions and the
+    backend's (``backend:<name>``)."""
+    return {**dict(target.versions), f"backend:{backend.name}": backend.version}
 
 
 def _type_names(kind) -> str:

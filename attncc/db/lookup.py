@@ -8,7 +8,9 @@ read, with a warning when a database was named (``db`` or ``$ATTNCC_DB``).
 Order: an exact target match in the user's database, then an exact match among the shipped
 records; then, layer by layer (same device and architecture with other versions, then same device
 model), the user's database before the shipped records. The record that is returned says how it
-matched in ``note`` and where it came from in ``origin``. Records from other devices never match.
+matched in ``note``, where it came from in ``origin`` and the layer it shares in ``layer`` (below 3:
+a fallback, a hint that ``attncc.tuning.dispatch`` checks before use). Records from other devices
+never match.
 """
 
 from __future__ import annotations
@@ -47,10 +49,12 @@ def lookup(spec, backend: str | Backend, sizes=None, dtype: str = "float32", tar
         target = default_target(target)
     bucket = _bucket(sizes)
     key = Key(spec.hash, bucket or "", dtype, f"{chosen.name}@{chosen.version}", target.key(3))
-    return find(_store(db), key, target, any_bucket=bucket is None)
+    return find(open_store(db), key, target, any_bucket=bucket is None)
 
 
-def _store(db) -> Store | None:
+def open_store(db) -> Store | None:
+    """The user's database ``db`` (a path, URL, ``Store`` or None: ``$ATTNCC_DB``, then the
+    default file) as a Store; None without SQLAlchemy (a warning when a database was named)."""
     try:
         from attncc.db.store import Store
     except ImportError:  # SQLAlchemy missing: shipped records only
@@ -107,5 +111,5 @@ def find(store: Store | None, key: Key, target, *, any_bucket: bool = False) -> 
                 message = ("exact match" if depth == 3 else
                            f"no exact match; using a record that shares the first {depth} "
                            f"target layer(s): {best.key.target}")
-            return best.with_(note=message, origin=origin)
+            return best.with_(note=message, origin=origin, layer=depth)
     return None

@@ -9,6 +9,10 @@ Tables: ``attncc_records`` (one row per Key, the primary key is ``Key.id``) and 
 or in ``<name>.optuna.db`` beside a SQLite file (``study_storage``), so that trial writes of many
 workers do not hold the record file's lock.
 
+Many processes on one SQLite file: the file is in WAL mode, every connection waits up to
+``timeout`` for a lock (busy_timeout) and a refused lock is retried until then; schema creation
+tolerates another process creating the tables at the same moment.
+
 Faults become one ``DatabaseError`` line each: a file that is not a SQLite database, or is
 truncated, is never rewritten: it is left in place, a backup copy is saved beside it, and the
 message says both paths; a locked database says it waited and for how long; an unreachable server
@@ -19,9 +23,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
+import time
 import warnings
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -97,29 +102,58 @@ class Store:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.engine = sa.create_engine(self.url, poolclass=NullPool,
                                            connect_args={"timeout": self.timeout})
+            sa.event.listen(self.engine, "connect", self._sqlite_pragmas)
         else:
             try:
                 self.engine = sa.create_engine(self.url, pool_pre_ping=True,
                                                connect_args=connect_args(self.url))
             except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, ImportError) as err:
                 raise DatabaseError(_driver_message(self.url, err)) from None
-        with self._guard("open"):
-            _meta.create_all(self.engine, checkfirst=True)
-            with self.engine.begin() as conn:
-                row = conn.execute(sa.select(META.c.value).where(META.c.name == "schema")).first()
-                if row is None:
+        schema = self._run("open", self._create)
+        if schema > SCHEMA_VERSION:
+            raise DatabaseError(f"tuning database {self.display} has schema {schema}; this attncc "
+                                f"reads up to schema {SCHEMA_VERSION}: upgrade attncc, or use "
+                                "another --db")
+
+    def _sqlite_pragmas(self, dbapi_connection, _record) -> None:
+        """Every SQLite connection waits ``timeout`` for a lock (busy_timeout) and the file is in
+        WAL mode (readers never block the one writer; the mode persists in the file)."""
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.close()
+
+    def _create(self) -> int:
+        """Create the tables unless they exist and record the schema; the stored schema.
+
+        Processes opening a new file at once race here: a CREATE TABLE that finds the table made
+        by another process, or a schema row inserted first by another, means the other won; the
+        state is read again."""
+        for attempt in range(3):
+            try:
+                _meta.create_all(self.engine, checkfirst=True)
+                with self.engine.begin() as conn:
+                    row = conn.execute(sa.select(META.c.value)
+                                       .where(META.c.name == "schema")).first()
+                    if row is not None:
+                        return int(row[0])
                     conn.execute(META.insert().values(name="schema", value=str(SCHEMA_VERSION)))
-                elif int(row[0]) > SCHEMA_VERSION:
-                    raise DatabaseError(
-                        f"tuning database {self.display} has schema {row[0]}; this attncc reads "
-                        f"up to schema {SCHEMA_VERSION}: upgrade attncc, or use another --db")
+                    return SCHEMA_VERSION
+            except (sa_exc.IntegrityError, sa_exc.OperationalError, sa_exc.ProgrammingError) as err:
+                lost_race = isinstance(err, sa_exc.IntegrityError) or "already exists" in str(err)
+                if not lost_race or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     # --- reading -------------------------------------------------------------------------------
 
     def get(self, key: Key) -> Record | None:
         """The record stored under ``key`` exactly, or None."""
-        with self._guard("read"), self.engine.connect() as conn:
-            row = conn.execute(sa.select(RECORDS).where(RECORDS.c.id == key.id)).first()
+        def read():
+            with self.engine.connect() as conn:
+                return conn.execute(sa.select(RECORDS).where(RECORDS.c.id == key.id)).first()
+
+        row = self._run("read", read)
         return None if row is None else self._record(row)
 
     def records(self, *, spec_hash: str | None = None, bucket: str | None = None,
@@ -139,8 +173,11 @@ class Store:
                                 else RECORDS.c.backend.startswith(backend + "@"))
         if id_prefix:
             query = query.where(RECORDS.c.id.startswith(id_prefix))
-        with self._guard("read"), self.engine.connect() as conn:
-            rows = conn.execute(query).all()
+        def read():
+            with self.engine.connect() as conn:
+                return conn.execute(query).all()
+
+        rows = self._run("read", read)
         records, unreadable = [], []
         for row in rows:
             try:
@@ -159,17 +196,20 @@ class Store:
 
         A stored row from a newer schema is never overwritten (DatabaseError).
         """
+        def write() -> Record:
+            with self.engine.begin() as conn:
+                old = conn.execute(sa.select(RECORDS).where(RECORDS.c.id == record.id)).first()
+                if old is None:
+                    conn.execute(RECORDS.insert().values(id=record.id, **_row(record)))
+                    return record
+                kept = record.with_(created=self._record(old).created)
+                conn.execute(RECORDS.update().where(RECORDS.c.id == record.id)
+                             .values(**_row(kept)))
+                return kept
+
         for attempt in (0, 1):
             try:
-                with self._guard("write"), self.engine.begin() as conn:
-                    old = conn.execute(sa.select(RECORDS).where(RECORDS.c.id == record.id)).first()
-                    if old is not None:
-                        record = record.with_(created=self._record(old).created)
-                        conn.execute(RECORDS.update().where(RECORDS.c.id == record.id)
-                                     .values(**_row(record)))
-                    else:
-                        conn.execute(RECORDS.insert().values(id=record.id, **_row(record)))
-                return record
+                return self._run("write", write)
             except sa_exc.IntegrityError:  # another worker inserted the same key first
                 if attempt:
                     raise DatabaseError(f"{self.display}: could not write record {record.id} "
@@ -180,8 +220,11 @@ class Store:
         """Delete the records with these ids; the number deleted."""
         if not ids:
             return 0
-        with self._guard("write"), self.engine.begin() as conn:
-            return conn.execute(RECORDS.delete().where(RECORDS.c.id.in_(ids))).rowcount
+        def delete() -> int:
+            with self.engine.begin() as conn:
+                return conn.execute(RECORDS.delete().where(RECORDS.c.id.in_(ids))).rowcount
+
+        return self._run("write", delete)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -232,21 +275,29 @@ class Store:
         return (f"tuning database {self.path} {why}; it was left untouched{saved}; move it "
                 "away or point --db / ATTNCC_DB elsewhere")
 
-    @contextmanager
-    def _guard(self, action: str):
-        """Turns SQLAlchemy/driver exceptions inside the block into one DatabaseError line
-        (IntegrityError passes: ``put`` handles it)."""
-        try:
-            yield
-        except sa_exc.IntegrityError:
-            raise
-        except (sa_exc.SQLAlchemyError, ImportError) as err:
-            raise DatabaseError(self._fault(action, err)) from None
+    def _run(self, action: str, fn):
+        """``fn()``, retried while SQLite reports a lock (a deferred transaction that must
+        upgrade to a write can be refused at once, before busy_timeout applies) until ``timeout``
+        seconds have passed; then, and for any other SQLAlchemy/driver fault, one DatabaseError
+        line (IntegrityError passes: the caller handles it)."""
+        deadline = time.monotonic() + self.timeout
+        delay = 0.01
+        while True:
+            try:
+                return fn()
+            except sa_exc.IntegrityError:
+                raise
+            except (sa_exc.SQLAlchemyError, ImportError) as err:
+                if _locked(err) and time.monotonic() + delay < deadline:
+                    time.sleep(delay * (1 + random.random()))  # noqa: S311 - jitter
+                    delay = min(2 * delay, 0.5)
+                    continue
+                raise DatabaseError(self._fault(action, err)) from None
 
     def _fault(self, action: str, err: Exception) -> str:
-        text = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+        text = _first_line(err)
         lowered = text.lower()
-        if "locked" in lowered or "busy" in lowered:
+        if _locked(err):
             return (f"tuning database {self.display} is locked by another process (waited "
                     f"{self.timeout:g} s to {action}); retry when it is done, or raise "
                     "ATTNCC_DB_TIMEOUT")
@@ -259,6 +310,15 @@ class Store:
         if isinstance(err, ImportError | sa_exc.NoSuchModuleError):
             return _driver_message(self.url, err)
         return f"cannot {action} tuning database {self.display}: {type(err).__name__}: {text}"
+
+
+def _first_line(err: Exception) -> str:
+    return (str(getattr(err, "orig", None) or err).strip().splitlines() or [""])[0]
+
+
+def _locked(err: Exception) -> bool:
+    text = _first_line(err).lower()
+    return "locked" in text or "busy" in text
 
 
 def _row(record: Record) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -109,20 +110,22 @@ def finished(trials: list[FrozenTrial]) -> list[FrozenTrial]:
 
 
 class Stop:
-    """An Optuna callback that stops the study once ``budget`` measured trials exist.
+    """An Optuna callback that stops the study once ``budget`` measured trials exist, or once
+    ``time.time()`` passes ``deadline`` (a time budget; None: none).
 
     ``limit`` caps all trials (pruned and repeats included), so a space whose configs keep()
     mostly rejects cannot loop forever.
     """
 
-    def __init__(self, budget: int, limit: int, on_trial=None):
-        self.budget, self.limit, self.on_trial = budget, limit, on_trial
+    def __init__(self, budget: int, limit: int, on_trial=None, deadline: float | None = None):
+        self.budget, self.limit, self.on_trial, self.deadline = budget, limit, on_trial, deadline
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         trials = study.get_trials(deepcopy=False)
         if self.on_trial is not None:
             self.on_trial(study, trial, trials)
-        if len(measured(trials)) >= self.budget or len(trials) >= self.limit:
+        if (len(measured(trials)) >= self.budget or len(trials) >= self.limit
+                or (self.deadline is not None and time.time() >= self.deadline)):
             study.stop()
 
 

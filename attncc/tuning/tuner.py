@@ -7,7 +7,12 @@ targets or shape buckets (warm start); runs trials (in this process, or ``worker
 the one study) until ``trials`` configs have been measured, TPE sampling and, every other trial, a
 cost model fitted to the measurements proposing (``model.py``, unless ``guide=False``);
 re-measures the best few and keeps the fastest; writes the record. Invalid configs are pruned
-unmeasured (``space.py``); a config that raises scores ``inf`` and the tune goes on.
+unmeasured (``space.py``); a config that raises scores ``inf`` and the tune goes on. Every config
+is checked against ``attncc.reference`` on small random inputs before it is timed
+(``verify.wrong_output``): a wrong one scores ``inf`` with a warning, so no wrong config is ever
+stored. The tune stops at ``trials`` measured configs or once ``budget_s`` seconds have passed,
+whichever comes first; the stored record's ``note`` is the closing summary (speedup over the
+default config, share of the space measured, wrong configs).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import hashlib
 import math
 import multiprocessing
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,7 +30,7 @@ from optuna.trial import TrialState
 
 from attncc.backends import registry
 from attncc.backends.base import Backend
-from attncc.db.key import Key, Record, bucket_of
+from attncc.db.key import Key, Record, bucket_of, tuned_versions
 from attncc.db.store import Store, study_storage
 from attncc.errors import BackendError
 from attncc.spec.load import load_spec
@@ -32,6 +38,7 @@ from attncc.tuning import study as studies
 from attncc.tuning.measure import Timing, time_call
 from attncc.tuning.model import MIN_FIT, CostModel
 from attncc.tuning.space import decode, encode, fits, signature, suggest, tunables
+from attncc.tuning.verify import wrong_output
 
 #: How many of the best configs are re-measured before one is chosen, and how many warm starts.
 TOP, WARM = 3, 4
@@ -55,20 +62,30 @@ class Job:
     seed: int | None
     sampler: str
     guide: bool = True
+    heads: int | None = None
+    deadline: float | None = None  # time.time() at which the tune stops
+
+
+class WrongOutputError(BackendError):
+    """A config whose output fails the conformance rule against ``attncc.reference``."""
 
 
 class Problem:
-    """One spec, backend, shape, dtype and target: compiles a config and times it.
+    """One spec, backend, shape, dtype and target: compiles a config, checks it and times it.
 
     ``timer(kernel, args) -> Timing`` replaces the wall-clock measurement (tests, custom harnesses).
+    ``heads`` is the query head count of the timed inputs (default: the spec's, else the test
+    inputs' default); ``hints`` are configs to enqueue first (records of other targets).
     """
 
     def __init__(self, spec, backend: Backend, target, batch: int, seq_q: int, seq_k: int,
-                 dtype: str, timer: Callable | None = None):
+                 dtype: str, timer: Callable | None = None, *, heads: int | None = None,
+                 hints=()):
         from attncc.passes.pipeline import lower
 
         self.spec, self.backend, self.target = spec, backend, target
         self.batch, self.seq_q, self.seq_k, self.dtype = batch, seq_q, seq_k, dtype
+        self.heads, self.hints, self.checked, self.wrong = heads, list(hints), set(), []
         self.graph = lower(spec)
         self.graph.graph["sizes"] = {"batch": batch, "seq_q": seq_q, "seq_k": seq_k}
         self.graph.graph["dtype"] = dtype
@@ -103,12 +120,21 @@ class Problem:
 
             self._args = random_inputs(self.spec, self.batch, self.seq_q, self.seq_k,
                                        self.dtype, 0, self.backend.library,
-                                       self.target.torch_device)
+                                       self.target.torch_device, heads=self.heads)
         return self._args
 
     def run(self, config: dict, repeat: int = 7) -> Timing:
-        """Compile ``config`` (over the defaults) and time it; exceptions propagate."""
-        kernel = self.backend.compile(self.graph, {**self.base, **config}, self.target)
+        """Compile ``config`` (over the defaults), check its output the first time (WrongOutputError
+        when it fails the rule) and time it; exceptions propagate."""
+        config = {**self.base, **config}
+        kernel = self.backend.compile(self.graph, config, self.target)
+        mine = signature(config)
+        if mine not in self.checked:
+            problem = wrong_output(kernel, self.spec, self.seq_q, self.seq_k, self.dtype,
+                                   self.backend.library, self.target.torch_device, self.heads)
+            if problem is not None:
+                raise WrongOutputError(problem)
+            self.checked.add(mine)
         return self.timer(kernel, self.args(), repeat)
 
     def _wall_clock(self, kernel, args, repeat: int) -> Timing:
@@ -129,6 +155,11 @@ class Problem:
             timing = self.run(config)
         except Exception as err:  # any failing config scores inf; the tune goes on
             trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:500])
+            if isinstance(err, WrongOutputError):
+                self.wrong.append(config)
+                trial.set_user_attr("wrong", True)
+                warnings.warn(f"attncc tune: config {tunables(self.space, config)} of backend "
+                              f"'{self.backend.name}' scored inf: {err}", stacklevel=2)
             return math.inf
         trial.set_user_attr("spread_s", timing.spread_s)
         return timing.median_s
@@ -136,27 +167,29 @@ class Problem:
 
 def search(problem: Problem, db, *, trials: int, workers: int, storage: str | None,
            seed: int | None, heartbeat: int, sampler: str, guide: bool, progress: bool,
-           plot_dir) -> Record:
+           plot_dir, budget_s: float | None = None) -> Record:
     """Run the tune ``attncc.tune`` describes (its arguments, checked) on ``problem``; store and
-    return the Record."""
+    return the Record (its ``note``: the closing summary)."""
     store = db if isinstance(db, Store) else Store(db)
     url = storage or study_storage(store.url)
     budget = min(trials, len(problem.valid))
+    deadline = None if budget_s is None else time.time() + budget_s
     study = studies.open_study(url, problem.study_name(), budget=budget, seed=seed,
                                heartbeat=heartbeat, kind=sampler)
     _warm_start(study, problem, store)
-    bar = _Progress(problem.spec.name, budget) if progress else None
+    bar = _Progress(problem.spec.name, budget, deadline) if progress else None
     if workers == 1:
-        _optimize(study, problem, budget, bar, guide)
+        _optimize(study, problem, budget, bar, guide, deadline)
     else:
         job = Job(problem.spec.source, problem.backend.name, problem.target.to_dict(),
                   problem.batch, problem.seq_q, problem.seq_k, problem.dtype, url,
-                  study.study_name, budget, heartbeat, seed, sampler, guide)
+                  study.study_name, budget, heartbeat, seed, sampler, guide, problem.heads,
+                  deadline)
         _spawn(job, workers, study, bar)
     if bar is not None:
         bar.close()
     record = _choose(study, problem)
-    store.put(record)
+    record = store.put(record).with_(note=_summary(study, problem, record))
     if plot_dir is not None:
         studies.plot(study, plot_dir)
     return record
@@ -167,17 +200,20 @@ def work(job: Job) -> None:
     from attncc.target import Target
 
     problem = Problem(load_spec(job.spec), registry.get(job.backend),
-                      Target.from_dict(job.target), job.batch, job.seq_q, job.seq_k, job.dtype)
+                      Target.from_dict(job.target), job.batch, job.seq_q, job.seq_k, job.dtype,
+                      heads=job.heads)
     study = studies.open_study(job.storage, job.study, budget=job.budget, seed=None,
                                heartbeat=job.heartbeat, kind=job.sampler)
-    _optimize(study, problem, job.budget, None, job.guide)
+    _optimize(study, problem, job.budget, None, job.guide, job.deadline)
 
 
-def _optimize(study: optuna.Study, problem: Problem, budget: int, bar, guide: bool) -> None:
-    if len(studies.measured(study.get_trials(deepcopy=False))) >= budget:
+def _optimize(study: optuna.Study, problem: Problem, budget: int, bar, guide: bool,
+              deadline: float | None) -> None:
+    if len(studies.measured(study.get_trials(deepcopy=False))) >= budget or (
+            deadline is not None and time.time() >= deadline):
         return
     limit = len(study.get_trials(deepcopy=False)) + 20 * budget + 50
-    stop = studies.Stop(budget, limit, bar.update if bar is not None else None)
+    stop = studies.Stop(budget, limit, bar.update if bar is not None else None, deadline)
     callbacks = [_Guide(problem, budget), stop] if guide else [stop]
     study.optimize(problem.objective, callbacks=callbacks, gc_after_trial=False)
 
@@ -236,7 +272,8 @@ def _warm_start(study: optuna.Study, problem: Problem, store: Store) -> None:
                                        backend=key.backend_name) if r.key != key]
     others.sort(key=lambda r: (r.key.bucket != key.bucket, r.median_s))
     seen = set()
-    for config in [tunables(problem.space, problem.base)] + [r.config for r in others]:
+    hints = [tunables(problem.space, problem.base), *problem.hints]
+    for config in hints + [r.config for r in others]:
         config = tunables(problem.space, config)
         if len(seen) > WARM or signature(config) in seen:
             continue
@@ -267,27 +304,51 @@ def _choose(study: optuna.Study, problem: Problem) -> Record:
         raise BackendError(f"tune '{problem.spec.name}': every top config failed when "
                            "re-measured")
     config, timing = best
-    versions = dict(problem.target.versions)
-    versions[f"backend:{problem.backend.name}"] = problem.backend.version
     return Record(problem.key, problem.spec.name, config, timing.median_s, timing.spread_s,
-                  len(studies.measured(trials)), problem.target.to_dict(), versions,
-                  study=study.study_name)
+                  len(studies.measured(trials)), problem.target.to_dict(),
+                  tuned_versions(problem.target, problem.backend), study=study.study_name)
+
+
+def _summary(study: optuna.Study, problem: Problem, record: Record) -> str:
+    """The closing line: the winner against the default config (its time in the study), how
+    much of the space was measured, and the configs whose output was wrong."""
+    trials = study.get_trials(deepcopy=False)
+    base = signature(tunables(problem.space, problem.base))
+    default = [t.value for t in studies.finished(trials)
+               if signature(decode(problem.space, t.params)) == base]
+    speed = (f"{default[0] / record.median_s:.2f}x the default config's speed "
+             f"({record.median_s * 1e3:.4g} ms vs {default[0] * 1e3:.4g} ms)"
+             if default and record.median_s > 0 else "the default config did not run")
+    measured = len(studies.measured(trials))
+    share = f"measured {measured} of {len(problem.valid)} configs " \
+            f"({100 * measured / len(problem.valid):.0f}% of the space)"
+    wrong = sum(bool(t.user_attrs.get("wrong")) for t in trials)
+    return f"{speed}; {share}" + (f"; {wrong} config(s) gave wrong output and scored inf"
+                                  if wrong else "")
 
 
 class _Progress:
-    """A tqdm bar over measured trials, showing the trial number, its time and the best."""
+    """A tqdm bar over measured trials, showing the trial number, its time, the best, and the
+    time left: the rate so far times the trials left, or the time budget left if sooner."""
 
-    def __init__(self, name: str, budget: int):
+    def __init__(self, name: str, budget: int, deadline: float | None):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=budget, desc=f"tune {name}", unit="trial", leave=False)
+        self.start, self.deadline = time.time(), deadline
+        self.bar = tqdm(total=budget, desc=f"tune {name}", unit="trial", leave=False,
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
 
     def update(self, study, trial, trials) -> None:
         done = len(studies.measured(trials))
         self.bar.n = min(done, self.bar.total)
         best = studies.finished(trials)[:1]
+        now = time.time()
+        left = (now - self.start) / done * (self.bar.total - self.bar.n) if done else math.inf
+        if self.deadline is not None:
+            left = min(left, max(0.0, self.deadline - now))
         self.bar.set_postfix(trial=trial.number, current=_ms(trial.value),
-                             best=_ms(best[0].value if best else None), refresh=False)
+                             best=_ms(best[0].value if best else None),
+                             left="?" if math.isinf(left) else f"~{left:.0f}s", refresh=False)
         self.bar.refresh()
 
     def close(self) -> None:

@@ -19,6 +19,7 @@ from attncc.cli.tune import tune as tune_cli
 from attncc.db.lookup import lookup
 from attncc.db.store import Store
 from attncc.errors import BackendError, InputError
+from attncc.reference import reference
 from attncc.spec.load import load_spec
 from attncc.target import default_target
 from attncc.tuning.measure import Timing, measurements
@@ -29,13 +30,16 @@ DENSE = {"attncc": 1, "name": "dense"}
 
 
 class FakeKernel(Kernel):
+    """Right answers (the reference's), so that the tuner's correctness check passes; the fake
+    timer never calls it."""
+
     backend = "fake"
 
     def __init__(self, config):
         self.config, self.source, self.spec = config, "", None
 
     def __call__(self, q, k, v, *, return_lse=False, **inputs):
-        raise AssertionError("the fake timer never calls the kernel")
+        return reference(DENSE, q, k, v, return_lse=return_lse, **inputs)
 
 
 class FakeBackend(Backend):
