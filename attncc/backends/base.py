@@ -65,7 +65,13 @@ class Kernel(ABC):
       name: gradient}`` where the backend supports gradients, else None;
     - ``record``: the tuning record its config came from (None for defaults) and ``selection``:
       in words, which backend and config ``attncc.compile`` chose and why (both set by
-      ``attncc.compile``).
+      ``attncc.compile``);
+    - ``node``: the attention node it computes (``attncc.ir.graph``), read by ``attention_map``
+      and ``stats=``; None: lowered from ``spec`` when needed.
+
+    ``kernel(q, k, v, stats=(names...), **inputs)`` returns ``(out, {name: (B, H, Nq)})``, the
+    per-row statistics of ``attncc.lowering.maps`` (``(out, lse, stats)`` with ``return_lse``);
+    a kernel may serve ``stats=`` by ``return self.call_with_stats(...)``.
     """
 
     backend: str
@@ -75,10 +81,30 @@ class Kernel(ABC):
     backward: Callable | None = None
     record: Any = None
     selection: str = ""
+    node: Any = None
 
     @abstractmethod
     def __call__(self, q, k, v, *, return_lse: bool = False, **inputs):
         """Output ``(B, Hq, Nq, Dv)``; with ``return_lse``, ``(out, lse)``, lse ``(B, Hq, Nq)``."""
+
+    def attention_map(self, q, k, v, *, heads=None, rows=None, **inputs):
+        """The exact attention weights ``(B, len(heads), len(rows), memory_tokens + seq_k)``
+        (memory tokens first) of the selected query ``heads`` and ``rows`` (None: all; a
+        sequence, a range or a slice), in the compute dtype, as ``attncc.reference.attention_map``
+        defines them. Default: from this kernel's own lse (``return_lse=True``) and one pass
+        over the visited blocks of the plan for those rows only (``attncc.lowering.maps``);
+        InputError when heads or rows are out of range or the map would exceed 2 GiB."""
+        from attncc.lowering.maps import kernel_map
+
+        return kernel_map(self, q, k, v, heads, rows, inputs)
+
+    def call_with_stats(self, q, k, v, stats, return_lse: bool, inputs: dict):
+        """``__call__`` with ``stats=``: the output (and lse) from one call of this kernel,
+        then the statistics in one more pass over the visited blocks (``attncc.lowering.maps``:
+        which normalisation defines which; InputError for the others)."""
+        from attncc.lowering.maps import kernel_stats
+
+        return kernel_stats(self, q, k, v, stats, return_lse, inputs)
 
     def companions(self) -> dict[str, str]:
         """Files ``source`` needs beside it when exported (``attncc compile -o DIR``): file

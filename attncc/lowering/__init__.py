@@ -9,4 +9,6 @@ its rules and constants.
 - ``env``: the tile index environment ``b, h, q_idx, kv_idx`` for a backend's tile layout.
 - ``features``: linear-attention feature maps, their vector-Jacobian products, the division rule.
 - ``lowrank``: the Linformer projection and Nyström attention.
+- ``maps``: attention maps and per-row statistics from a kernel's own lse (one more pass over
+  the visited blocks); ``requests``: their argument checks and which normalisation defines what.
 """

@@ -18,7 +18,8 @@ from __future__ import annotations
 from attncc.bind import namespace
 from attncc.lowering.env import merge_heads, shared_kv, split_heads
 
-__all__ = ["linformer", "nystrom", "nystrom_text", "segment_means", "softmax"]
+__all__ = ["linformer", "nystrom", "nystrom_factors", "nystrom_text", "segment_means",
+           "softmax"]
 
 
 def linformer(k, v, e, f):
@@ -43,20 +44,29 @@ def softmax(x):
 def nystrom(q, k, v, landmarks: int, scale: float, *, exact_pinv: bool = True):
     """Nyström attention ``(B, H, Nq, Dv)`` in q's dtype for q ``(B, H, Nq, D)`` and k, v
     ``(B, Hkv, Nk, D|Dv)``; ``exact_pinv``: invert in float64 (else in q's dtype)."""
-    xp = namespace(q)
     q5, k5, v5 = split_heads(q, k.shape[1]), shared_kv(k), shared_kv(v)
-    q_land, k_land = segment_means(q5, landmarks), segment_means(k5, landmarks)
+    kernel_1, inverse, kernel_3 = nystrom_factors(q5, k5, landmarks, scale,
+                                                  exact_pinv=exact_pinv)
+    return merge_heads((kernel_1 @ inverse) @ (kernel_3 @ v5))
+
+
+def nystrom_factors(q, k, landmarks: int, scale: float, *, exact_pinv: bool = True, rows=None):
+    """``(K1, pinv(K2), K3)`` of Nyström attention, ``out = (K1·pinv(K2))·(K3·v)``, for q and k
+    of broadcast-compatible leading axes; ``rows`` (an integer array, optional): K1 of those
+    query rows only (the landmarks always come from every row)."""
+    xp = namespace(q)
+    q_land, k_land = segment_means(q, landmarks), segment_means(k, landmarks)
     k_land_t = k_land.mT
-    kernel_1 = softmax(scale * (q5 @ k_land_t))
+    q_rows = q if rows is None else xp.take(q, rows, axis=-2)
+    kernel_1 = softmax(scale * (q_rows @ k_land_t))
     kernel_2 = softmax(scale * (q_land @ k_land_t))
-    kernel_3 = softmax(scale * (q_land @ k5.mT))
+    kernel_3 = softmax(scale * (q_land @ k.mT))
     if exact_pinv:
         inverse = xp.linalg.pinv(xp.astype(kernel_2, xp.float64))
         inverse = xp.astype(inverse, q.dtype, copy=False)
     else:
         inverse = xp.linalg.pinv(kernel_2)
-    out = (kernel_1 @ inverse) @ (kernel_3 @ v5)
-    return merge_heads(out)
+    return kernel_1, inverse, kernel_3
 
 
 def nystrom_text(landmarks: int, scale: str, *, exact_pinv: bool) -> list[str]:

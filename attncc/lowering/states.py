@@ -31,7 +31,7 @@ import array_api_compat
 from attncc.bind import namespace
 
 __all__ = ["STATE_TEXT", "TOPK_TEXT", "Rows", "SigmoidState", "SoftmaxState", "TopkThreshold",
-           "fold"]
+           "fold", "sigmoid"]
 
 NEG_INF = -math.inf
 
@@ -125,7 +125,7 @@ class SigmoidState(_State):
 
     def __init__(self, lead: tuple, value_dim: int, like, *, inplace: bool = False):
         super().__init__(lead, value_dim, like, inplace)
-        self._sigmoid = _sigmoid(self.xp)
+        self._sigmoid = sigmoid(self.xp)
 
     def update(self, s, v, keep=None, *, owned: bool = False) -> None:
         """Fold in a tile (``owned`` is accepted for symmetry with SoftmaxState)."""
@@ -206,7 +206,8 @@ def _exp_inplace(xp):
     return xp.exp
 
 
-def _sigmoid(xp):
+def sigmoid(xp):
+    """The sigmoid function of namespace ``xp`` (the weights of normalize sigmoid)."""
     if array_api_compat.is_torch_namespace(xp):
         import torch
 

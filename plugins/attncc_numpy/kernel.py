@@ -18,7 +18,9 @@ import sympy
 from attncc.backends.base import Kernel
 from attncc.lowering.env import SCORE_TEXT
 from attncc.lowering.lowrank import linformer, nystrom, nystrom_text
+from attncc.lowering.maps import denominator, row_stats
 from attncc.lowering.prologue import COMPUTE, prologue
+from attncc.lowering.requests import check_stats, node_kind
 from attncc.lowering.states import STATE_TEXT, TOPK_TEXT
 from attncc.plan import PlanCache
 from attncc_numpy.linear import describe as linear_text
@@ -29,7 +31,9 @@ DTYPES = ("float16", "float32", "float64")
 
 
 class NumpyKernel(Kernel):
-    """``kernel(q, k, v, return_lse=False, **inputs)`` on NumPy arrays; see the module docstring.
+    """``kernel(q, k, v, return_lse=False, stats=(), **inputs)`` on NumPy arrays; see the module
+    docstring. ``stats``: per-row statistics from the lse of this call and one more pass over the
+    visited blocks (``attncc.lowering.maps``).
 
     ``node`` is the graph's attention node, ``path`` its lowering (tiles | scan | nystrom).
     ``last_plan`` and ``last_stats`` (FULL and PARTIAL tiles visited) describe the latest call.
@@ -39,6 +43,7 @@ class NumpyKernel(Kernel):
     backward = None
 
     def __init__(self, spec, node, path: str, config: dict):
+        # self.node (Kernel.node) is what attention_map and stats= read
         self.spec, self.node, self.path, self.config = spec, node, path, dict(config)
         self.source = describe(spec, node, path, self.config)
         self.last_plan, self.last_stats = None, Stats()
@@ -48,10 +53,12 @@ class NumpyKernel(Kernel):
     def __repr__(self) -> str:
         return f"NumpyKernel({self.spec.name!r}, {self.path}, config={self.config})"
 
-    def __call__(self, q, k, v, *, return_lse: bool = False, **inputs):
+    def __call__(self, q, k, v, *, return_lse: bool = False, stats=(), **inputs):
         node = self.node
         call = prologue(self.spec, node, q, k, v, inputs, backend="numpy", library="numpy",
                         dtypes=DTYPES, return_lse=return_lse)
+        names = check_stats(node_kind(node), getattr(node, "normalize", ""), stats) if stats \
+            else ()
         lse = None
         if self.path == "scan":
             out = run_linear(node, call.q, call.k, call.v, call.inputs, self.config["chunk"])
@@ -68,6 +75,10 @@ class NumpyKernel(Kernel):
             out, lse = run_fused(node, plan, scorer, call.q, k_c, v_c, stats)
             self.last_plan, self.last_stats = plan, stats
         out = out.astype(call.dtype, copy=False)
+        if names:
+            norm = denominator(node, call) if self.path == "scan" else lse
+            found = row_stats(node, call, norm, names)
+            return (out, lse, found) if return_lse else (out, found)
         return (out, lse) if return_lse else out
 
 

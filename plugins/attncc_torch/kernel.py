@@ -66,7 +66,9 @@ class TorchKernel(Kernel):
     def __repr__(self) -> str:
         return f"TorchKernel({self.spec.name!r}, kind={self.kind!r}, config={self.config})"
 
-    def __call__(self, q, k, v, *, return_lse: bool = False, **inputs):
+    def __call__(self, q, k, v, *, return_lse: bool = False, stats=(), **inputs):
+        if stats:  # per-row statistics: Kernel.call_with_stats (attncc.lowering.maps)
+            return self.call_with_stats(q, k, v, stats, return_lse, inputs)
         call = prologue(self.spec, self.node, q, k, v, inputs, backend="torch",
                         library="torch", return_lse=return_lse)
         node = self.node

@@ -116,7 +116,9 @@ class TritonKernel(Kernel):
             cached[key] = tables
         return cached[key]
 
-    def __call__(self, q, k, v, *, return_lse: bool = False, **inputs):
+    def __call__(self, q, k, v, *, return_lse: bool = False, stats=(), **inputs):
+        if stats:  # per-row statistics: Kernel.call_with_stats (attncc.lowering.maps)
+            return self.call_with_stats(q, k, v, stats, return_lse, inputs)
         call = self.prologue(q, k, v, inputs, return_lse)
         tables = (self.tables(call.sizes, call.raw_inputs, q.device) if self.kind == "fused"
                   else None)
