@@ -48,7 +48,9 @@ def db() -> None:
 @_filters
 @click.option("--shipped", is_flag=True, help="List the shipped tuning_db/*.jsonl records too.")
 def list_(store, spec_hash, backend, shipped) -> None:
-    """One line per record: id, spec, bucket, dtype, backend, median time, config."""
+    """One line per record: id, spec, bucket, dtype, backend, median time, how it matches this
+    machine (exact, verified here, fallback: versions or arch, other device), what it was tuned
+    on (device, cores, date), config."""
     from attncc.db.exchange import shipped as shipped_records
 
     rows = [("", r) for r in store.records(spec_hash=spec_hash, backend=backend)]
@@ -62,8 +64,31 @@ def list_(store, spec_hash, backend, shipped) -> None:
     for origin, r in rows:
         config = " ".join(f"{k}={v}" for k, v in r.config.items())
         click.echo(f"{r.id}  {r.spec_name:<20} {r.key.bucket:<14} {r.key.dtype:<9} "
-                   f"{r.key.backend:<10} {r.median_s * 1e3:9.4g} ms  {config}"
-                   + (f"  [{origin}]" if origin else ""))
+                   f"{r.key.backend:<10} {r.median_s * 1e3:9.4g} ms  {_match(r):<18} "
+                   f"{_tuned_on(r):<28} {config}" + (f"  [{origin}]" if origin else ""))
+
+
+_MATCH = {3: "exact", 2: "fallback:versions", 1: "fallback:arch", 0: "other device"}
+
+
+def _match(record) -> str:
+    """How ``record`` matches this machine's target of its kind (``Target.nearest``)."""
+    from attncc.errors import AttnccError
+    from attncc.target import Target, default_target
+
+    if record.verified:
+        return "verified here"
+    try:
+        here = default_target(record.fingerprint.get("kind"))
+        return _MATCH[here.nearest([Target.from_dict(record.fingerprint)])[1]]
+    except (AttnccError, ImportError, RuntimeError, KeyError, TypeError):
+        return "other device"
+
+
+def _tuned_on(record) -> str:
+    """The device and core count the record was tuned on, and the date."""
+    target = record.key.target.split("/", 1)[0]
+    return f"{target.split(':', 1)[-1]} {record.updated[:10]}"
 
 
 @db.command("show")
