@@ -42,6 +42,8 @@ _WHY = {"sigmoid": "its weights are not normalised",
         "linear": "its weights are feature products, not softmax scores",
         "linformer": "its key columns are projections of tokens",
         "nystrom": "its effective weights may be negative and have no scores"}
+
+
 def node_kind(node) -> str:
     """softmax | topk | sigmoid | linear | linformer | nystrom for an attention node."""
     if isinstance(node, Nystrom):
@@ -60,11 +62,12 @@ def check_stats(kind: str, normalize: str, stats) -> tuple[str, ...]:
         if name not in STATS:
             raise InputError(f"stats: expected names from {', '.join(STATS)}; got {name!r}")
         if name not in defined:
-            label = "linformer" if kind != "linformer" or normalize == "softmax" else \
-                f"linformer with normalize {normalize}"
-            raise InputError(f"stats: {name!r} is not defined for {label} "
-                             f"({_WHY.get(kind, _WHY.get(normalize, ''))}); expected some of "
-                             f"{', '.join(defined)}; got {name!r}")
+            label = f"low-rank {kind}" if kind in ("linformer", "nystrom") else f"normalize {kind}"
+            why = _WHY[kind]
+            if kind == "linformer" and name not in DEFINED[normalize]:
+                label, why = f"{label} with normalize {normalize}", _WHY[normalize]
+            raise InputError(f"stats: {name!r} is not defined for {label} ({why}); expected "
+                             f"some of {', '.join(defined)}; got {name!r}")
     return names
 
 

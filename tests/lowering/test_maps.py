@@ -11,8 +11,8 @@ import torch
 from spec_inputs import random_case
 
 import attncc
-from attncc.reference import attention_map, attention_stats, spec_kind
 from attncc.lowering.requests import DEFINED
+from attncc.reference import attention_map, attention_stats, spec_kind
 
 EXAMPLES = sorted(p for p in (Path(__file__).resolve().parents[2] / "examples").iterdir()
                   if p.suffix in (".yaml", ".json", ".toml"))
