@@ -11,7 +11,10 @@ facts out again from the spec; ``attncc show`` prints every path with its reason
   (``kv_idx <= q_idx``). Grouped-query heads are no blocker: the fused kernels take K/V with
   ``kv_heads`` heads (``enable_gqa``), never a copy per query head.
 - ``runs``: fused softmax calls over runs of consecutive key blocks of the block plan, the mask
-  entering as additive 0/-inf tiles: a dot score, softmax, no score_mod, no memory tokens.
+  entering as additive 0/-inf tiles: a dot score, softmax, no memory tokens, and no score_mod
+  or an additive one (``score + bias``, ``additive_bias``) whose bias joins the tiles
+  (``bias_form``: ``key``, a row term plus a key term, only the key term needed, O(N) per head;
+  ``toeplitz``, a function of ``q_idx - kv_idx``; ``general``, evaluated per run tile).
 - ``tiles``: the block-sparse tile loop over the plan; serves every ``FusedAttention``.
 - ``scan``: the chunked scan of running sums of ``LinearAttention``.
 - ``nystrom``: the landmark products of ``Nystrom``.
@@ -24,6 +27,7 @@ paths (bias tiles, decode) are one more rule in ``PATHS``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,9 +45,10 @@ from attncc.ir.graph import (
     op,
     operands,
 )
-from attncc.spec.symbols import kv_idx, q_idx
+from attncc.spec.symbols import kv_idx, q_idx, score
 
-__all__ = ["PATHS", "Strategy", "is_top_left_causal"]
+__all__ = ["OFFSET", "PATHS", "Strategy", "additive_bias", "bias_form", "is_top_left_causal",
+           "toeplitz_bias"]
 
 
 @dataclass(frozen=True)
@@ -82,14 +87,55 @@ def is_top_left_causal(mask: sympy.Basic | None) -> bool:
     return sympy.floor(-c / a) == 0
 
 
-def _softmax_blockers(node: FusedAttention) -> list[str]:
-    """Why a fused softmax kernel cannot compute ``node``: what it has beyond dot + softmax."""
+@functools.lru_cache(maxsize=256)
+def additive_bias(score_mod: sympy.Basic | None) -> sympy.Basic | None:
+    """``bias`` where ``score_mod`` is ``score + bias`` (d score_mod / d score == 1, and the
+    bias free of ``score``), e.g. ALiBi's ``-slope[h]*(q_idx - kv_idx)`` or a table
+    ``bias[h, q_idx - kv_idx + seq_k - 1]``; None for no score_mod or a non-additive one."""
+    if score_mod is None or sympy.simplify(sympy.diff(score_mod, score) - 1) != 0:
+        return None
+    bias = sympy.expand(score_mod - score)
+    return None if bias.has(score) else bias
+
+
+@functools.lru_cache(maxsize=256)
+def bias_form(bias: sympy.Basic) -> str:
+    """How a fused kernel's float mask can hold ``bias``:
+
+    - ``key``: ``bias(q, kv) = bias(q, 0) + bias(0, kv) - bias(0, 0)`` exactly, a row term
+      (which softmax cancels; only the log-sum-exp sees it) plus a key term ``bias(0, kv)``
+      (ALiBi): O(keys) per head;
+    - ``toeplitz``: a function of ``q_idx - kv_idx`` (relative tables): O(queries + keys) per
+      head, a Hankel view over key-reversed K/V;
+    - ``general``: anything else (``abs(q_idx - kv_idx)``, ``hf_bias[b, q_idx, kv_idx]``),
+      evaluated per tile.
+    """
+    rest = (bias - bias.subs(kv_idx, 0) - bias.subs(q_idx, 0)
+            + bias.subs({q_idx: 0, kv_idx: 0}))
+    if sympy.expand(rest) == 0:
+        return "key"
+    return "general" if kv_idx in toeplitz_bias(bias).free_symbols else "toeplitz"
+
+
+#: The offset ``q_idx - kv_idx`` of a Toeplitz bias (any sign, unlike the index symbols).
+OFFSET = sympy.Symbol("offset", integer=True)
+
+
+def toeplitz_bias(bias: sympy.Basic) -> sympy.Basic:
+    """``bias`` with ``q_idx`` replaced by ``kv_idx + OFFSET``: free of ``kv_idx`` exactly when
+    the bias is a function of ``q_idx - kv_idx``."""
+    return sympy.expand(bias.subs(q_idx, kv_idx + OFFSET))
+
+
+def _softmax_blockers(node: FusedAttention, bias_ok: bool = False) -> list[str]:
+    """Why a fused softmax kernel cannot compute ``node``: what it has beyond dot + softmax
+    (an additive score_mod is no blocker where ``bias_ok``: it joins the kernel's float mask)."""
     why = []
     if node.score != "dot":
         why.append(f"the score is {node.score}, not a dot product")
     if node.normalize != "softmax":
         why.append(f"normalize is {node.normalize}, not softmax")
-    if node.score_mod is not None:
+    if node.score_mod is not None and not (bias_ok and additive_bias(node.score_mod) is not None):
         read = sorted(str(e) for e in node.score_mod.atoms(sympy.Indexed))
         why.append(f"score_mod reads {', '.join(read)}" if read
                    else f"score_mod rewrites the score ({_short(node.score_mod)})")
@@ -113,10 +159,13 @@ def _sdpa(node: FusedAttention, reads: list[str], spec) -> Path:
 
 
 def _runs(node: FusedAttention, reads: list[str], spec) -> Path:
-    why = _softmax_blockers(node)
+    why = _softmax_blockers(node, bias_ok=True)
     if why:
         return Path("runs", False, "; ".join(why))
     tiles = "the mask as additive 0/-inf tiles" if node.mask is not None else "no mask"
+    bias = additive_bias(node.score_mod)
+    if bias is not None:
+        tiles += f", the additive bias {_short(bias, 40)} ({bias_form(bias)} form) in the tiles"
     return Path("runs", True, f"dot-product softmax: fused calls over runs of key blocks, "
                               f"{tiles}")
 

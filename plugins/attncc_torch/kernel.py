@@ -91,7 +91,7 @@ class TorchKernel(Kernel):
         if runs:
             runner = self._derive(plan, key, lambda: RunsForward(
                 node, plan, call.sizes, call.inputs, q.device))
-            out, lse = runner(call.q, k, v, call.scale)
+            out, lse = runner(call.q, k, v, call.scale, call.inputs)
         else:
             out, lse = self._flash(plan, key, call, k, v)
         out = out.to(call.dtype)

@@ -16,7 +16,8 @@ Few, large calls matter beyond their Python overhead: each call is an OpenMP par
 and on a loaded machine every region waits for descheduled threads (per-block calls were 5-25x
 slower than one call per segment under load). Driven by the plan alone: no mask is recognised
 by name. Used for forward passes without gradients (the autograd path keeps the recomputing
-flash backward) where the fused node's ``lowering`` allows the ``runs`` path.
+flash backward) where the fused node's ``lowering`` allows the ``runs`` path; an additive
+score_mod enters the same float masks (``RunsForward``).
 """
 
 from __future__ import annotations
@@ -25,11 +26,20 @@ from dataclasses import dataclass
 
 import array_api_compat.torch as xp
 import numpy as np
+import sympy
 import torch
 
 from attncc.lowering.env import Layout, plan_slices
+from attncc.passes.strategy import (
+    OFFSET,
+    additive_bias,
+    bias_form,
+    is_top_left_causal,
+    toeplitz_bias,
+)
 from attncc.plan import EMPTY, PARTIAL
 from attncc.spec.numeric import evaluate
+from attncc.spec.symbols import b, kv_idx, q_idx
 
 NEG_INF = float("-inf")
 
@@ -122,8 +132,17 @@ def _segment(sl, hq0: int, nhq: int, m0: int, blocks, bm: int) -> Segment:
     return Segment(sl.b0, sl.nb, hq0, nhq, m0 * bm, bm, len(blocks), runs)
 
 
-#: Where b, h, q_idx, kv_idx sit in a run's mask tile ``(count, nhq, rows, length)``.
+#: Where b, h, q_idx, kv_idx sit in a run's tile ``(count, nhq, rows, length)``.
 LAYOUT = Layout(4, b=(0,), h=(1,), q_idx=(0, 2), kv_idx=(0, 3))
+
+
+def _run_env(seg: Segment, runs: tuple[Run, ...], b0: int, sizes: dict, inputs: dict, device):
+    """The environment of ``runs`` of a segment side by side (one call's keys), batch ``b0``."""
+    ar = lambda a, b: torch.arange(a, b, device=device)  # noqa: E731
+    blocks = ar(0, seg.count)[:, None]
+    fixed = LAYOUT.fixed(sizes, inputs, ar(b0, b0 + 1), ar(seg.hq0, seg.hq0 + seg.nhq))
+    kv = torch.cat([r.start + blocks * r.stride + ar(0, r.length) for r in runs], dim=-1)
+    return LAYOUT.env(fixed, seg.r0 + blocks * seg.rows + ar(0, seg.rows), kv), kv.shape[-1]
 
 
 def run_mask(mask, seg: Segment, runs: tuple[Run, ...], sizes: dict, inputs: dict, dtype,
@@ -131,16 +150,13 @@ def run_mask(mask, seg: Segment, runs: tuple[Run, ...], sizes: dict, inputs: dic
     """``(additive mask (count|1, nhq|1, rows, length), dead rows (count|1, nhq|1, rows))`` of
     ``runs`` of a segment side by side (one call's keys): 0 where ``mask`` keeps a pair, -inf
     where it drops it; a dead row keeps no pair. Equal tiles of all blocks (a
-    translation-invariant band) are stored once."""
-    ar = lambda a, b: torch.arange(a, b, device=device)  # noqa: E731
-    blocks = ar(0, seg.count)[:, None]
-    # a mask that reads b has one batch entry per slice (nb = 1); otherwise b is unused
-    fixed = LAYOUT.fixed(sizes, inputs, ar(seg.b0, seg.b0 + 1), ar(seg.hq0, seg.hq0 + seg.nhq))
-    kv = torch.cat([r.start + blocks * r.stride + ar(0, r.length) for r in runs], dim=-1)
-    keep = evaluate(mask, LAYOUT.env(fixed, seg.r0 + blocks * seg.rows + ar(0, seg.rows), kv), xp)
+    translation-invariant band) are stored once. A mask that reads b has one batch entry per
+    slice (nb = 1); otherwise b is unused."""
+    env, length = _run_env(seg, runs, seg.b0, sizes, inputs, device)
+    keep = evaluate(mask, env, xp)
     if isinstance(keep, bool):
         keep = torch.full((1, 1, 1, 1), keep, device=device)
-    keep = torch.broadcast_to(keep, (*keep.shape[:2], seg.rows, kv.shape[-1]))
+    keep = torch.broadcast_to(keep, (*keep.shape[:2], seg.rows, length))
     if keep.shape[0] > 1 and bool((keep == keep[:1]).all()):
         keep = keep[:1]
     mask = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, NEG_INF)
@@ -150,7 +166,12 @@ def run_mask(mask, seg: Segment, runs: tuple[Run, ...], sizes: dict, inputs: dic
 class RunsForward:
     """Forward of a fused node over a plan's segments; holds the (lazily built) mask tiles.
 
-    Holds no reference to the plan (kernels cache runners with their plan as a weak key)."""
+    An additive score_mod (``attncc.passes.strategy.additive_bias``) joins each call's float
+    mask: in the ``key`` form only its key term ``bias(q_idx=0)`` (the row term cancels in the
+    softmax and is added to the log-sum-exp at the end), O(keys) per call and head; in the
+    ``general`` form evaluated over the call's tile. Bias tiles are cached like the masks when
+    the bias reads no input, else rebuilt per call from that call's inputs. Holds no reference
+    to the plan (kernels cache runners with their plan as a weak key)."""
 
     def __init__(self, node, plan, sizes: dict, inputs: dict, device):
         self.mask = node.mask.expr if node.mask is not None else None
@@ -163,6 +184,21 @@ class RunsForward:
                       else [(r,) for r in seg.runs] for seg in self.segments]
         self.inputs = inputs
         self._masks: dict = {}
+        bias = additive_bias(node.score_mod)
+        form = bias_form(bias) if bias is not None else None
+        self.row = None  # the row term of a key-form bias, for the log-sum-exp
+        # no mask and a Toeplitz bias t(q_idx - kv_idx): one call on key-reversed K/V, the
+        # bias a zero-copy Hankel view of t over the Nq + Nk - 1 offsets
+        self.offsets = toeplitz_bias(bias) if form == "toeplitz" and self.mask is None else None
+        if form == "key":
+            self.row = sympy.expand(bias.subs(kv_idx, 0) - bias.subs({q_idx: 0, kv_idx: 0}))
+            bias = sympy.expand(bias.subs(q_idx, 0))
+        self.bias = bias
+        self._per_call = bias is not None and bool(bias.atoms(sympy.Indexed))
+        self._per_batch = bias is not None and b in bias.free_symbols
+        # no mask or top-left causal with a key-form bias: one call over all keys (is_causal
+        # skips the blocks above the diagonal), the bias a (B|1, H|1, 1, Nk) stride-0 tile
+        self.whole = self.row is not None and (self.mask is None or is_top_left_causal(self.mask))
 
     def _mask(self, i: int, j: int, dtype, device):
         """The mask and dead rows of call ``j`` of segment ``i``; (None, None) when none of its
@@ -174,14 +210,42 @@ class RunsForward:
                 self.mask, self.segments[i], runs, self.sizes, self.inputs, dtype, device)
         return self._masks[key]
 
-    def __call__(self, q, k, v, scale: float):
+    def _tile(self, i: int, j: int, batch: int, inputs: dict, dtype, device):
+        """``(float mask or None, dead rows or None)`` of call ``j`` of segment ``i`` for batch
+        entry ``batch``: the mask tile plus the bias tile (see the class docstring)."""
+        mask, dead = self._mask(i, j, dtype, device)
+        if self.bias is None:
+            return mask, dead
+        key = ("bias", i, j, batch if self._per_batch else 0, dtype, str(device))
+        if self._per_call or key not in self._masks:
+            seg = self.segments[i]
+            env, length = _run_env(seg, self.calls[i][j], batch, self.sizes, inputs, device)
+            tile = torch.as_tensor(evaluate(self.bias, env, xp), dtype=dtype, device=device)
+            tile = tile if mask is None else mask + tile
+            while tile.dim() < 4:
+                tile = tile[None]
+            shape = (seg.count, seg.nhq, seg.rows, length)
+            tile = tile.expand(tuple(n if t == 1 else t for n, t in zip(shape, tile.shape,
+                                                                        strict=True)))
+            self._masks[key] = tile
+        return self._masks[key], dead
+
+    def __call__(self, q, k, v, scale: float, inputs: dict | None = None):
         """``(out (B, H, Nq, D), lse (B, H, Nq))`` for ``q (B, H, Nq, D)``, ``k``/``v``
-        ``(B, Hkv, Nk, D)`` on CPU, all one floating dtype; the mask's inputs are those
-        the runner was built with."""
+        ``(B, Hkv, Nk, D)`` on CPU, all one floating dtype; the mask's inputs are those the
+        runner was built with, a bias's those of ``inputs`` (default: the same)."""
+        inputs = self.inputs if inputs is None else inputs
         batch, heads, nq, _ = q.shape
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        if self.whole:
+            out, lse = flash(q, k, v, is_causal=self.mask is not None, scale=scale,
+                             attn_mask=self._key_tile(q.shape, k.shape[2], inputs, q.dtype))
+            return out, self._with_row(lse, inputs)
+        if self.offsets is not None:
+            tile = self._hankel(q.shape, k.shape[2], inputs, q.dtype)
+            return flash(q, k.flip(2), v.flip(2), scale=scale, attn_mask=tile)
         out = torch.zeros((batch, heads, nq, v.shape[-1]), dtype=q.dtype, device=q.device)
         lse = torch.full((batch, heads, nq), NEG_INF, dtype=q.dtype, device=q.device)
-        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         group = heads // k.shape[1]
         for i, seg in enumerate(self.segments):
             hs = slice(seg.hq0, seg.hq0 + seg.nhq)
@@ -189,19 +253,55 @@ class RunsForward:
             # takes fewer kv heads than query heads, so K/V are never copied per query head
             hk = slice(seg.hq0 // group, (seg.hq0 + seg.nhq - 1) // group + 1)
             span = slice(seg.r0, seg.r0 + seg.count * seg.rows)
-            for b in range(seg.b0, seg.b0 + seg.nb):
-                qs = q[b, hs, span].unflatten(1, (seg.count, seg.rows)).transpose(0, 1)
+            for bi in range(seg.b0, seg.b0 + seg.nb):
+                qs = q[bi, hs, span].unflatten(1, (seg.count, seg.rows)).transpose(0, 1)
                 o_acc = l_acc = None
                 for j, runs in enumerate(self.calls[i]):
-                    ks, vs = (_keys(x[b, hk], runs, seg.count) for x in (k, v))
-                    mask, dead = self._mask(i, j, q.dtype, q.device)
+                    ks, vs = (_keys(x[bi, hk], runs, seg.count) for x in (k, v))
+                    mask, dead = self._tile(i, j, bi, inputs, q.dtype, q.device)
                     o, lg = flash(qs, ks, vs, attn_mask=mask, scale=scale)
                     if dead is not None:
                         lg = lg.masked_fill(dead, NEG_INF)
                     o_acc, l_acc = (o, lg) if o_acc is None else _merge(o_acc, l_acc, o, lg)
-                out[b, hs, span].unflatten(1, (seg.count, seg.rows)).transpose(0, 1).copy_(o_acc)
-                lse[b, hs, span].unflatten(1, (seg.count, seg.rows)).transpose(0, 1).copy_(l_acc)
-        return out, lse
+                out[bi, hs, span].unflatten(1, (seg.count, seg.rows)).transpose(0, 1).copy_(o_acc)
+                lse[bi, hs, span].unflatten(1, (seg.count, seg.rows)).transpose(0, 1).copy_(l_acc)
+        return out, self._with_row(lse, inputs)
+
+    def _key_tile(self, shape, seq_k: int, inputs: dict, dtype):
+        """The key term over ``(B|1, H|1, Nq, Nk)``: stride 0 over the query rows."""
+        ar = lambda n: torch.arange(n)  # noqa: E731
+        fixed = WHOLE.fixed(self.sizes, inputs, ar(shape[0]), ar(shape[1]))
+        tile = torch.as_tensor(evaluate(self.bias, WHOLE.env(fixed, ar(1), ar(seq_k)), xp),
+                               dtype=dtype)
+        tile = tile.reshape((1,) * (4 - tile.dim()) + tuple(tile.shape))
+        return tile.expand(tile.shape[0], tile.shape[1], shape[2], seq_k)
+
+    def _hankel(self, shape, seq_k: int, inputs: dict, dtype):
+        """``(B|1, H|1, Nq, Nk)`` view with ``[.., i, j] = t(i - (Nk - 1 - j))``: the bias for
+        key ``Nk - 1 - j`` (keys reversed), from ``t`` over every offset (stride 1 on rows)."""
+        ar = lambda n: torch.arange(n)  # noqa: E731
+        fixed = WHOLE.fixed(self.sizes, inputs, ar(shape[0]), ar(shape[1]))
+        offsets = WHOLE.place("q_idx", ar(shape[2] + seq_k - 1) - (seq_k - 1))
+        t = evaluate(self.offsets, {**fixed, OFFSET.name: offsets}, xp)
+        t = torch.as_tensor(t, dtype=dtype)
+        t = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))[..., 0]
+        t = t.expand(t.shape[0], t.shape[1], shape[2] + seq_k - 1).contiguous()
+        bs, hs, _ = t.stride()
+        return t.as_strided((t.shape[0], t.shape[1], shape[2], seq_k),
+                            (bs if t.shape[0] > 1 else 0, hs if t.shape[1] > 1 else 0, 1, 1))
+
+    def _with_row(self, lse, inputs: dict):
+        """``lse`` plus the row term of a key-form bias (which the fused calls did not see)."""
+        if self.row is None or self.row == 0:
+            return lse
+        ar = lambda n: torch.arange(n)  # noqa: E731
+        fixed = WHOLE.fixed(self.sizes, inputs, ar(lse.shape[0]), ar(lse.shape[1]))
+        row = evaluate(self.row, WHOLE.env(fixed, ar(lse.shape[2]), ar(1)), xp)
+        return lse + torch.as_tensor(row, dtype=lse.dtype)[..., 0]
+
+
+#: Where b, h, q_idx, kv_idx sit in a whole-call tile ``(B, H, Nq, Nk)``.
+WHOLE = Layout(4, b=(0,), h=(1,), q_idx=(2,), kv_idx=(3,))
 
 
 def _keys(x, runs: tuple[Run, ...], count: int):

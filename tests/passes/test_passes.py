@@ -273,7 +273,8 @@ def test_strategy_paths_of_fused_attention(mask, extra, paths):
 
 def test_strategy_reasons_name_what_blocks_a_path():
     alibi = lowering(CASES["sliding_alibi"])
-    assert alibi.why("runs") == "score_mod reads slope[h]"
+    assert "the additive bias" in alibi.why("runs") and "(key form)" in alibi.why("runs")
+    assert "score_mod rewrites the score" in lowering(CASES["topk"]).why("runs")
     assert "score_mod reads slope[h]" in alibi.why("sdpa")
     assert "kv_heads" not in alibi.why("sdpa")  # grouped-query heads block no fused path
     assert not alibi.allows("sdpa") and alibi.allows("tiles")
@@ -308,3 +309,28 @@ def test_strategy_sees_the_ir_not_the_spec():
 ])
 def test_is_top_left_causal_recognises_equivalent_forms(mask, causal):
     assert is_top_left_causal(attncc.load_spec({"attncc": 1, "mask": mask}).mask) is causal
+
+
+@pytest.mark.parametrize(("score_mod", "form"), [
+    ("score - slope[h] * (q_idx - kv_idx)", "key"),
+    ("score + tab[h, q_idx - kv_idx + seq_k - 1]", "toeplitz"),
+    ("score - slope[h] * abs(q_idx - kv_idx)", "toeplitz"),
+    ("score + 0.01 * q_idx * kv_idx", "general"),
+    ("score + hb[b, q_idx, kv_idx]", "general"),
+    ("score + 0.5 * q_idx + kv_idx", "key"),
+    ("30 * tanh(score / 30)", None),
+    ("2 * score", None),
+])
+def test_strategy_recognises_additive_bias_forms(score_mod, form):
+    from attncc.passes.strategy import additive_bias, bias_form
+
+    spec = attncc.load_spec({"attncc": 1, "score_mod": score_mod, "mask": "kv_idx <= q_idx",
+                             "inputs": {n: {"shape": s, "dtype": "float32"} for n, s in (
+                                 ("slope", ["heads"]), ("tab", ["heads", "seq_q + seq_k - 1"]),
+                                 ("hb", ["batch", "seq_q", "seq_k"])) if n in score_mod}})
+    _, node = attention_node(lower(spec))
+    bias = additive_bias(node.score_mod)
+    assert (None if bias is None else bias_form(bias)) == form
+    assert node.lowering.allows("runs") is (form is not None)
+    if form is not None:
+        assert f"({form} form)" in node.lowering.why("runs")

@@ -40,7 +40,8 @@ def calls(monkeypatch):
 
 def test_the_runs_path_serves_masked_specs():
     names = {p.stem for p in SPECS}
-    assert {"sliding_window", "document_mask", "longformer", "bigbird", "key_padding"} <= names
+    assert {"sliding_window", "document_mask", "longformer", "bigbird", "key_padding", "alibi",
+            "relative_bias"} <= names
 
 
 @pytest.mark.parametrize("seq", [64, 77])
@@ -53,7 +54,7 @@ def test_runs_forward_matches_the_reference(path, seq, calls):
                                     heads=3, head_dim=16, value_dim=16)
     report = check_kernel(kernel, spec, q, k, v, inputs, grads=False)
     assert report.ok, str(report)
-    if spec.mask is not None and not spec.is_causal:
+    if (spec.mask is not None and not spec.is_causal) or spec.score_mod is not None:
         assert calls["n"] >= 1, "the runs path was not taken"
 
 
@@ -69,3 +70,36 @@ def test_rows_with_no_kept_key_give_zero_and_minus_infinity(calls):
     assert torch.all(out[0] == 0) and torch.all(lse[0] == -torch.inf)
     ref = attncc.reference(spec, q, q, q, lengths=lengths)
     assert abs(out.double().numpy() - ref).max() < 1e-5
+
+
+ALIBI_WINDOW = {"attncc": 1, "name": "alibi_window", "heads": 4, "kv_heads": 2,
+                "score_mod": "score - slope[h] * (q_idx - kv_idx) + 0.25 * q_idx",
+                "mask": "kv_idx <= q_idx and q_idx - kv_idx < 24",
+                "inputs": {"slope": {"shape": ["heads"], "dtype": "float32"}}}
+SYM_ALIBI = {**ALIBI_WINDOW, "name": "sym_alibi", "mask": None,
+             "score_mod": "score - slope[h] * abs(q_idx - kv_idx)"}
+HF_BIAS = {"attncc": 1, "name": "hf_bias", "heads": 4, "kv_heads": 2, "mask": "kv_idx <= q_idx",
+           "score_mod": "score + hb[b, q_idx, kv_idx]",
+           "inputs": {"hb": {"shape": ["batch", "seq_q", "seq_k"], "dtype": "float32"}}}
+
+
+@pytest.mark.parametrize("source", [ALIBI_WINDOW, SYM_ALIBI, HF_BIAS, "examples/alibi.yaml"],
+                         ids=["alibi_window", "sym_alibi", "hf_bias", "alibi"])
+def test_additive_bias_enters_the_fused_calls(source, calls):
+    """Key-form (ALiBi, with a row term) and general (|q - kv|, a per-batch tensor) biases, GQA,
+    with return_lse; new input values on a second call are used (no stale bias tile)."""
+    spec = attncc.load_spec({k: v for k, v in source.items() if v is not None}
+                            if isinstance(source, dict) else source)
+    kernel = attncc.compile(spec, backend="torch", config={"use_sdpa": True, "block_m": 16,
+                                                           "block_n": 16})
+    for seed in (1, 2):
+        q, k, v, inputs = random_inputs(spec, 2, 53, 53, "float64", seed=seed, library="torch",
+                                        head_dim=8, value_dim=8)
+        report = check_kernel(kernel, spec, q, k, v, inputs, grads=False)
+        assert report.ok, str(report)
+        out, lse = kernel(q, k, v, return_lse=True, **inputs)
+        want_out, want_lse = attncc.compile(spec, backend="torch", config={"use_sdpa": False})(
+            q, k, v, return_lse=True, **inputs)
+        torch.testing.assert_close(out, want_out)
+        torch.testing.assert_close(lse, want_lse)
+    assert calls["n"] >= 4
