@@ -28,6 +28,7 @@ there); such rows are padding and never reach a real token.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 from dataclasses import dataclass
@@ -38,7 +39,8 @@ from attncc.errors import InputError
 from attncc.integrations.torch import and_mask
 from attncc.spec.load import load_spec
 
-__all__ = ["AttnccMask", "attention_function", "mask_function", "register"]
+__all__ = ["AttnccMask", "StatsRecorder", "attention_function", "mask_function", "record_stats",
+           "register"]
 
 _BUILTIN = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3",
             "flash_attention_4", "paged|eager")
@@ -189,7 +191,9 @@ def attention_function(spec=None, *, backend: str = "torch", config: dict | None
     """transformers' attention interface for attncc, computing ``spec`` or the model's pattern.
 
     ``inputs`` are the spec's runtime tensors (moved to the query's device on each call). The
-    function returns ``(attn_output (batch, seq_q, heads, value_dim), None)``.
+    function returns ``(attn_output (batch, seq_q, heads, value_dim), weights)``: weights None,
+    or with ``output_attentions`` the exact maps ``(batch, heads, seq_q, seq_k)`` of the spec
+    that runs (``Kernel.attention_map``, in the query's dtype; eager only), at no cost otherwise.
 
     Eager calls run the compiled kernel directly. Under ``torch.compile`` the kernel is built by
     ``_op`` (``torch.compiler.assume_constant_result``: dynamo calls it at trace time and keeps
@@ -243,6 +247,7 @@ def attention_function(spec=None, *, backend: str = "torch", config: dict | None
                      tuple(sorted(hf)), None if scaling is None else float(scaling),
                      None if softcap is None else float(softcap))
         call = {**{n: t.to(query.device) for n, t in fixed.items()}, **hf}
+        weights = None
         if torch.compiler.is_compiling():
             out = ops[_op(*structure)](query, key, value, **call)
         else:
@@ -250,11 +255,43 @@ def attention_function(spec=None, *, backend: str = "torch", config: dict | None
             if cache_key not in kernels:
                 kernels[cache_key] = compile_spec(load_spec(sources[cache_key]),
                                                   backend=backend, config=config)
-            out = kernels[cache_key](query, key, value, **call)
-        return out.transpose(1, 2).contiguous(), None
+            kernel, recorder = kernels[cache_key], attncc_attention.recorder
+            if recorder is not None:  # record_stats: per-row statistics, no map
+                out, found = kernel(query, key, value, stats=recorder.names, **call)
+                recorder.layers.append((getattr(module, "layer_idx", None), found))
+            else:
+                out = kernel(query, key, value, **call)
+            if kwargs.get("output_attentions"):  # the exact maps of the spec that runs
+                weights = kernel.attention_map(query, key, value, **call).to(query.dtype)
+        return out.transpose(1, 2).contiguous(), weights
 
-    attncc_attention.spec = spec
+    attncc_attention.spec, attncc_attention.recorder = spec, None
     return attncc_attention
+
+
+@dataclass
+class StatsRecorder:
+    """What ``record_stats`` collects: ``layers`` lists ``(layer_idx, {name: (batch, heads,
+    seq_q)})`` per attention call, in call order (every layer of every generate() step)."""
+
+    names: tuple
+    layers: list
+
+
+@contextlib.contextmanager
+def record_stats(stats=("entropy", "mean_distance"), name: str = "attncc"):
+    """``with record_stats(("entropy",)) as rec: model.generate(...)``: every eager call of the
+    attention registered as ``name`` also returns the per-row statistics ``stats``
+    (``attncc.lowering.requests``), appended to ``rec.layers``; no attention map is built."""
+    from transformers import AttentionInterface
+
+    function = AttentionInterface()[name]
+    recorder = StatsRecorder(tuple(stats), [])
+    function.recorder = recorder
+    try:
+        yield recorder
+    finally:
+        function.recorder = None
 
 
 def register(name: str = "attncc", spec=None, *, backend: str = "torch",
