@@ -20,8 +20,9 @@ def spec_argument(command):
     return click.argument("spec", metavar="SPEC", type=str)(command)
 
 
-def size_options(seq: int, batch: int = 1):
-    """--batch, --seq, --seq-k, --heads, --head-dim with command-specific defaults."""
+def size_options(seq: int, batch: int = 1, *, heads: bool = True):
+    """--batch, --seq, --seq-k, --heads, --head-dim with command-specific defaults (without
+    --heads where ``heads`` is False: the command defines its own)."""
 
     def decorate(command):
         for option in reversed((
@@ -31,9 +32,9 @@ def size_options(seq: int, batch: int = 1):
                          help="Query length (seq_q)."),
             click.option("--seq-k", type=click.IntRange(min=1), default=None,
                          help="Key length (seq_k); default: --seq."),
-            click.option("--heads", type=click.IntRange(min=1), default=None,
-                         help=f"Query heads where the spec leaves them open "
-                              f"(default {DEFAULT_HEADS})."),
+            *([click.option("--heads", type=click.IntRange(min=1), default=None,
+                            help=f"Query heads where the spec leaves them open "
+                                 f"(default {DEFAULT_HEADS}).")] if heads else []),
             click.option("--head-dim", type=click.IntRange(min=1), default=None,
                          help=f"Head dimension where the spec leaves it open "
                               f"(default {DEFAULT_HEAD_DIM})."),
