@@ -120,7 +120,8 @@ def _check_inputs(spec: Spec, given: dict, sizes: dict, q) -> dict:
             raise InputError(f"{name}: expected a {kind} dtype ({decl.dtype}), got {x.dtype}")
         if device is not None and getattr(x, "device", device) != device:
             raise InputError(f"{name}: expected device {device} like q, got {x.device}")
-        result[name] = x
+        # a 0-d input is read as name[0]: a one-element view (no copy)
+        result[name] = x[None] if not shape else x
     return result
 
 

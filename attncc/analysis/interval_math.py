@@ -12,6 +12,8 @@ import functools
 import numpy as np
 import sympy
 
+from attncc.spec.symbols import Log2
+
 #: Relative slack when a comparison reads floats: rounding may differ from the evaluator's.
 FLOAT_SLACK = 1e-9
 #: Largest magnitude of an exact integer bound; twice it still fits int64, so one sum never wraps.
@@ -32,7 +34,7 @@ def _nan_where(mask, lo, hi):
 
 def _nan_source(expr) -> bool:
     """Whether ``expr`` can be NaN or infinite: it has a log, exp or non-natural power."""
-    return any(isinstance(node, sympy.log | sympy.exp)
+    return any(isinstance(node, sympy.log | sympy.exp | sympy.tan | Log2)
                or (isinstance(node, sympy.Pow) and not (node.exp.is_Integer and node.exp >= 0))
                for node in sympy.preorder_traversal(expr))
 

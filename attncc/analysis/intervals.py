@@ -29,6 +29,7 @@ the evaluator computes them as written, even where their difference cancels.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,13 +58,26 @@ from attncc.analysis.interval_math import (
     _tri,
     _widen,
 )
-from attncc.spec.symbols import sigmoid
+from attncc.spec.symbols import (
+    BitAnd,
+    BitOr,
+    BitXor,
+    LeftShift,
+    Log2,
+    RightShift,
+    Round,
+    sigmoid,
+)
 
 __all__ = ["ALWAYS", "INT_LIMIT", "MAYBE", "NEVER", "Classified", "classify", "classify_checked",
            "interval"]
 
 
-_MONOTONE = {sympy.exp: np.exp, sympy.tanh: np.tanh}
+_MONOTONE = {sympy.exp: np.exp, sympy.tanh: np.tanh, sympy.erf: np.vectorize(math.erf),
+             sympy.sign: np.sign}
+
+
+_BIT_OPS = (BitAnd, BitOr, BitXor, LeftShift, RightShift)
 
 
 @dataclass(frozen=True)
@@ -184,6 +198,13 @@ class _Intervals:
             return functools.reduce(pick, map(self.state, e.args))
         if isinstance(e, sympy.Not):
             return ALWAYS - self.state(e.args[0])
+        if isinstance(e, sympy.Xor | sympy.Equivalent):  # decided only where every part is
+            states = [self.state(a) for a in e.args]
+            decided = functools.reduce(np.logical_and, [s != MAYBE for s in states])
+            odd = functools.reduce(np.logical_xor, [s == ALWAYS for s in states])
+            value = np.where(odd, ALWAYS, NEVER) if isinstance(e, sympy.Xor) else np.where(
+                odd, NEVER, ALWAYS)
+            return np.where(decided, value, MAYBE).astype(np.int8)
         if isinstance(e, sympy.Rel):
             return self.relation(e)
         if isinstance(e, ITE):  # sympy's form of a condition chosen by a condition
@@ -247,7 +268,7 @@ class _Intervals:
                 return v, v
             self.mark(e, True, abs(_big(v)))
             return _widen(_big(v), _big(v))
-        if e.is_Number:
+        if e.is_Number:  # -inf (a dropped score) included
             return float(e), float(e)
         if e.is_number:  # a constant such as E = exp(1) once sizes are substituted
             value = complex(e)
@@ -291,10 +312,18 @@ class _Intervals:
             lo, hi = self.num(e.args[0])
             fn = _sigmoid if isinstance(e, sigmoid) else _MONOTONE[type(e)]
             return fn(np.asarray(lo, dtype=np.float64)), fn(np.asarray(hi, dtype=np.float64))
-        if isinstance(e, sympy.log):
+        if isinstance(e, Round):  # monotone; the evaluator's float may round across a half
+            lo, hi = _widen(*self.num(e.args[0]))
+            return np.round(lo), np.round(hi)
+        if isinstance(e, sympy.sin | sympy.cos | sympy.tan):
+            return self.periodic(e)
+        if type(e) in _BIT_OPS:
+            return self.bits(e)
+        if isinstance(e, sympy.log | Log2):
             lo, hi = self.num(e.args[0])
+            fn = np.log if isinstance(e, sympy.log) else np.log2
             with np.errstate(divide="ignore", invalid="ignore"):
-                lo_v, hi_v = np.log(np.asarray(lo, np.float64)), np.log(np.asarray(hi, np.float64))
+                lo_v, hi_v = fn(np.asarray(lo, np.float64)), fn(np.asarray(hi, np.float64))
             return _nan_where(np.asarray(lo) < 0, lo_v, hi_v)
         raise TypeError(f"interval reasoning cannot bound {type(e).__name__}: {e}")
 
@@ -321,11 +350,57 @@ class _Intervals:
                                lambda a=(lo, hi), b=(a_lo, a_hi): _times(*_floats([a, b])))
         return lo, hi
 
+    def periodic(self, e):
+        """sin, cos: the endpoint values, widened to +-1 where the range holds a peak or a
+        trough; tan: monotone between poles, unknown (NaN) across one."""
+        lo, hi = (np.asarray(x, dtype=np.float64) for x in _widen(*self.num(e.args[0])))
+        if isinstance(e, sympy.tan):
+            pole = np.floor((lo + np.pi / 2) / np.pi) != np.floor((hi + np.pi / 2) / np.pi)
+            return _nan_where(pole | _infinite(lo, hi), np.tan(lo), np.tan(hi))
+        fn, shift = (np.sin, 0.5) if isinstance(e, sympy.sin) else (np.cos, 0.0)
+        a, c = fn(lo), fn(hi)
+        # peaks at (2k + shift) pi, troughs at (2k + 1 + shift) pi
+        peak = np.floor(hi / (2 * np.pi) - shift / 2) >= np.ceil(lo / (2 * np.pi) - shift / 2)
+        trough = (np.floor(hi / (2 * np.pi) - (1 + shift) / 2)
+                  >= np.ceil(lo / (2 * np.pi) - (1 + shift) / 2))
+        low = np.where(trough, -1.0, np.minimum(a, c))
+        high = np.where(peak, 1.0, np.maximum(a, c))
+        return _nan_where(_infinite(lo, hi), low, high)
+
+    def bits(self, e):
+        """Bit operations on non-negative integers: ``&`` within ``[0, min(hi)]``; ``| ^``
+        within ``[0, 2**bits(max hi) - 1]`` (``|`` at least the larger ``lo``); shifts monotone.
+        Unknown (NaN) where an operand may be negative or the result leave INT_LIMIT."""
+        (a_lo, a_hi), (c_lo, c_hi) = self.num(e.args[0]), self.num(e.args[1])
+        if not all(_is_int(x) for x in (a_lo, a_hi, c_lo, c_hi)):
+            return _nan_where(True, 0.0, 0.0)
+        negative = (np.asarray(a_lo) < 0) | (np.asarray(c_lo) < 0)
+        if isinstance(e, LeftShift):
+            too_big = np.log2(np.maximum(np.asarray(a_hi, np.float64), 1)) + c_hi >= 62
+            if np.any(too_big | negative):
+                return _nan_where(True, 0.0, 0.0)
+            return np.left_shift(a_lo, c_lo), np.left_shift(a_hi, c_hi)
+        if isinstance(e, RightShift):
+            lo, hi = np.right_shift(a_lo, np.minimum(c_hi, 63)), np.right_shift(a_hi, c_lo)
+        elif isinstance(e, BitAnd):
+            lo, hi = np.zeros_like(np.minimum(a_hi, c_hi)), np.minimum(a_hi, c_hi)
+        else:
+            top = np.maximum(a_hi, c_hi)
+            width = np.ceil(np.log2(np.asarray(top, np.float64) + 1)).astype(np.int64)
+            hi = np.left_shift(np.ones_like(width), width) - 1
+            lo = np.maximum(a_lo, c_lo) if isinstance(e, BitOr) else np.zeros_like(hi)
+        if np.any(negative):
+            return _nan_where(negative, lo, hi)
+        return lo, hi
+
     def power(self, e: sympy.Pow):
         lo, hi = self.num(e.base)
         n = e.exp
-        if not n.is_Number:
-            raise TypeError(f"interval reasoning needs a number exponent, got {e}")
+        if not n.is_Number:  # a positive constant base (the parser's rule): monotone in n
+            n_lo, n_hi = (np.asarray(x, np.float64) for x in self.num(n))
+            base = float(e.base)
+            a, c = np.power(base, n_lo), np.power(base, n_hi)
+            return _widen(np.minimum(a, c), np.maximum(a, c))
         if n.is_Integer and n >= 0:
             n = int(n)
             if not (_is_int(lo) and _is_int(hi)):

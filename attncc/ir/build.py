@@ -18,6 +18,7 @@ from __future__ import annotations
 import networkx as nx
 import sympy
 
+from attncc.analysis.dropped import split_dropped
 from attncc.ir.graph import (
     Aggregate,
     FeatureMap,
@@ -34,6 +35,7 @@ from attncc.ir.graph import (
     add,
     new_graph,
 )
+from attncc.spec import symbols
 from attncc.spec.load import load_spec
 from attncc.spec.symbols import free_names
 
@@ -100,12 +102,17 @@ class _Builder:
                                "q", k, "w")
         else:
             scores = self.node("score", Score(kind="dot", scale=spec.scale), "q", k)
-        if spec.score_mod is not None:
-            scores = self.node("score_mod", ScoreMod(expr=spec.score_mod), scores,
-                               *self.expr_inputs(spec.score_mod))
-        if spec.mask is not None:
-            scores = self.node("mask", Mask(expr=spec.mask), scores,
-                               *self.expr_inputs(spec.mask))
+        score_mod, mask = spec.score_mod, spec.mask
+        if score_mod is not None and spec.lowrank is None:  # where(c, x, -inf): x, mask c
+            score_mod, keep = split_dropped(score_mod)
+            mask = keep if mask is None else sympy.And(mask, keep)
+            mask = None if mask is sympy.true else mask
+            score_mod = None if score_mod == symbols.score else score_mod
+        if score_mod is not None:
+            scores = self.node("score_mod", ScoreMod(expr=score_mod), scores,
+                               *self.expr_inputs(score_mod))
+        if mask is not None:
+            scores = self.node("mask", Mask(expr=mask), scores, *self.expr_inputs(mask))
         weights = self.node("normalize", Normalize(kind=spec.normalize, topk=spec.topk), scores)
         return self.node("aggregate", Aggregate(), weights, v)
 

@@ -5,9 +5,11 @@ the grammar below before a sympy object is built from it directly (no ``eval``, 
 ``sympy.parse_expr``, which evals). Limits on length, nesting, node count and exponents bound the
 work any input can cause.
 
-Grammar: numbers, ``True``/``False``, names from the scope, ``input[i, ...]`` for declared inputs,
-``+ - * / // % **``, comparisons (chained too), ``and or not``, ``& | ~`` (logical, on
-conditions), ``x if c else y``, and the functions in ``FUNCTIONS``.
+Grammar: numbers, ``True``/``False``, names from the scope (a 0-d input by its name),
+``input[i, ...]`` (or ``input[i][j]``) for declared inputs, ``+ - * / // % **``, comparisons
+(chained too; ``==``/``!=`` also between conditions), ``and or not``, ``& | ^ ~`` (logical on
+conditions, bitwise on integers), ``<< >>`` on integers, ``x if c else y``, the functions in
+``FUNCTIONS``, and ``-inf`` where the scope allows it (a score_mod's value: the pair is dropped).
 """
 
 from __future__ import annotations
@@ -18,28 +20,53 @@ import operator
 from dataclasses import dataclass, field
 
 import sympy
+from sympy.functions.elementary.piecewise import ExprCondPair
 from sympy.logic.boolalg import Boolean
 
 from attncc.errors import SpecError
-from attncc.spec.symbols import input_base, sigmoid
+from attncc.spec.symbols import (
+    BitAnd,
+    BitOr,
+    BitXor,
+    LeftShift,
+    Log2,
+    RightShift,
+    Round,
+    input_base,
+    sigmoid,
+)
 
 MAX_LENGTH = 4096
 MAX_DEPTH = 64
 MAX_NODES = 1024
 MAX_EXPONENT = 64
 MAX_POWER_DIGITS = 300
+MAX_SHIFT = 62
 _WHITESPACE = str.maketrans("\t\n\r\f\v", "     ")
 
 #: function name -> (arity: exact int, or None for 2 or more)
 FUNCTIONS = {
     "sqrt": 1, "exp": 1, "log": 1, "tanh": 1, "sigmoid": 1, "abs": 1, "floor": 1, "ceil": 1,
-    "min": None, "max": None, "where": 3,
+    "min": None, "max": None, "where": 3, "sin": 1, "cos": 1, "tan": 1, "erf": 1, "exp2": 1,
+    "log2": 1, "pow": 2, "clamp": 3, "silu": 1, "gelu": 1, "gelu_tanh": 1, "sign": 1,
+    "round": 1,
 }
+_SQRT_2_OVER_PI = sympy.Float(math.sqrt(2.0 / math.pi))
 _SYMPY_FUNCS = {
     "sqrt": sympy.sqrt, "exp": sympy.exp, "log": sympy.log, "tanh": sympy.tanh,
     "sigmoid": sigmoid, "abs": sympy.Abs, "floor": sympy.floor, "ceil": sympy.ceiling,
-    "min": sympy.Min, "max": sympy.Max,
+    "min": sympy.Min, "max": sympy.Max, "sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan,
+    "erf": sympy.erf, "log2": Log2,
+    "clamp": lambda x, lo, hi: sympy.Min(sympy.Max(x, lo), hi),
+    "silu": lambda x: x * sigmoid(x),
+    "gelu": lambda x: x * (1 + sympy.erf(x / sympy.Float(math.sqrt(2.0)))) / 2,
+    "gelu_tanh": lambda x: x * (1 + sympy.tanh(_SQRT_2_OVER_PI * (x + sympy.Float(0.044715)
+                                                                  * x ** 3))) / 2,
+    "sign": sympy.sign, "round": Round,
 }
+_BITS = {ast.BitAnd: BitAnd, ast.BitOr: BitOr, ast.BitXor: BitXor, ast.LShift: LeftShift,
+         ast.RShift: RightShift}
+_LOGIC = {ast.BitAnd: sympy.And, ast.BitOr: sympy.Or, ast.BitXor: sympy.Xor}
 _COMPARE = {
     ast.Lt: sympy.Lt, ast.LtE: sympy.Le, ast.Gt: sympy.Gt, ast.GtE: sympy.Ge,
     ast.Eq: sympy.Eq, ast.NotEq: sympy.Ne,
@@ -69,13 +96,17 @@ class Scope:
 
     ``names`` maps a bare name to the sympy object it stands for (index and size symbols, constant
     values); ``inputs`` maps an input name to ``(ndim, integer)``, where ``integer`` says whether
-    its elements are integers (so may index other inputs). ``booleans`` names the inputs of dtype
-    bool: an element of one, used where a condition is expected, means ``element != 0``.
+    its elements are integers (so may index other inputs); a 0-d input (``ndim`` 0) is read by
+    its bare name and stands for ``name[0]`` (bind views it as one element). ``booleans`` names
+    the inputs of dtype bool: an element of one, used where a condition is expected, means
+    ``element != 0``. ``infinite`` allows the name ``inf``; the result may then be ``-inf``
+    (only as the whole value, a ``where`` branch, a term of a sum, or an argument of min/max).
     """
 
     names: dict[str, sympy.Basic] = field(default_factory=dict)
     inputs: dict[str, tuple[int, bool]] = field(default_factory=dict)
     booleans: frozenset[str] = frozenset()
+    infinite: bool = False
 
 
 def parse_expr(text, scope: Scope, *, field: str, file: str | None = None,
@@ -119,6 +150,8 @@ def parse_expr(text, scope: Scope, *, field: str, file: str | None = None,
         if want == "bool":
             result = builder.as_condition(result)
         _check_kind(result, want, tree.body, file, field)
+        if scope.infinite:
+            _check_infinity(result, tree.body, file, field)
     except SpecError as err:
         if err.column is None or not shift:
             raise
@@ -143,6 +176,23 @@ def _check_size(root: ast.AST, file, field) -> None:
             raise SpecError(f"expression has more than {MAX_NODES} parts", file=file, field=field)
         stack.extend((child, depth + 1, getattr(child, "col_offset", col))
                      for child in ast.iter_child_nodes(node))
+
+
+def _check_infinity(expr, node, file, field) -> None:
+    """``-inf`` only where it means "drop the pair"; ``+inf`` nowhere."""
+    if expr.has(sympy.oo):
+        raise SpecError("expression can be +inf; only -inf (a dropped pair) is allowed",
+                        file=file, field=field, column=node.col_offset + 1)
+    allowed = (sympy.Piecewise, ExprCondPair, sympy.Add, sympy.Min, sympy.Max)
+    stack = [expr]
+    while stack:
+        e = stack.pop()
+        for arg in e.args:
+            if arg is sympy.S.NegativeInfinity and not isinstance(e, allowed):
+                raise SpecError(f"-inf is allowed only as a score's value (where(c, score, -inf),"
+                                f" score - inf), not inside {e}", file=file, field=field,
+                                column=node.col_offset + 1)
+            stack.append(arg)
 
 
 def _is_bool(expr) -> bool:
@@ -202,7 +252,8 @@ class _Builder:
         if result.has(sympy.I):
             self.fail(node, "expression is not a real number (it takes the root or log of a "
                             "negative value)")
-        if result.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo):
+        if result.has(sympy.zoo, sympy.nan) or (
+                not self.scope.infinite and result.has(sympy.oo, -sympy.oo)):
             self.fail(node, "expression divides by zero or is not finite")
         if isinstance(result, sympy.Expr) and result.is_number and not result.is_Number:
             # exp(1), sqrt(2): constants that are not plain numbers (sympy.E, a Pow) become
@@ -225,7 +276,12 @@ class _Builder:
     def _Name(self, node: ast.Name):
         if node.id in self.scope.names:
             return self.scope.names[node.id]
+        if self.scope.infinite and node.id == "inf":
+            return sympy.oo
         if node.id in self.scope.inputs:
+            ndim, integer = self.scope.inputs[node.id]
+            if ndim == 0:
+                return input_base(node.id, integer=integer)[sympy.Integer(0)]
             self.fail(node, f"input '{node.id}' must be indexed, as {node.id}[...]")
         if node.id in FUNCTIONS:
             self.fail(node, f"'{node.id}' is a function; call it as {node.id}(...)")
@@ -233,18 +289,29 @@ class _Builder:
         self.fail(node, f"unknown name '{node.id}'; expected one of: {allowed}")
 
     def _Subscript(self, node: ast.Subscript):
+        """``x[i, j]``, or chained ``x[i][j]`` (the same element). An index that is not
+        provably an integer (``floor(log(...))`` inside a ``where``) is rounded down when
+        evaluated; one that is provably not an integer is refused."""
+        chain = []
+        while isinstance(node.value, ast.Subscript):
+            chain.append(node)
+            node = node.value
+        chain.append(node)
         if not isinstance(node.value, ast.Name) or node.value.id not in self.scope.inputs:
             inputs = ", ".join(sorted(self.scope.inputs)) or "none declared"
             self.fail(node, f"only inputs can be indexed (inputs: {inputs})")
         name = node.value.id
         ndim, integer = self.scope.inputs[name]
-        parts = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+        parts = [p for link in reversed(chain)
+                 for p in (link.slice.elts if isinstance(link.slice, ast.Tuple) else [link.slice])]
         if len(parts) != ndim:
             self.fail(node, f"input '{name}' has {ndim} dimension(s); got {len(parts)} index(es)")
         indices = []
         for part in parts:
             index = self.number(part)
-            if index.is_integer is not True:
+            floats = [a for a in index.atoms(sympy.Indexed) if a.base.is_integer is not True]
+            if index.is_integer is False or index.is_real is False or (
+                    index.is_integer is None and floats):
                 self.fail(part, f"an index of '{name}' must be an integer expression, got {index}")
             indices.append(index)
         return input_base(name, integer=integer)[tuple(indices)]
@@ -261,9 +328,8 @@ class _Builder:
 
     def _BinOp(self, node: ast.BinOp):
         op = type(node.op)
-        if op in (ast.BitAnd, ast.BitOr):
-            left, right = self.condition(node.left), self.condition(node.right)
-            return sympy.And(left, right) if op is ast.BitAnd else sympy.Or(left, right)
+        if op in _BITS:
+            return self._bits(node, op)
         left, right = self.number(node.left), self.number(node.right)
         if op in (ast.Div, ast.FloorDiv, ast.Mod) and right.is_zero:
             self.fail(node, f"division by zero in '{_OP_TEXT[op]}'")
@@ -273,12 +339,32 @@ class _Builder:
             self.fail(node, f"operator '{_OP_TEXT.get(op, op.__name__)}' is not allowed")
         return _ARITHMETIC[op](left, right)
 
+    def _bits(self, node: ast.BinOp, op):
+        """``& | ^`` on two conditions are logical; on two integers, and ``<< >>``, bitwise."""
+        left = self.as_condition(self.build(node.left))
+        right = self.as_condition(self.build(node.right))
+        if op in _LOGIC and _is_bool(left) and _is_bool(right):
+            return _LOGIC[op](left, right)
+        for side, value in ((node.left, left), (node.right, right)):
+            if _is_bool(value) or value.is_integer is not True:
+                self.fail(side, f"'{_OP_TEXT[op]}' takes two integers (bitwise) or two "
+                                f"conditions (logical), got {value}")
+        if op in (ast.LShift, ast.RShift) and right.is_Integer and not 0 <= right <= MAX_SHIFT:
+            self.fail(node.right, f"a shift count must be in 0..{MAX_SHIFT}, got {right}")
+        if op is ast.LShift and left.is_Integer and right.is_Integer and (
+                abs(int(left)).bit_length() + int(right) > MAX_SHIFT):
+            self.fail(node, f"{left} << {right} does not fit in 63 bits")
+        return _BITS[op](left, right)
+
     def _power(self, node, base, exponent):
         if not exponent.is_Number:
-            self.fail(node.right, f"an exponent must be a number, got {exponent}")
+            if not (base.is_Number and base > 0):
+                self.fail(getattr(node, "right", node), f"an exponent must be a number, or the "
+                          f"base a positive number (2 ** (h / heads)); got {base} ** {exponent}")
+            return base ** exponent
         if abs(float(exponent)) > MAX_EXPONENT:
-            self.fail(node.right, f"exponent {exponent} is too large; at most {MAX_EXPONENT} in "
-                                  "absolute value")
+            self.fail(getattr(node, "right", node), f"exponent {exponent} is too large; at "
+                                                    f"most {MAX_EXPONENT} in absolute value")
         if base.is_Number and base != 0:
             digits = abs(float(exponent)) * abs(math.log10(abs(float(base))))
             if digits > MAX_POWER_DIGITS:
@@ -289,12 +375,26 @@ class _Builder:
         return base ** exponent
 
     def _Compare(self, node: ast.Compare):
-        operands = [self.number(node.left)] + [self.number(c) for c in node.comparators]
+        operands = [self.as_condition(self.build(n)) for n in (node.left, *node.comparators)]
+        if any(map(_is_bool, operands)):
+            return self._compare_conditions(node, operands)
         parts = []
         for op, left, right in zip(node.ops, operands, operands[1:], strict=False):
             if type(op) not in _COMPARE:
                 self.fail(node, f"comparison '{type(op).__name__}' is not allowed")
             parts.append(_COMPARE[type(op)](left, right))
+        return sympy.And(*parts)
+
+    def _compare_conditions(self, node: ast.Compare, operands):
+        """``==`` (equivalent) and ``!=`` (exclusive or) between conditions."""
+        if not all(map(_is_bool, operands)):
+            self.fail(node, "a comparison takes numbers, or conditions on both sides")
+        parts = []
+        for op, left, right in zip(node.ops, operands, operands[1:], strict=False):
+            if not isinstance(op, ast.Eq | ast.NotEq):
+                self.fail(node, "conditions can only be compared with == and !=")
+            parts.append(sympy.Equivalent(left, right) if isinstance(op, ast.Eq)
+                         else sympy.Xor(left, right))
         return sympy.And(*parts)
 
     def _IfExp(self, node: ast.IfExp):
@@ -325,7 +425,10 @@ class _Builder:
         if name == "where":
             return self._choose(node, self.condition(node.args[0]), node.args[1], node.args[2])
         args = [self.number(a) for a in node.args]
-        bad_log = name == "log" and args[0].is_Number and args[0] <= 0
+        bad_log = name in ("log", "log2") and args[0].is_Number and args[0] <= 0
         if bad_log or (name == "sqrt" and args[0].is_Number and args[0] < 0):
             self.fail(node, f"{name}() of {args[0]} is not a real number")
+        if name in ("pow", "exp2"):
+            base, exponent = (args[0], args[1]) if name == "pow" else (sympy.Integer(2), args[0])
+            return self._power(node, base, exponent)
         return _SYMPY_FUNCS[name](*args)

@@ -13,11 +13,21 @@ import functools
 import math
 import operator
 
+import array_api_compat
 import sympy
 from sympy.logic.boolalg import ITE
 
 from attncc.errors import InputError
-from attncc.spec.symbols import sigmoid
+from attncc.spec.symbols import (
+    BitAnd,
+    BitOr,
+    BitXor,
+    LeftShift,
+    Log2,
+    RightShift,
+    Round,
+    sigmoid,
+)
 
 _COMPARE = {
     sympy.StrictLessThan: operator.lt, sympy.LessThan: operator.le,
@@ -25,13 +35,23 @@ _COMPARE = {
     sympy.Equality: operator.eq, sympy.Unequality: operator.ne,
 }
 _UNARY = {sympy.exp: "exp", sympy.log: "log", sympy.tanh: "tanh", sympy.Abs: "abs",
-          sympy.floor: "floor", sympy.ceiling: "ceil"}
+          sympy.floor: "floor", sympy.ceiling: "ceil", sympy.sin: "sin", sympy.cos: "cos",
+          sympy.tan: "tan", sympy.erf: "erf", sympy.sign: "sign", Round: "round",
+          sigmoid: "sigmoid", Log2: "log2"}
+#: integer bit operations: (namespace function, the same on Python ints)
+_BITS = {BitAnd: ("bitwise_and", operator.and_), BitOr: ("bitwise_or", operator.or_),
+         BitXor: ("bitwise_xor", operator.xor), LeftShift: ("bitwise_left_shift", operator.lshift),
+         RightShift: ("bitwise_right_shift", operator.rshift)}
 #: n-ary nodes folded pairwise: (namespace function, the same on Python scalars)
 _FOLDS = {sympy.Min: ("minimum", min), sympy.Max: ("maximum", max),
           sympy.And: ("logical_and", lambda a, b: a and b),
-          sympy.Or: ("logical_or", lambda a, b: a or b)}
+          sympy.Or: ("logical_or", lambda a, b: a or b),
+          sympy.Xor: ("not_equal", operator.ne)}
 _SCALAR_UNARY = {"exp": math.exp, "log": math.log, "tanh": math.tanh, "abs": abs,
-                 "floor": math.floor, "ceil": math.ceil}
+                 "floor": math.floor, "ceil": math.ceil, "sin": math.sin, "cos": math.cos,
+                 "tan": math.tan, "erf": math.erf, "round": round, "log2": math.log2,
+                 "sign": lambda x: float((x > 0) - (x < 0)),
+                 "sigmoid": lambda x: 1.0 / (1.0 + math.exp(-x)) if x > -700 else 0.0}
 
 
 def evaluate(expr: sympy.Basic, env: dict, xp):
@@ -65,6 +85,8 @@ class _Evaluator:
             return bool(e)
         if e.is_Integer:
             return int(e)
+        if e is sympy.S.NegativeInfinity:
+            return -math.inf
         if e.is_Number or (isinstance(e, sympy.Expr) and e.is_number):
             return float(e)
         if isinstance(e, sympy.Indexed):
@@ -87,10 +109,13 @@ class _Evaluator:
             if isinstance(e, sympy.floor):
                 return num // den
             return -((-num) // den)
-        if type(e) in _UNARY or isinstance(e, sigmoid):
-            arg = self.value(e.args[0])
-            name = "sigmoid" if isinstance(e, sigmoid) else _UNARY[type(e)]
-            return self.unary(name, arg)
+        if type(e) in _UNARY:
+            return self.unary(_UNARY[type(e)], self.value(e.args[0]))
+        if type(e) in _BITS:
+            array_fn, scalar_fn = _BITS[type(e)]
+            return self.reduce(getattr(xp, array_fn), scalar_fn, [self.value(a) for a in e.args])
+        if isinstance(e, sympy.Equivalent):
+            return self.value(sympy.Not(sympy.Xor(*e.args)))
         if isinstance(e, sympy.Mod):
             return self.value(e.args[0]) % self.value(e.args[1])
         if type(e) in _FOLDS:
@@ -110,8 +135,6 @@ class _Evaluator:
     def unary(self, name: str, arg):
         xp = self.xp
         if _is_scalar(arg):
-            if name == "sigmoid":
-                return 1.0 / (1.0 + math.exp(-arg)) if arg > -700 else 0.0
             try:
                 return _SCALAR_UNARY[name](arg)
             except OverflowError:
@@ -120,12 +143,24 @@ class _Evaluator:
                 return math.nan
         if name == "sigmoid":
             return xp.exp(-xp.logaddexp(xp.zeros_like(arg), -arg))
-        if name in ("floor", "ceil") and not xp.isdtype(arg.dtype, "real floating"):
+        if name in ("floor", "ceil", "round") and not xp.isdtype(arg.dtype, "real floating"):
             return arg
+        if name == "erf":
+            return _erf(_to_float(arg, xp))
+        if name == "sign":
+            return xp.sign(_to_float(arg, xp))
+        if name in ("sin", "cos", "tan", "log2"):
+            arg = _to_float(arg, xp)
         return getattr(xp, name)(arg)
 
     def power(self, e: sympy.Pow):
         base, exponent = self.value(e.base), e.exp
+        if not exponent.is_Number:  # computed in floats: no integer power can wrap
+            base, power = self.value(e.base), self.value(exponent)
+            if _is_scalar(power):
+                return (base if _is_scalar(base) else _to_float(base, self.xp)) ** float(power)
+            power = _to_float(power, self.xp)
+            return (float(base) if _is_scalar(base) else _to_float(base, self.xp)) ** power
         if _is_scalar(base):
             return base ** (int(exponent) if exponent.is_Integer else float(exponent))
         if exponent == sympy.Rational(1, 2):
@@ -189,8 +224,11 @@ class _Evaluator:
             value = self.value(index)
             size = table.shape[axis]
             if _is_scalar(value):
+                value = math.floor(value)
                 bad = not 0 <= value < size
             else:
+                if self.xp.isdtype(value.dtype, "real floating"):  # integral, not provably so
+                    value = self.xp.floor(value)
                 value = self.xp.astype(value, self.xp.int64)
                 bad = bool(self.xp.any(value < 0) or self.xp.any(value >= size))
             if bad:
@@ -198,6 +236,19 @@ class _Evaluator:
                                  f"{size} by {index}")
             indices.append(value)
         return table[tuple(indices)]
+
+
+def _erf(x):
+    """erf on an array: torch's own, SciPy's for NumPy when installed, else math.erf per
+    element."""
+    if array_api_compat.is_torch_array(x):
+        return x.erf()
+    try:
+        from scipy.special import erf
+    except ImportError:  # pragma: no cover - SciPy is optional
+        import numpy as np
+        return np.vectorize(math.erf, otypes=[x.dtype])(x)
+    return erf(x)
 
 
 def _is_ratio(arg) -> bool:

@@ -43,7 +43,9 @@ KEYS = {
     "constants": "mapping of names to numbers usable in every expression",
     "inputs": "runtime tensors named in expressions: {name: {shape: [...], dtype: ...}}",
 }
-INPUT_KEYS = {"shape": "list of sizes: integers, size names, constants, or integer expressions",
+INPUT_KEYS = {"shape": "list of sizes: integers, size names, constants, the spec's features, "
+                       "rank, landmarks, topk, memory_tokens, or integer expressions; [] for a "
+                       "scalar",
               "dtype": "float16 | bfloat16 | float32 | float64 | int32 | int64 | bool"}
 LOWRANK_KEYS = {"method": "linformer | nystrom", "rank": "projected length R (linformer)",
                 "landmarks": "number of landmarks M (nystrom)"}
@@ -53,8 +55,10 @@ NORMALIZERS = ("softmax", "sigmoid", "topk", "linear")
 FEATURE_MAPS = ("elu1", "relu", "performer")
 LOWRANK_METHODS = {"linformer": "rank", "nystrom": "landmarks"}
 DTYPES = ("float16", "bfloat16", "float32", "float64", "int32", "int64", "bool")
-RESERVED = (set(sym.INDEX_SYMBOLS) | set(sym.SIZE_NAMES) | set(FUNCTIONS)
-            | {"score", "q", "k", "v", "return_lse", "True", "False"})
+#: Spec keys whose value an input's shape may name (``omega: {shape: [features, head_dim]}``).
+SHAPE_KEYS = ("features", "rank", "landmarks", "topk", "memory_tokens")
+RESERVED = (set(sym.INDEX_SYMBOLS) | set(sym.SIZE_NAMES) | set(FUNCTIONS) | set(SHAPE_KEYS)
+            | {"score", "q", "k", "v", "return_lse", "True", "False", "inf"})
 
 CAUSAL = sympy.Le(sym.kv_idx, sym.q_idx)
 
@@ -177,9 +181,14 @@ class _Validator:
         lowrank = self.lowrank()
         memory_tokens = self.count("memory_tokens", 0, minimum=1)
         features = self.count("features", None)
+        topk = self.count("topk", None)
         feature_map = self.choice("feature_map", FEATURE_MAPS, "elu1" if normalize == "linear"
                                   else None)
-        inputs = self.inputs(base, score, lowrank, memory_tokens, feature_map, features)
+        keys = {"features": features, "topk": topk, "memory_tokens": memory_tokens or None,
+                LOWRANK_METHODS[lowrank.method] if lowrank else "rank":
+                    lowrank.size if lowrank else None}
+        shaped = {**base, **{k: sympy.Integer(v) for k, v in keys.items() if v is not None}}
+        inputs = self.inputs(shaped, score, lowrank, memory_tokens, feature_map, features)
         scale = self.expression("scale", Scope(names=base), default="1/sqrt(head_dim)")
         indexed = Scope(names={**base, **sym.INDEX_SYMBOLS},
                         inputs={n: (len(i.shape), not i.is_float) for n, i in inputs.items()
@@ -187,9 +196,8 @@ class _Validator:
                         booleans=frozenset(n for n, i in inputs.items() if i.dtype == "bool"))
         mask = self.expression("mask", indexed, want="bool")
         score_mod = self.expression("score_mod", dataclasses.replace(
-            indexed, names={**indexed.names, "score": sym.score}))
+            indexed, names={**indexed.names, "score": sym.score}, infinite=True))
         self.used(inputs, mask, score_mod)
-        topk = self.count("topk", None)
         self.combinations(normalize, topk, feature_map, features, score, score_mod, mask,
                           lowrank, memory_tokens)
         return Spec(name=name, doc=doc, heads=heads, kv_heads=kv_heads,
@@ -264,7 +272,7 @@ class _Validator:
         for name, decl in raw.items():
             self.check_name("inputs", name)
             if name in base:
-                self.fail(f"inputs.{name}", f"'{name}' is already a constant")
+                self.fail(f"inputs.{name}", f"'{name}' is already a constant or size")
             where = f"inputs.{name}"
             if not isinstance(decl, dict) or "shape" not in decl:
                 self.fail(where, f"expected {{shape: [...], dtype: ...}}, got {decl!r}")
@@ -272,8 +280,9 @@ class _Validator:
                 if key not in INPUT_KEYS:
                     self.fail(f"{where}.{key}", "unknown key" + _suggest(key, INPUT_KEYS))
             shape = decl["shape"]
-            if not isinstance(shape, list) or not shape:
-                self.fail(f"{where}.shape", f"expected a non-empty list of sizes, got {shape!r}")
+            if not isinstance(shape, list):
+                self.fail(f"{where}.shape", f"expected a list of sizes ([] for a scalar), got "
+                                            f"{shape!r}")
             dims = tuple(self.dim(f"{where}.shape", entry, base) for entry in shape)
             dtype = decl.get("dtype", "float32")
             if dtype not in DTYPES:

@@ -45,6 +45,97 @@ class sigmoid(sympy.Function):  # noqa: N801 - named as users write it in specs
         return self * (1 - self)
 
 
+class Round(sympy.Function):
+    """``round(x)``: the nearest integer, ties to even (as NumPy and torch round)."""
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_Number:
+            return sympy.Integer(round(float(x)))
+        if x.is_integer:
+            return x
+        return None
+
+    def _eval_is_integer(self):
+        return self.args[0].is_real
+
+    def fdiff(self, argindex=1):
+        return sympy.Integer(0)
+
+
+class Log2(sympy.Function):
+    """``log2(x)``, one node (not ``log(x) * 1.4427``, so ``log2(8)`` is exactly 3)."""
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_Number:
+            return sympy.log(x) / sympy.log(2)
+        return None
+
+    def _eval_is_real(self):
+        return self.args[0].is_positive
+
+    def fdiff(self, argindex=1):
+        return 1 / (self.args[0] * sympy.log(2))
+
+
+class _IntegerOp(sympy.Function):
+    """A bit operation on two integers; folded when both are integer numbers."""
+
+    nargs = 2
+    op = None  # the operator on Python ints
+
+    @classmethod
+    def eval(cls, a, c):
+        if a.is_Integer and c.is_Integer:
+            return sympy.Integer(cls.op(int(a), int(c)))
+        return None
+
+    def _eval_is_integer(self):
+        return True
+
+    def fdiff(self, argindex=1):
+        return sympy.Integer(0)
+
+
+class BitAnd(_IntegerOp):
+    """``a & b`` on integers."""
+
+    op = staticmethod(lambda a, c: a & c)
+
+
+class BitOr(_IntegerOp):
+    """``a | b`` on integers."""
+
+    op = staticmethod(lambda a, c: a | c)
+
+
+class BitXor(_IntegerOp):
+    """``a ^ b`` on integers."""
+
+    op = staticmethod(lambda a, c: a ^ c)
+
+
+class LeftShift(_IntegerOp):
+    """``a << b`` on integers (``b`` >= 0)."""
+
+    op = staticmethod(lambda a, c: a << c)
+
+
+class RightShift(_IntegerOp):
+    """``a >> b`` on integers (``b`` >= 0), rounding toward minus infinity."""
+
+    op = staticmethod(lambda a, c: a >> c)
+
+
+#: The bit operations, by the Python operator that writes them.
+BIT_OPS = (BitAnd, BitOr, BitXor, LeftShift, RightShift)
+
+
 def input_base(name: str, integer: bool = False) -> sympy.IndexedBase:
     """The IndexedBase standing for the runtime input ``name`` (``slope[h]`` is its element)."""
     if integer:

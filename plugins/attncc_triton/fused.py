@@ -92,6 +92,8 @@ class FusedGenerator:
                  else f"score * 0 + {pr(fs.score_mod)}")
             body += (["if MEMORY:", "    s = score", "else:", f"    s = {s}"]
                      if fs.memory_tokens else [f"s = {s}"])
+            if fs.score_mod.has(sympy.S.NegativeInfinity):  # a -inf score drops its pair
+                body.append('keep = keep & (s > float("-inf"))')
             s = "s"
         if fs.mask is not None:
             atoms = {**mod_atoms, **self._locals(fs.mask)}
@@ -149,7 +151,8 @@ class FusedGenerator:
         if memory:
             body += ["if MEMORY:", *("    " + m for m in memory)]
         body.append(f"return {ret or state}")
-        groups = [state.split(", "), ["q", "q_idx", "row_ok", "w", "do", "lse", "delta", "thr"],
+        groups = [state.split(", "), ["q", "q_idx", "row_ok", "w", "do", "lse", "lse_lo", "delta",
+                   "thr"],
                   ["k_at", "v_at", "sk", "sv", "start", "n_keys", "dmk_at", "dmv_at", "b", "h"],
                   list(self.hoisted.values()), self.expr, ["DW", "swh"], list(_SIZES),
                   list(CONSTS)]
@@ -181,7 +184,7 @@ class FusedGenerator:
 
     def delta_tile(self) -> Fn:
         update = [f"dp = tl.dot(do, tl.trans(v), {_DOT})",
-                  "p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)",
+                  f"p = tl.where(keep, {self._p()}, 0.0)",
                   "corr += tl.sum(p * (dp - delta[:, None]), 1)"]
         return self._row_tile("_delta_tile", "corr", update,
                               "Row sums of P * (dP - D) of one tile, for the exact delta.")
@@ -195,7 +198,7 @@ class FusedGenerator:
             lines += ["sg = tl.sigmoid(s)", *(["p = tl.where(keep, sg, 0.0)"] if p else []),
                       "ds = tl.where(keep, dp * sg * (1.0 - sg), 0.0)"]
         else:
-            lines += ["p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)",
+            lines += [f"p = tl.where(keep, {self._p()}, 0.0)",
                       "ds = p * (dp - delta[:, None])"]
         if fs.score_mod is None:
             lines.append("dsr = ds")
@@ -207,6 +210,14 @@ class FusedGenerator:
         if self.additive:
             lines.append("dt = dsr[:, :, None] * w[None, None, :] * (1.0 - t * t)")
         return lines
+
+    def _p(self) -> str:
+        """The softmax probability of a tile from the row's lse; outside top-k (whose THR holds
+        the threshold) with the lse's rounding residual ``lse_lo``, so that rows whose scores
+        all sit near the dtype's minimum (additive padding masks) keep their 1/n weights."""
+        if self.fs.normalize == "topk":
+            return "tl.exp(s - lse[:, None])"
+        return "tl.exp((s - lse[:, None]) - lse_lo[:, None])"
 
     def _dk_dv(self) -> tuple[str, str]:
         dk = ("tl.sum(dt, 0)" if self.additive
@@ -289,6 +300,8 @@ class FusedGenerator:
                       "delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)"]
         if fs.normalize == "topk":
             lines.append("thr = tl.load(THR + stat, mask=row_ok, other=0.0)")
+        elif fs.normalize != "sigmoid":
+            lines.append("lse_lo = tl.load(THR + stat, mask=row_ok, other=0.0)")
         return lines
 
     def _per_head(self) -> list[str]:
@@ -363,6 +376,9 @@ class FusedGenerator:
                      "mask=o_ok)",
                      f"lse = tl.where(l_i == 0.0, {_INF}, m_i + tl.log(l_safe))",
                      "tl.store(LSE + stat, lse, mask=row_ok)"]
+            if fs.normalize != "topk":  # THR keeps the rounding residual of lse (see _p)
+                body += ["lse_lo = tl.where(l_i == 0.0, 0.0, (m_i - lse) + tl.log(l_safe))",
+                         "tl.store(THR + stat, lse_lo, mask=row_ok)"]
         return self._kernel("_fwd", "One query block of one (batch, head): out, lse (and the "
                             "top-k threshold).", body)
 

@@ -17,12 +17,23 @@ from __future__ import annotations
 import sympy
 
 from attncc.errors import BackendError
-from attncc.spec.symbols import sigmoid
+from attncc.spec.symbols import (
+    BitAnd,
+    BitOr,
+    BitXor,
+    LeftShift,
+    Log2,
+    RightShift,
+    Round,
+    sigmoid,
+)
 
 _COMPARE = {sympy.StrictLessThan: "<", sympy.LessThan: "<=", sympy.StrictGreaterThan: ">",
             sympy.GreaterThan: ">=", sympy.Equality: "==", sympy.Unequality: "!="}
 _UNARY = {sympy.exp: "tl.exp", sympy.log: "tl.log", sympy.tanh: "_tanh", sympy.Abs: "tl.abs",
-          sigmoid: "tl.sigmoid"}
+          sigmoid: "tl.sigmoid", sympy.sin: "tl.sin", sympy.cos: "tl.cos", sympy.tan: "_tan",
+          sympy.erf: "tl.erf", Round: "_round", sympy.sign: "_sign", Log2: "tl.log2"}
+_BITS = {BitAnd: "&", BitOr: "|", BitXor: "^", LeftShift: "<<", RightShift: ">>"}
 
 
 class TritonPrinter:
@@ -41,6 +52,9 @@ class TritonPrinter:
             return "True" if e is sympy.true else "False"
         if e.is_Integer:
             return f"({int(e)})" if e < 0 else str(int(e))
+        if e is sympy.S.NegativeInfinity:
+            return 'float("-inf")'
+
         if e.is_Number or (isinstance(e, sympy.Expr) and e.is_number):
             return f"({float(e)!r})" if e < 0 else repr(float(e))
         if e in self.names:
@@ -61,7 +75,21 @@ class TritonPrinter:
             arg = self.p(e.args[0])
             if isinstance(e, sympy.Abs):
                 return f"tl.abs({self.bare(e.args[0])})"
+            if isinstance(e, Round) and e.args[0].is_integer:
+                return arg
             return f"{_UNARY[type(e)]}(({arg}).to(ACC))"
+        if type(e) in _BITS:
+            return f"({self.p(e.args[0])} {_BITS[type(e)]} {self.p(e.args[1])})"
+        if isinstance(e, sympy.Heaviside):  # d max/min: 1 above 0, H0 (1/2) at 0, 0 below
+            x = self.p(e.args[0])
+            at_zero = self.p(e.args[1]) if len(e.args) > 1 else "0.5"
+            return f"tl.where({x} > 0, 1.0, tl.where({x} == 0, {at_zero}, 0.0))"
+        if isinstance(e, sympy.DiracDelta):  # d sign, d Heaviside: 0 wherever defined
+            return "0.0"
+        if isinstance(e, sympy.Xor):
+            return "(" + " != ".join(self.p(a) for a in e.args) + ")"
+        if isinstance(e, sympy.Equivalent) and len(e.args) == 2:
+            return f"({self.p(e.args[0])} == {self.p(e.args[1])})"
         if isinstance(e, sympy.Mod):
             return f"_mod({self.bare(e.args[0])}, {self.bare(e.args[1])})"
         if isinstance(e, (sympy.Min, sympy.Max)):
@@ -103,8 +131,9 @@ class TritonPrinter:
         if e.could_extract_minus_sign():
             return f"(-{self.p(-e)})"
         num, den = sympy.fraction(e)
-        if den != 1 and num.is_integer and den.is_integer:
-            return f"(({self.p(num)}) / ({self.p(den)}))"
+        if den != 1 and num.is_integer and den.is_integer:  # true division in ACC
+            top = repr(float(num)) if num.is_Integer else f"({self.p(num)}).to(ACC)"
+            return f"({top} / ({self.p(den)}))"
         return " * ".join(self.p(a) for a in e.args)
 
     def power(self, e: sympy.Pow) -> str:
@@ -117,6 +146,8 @@ class TritonPrinter:
             return f"tl.sqrt(({base}).to(ACC))"
         if exp == -sympy.Rational(1, 2):
             return f"(1.0 / tl.sqrt(({base}).to(ACC)))"
+        if e.base.is_Number:  # a positive constant base (the parser's rule for x ** y)
+            return f"tl.exp(({self.p(exp)}) * {float(sympy.log(e.base))!r})"
         # a general power of a positive base
         return f"tl.exp(({self.p(exp)}) * tl.log(({base}).to(ACC)))"
 
@@ -138,6 +169,10 @@ class TritonPrinter:
         parts = []
         for axis, index in enumerate(e.indices):
             i = self.p(index)
+            if index.is_integer is not True:  # integral, not provably so: rounded down
+                i = f"tl.floor(({i}).to(ACC)).to(tl.int32)"
+            elif index.has(sympy.floor, sympy.ceiling, Round):  # tl.floor gives a float
+                i = f"({i}).to(tl.int32)"
             if index.is_Integer:
                 parts.append(f"{i} * {name}_s{axis}")
             else:
@@ -168,13 +203,31 @@ def input_atoms(expr) -> list[sympy.Indexed]:
 
 
 def derivatives(expr, score, float_inputs: set[str]) -> tuple[sympy.Expr, list]:
-    """``(d expr / d score, [(atom, d expr / d atom)])`` for the floating input atoms."""
-    d_score = sympy.diff(expr, score)
+    """``(d expr / d score, [(atom, d expr / d atom)])`` for the floating input atoms, in forms
+    the printer prints (``printable``)."""
+    d_score = printable(sympy.diff(expr, score), score)
     result = []
     for atom in input_atoms(expr):
         if str(atom.base.label) not in float_inputs:
             continue
         dummy = sympy.Dummy("x", real=True)
-        d_atom = sympy.diff(expr.xreplace({atom: dummy}), dummy).xreplace({dummy: atom})
-        result.append((atom, d_atom))
+        d_atom = printable(sympy.diff(expr.xreplace({atom: dummy}), dummy), dummy)
+        result.append((atom, d_atom.xreplace({dummy: atom})))
     return d_score, result
+
+
+def printable(derivative, x):
+    """A derivative sympy left unevaluated, rewritten: d floor, d ceiling, d round, d sign and
+    bit operations are 0 almost everywhere (as torch's autograd says); d (a mod m) is d a - d m
+    * floor(a / m) (``a mod m = a - m * floor(a / m)``)."""
+    def rewrite(d):
+        inner = d.expr
+        if isinstance(inner, sympy.Mod):
+            a, m = inner.args
+            return printable(sympy.diff(a, x) - sympy.diff(m, x) * sympy.floor(a / m), x)
+        if isinstance(inner, sympy.floor | sympy.ceiling | sympy.sign | Round | BitAnd | BitOr
+                      | BitXor | LeftShift | RightShift):
+            return sympy.Integer(0)
+        raise BackendError(f"triton backend: cannot differentiate {inner} for the backward")
+
+    return derivative.replace(lambda e: isinstance(e, sympy.Derivative), rewrite)

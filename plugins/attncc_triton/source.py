@@ -28,7 +28,20 @@ RUNTIME_TEXT = (Path(__file__).parent / "runtime.py").read_text(encoding="utf-8"
 RUNTIME = f"attention_runtime_{hashlib.sha256(RUNTIME_TEXT.encode()).hexdigest()[:12]}"
 
 #: The jit helpers printed code may call, by name (a module gets those it calls).
-HELPERS = {"_clamp": '''@triton.jit
+HELPERS = {"_tan": '''@triton.jit
+def _tan(x):
+    """tan as sin / cos."""
+    return tl.sin(x) / tl.cos(x)
+''', "_round": '''@triton.jit
+def _round(x):
+    """The nearest integer, ties to even (NumPy's and torch's round)."""
+    r = tl.floor(x + 0.5)
+    return tl.where((r - x == 0.5) & (r - 2.0 * tl.floor(r * 0.5) != 0.0), r - 1.0, r)
+''', "_sign": '''@triton.jit
+def _sign(x):
+    """-1, 0 or 1."""
+    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
+''', "_clamp": '''@triton.jit
 def _clamp(i, n):
     """i clamped into [0, n): an index past an input's axis reads its nearest element."""
     return tl.minimum(tl.maximum(i, 0), n - 1)
@@ -129,7 +142,7 @@ def generate(spec, node, config: dict) -> str:
         functions = [linear_kernel()]
     else:
         kernels = {"fwd": "_fwd", "bwd_dq": "_bwd_dq", "bwd_dkdv": "_bwd_dkdv"}
-        ndims = {n: len(i.shape) for n, i in spec.inputs.items()}
+        ndims = {n: len(i.shape) or 1 for n, i in spec.inputs.items()}  # 0-d: viewed as (1,)
         functions = [f.text() for f in FusedGenerator(fs, ndims).functions()]
     scale = _scale_function(getattr(node, "scale", spec.scale))
     used = set(re.findall(r"\b_\w+(?=\()", "\n".join(functions)))

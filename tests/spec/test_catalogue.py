@@ -1,0 +1,171 @@
+"""The FlexAttention catalogue in the spec language 1.1: each pattern as a spec, every backend's
+forward and backward checked against an independent dense float64 implementation of the mod in
+plain torch (not attncc.reference), with ragged sizes, seq_q != seq_k and grouped heads.
+
+The Triton part runs under TRITON_INTERPRET=1 on tiny sizes (marked ``triton``)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import attncc
+
+B, H, HKV, NQ, NK, D = 2, 4, 2, 7, 13, 8
+F32_MIN = float(np.finfo(np.float32).min)
+
+
+def ix():
+    """b, h, q_idx, kv_idx as broadcasting int64 tensors of the (B, H, NQ, NK) score layout."""
+    return (torch.arange(B).view(B, 1, 1, 1), torch.arange(H).view(1, H, 1, 1),
+            torch.arange(NQ).view(1, 1, NQ, 1), torch.arange(NK).view(1, 1, 1, NK))
+
+
+def pad_inputs(g):
+    pad = torch.zeros(B, NK, dtype=torch.float64)
+    pad[0, 9:] = F32_MIN
+    pad[1, :] = F32_MIN  # every key of batch 1 padded: its rows are fully masked
+    return {"pad": pad}
+
+
+def t5_inputs(g):
+    return {"rel": torch.randn(H, 8, generator=g, dtype=torch.float64),
+            "rel2": torch.randn(H, NQ + NK, generator=g, dtype=torch.float64)}
+
+
+def bias_inputs(g):
+    return {"temp": torch.tensor(0.7, dtype=torch.float64),
+            "bias": torch.randn(H, NQ, generator=g, dtype=torch.float64)}
+
+
+def softcap(s, b, h, q, kv, x):
+    fn = torch.nn.functional
+    return (torch.clamp(s, -1, 1) + 0.1 * fn.silu(s)
+            + 0.1 * fn.gelu(s) + 0.1 * fn.gelu(s, approximate="tanh")
+            + 0.1 * torch.erf(s) + 0.1 * torch.sin(s) * torch.cos(q.double())
+            + 0.05 * torch.tan(kv.double() / 100) + 0.1 * torch.sign((q - kv).double())
+            + 0.01 * torch.round(q.double() / 3) + 0.1 * 2.0 ** (-s * s)
+            + 0.1 * torch.log2(1 + s * s))
+
+
+def t5(s, b, h, q, kv, x):
+    d = (q - kv).abs().clamp(min=1).double()
+    bucket = torch.clamp(torch.floor(torch.log2(d)), max=7).long()
+    hh = h.expand(1, H, NQ, NK)
+    middle = ((q + kv) // 2).expand(1, H, NQ, NK)
+    return s + x["rel"][hh, bucket.expand(1, H, NQ, NK)] + x["rel2"][hh, middle]
+
+
+#: name -> (spec keys, mod(s, b, h, q, kv, inputs) or None, mask(b, h, q, kv) or None, inputs)
+CATALOGUE = {
+    "neg_inf_where": ({"score_mod": "where(kv_idx <= q_idx + seq_k - seq_q - 8, score, -inf)"},
+                      None, lambda b, h, q, kv: kv <= q + NK - NQ - 8, None),
+    "neg_inf_on_score": ({"score_mod": "where(score > 0.3, score, -inf)"},
+                         lambda s, *_: torch.where(s > 0.3, s, -math.inf), None, None),
+    "score_minus_inf": ({"score_mod": "score - inf if q_idx < 2 else score"},
+                        None, lambda b, h, q, kv: q >= 2, None),
+    "alibi_formula": ({"score_mod": "score - 2 ** (-8 * (h + 1) / heads) * (q_idx - kv_idx)",
+                       "mask": "kv_idx <= q_idx + seq_k - seq_q"},
+                      lambda s, b, h, q, kv, x: s - 2.0 ** (-8 * (h + 1) / H) * (q - kv),
+                      lambda b, h, q, kv: kv <= q + NK - NQ, None),
+    "functions": ({"score_mod": "clamp(score, -1, 1) + 0.1 * silu(score) + 0.1 * gelu(score) + "
+                                "0.1 * gelu_tanh(score) + 0.1 * erf(score) + 0.1 * sin(score) * "
+                                "cos(q_idx) + 0.05 * tan(kv_idx / 100) + 0.1 * sign(q_idx - "
+                                "kv_idx) + 0.01 * round(q_idx / 3) + 0.1 * exp2(-score * score) "
+                                "+ 0.1 * log2(1 + score * score)"}, softcap, None, None),
+    "bit_ops": ({"mask": "(q_idx & 3) == (kv_idx & 3) or (q_idx >> 2) == (kv_idx >> 2) or "
+                         "((q_idx ^ kv_idx) < 2) != (h == 1) or (kv_idx | 1) << 1 == 6"}, None,
+                lambda b, h, q, kv: ((q & 3) == (kv & 3)) | ((q >> 2) == (kv >> 2))
+                | (((q ^ kv) < 2) != (h == 1)) | (((kv | 1) << 1) == 6), None),
+    "conditions_equal": ({"mask": "(q_idx >= 3) == (kv_idx >= 6)"}, None,
+                         lambda b, h, q, kv: (q >= 3) == (kv >= 6), None),
+    "scalar_and_chained": ({"score_mod": "score * temp + bias[h][q_idx]",
+                            "inputs": {"temp": {"shape": []},
+                                       "bias": {"shape": ["heads", "seq_q"]}}},
+                           lambda s, b, h, q, kv, x: s * x["temp"] + x["bias"][h, q], None,
+                           bias_inputs),
+    "t5_buckets": ({"score_mod": "score + rel[h, min(floor(log2(max(abs(q_idx - kv_idx), 1))), "
+                                 "7)] + rel2[h, (q_idx + kv_idx) / 2]",
+                    "inputs": {"rel": {"shape": ["heads", 8]},
+                               "rel2": {"shape": ["heads", "seq_q + seq_k"]}}}, t5, None,
+                   t5_inputs),
+    "padding_at_float32_min": ({"score_mod": "score + pad[b, kv_idx]",
+                                "inputs": {"pad": {"shape": ["batch", "seq_k"]}}},
+                               lambda s, b, h, q, kv, x: s + x["pad"][b, kv], None, pad_inputs),
+}
+
+
+def dense(q, k, v, mod, mask, inputs):
+    """Softmax attention in plain torch float64: a pair is dropped by the mask or a -inf score;
+    a row with none left gives 0."""
+    k, v = (x.repeat_interleave(H // HKV, dim=1) for x in (k, v))
+    s = q @ k.transpose(-1, -2) / math.sqrt(D)
+    b, h, qi, kv = ix()
+    if mod is not None:
+        s = mod(s, b, h, qi, kv, inputs)
+    keep = s > -math.inf
+    if mask is not None:
+        keep = keep & mask(b, h, qi, kv)
+    m = torch.where(keep, s, -math.inf).amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.where(keep, torch.exp(torch.where(keep, s, m) - m), torch.zeros_like(s))
+    total = p.sum(-1, keepdim=True)
+    return (p / torch.where(total > 0, total, torch.ones_like(total))) @ v
+
+
+def problem(name, dtype):
+    keys, mod, mask, make = CATALOGUE[name]
+    spec = attncc.load_spec({"attncc": 1, "name": name, "heads": H, "kv_heads": HKV,
+                             "head_dim": D, **keys})
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(B, n, s, D, generator=g, dtype=torch.float64)
+               for n, s in ((H, NQ), (HKV, NK), (HKV, NK)))
+    inputs = make(g) if make else {}
+    return spec, (q, k, v), inputs, mod, mask, dtype
+
+
+def check(name, backend, dtype, grads):
+    spec, qkv, inputs, mod, mask, dtype = problem(name, dtype)
+    tdtype = getattr(torch, dtype)
+    floats = {n: x for n, x in inputs.items() if x.is_floating_point()}
+    leaves = [x.clone().requires_grad_(grads) for x in (*qkv, *floats.values())]
+    ref = dense(*leaves[:3], mod, mask, {**inputs, **dict(zip(floats, leaves[3:], strict=True))})
+    kernel = attncc.compile(spec, backend=backend, dtype=dtype)
+    args = [x.detach().to(tdtype).requires_grad_(grads) for x in leaves]
+    ins = {**inputs, **dict(zip(floats, args[3:], strict=True))}
+    if name == "padding_at_float32_min":
+        ins["pad"] = ins["pad"].detach().to(tdtype)  # its gradient is not checked at -3.4e38
+    if backend == "numpy":
+        arrays = {n: x.detach().numpy() for n, x in ins.items()}
+        out = torch.from_numpy(np.asarray(kernel(*(x.detach().numpy() for x in args[:3]),
+                                                 **arrays)))
+    else:
+        out = kernel(*args[:3], **ins)
+    tol = 1e-9 if dtype == "float64" else 2e-5
+    torch.testing.assert_close(out.double().detach(), ref.detach(), atol=tol * 100, rtol=tol)
+    if not grads:
+        return
+    d_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    want = torch.autograd.grad(ref, leaves[:3], d_out)
+    got = torch.autograd.grad(out, args[:3], d_out.to(tdtype))
+    for a, w in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), w, atol=tol * 1000, rtol=tol * 100)
+
+
+@pytest.mark.parametrize("name", CATALOGUE)
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_catalogue_forward_and_backward(name, backend):
+    check(name, backend, "float64", grads=backend == "torch")
+    check(name, backend, "float32", grads=backend == "torch")
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="Triton needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("name", CATALOGUE)
+def test_catalogue_on_triton(name):
+    pytest.importorskip("triton")
+    check(name, "triton", "float32", grads=True)
