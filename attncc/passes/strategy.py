@@ -7,9 +7,10 @@ facts out again from the spec; ``attncc show`` prints every path with its reason
 
 - ``sdpa``: the whole call is one fused dense or causal softmax kernel (torch's
   ``scaled_dot_product_attention``): a dot score, softmax, no score_mod, no runtime input, no
-  memory tokens, no projection, and the mask absent or exactly top-left causal
-  (``kv_idx <= q_idx``). Grouped-query heads are no blocker: the fused kernels take K/V with
-  ``kv_heads`` heads (``enable_gqa``), never a copy per query head.
+  memory tokens, no projection, and the mask absent or exactly causal, top-left
+  (``kv_idx <= q_idx``) or bottom-right (``kv_idx <= q_idx + seq_k - seq_q``, decoding).
+  Grouped-query heads are no blocker: the fused kernels take K/V with ``kv_heads`` heads
+  (``enable_gqa``), never a copy per query head.
 - ``runs``: fused softmax calls over runs of consecutive key blocks of the block plan, the mask
   entering as additive 0/-inf tiles: a dot score, softmax, no memory tokens, and no score_mod
   or an additive one (``score + bias``, ``additive_bias``) whose bias joins the tiles
@@ -45,9 +46,10 @@ from attncc.ir.graph import (
     op,
     operands,
 )
-from attncc.spec.symbols import kv_idx, q_idx, score
+from attncc.spec.symbols import SIZES, kv_idx, q_idx, score
 
-__all__ = ["OFFSET", "PATHS", "Strategy", "additive_bias", "bias_form", "is_top_left_causal",
+__all__ = ["OFFSET", "PATHS", "Strategy", "additive_bias", "bias_form", "causal_alignment",
+           "is_top_left_causal",
            "toeplitz_bias"]
 
 
@@ -72,19 +74,32 @@ class Strategy:
 def is_top_left_causal(mask: sympy.Basic | None) -> bool:
     """Whether ``mask`` is exactly ``kv_idx <= q_idx`` in any linear integer form
     (``q_idx >= kv_idx``, ``kv_idx < q_idx + 1``, ``2*kv_idx - 2*q_idx <= 1``)."""
+    return causal_alignment(mask) == "top_left"
+
+
+def causal_alignment(mask: sympy.Basic | None) -> str | None:
+    """``top_left`` where ``mask`` is exactly ``kv_idx <= q_idx``, ``bottom_right`` where it is
+    exactly ``kv_idx <= q_idx + seq_k - seq_q`` (a KV cache), in any linear integer form; else
+    None."""
     if not isinstance(mask, sympy.Rel) or isinstance(mask, sympy.Eq | sympy.Ne):
-        return False
+        return None
     diff = sympy.expand(mask.lhs - mask.rhs)  # the mask says diff <= 0 (or <, >=, >)
     if isinstance(mask, sympy.GreaterThan | sympy.StrictGreaterThan):
         diff = -diff
     a = diff.coeff(kv_idx)
-    c = diff - a * (kv_idx - q_idx)  # diff = a*(kv_idx - q_idx) + c
-    if not (a.is_Rational and a > 0 and c.is_Rational):
-        return False
-    # a*t + c <= 0  <=>  t <= floor(-c/a);  a*t + c < 0  <=>  t <= ceil(-c/a) - 1
-    if isinstance(mask, sympy.StrictLessThan | sympy.StrictGreaterThan):
-        return sympy.ceiling(-c / a) - 1 == 0
-    return sympy.floor(-c / a) == 0
+    if not (a.is_Rational and a > 0):
+        return None
+    for name, shift in (("top_left", 0), ("bottom_right", SIZES["seq_k"] - SIZES["seq_q"])):
+        c = sympy.expand(diff - a * (kv_idx - q_idx - shift))  # diff = a*(kv - q - shift) + c
+        if not c.is_Rational:
+            continue
+        # a*t + c <= 0  <=>  t <= floor(-c/a);  a*t + c < 0  <=>  t <= ceil(-c/a) - 1
+        if isinstance(mask, sympy.StrictLessThan | sympy.StrictGreaterThan):
+            ok = sympy.ceiling(-c / a) - 1 == 0
+        else:
+            ok = sympy.floor(-c / a) == 0
+        return name if ok else None
+    return None
 
 
 @functools.lru_cache(maxsize=256)
@@ -148,14 +163,19 @@ def _sdpa(node: FusedAttention, reads: list[str], spec) -> Path:
     why = _softmax_blockers(node)
     if node.projection is not None:
         why.append(f"k and v are projected to {node.projection} keys")
-    if node.mask is not None and not is_top_left_causal(node.mask.expr):
-        why.append(f"the mask ({_short(node.mask.expr)}) is not exactly kv_idx <= q_idx")
+    if node.mask is not None and causal_alignment(node.mask.expr) is None:
+        why.append(f"the mask ({_short(node.mask.expr)}) is not exactly kv_idx <= q_idx "
+                   f"(top-left or bottom-right aligned)")
     if reads and not why:  # inputs read by nothing above (a mask, a score_mod) block it too
         why.append(f"it reads the input(s) {', '.join(sorted(reads))}")
     if why:
         return Path("sdpa", False, "; ".join(why))
-    kind = "causal" if node.mask is not None else "dense"
-    return Path("sdpa", True, f"{kind} dot-product softmax: one fused attention call")
+    if node.mask is None:
+        return Path("sdpa", True, "dense dot-product softmax: one fused attention call")
+    if causal_alignment(node.mask.expr) == "top_left":
+        return Path("sdpa", True, "causal dot-product softmax: one fused attention call")
+    return Path("sdpa", True, "bottom-right causal dot-product softmax (a KV cache): one fused "
+                              "attention call, the mask a cached zero-copy 0/-inf tile")
 
 
 def _runs(node: FusedAttention, reads: list[str], spec) -> Path:

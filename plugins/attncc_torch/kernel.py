@@ -29,6 +29,7 @@ from attncc.lowering.features import linear_attention, linear_text
 from attncc.lowering.lowrank import linformer, nystrom, nystrom_text
 from attncc.lowering.prologue import prologue
 from attncc.lowering.states import STATE_TEXT, TOPK_TEXT
+from attncc.passes.strategy import causal_alignment
 from attncc.plan import PlanCache
 
 from .flash import FlashAttention
@@ -58,6 +59,9 @@ class TorchKernel(Kernel):
         self._projection = ("E", "F") if node.projection is not None else ()
         fused = self.config["use_sdpa"]
         self._sdpa = fused and node.lowering.allows("sdpa")
+        self._bottom_right = (node.mask is not None
+                              and causal_alignment(node.mask.expr) == "bottom_right")
+        self._tails: dict = {}
         self._runs = fused and node.lowering.allows("runs")
         self._drop = sympy.Not(node.mask.expr) if node.mask is not None else None
         self._plans = PlanCache(node, self.config["block_m"], self.config["block_n"])
@@ -79,8 +83,12 @@ class TorchKernel(Kernel):
         if self.kind == "nystrom":
             out = nystrom(call.q, call.k, call.v, node.landmarks, call.scale, exact_pinv=False)
             return out.to(call.dtype)
-        if self._sdpa and not return_lse:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=node.mask is not None,
+        if self._sdpa and not return_lse and (not self._bottom_right or
+                                              q.shape[2] <= k.shape[2]):
+            causal, mask = node.mask is not None, None
+            if self._bottom_right and q.shape[2] != k.shape[2]:
+                causal, mask = False, self._tail(q.shape[2], k.shape[2], q.dtype, q.device)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                   scale=call.scale, enable_gqa=call.group > 1)
         k, v = call.k, call.v
         if self._projection:
@@ -96,6 +104,24 @@ class TorchKernel(Kernel):
             out, lse = self._flash(plan, key, call, k, v)
         out = out.to(call.dtype)
         return (out, lse.to(call.dtype)) if return_lse else out
+
+    def _tail(self, nq: int, nk: int, dtype, device):
+        """The bottom-right causal mask ``(1, 1, nq, nk)`` as a zero-copy view of a cached
+        buffer: ``nk - nq`` zero columns, then ``nq`` columns of ``triu(-inf, 1)``; None for one
+        query row (it sees every key). The buffer grows by doubling, so decoding steps
+        (``nk`` growing by one) reuse it."""
+        if nq == 1:
+            return None
+        key = (nq, dtype, str(device))
+        buf = self._tails.get(key)
+        if buf is None or buf.shape[1] - nq < nk - nq:
+            width = max(2 * (nk - nq), 1024)
+            buf = torch.zeros((nq, width + nq), dtype=dtype, device=device)
+            buf[:, width:] = torch.full((nq, nq), float("-inf"), dtype=dtype,
+                                        device=device).triu(1)
+            self._tails[key] = buf
+        width = buf.shape[1] - nq
+        return buf[None, None, :, width - (nk - nq):]
 
     def _flash(self, plan, key: tuple, call, k, v):
         cfg, sizes, q = self.config, call.sizes, call.q
@@ -154,6 +180,11 @@ def describe(spec, node, kind: str, config: dict) -> str:
             lines.append(f"# path {path}: not taken (use_sdpa=False; lowering: {why})")
         elif not lowering.allows(path):
             lines.append(f"# path {path}: not served ({why})")
+        elif path == "sdpa" and "bottom-right" in why:
+            lines += [f"# path sdpa ({why}), unless return_lse=True or seq_q > seq_k:",
+                      "out = torch.nn.functional.scaled_dot_product_attention(q, k, v, "
+                      "attn_mask=tail(seq_q, seq_k) (None for one query; is_causal when "
+                      "seq_q == seq_k), scale=scale, enable_gqa=kv_heads < heads)"]
         elif path == "sdpa":
             causal = ", is_causal=True" if node.mask is not None else ""
             lines += [f"# path sdpa ({why}), unless return_lse=True:",

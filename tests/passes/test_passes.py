@@ -259,7 +259,7 @@ def allowed(spec) -> list[str]:
     ("q_idx >= kv_idx", {"heads": 4, "kv_heads": 4}, ["sdpa", "runs", "tiles"]),
     ("kv_idx < q_idx + 1", {}, ["sdpa", "runs", "tiles"]),
     ("kv_idx < q_idx", {}, ["runs", "tiles"]),
-    ("kv_idx <= q_idx + seq_k - seq_q", {}, ["runs", "tiles"]),
+    ("kv_idx <= q_idx + seq_k - seq_q", {}, ["sdpa", "runs", "tiles"]),
     ("kv_idx <= q_idx", {"heads": 8, "kv_heads": 2}, ["sdpa", "runs", "tiles"]),
     ("kv_idx <= q_idx", {"memory_tokens": 2}, ["tiles"]),
     ("kv_idx <= q_idx", {"normalize": "sigmoid"}, ["tiles"]),
@@ -334,3 +334,17 @@ def test_strategy_recognises_additive_bias_forms(score_mod, form):
     assert node.lowering.allows("runs") is (form is not None)
     if form is not None:
         assert f"({form} form)" in node.lowering.why("runs")
+
+
+@pytest.mark.parametrize(("mask", "alignment"), [
+    ("kv_idx <= q_idx", "top_left"), ("kv_idx <= q_idx + seq_k - seq_q", "bottom_right"),
+    ("kv_idx < q_idx + seq_k - seq_q + 1", "bottom_right"),
+    ("q_idx + seq_k - seq_q >= kv_idx", "bottom_right"),
+    ("kv_idx <= q_idx + seq_k - seq_q - 1", None), ("kv_idx <= q_idx + seq_k", None),
+])
+def test_causal_alignment_and_decoding_on_the_sdpa_path(mask, alignment):
+    from attncc.passes.strategy import causal_alignment
+
+    spec = attncc.load_spec({"attncc": 1, "mask": mask, "heads": 8, "kv_heads": 2})
+    assert causal_alignment(spec.mask) == alignment
+    assert lowering(spec.source).allows("sdpa") is (alignment is not None)

@@ -306,3 +306,24 @@ def test_the_copy_counter_catches_a_copy():
     with counter.mode:
         k.repeat_interleave(8, 1) @ v.transpose(-1, -2).expand(1, 8, 8, 48)
     assert counter.worst()[1] >= 4 * counter.per_copy
+
+
+def test_decoding_is_one_fused_call_on_the_cache():
+    """Bottom-right causal with GQA (a KV cache): one fused call per step, no copy of the cache
+    (the mask a view of a cached buffer), every step against the reference; seq_q > seq_k
+    (rows without keys output 0) takes the plan path."""
+    spec = "examples/decoding.yaml"
+    kernel = compile_spec(spec)
+    gen = torch.Generator().manual_seed(5)
+    for nq, nk in [(1, 40), (4, 40), (4, 41), (16, 300), (16, 16), (9, 5)]:
+        q = torch.randn(2, 8, nq, 16, generator=gen)
+        k, v = (torch.randn(2, 2, nk, 16, generator=gen) for _ in range(2))
+        with torch.profiler.profile() as prof:
+            out = kernel(q, k, v)
+        names = {e.name for e in prof.events()}
+        want = attend(spec, q.double(), k.double(), v.double(), {})
+        torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
+        if nq <= nk:
+            assert "aten::_scaled_dot_product_flash_attention_for_cpu" in names
+            assert not names & {"aten::repeat_interleave", "aten::index_select", "aten::clone",
+                                "aten::contiguous"}
