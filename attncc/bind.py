@@ -50,9 +50,11 @@ def bind(spec: Spec, q, k, v, inputs: dict) -> Bound:
         if not _has_kind(x, "float"):
             raise InputError(f"{name}: expected a floating dtype, got {x.dtype}")
     batch, heads, seq_q, head_dim = q.shape
-    _, kv_heads, seq_k, value_dim = v.shape
-    expected = {"k": (batch, kv_heads, seq_k, head_dim), "v": (batch, kv_heads, seq_k, value_dim)}
-    if tuple(k.shape) != expected["k"]:
+    kv_batch, kv_heads, seq_k, value_dim = v.shape
+    kv_batch = 1 if kv_batch == 1 and k.shape[0] == 1 else batch  # a KV cache shared by batch
+    expected = {"k": (kv_batch, kv_heads, seq_k, head_dim),
+                "v": (kv_batch, kv_heads, seq_k, value_dim)}
+    if tuple(k.shape) != expected["k"] or tuple(v.shape) != expected["v"]:
         raise InputError(f"k: expected shape {expected['k']} {_LAYOUT['k']} to match q "
                          f"{tuple(q.shape)} and v {tuple(v.shape)}, got {tuple(k.shape)}")
     if 0 in (batch, heads, seq_q, seq_k, head_dim, value_dim):
@@ -84,6 +86,15 @@ def bind(spec: Spec, q, k, v, inputs: dict) -> Bound:
         raise InputError(f"scale {spec.scale} is {scale} at these sizes ({sizes}); expected a "
                          "finite real number")
     return Bound(sizes, _check_inputs(spec, inputs, sizes, q), float(scale))
+
+
+def shared_kv(q, k, v):
+    """``(k, v)`` broadcast to q's batch where they have batch 1 (a KV cache shared by every
+    batch entry, as bind allows): views with batch stride 0, never copies."""
+    if k.shape[0] == q.shape[0]:
+        return k, v
+    xp = namespace(q)
+    return tuple(xp.broadcast_to(x, (q.shape[0], *x.shape[1:])) for x in (k, v))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -122,5 +122,5 @@ class TritonKernel(Kernel):
         call = self.prologue(q, k, v, inputs, return_lse)
         tables = (self.tables(call.sizes, call.raw_inputs, q.device) if self.kind == "fused"
                   else None)
-        return self.program.attention(q, k, v, return_lse, tables, call.inputs)
+        return self.program.attention(call.q, call.k, call.v, return_lse, tables, call.inputs)
 

@@ -119,8 +119,10 @@ class Program:
 
     def forward(self, q, k, v, inputs: dict, tables: dict, scale: float, wrap=None):
         """``(out, lse, thr)`` of the fused forward kernel, not differentiable: torch ops and
-        one launch through ``wrap``. ``inputs``: the spec's inputs by name."""
-        q, k, v = (x.contiguous() for x in (q, k, v))
+        one launch through ``wrap``. ``inputs``: the spec's inputs by name. k, v shared by the
+        batch (batch stride 0, ``attncc.bind.shared_kv``) are read in place, not copied."""
+        q = q.contiguous()
+        k, v = (x if x[0].is_contiguous() else x.contiguous() for x in (k, v))
         inputs = prepared(q, inputs)
         acc = acc_dtype(q.dtype)
         out = q.new_empty((*q.shape[:3], v.shape[3]))

@@ -169,3 +169,25 @@ def test_catalogue_forward_and_backward(name, backend):
 def test_catalogue_on_triton(name):
     pytest.importorskip("triton")
     check(name, "triton", "float32", grads=True)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "triton"])
+def test_a_kv_cache_shared_by_the_batch(backend):
+    """k, v of batch 1 serve every batch entry of q (broadcast views, not copies)."""
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton needs TRITON_INTERPRET=1 here")
+    spec, (q, k, v), _, mod, mask, _ = problem("alibi_formula", "float64")
+    k1, v1 = (x[:1].clone().requires_grad_() for x in (k, v))
+    q = q.clone().requires_grad_()
+    ref = dense(q, k1.expand(B, -1, -1, -1), v1.expand(B, -1, -1, -1), mod, mask, {})
+    kernel = attncc.compile(spec, backend=backend, dtype="float64")
+    if backend == "numpy":
+        out = torch.from_numpy(kernel(*(x.detach().numpy() for x in (q, k1, v1))))
+        torch.testing.assert_close(out, ref.detach())
+        return
+    out = kernel(q, k1, v1)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    got = torch.autograd.grad(out.sum(), (q, k1, v1))
+    want = torch.autograd.grad(ref.sum(), (q, k1, v1))
+    for a, w in zip(got, want, strict=True):
+        torch.testing.assert_close(a, w, atol=1e-6, rtol=1e-6)
