@@ -312,6 +312,12 @@ class _Intervals:
             lo, hi = self.num(e.args[0])
             fn = _sigmoid if isinstance(e, sigmoid) else _MONOTONE[type(e)]
             return fn(np.asarray(lo, dtype=np.float64)), fn(np.asarray(hi, dtype=np.float64))
+        if isinstance(e, sympy.Sum):  # the sum of N terms, each within the body's bounds
+            (axis, lo, hi) = e.limits[0]
+            count = int(hi) - int(lo) + 1
+            inner = _Intervals({**self.boxes, axis.name: (int(lo), int(hi))}, self.leaves)
+            b_lo, b_hi = inner.num(e.function)
+            return _scale(b_lo, b_hi, count)
         if isinstance(e, Round):  # monotone; the evaluator's float may round across a half
             lo, hi = _widen(*self.num(e.args[0]))
             return np.round(lo), np.round(hi)

@@ -15,6 +15,7 @@ conditions, bitwise on integers), ``<< >>`` on integers, ``x if c else y``, the 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import math
 import operator
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ MAX_NODES = 1024
 MAX_EXPONENT = 64
 MAX_POWER_DIGITS = 300
 MAX_SHIFT = 62
+MAX_REDUCTION = 4096
 _WHITESPACE = str.maketrans("\t\n\r\f\v", "     ")
 
 #: function name -> (arity: exact int, or None for 2 or more)
@@ -49,7 +51,7 @@ FUNCTIONS = {
     "sqrt": 1, "exp": 1, "log": 1, "tanh": 1, "sigmoid": 1, "abs": 1, "floor": 1, "ceil": 1,
     "min": None, "max": None, "where": 3, "sin": 1, "cos": 1, "tan": 1, "erf": 1, "exp2": 1,
     "log2": 1, "pow": 2, "clamp": 3, "silu": 1, "gelu": 1, "gelu_tanh": 1, "sign": 1,
-    "round": 1,
+    "round": 1, "sum": 1,
 }
 _SQRT_2_OVER_PI = sympy.Float(math.sqrt(2.0 / math.pi))
 _SYMPY_FUNCS = {
@@ -101,12 +103,14 @@ class Scope:
     the inputs of dtype bool: an element of one, used where a condition is expected, means
     ``element != 0``. ``infinite`` allows the name ``inf``; the result may then be ``-inf``
     (only as the whole value, a ``where`` branch, a term of a sum, or an argument of min/max).
+    ``reductions`` allows ``sum(x for d in range(N))`` (a ``sympy.Sum`` over ``d = 0..N-1``).
     """
 
     names: dict[str, sympy.Basic] = field(default_factory=dict)
     inputs: dict[str, tuple[int, bool]] = field(default_factory=dict)
     booleans: frozenset[str] = frozenset()
     infinite: bool = False
+    reductions: bool = False
 
 
 def parse_expr(text, scope: Scope, *, field: str, file: str | None = None,
@@ -397,6 +401,30 @@ class _Builder:
                          else sympy.Xor(left, right))
         return sympy.And(*parts)
 
+    def _reduction(self, node: ast.Call, gen):
+        """``sum(body for d in range(N))``: a bounded sum over a new integer axis ``d``."""
+        if not self.scope.reductions:
+            self.fail(node, "sum(...) is allowed in score_mod only")
+        shape = "sum(<expression> for <name> in range(<N>))"
+        if not isinstance(gen, ast.GeneratorExp) or len(gen.generators) != 1:
+            self.fail(node, f"expected {shape}")
+        loop = gen.generators[0]
+        it = loop.iter
+        if (loop.ifs or loop.is_async or not isinstance(loop.target, ast.Name)
+                or not isinstance(it, ast.Call) or not isinstance(it.func, ast.Name)
+                or it.func.id != "range" or len(it.args) != 1 or it.keywords):
+            self.fail(node, f"expected {shape}")
+        var = loop.target.id
+        if var in self.scope.names or var in self.scope.inputs or var in FUNCTIONS or var == "inf":
+            self.fail(loop.target, f"'{var}' is already a name; choose another for the sum")
+        count = self.number(it.args[0])
+        if not count.is_Integer or not 1 <= int(count) <= MAX_REDUCTION:
+            self.fail(it, f"range() of a sum takes an integer 1..{MAX_REDUCTION}, got {count}")
+        axis = sympy.Symbol(var, integer=True, nonnegative=True)
+        inner = _Builder(dataclasses.replace(self.scope, names={**self.scope.names, var: axis},
+                                             reductions=False), self.file, self.field)
+        return sympy.Sum(inner.number(gen.elt), (axis, 0, int(count) - 1))
+
     def _IfExp(self, node: ast.IfExp):
         return self._choose(node, self.condition(node.test), node.body, node.orelse)
 
@@ -424,6 +452,8 @@ class _Builder:
             self.fail(node, f"{name}() takes {expected} argument(s), got {count}")
         if name == "where":
             return self._choose(node, self.condition(node.args[0]), node.args[1], node.args[2])
+        if name == "sum":
+            return self._reduction(node, node.args[0])
         args = [self.number(a) for a in node.args]
         bad_log = name in ("log", "log2") and args[0].is_Number and args[0] <= 0
         if bad_log or (name == "sqrt" and args[0].is_Number and args[0] < 0):

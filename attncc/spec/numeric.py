@@ -114,6 +114,8 @@ class _Evaluator:
         if type(e) in _BITS:
             array_fn, scalar_fn = _BITS[type(e)]
             return self.reduce(getattr(xp, array_fn), scalar_fn, [self.value(a) for a in e.args])
+        if isinstance(e, sympy.Sum):
+            return self.reduction(e)
         if isinstance(e, sympy.Equivalent):
             return self.value(sympy.Not(sympy.Xor(*e.args)))
         if isinstance(e, sympy.Mod):
@@ -131,6 +133,22 @@ class _Evaluator:
         if isinstance(e, ITE):  # sympy's form of a condition chosen by a condition
             return self.piecewise(sympy.Piecewise((e.args[1], e.args[0]), (e.args[2], True)))
         raise TypeError(f"attncc cannot evaluate {type(e).__name__}: {e}")
+
+    def reduction(self, e: sympy.Sum):
+        """``Sum(body, (d, 0, N-1))`` as one vectorised evaluation: ``d`` on a new leading axis,
+        summed away (never N scalar terms)."""
+        (axis, lo, hi), xp = e.limits[0], self.xp
+        count = int(hi) - int(lo) + 1
+        arrays = [x for name in ("b", "h", "q_idx", "kv_idx", "score")
+                  if not _is_scalar(x := self.env.get(name, 0))]
+        ndim = max((len(x.shape) for x in arrays), default=0)
+        device = _device(arrays[0]) if arrays else None
+        d = xp.reshape(xp.arange(int(lo), int(hi) + 1, dtype=xp.int64, device=device),
+                       (count,) + (1,) * ndim)
+        value = _Evaluator({**self.env, axis.name: d}, xp).value(e.function)
+        if _is_scalar(value) or len(value.shape) <= ndim:  # the body does not read d
+            return value * count
+        return xp.sum(value, axis=0)
 
     def unary(self, name: str, arg):
         xp = self.xp

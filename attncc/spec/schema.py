@@ -196,7 +196,8 @@ class _Validator:
                         booleans=frozenset(n for n, i in inputs.items() if i.dtype == "bool"))
         mask = self.expression("mask", indexed, want="bool")
         score_mod = self.expression("score_mod", dataclasses.replace(
-            indexed, names={**indexed.names, "score": sym.score}, infinite=True))
+            indexed, names={**indexed.names, "score": sym.score}, infinite=True,
+            reductions=True))
         self.used(inputs, mask, score_mod)
         self.combinations(normalize, topk, feature_map, features, score, score_mod, mask,
                           lowrank, memory_tokens)

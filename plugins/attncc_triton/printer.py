@@ -111,6 +111,9 @@ class TritonPrinter:
             for branch in reversed(e.args[:-1]):
                 result = f"tl.where({self.p(branch.cond)}, {self.p(branch.expr)}, {result})"
             return result
+        if isinstance(e, sympy.Sum):
+            raise BackendError("triton backend: a sum(... for d in range(N)) reduction is not "
+                               "printed as Triton code yet; use the numpy or torch backend")
         raise BackendError(f"triton backend: cannot print {type(e).__name__} ({e}) as Triton code")
 
     def bare(self, e) -> str:

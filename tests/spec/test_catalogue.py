@@ -99,6 +99,26 @@ CATALOGUE = {
 }
 
 
+ROPE = {"attncc": 1, "name": "latent_rope_term", "heads": H, "kv_heads": HKV, "head_dim": D,
+        "score_mod": "score + 0.5 * sum(qr[b, h, q_idx, d] * kr[b, h // 2, kv_idx, d] "
+                     "for d in range(4))",
+        "inputs": {"qr": {"shape": ["batch", "heads", "seq_q", 4]},
+                   "kr": {"shape": ["batch", "kv_heads", "seq_k", 4]}}}
+
+
+def rope_inputs(g):
+    return {"qr": torch.randn(B, H, NQ, 4, generator=g, dtype=torch.float64),
+            "kr": torch.randn(B, HKV, NK, 4, generator=g, dtype=torch.float64)}
+
+
+def rope(s, b, h, q, kv, x):
+    return s + 0.5 * x["qr"] @ x["kr"].repeat_interleave(H // HKV, dim=1).transpose(-1, -2)
+
+
+CATALOGUE["latent_rope_reduction"] = ({k: ROPE[k] for k in ("score_mod", "inputs")}, rope,
+                                      None, rope_inputs)
+
+
 def dense(q, k, v, mod, mask, inputs):
     """Softmax attention in plain torch float64: a pair is dropped by the mask or a -inf score;
     a row with none left gives 0."""
@@ -165,7 +185,7 @@ def test_catalogue_forward_and_backward(name, backend):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                     reason="Triton needs a GPU or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("name", CATALOGUE)
+@pytest.mark.parametrize("name", [n for n in CATALOGUE if n != "latent_rope_reduction"])
 def test_catalogue_on_triton(name):
     pytest.importorskip("triton")
     check(name, "triton", "float32", grads=True)
@@ -191,3 +211,11 @@ def test_a_kv_cache_shared_by_the_batch(backend):
     want = torch.autograd.grad(ref.sum(), (q, k1, v1))
     for a, w in zip(got, want, strict=True):
         torch.testing.assert_close(a, w, atol=1e-6, rtol=1e-6)
+
+
+def test_the_reduction_is_refused_clearly_by_triton():
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+    with pytest.raises(attncc.BackendError, match=r"sum.*not printed as Triton code yet"):
+        attncc.compile(attncc.load_spec(ROPE), backend="triton")
