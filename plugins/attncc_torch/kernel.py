@@ -33,7 +33,7 @@ from attncc.passes.strategy import causal_alignment
 from attncc.plan import PlanCache
 
 from .flash import FlashAttention
-from .runs import RunsForward
+from .runs import RunsForward, whole_call
 from .tiles import Problem, build_schedule
 
 
@@ -62,6 +62,7 @@ class TorchKernel(Kernel):
         self._bottom_right = (node.mask is not None
                               and causal_alignment(node.mask.expr) == "bottom_right")
         self._tails: dict = {}
+        self._whole = whole_call(node)
         self._runs = fused and node.lowering.allows("runs")
         self._drop = sympy.Not(node.mask.expr) if node.mask is not None else None
         self._plans = PlanCache(node, self.config["block_m"], self.config["block_n"])
@@ -143,12 +144,15 @@ class TorchKernel(Kernel):
     def _runs_ok(self, call) -> bool:
         """Whether the fused-runs forward (``runs.py``) serves this call: the node's lowering
         allows it, ``use_sdpa`` asks for it, CPU tensors, equal q/v head sizes, and no gradient
-        wanted (grouped-query heads read their kv heads' slices, no copy)."""
+        wanted, except for q, k, v on a whole call (``runs.whole_call``: its fused backward);
+        grouped-query heads read their kv heads' slices, no copy."""
         q, k, v = call.q, call.k, call.v
         if not self._runs or q.device.type != "cpu" or v.shape[-1] != q.shape[-1]:
             return False
-        tensors = (q, k, v, *(x for x in call.inputs.values() if x.is_floating_point()))
-        return not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
+        if not torch.is_grad_enabled():
+            return True
+        inputs = [x for x in call.inputs.values() if x.is_floating_point()]
+        return not any(x.requires_grad for x in (*inputs, *(() if self._whole else (q, k, v))))
 
     def _derive(self, plan, key, build):
         """``build()``, cached with ``plan`` (dropped when the plan is): schedules, runners."""

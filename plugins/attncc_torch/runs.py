@@ -189,7 +189,7 @@ class RunsForward:
         self.row = None  # the row term of a key-form bias, for the log-sum-exp
         # no mask and a Toeplitz bias t(q_idx - kv_idx): one call on key-reversed K/V, the
         # bias a zero-copy Hankel view of t over the Nq + Nk - 1 offsets
-        self.offsets = toeplitz_bias(bias) if form == "toeplitz" and self.mask is None else None
+        self.offsets = toeplitz_bias(bias) if form == "toeplitz" and whole_call(node) else None
         if form == "key":
             self.row = sympy.expand(bias.subs(kv_idx, 0) - bias.subs({q_idx: 0, kv_idx: 0}))
             bias = sympy.expand(bias.subs(q_idx, 0))
@@ -198,7 +198,7 @@ class RunsForward:
         self._per_batch = bias is not None and b in bias.free_symbols
         # no mask or top-left causal with a key-form bias: one call over all keys (is_causal
         # skips the blocks above the diagonal), the bias a (B|1, H|1, 1, Nk) stride-0 tile
-        self.whole = self.row is not None and (self.mask is None or is_top_left_causal(self.mask))
+        self.whole = self.row is not None and whole_call(node)
 
     def _mask(self, i: int, j: int, dtype, device):
         """The mask and dead rows of call ``j`` of segment ``i``; (None, None) when none of its
@@ -238,12 +238,12 @@ class RunsForward:
         batch, heads, nq, _ = q.shape
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         if self.whole:
-            out, lse = flash(q, k, v, is_causal=self.mask is not None, scale=scale,
-                             attn_mask=self._key_tile(q.shape, k.shape[2], inputs, q.dtype))
+            tile = self._key_tile(q.shape, k.shape[2], inputs, q.dtype)
+            out, lse = WholeCall.apply(q, k, v, tile, self.mask is not None, scale, False)
             return out, self._with_row(lse, inputs)
         if self.offsets is not None:
             tile = self._hankel(q.shape, k.shape[2], inputs, q.dtype)
-            return flash(q, k.flip(2), v.flip(2), scale=scale, attn_mask=tile)
+            return WholeCall.apply(q, k, v, tile, False, scale, True)
         out = torch.zeros((batch, heads, nq, v.shape[-1]), dtype=q.dtype, device=q.device)
         lse = torch.full((batch, heads, nq), NEG_INF, dtype=q.dtype, device=q.device)
         group = heads // k.shape[1]
@@ -298,6 +298,48 @@ class RunsForward:
         fixed = WHOLE.fixed(self.sizes, inputs, ar(lse.shape[0]), ar(lse.shape[1]))
         row = evaluate(self.row, WHOLE.env(fixed, ar(lse.shape[2]), ar(1)), xp)
         return lse + torch.as_tensor(row, dtype=lse.dtype)[..., 0]
+
+
+class WholeCall(torch.autograd.Function):
+    """``apply(q, k, v, tile, causal, scale, flip) -> (out, lse)``: one fused CPU flash call
+    over all keys (reversed where ``flip``) with the float mask ``tile``, and its fused backward
+    (``_scaled_dot_product_flash_attention_for_cpu_backward``: dq, and dk, dv with kv-head
+    shapes for GQA). The tile is a constant: a bias whose inputs need a gradient does not come
+    here. ``lse`` is not differentiable."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, tile, causal: bool, scale: float, flip: bool):
+        if flip:
+            k, v = k.flip(2), v.flip(2)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, is_causal=causal, attn_mask=tile, scale=scale)
+        ctx.causal, ctx.scale, ctx.flip = causal, scale, flip
+        ctx.save_for_backward(q, k, v, out, lse, tile)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, tile = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout.contiguous(), q, k, v, out, lse, 0.0, ctx.causal, attn_mask=tile,
+            scale=ctx.scale)
+        if ctx.flip:
+            dk, dv = dk.flip(2), dv.flip(2)
+        return dq, dk, dv, None, None, None, None
+
+
+def whole_call(node) -> bool:
+    """Whether ``RunsForward`` serves ``node`` by one ``WholeCall`` (differentiable in q, k,
+    v): a key-form bias with no mask or a top-left causal one, or a Toeplitz bias and no
+    mask."""
+    bias = additive_bias(node.score_mod)
+    if bias is None:
+        return False
+    mask = node.mask.expr if node.mask is not None else None
+    form = bias_form(bias)
+    return ((form == "key" and (mask is None or is_top_left_causal(mask)))
+            or (form == "toeplitz" and mask is None))
 
 
 #: Where b, h, q_idx, kv_idx sit in a whole-call tile ``(B, H, Nq, Nk)``.
