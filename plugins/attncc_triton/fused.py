@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import sympy
 
+from attncc.errors import BackendError
 from attncc.spec.symbols import SIZE_NAMES
 from attncc.spec.symbols import score as score_symbol
 
@@ -69,9 +70,15 @@ class FusedGenerator:
                           *(f"{name}_n{i}" for i in range(ndims[name]))]
         self.flags = ((("MEMORY",) if fs.memory_tokens else ())
                       + (("MASK",) if fs.mask is not None else ()))
+        #: why no backward is generated (a derivative Triton cannot print), else None: the
+        #: forward never fails on its derivative
+        self.no_backward = None
         if fs.score_mod is not None:
-            self.d_score, self.d_inputs = derivatives(fs.score_mod, score_symbol,
-                                                      fs.float_inputs)
+            try:
+                self.d_score, self.d_inputs = derivatives(fs.score_mod, score_symbol,
+                                                          fs.float_inputs)
+            except BackendError as err:
+                self.no_backward = str(err)
         self.scores = self._scores()
         self.kv = self._kv()
 
@@ -433,11 +440,16 @@ class FusedGenerator:
         fs = self.fs
         tiles = [self.topk_tile()] if fs.normalize == "topk" else []
         tiles.append(self.fwd_tile())
-        if fs.normalize != "sigmoid":
-            tiles.append(self.delta_tile())
-        tiles += [self.dq_tile(), self.dkdv_tile()]
-        return [self.scores, self.kv, *tiles, self.forward(), self.backward_dq(),
-                self.backward_dkdv()]
+        if self.no_backward is not None:
+            return [self.scores, self.kv, *tiles, self.forward()]
+        try:
+            backward = [*([self.delta_tile()] if fs.normalize != "sigmoid" else []),
+                        self.dq_tile(), self.dkdv_tile(), self.backward_dq(),
+                        self.backward_dkdv()]
+        except BackendError as err:
+            self.no_backward = str(err)
+            return [self.scores, self.kv, *tiles, self.forward()]
+        return [self.scores, self.kv, *tiles, self.forward(), *backward]
 
 
 def _names(atom: sympy.Indexed) -> set[str]:

@@ -137,7 +137,11 @@ class Program:
     def backward(self, q, k, v, inputs: dict, tables: dict, scale: float, out, lse, thr,
                  d_out, d_lse=None, wrap=None):
         """``(dq, dk, dv, {floating input: grad in the accumulation dtype})`` of ``forward``'s
-        out (and lse): torch ops and the dq then the dk/dv launch through ``wrap``."""
+        out (and lse): torch ops and the dq then the dk/dv launch through ``wrap``. Raises
+        NotImplementedError where the module has no backward (SPEC["no_backward"] says why)."""
+        if "bwd_dq" not in self.kernels:
+            raise NotImplementedError(f"no Triton backward for this spec: "
+                                      f"{self.spec.get('no_backward')}")
         q, k, v = (x.contiguous() for x in (q, k, v))
         inputs = prepared(q, inputs)
         acc = lse.dtype

@@ -143,7 +143,11 @@ def generate(spec, node, config: dict) -> str:
     else:
         kernels = {"fwd": "_fwd", "bwd_dq": "_bwd_dq", "bwd_dkdv": "_bwd_dkdv"}
         ndims = {n: len(i.shape) or 1 for n, i in spec.inputs.items()}  # 0-d: viewed as (1,)
-        functions = [f.text() for f in FusedGenerator(fs, ndims).functions()]
+        generator = FusedGenerator(fs, ndims)
+        functions = [f.text() for f in generator.functions()]
+        if generator.no_backward is not None:  # forward only; a backward call says why
+            meta["no_backward"] = generator.no_backward
+            kernels = {"fwd": "_fwd"}
     scale = _scale_function(getattr(node, "scale", spec.scale))
     used = set(re.findall(r"\b_\w+(?=\()", "\n".join(functions)))
     helpers = [text for name, text in HELPERS.items()

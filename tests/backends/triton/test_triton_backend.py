@@ -141,7 +141,14 @@ EXPRS = [("mask", "(q_idx - kv_idx) // 3 == 0"), ("mask", "(kv_idx - q_idx) % 5 
          ("mask", "not (kv_idx <= q_idx) or q_idx % 4 == 1"),
          ("score_mod", "abs(q_idx - kv_idx) * (q_idx - kv_idx if kv_idx < q_idx else "
                        "min(kv_idx, 7))"),
-         ("score_mod", "floor((q_idx - 9) / 4) + ceil(kv_idx / 3) + (kv_idx - 11) // 4")]
+         ("score_mod", "floor((q_idx - 9) / 4) + ceil(kv_idx / 3) + (kv_idx - 11) // 4"),
+         ("mask", "(q_idx & 3) == (kv_idx >> 1) or ((q_idx ^ kv_idx) | 1) << 1 == 6"),
+         ("mask", "((q_idx > 4) == (kv_idx > 9)) and ((q_idx > 2) != (kv_idx < 3))"),
+         ("score_mod", "sin(q_idx / 3) + cos(kv_idx) + tan(q_idx / 20) + erf(kv_idx / 8 - 1)"),
+         ("score_mod", "sign(q_idx - kv_idx) + round((q_idx - kv_idx) / 2) + exp2(-kv_idx / 4) "
+                       "+ log2(q_idx + 1) + 2 ** (-8 * (q_idx + 1) / 16)"),
+         ("score_mod", "clamp(q_idx - kv_idx, -3, 4) + silu(kv_idx / 4 - 2) + gelu(q_idx / 4 - 2) "
+                       "+ gelu_tanh(kv_idx / 5 - 1)")]
 
 
 @pytest.mark.parametrize("field,text", EXPRS)
@@ -164,7 +171,38 @@ def test_printer_means_what_numeric_evaluate_means(field, text, interpret):
     module.probe[(1,)](out, ACC=tl.float32)
     env = {"q_idx": np.arange(16)[:, None], "kv_idx": np.arange(16)[None, :]}
     want = np.broadcast_to(np.asarray(evaluate(expr, env, np), dtype=np.float64), (16, 16))
-    np.testing.assert_allclose(out.reshape(16, 16).numpy(), want)
+    np.testing.assert_allclose(out.reshape(16, 16).numpy(), want, rtol=2e-6, atol=2e-6)
+
+
+def test_every_derivative_sympy_makes_prints():
+    """Heaviside, sign, DiracDelta and unevaluated derivatives of floor, mod, round are
+    rewritten before printing: the backward of any grammar function prints."""
+    from attncc.spec.symbols import score
+    from attncc_triton.printer import derivatives
+
+    spec = _spec(score_mod="abs(score) + max(score, 0) + min(score, q_idx) + floor(score) + "
+                           "score % 3 + sign(score) + round(score) + erf(score) + tan(score) + "
+                           "clamp(score, -1, 1) + exp2(score) + log2(1 + score * score)")
+    d_score, _ = derivatives(spec.score_mod, score, set())
+    assert "Derivative" not in str(d_score) and "DiracDelta" not in TritonPrinter(set())(d_score)
+
+
+def test_a_forward_never_fails_on_its_derivative(monkeypatch, interpret):
+    """Where a derivative cannot be printed, the module is forward-only and a backward says
+    why."""
+    import attncc_triton.fused as fused
+
+    def refuse(*args):
+        raise BackendError("triton backend: cannot differentiate this")
+
+    monkeypatch.setattr(fused, "derivatives", refuse)
+    spec = _spec(score_mod="score * 0.5")
+    kernel = TritonBackend().compile(lower(spec), None, CPU)
+    q, k, v, ins = random_inputs(spec, 1, 16, 16, "float32", seed=0, library="torch")
+    assert kernel(q, k, v, **ins).shape == (*q.shape[:3], v.shape[3])
+    q.requires_grad_(True)
+    with pytest.raises(NotImplementedError, match="cannot differentiate this"):
+        kernel(q, k, v, **ins).sum().backward()
 
 
 @pytest.mark.parametrize("name", ["sliding_window.yaml", "document_mask.yaml", "bigbird.yaml"])
