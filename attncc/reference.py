@@ -16,7 +16,7 @@ from typing import NamedTuple
 import array_api_compat
 import numpy as np
 
-from attncc.bind import Bound, bind
+from attncc.bind import Bound, bind, shared_kv
 from attncc.errors import InputError
 from attncc.spec.load import load_spec
 from attncc.spec.numeric import evaluate
@@ -41,6 +41,7 @@ def attend(spec, q, k, v, inputs: dict, *, return_lse: bool = False):
     """The reference computation on the arrays' own namespace and dtype (no conversion)."""
     spec = load_spec(spec)
     bound = bind(spec, q, k, v, inputs)
+    k, v = shared_kv(q, k, v)
     if return_lse and spec.normalize not in ("softmax", "topk"):
         raise InputError(f"return_lse: the log-sum-exp exists for normalize softmax and topk, "
                          f"not {spec.normalize}")

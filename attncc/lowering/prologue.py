@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import array_api_compat
 
-from attncc.bind import bind, namespace
+from attncc.bind import bind, namespace, shared_kv
 from attncc.errors import InputError
 from attncc.ir.graph import LinearAttention, Nystrom
 
@@ -91,6 +91,7 @@ def prologue(spec, node, q, k, v, inputs: dict, *, backend: str, library: str,
             raise InputError(f"{name}: the {backend} backend takes {kind}, got "
                              f"{type(x).__module__}.{type(x).__name__}; {hint}")
     bound = bind(spec, q, k, v, inputs)
+    k, v = shared_kv(q, k, v)
     name = dtype_name(q.dtype)
     if name not in dtypes:
         listed = ", ".join(dtypes[:-1]) + f" and {dtypes[-1]}"

@@ -181,6 +181,8 @@ def fold(node, lead: tuple, value_dim: int, like, tiles) -> tuple[Rows, object]:
     ``(s, keep or None, v, owned)`` (``update``'s arguments) and is called a second time under
     top-k, whose first pass finds the threshold."""
     threshold = None
+    if node.score_mod is not None and node.score_mod.has(-math.inf):
+        tiles = _dropping(tiles)
     if node.normalize == "topk":
         first = TopkThreshold(node.topk, lead, like)
         for s, keep, _, _ in tiles():
@@ -193,6 +195,16 @@ def fold(node, lead: tuple, value_dim: int, like, tiles) -> tuple[Rows, object]:
             keep = TopkThreshold.keeps(s, threshold, keep)
         state.update(s, v, keep, owned=owned)
     return state.finish(), threshold
+
+
+def _dropping(tiles):
+    """``tiles`` with the pairs whose score is -inf removed from ``keep`` (a score_mod's -inf
+    that the IR could not move into the mask)."""
+    def dropped():
+        for s, keep, v, owned in tiles():
+            finite = s > -math.inf
+            yield s, finite if keep is None else (finite & keep), v, owned
+    return dropped
 
 
 def _exp_inplace(xp):
