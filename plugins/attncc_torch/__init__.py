@@ -75,6 +75,10 @@ class TorchBackend(Backend):
         ``keep`` admits the valid configs worth timing at the graph's ``sizes`` (``seq_q``/``seq_k``
         when known):
 
+        - where the whole call is one SDPA call (dense, causal, decoding) only ``use_sdpa=True``
+          is kept (a user may still ask for the tile loop): it is never faster there, and a
+          record chosen by a noisy measurement must never replace the default with a slower
+          path;
         - where a fused torch kernel runs (``use_sdpa``: SDPA whole for dense/causal specs, the runs
           path of ``runs.py`` on CPU), the flash knobs are unused, so they must hold their defaults
           (and the blocks too under whole SDPA); one config per distinct kernel, not dozens of
@@ -104,6 +108,8 @@ class TorchBackend(Backend):
 
         def keep(config: dict) -> bool:
             if not valid(lowering, config, target):
+                return False
+            if whole and not config.get("use_sdpa"):
                 return False
             if config.get("use_sdpa") and whole:
                 return all(config[name] == base[name]
