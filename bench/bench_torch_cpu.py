@@ -1,13 +1,18 @@
-"""attncc's torch backend against torch SDPA and compiled FlexAttention on CPU, side by side.
+"""The torch backend's benchmark of record: attncc vs torch SDPA and compiled FlexAttention on CPU.
 
-float32, batch 1, 8 heads, head_dim 64; median of repeated runs after warm-up, attncc, SDPA and
-Flex interleaved within each repetition. Variants: dense,
-causal, sliding window 256, document mask (4 documents), Longformer, BigBird. Also: the first call
-in a fresh process (attncc compile + call vs FlexAttention's torch.compile + call), and the peak
-resident memory of forward + backward as the sequence grows to 16384 (the flash backward
-recomputes tiles, so memory grows with N, not N²).
+float32, batch 1, 8 heads (GQA cases 8 query / 2 kv heads), head_dim 64. Every case times
+attncc (defaults), attncc with the shipped tuning records (``attncc.compile(..., seq=n)``), SDPA
+(``is_causal`` / ``enable_gqa`` / an explicit bool or float mask built outside the timing) and
+compiled FlexAttention (forward only: it has no CPU backward; never for decoding, whose KV
+length changes every step), interleaved within each repetition; medians and ratios. Modes:
+``fwd``, ``fwdbwd`` (forward + backward of ``out.sum()``) and ``decode`` (seq_q 1-16 against a
+KV cache, bottom-right causal, GQA 32/8, head_dim 128, batch 4). ``floor_s`` is the useful-FLOP
+time at the sgemm rate measured in the same run (kept pairs only; backward = 2.5x forward).
+Also: the first call in a fresh process, and the peak resident memory of forward + backward up
+to seq 16384.
 
-    python bench/bench_torch_cpu.py [--seqs 2048 8192] [--reps 5] [--out bench/results/torch_cpu]
+    python bench/bench_torch_cpu.py [--seqs 2048 8192] [--reps 5] [--cases alibi gqa_causal]
+        [--modes fwd fwdbwd decode] [--out bench/results/torch_cpu]
 
 Writes ``<out>.json`` and ``<out>.md``.
 """
@@ -22,22 +27,37 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - the name torch code uses
 
 import attncc
+import attncc.api
 from attncc.passes.pipeline import lower
 from attncc_torch import TorchBackend
 
 HEADS, DIM = 8, 64
-WINDOW, DOCS, N_GLOBAL, LF_WINDOW, BB_BLOCK, BB_RANDOM = 256, 4, 64, 128, 64, 3
+WINDOW, DOCS, N_GLOBAL, LF_WINDOW, BB_BLOCK, BB_RANDOM, PREFIX, CAP = (
+    256, 4, 64, 128, 64, 3, 512, 50.0)
+DECODE = [(1, 4096), (1, 16384), (4, 16384), (16, 4096)]  # (seq_q, KV length)
+NEG = float("-inf")
 
+SLOPE = {"slope": {"shape": ["heads"], "dtype": "float32"}}
 SPECS = {
     "dense": {"mask": None},
     "causal": {"mask": "kv_idx <= q_idx"},
+    "gqa_causal": {"mask": "kv_idx <= q_idx", "kv_heads": 2},
+    "alibi": {"mask": "kv_idx <= q_idx", "score_mod": "score - slope[h] * (q_idx - kv_idx)",
+              "inputs": SLOPE},
+    "softcap": {"mask": "kv_idx <= q_idx", "score_mod": f"{CAP} * tanh(score / {CAP})"},
+    "relative_bias": {"mask": None, "score_mod": "score + rel[h, q_idx - kv_idx + seq_k - 1]",
+                      "inputs": {"rel": {"shape": ["heads", "seq_q + seq_k - 1"],
+                                         "dtype": "float32"}}},
+    "prefix_lm": {"mask": f"kv_idx <= q_idx or kv_idx < {PREFIX}"},
     "sliding_window": {"mask": f"kv_idx <= q_idx and q_idx - kv_idx < {WINDOW}"},
+    "gqa_window": {"mask": f"kv_idx <= q_idx and q_idx - kv_idx < {WINDOW}", "kv_heads": 2},
     "document_mask": {"mask": "doc[b, q_idx] == doc[b, kv_idx]",
                       "inputs": {"doc": {"shape": ["batch", "seq_q"], "dtype": "int32"}}},
     "longformer": {"mask": f"abs(q_idx - kv_idx) <= {LF_WINDOW} or q_idx < {N_GLOBAL} "
@@ -46,7 +66,13 @@ SPECS = {
                         f"{N_GLOBAL} or rand_blocks[q_idx // {BB_BLOCK}, kv_idx // {BB_BLOCK}]",
                 "inputs": {"rand_blocks": {"shape": [f"seq_q // {BB_BLOCK}",
                                                      f"seq_k // {BB_BLOCK}"], "dtype": "bool"}}},
+    "decoding": {"mask": "kv_idx <= q_idx + seq_k - seq_q", "heads": 32, "kv_heads": 8},
 }
+#: The modes each case is timed in (decoding has its own sizes, ``DECODE``).
+MODES = {name: ("fwd", "fwdbwd") for name in SPECS}
+MODES.update({name: ("fwd",) for name in ("sliding_window", "document_mask", "longformer",
+                                          "bigbird")})
+MODES["decoding"] = ("decode",)
 
 
 def spec_of(name: str):
@@ -68,24 +94,67 @@ def inputs_of(name: str, n: int) -> dict:
         blocks = torch.zeros(nb, nb, dtype=torch.bool)
         blocks.scatter_(1, picks, True)
         return {"rand_blocks": blocks}
+    if name == "alibi":
+        return {"slope": torch.tensor([2.0 ** -(i + 1) for i in range(HEADS)])}
+    if name == "relative_bias":
+        return {"rel": 0.1 * torch.randn(HEADS, 2 * n - 1, generator=gen)}
     return {}
 
 
 def mask_mod_of(name: str, ins: dict):
-    if name == "dense":
+    """FlexAttention's mask_mod (None: no mask)."""
+    causal = lambda b, h, q, kv: kv <= q  # noqa: E731
+    lf = lambda b, h, q, kv: ((q - kv).abs() <= LF_WINDOW) | (q < N_GLOBAL) | (kv < N_GLOBAL)  # noqa: E731
+    if name in ("dense", "relative_bias"):
         return None
-    if name == "causal":
-        return lambda b, h, q, kv: kv <= q
-    if name == "sliding_window":
+    if name in ("causal", "gqa_causal", "alibi", "softcap"):
+        return causal
+    if name in ("sliding_window", "gqa_window"):
         return lambda b, h, q, kv: (kv <= q) & (q - kv < WINDOW)
+    if name == "prefix_lm":
+        return lambda b, h, q, kv: (kv <= q) | (kv < PREFIX)
     if name == "document_mask":
         doc = ins["doc"]
         return lambda b, h, q, kv: doc[b, q] == doc[b, kv]
-    lf = lambda b, h, q, kv: ((q - kv).abs() <= LF_WINDOW) | (q < N_GLOBAL) | (kv < N_GLOBAL)  # noqa: E731
     if name == "longformer":
         return lf
     rb = ins["rand_blocks"]
     return lambda b, h, q, kv: lf(b, h, q, kv) | rb[q // BB_BLOCK, kv // BB_BLOCK]
+
+
+def score_mod_of(name: str, ins: dict):
+    """FlexAttention's score_mod (None: the plain score)."""
+    if name == "alibi":
+        slope = ins["slope"]
+        return lambda s, b, h, q, kv: s - slope[h] * (q - kv)
+    if name == "softcap":
+        return lambda s, b, h, q, kv: CAP * torch.tanh(s / CAP)
+    if name == "relative_bias":
+        rel, n = ins["rel"], (ins["rel"].shape[1] + 1) // 2
+        return lambda s, b, h, q, kv: s + rel[h, q - kv + n - 1]
+    return None
+
+
+def sdpa_of(name: str, n: int, ins: dict):
+    """``fn(q, k, v)``: the SDPA peer (None where SDPA cannot express the case), its masks
+    built here, outside the timing."""
+    gqa = SPECS[name].get("kv_heads") is not None
+    if name in ("dense", "causal", "gqa_causal"):
+        return lambda q, k, v: F.scaled_dot_product_attention(
+            q, k, v, is_causal=name != "dense", enable_gqa=gqa)
+    if name == "softcap":
+        return None
+    i = torch.arange(n)
+    if name == "alibi":
+        bias = -ins["slope"][:, None, None] * (i[:, None] - i[None, :])
+        mask = bias.masked_fill(i[None, :] > i[:, None], NEG)[None]
+    elif name == "relative_bias":
+        mask = ins["rel"][:, i[:, None] - i[None, :] + n - 1][None]
+    else:
+        mod = mask_mod_of(name, ins)
+        mask = torch.cat([mod(0, 0, i[r:r + 512, None], i[None]) for r in range(0, n, 512)])
+    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                          enable_gqa=gqa)
 
 
 def median_times(fns: list, reps: int, warmup: int = 2) -> list[float]:
@@ -103,13 +172,25 @@ def median_times(fns: list, reps: int, warmup: int = 2) -> list[float]:
     return [statistics.median(ts) for ts in times]
 
 
-def density(name: str, n: int, ins: dict) -> float:
+def sgemm_rate(reps: int = 5) -> float:
+    """float32 matmul FLOP/s of (2048x64) @ (64x2048) and (2048x2048) @ (2048x64), the shapes
+    of attention's two products, on this machine now."""
+    a, b = torch.randn(2048, DIM), torch.randn(DIM, 2048)
+    p = torch.randn(2048, 2048)
+    t = median_times([lambda: a @ b, lambda: p @ a], reps)
+    return 2 * 2048 * 2048 * DIM / statistics.mean(t)
+
+
+def kept_pairs(name: str, nq: int, nk: int, ins: dict) -> float:
+    """Kept (query, key) pairs of the mask (bottom-right for decoding)."""
+    if name == "decoding":
+        return nq * (nk - nq) + nq * (nq + 1) / 2
     mod = mask_mod_of(name, ins)
     if mod is None:
-        return 1.0
-    idx = torch.arange(n)
-    kept = sum(int(mod(0, 0, idx[i:i + 512, None], idx[None]).sum()) for i in range(0, n, 512))
-    return kept / (n * n)
+        return nq * nk
+    i = torch.arange(nq)
+    return float(sum(int(mod(0, 0, i[r:r + 512, None], i[None]).sum())
+                     for r in range(0, nq, 512)))
 
 
 def attncc_kernel(name: str, config: dict | None = None):
@@ -119,25 +200,61 @@ def attncc_kernel(name: str, config: dict | None = None):
     return backend.compile(graph, {**backend.default_config(graph, None), **(config or {})}, None)
 
 
-def bench_row(name: str, n: int, reps: int, flex_cache: dict) -> dict:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+@dataclass
+class Row:
+    case: str
+    mode: str
+    seq_q: int
+    seq_k: int
+    density: float
+    floor_s: float
+    times: dict = field(default_factory=dict)
 
+    def ratios(self) -> dict:
+        base = self.times.get("sdpa") or self.times.get("flex")
+        return {f"{k}/{'sdpa' if 'sdpa' in self.times else 'flex'}": v / base
+                for k, v in self.times.items() if base and k.startswith("attncc")}
+
+
+def bench_row(name: str, mode: str, nq: int, nk: int, reps: int, flex: dict, rate: float) -> Row:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    spec = spec_of(name)
+    heads = spec.heads or HEADS
+    kv_heads, dim = spec.kv_heads or heads, 128 if mode == "decode" else DIM
+    batch = 4 if mode == "decode" else 1
     gen = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(1, HEADS, n, DIM, generator=gen) for _ in range(3))
-    ins = inputs_of(name, n)
-    kernel = attncc_kernel(name)
-    row = {"variant": name, "seq": n, "density": density(name, n, ins)}
-    if "flex" not in flex_cache:
-        flex_cache["flex"] = torch.compile(flex_attention, dynamic=False)
-    mod = mask_mod_of(name, ins)
-    bm = create_block_mask(mod, 1, None, n, n, device="cpu") if mod else None
-    with torch.no_grad():
-        row["attncc_s"], row["sdpa_s"], row["flex_s"] = median_times([
-            lambda: kernel(q, k, v, **ins),
-            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=name == "causal"),
-            lambda: flex_cache["flex"](q, k, v, block_mask=bm)], reps)
-    row["vs_sdpa"] = row["attncc_s"] / row["sdpa_s"]
-    row["vs_flex"] = row["attncc_s"] / row["flex_s"]
+    grad = mode == "fwdbwd"
+    q = torch.randn(batch, heads, nq, dim, generator=gen, requires_grad=grad)
+    k, v = (torch.randn(batch, kv_heads, nk, dim, generator=gen, requires_grad=grad)
+            for _ in range(2))
+    ins = inputs_of(name, nk)
+    pairs = kept_pairs(name, nq, nk, ins)
+    flops = 4 * batch * heads * pairs * dim * (3.5 if grad else 1.0)
+    row = Row(name, mode, nq, nk, pairs / (nq * nk), flops / rate)
+    default = attncc_kernel(name)
+    fns = {"attncc": lambda q, k, v: default(q, k, v, **ins)}
+    shipped = attncc.api.compile(spec, backend="torch", seq=nq, seq_k=nk)
+    fns["attncc_records"] = lambda q, k, v: shipped(q, k, v, **ins)
+    if mode == "decode":
+        i = torch.arange(nq)[:, None] + nk - nq
+        tail = torch.zeros(nq, nk).masked_fill(torch.arange(nk)[None] > i, NEG)
+        fns["sdpa"] = lambda q, k, v: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if nq == 1 else tail, enable_gqa=True)
+    elif (peer := sdpa_of(name, nq, ins)) is not None:
+        fns["sdpa"] = peer
+    if not grad and mode != "decode":
+        mod = mask_mod_of(name, ins)
+        bm = create_block_mask(mod, 1, None, nq, nk, device="cpu") if mod else None
+        sm = score_mod_of(name, ins)
+        fns["flex"] = lambda q, k, v: flex["fn"](q, k, v, score_mod=sm, block_mask=bm,
+                                                 enable_gqa=kv_heads != heads)
+    if grad:
+        calls = [lambda f=f: f(q, k, v).sum().backward() for f in fns.values()]
+    else:
+        calls = [lambda f=f: f(q, k, v) for f in fns.values()]
+    with torch.set_grad_enabled(grad):
+        row.times = dict(zip(fns, median_times(calls, reps), strict=True))
     return row
 
 
@@ -217,15 +334,23 @@ def write(results: dict, out: Path) -> None:
     lines = [f"# torch backend on CPU vs SDPA and compiled FlexAttention ({m['date']})", "",
              f"Machine: {m['device']} ({m['cores']} logical cores, torch {m['torch']}, "
              f"{m['threads']} threads); load average before {m['load_before']}, after "
-             f"{m.get('load_after')}. float32, batch 1, {HEADS} heads, head_dim {DIM}; "
-             "median of repeated runs after warm-up (the three interleaved per repetition); "
-             "seconds.", "",
-             "| variant | seq | density | attncc | SDPA | Flex | attncc/SDPA | attncc/Flex |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"{m.get('load_after')}; sgemm {results['sgemm_gflops']:.1f} GFLOP/s. float32, "
+             f"batch 1, {HEADS} heads, head_dim {DIM} (decode: batch 4, 32/8 heads, head_dim "
+             "128); medians of interleaved repetitions; milliseconds. `records`: attncc with "
+             "the shipped tuning records; `floor`: useful FLOPs at the sgemm rate.", "",
+             "| case | mode | seq_q | seq_k | density | floor | attncc | records | SDPA | Flex "
+             "| attncc/peer | records/peer |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    ms = lambda t: "–" if t is None else f"{t * 1e3:.1f}"  # noqa: E731
     for r in results["rows"]:
-        lines.append(f"| {r['variant']} | {r['seq']} | {r['density']:.3f} | "
-                     f"{r['attncc_s']:.4f} | {r['sdpa_s']:.4f} | {r['flex_s']:.4f} | "
-                     f"{r['vs_sdpa']:.2f} | {r['vs_flex']:.2f} |")
+        t, ratios = r["times"], list(r["ratios"].items())
+        named = dict(ratios)
+        peer = "sdpa" if "sdpa" in t else "flex"
+        lines.append(
+            f"| {r['case']} | {r['mode']} | {r['seq_q']} | {r['seq_k']} | {r['density']:.3f} | "
+            f"{ms(r['floor_s'])} | {ms(t.get('attncc'))} | {ms(t.get('attncc_records'))} | "
+            f"{ms(t.get('sdpa'))} | {ms(t.get('flex'))} | "
+            f"{named.get(f'attncc/{peer}', float('nan')):.2f} | "
+            f"{named.get(f'attncc_records/{peer}', float('nan')):.2f} |")
     lines += ["", "First call in a fresh process (compile + one call, seconds):", ""]
     lines += [f"- {k}: {v:.2f}" for k, v in results.get("first_call", {}).items()]
     lines += ["", "Peak resident memory growth of forward + backward (causal, block-plan path, "
@@ -235,27 +360,42 @@ def write(results: dict, out: Path) -> None:
 
 
 def main() -> None:
-    # One compiled flex_attention serves every mask_mod; each is a recompile, and past dynamo's
-    # default limit (8) flex would silently fall back to its unfused eager path.
+    # One compiled flex_attention serves every case; each mask/score mod is a recompile, and
+    # past dynamo's default limit (8) flex would silently fall back to its unfused eager path.
     torch._dynamo.config.recompile_limit = 64
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--variants", nargs="+", default=list(SPECS))
+    parser.add_argument("--cases", nargs="+", default=list(SPECS))
+    parser.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd", "decode"])
+    parser.add_argument("--decode", type=int, nargs="+", default=None,
+                        help="seq_q kv pairs, flattened (default: DECODE)")
     parser.add_argument("--peak-seqs", type=int, nargs="*", default=[4096, 8192, 16384])
+    parser.add_argument("--first-call", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "torch_cpu"))
     args = parser.parse_args()
-    results = {"machine": machine(), "rows": [], "first_call": {}, "peak_memory": {}}
-    flex_cache: dict = {}
-    for n in args.seqs:
-        for name in args.variants:
-            row = bench_row(name, n, args.reps, flex_cache)
-            results["rows"].append(row)
-            print(json.dumps(row), flush=True)
-    for which in ("attncc", "flex"):
-        results["first_call"][f"{which} sliding_window seq 2048"] = first_call(
-            which, "sliding_window", 2048)
-        print(results["first_call"], flush=True)
+    decode = (list(zip(args.decode[::2], args.decode[1::2], strict=True)) if args.decode
+              else DECODE)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex = {"fn": torch.compile(flex_attention, dynamic=False)}
+    rate = sgemm_rate()
+    results = {"machine": machine(), "sgemm_gflops": rate / 1e9, "rows": [], "first_call": {},
+               "peak_memory": {}}
+    for name in args.cases:
+        for mode in (m for m in MODES[name] if m in args.modes):
+            sizes = decode if mode == "decode" else [(n, n) for n in args.seqs]
+            for nq, nk in sizes:
+                row = bench_row(name, mode, nq, nk, args.reps, flex, rate)
+                record = {**row.__dict__, "ratios": row.ratios()}
+                results["rows"].append(record)
+                print(json.dumps(record), flush=True)
+    results["sgemm_gflops_after"] = sgemm_rate() / 1e9
+    if args.first_call:
+        for which in ("attncc", "flex"):
+            results["first_call"][f"{which} sliding_window seq 2048"] = first_call(
+                which, "sliding_window", 2048)
+            print(results["first_call"], flush=True)
     for n in args.peak_seqs:
         results["peak_memory"][f"seq {n}, {HEADS} heads"] = peak_memory(n, HEADS)
         print(results["peak_memory"], flush=True)
