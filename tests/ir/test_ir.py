@@ -233,7 +233,8 @@ def test_printer_prints_embedded_nodes_and_cost():
 
 
 def test_printer_prints_the_lowering_on_the_node_and_its_reasons_after():
-    graph = lower({"attncc": 1, "name": "alibi", "score_mod": "score - slope[h] * q_idx",
+    # a non-additive score_mod (an additive one is served by the runs path's bias tiles)
+    graph = lower({"attncc": 1, "name": "scaled", "score_mod": "score * slope[h]",
                    "inputs": {"slope": {"shape": ["heads"], "dtype": "float32"}}})
     lines = print_graph(graph).splitlines()
     assert any("lowering=Lowering(sdpa=no, runs=no, tiles=yes))(%q, %k, %v, %slope)" in line
