@@ -2,10 +2,13 @@
 
 The same model (random weights, float32, batch 1, 2 layers, hidden 256, 8 heads, 4 kv heads) runs
 with ``attn_implementation`` = ``sdpa``, ``flex_attention`` (transformers compiles
-FlexAttention) and ``attncc`` (``attncc.integrations.transformers.register``). Each is timed as
-the median of ``--reps`` forward+backward steps after warm-up; ratios are against sdpa.
+FlexAttention) and ``attncc`` (``attncc.integrations.transformers.register``), and with
+``--compile`` also ``torch.compile(model)`` on ``sdpa`` and on ``attncc`` (the attention a
+library op, no graph break). Each is timed as the median of ``--reps`` forward+backward steps
+after warm-up; ratios are against sdpa.
 
-    python bench/bench_llama.py [--seq 2048] [--reps 5] [--out bench/results/llama_cpu.md]
+    python bench/bench_llama.py [--seq 2048] [--reps 5] [--compile]
+        [--out bench/results/llama_cpu.md]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from attncc.integrations.transformers import register
 
 IMPLS = ("sdpa", "flex_attention", "attncc")
+COMPILED = ("sdpa+compile", "attncc+compile")
 
 
 def step(model, ids, backward: bool) -> None:
@@ -36,11 +40,16 @@ def step(model, ids, backward: bool) -> None:
 
 def time_impl(model, impl: str, ids, reps: int, warmup: int,
               backward: bool) -> tuple[float, float, float]:
-    """``(first call s, median s, interquartile spread s)`` of forward (+ backward)."""
-    model.set_attn_implementation(impl)
+    """``(first call s, median s, interquartile spread s)`` of forward (+ backward); an
+    ``impl+compile`` runs ``torch.compile(model)`` (its first call includes the compile)."""
+    name, compiled = impl.removesuffix("+compile"), impl.endswith("+compile")
+    model.set_attn_implementation(name)
+    if compiled:
+        torch._dynamo.reset()
+    run = torch.compile(model) if compiled else model
 
     def step_(m, i):
-        step(m, i, backward)
+        step(run, i, backward)
 
     start = time.perf_counter()
     step_(model, ids)
@@ -61,6 +70,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile(model) on sdpa and attncc")
     parser.add_argument("--out", default="bench/results/llama_cpu.md")
     args = parser.parse_args(argv)
     register("attncc")
@@ -89,7 +100,7 @@ def main(argv=None) -> None:
 def table(model, ids, args, mode: str, backward: bool) -> list[str]:
     """Markdown rows of one mode, every implementation side by side."""
     rows = {}
-    for impl in IMPLS:
+    for impl in IMPLS + (COMPILED if args.compile else ()):
         try:
             rows[impl] = time_impl(model, impl, ids, args.reps, args.warmup, backward)
         except Exception as err:  # a peer that cannot run here is reported, not fatal
