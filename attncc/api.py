@@ -112,27 +112,6 @@ def attention_map(spec, q, k, v, *, heads=None, rows=None, backend: str = "auto"
     return kernel.attention_map(q, k, v, heads=heads, rows=rows, **inputs)
 
 
-def attention_map(spec, q, k, v, *, heads=None, rows=None, backend: str = "auto", **inputs):
-    """The exact attention weights of ``spec`` (``Kernel.attention_map``), computed by the
-    kernel ``compile(spec, backend)`` from its own statistics; shape ``(B, len(heads),
-    len(rows), memory_tokens + seq_k)``. ``backend="auto"`` takes the fastest supported backend
-    whose library matches the arrays (torch tensors or NumPy arrays)."""
-    import array_api_compat
-
-    from attncc.target import default_target
-
-    if backend == "auto":
-        library = "torch" if array_api_compat.is_torch_array(q) else "numpy"
-        target = default_target()
-        found = [b for b in _supported("auto", lower(load_spec(spec)), target)
-                 if b.library == library]
-        if not found:
-            raise BackendError(f"backend: no installed backend takes {library} arrays")
-        backend = max(found, key=lambda b: (b.priority(target), b.name)).name
-    kernel = compile(spec, backend)
-    return kernel.attention_map(q, k, v, heads=heads, rows=rows, **inputs)
-
-
 def _supported(name: str, graph, target) -> list[Backend]:
     spec_name = graph.graph["spec"].name
     if name != "auto":
