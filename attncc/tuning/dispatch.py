@@ -104,12 +104,21 @@ class Dispatch(Kernel):
     def torch_op(self):
         """The variants' own operators, the variant chosen per call from the traced shapes
         (``fn.op``/``fn.args``/``fn.ops`` are the primary variant's); None where the backend
-        has none. A hint met while tracing is not timed: the default config serves it."""
+        has none. A hint met while tracing is not timed: the default config serves it. Under
+        ``torch.compile`` the variant comes from the shapes already called eagerly (else the
+        primary one), so dynamo traces only a dict lookup and the operator."""
         own = self._primary.torch_op()
         if own is None:
             return None
 
+        import torch
+
+        self._ops.setdefault(id(self._primary), own)
+
         def fn(q, k, v, **inputs):
+            if torch.compiler.is_compiling():  # no lookup or op registration inside a trace:
+                kernel = self._shapes.get((q.shape[-2], k.shape[-2], q.dtype), self._primary)
+                return self._ops.get(id(kernel), own)(q, k, v, **inputs)  # shapes seen eagerly
             kernel = self._resolve(q, k, v, inputs, timed=False)
             ops = self._ops.get(id(kernel))
             if ops is None:
@@ -192,7 +201,8 @@ class Dispatch(Kernel):
 
     def _compiled(self, dtype: str, config: dict | None) -> Kernel | None:
         """The kernel for ``config`` (None: the default) at ``dtype``, compiled once; None when a
-        record's config does not fit (the reason in ``_unfit``)."""
+        record's config does not fit, or is one the tuner would not time now (``keep``), as a
+        record tuned before a faster path existed (the reason in ``_unfit``)."""
         text = None if config is None else json.dumps(config, sort_keys=True, default=repr)
         if (dtype, text) not in self._kernels:
             graph = self._graphs.get(dtype)
@@ -201,6 +211,11 @@ class Dispatch(Kernel):
                 graph.graph["dtype"] = dtype
             try:
                 full = full_config(self._backend, graph, self._target, config)
+                space = self._backend.search_space(graph, self._target)
+                if config is not None and not space.keep(full):
+                    raise BackendError(f"config {config} is one the search space no longer "
+                                       "times here (its keep() rejects it: a faster path "
+                                       "serves this spec)")
             except BackendError as err:
                 if config is None:
                     raise

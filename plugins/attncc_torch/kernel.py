@@ -97,12 +97,13 @@ class TorchKernel(Kernel):
         plan = self._plans.get(call.sizes, call.raw_inputs)
         runs = self._runs_ok(call)
         key = (runs, *sorted(call.sizes.items()), str(q.device))  # a plan serves many sizes
+        result = None
         if runs:
             runner = self._derive(plan, key, lambda: RunsForward(
                 node, plan, call.sizes, call.inputs, q.device))
-            out, lse = runner(call.q, k, v, call.scale, call.inputs)
-        else:
-            out, lse = self._flash(plan, key, call, k, v)
+            result = runner(call.q, k, v, call.scale, call.inputs)
+        out, lse = result if result is not None else self._flash(plan, (False, *key[1:]),
+                                                                  call, k, v)
         out = out.to(call.dtype)
         return (out, lse.to(call.dtype)) if return_lse else out
 

@@ -233,16 +233,19 @@ class RunsForward:
     def __call__(self, q, k, v, scale: float, inputs: dict | None = None):
         """``(out (B, H, Nq, D), lse (B, H, Nq))`` for ``q (B, H, Nq, D)``, ``k``/``v``
         ``(B, Hkv, Nk, D)`` on CPU, all one floating dtype; the mask's inputs are those the
-        runner was built with, a bias's those of ``inputs`` (default: the same)."""
+        runner was built with, a bias's those of ``inputs`` (default: the same). None where a
+        whole call would train wrongly (``_lossy_backward``): the caller takes the tile loop."""
         inputs = self.inputs if inputs is None else inputs
         batch, heads, nq, _ = q.shape
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        if self.whole:
-            tile = self._key_tile(q.shape, k.shape[2], inputs, q.dtype)
-            out, lse = WholeCall.apply(q, k, v, tile, self.mask is not None, scale, False)
-            return out, self._with_row(lse, inputs)
-        if self.offsets is not None:
-            tile = self._hankel(q.shape, k.shape[2], inputs, q.dtype)
+        if self.whole or self.offsets is not None:
+            tile = (self._key_tile(q.shape, k.shape[2], inputs, q.dtype) if self.whole
+                    else self._hankel(q.shape, k.shape[2], inputs, q.dtype))
+            if _lossy_backward(tile, q, k, v):
+                return None
+            if self.whole:
+                out, lse = WholeCall.apply(q, k, v, tile, self.mask is not None, scale, False)
+                return out, self._with_row(lse, inputs)
             return WholeCall.apply(q, k, v, tile, False, scale, True)
         out = torch.zeros((batch, heads, nq, v.shape[-1]), dtype=q.dtype, device=q.device)
         lse = torch.full((batch, heads, nq), NEG_INF, dtype=q.dtype, device=q.device)
@@ -298,6 +301,23 @@ class RunsForward:
         fixed = WHOLE.fixed(self.sizes, inputs, ar(lse.shape[0]), ar(lse.shape[1]))
         row = evaluate(self.row, WHOLE.env(fixed, ar(lse.shape[2]), ar(1)), xp)
         return lse + torch.as_tensor(row, dtype=lse.dtype)[..., 0]
+
+
+#: Bias values below this lose the row sum in a fused backward (see ``_lossy_backward``).
+LOSSY_BIAS = -float(1 << 20)
+
+
+def _lossy_backward(tile, q, k, v) -> bool:
+    """Whether the fused backward of a whole call would get this call's gradients wrong: it
+    recomputes ``p = exp(s - lse)`` from ``lse = max + log(sum)``, and where every key of a row
+    carries a bias as large as transformers' padding (the dtype's minimum), ``log(sum)``
+    vanishes below the bias's rounding step, so each ``p`` comes out 1 instead of 1/n. Only
+    when a gradient is wanted; checks the first row and column of the tile (a key-form tile is
+    constant over rows, a Toeplitz one over diagonals), O(N)."""
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
+        return False
+    edges = (tile[:, :, :1, :], tile[:, :, :, :1])
+    return bool(min(float(e.amin()) for e in edges) < LOSSY_BIAS)
 
 
 class WholeCall(torch.autograd.Function):
