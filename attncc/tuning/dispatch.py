@@ -111,18 +111,20 @@ class Dispatch(Kernel):
         if own is None:
             return None
 
-        import torch
+        from torch.compiler import is_compiling
 
-        self._ops.setdefault(id(self._primary), own)
+        by_shape: dict = {}  # (seq_q, seq_k, dtype) -> operators, filled by eager calls
 
         def fn(q, k, v, **inputs):
-            if torch.compiler.is_compiling():  # no lookup or op registration inside a trace:
-                kernel = self._shapes.get((q.shape[-2], k.shape[-2], q.dtype), self._primary)
-                return self._ops.get(id(kernel), own)(q, k, v, **inputs)  # shapes seen eagerly
+            if is_compiling():  # no lookup or op registration inside a trace
+                return by_shape.get((q.shape[-2], k.shape[-2], q.dtype), own)(q, k, v, **inputs)
             kernel = self._resolve(q, k, v, inputs, timed=False)
             ops = self._ops.get(id(kernel))
             if ops is None:
                 ops = self._ops[id(kernel)] = kernel.torch_op()
+            if len(by_shape) >= SHAPES_CAP:
+                by_shape.clear()
+            by_shape[q.shape[-2], k.shape[-2], q.dtype] = ops
             return ops(q, k, v, **inputs)
 
         fn.op, fn.args, fn.ops = own.op, own.args, getattr(own, "ops", None)

@@ -111,7 +111,7 @@ def finished(trials: list[FrozenTrial]) -> list[FrozenTrial]:
 
 class Stop:
     """An Optuna callback that stops the study once ``budget`` measured trials exist, or once
-    ``time.time()`` passes ``deadline`` (a time budget; None: none).
+    ``time.time()`` passes ``deadline`` (a time budget; None: none) with one measured.
 
     ``limit`` caps all trials (pruned and repeats included), so a space whose configs keep()
     mostly rejects cannot loop forever.
@@ -124,8 +124,9 @@ class Stop:
         trials = study.get_trials(deepcopy=False)
         if self.on_trial is not None:
             self.on_trial(study, trial, trials)
-        if (len(measured(trials)) >= self.budget or len(trials) >= self.limit
-                or (self.deadline is not None and time.time() >= self.deadline)):
+        done = len(measured(trials))
+        if (done >= self.budget or len(trials) >= self.limit
+                or (done and self.deadline is not None and time.time() >= self.deadline)):
             study.stop()
 
 

@@ -209,9 +209,9 @@ def work(job: Job) -> None:
 
 def _optimize(study: optuna.Study, problem: Problem, budget: int, bar, guide: bool,
               deadline: float | None) -> None:
-    if len(studies.measured(study.get_trials(deepcopy=False))) >= budget or (
-            deadline is not None and time.time() >= deadline):
-        return
+    done = len(studies.measured(study.get_trials(deepcopy=False)))
+    if done >= budget or (done and deadline is not None and time.time() >= deadline):
+        return  # a time budget stops a tune only once one config is measured
     limit = len(study.get_trials(deepcopy=False)) + 20 * budget + 50
     stop = studies.Stop(budget, limit, bar.update if bar is not None else None, deadline)
     callbacks = [_Guide(problem, budget), stop] if guide else [stop]
