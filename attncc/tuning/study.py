@@ -32,6 +32,10 @@ SAMPLERS = ("tpe", "gp", "random")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+#: Tries to open a SQLite study storage before its error is reported (schema-creation races).
+OPEN_ATTEMPTS = 12
+
+
 @contextmanager
 def _experimental():
     """Optuna's ExperimentalWarning silenced (heartbeats, GPSampler, multivariate TPE)."""
@@ -48,17 +52,24 @@ def storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
         engine = {"connect_args": {"timeout": 60}}
     else:
         engine = {"pool_pre_ping": True, "connect_args": connect_args(url)}
-    try:
-        with _experimental():
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine,
-                                              heartbeat_interval=int(heartbeat),
-                                              grace_period=int(2 * heartbeat))
-    except ImportError as err:
-        raise DatabaseError(f"study storage {masked(url)} needs a driver: {err} "
-                            "(PostgreSQL: pip install 'attncc[postgres]')") from None
-    except Exception as err:  # SQLAlchemy, driver and Optuna errors alike
-        line = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
-        raise DatabaseError(f"cannot open study storage {masked(url)}: {line}") from None
+    attempts = OPEN_ATTEMPTS if url.startswith("sqlite:///") else 1  # a server does not race
+    for attempt in range(attempts):
+        try:
+            with _experimental():
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine,
+                                                  heartbeat_interval=int(heartbeat),
+                                                  grace_period=int(2 * heartbeat))
+        except ImportError as err:
+            raise DatabaseError(f"study storage {masked(url)} needs a driver: {err} "
+                                "(PostgreSQL: pip install 'attncc[postgres]')") from None
+        except Exception as err:  # SQLAlchemy, driver and Optuna errors alike
+            # processes creating a fresh file's schema at once race ("table ... already
+            # exists", "database is locked"): the loser opens it again once the winner is done
+            if attempt + 1 < attempts:
+                time.sleep(0.05 * (attempt + 1))
+                continue
+            line = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+            raise DatabaseError(f"cannot open study storage {masked(url)}: {line}") from None
 
 
 def sampler(budget: int, seed: int | None = None, kind: str = "tpe") -> optuna.samplers.BaseSampler:
