@@ -12,8 +12,8 @@ code runs on NumPy arrays and on torch tensors (differentiable by torch autograd
 
 Linear attention divides ``num = Σ_j φq_i·φk_j v_j`` by ``den = Σ_j φq_i·φk_j``; a zero
 denominator (no kept key, or relu features all zero) gives 0, and no gradient reaches ``num``
-there (``divide``, ``divide_vjp``). ``linear_attention`` runs the whole thing; causal, it scans
-chunks (``_causal``), so memory grows with the chunk, never with seq².
+there (``divide``; torch autograd differentiates it). ``linear_attention`` runs the whole
+thing; causal, it scans chunks (``_causal``), so memory grows with the chunk, never with seq².
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import array_api_compat
 from attncc.bind import namespace
 from attncc.lowering.env import merge_heads, split_heads
 
-__all__ = ["FEATURE_MAPS", "divide", "divide_vjp", "feature_map", "feature_map_vjp",
+__all__ = ["FEATURE_MAPS", "divide", "feature_map",
            "linear_attention", "linear_text"]
 
 FEATURE_MAPS = ("elu1", "relu", "performer")
@@ -52,28 +52,6 @@ def feature_map(kind: str, x, omega=None):
     return xp.exp(projected - norm) / math.sqrt(omega.shape[0])
 
 
-def feature_map_vjp(kind: str, x, omega, d_phi):
-    """``(dx, d_omega)`` of ``φ = feature_map(kind, x, omega)`` for the gradient ``d_phi``.
-
-    Computed in the dtype of ``d_phi`` (x and omega are cast to it); ``d_omega`` is None except
-    for performer, where it sums over every leading axis of x.
-    """
-    xp = namespace(d_phi)
-    x = xp.astype(x, d_phi.dtype, copy=False)
-    if kind == "elu1":
-        return d_phi * xp.where(x > 0, 1.0, xp.exp(xp.minimum(x, 0.0))), None
-    if kind == "relu":
-        return d_phi * xp.astype(x > 0, x.dtype), None
-    xs, omega = _performer_inputs(xp, x, omega)
-    scale = x.shape[-1] ** -0.25
-    phi = xp.exp(xs @ omega.mT - xp.sum(xs * xs, axis=-1, keepdims=True) / 2)
-    g = d_phi * phi / math.sqrt(omega.shape[0])
-    d_xs = g @ omega - xs * xp.sum(g, axis=-1, keepdims=True)
-    flat_g = xp.reshape(g, (-1, g.shape[-1]))
-    flat_xs = xp.reshape(xs, (-1, xs.shape[-1]))
-    return d_xs * scale, flat_g.mT @ flat_xs
-
-
 def _performer_inputs(xp, x, omega):
     if omega is None:
         raise ValueError("the performer feature map needs omega (features, head_dim)")
@@ -85,18 +63,6 @@ def divide(num, den):
     xp = namespace(num)
     empty = den == 0
     return xp.where(empty, 0.0, num / xp.where(empty, 1.0, den))
-
-
-def divide_vjp(out, den, d_out):
-    """``(d_num, d_den)`` of ``out = divide(num, den)``, den ``(..., rows)`` and out, d_out
-    ``(..., rows, Dv)``, computed in den's dtype; both are 0 on rows where ``den`` is 0."""
-    xp = namespace(den)
-    empty = den == 0
-    safe = xp.where(empty, 1.0, den)
-    d_out = xp.astype(d_out, den.dtype, copy=False)
-    d_num = xp.where(empty[..., None], 0.0, d_out / safe[..., None])
-    dot = xp.sum(d_out * xp.astype(out, den.dtype, copy=False), axis=-1)
-    return d_num, -xp.where(empty, 0.0, dot / safe)
 
 
 def linear_attention(node, q, k, v, omega=None, *, chunk: int):

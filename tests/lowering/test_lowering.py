@@ -10,7 +10,7 @@ import attncc
 from attncc.errors import InputError
 from attncc.ir.graph import attention_node
 from attncc.lowering.env import Layout, merge_heads, shared_kv, split_heads
-from attncc.lowering.features import divide, divide_vjp, feature_map, feature_map_vjp
+from attncc.lowering.features import divide, feature_map
 from attncc.lowering.lowrank import linformer, nystrom
 from attncc.lowering.prologue import prologue
 from attncc.lowering.states import SigmoidState, SoftmaxState, TopkThreshold
@@ -93,21 +93,13 @@ def test_topk_threshold_keeps_every_tie_and_is_minus_inf_below_k(library):
 
 
 @pytest.mark.parametrize("kind", ["elu1", "relu", "performer"])
-def test_feature_map_vjp_matches_torch_autograd(kind):
+def test_feature_maps_agree_on_numpy_and_torch(kind):
     gen = torch.Generator().manual_seed(3)
-    x = (torch.randn(2, 3, 7, 8, generator=gen, dtype=torch.float64) * 3).requires_grad_()
-    omega = torch.randn(6, 8, generator=gen, dtype=torch.float64).requires_grad_()
+    x = torch.randn(2, 3, 7, 8, generator=gen, dtype=torch.float64) * 3
+    omega = torch.randn(6, 8, generator=gen, dtype=torch.float64)
     phi = feature_map(kind, x, omega)
-    d_phi = torch.randn(phi.shape, generator=gen, dtype=torch.float64)
-    dx, d_omega = feature_map_vjp(kind, x.detach(), omega.detach(), d_phi)
-    ref = torch.autograd.grad(phi, (x, omega), d_phi, allow_unused=True)
-    torch.testing.assert_close(dx, ref[0])
-    if kind == "performer":
-        torch.testing.assert_close(d_omega, ref[1])
-    else:
-        assert d_omega is None
-    numpy_phi = feature_map(kind, x.detach().numpy(), omega.detach().numpy())
-    np.testing.assert_allclose(numpy_phi, phi.detach().numpy(), atol=1e-12)
+    numpy_phi = feature_map(kind, x.numpy(), omega.numpy())
+    np.testing.assert_allclose(numpy_phi, phi.numpy(), atol=1e-12)
 
 
 def test_zero_denominator_gives_zero_and_no_gradient():
@@ -117,10 +109,9 @@ def test_zero_denominator_gives_zero_and_no_gradient():
     out = divide(num, den[..., None])
     assert torch.all(out[0, 1] == 0) and torch.all(out[1, 0] == 0)
     d_out = torch.randn_like(out)
-    d_num, d_den = divide_vjp(out.detach(), den.detach(), d_out)
-    ref = torch.autograd.grad(out, (num, den), d_out)
-    torch.testing.assert_close(d_num, ref[0])
-    torch.testing.assert_close(d_den, ref[1])
+    d_num, d_den = torch.autograd.grad(out, (num, den), d_out)
+    assert torch.all(d_num[0, 1] == 0) and torch.all(d_num[1, 0] == 0)
+    assert d_den[0, 1] == 0 and d_den[1, 0] == 0
 
 
 def test_nystrom_matches_the_reference_with_gqa():
