@@ -59,9 +59,9 @@ from attncc.analysis.interval_math import (
     _widen,
 )
 from attncc.spec.symbols import (
+    BIT_OPS,
     BitAnd,
     BitOr,
-    BitXor,
     LeftShift,
     Log2,
     RightShift,
@@ -77,7 +77,6 @@ _MONOTONE = {sympy.exp: np.exp, sympy.tanh: np.tanh, sympy.erf: np.vectorize(mat
              sympy.sign: np.sign}
 
 
-_BIT_OPS = (BitAnd, BitOr, BitXor, LeftShift, RightShift)
 
 
 @dataclass(frozen=True)
@@ -323,7 +322,7 @@ class _Intervals:
             return np.round(lo), np.round(hi)
         if isinstance(e, sympy.sin | sympy.cos | sympy.tan):
             return self.periodic(e)
-        if type(e) in _BIT_OPS:
+        if type(e) in BIT_OPS:
             return self.bits(e)
         if isinstance(e, sympy.log | Log2):
             lo, hi = self.num(e.args[0])

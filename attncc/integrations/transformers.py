@@ -285,7 +285,13 @@ def record_stats(stats=("entropy", "mean_distance"), name: str = "attncc"):
     (``attncc.lowering.requests``), appended to ``rec.layers``; no attention map is built."""
     from transformers import AttentionInterface
 
-    function = AttentionInterface()[name]
+    try:
+        function = AttentionInterface()[name]
+    except KeyError:
+        function = None
+    if not hasattr(function, "recorder"):
+        raise InputError(f"record_stats: '{name}' is not an attncc attention; call "
+                         f"attncc.integrations.transformers.register({name!r}) first")
     recorder = StatsRecorder(tuple(stats), [])
     function.recorder = recorder
     try:

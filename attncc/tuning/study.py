@@ -65,7 +65,8 @@ def storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
         except Exception as err:  # SQLAlchemy, driver and Optuna errors alike
             # processes creating a fresh file's schema at once race ("table ... already
             # exists", "database is locked"): the loser opens it again once the winner is done
-            if attempt + 1 < attempts:
+            text = str(err).lower()
+            if attempt + 1 < attempts and ("already exists" in text or "locked" in text):
                 time.sleep(0.05 * (attempt + 1))
                 continue
             line = str(getattr(err, "orig", None) or err).strip().splitlines()[0]

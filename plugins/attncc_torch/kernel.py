@@ -53,6 +53,7 @@ class TorchKernel(Kernel):
         self.node, self.kind, self.config = node, kind, dict(config)
         self.source = describe(self.spec, node, kind, self.config)
         self.backward = functools.partial(autograd_backward, self)
+        self._sdpa = False
         if kind != "flash":
             return
         # the Linformer matrices that project k and v (the schema names them E and F)
@@ -74,8 +75,9 @@ class TorchKernel(Kernel):
     def __call__(self, q, k, v, *, return_lse: bool = False, stats=(), **inputs):
         if stats:  # per-row statistics: Kernel.call_with_stats (attncc.lowering.maps)
             return self.call_with_stats(q, k, v, stats, return_lse, inputs)
+        whole = self._sdpa and not return_lse  # SDPA takes q, k, v as given: no cast
         call = prologue(self.spec, self.node, q, k, v, inputs, backend="torch",
-                        library="torch", return_lse=return_lse)
+                        library="torch", return_lse=return_lse, cast=not whole)
         node = self.node
         if self.kind == "linear":
             out = linear_attention(node, call.q, call.k, call.v, call.inputs.get("omega"),
@@ -84,8 +86,7 @@ class TorchKernel(Kernel):
         if self.kind == "nystrom":
             out = nystrom(call.q, call.k, call.v, node.landmarks, call.scale, exact_pinv=False)
             return out.to(call.dtype)
-        if self._sdpa and not return_lse and (not self._bottom_right or
-                                              q.shape[2] <= k.shape[2]):
+        if whole and (not self._bottom_right or q.shape[2] <= k.shape[2]):
             causal, mask = node.mask is not None, None
             if self._bottom_right and q.shape[2] != k.shape[2]:
                 causal, mask = False, self._tail(q.shape[2], k.shape[2], q.dtype, q.device)

@@ -98,3 +98,12 @@ def test_pretrained_minilm_maps_equal_eager():
     assert len(ours) == 6 and ours[0].shape == (2, 12, *batch["input_ids"].shape[1:] * 2)
     for e, a in zip(eager, ours, strict=True):
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
+
+
+def test_record_stats_refuses_an_attention_that_is_not_attncc():
+    from attncc.errors import InputError
+
+    for name in ("sdpa", "no_such_attention"):
+        with pytest.raises(InputError, match="not an attncc attention"):
+            with record_stats(name=name):
+                pass
