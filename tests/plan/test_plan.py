@@ -141,6 +141,22 @@ def test_plan_cache_keys_by_sizes_and_input_content():
         cache.get(sizes(32))
 
 
+@pytest.mark.parametrize("dtype", ["bool", "int64"])
+def test_plan_cache_keys_large_inputs_by_a_digest_of_their_content(dtype):
+    # past 64 KiB the key is a digest: equal content hits, one changed element misses
+    mask = "m[q_idx, kv_idx]" if dtype == "bool" else "m[q_idx, kv_idx] != 0"
+    s = spec(mask, inputs={"m": {"shape": ["seq_q", "seq_k"], "dtype": dtype}})
+    cache = PlanCache(fused_node(s), 64, 64)
+    m = np.tril(np.ones((512, 512), dtype=dtype))
+    first = cache.get(sizes(512), {"m": m})
+    assert cache.get(sizes(512), {"m": m.copy()}) is first
+    assert cache.get(sizes(512), {"m": np.asfortranarray(m)}) is first  # layout does not count
+    changed = m.copy()
+    changed[0, 511] = 1
+    other = cache.get(sizes(512), {"m": changed})
+    assert other is not first and other.states[0, 0, 0, -1] != first.states[0, 0, 0, -1]
+
+
 def test_plan_cache_of_an_index_only_mask_shares_the_global_plans():
     node = fused_node(spec("kv_idx <= q_idx"))
     cache = PlanCache(node, 16, 16)
