@@ -51,7 +51,7 @@ FUNCTIONS = {
     "sqrt": 1, "exp": 1, "log": 1, "tanh": 1, "sigmoid": 1, "abs": 1, "floor": 1, "ceil": 1,
     "min": None, "max": None, "where": 3, "sin": 1, "cos": 1, "tan": 1, "erf": 1, "exp2": 1,
     "log2": 1, "pow": 2, "clamp": 3, "silu": 1, "gelu": 1, "gelu_tanh": 1, "sign": 1,
-    "round": 1, "sum": 1,
+    "round": 1, "sum": 1, "dot": 2,
 }
 _SQRT_2_OVER_PI = sympy.Float(math.sqrt(2.0 / math.pi))
 _SYMPY_FUNCS = {
@@ -103,7 +103,9 @@ class Scope:
     the inputs of dtype bool: an element of one, used where a condition is expected, means
     ``element != 0``. ``infinite`` allows the name ``inf``; the result may then be ``-inf``
     (only as the whole value, a ``where`` branch, a term of a sum, or an argument of min/max).
-    ``reductions`` allows ``sum(x for d in range(N))`` (a ``sympy.Sum`` over ``d = 0..N-1``).
+    ``reductions`` allows ``sum(x for d in range(N))`` (a ``sympy.Sum`` over ``d = 0..N-1``)
+    and ``dot(x[...], y[...])`` (the same Sum over the inputs' trailing axis, whose sizes
+    ``trailing`` gives: input name -> the size of its last axis, spec-fixed sizes substituted).
     """
 
     names: dict[str, sympy.Basic] = field(default_factory=dict)
@@ -111,6 +113,7 @@ class Scope:
     booleans: frozenset[str] = frozenset()
     infinite: bool = False
     reductions: bool = False
+    trailing: dict[str, sympy.Expr] = field(default_factory=dict)
 
 
 def parse_expr(text, scope: Scope, *, field: str, file: str | None = None,
@@ -292,10 +295,11 @@ class _Builder:
         allowed = ", ".join(sorted(self.scope.names) + sorted(self.scope.inputs))
         self.fail(node, f"unknown name '{node.id}'; expected one of: {allowed}")
 
-    def _Subscript(self, node: ast.Subscript):
-        """``x[i, j]``, or chained ``x[i][j]`` (the same element). An index that is not
-        provably an integer (``floor(log(...))`` inside a ``where``) is rounded down when
-        evaluated; one that is provably not an integer is refused."""
+    def _Subscript(self, node: ast.Subscript, axis=None):
+        """``x[i, j]``, or chained ``x[i][j]`` (the same element); ``axis`` (a read in
+        ``dot``): one index fewer, ``axis`` last. An index that is not provably an integer
+        (``floor(log(...))`` inside a ``where``) is rounded down when evaluated; one that is
+        provably not an integer is refused."""
         chain = []
         while isinstance(node.value, ast.Subscript):
             chain.append(node)
@@ -308,7 +312,10 @@ class _Builder:
         ndim, integer = self.scope.inputs[name]
         parts = [p for link in reversed(chain)
                  for p in (link.slice.elts if isinstance(link.slice, ast.Tuple) else [link.slice])]
-        if len(parts) != ndim:
+        if axis is not None and len(parts) != ndim - 1:
+            self.fail(node, f"dot() reads '{name}' ({ndim} dimensions) with {ndim - 1} "
+                            f"index(es), leaving its trailing axis to contract; got {len(parts)}")
+        if axis is None and len(parts) != ndim:
             self.fail(node, f"input '{name}' has {ndim} dimension(s); got {len(parts)} index(es)")
         indices = []
         for part in parts:
@@ -318,7 +325,7 @@ class _Builder:
                     index.is_integer is None and floats):
                 self.fail(part, f"an index of '{name}' must be an integer expression, got {index}")
             indices.append(index)
-        return input_base(name, integer=integer)[tuple(indices)]
+        return input_base(name, integer=integer)[(*indices, *([axis] if axis else []))]
 
     def _UnaryOp(self, node: ast.UnaryOp):
         if isinstance(node.op, (ast.Not, ast.Invert)):
@@ -425,6 +432,31 @@ class _Builder:
                                              reductions=False), self.file, self.field)
         return sympy.Sum(inner.number(gen.elt), (axis, 0, int(count) - 1))
 
+    def _dot(self, node: ast.Call):
+        """``dot(x[i, ...], y[j, ...])``: the inner product over the trailing axis of two
+        inputs, each read with one index fewer than its rank; the Sum of the generator form."""
+        if not self.scope.reductions:
+            self.fail(node, "dot(...) is allowed in score_mod only")
+        reads, sizes = [], []
+        for arg in node.args:
+            root = arg
+            while isinstance(root, ast.Subscript):
+                root = root.value
+            if arg is root or getattr(root, "id", None) not in self.scope.trailing:
+                self.fail(arg, "dot() takes two reads of inputs, as x[b, h, q_idx] (the "
+                               "trailing axis, left out, is the one contracted)")
+            reads.append((arg, root.id))
+            sizes.append(self.scope.trailing[root.id])
+        if sizes[0] != sizes[1]:
+            self.fail(node, f"dot() contracts axes of equal size; '{reads[0][1]}' has "
+                            f"{sizes[0]}, '{reads[1][1]}' has {sizes[1]}")
+        if not sizes[0].is_Integer or not 1 <= int(sizes[0]) <= MAX_REDUCTION:
+            self.fail(node, f"dot() contracts an axis of a fixed size 1..{MAX_REDUCTION} (a "
+                            f"number, or a size the spec fixes); got {sizes[0]}")
+        axis = sympy.Symbol("d", integer=True, nonnegative=True)
+        a, b = (self._Subscript(arg, axis) for arg, _ in reads)
+        return sympy.Sum(a * b, (axis, 0, int(sizes[0]) - 1))
+
     def _IfExp(self, node: ast.IfExp):
         return self._choose(node, self.condition(node.test), node.body, node.orelse)
 
@@ -454,6 +486,8 @@ class _Builder:
             return self._choose(node, self.condition(node.args[0]), node.args[1], node.args[2])
         if name == "sum":
             return self._reduction(node, node.args[0])
+        if name == "dot":
+            return self._dot(node)
         args = [self.number(a) for a in node.args]
         bad_log = name in ("log", "log2") and args[0].is_Number and args[0] <= 0
         if bad_log or (name == "sqrt" and args[0].is_Number and args[0] < 0):

@@ -190,10 +190,15 @@ class _Validator:
         shaped = {**base, **{k: sympy.Integer(v) for k, v in keys.items() if v is not None}}
         inputs = self.inputs(shaped, score, lowrank, memory_tokens, feature_map, features)
         scale = self.expression("scale", Scope(names=base), default="1/sqrt(head_dim)")
+        fixed = {sym.SIZES[k]: v for k, v in (("heads", heads), ("kv_heads", kv_heads),
+                                              ("head_dim", head_dim), ("value_dim", value_dim))
+                 if v is not None}
         indexed = Scope(names={**base, **sym.INDEX_SYMBOLS},
                         inputs={n: (len(i.shape), not i.is_float) for n, i in inputs.items()
                                 if not i.implied},
-                        booleans=frozenset(n for n, i in inputs.items() if i.dtype == "bool"))
+                        booleans=frozenset(n for n, i in inputs.items() if i.dtype == "bool"),
+                        trailing={n: sympy.sympify(i.shape[-1]).subs(fixed)
+                                  for n, i in inputs.items() if i.shape and not i.implied})
         mask = self.expression("mask", indexed, want="bool")
         score_mod = self.expression("score_mod", dataclasses.replace(
             indexed, names={**indexed.names, "score": sym.score}, infinite=True,
