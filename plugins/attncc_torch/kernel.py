@@ -1,12 +1,12 @@
 """The torch Kernel: check a call, pick the lowering path, run it in float32/float64, cast back.
 
 Paths, read from the fused node (``node.lowering``, the ``strategy`` pass) and the config:
-``sdpa`` (the whole call is one ``scaled_dot_product_attention``), ``runs`` (CPU forward without
-gradients: fused calls over runs of key blocks, ``runs.py``), and the flash pattern over the block
-plan (``flash.py``; softmax, sigmoid, top-k, Linformer after its projection); LinearAttention and
-Nystrom run the shared recipes (``attncc.lowering``). Half types compute in float32 and return in
-their own dtype; autograd works through all of them (a custom Function for flash, torch's own for
-the rest).
+``sdpa`` (the whole call is one ``scaled_dot_product_attention``), ``runs`` (CPU: fused calls over
+runs of key blocks, ``runs.py``, and their fused backward, ``runs_grad.py``), and the flash
+pattern over the block plan (``flash.py``; softmax, sigmoid, top-k, Linformer after its
+projection); LinearAttention and Nystrom run the shared recipes (``attncc.lowering``). Half types
+compute in float32 and return in their own dtype; autograd works through all of them (custom
+Functions for flash and runs, torch's own for the rest).
 
 ``describe`` writes ``kernel.source``: every line is derived from the fused attention node (its
 fields, and ``node.lowering``: which paths serve it and why) and the config, the same values
@@ -33,7 +33,7 @@ from attncc.passes.strategy import causal_alignment
 from attncc.plan import PlanCache
 
 from .flash import FlashAttention
-from .runs import RunsForward, whole_call
+from .runs import RunsForward
 from .tiles import Problem, build_schedule
 
 
@@ -63,7 +63,6 @@ class TorchKernel(Kernel):
         self._bottom_right = (node.mask is not None
                               and causal_alignment(node.mask.expr) == "bottom_right")
         self._tails: dict = {}
-        self._whole = whole_call(node)
         self._runs = fused and node.lowering.allows("runs")
         self._drop = sympy.Not(node.mask.expr) if node.mask is not None else None
         self._plans = PlanCache(node, self.config["block_m"], self.config["block_n"])
@@ -144,17 +143,16 @@ class TorchKernel(Kernel):
         return merge_heads(out5), (merge_heads(lse5)[..., 0] if lse5.numel() else None)
 
     def _runs_ok(self, call) -> bool:
-        """Whether the fused-runs forward (``runs.py``) serves this call: the node's lowering
-        allows it, ``use_sdpa`` asks for it, CPU tensors, equal q/v head sizes, and no gradient
-        wanted, except for q, k, v on a whole call (``runs.whole_call``: its fused backward);
-        grouped-query heads read their kv heads' slices, no copy."""
-        q, k, v = call.q, call.k, call.v
+        """Whether the fused-runs path (``runs.py``) serves this call: the node's lowering
+        allows it, ``use_sdpa`` asks for it, CPU tensors, equal q/v head sizes, and no floating
+        input that needs a gradient (a learnable bias: the tile loop's exact gradient); q, k, v
+        train through the fused CPU backward (``runs_grad.py``). Grouped-query heads read their
+        kv heads' slices, no copy."""
+        q, v = call.q, call.v
         if not self._runs or q.device.type != "cpu" or v.shape[-1] != q.shape[-1]:
             return False
-        if not torch.is_grad_enabled():
-            return True
-        inputs = [x for x in call.inputs.values() if x.is_floating_point()]
-        return not any(x.requires_grad for x in (*inputs, *(() if self._whole else (q, k, v))))
+        return not (torch.is_grad_enabled() and any(
+            x.requires_grad for x in call.inputs.values() if x.is_floating_point()))
 
     def _derive(self, plan, key, build):
         """``build()``, cached with ``plan`` (dropped when the plan is): schedules, runners."""
@@ -197,12 +195,16 @@ def describe(spec, node, kind: str, config: dict) -> str:
                       f"out = torch.nn.functional.scaled_dot_product_attention(q, k, v, "
                       f"scale=scale{causal}, enable_gqa=kv_heads < heads)"]
         else:
-            lines += [f"# path runs ({why}), on CPU without gradients (GQA: kv-head slices):",
+            lines += [f"# path runs ({why}), on CPU (GQA: kv-head slices; a floating input "
+                      "that needs a gradient takes the tiles path):",
                       "#   per segment of query blocks with equal runs of non-EMPTY key blocks "
                       "(runs.py):",
                       "#   out[rows], lse[rows] = aten._scaled_dot_product_flash_attention_for_cpu("
                       "q[rows], k[run], v[run], attn_mask=0/-inf tile (runs with a PARTIAL "
-                      "block only, cached with the plan), scale=scale)"]
+                      "block only, cached with the plan), scale=scale)",
+                      "#   backward (runs_grad.py): per call, aten._scaled_dot_product_flash_"
+                      "attention_for_cpu_backward(dout[rows], q[rows], k[run], v[run], out[rows], "
+                      "lse[rows] (merged, +inf where no key), attn_mask=tile); dk, dv index_add_"]
     lines.append(f"# path tiles ({lowering.why('tiles')}), otherwise:")
     return "\n".join(lines + _tiles(node, config))
 

@@ -15,9 +15,9 @@ read inputs).
 Few, large calls matter beyond their Python overhead: each call is an OpenMP parallel region,
 and on a loaded machine every region waits for descheduled threads (per-block calls were 5-25x
 slower than one call per segment under load). Driven by the plan alone: no mask is recognised
-by name. Used for forward passes without gradients (the autograd path keeps the recomputing
-flash backward) where the fused node's ``lowering`` allows the ``runs`` path; an additive
-score_mod enters the same float masks (``RunsForward``).
+by name. Used where the fused node's ``lowering`` allows the ``runs`` path; an additive score_mod
+enters the same float masks (``RunsForward``). Differentiable in q, k and v through torch's
+fused CPU flash backward, one call per forward call (``runs_grad.py``).
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ from attncc.passes.strategy import (
 from attncc.plan import EMPTY, PARTIAL
 from attncc.spec.numeric import evaluate
 from attncc.spec.symbols import b, kv_idx, q_idx
+
+from .runs_grad import LossyBackward, SegmentCalls, WholeCall, lossy, rows
 
 NEG_INF = float("-inf")
 
@@ -211,64 +213,86 @@ class RunsForward:
         return self._masks[key]
 
     def _tile(self, i: int, j: int, batch: int, inputs: dict, dtype, device):
-        """``(float mask or None, dead rows or None)`` of call ``j`` of segment ``i`` for batch
-        entry ``batch``: the mask tile plus the bias tile (see the class docstring)."""
+        """``(float mask or None, dead rows or None, lossy)`` of call ``j`` of segment ``i`` for
+        batch entry ``batch``: the mask tile plus the bias tile (see the class docstring);
+        ``lossy`` where the bias reaches ``runs_grad.LOSSY_BIAS``."""
         mask, dead = self._mask(i, j, dtype, device)
         if self.bias is None:
-            return mask, dead
+            return mask, dead, False
         key = ("bias", i, j, batch if self._per_batch else 0, dtype, str(device))
         if self._per_call or key not in self._masks:
             seg = self.segments[i]
             env, length = _run_env(seg, self.calls[i][j], batch, self.sizes, inputs, device)
-            tile = torch.as_tensor(evaluate(self.bias, env, xp), dtype=dtype, device=device)
-            tile = tile if mask is None else mask + tile
+            bias = torch.as_tensor(evaluate(self.bias, env, xp), dtype=dtype, device=device)
+            tile = bias if mask is None else mask + bias
             while tile.dim() < 4:
                 tile = tile[None]
             shape = (seg.count, seg.nhq, seg.rows, length)
             tile = tile.expand(tuple(n if t == 1 else t for n, t in zip(shape, tile.shape,
                                                                         strict=True)))
-            self._masks[key] = tile
-        return self._masks[key], dead
+            self._masks[key] = tile, lossy(bias)
+        tile, low = self._masks[key]
+        return tile, dead, low
 
     def __call__(self, q, k, v, scale: float, inputs: dict | None = None):
         """``(out (B, H, Nq, D), lse (B, H, Nq))`` for ``q (B, H, Nq, D)``, ``k``/``v``
         ``(B, Hkv, Nk, D)`` on CPU, all one floating dtype; the mask's inputs are those the
-        runner was built with, a bias's those of ``inputs`` (default: the same). None where a
-        whole call would train wrongly (``_lossy_backward``): the caller takes the tile loop."""
+        runner was built with, a bias's those of ``inputs`` (default: the same).
+        Differentiable in q, k, v (``runs_grad``). None where the fused backward would train
+        wrongly (``runs_grad.lossy``): the caller takes the tile loop."""
         inputs = self.inputs if inputs is None else inputs
-        batch, heads, nq, _ = q.shape
-        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
         if self.whole or self.offsets is not None:
             tile = (self._key_tile(q.shape, k.shape[2], inputs, q.dtype) if self.whole
                     else self._hankel(q.shape, k.shape[2], inputs, q.dtype))
-            if _lossy_backward(tile, q, k, v):
+            # a key-form tile is constant over rows, a Toeplitz one over diagonals: O(N)
+            if grad and (lossy(tile[:, :, :1, :]) or lossy(tile[:, :, :, :1])):
                 return None
             if self.whole:
                 out, lse = WholeCall.apply(q, k, v, tile, self.mask is not None, scale, False)
                 return out, self._with_row(lse, inputs)
             return WholeCall.apply(q, k, v, tile, False, scale, True)
+        try:
+            out, lse = (SegmentCalls.apply(self, q, k, v, scale, inputs) if grad
+                        else self.segment_forward(q, k, v, scale, inputs))
+        except LossyBackward:
+            return None
+        return out, self._with_row(lse, inputs)
+
+    def walk(self, k, v, inputs: dict, dtype, device):
+        """Per segment and batch entry, ``(segment, batch, kv heads, calls)``; ``calls`` yields,
+        lazily, ``(runs, keys, values, float mask or None, dead rows or None, lossy)`` of each
+        fused call (keys and values ``(count, nhk, length, D)`` zero-copy windows). The kv heads
+        are those of the segment's query heads (whole groups, or one head): the fused kernel
+        takes fewer kv heads than query heads, so K/V are never copied per query head."""
+        group = self.sizes["heads"] // self.sizes["kv_heads"]
+        for i, seg in enumerate(self.segments):
+            hk = slice(seg.hq0 // group, (seg.hq0 + seg.nhq - 1) // group + 1)
+            for bi in range(seg.b0, seg.b0 + seg.nb):
+                yield seg, bi, hk, ((runs, *(_keys(x[bi, hk], runs, seg.count) for x in (k, v)),
+                                     *self._tile(i, j, bi, inputs, dtype, device))
+                                    for j, runs in enumerate(self.calls[i]))
+
+    def segment_forward(self, q, k, v, scale: float, inputs: dict, check: bool = False):
+        """``(out, lse)`` of the segment loop, the lse without a key-form row term; raises
+        ``LossyBackward`` where ``check`` and a bias tile is lossy."""
+        batch, heads, nq, _ = q.shape
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         out = torch.zeros((batch, heads, nq, v.shape[-1]), dtype=q.dtype, device=q.device)
         lse = torch.full((batch, heads, nq), NEG_INF, dtype=q.dtype, device=q.device)
-        group = heads // k.shape[1]
-        for i, seg in enumerate(self.segments):
-            hs = slice(seg.hq0, seg.hq0 + seg.nhq)
-            # the kv heads of those query heads (whole groups, or one head): the fused kernel
-            # takes fewer kv heads than query heads, so K/V are never copied per query head
-            hk = slice(seg.hq0 // group, (seg.hq0 + seg.nhq - 1) // group + 1)
-            span = slice(seg.r0, seg.r0 + seg.count * seg.rows)
-            for bi in range(seg.b0, seg.b0 + seg.nb):
-                qs = q[bi, hs, span].unflatten(1, (seg.count, seg.rows)).transpose(0, 1)
-                o_acc = l_acc = None
-                for j, runs in enumerate(self.calls[i]):
-                    ks, vs = (_keys(x[bi, hk], runs, seg.count) for x in (k, v))
-                    mask, dead = self._tile(i, j, bi, inputs, q.dtype, q.device)
-                    o, lg = flash(qs, ks, vs, attn_mask=mask, scale=scale)
-                    if dead is not None:
-                        lg = lg.masked_fill(dead, NEG_INF)
-                    o_acc, l_acc = (o, lg) if o_acc is None else _merge(o_acc, l_acc, o, lg)
-                out[bi, hs, span].unflatten(1, (seg.count, seg.rows)).transpose(0, 1).copy_(o_acc)
-                lse[bi, hs, span].unflatten(1, (seg.count, seg.rows)).transpose(0, 1).copy_(l_acc)
-        return out, self._with_row(lse, inputs)
+        for seg, bi, _, calls in self.walk(k, v, inputs, q.dtype, q.device):
+            qs = rows(q, seg, bi)
+            o_acc = l_acc = None
+            for _, ks, vs, mask, dead, low in calls:
+                if check and low:
+                    raise LossyBackward
+                o, lg = flash(qs, ks, vs, attn_mask=mask, scale=scale)
+                if dead is not None:
+                    lg = lg.masked_fill(dead, NEG_INF)
+                o_acc, l_acc = (o, lg) if o_acc is None else _merge(o_acc, l_acc, o, lg)
+            rows(out, seg, bi).copy_(o_acc)
+            rows(lse, seg, bi).copy_(l_acc)
+        return out, lse
 
     def _key_tile(self, shape, seq_k: int, inputs: dict, dtype):
         """The key term over ``(B|1, H|1, Nq, Nk)``: stride 0 over the query rows."""
@@ -301,52 +325,6 @@ class RunsForward:
         fixed = WHOLE.fixed(self.sizes, inputs, ar(lse.shape[0]), ar(lse.shape[1]))
         row = evaluate(self.row, WHOLE.env(fixed, ar(lse.shape[2]), ar(1)), xp)
         return lse + torch.as_tensor(row, dtype=lse.dtype)[..., 0]
-
-
-#: Bias values below this lose the row sum in a fused backward (see ``_lossy_backward``).
-LOSSY_BIAS = -float(1 << 20)
-
-
-def _lossy_backward(tile, q, k, v) -> bool:
-    """Whether the fused backward of a whole call would get this call's gradients wrong: it
-    recomputes ``p = exp(s - lse)`` from ``lse = max + log(sum)``, and where every key of a row
-    carries a bias as large as transformers' padding (the dtype's minimum), ``log(sum)``
-    vanishes below the bias's rounding step, so each ``p`` comes out 1 instead of 1/n. Only
-    when a gradient is wanted; checks the first row and column of the tile (a key-form tile is
-    constant over rows, a Toeplitz one over diagonals), O(N)."""
-    if not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
-        return False
-    edges = (tile[:, :, :1, :], tile[:, :, :, :1])
-    return bool(min(float(e.amin()) for e in edges) < LOSSY_BIAS)
-
-
-class WholeCall(torch.autograd.Function):
-    """``apply(q, k, v, tile, causal, scale, flip) -> (out, lse)``: one fused CPU flash call
-    over all keys (reversed where ``flip``) with the float mask ``tile``, and its fused backward
-    (``_scaled_dot_product_flash_attention_for_cpu_backward``: dq, and dk, dv with kv-head
-    shapes for GQA). The tile is a constant: a bias whose inputs need a gradient does not come
-    here. ``lse`` is not differentiable."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, tile, causal: bool, scale: float, flip: bool):
-        if flip:
-            k, v = k.flip(2), v.flip(2)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, is_causal=causal, attn_mask=tile, scale=scale)
-        ctx.causal, ctx.scale, ctx.flip = causal, scale, flip
-        ctx.save_for_backward(q, k, v, out, lse, tile)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, tile = ctx.saved_tensors
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.contiguous(), q, k, v, out, lse, 0.0, ctx.causal, attn_mask=tile,
-            scale=ctx.scale)
-        if ctx.flip:
-            dk, dv = dk.flip(2), dv.flip(2)
-        return dq, dk, dv, None, None, None, None
 
 
 def whole_call(node) -> bool:

@@ -1,0 +1,174 @@
+"""Gradients through the fused-runs path (runs.py + runs_grad.py) against the float64 reference.
+
+q, k, v gradients by the conformance rule (``attncc.testing.accuracy.judge``: the error against
+float64 within a small factor of the same-dtype eager error) for masked specs on the segment loop:
+bands, documents, global tokens, random blocks, prefixes, GQA, an additive bias, ragged sizes,
+more keys than queries and rows with no kept key. Every test asserts the path was taken: the tile
+loop (``FlashAttention``) raises if called, and the segment backward is counted.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attncc
+from attncc.reference import attend
+from attncc.testing import random_inputs
+from attncc.testing.accuracy import eager_attend, judge, magnitude
+from attncc_torch import runs_grad
+from attncc_torch.flash import FlashAttention
+
+GQA_WINDOW = {"attncc": 1, "name": "gqa_window", "heads": 4, "kv_heads": 2,
+              "mask": "kv_idx <= q_idx and q_idx - kv_idx < 24"}
+ALIBI_WINDOW = {"attncc": 1, "name": "alibi_window", "heads": 4, "kv_heads": 2,
+                "score_mod": "score - slope[h] * (q_idx - kv_idx) + 0.25 * q_idx",
+                "mask": "kv_idx <= q_idx and q_idx - kv_idx < 24",
+                "inputs": {"slope": {"shape": ["heads"], "dtype": "float32"}}}
+GENERAL_BIAS = {"attncc": 1, "name": "general_bias", "score_mod": "score - 0.1 * abs(q_idx - "
+                "kv_idx)", "mask": "abs(q_idx - kv_idx) <= 20"}
+PAD = {"attncc": 1, "name": "pad", "mask": "kv_idx < lengths[b] and q_idx < qlen[b]",
+       "inputs": {"lengths": {"shape": ["batch"], "dtype": "int64"},
+                  "qlen": {"shape": ["batch"], "dtype": "int64"}}}
+
+CASES = {
+    "sliding_window": ("examples/sliding_window.yaml", 77, 77),
+    "sliding_window_cross": ("examples/sliding_window.yaml", 40, 77),
+    "document_mask": ("examples/document_mask.yaml", 77, 77),
+    "longformer": ("examples/longformer.yaml", 70, 70),
+    "longformer_cross": ("examples/longformer.yaml", 77, 50),
+    "bigbird": ("examples/bigbird.yaml", 96, 96),
+    "prefix_lm": ("examples/prefix_lm.yaml", 77, 77),
+    "dilated_window": ("examples/dilated_window.yaml", 64, 64),
+    "gqa_window": (GQA_WINDOW, 77, 77),
+    "alibi_window": (ALIBI_WINDOW, 77, 77),
+    "general_bias": (GENERAL_BIAS, 61, 61),
+}
+
+
+@pytest.fixture
+def segment_backward(monkeypatch):
+    """Counts segment backwards; the tile loop fails the test if it runs."""
+    counter = {"n": 0}
+    original = runs_grad.SegmentCalls.backward
+
+    def counted(ctx, *grads):
+        counter["n"] += 1
+        return original(ctx, *grads)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the tile loop ran instead of the runs path")
+
+    monkeypatch.setattr(runs_grad.SegmentCalls, "backward", staticmethod(counted))
+    monkeypatch.setattr(FlashAttention, "apply", refused)
+    return counter
+
+
+def _check_grads(kernel, spec, q, k, v, inputs, seed=0):
+    """q, k, v gradients of ``kernel`` judged against float64 autograd of the reference (the
+    floating inputs held fixed, so the runs path serves them)."""
+    grad_out = torch.randn(q.shape[:3] + v.shape[3:], dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(seed))
+
+    def run(fn, cast):
+        leaves = [cast(x).detach().clone().requires_grad_() for x in (q, k, v)]
+        ins = {n: cast(x) if x.is_floating_point() else x for n, x in inputs.items()}
+        out = fn(*leaves, ins)
+        out.backward(grad_out.to(out.dtype))
+        return [x.grad for x in leaves]
+
+    got = run(lambda q_, k_, v_, ins: kernel(q_, k_, v_, **ins), lambda x: x)
+    ref = run(lambda q_, k_, v_, ins: attend(spec, q_, k_, v_, ins), lambda x: x.double())
+    eager = run(lambda q_, k_, v_, ins: eager_attend(spec, q_, k_, v_, ins, False)[0],
+                lambda x: x)
+    scale = max(magnitude(r) for r in ref)
+    dtype = str(q.dtype).removeprefix("torch.")
+    for name, g, e, r in zip("qkv", got, eager, ref, strict=True):
+        check = judge(f"grad {name}", g, e, r, dtype, scale)
+        assert check.ok, str(check)
+
+
+def _spec(source):
+    return attncc.load_spec(source)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_runs_gradients_match_the_reference(name, segment_backward):
+    source, seq_q, seq_k = CASES[name]
+    spec = _spec(source)
+    kernel = attncc.compile(spec, backend="torch", config={"use_sdpa": True, "block_m": 16,
+                                                           "block_n": 16})
+    q, k, v, inputs = random_inputs(spec, 2, seq_q, seq_k, "float32", seed=3, library="torch",
+                                    head_dim=16, value_dim=16)
+    _check_grads(kernel, spec, q, k, v, inputs)
+    assert segment_backward["n"] == 1
+
+
+def test_rows_with_no_kept_key_get_zero_gradients(segment_backward):
+    spec = _spec(PAD)
+    kernel = attncc.compile(spec, backend="torch", config={"use_sdpa": True, "block_m": 16,
+                                                           "block_n": 16})
+    q, k, v = (torch.randn(2, 3, 40, 8, generator=torch.Generator().manual_seed(i))
+               for i in range(3))
+    inputs = {"lengths": torch.tensor([0, 17]), "qlen": torch.tensor([40, 23])}
+    _check_grads(kernel, spec, q, k, v, inputs)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    kernel(*leaves, **inputs).sum().backward()
+    dq, dk, dv = (x.grad for x in leaves)
+    assert torch.all(dq[0] == 0) and torch.all(dq[1, :, 23:] == 0)
+    assert torch.all(dk[:, :, 17:] == 0) and torch.all(dv[:, :, 17:] == 0)
+    assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
+    assert segment_backward["n"] == 2
+
+
+def test_runs_backward_is_deterministic(segment_backward):
+    spec = _spec("examples/longformer.yaml")
+    kernel = attncc.compile(spec, backend="torch", config={"use_sdpa": True, "block_m": 16,
+                                                           "block_n": 16})
+    q, k, v, _ = random_inputs(spec, 1, 96, 96, "float32", seed=5, library="torch",
+                               head_dim=16, value_dim=16)
+    grads = []
+    for _ in range(2):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        kernel(*leaves).square().sum().backward()
+        grads.append([x.grad for x in leaves])
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_bias_input_that_needs_a_gradient_takes_the_tile_loop():
+    """ALiBi slopes as a learnable parameter: their gradient comes from the tile loop (exact)."""
+    spec = _spec(ALIBI_WINDOW)
+    kernel = attncc.compile(spec, backend="torch", config={"use_sdpa": True, "block_m": 16,
+                                                           "block_n": 16})
+    q, k, v, inputs = random_inputs(spec, 1, 50, 50, "float64", seed=2, library="torch",
+                                    head_dim=16, value_dim=16)
+    slope = inputs["slope"].clone().requires_grad_()
+    kernel(q, k, v, slope=slope).sum().backward()
+    want = inputs["slope"].clone().requires_grad_()
+    attend(spec, q, k, v, {"slope": want}).sum().backward()
+    torch.testing.assert_close(slope.grad, want.grad)
+
+
+def test_a_bias_at_the_dtype_minimum_trains_through_the_tile_loop(monkeypatch):
+    """transformers' padding bias (float32 min on every key of a row) loses log(sum) in a fused
+    backward: the runs path gives the call to the tile loop, whose gradients are right."""
+    spec = _spec({"attncc": 1, "name": "pad_bias", "score_mod": "score + pad[b, kv_idx]",
+                  "mask": "abs(q_idx - kv_idx) <= 20",
+                  "inputs": {"pad": {"shape": ["batch", "seq_k"], "dtype": "float32"}}})
+    kernel = attncc.compile(spec, backend="torch", config={"use_sdpa": True, "block_m": 16,
+                                                           "block_n": 16})
+    q, k, v, _ = random_inputs(spec, 2, 48, 48, "float32", seed=1, library="torch",
+                               head_dim=16, value_dim=16)
+    pad = torch.zeros(2, 48)
+    pad[0, 30:] = torch.finfo(torch.float32).min
+    tiles = {"n": 0}
+    original = FlashAttention.apply
+
+    def counted(*args):
+        tiles["n"] += 1
+        return original(*args)
+
+    monkeypatch.setattr(FlashAttention, "apply", counted)
+    _check_grads(kernel, spec, q, k, v, {"pad": pad})
+    assert tiles["n"] == 1
