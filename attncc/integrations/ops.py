@@ -26,7 +26,7 @@ import torch
 from attncc.errors import InputError
 from attncc.spec.load import load_spec
 
-__all__ = ["op"]
+__all__ = ["OpTable", "op"]
 
 _KERNELS: dict = {}
 _FORWARD = "(Tensor q, Tensor k, Tensor v, str key, Tensor[] inputs) -> Tensor"
@@ -147,6 +147,17 @@ def op(spec, *, backend: str = "torch", config: dict | None = None):
                if hasattr(own, "args") else None)
     fn.__name__ = f"attncc_op_{spec.name}"
     return fn
+
+
+class OpTable:
+    """Op functions (``op``'s results) of the compiled calls, as attributes named by their key
+    (an identifier: dynamo's attribute sources take no dots).
+
+    The integrations fill it from an ``assume_constant_result`` function at trace time and call
+    ``getattr(table, key)(...)`` in traced code: dynamo reads an object's attribute afresh at each
+    access, where it would snapshot a dict at its first read in a trace and miss an entry that a
+    later layer's call adds (Gemma-2's second, global layer).
+    """
 
 
 def _generic(key: str, names: tuple):

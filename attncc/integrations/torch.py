@@ -54,17 +54,18 @@ def _variant(spec, is_causal: bool, scale: float | None):
 def sdpa(spec, *, backend: str = "torch", config: dict | None = None):
     """A function with SDPA's keyword interface computing ``spec`` (see the module docstring)."""
     from attncc.api import compile as compile_spec
-    from attncc.integrations.ops import op
+    from attncc.integrations.ops import OpTable, op
 
     spec = load_spec(spec)
     kernels: dict = {}
-    ops: dict = {}
+    ops = OpTable()
 
     @torch.compiler.assume_constant_result
     def _op(is_causal: bool, scale) -> str:
-        key = f"{is_causal}:{scale!r}"
-        if key not in ops:
-            ops[key] = op(_variant(spec, is_causal, scale), backend=backend, config=config)
+        key = f"causal_{is_causal}_scale_{scale!r}".replace(".", "_").replace("-", "m")
+        if not hasattr(ops, key):
+            setattr(ops, key, op(_variant(spec, is_causal, scale), backend=backend,
+                                 config=config))
         return key
 
     def attention(query, key, value, attn_mask=None, dropout_p: float = 0.0,
@@ -86,7 +87,7 @@ def sdpa(spec, *, backend: str = "torch", config: dict | None = None):
                              "enable_gqa=True")
         variant_key = (bool(is_causal), None if scale is None else float(scale))
         if torch.compiler.is_compiling():
-            return ops[_op(*variant_key)](query, key, value, **inputs)
+            return getattr(ops, _op(*variant_key))(query, key, value, **inputs)
         if variant_key not in kernels:
             kernels[variant_key] = compile_spec(_variant(spec, *variant_key), backend=backend,
                                                 config=config)

@@ -4,20 +4,17 @@
 (``transformers.AttentionInterface``) and its mask function (``AttentionMaskInterface``); then
 ``from_config(..., attn_implementation=name)`` or ``model.set_attn_implementation(name)`` works.
 
-The mask function does not build an N×N tensor. It hands the attention function an ``AttnccMask``
-that says what the model asked for, and the attention function turns that into a spec:
+The mask function (``attncc.integrations.hf_masks``) does not build an N×N tensor: it hands the
+attention function an ``AttnccMask`` (causal, window, shift, padding ``keep``, or a dense
+``allowed`` for a pattern it does not recognise), which becomes a spec variant:
 
-- causal (``kv_idx <= q_idx + shift``), bidirectional, causal sliding window
-  (``q_idx + shift - kv_idx < window``) and bidirectional sliding window
-  (``abs(q_idx + shift - kv_idx) <= window``) are recognised from transformers' own mask functions;
-  ``shift = q_offset - kv_offset`` is written ``seq_k - seq_q`` (bottom-right, KV-cache decoding)
-  when it equals that, so one compiled kernel serves every decoding step;
-- padding becomes the input ``hf_keep (batch, seq_k)`` bool: O(N), and the block plan classifies it
-  per block from its min/max;
-- a mask function it does not recognise (packed sequences, chunked or blockwise overlays,
-  custom ``or``/``and`` functions) falls back to a dense input ``hf_allowed (batch, seq_q, seq_k)``
-  built by transformers' ``sdpa_mask``: that is the one N² case. A 4-D tensor mask given by the
-  caller is used as it is (bool: kept pairs; float: an additive bias, as in eager).
+- the key position of query row ``q_idx`` is ``q_idx + shift``, written ``q_idx + seq_k - seq_q``
+  (bottom-right, KV-cache decoding) when the shift equals that, so one compiled kernel serves
+  every decoding step;
+- padding becomes the input ``hf_keep (batch, seq_k)`` bool (the block plan classifies it per
+  block from its min/max); a dense pattern the input ``hf_allowed (batch, seq_q, seq_k)``; a 4-D
+  tensor mask given by the caller is used as it is (bool: kept pairs; float: an additive bias
+  ``hf_bias``, as in eager).
 
 Gemma-2's ``softcap`` kwarg becomes ``score_mod: softcap * tanh(score / softcap)``; ``scaling``
 becomes the spec's scale. With a ``spec``, that spec's mask and score_mod replace the model's
@@ -29,116 +26,24 @@ there); such rows are padding and never reach a real token.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
+import warnings
+from collections import Counter
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from attncc.errors import InputError
+from attncc.integrations.hf_masks import AttnccMask, from_tensor, mask_function
 from attncc.integrations.torch import and_mask
 from attncc.spec.load import load_spec
 
-__all__ = ["AttnccMask", "StatsRecorder", "attention_function", "mask_function", "record_stats",
-           "register"]
+__all__ = ["AttnccMask", "StatsRecorder", "Structure", "attention_function", "mask_function",
+           "record_stats", "register"]
 
 _BUILTIN = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3",
             "flash_attention_4", "paged|eager")
-
-
-@dataclass(frozen=True)
-class AttnccMask:
-    """The mask a model asked for, as attncc's mask function hands it to the attention function.
-
-    ``causal``: keys after the query position are dropped. ``window``: with ``causal``, keep
-    ``q - kv < window``; without, keep ``|q - kv| <= window``. ``shift``: query row ``i`` sits at
-    key position ``i + shift``. ``keep``: ``(batch, seq_k)`` bool padding, or None (no padding).
-    ``allowed``: ``(batch, seq_q, seq_k)`` bool, only when the pattern was not recognised (then
-    ``causal``/``window``/``keep`` are unused).
-    """
-
-    causal: bool
-    window: int | None
-    shift: int
-    keep: torch.Tensor | None = None
-    allowed: torch.Tensor | None = None
-
-
-def _closure(fn, name: str):
-    return inspect.getclosurevars(fn).nonlocals.get(name)
-
-
-def _pattern(fn) -> tuple[bool, int | None] | None:
-    """``(causal, window)`` for transformers' own mask functions; None for anything else."""
-    from transformers import masking_utils as mu
-
-    leaves, todo = [], [fn]
-    while todo:
-        f = todo.pop()
-        if getattr(f, "__qualname__", "") == "and_masks.<locals>.and_mask":
-            todo.extend(_closure(f, "mask_functions") or ())
-        else:
-            leaves.append(f)
-    causal, causal_window, sym_window = False, None, None
-    for f in leaves:
-        name = getattr(f, "__qualname__", "")
-        if f is mu.causal_mask_function:
-            causal = True
-        elif f is mu.bidirectional_mask_function:
-            continue
-        elif name == "sliding_window_overlay.<locals>.inner_mask":
-            causal_window = int(_closure(f, "sliding_window"))
-        elif name == "sliding_window_bidirectional_overlay.<locals>.inner_mask":
-            sym_window = int(_closure(f, "sliding_window"))
-        else:
-            return None
-    if sym_window is not None:
-        return None if (causal or causal_window is not None) else (False, sym_window)
-    if causal_window is not None and not causal:
-        return None
-    return causal, causal_window
-
-
-def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
-                  mask_function=None, attention_mask=None, use_vmap: bool = False,
-                  device="cpu", **kwargs) -> AttnccMask:
-    """transformers' mask interface for attncc: returns an ``AttnccMask`` (see module docstring)."""
-    from transformers import masking_utils as mu
-
-    fn = mask_function if mask_function is not None else mu.causal_mask_function
-    shift = int(q_offset) - int(kv_offset)
-    pattern = _pattern(fn)
-    if pattern is None:
-        dense = mu.sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
-                             mask_function=fn, attention_mask=attention_mask,
-                             allow_is_causal_skip=False, use_vmap=use_vmap, device=device)
-        allowed = dense[:, 0].expand(batch_size, q_length, kv_length).contiguous()
-        return AttnccMask(causal=False, window=None, shift=shift, allowed=allowed)
-    keep = None
-    if attention_mask is not None:
-        padding = mu.prepare_padding_mask(attention_mask.to(torch.bool), kv_length, kv_offset)
-        padding = padding[:, int(kv_offset):int(kv_offset) + kv_length]
-        # under torch.compile a data-dependent branch would break the graph: always pass it
-        if torch.compiler.is_compiling() or not bool(padding.all()):
-            keep = padding.expand(batch_size, kv_length).contiguous()
-    return AttnccMask(causal=pattern[0], window=pattern[1], shift=shift, keep=keep)
-
-
-def _from_tensor(mask, module, is_causal, sliding_window, query, key):
-    """An ``AttnccMask`` (or a float bias) for a mask that did not come from ``mask_function``."""
-    batch, seq_q, seq_k = query.shape[0], query.shape[2], key.shape[2]
-    if mask is None:
-        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
-        return AttnccMask(causal=causal, window=sliding_window if causal else None,
-                          shift=seq_k - seq_q), None
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[1] != 1:
-        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise InputError(f"attention_mask: attncc expected its own mask, None, or a 4-D tensor "
-                         f"(batch, 1, seq_q, seq_k), got {got}")
-    full = mask[:, 0].expand(batch, seq_q, seq_k).contiguous()
-    if full.dtype == torch.bool:
-        return AttnccMask(causal=False, window=None, shift=0, allowed=full), None
-    return AttnccMask(causal=False, window=None, shift=0), full
 
 
 def _pos(shift, seq_q, seq_k) -> str:
@@ -149,41 +54,68 @@ def _pos(shift, seq_q, seq_k) -> str:
     return f"q_idx + {int(shift)}" if shift else "q_idx"
 
 
-def _variant(spec, causal: bool, window, pos: str, reads: tuple[str, ...], scaling, softcap):
-    """The spec source of one call, from its structure only (no tensor, no size): ``reads``
-    names the ``hf_`` tensors the call passes (``hf_allowed``, ``hf_keep``, ``hf_bias``)."""
+class Structure(NamedTuple):
+    """What one attention call's spec variant depends on, and nothing else (no tensor, no size):
+    the kernel cache key. ``pos`` is ``_pos``'s key position text; ``reads`` the sorted names of
+    the ``hf_`` tensors the call passes (``hf_allowed``, ``hf_bias``, ``hf_keep``); ``bias_dtype``
+    the dtype name of ``hf_bias`` (else None)."""
+
+    causal: bool
+    window: int | None
+    pos: str
+    reads: tuple[str, ...]
+    scaling: float | None
+    softcap: float | None
+    bias_dtype: str | None
+
+
+def _variant(spec, s: Structure) -> dict:
+    """The spec source of one call's structure ``s``: ``spec``'s (its mask ANDed with the
+    padding) or, without one, the model's own pattern."""
     terms, bools = [], {}
     if spec is None:
         source = {"attncc": 1, "name": "hf_attention", "constants": {}, "inputs": {}}
-        if "hf_allowed" in reads:
+        if "hf_allowed" in s.reads:
             terms.append("hf_allowed[b, q_idx, kv_idx]")
             bools["hf_allowed"] = ["batch", "seq_q", "seq_k"]
         else:
-            if causal:
-                terms.append(f"kv_idx <= {pos}")
-            if window is not None:
-                source["constants"]["hf_window"] = int(window)
-                terms.append(f"{pos} - kv_idx < hf_window" if causal
-                             else f"abs({pos} - kv_idx) <= hf_window")
+            if s.causal:
+                terms.append(f"kv_idx <= {s.pos}")
+            if s.window is not None:
+                source["constants"]["hf_window"] = int(s.window)
+                terms.append(f"{s.pos} - kv_idx < hf_window" if s.causal
+                             else f"abs({s.pos} - kv_idx) <= hf_window")
         mods = "score"
-        if softcap is not None:
-            source["constants"]["hf_softcap"] = float(softcap)
+        if s.softcap is not None:
+            source["constants"]["hf_softcap"] = s.softcap
             mods = "hf_softcap * tanh(score / hf_softcap)"
-        if "hf_bias" in reads:
+        if "hf_bias" in s.reads:
             mods = f"{mods} + hf_bias[b, q_idx, kv_idx]"
             source["inputs"]["hf_bias"] = {"shape": ["batch", "seq_q", "seq_k"],
-                                           "dtype": "float32"}
+                                           "dtype": s.bias_dtype}
         if mods != "score":
             source["score_mod"] = mods
     else:
         source = json.loads(json.dumps(spec.source, default=str))
-    if "hf_keep" in reads:
+    if "hf_keep" in s.reads:
         terms.append("hf_keep[b, kv_idx]")
         bools["hf_keep"] = ["batch", "seq_k"]
     source = and_mask(source, terms, bools)
-    if scaling is not None and (spec is None or "scale" not in spec.source):
-        source["scale"] = repr(float(scaling))
+    if s.scaling is not None and (spec is None or "scale" not in spec.source):
+        source["scale"] = repr(s.scaling)
     return source
+
+
+_EAGER_ONLY: set = set()  # the eager-only requests already warned about under torch.compile
+
+
+def _warn_eager_only(requests: tuple[str, ...]) -> None:
+    for name in requests:
+        if name not in _EAGER_ONLY:
+            _EAGER_ONLY.add(name)
+            warnings.warn(f"attncc: {name} needs eager mode; under torch.compile the attention "
+                          "is the attncc::attention library op, which returns the output only "
+                          "(no maps, no stats are recorded)", stacklevel=3)
 
 
 def attention_function(spec=None, *, backend: str = "torch", config: dict | None = None,
@@ -195,35 +127,33 @@ def attention_function(spec=None, *, backend: str = "torch", config: dict | None
     or with ``output_attentions`` the exact maps ``(batch, heads, seq_q, seq_k)`` of the spec
     that runs (``Kernel.attention_map``, in the query's dtype; eager only), at no cost otherwise.
 
-    Eager calls run the compiled kernel directly. Under ``torch.compile`` the kernel is built by
-    ``_op`` (``torch.compiler.assume_constant_result``: dynamo calls it at trace time and keeps
-    only its key, never tracing attncc's Python) and the call is the ``attncc::attention``
-    library op of ``attncc.integrations.ops``, so the model compiles with ``fullgraph=True``.
+    Kernels are cached by the call's ``Structure`` (a tuple; a hit costs no spec work). Eager
+    calls run the compiled kernel directly and count it in ``fn.served`` (a ``Counter`` of
+    ``Structure``: which variants served how many calls). Under ``torch.compile`` the kernel is
+    built by ``_op`` (``torch.compiler.assume_constant_result``: dynamo calls it at trace time
+    and keeps only its key, never tracing attncc's Python) and the call is the
+    ``attncc::attention`` library op of ``attncc.integrations.ops``, so the model compiles with
+    ``fullgraph=True``; ``output_attentions`` and ``record_stats`` then warn once (eager only).
     """
     from attncc.api import compile as compile_spec
-    from attncc.integrations.ops import op
+    from attncc.integrations.ops import OpTable, op
 
     spec = load_spec(spec) if spec is not None else None
     fixed = dict(inputs or {})
     clash = sorted(n for n in fixed if n.startswith("hf_"))
     if clash:
         raise InputError(f"inputs: names starting with 'hf_' are attncc's own; got '{clash[0]}'")
-    sources: dict = {}  # key (the source as JSON) -> source; then its kernel, its op
-    kernels: dict = {}
-    ops: dict = {}
-
-    def source_key(*structure) -> str:
-        source = _variant(spec, *structure)
-        key = json.dumps(source, sort_keys=True, default=str)
-        sources.setdefault(key, source)
-        return key
+    kernels: dict = {}  # Structure -> compiled kernel (eager calls)
+    ops, op_names = OpTable(), {}  # compiled calls: Structure -> "v<n>" -> op function
 
     @torch.compiler.assume_constant_result
-    def _op(*structure) -> str:
-        key = source_key(*structure)
-        if key not in ops:
-            ops[key] = op(load_spec(sources[key]), backend=backend, config=config)
-        return key
+    def _op(eager_only: tuple, *structure) -> str:
+        _warn_eager_only(eager_only)
+        if structure not in op_names:
+            source = _variant(spec, Structure(*structure))
+            op_names[structure] = name = f"v{len(op_names)}"
+            setattr(ops, name, op(load_spec(source), backend=backend, config=config))
+        return op_names[structure]
 
     def attncc_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                          scaling=None, sliding_window=None, softcap=None, is_causal=None,
@@ -238,34 +168,40 @@ def attention_function(spec=None, *, backend: str = "torch", config: dict | None
         if isinstance(attention_mask, AttnccMask):
             mask = attention_mask
         else:
-            mask, bias = _from_tensor(attention_mask, module, is_causal, sliding_window, query,
-                                      key)
+            mask, bias = from_tensor(attention_mask, module, is_causal, sliding_window, query,
+                                     key)
         hf = {"hf_allowed": mask.allowed,
               "hf_keep": mask.keep if mask.allowed is None else None, "hf_bias": bias}
         hf = {n: t for n, t in hf.items() if t is not None}
         structure = (mask.causal, mask.window, _pos(mask.shift, query.shape[2], key.shape[2]),
                      tuple(sorted(hf)), None if scaling is None else float(scaling),
-                     None if softcap is None else float(softcap))
+                     None if softcap is None else float(softcap),
+                     None if bias is None else str(bias.dtype).removeprefix("torch."))
         call = {**{n: t.to(query.device) for n, t in fixed.items()}, **hf}
-        weights = None
         if torch.compiler.is_compiling():
-            out = ops[_op(*structure)](query, key, value, **call)
+            eager_only = tuple(n for n, on in (
+                ("output_attentions", bool(kwargs.get("output_attentions"))),
+                ("record_stats", attncc_attention.recorder is not None)) if on)
+            out = getattr(ops, _op(eager_only, *structure))(query, key, value, **call)
+            return out.transpose(1, 2).contiguous(), None
+        kernel = kernels.get(structure)
+        if kernel is None:
+            source = _variant(spec, Structure(*structure))
+            kernel = kernels[structure] = compile_spec(load_spec(source), backend=backend,
+                                                       config=config)
+        attncc_attention.served[structure] += 1
+        recorder, weights = attncc_attention.recorder, None
+        if recorder is not None:  # record_stats: per-row statistics, no map
+            out, found = kernel(query, key, value, stats=recorder.names, **call)
+            recorder.layers.append((getattr(module, "layer_idx", None), found))
         else:
-            cache_key = source_key(*structure)
-            if cache_key not in kernels:
-                kernels[cache_key] = compile_spec(load_spec(sources[cache_key]),
-                                                  backend=backend, config=config)
-            kernel, recorder = kernels[cache_key], attncc_attention.recorder
-            if recorder is not None:  # record_stats: per-row statistics, no map
-                out, found = kernel(query, key, value, stats=recorder.names, **call)
-                recorder.layers.append((getattr(module, "layer_idx", None), found))
-            else:
-                out = kernel(query, key, value, **call)
-            if kwargs.get("output_attentions"):  # the exact maps of the spec that runs
-                weights = kernel.attention_map(query, key, value, **call).to(query.dtype)
+            out = kernel(query, key, value, **call)
+        if kwargs.get("output_attentions"):  # the exact maps of the spec that runs
+            weights = kernel.attention_map(query, key, value, **call).to(query.dtype)
         return out.transpose(1, 2).contiguous(), weights
 
     attncc_attention.spec, attncc_attention.recorder = spec, None
+    attncc_attention.served = Counter()
     return attncc_attention
 
 
