@@ -151,9 +151,8 @@ def _lookup(spec, backend: Backend, seq, seq_k, dtype, target, store):
         return None
     sizes = None if seq is None else (seq, seq_k or seq)
     try:
-        return find(store, Key(spec.hash, bucket_of(*sizes) if sizes else "", dtype,
-                               f"{backend.name}@{backend.version}", target.key(3)),
-                    target, any_bucket=sizes is None)
+        key = Key.of(spec, bucket_of(*sizes) if sizes else "", dtype, backend, target)
+        return find(store, key, target, any_bucket=sizes is None)
     except AttnccError as err:
         warnings.warn(f"attncc: tuning database not used: {err}", stacklevel=3)
         return None

@@ -22,10 +22,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 
-from attncc.errors import AttnccError
+from attncc.errors import AttnccError, InputError
 
 SCHEMA_VERSION = 1
 
@@ -42,14 +43,18 @@ def bucket_of(seq_q: int, seq_k: int | None = None) -> str:
     seq_k = seq_q if seq_k is None else seq_k
     for name, value in (("seq_q", seq_q), ("seq_k", seq_k)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise AttnccError(f"shape bucket: expected {name} a positive int, got {value!r}")
+            raise InputError(f"shape bucket: expected {name} a positive int, got {value!r}")
     return f"q{_pow2(seq_q)}-k{_pow2(seq_k)}"
 
 
 def upper_bound(bucket: str) -> tuple[int, int]:
-    """``(Q, K)`` of bucket ``q<Q>-k<K>``: the longest call it serves, at which it is tuned."""
-    q, k = bucket.split("-")
-    return int(q[1:]), int(k[1:])
+    """``(Q, K)`` of bucket ``q<Q>-k<K>``: the longest call it serves, at which it is tuned.
+    InputError for anything that is not such a bucket."""
+    found = re.fullmatch(r"q([1-9][0-9]*)-k([1-9][0-9]*)", str(bucket))
+    if found is None or bucket != bucket_of(int(found[1]), int(found[2])):
+        raise InputError(f"shape bucket: expected 'q<Q>-k<K>' with Q and K powers of two "
+                         f"(e.g. 'q1024-k1024'), got {bucket!r}")
+    return int(found[1]), int(found[2])
 
 
 def _pow2(n: int) -> int:
@@ -70,6 +75,13 @@ class Key:
     dtype: str
     backend: str
     target: str
+
+    @classmethod
+    def of(cls, spec, bucket: str, dtype: str, backend, target) -> Key:
+        """The key of ``spec`` (a Spec) on ``backend`` (a Backend) and ``target`` (a Target) for
+        ``bucket`` (``""`` where any bucket will do) and ``dtype``: the one recipe that every
+        lookup, tuner and dispatcher uses."""
+        return cls(spec.hash, bucket, dtype, f"{backend.name}@{backend.version}", target.key(3))
 
     @property
     def id(self) -> str:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from attncc.backends import registry
 from attncc.db.exchange import shipped
-from attncc.db.key import Key, Record, bucket_of
+from attncc.db.key import Key, Record, bucket_of, upper_bound
 from attncc.errors import AttnccError
 from attncc.spec.load import load_spec
 
@@ -48,7 +48,7 @@ def lookup(spec, backend: str | Backend, sizes=None, dtype: str = "float32", tar
     if target is None or isinstance(target, str):
         target = default_target(target)
     bucket = _bucket(sizes)
-    key = Key(spec.hash, bucket or "", dtype, f"{chosen.name}@{chosen.version}", target.key(3))
+    key = Key.of(spec, bucket or "", dtype, chosen, target)
     return find(open_store(db), key, target, any_bucket=bucket is None)
 
 
@@ -67,7 +67,10 @@ def open_store(db) -> Store | None:
 
 
 def _bucket(sizes) -> str | None:
-    if sizes is None or isinstance(sizes, str):
+    if sizes is None:
+        return None
+    if isinstance(sizes, str):
+        upper_bound(sizes)  # a clear error for a malformed bucket
         return sizes
     if isinstance(sizes, int):
         return bucket_of(sizes)

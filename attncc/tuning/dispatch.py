@@ -232,8 +232,7 @@ class Dispatch(Kernel):
     # --- the database ----------------------------------------------------------------------------
 
     def _key(self, bucket: str, dtype: str) -> Key:
-        b = self._backend
-        return Key(self.spec.hash, bucket, dtype, f"{b.name}@{b.version}", self._target.key(3))
+        return Key.of(self.spec, bucket, dtype, self._backend, self._target)
 
     def _open(self):
         if self._store is None:

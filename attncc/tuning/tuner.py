@@ -104,8 +104,8 @@ class Problem:
 
     @property
     def key(self) -> Key:
-        return Key(self.spec.hash, bucket_of(self.seq_q, self.seq_k), self.dtype,
-                   f"{self.backend.name}@{self.backend.version}", self.target.key(3))
+        return Key.of(self.spec, bucket_of(self.seq_q, self.seq_k), self.dtype, self.backend,
+                      self.target)
 
     def study_name(self) -> str:
         key = self.key

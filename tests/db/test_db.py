@@ -14,9 +14,10 @@ from click.testing import CliRunner
 
 from attncc.cli.db import db as db_cli
 from attncc.db.exchange import export, import_, read
-from attncc.db.key import DatabaseError, Key, Record, bucket_of
-from attncc.db.lookup import find
+from attncc.db.key import DatabaseError, Key, Record, bucket_of, upper_bound
+from attncc.db.lookup import find, lookup
 from attncc.db.store import Store, resolve, study_storage
+from attncc.errors import InputError
 from attncc.target import Target
 
 HERE = Target(kind="cpu", device="Test CPU", cores=8, arch="x86_64", isa=("avx2",),
@@ -47,6 +48,16 @@ def test_bucket_rounds_each_length_up_to_a_power_of_two():
     assert bucket_of(1, 3000) == "q1-k4096"
     with pytest.raises(Exception, match="seq_q a positive int"):
         bucket_of(0)
+
+
+@pytest.mark.parametrize("bad", ["q1024", "q1000-k1024", "x1-k2", "q1-k4096 ", "", None])
+def test_a_malformed_bucket_is_one_input_error(bad):
+    assert upper_bound("q1-k4096") == (1, 4096)
+    with pytest.raises(InputError, match="expected 'q<Q>-k<K>' with Q and K powers of two"):
+        upper_bound(bad)
+    if bad is not None:
+        with pytest.raises(InputError, match="shape bucket"):
+            lookup("examples/causal.yaml", "numpy", bad)
 
 
 def test_resolve_paths_urls_and_env(tmp_path, monkeypatch):
