@@ -16,6 +16,8 @@ facts out again from the spec; ``attncc show`` prints every path with its reason
   or an additive one (``score + bias``, ``additive_bias``) whose bias joins the tiles
   (``bias_form``: ``key``, a row term plus a key term, only the key term needed, O(N) per head;
   ``toeplitz``, a function of ``q_idx - kv_idx``; ``general``, evaluated per run tile).
+- ``flex``: a compiled FlexAttention forward over the plan, for a score_mod no fused SDPA call
+  takes (not an additive bias): a dot score, softmax, no memory tokens, no projection.
 - ``tiles``: the block-sparse tile loop over the plan; serves every ``FusedAttention``.
 - ``scan``: the chunked scan of running sums of ``LinearAttention``.
 - ``nystrom``: the landmark products of ``Nystrom``.
@@ -190,6 +192,18 @@ def _runs(node: FusedAttention, reads: list[str], spec) -> Path:
                               f"{tiles}")
 
 
+def _flex(node: FusedAttention, reads: list[str], spec) -> Path:
+    why = [w for w in _softmax_blockers(node) if not w.startswith("score_mod")]
+    if node.score_mod is None or additive_bias(node.score_mod) is not None:
+        why.append("no score_mod beyond an additive bias (the runs path serves those)")
+    if node.projection is not None:
+        why.append(f"k and v are projected to {node.projection} keys")
+    if why:
+        return Path("flex", False, "; ".join(why))
+    return Path("flex", True, f"FlexAttention's compiled forward inlines the score_mod "
+                              f"({_short(node.score_mod, 40)}) over attncc's block plan")
+
+
 def _tiles(node: FusedAttention, reads: list[str], spec) -> Path:
     return Path("tiles", True, "the block-sparse tile loop over the plan serves any fused "
                                "attention")
@@ -206,7 +220,7 @@ def _nystrom(node: Nystrom, reads: list[str], spec) -> Path:
 
 #: The path rules per attention node type, most specialised first.
 PATHS: dict[type, tuple[Callable[..., Path], ...]] = {
-    FusedAttention: (_sdpa, _runs, _tiles),
+    FusedAttention: (_sdpa, _runs, _flex, _tiles),
     LinearAttention: (_scan,),
     Nystrom: (_nystrom,),
 }

@@ -33,6 +33,7 @@ from attncc.passes.strategy import causal_alignment
 from attncc.plan import PlanCache
 
 from .flash import FlashAttention
+from .flex import MIN_ROWS, FlexRunner, printable
 from .runs import RunsForward
 from .tiles import Problem, build_schedule
 
@@ -64,6 +65,9 @@ class TorchKernel(Kernel):
                               and causal_alignment(node.mask.expr) == "bottom_right")
         self._tails: dict = {}
         self._runs = fused and node.lowering.allows("runs")
+        # a non-additive score_mod: FlexAttention's compiled forward (flex.py) where it prints
+        self._flex = (FlexRunner(node, self.spec) if fused and node.lowering.allows("flex")
+                      and printable(node) is None else None)
         self._drop = sympy.Not(node.mask.expr) if node.mask is not None else None
         self._plans = PlanCache(node, self.config["block_m"], self.config["block_n"])
         self._derived: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -94,6 +98,10 @@ class TorchKernel(Kernel):
         k, v = call.k, call.v
         if self._projection:
             k, v = linformer(k, v, *(call.inputs[n] for n in self._projection))
+        if not return_lse and self._flex_ok(call):  # no runs path where flex serves
+            out = self._flex(call)
+            if out is not None:
+                return out.to(call.dtype)
         plan = self._plans.get(call.sizes, call.raw_inputs)
         runs = self._runs_ok(call)
         key = (runs, *sorted(call.sizes.items()), str(q.device))  # a plan serves many sizes
@@ -154,6 +162,15 @@ class TorchKernel(Kernel):
         return not (torch.is_grad_enabled() and any(
             x.requires_grad for x in call.inputs.values() if x.is_floating_point()))
 
+    def _flex_ok(self, call) -> bool:
+        """Whether the flex path (``flex.py``) serves this call: a runner (the node's lowering
+        allows it, ``use_sdpa`` asks for fused kernels, its expressions print), no gradient
+        wanted (FlexAttention has no CPU backward), and a call shape the runner takes."""
+        if self._flex is None or not self._flex.serves(call):
+            return False
+        tensors = (call.q, call.k, call.v, *call.inputs.values())
+        return not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
+
     def _derive(self, plan, key, build):
         """``build()``, cached with ``plan`` (dropped when the plan is): schedules, runners."""
         derived = self._derived.setdefault(plan, {})
@@ -205,6 +222,14 @@ def describe(spec, node, kind: str, config: dict) -> str:
                       "#   backward (runs_grad.py): per call, aten._scaled_dot_product_flash_"
                       "attention_for_cpu_backward(dout[rows], q[rows], k[run], v[run], out[rows], "
                       "lse[rows] (merged, +inf where no key), attn_mask=tile); dk, dv index_add_"]
+    if lowering.allows("flex") and config["use_sdpa"]:
+        why = printable(node)
+        lines += [f"# path flex: not served ({why})"] if why else [
+            f"# path flex ({lowering.why('flex')}), on CPU without gradients or lse, "
+            f"seq_q >= {MIN_ROWS}:",
+            "out = torch.compile(flex_attention)(q, k, v, score_mod, block_mask="
+            "BlockMask.from_kv_blocks(attncc plan in 128x128 blocks), scale=scale)   "
+            "# the printed module: kernel._flex.source"]
     lines.append(f"# path tiles ({lowering.why('tiles')}), otherwise:")
     return "\n".join(lines + _tiles(node, config))
 

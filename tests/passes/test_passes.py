@@ -263,7 +263,7 @@ def allowed(spec) -> list[str]:
     ("kv_idx <= q_idx", {"heads": 8, "kv_heads": 2}, ["sdpa", "runs", "tiles"]),
     ("kv_idx <= q_idx", {"memory_tokens": 2}, ["tiles"]),
     ("kv_idx <= q_idx", {"normalize": "sigmoid"}, ["tiles"]),
-    ("kv_idx <= q_idx", {"score_mod": "score * 2"}, ["tiles"]),
+    ("kv_idx <= q_idx", {"score_mod": "score * 2"}, ["flex", "tiles"]),
     (None, {"score": "additive"}, ["tiles"]),
     (None, {"lowrank": {"method": "linformer", "rank": 8}}, ["runs", "tiles"]),
 ])
