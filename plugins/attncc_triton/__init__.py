@@ -100,7 +100,7 @@ class TritonBackend(Backend):
                            why="block_n below the top-k K, or tiles too big for its shared "
                                "memory")
         spec = graph.graph["spec"]
-        return TritonKernel(spec, node, kind, full, generate(spec, node, full))
+        return TritonKernel(spec, node, kind, full, generate(spec, node, full, backward=False))
 
     def priority(self, target) -> int:
         return 30 if getattr(target, "kind", "cpu") == "cuda" else -1

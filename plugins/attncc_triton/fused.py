@@ -20,7 +20,7 @@ from attncc.errors import BackendError
 from attncc.spec.symbols import SIZE_NAMES
 from attncc.spec.symbols import score as score_symbol
 
-from .printer import TritonPrinter, derivatives, input_atoms
+from .printer import TritonPrinter, derivatives, input_atoms, summed
 from .text import CONSTS, Fn, indent, paren
 
 _BH = {"b", "h", *SIZE_NAMES}
@@ -62,7 +62,7 @@ class FusedGenerator:
         self.additive = fs.score == "additive"
         atoms = input_atoms(fs.score_mod) + input_atoms(fs.mask)
         self.hoisted = {a: _element_name(a, i) for i, a in enumerate(dict.fromkeys(atoms))
-                        if _names(a) <= _BH}
+                        if _names(a) <= _BH and not summed(a)}
         self.pr = TritonPrinter(fs.float_inputs, self.hoisted)
         self.expr = []
         for name in fs.expr_inputs:
@@ -70,15 +70,10 @@ class FusedGenerator:
                           *(f"{name}_n{i}" for i in range(ndims[name]))]
         self.flags = ((("MEMORY",) if fs.memory_tokens else ())
                       + (("MASK",) if fs.mask is not None else ()))
-        #: why no backward is generated (a derivative Triton cannot print), else None: the
-        #: forward never fails on its derivative
+        #: why no backward is generated (a derivative Triton cannot print), else None; the
+        #: derivatives are taken only by ``functions(backward=True)``
         self.no_backward = None
-        if fs.score_mod is not None:
-            try:
-                self.d_score, self.d_inputs = derivatives(fs.score_mod, score_symbol,
-                                                          fs.float_inputs)
-            except BackendError as err:
-                self.no_backward = str(err)
+        self.d_score, self.d_inputs, self.d_summed = None, [], []
         self.scores = self._scores()
         self.kv = self._kv()
 
@@ -97,8 +92,8 @@ class FusedGenerator:
             pr = self._printer(mod_atoms)
             s = (pr.bare(fs.score_mod) if score_symbol in fs.score_mod.free_symbols
                  else f"score * 0 + {pr(fs.score_mod)}")
-            body += (["if MEMORY:", "    s = score", "else:", f"    s = {s}"]
-                     if fs.memory_tokens else [f"s = {s}"])
+            body += (["if MEMORY:", "    s = score", "else:", *indent([*pr.take(), f"s = {s}"])]
+                     if fs.memory_tokens else [*pr.take(), f"s = {s}"])
             if fs.score_mod.has(sympy.S.NegativeInfinity):  # a -inf score drops its pair
                 body.append('keep = keep & (s > float("-inf"))')
             s = "s"
@@ -128,7 +123,8 @@ class FusedGenerator:
 
     def _locals(self, *exprs) -> dict:
         """Local names of the input elements ``exprs`` read that are not hoisted."""
-        atoms = dict.fromkeys(a for e in exprs for a in input_atoms(e) if a not in self.hoisted)
+        atoms = dict.fromkeys(a for e in exprs for a in input_atoms(e)
+                              if a not in self.hoisted and not summed(a))
         return {a: _element_name(a, i) for i, a in enumerate(atoms)}
 
     def _printer(self, local: dict) -> TritonPrinter:
@@ -209,11 +205,11 @@ class FusedGenerator:
                       "ds = p * (dp - delta[:, None])"]
         if fs.score_mod is None:
             lines.append("dsr = ds")
-        elif memory and fs.memory_tokens:
-            lines += ["if MEMORY:", "    dsr = ds", "else:",
-                      f"    dsr = tl.where(keep, ds * {paren(pr(self.d_score))}, 0.0)"]
         else:
-            lines.append(f"dsr = tl.where(keep, ds * {paren(pr(self.d_score))}, 0.0)")
+            d = paren(pr(self.d_score))
+            dsr = [*pr.take(), f"dsr = tl.where(keep, ds * {d}, 0.0)"]
+            lines += (["if MEMORY:", "    dsr = ds", "else:", *indent(dsr)]
+                      if memory and fs.memory_tokens else dsr)
         if self.additive:
             lines.append("dt = dsr[:, :, None] * w[None, None, :] * (1.0 - t * t)")
         return lines
@@ -263,14 +259,20 @@ class FusedGenerator:
                 *self._score_call(MEMORY=False), *self._thr()]
         local = {}
         if fs.score_mod is not None:
-            local = self._locals(self.d_score, *(d for _, d in self.d_inputs))
+            local = self._locals(self.d_score, *(d for _, d in self.d_inputs),
+                                 *(d for _, _, d in self.d_summed))
         body += [*self._loads(local), *self._grads(memory=False, local=local)]
         dk, dv = self._dk_dv()
         body += [f"dk += {dk}", f"dv += {dv}", *(self._dw() if self.additive else [])]
-        for atom, d_atom in self.d_inputs if fs.score_mod is not None else []:
+        pr = self._printer(local)
+        for atom, total, outer in self.d_summed:  # inputs read on a reduction's axis
+            d = paren(pr(outer))
+            body += [*pr.take(), f"g_sum = tl.where(keep, ds * {d}, 0.0)",
+                     *pr.scatter(atom, total, "g_sum")]
+        for atom, d_atom in self.d_inputs:
             name, off = str(atom.base.label), self.pr.offset(atom)
-            body.append(f"g_in = tl.where(keep, ds * {paren(self._printer(local)(d_atom))}, "
-                        "0.0)")
+            d = paren(pr(d_atom))
+            body += [*pr.take(), f"g_in = tl.where(keep, ds * {d}, 0.0)"]
             if _names(atom) <= _BH:
                 body.append(f"tl.atomic_add({name}_grad + {off}, tl.sum(tl.sum(g_in, 1), 0))")
             else:
@@ -435,21 +437,23 @@ class FusedGenerator:
         return self._kernel("_bwd_dkdv", "dk, dv of one key block of one (batch, kv head), summed "
                             "over its query heads.", body)
 
-    def functions(self) -> list[Fn]:
-        """Every function of the module, callees first."""
+    def functions(self, backward: bool) -> list[Fn]:
+        """Every function of the module, callees first: the forward's, and with ``backward``
+        the backward's too, unless a derivative cannot be printed (``no_backward`` says why)."""
         fs = self.fs
         tiles = [self.topk_tile()] if fs.normalize == "topk" else []
-        tiles.append(self.fwd_tile())
-        if self.no_backward is not None:
-            return [self.scores, self.kv, *tiles, self.forward()]
+        forward = [self.scores, self.kv, *tiles, self.fwd_tile(), self.forward()]
+        if not backward:
+            return forward
         try:
-            backward = [*([self.delta_tile()] if fs.normalize != "sigmoid" else []),
-                        self.dq_tile(), self.dkdv_tile(), self.backward_dq(),
-                        self.backward_dkdv()]
+            if fs.score_mod is not None:
+                self.d_score, self.d_inputs, self.d_summed = derivatives(
+                    fs.score_mod, score_symbol, fs.float_inputs)
+            return [*forward, *([self.delta_tile()] if fs.normalize != "sigmoid" else []),
+                    self.dq_tile(), self.dkdv_tile(), self.backward_dq(), self.backward_dkdv()]
         except BackendError as err:
             self.no_backward = str(err)
-            return [self.scores, self.kv, *tiles, self.forward()]
-        return [self.scores, self.kv, *tiles, self.forward(), *backward]
+            return forward
 
 
 def _names(atom: sympy.Indexed) -> set[str]:

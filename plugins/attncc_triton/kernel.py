@@ -22,11 +22,12 @@ import torch
 
 from attncc.backends.autograd import autograd_backward
 from attncc.backends.base import Kernel
+from attncc.errors import BackendError
 from attncc.lowering.prologue import prologue
 from attncc.plan import PlanCache
 
 from . import runtime
-from .source import RUNTIME, RUNTIME_TEXT
+from .source import RUNTIME, RUNTIME_TEXT, generate
 
 #: Folder the generated modules are written to (Triton's jit reads a kernel's source file).
 CACHE_ENV = "ATTNCC_TRITON_CACHE"
@@ -61,20 +62,43 @@ def load_module(source: str):
 
 
 class TritonKernel(Kernel):
-    """``kernel(q, k, v, return_lse=False, **inputs)`` on torch tensors; ``source`` is the
-    generated module (standalone with its ``companions``, the host runtime)."""
+    """``kernel(q, k, v, return_lse=False, **inputs)`` on torch tensors. ``forward_source`` is
+    the module loaded at compile time (a fused kernel's holds the forward kernel only);
+    ``source`` the whole generated module (standalone with its ``companions``, the host
+    runtime), printed on first use: reading it, or the first backward call, which loads its
+    backward kernels."""
 
     backend = "triton"
 
-    def __init__(self, spec, node, kind: str, config: dict, source: str):
+    def __init__(self, spec, node, kind: str, config: dict, forward_source: str):
         self.spec, self.node, self.kind = spec, node, kind
         self.config = dict(config)
-        self.source = source
-        self.program = load_module(source).PROGRAM
+        self.forward_source = forward_source
+        self._source = forward_source if kind == "linear" else None
+        self.program = load_module(forward_source).PROGRAM
+        if kind != "linear":
+            self.program.backward_kernels = self._backward_kernels
         self.backward = functools.partial(autograd_backward, self)
         self.plans = (PlanCache(node, self.config["block_m"], self.config["block_n"])
                       if kind == "fused" else None)
         self._tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @property
+    def source(self) -> str:
+        """The whole module: forward and backward kernels, or where a derivative cannot be
+        printed the forward alone, ``SPEC["no_backward"]`` saying why."""
+        if self._source is None:
+            self._source = generate(self.spec, self.node, self.config)
+        return self._source
+
+    def _backward_kernels(self) -> dict:
+        """The backward kernels of ``source`` (``Program.backward_kernels``); BackendError
+        where the derivative cannot be printed."""
+        module = load_module(self.source)
+        if "bwd_dq" not in module.PROGRAM.kernels:
+            raise BackendError(f"triton backend: no backward for the spec {self.spec.name!r} "
+                               f"(its forward runs): {module.SPEC['no_backward']}")
+        return module.PROGRAM.kernels
 
     def __repr__(self) -> str:
         return f"TritonKernel({self.spec.name!r}, kind={self.kind!r}, config={self.config})"

@@ -18,6 +18,8 @@ import sympy
 
 from attncc.errors import BackendError
 from attncc.spec.symbols import (
+    INDEX_SYMBOLS,
+    SIZES,
     BitAnd,
     BitOr,
     BitXor,
@@ -25,6 +27,9 @@ from attncc.spec.symbols import (
     Log2,
     RightShift,
     Round,
+    kv_idx,
+    q_idx,
+    score,
     sigmoid,
 )
 
@@ -34,18 +39,28 @@ _UNARY = {sympy.exp: "tl.exp", sympy.log: "tl.log", sympy.tanh: "_tanh", sympy.A
           sigmoid: "tl.sigmoid", sympy.sin: "tl.sin", sympy.cos: "tl.cos", sympy.tan: "_tan",
           sympy.erf: "tl.erf", Round: "_round", sympy.sign: "_sign", Log2: "tl.log2"}
 _BITS = {BitAnd: "&", BitOr: "|", BitXor: "^", LeftShift: "<<", RightShift: ">>"}
+_FREE = {*INDEX_SYMBOLS.values(), *SIZES.values()}
 
 
 class TritonPrinter:
     """Prints one expression; ``float_inputs`` names the inputs whose loads are cast to ACC,
-    ``names`` maps subexpressions (hoisted input loads) to the variable holding them."""
+    ``names`` maps subexpressions (hoisted input loads) to the variable holding them.
+
+    A bounded ``Sum`` (``reduction``) needs statements: they collect in ``lines``, which the
+    caller writes (``take``) before the line that uses the printed text."""
 
     def __init__(self, float_inputs: set[str], names: dict | None = None):
         self.float_inputs = set(float_inputs)
         self.names = dict(names or {})
+        self.lines: list[str] = []
 
     def __call__(self, e) -> str:
         return self.p(e)
+
+    def take(self) -> list[str]:
+        """The statements the texts printed so far need, once."""
+        lines, self.lines = self.lines, []
+        return lines
 
     def p(self, e) -> str:
         if e is sympy.true or e is sympy.false:
@@ -112,9 +127,73 @@ class TritonPrinter:
                 result = f"tl.where({self.p(branch.cond)}, {self.p(branch.expr)}, {result})"
             return result
         if isinstance(e, sympy.Sum):
-            raise BackendError("triton backend: a sum(... for d in range(N)) reduction is not "
-                               "printed as Triton code yet; use the numpy or torch backend")
+            return self.reduction(e)
         raise BackendError(f"triton backend: cannot print {type(e).__name__} ({e}) as Triton code")
+
+    def reduction(self, e: sympy.Sum) -> str:
+        """``Sum(body, (d, 0, N-1))`` in a [BLOCK_M, BLOCK_N] tile (q_idx [BLOCK_M, 1], kv_idx
+        [1, BLOCK_N]) over an axis of R = N padded to a power of two >= 16: a ``tl.dot`` of a
+        query-side [BLOCK_M, R] and a key-side [BLOCK_N, R] tile where the body is such a
+        product (``contraction``), else the body on a third axis summed by ``tl.sum``."""
+        n = len(self.lines)
+        axis, count = e.limits[0][0], int(e.limits[0][2]) + 1
+        size = max(16, 1 << (count - 1).bit_length())
+        split = contraction(e)
+        if split is not None:
+            a, b, rest = split
+            self.lines += [f"rd = tl.arange(0, {size})[None, :]",
+                           f"ra{n} = tl.where(rd < {count}, {self.tile(a, axis)}, 0.0)",
+                           f"rb{n} = tl.where(rd < {count}, "
+                           f"{self.tile(b, axis, {kv_idx: 'tl.trans(kv_idx)'})}, 0.0)",
+                           f"red{n} = tl.dot(ra{n}, tl.trans(rb{n}), out_dtype=ACC, "
+                           "input_precision=PREC)"]
+            return f"red{n}" if rest == 1 else f"(red{n} * {self.p(rest)})"
+        body = self.cube(axis).p(e.function)
+        self.lines += [f"rd3 = tl.arange(0, {size})[None, None, :]",
+                       f"red{n} = tl.sum(tl.where(rd3 < {count}, {body}, 0.0), 2)"]
+        return f"red{n}"
+
+    def scatter(self, atom: sympy.Indexed, total: sympy.Sum, outer: str) -> list[str]:
+        """Lines adding to ``{x}_grad`` the gradient of input element ``atom`` on the axis of
+        ``total``, from ``outer``, the [BLOCK_M, BLOCK_N] tile of dL / d total (0 where not
+        kept): ``tl.dot`` of it with the other tile of a contraction, else over a third axis."""
+        name, n = str(atom.base.label), len(self.lines)
+        axis, count = total.limits[0][0], int(total.limits[0][2]) + 1
+        size = max(16, 1 << (count - 1).bit_length())
+        split = contraction(total)
+        if split is not None and atom in split[:2]:
+            a, b, rest = split
+            g = outer if rest == 1 else f"g{n}"
+            key = {kv_idx: "tl.trans(kv_idx)"}
+            other, grad, at = ((b, g, TritonPrinter(set(), {axis: "rd"}).offset(a))
+                               if atom == a else (a, f"tl.trans({g})", TritonPrinter(
+                                   set(), {axis: "rd", **key}).offset(b)))
+            return [*self.take(), f"rd = tl.arange(0, {size})[None, :]",
+                    *([] if rest == 1 else [f"{g} = {outer} * ({self.bare(rest)})"]),
+                    f"ro{n} = tl.where(rd < {count}, "
+                    f"{self.tile(other, axis, key if other == b else None)}, 0.0)",
+                    f"tl.atomic_add({name}_grad + {at}, tl.dot({grad}, ro{n}, out_dtype=ACC, "
+                    f"input_precision=PREC), mask=rd < {count})"]
+        cube = self.cube(axis)
+        body = cube.p(partial(total.function, atom))
+        return [*self.take(), f"rd3 = tl.arange(0, {size})[None, None, :]",
+                f"g{n} = tl.where(rd3 < {count}, ({outer})[:, :, None] * {body}, 0.0)",
+                f"tl.atomic_add({name}_grad + {cube.offset(atom)} + 0 * (q_idx[:, :, None] + "
+                f"kv_idx[:, :, None] + rd3), g{n}, mask=rd3 < {count})"]
+
+    def tile(self, atom: sympy.Indexed, axis, names=None) -> str:
+        """The load of ``atom`` with ``axis`` on a second tile axis, in ACC."""
+        text = TritonPrinter(self.float_inputs, {axis: "rd", **(names or {})}).load(atom)
+        return text if text.endswith(".to(ACC)") else f"{text}.to(ACC)"
+
+    def cube(self, axis) -> TritonPrinter:
+        """A printer of a [BLOCK_M, BLOCK_N, R] body: the tile's names on a third axis ``rd3``
+        (input elements that vary over the tile are loaded again, at 3-d indices)."""
+        names = {e: name for e, name in self.names.items()
+                 if isinstance(e, sympy.Indexed) and not reads(e, {q_idx, kv_idx})}
+        return TritonPrinter(self.float_inputs, {
+            **names, axis: "rd3", q_idx: "q_idx[:, :, None]", kv_idx: "kv_idx[:, :, None]",
+            score: "score[:, :, None]"})
 
     def bare(self, e) -> str:
         """``e`` printed without the parentheses that enclose all of it (a call's argument)."""
@@ -198,6 +277,31 @@ def enclosed(text: str) -> bool:
     return text.startswith("(")
 
 
+def reads(atom: sympy.Indexed, symbols) -> bool:
+    """Whether the indices of input element ``atom`` read any of ``symbols``."""
+    return bool(sympy.Tuple(*atom.indices).free_symbols & set(symbols))
+
+
+def summed(atom: sympy.Indexed) -> bool:
+    """Whether ``atom`` reads a reduction's axis (a symbol that is no index or size)."""
+    return not sympy.Tuple(*atom.indices).free_symbols <= _FREE
+
+
+def contraction(e: sympy.Sum):
+    """``(a, b, rest)`` where the body of ``e`` is ``rest * a * b``: ``a`` an input element on
+    the axis that reads q_idx (not kv_idx), ``b`` one that reads kv_idx (not q_idx), ``rest``
+    free of the axis; None for any other body."""
+    axis = e.limits[0][0]
+    on_axis = [f for f in sympy.Mul.make_args(e.function) if f.has(axis)]
+    if len(on_axis) != 2 or not all(isinstance(f, sympy.Indexed) for f in on_axis):
+        return None
+    a, b = sorted(on_axis, key=lambda f: reads(f, {kv_idx}))
+    if not (reads(a, {q_idx}) and not reads(a, {kv_idx}) and reads(b, {kv_idx})
+            and not reads(b, {q_idx})):
+        return None
+    return a, b, e.function / (a * b)
+
+
 def input_atoms(expr) -> list[sympy.Indexed]:
     """The input elements an expression reads, in a stable order."""
     if expr is None:
@@ -205,18 +309,24 @@ def input_atoms(expr) -> list[sympy.Indexed]:
     return sorted(expr.atoms(sympy.Indexed), key=sympy.default_sort_key)
 
 
-def derivatives(expr, score, float_inputs: set[str]) -> tuple[sympy.Expr, list]:
-    """``(d expr / d score, [(atom, d expr / d atom)])`` for the floating input atoms, in forms
-    the printer prints (``printable``)."""
-    d_score = printable(sympy.diff(expr, score), score)
-    result = []
-    for atom in input_atoms(expr):
-        if str(atom.base.label) not in float_inputs:
-            continue
-        dummy = sympy.Dummy("x", real=True)
-        d_atom = printable(sympy.diff(expr.xreplace({atom: dummy}), dummy), dummy)
-        result.append((atom, d_atom.xreplace({dummy: atom})))
-    return d_score, result
+def derivatives(expr, x, float_inputs: set[str]) -> tuple[sympy.Expr, list, list]:
+    """``(d expr / d x, [(atom, d expr / d atom)], [(atom, reduction, d expr / d reduction)])``
+    for the floating input elements: first those outside any reduction's axis (whose
+    derivatives may hold reductions), then those on a reduction's axis, whose gradient is
+    ``d expr / d reduction`` times the body's per axis element (``TritonPrinter.scatter``); in
+    forms the printer prints (``printable``)."""
+    plain = [(a, partial(expr, a)) for a in input_atoms(expr)
+             if str(a.base.label) in float_inputs and not summed(a)]
+    on_axis = [(a, total, partial(expr, total)) for total in expr.atoms(sympy.Sum)
+               for a in input_atoms(total.function)
+               if str(a.base.label) in float_inputs and summed(a)]
+    return printable(sympy.diff(expr, x), x), plain, on_axis
+
+
+def partial(expr, x):
+    """``d expr / d x`` for a subexpression ``x`` (an input element, a reduction), printable."""
+    dummy = sympy.Dummy("x", real=True)
+    return printable(sympy.diff(expr.xreplace({x: dummy}), dummy), dummy).xreplace({dummy: x})
 
 
 def printable(derivative, x):

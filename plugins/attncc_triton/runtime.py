@@ -71,6 +71,13 @@ class Program:
         self.scale_of = scale_of
         self._dense: dict = {}
 
+    def backward_kernels(self) -> dict:
+        """The backward kernels (``bwd_dq``, ``bwd_dkdv``) of a module generated without them:
+        attncc's Triton kernel sets this to its generator of them (on the first backward call);
+        a standalone module raises NotImplementedError, SPEC["no_backward"] saying why."""
+        raise NotImplementedError(f"no Triton backward in this module: "
+                                  f"{self.spec.get('no_backward')}")
+
     def scale(self, q, k, v) -> float:
         """The spec's score scale for this call (sizes before any projection)."""
         return float(self.scale_of(**sizes_of(q, k, v)))
@@ -138,10 +145,9 @@ class Program:
                  d_out, d_lse=None, wrap=None):
         """``(dq, dk, dv, {floating input: grad in the accumulation dtype})`` of ``forward``'s
         out (and lse): torch ops and the dq then the dk/dv launch through ``wrap``. Raises
-        NotImplementedError where the module has no backward (SPEC["no_backward"] says why)."""
+        ``backward_kernels``' error where the module has no backward kernels."""
         if "bwd_dq" not in self.kernels:
-            raise NotImplementedError(f"no Triton backward for this spec: "
-                                      f"{self.spec.get('no_backward')}")
+            self.kernels.update(self.backward_kernels())
         q, k, v = (x.contiguous() for x in (q, k, v))
         inputs = prepared(q, inputs)
         acc = lse.dtype

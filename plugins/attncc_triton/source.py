@@ -88,6 +88,8 @@ _GLOSSARY = '''Glossary
   ACC              accumulation dtype: float32, or float64 for float64 tensors
   x_ptr, x_sI, x_nI  spec input x: pointer, stride and size of axis I (loads are bounds-guarded)
   x_h              an input element that depends on (b, h) only, loaded once per head
+  rd, red<n>       a bounded reduction's axis (its size padded to a power of two) and value:
+                   tl.dot of the query-side ra<n> and key-side rb<n> tiles, or tl.sum over rd3
 
 Entry point: attention(q, k, v, *, return_lse=False, tables=None, **inputs). ``tables``: the
 block plan's int32 index tables (fc, fi, pc, pi and the transposed fct, fit, pct, pit; counts
@@ -112,8 +114,11 @@ def _scale_function(scale) -> str:
             f'    """The score scale for these sizes."""\n    return {body}\n')
 
 
-def generate(spec, node, config: dict) -> str:
-    """The whole module for ``spec``'s attention ``node`` compiled with ``config``."""
+def generate(spec, node, config: dict, backward: bool = True) -> str:
+    """The module for ``spec``'s attention ``node`` compiled with ``config``: the whole of it,
+    or without ``backward`` the forward kernel alone (attncc's Triton kernel loads that at
+    compile time and generates the whole module on the first backward call). A fused module
+    whose derivative cannot be printed is forward-only, ``SPEC["no_backward"]`` saying why."""
     if isinstance(node, FusedAttention):
         fs, kind = fused_spec(spec, node), "fused"
     else:  # Nyström calls the dense softmax kernel twice; linear attention has its own kernels
@@ -144,9 +149,11 @@ def generate(spec, node, config: dict) -> str:
         kernels = {"fwd": "_fwd", "bwd_dq": "_bwd_dq", "bwd_dkdv": "_bwd_dkdv"}
         ndims = {n: len(i.shape) or 1 for n, i in spec.inputs.items()}  # 0-d: viewed as (1,)
         generator = FusedGenerator(fs, ndims)
-        functions = [f.text() for f in generator.functions()]
-        if generator.no_backward is not None:  # forward only; a backward call says why
-            meta["no_backward"] = generator.no_backward
+        functions = [f.text() for f in generator.functions(backward)]
+        if generator.no_backward is not None or not backward:  # a backward call says why
+            meta["no_backward"] = generator.no_backward or (
+                "this module holds the forward kernel only; attncc generates the backward on "
+                "the first backward call (generate(..., backward=True) writes both)")
             kernels = {"fwd": "_fwd"}
     scale = _scale_function(getattr(node, "scale", spec.scale))
     used = set(re.findall(r"\b_\w+(?=\()", "\n".join(functions)))

@@ -62,11 +62,12 @@ class Fn:
         subs = subs or {}
         head = f"{result} = {self.name}(" if result else f"{self.name}("
         lines = [head]
+        # 88 columns: a call sits up to three levels deep in a kernel's body
         for group in self.groups:
-            lines += _wrap([str(subs.get(p, p)) for p in group], "    ")
+            lines += _wrap([str(subs.get(p, p)) for p in group], "    ", 88)
         passed = [f"{f}={flags.get(f, f)}" for f in self.flags]
         if passed:
-            lines += _wrap(passed, "    ")
+            lines += _wrap(passed, "    ", 88)
         return [*lines, ")"]
 
 
@@ -99,14 +100,15 @@ def _fit(line: str, width: int = 100) -> list[str]:
     """``line`` broken inside its parentheses, after a comma or before an operator, into
     lines of at most ``width`` columns where it can be (continuations indented 4 more)."""
     lines, indent = [], " " * (len(line) - len(line.lstrip()) + 4)
+    opened = 0  # parentheses left open by the pieces already cut off
     while len(line) > width:
-        depth, best = 0, None
+        depth, best = opened, None
         for i, c in enumerate(line[:width]):
             depth += (c in "([") - (c in ")]")
             if depth > 0 and line.startswith((", ", " + ", " - ", " & ", " | ", " * "), i):
-                best = i + 1 if c == "," else i
+                best, at = (i + 1 if c == "," else i), depth
         if best is None or line[:best].strip() == "":
             break
         lines.append(line[:best].rstrip())
-        line = indent + line[best:].lstrip()
+        line, opened = indent + line[best:].lstrip(), at
     return [*lines, line]

@@ -115,8 +115,24 @@ def rope(s, b, h, q, kv, x):
     return s + 0.5 * x["qr"] @ x["kr"].repeat_interleave(H // HKV, dim=1).transpose(-1, -2)
 
 
+def distance_inputs(g):
+    return {"w": torch.randn(H, 4, generator=g, dtype=torch.float64)}
+
+
+def distance(s, b, h, q, kv, x):
+    dist = (q - kv).abs().double()
+    return s - sum(x["w"][:, d].view(1, H, 1, 1) * torch.exp(-dist / 2 ** d) for d in range(4))
+
+
 CATALOGUE["latent_rope_reduction"] = ({k: ROPE[k] for k in ("score_mod", "inputs")}, rope,
                                       None, rope_inputs)
+CATALOGUE["latent_rope_dot"] = ({"score_mod": "score + 0.5 * dot(qr[b, h, q_idx], "
+                                              "kr[b, h // 2, kv_idx])",
+                                 "inputs": ROPE["inputs"]}, rope, None, rope_inputs)
+CATALOGUE["distance_bias_sum"] = ({"score_mod": "score - sum(w[h, d] * exp(-abs(q_idx - kv_idx)"
+                                                " / 2 ** d) for d in range(4))",
+                                   "inputs": {"w": {"shape": ["heads", 4]}}}, distance, None,
+                                  distance_inputs)
 
 
 def dense(q, k, v, mod, mask, inputs):
@@ -170,8 +186,9 @@ def check(name, backend, dtype, grads):
     if not grads:
         return
     d_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    want = torch.autograd.grad(ref, leaves[:3], d_out)
-    got = torch.autograd.grad(out, args[:3], d_out.to(tdtype))
+    wrt = [i for i, n in enumerate(["q", "k", "v", *floats]) if n != "pad"]  # q, k, v, inputs
+    want = torch.autograd.grad(ref, [leaves[i] for i in wrt], d_out)
+    got = torch.autograd.grad(out, [args[i] for i in wrt], d_out.to(tdtype))
     for a, w in zip(got, want, strict=True):
         torch.testing.assert_close(a.double(), w, atol=tol * 1000, rtol=tol * 100)
 
@@ -185,7 +202,7 @@ def test_catalogue_forward_and_backward(name, backend):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                     reason="Triton needs a GPU or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("name", [n for n in CATALOGUE if n != "latent_rope_reduction"])
+@pytest.mark.parametrize("name", CATALOGUE)
 def test_catalogue_on_triton(name):
     pytest.importorskip("triton")
     check(name, "triton", "float32", grads=True)
@@ -211,11 +228,3 @@ def test_a_kv_cache_shared_by_the_batch(backend):
     want = torch.autograd.grad(ref.sum(), (q, k1, v1))
     for a, w in zip(got, want, strict=True):
         torch.testing.assert_close(a, w, atol=1e-6, rtol=1e-6)
-
-
-def test_the_reduction_is_refused_clearly_by_triton():
-    pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
-    with pytest.raises(attncc.BackendError, match=r"sum.*not printed as Triton code yet"):
-        attncc.compile(attncc.load_spec(ROPE), backend="triton")

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "plugins"))
 from attncc.errors import BackendError  # noqa: E402
 from attncc.passes.pipeline import lower  # noqa: E402
 from attncc.plan import build_plan  # noqa: E402
+from attncc.reference import attend  # noqa: E402
 from attncc.spec import load_spec  # noqa: E402
 from attncc.spec.numeric import evaluate  # noqa: E402
 from attncc.target import Target  # noqa: E402
@@ -183,16 +184,19 @@ def test_every_derivative_sympy_makes_prints():
     spec = _spec(score_mod="abs(score) + max(score, 0) + min(score, q_idx) + floor(score) + "
                            "score % 3 + sign(score) + round(score) + erf(score) + tan(score) + "
                            "clamp(score, -1, 1) + exp2(score) + log2(1 + score * score)")
-    d_score, _ = derivatives(spec.score_mod, score, set())
+    d_score, _, _ = derivatives(spec.score_mod, score, set())
     assert "Derivative" not in str(d_score) and "DiracDelta" not in TritonPrinter(set())(d_score)
 
 
 def test_a_forward_never_fails_on_its_derivative(monkeypatch, interpret):
-    """Where a derivative cannot be printed, the module is forward-only and a backward says
-    why."""
+    """Compile prints and loads the forward only; the derivative is taken on the first backward
+    call, and where it cannot be printed only the backward fails, saying why."""
     import attncc_triton.fused as fused
 
+    calls = []
+
     def refuse(*args):
+        calls.append(args)
         raise BackendError("triton backend: cannot differentiate this")
 
     monkeypatch.setattr(fused, "derivatives", refuse)
@@ -200,9 +204,29 @@ def test_a_forward_never_fails_on_its_derivative(monkeypatch, interpret):
     kernel = TritonBackend().compile(lower(spec), None, CPU)
     q, k, v, ins = random_inputs(spec, 1, 16, 16, "float32", seed=0, library="torch")
     assert kernel(q, k, v, **ins).shape == (*q.shape[:3], v.shape[3])
+    assert not calls and "def _bwd_dq(" not in kernel.forward_source
     q.requires_grad_(True)
-    with pytest.raises(NotImplementedError, match="cannot differentiate this"):
+    with pytest.raises(BackendError, match=r"no backward for the spec 't' \(its forward "
+                                           r"runs\): triton backend: cannot differentiate this"):
         kernel(q, k, v, **ins).sum().backward()
+    assert "def _bwd_dq(" not in kernel.source and "cannot differentiate this" in kernel.source
+
+
+def test_the_backward_is_generated_on_first_use(interpret):
+    """The forward module has no backward kernels; the first backward call generates the whole
+    module (``kernel.source``), loads its dq and dk/dv kernels, and the gradients are right."""
+    spec = _spec(score_mod="score - 0.1 * (q_idx - kv_idx)")
+    kernel = TritonBackend().compile(lower(spec), None, CPU)
+    assert "def _fwd(" in kernel.forward_source and "_bwd_dq" not in kernel.forward_source
+    assert kernel._source is None and "bwd_dq" not in kernel.program.kernels
+    q, k, v, ins = random_inputs(spec, 1, 20, 20, "float64", seed=0, library="torch")
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    kernel(*leaves, **ins).sum().backward()
+    assert "def _bwd_dq(" in kernel.source and "bwd_dq" in kernel.program.kernels
+    ref = [x.clone().requires_grad_() for x in (q, k, v)]
+    attend(spec, *ref, ins).sum().backward()
+    for got, want in zip(leaves, ref, strict=True):
+        torch.testing.assert_close(got.grad, want.grad)
 
 
 @pytest.mark.parametrize("name", ["sliding_window.yaml", "document_mask.yaml", "bigbird.yaml"])

@@ -27,8 +27,20 @@ SPECS = ["alibi", "document_mask", "topk", "linear_elu", "performer", "nystrom",
          "bigbird"]
 
 
+#: bounded reductions: a contraction (tl.dot of two tiles) and a general body (a third axis),
+#: with the gradients of the inputs they read
+REDUCTIONS = {
+    "rope_dot": {"attncc": 1, "head_dim": 16, "score_mod": "score + tanh(dot(qr[b, h, q_idx], "
+                 "kr[b, h, kv_idx]))", "mask": "kv_idx <= q_idx",
+                 "inputs": {"qr": {"shape": ["batch", "heads", "seq_q", 24]},
+                            "kr": {"shape": ["batch", "heads", "seq_k", 24]}}},
+    "distance_sum": {"attncc": 1, "score_mod": "score - sum(w[h, d] * exp(-abs(q_idx - kv_idx) "
+                     "/ 2 ** d) for d in range(4))", "inputs": {"w": {"shape": ["heads", 4]}}},
+}
+
+
 def _source(name: str) -> str:
-    spec = load_spec(next(examples_dir().glob(f"{name}.*")))
+    spec = load_spec(REDUCTIONS.get(name) or next(examples_dir().glob(f"{name}.*")))
     node = attention_node(lower(spec))[1]
     config = ({"chunk": 16, "num_warps": 4, "num_stages": 1} if spec.normalize == "linear"
               else {"block_m": 16, "block_n": 16, "num_warps": 4, "num_stages": 1})
@@ -37,7 +49,7 @@ def _source(name: str) -> str:
 
 def test_ruff_passes_on_the_generated_modules(tmp_path):
     files = []
-    for name in SPECS:
+    for name in [*SPECS, *REDUCTIONS]:
         path = tmp_path / f"{name}.py"
         path.write_text(_source(name), encoding="utf-8")
         files.append(str(path))
@@ -50,3 +62,9 @@ def test_ruff_passes_on_the_generated_modules(tmp_path):
 def test_subtraction_and_negation_print_as_such():
     source = _source("alibi")
     assert "(q_idx - kv_idx)" in source and "(-1)" not in source
+
+
+def test_a_contraction_prints_as_one_tl_dot():
+    source = _source("rope_dot")
+    assert "tl.dot(ra0, tl.trans(rb0)" in source and "tl.arange(0, 32)" in source
+    assert "qr_grad" in source and "kr_grad" in source
