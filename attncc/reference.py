@@ -19,7 +19,7 @@ import numpy as np
 from attncc.bind import Bound, bind, shared_kv
 from attncc.errors import InputError
 from attncc.spec.load import load_spec
-from attncc.spec.numeric import evaluate
+from attncc.spec.numeric import evaluate, logistic
 
 __all__ = ["attend", "attention_map", "attention_stats", "kept_pairs", "reference",
            "spec_kind"]
@@ -152,8 +152,7 @@ def _weights(spec, bound: Bound, q, k, v, xp) -> _Weights:
         keep = xp.logical_and(keep, scores >= _kth_largest(scores, keep, spec.topk, xp))
     row_max = xp.max(xp.where(keep, scores, xp.full_like(scores, -math.inf)), axis=-1)
     if spec.normalize == "sigmoid":
-        # sigmoid(s) = exp(-log(1 + exp(-s))): finite with a finite gradient for any s
-        sig = xp.exp(-xp.logaddexp(xp.zeros_like(scores), -scores))
+        sig = logistic(scores, xp)
         return _Weights(xp.where(keep, sig, xp.zeros_like(scores)), v, None, row_max)
     weights, lse = _softmax(scores, keep, xp)
     return _Weights(weights, v, lse, row_max)

@@ -29,7 +29,6 @@ the evaluator computes them as written, even where their difference cancels.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +42,7 @@ from attncc.analysis.interval_math import (
     NEVER,
     _big,
     _cleared,
+    _erf_bounds,
     _floats,
     _infinite,
     _int_sum_state,
@@ -52,12 +52,12 @@ from attncc.analysis.interval_math import (
     _nan_where,
     _power,
     _scale,
-    _sigmoid,
     _sum,
     _times,
     _tri,
     _widen,
 )
+from attncc.spec.numeric import logistic
 from attncc.spec.symbols import (
     BIT_OPS,
     BitAnd,
@@ -73,8 +73,8 @@ __all__ = ["ALWAYS", "INT_LIMIT", "MAYBE", "NEVER", "Classified", "classify", "c
            "interval"]
 
 
-_MONOTONE = {sympy.exp: np.exp, sympy.tanh: np.tanh, sympy.erf: np.vectorize(math.erf),
-             sympy.sign: np.sign}
+_MONOTONE = {sympy.exp: np.exp, sympy.tanh: np.tanh, sympy.sign: np.sign,
+             sigmoid: lambda x: logistic(x, np)}
 
 
 
@@ -307,10 +307,12 @@ class _Intervals:
                     np.maximum(np.abs(lo), np.abs(hi)))
         if isinstance(e, sympy.Piecewise):
             return self.piecewise(e)
-        if type(e) in _MONOTONE or isinstance(e, sigmoid):
+        if type(e) in _MONOTONE:
             lo, hi = self.num(e.args[0])
-            fn = _sigmoid if isinstance(e, sigmoid) else _MONOTONE[type(e)]
+            fn = _MONOTONE[type(e)]
             return fn(np.asarray(lo, dtype=np.float64)), fn(np.asarray(hi, dtype=np.float64))
+        if isinstance(e, sympy.erf):
+            return _erf_bounds(*self.num(e.args[0]))
         if isinstance(e, sympy.Sum):  # the sum of N terms, each within the body's bounds
             (axis, lo, hi) = e.limits[0]
             count = int(hi) - int(lo) + 1

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import array_api_compat
 
 from attncc.bind import namespace
+from attncc.spec.numeric import logistic
 
 __all__ = ["STATE_TEXT", "TOPK_TEXT", "Rows", "SigmoidState", "SoftmaxState", "TopkThreshold",
            "fold", "sigmoid"]
@@ -224,8 +225,7 @@ def sigmoid(xp):
         import torch
 
         return torch.sigmoid
-    # exp(-log(1 + exp(-s))): finite, with a finite gradient, for any s (as the reference)
-    return lambda s: xp.exp(-xp.logaddexp(0.0, -s))
+    return lambda s: logistic(s, xp)
 
 
 def _largest(xp):

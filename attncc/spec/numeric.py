@@ -54,6 +54,13 @@ _SCALAR_UNARY = {"exp": math.exp, "log": math.log, "tanh": math.tanh, "abs": abs
                  "sigmoid": lambda x: 1.0 / (1.0 + math.exp(-x)) if x > -700 else 0.0}
 
 
+def logistic(x, xp):
+    """``sigmoid(x) = 1 / (1 + exp(-x))`` of an array of namespace ``xp``, as
+    ``exp(-log(1 + exp(-x)))``: finite, with a finite gradient, for any x. The one array recipe
+    (spec functions, the reference's and the lowering's sigmoid weights)."""
+    return xp.exp(-xp.logaddexp(0.0, -x))
+
+
 def evaluate(expr: sympy.Basic, env: dict, xp):
     """Value of ``expr`` with symbols and inputs taken from ``env`` (name -> scalar or array).
 
@@ -160,7 +167,7 @@ class _Evaluator:
             except ValueError:
                 return math.nan
         if name == "sigmoid":
-            return xp.exp(-xp.logaddexp(xp.zeros_like(arg), -arg))
+            return logistic(arg, xp)
         if name in ("floor", "ceil", "round") and not xp.isdtype(arg.dtype, "real floating"):
             return arg
         if name == "erf":

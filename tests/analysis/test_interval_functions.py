@@ -77,3 +77,19 @@ def test_a_score_mods_minus_inf_condition_becomes_the_mask():
     plan = build_plan(spec, {"batch": 1, "heads": 1, "seq_q": 64, "seq_k": 64, "head_dim": 8,
                              "value_dim": 8, "kv_heads": 1}, 16, 16)
     assert (np.asarray(plan.states) == EMPTY).sum() == 6
+
+
+def test_erf_bounds_enclose_erf_tightly_at_every_end():
+    # the vectorised erf rule: sound at each end (math.erf inside), within 1e-6 wide, inside [-1, 1]
+    import math
+
+    import sympy
+
+    from attncc.analysis.intervals import interval
+
+    x = sympy.Symbol("x")
+    ends = np.concatenate([np.linspace(-7.0, 7.0, 20001), [0.0, -np.inf, np.inf]])
+    lo, hi = interval(sympy.erf(x), {"x": (ends, ends)})
+    exact = np.array([math.erf(e) for e in ends])
+    assert np.all(lo <= exact) and np.all(hi >= exact) and np.all(hi - lo <= 1.01e-6)
+    assert lo.min() >= -1.0 and hi.max() <= 1.0
