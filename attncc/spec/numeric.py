@@ -76,10 +76,15 @@ def _is_scalar(x) -> bool:
 
 
 class _Evaluator:
-    def __init__(self, env: dict, xp):
+    """``exact``: the evaluator of input indices, whose float arithmetic is float64 on every
+    namespace (integer arrays meeting floats are promoted to float64, not torch's float32)."""
+
+    def __init__(self, env: dict, xp, exact: bool = False):
         self.env = env
         self.xp = xp
+        self.exact = exact
         self.memo: dict[sympy.Basic, object] = {}
+        self.twin = None
 
     def value(self, expr):
         if expr not in self.memo:
@@ -104,11 +109,12 @@ class _Evaluator:
             except KeyError:
                 raise InputError(f"no value for '{e.name}'") from None
         if isinstance(e, sympy.Add):
-            return functools.reduce(operator.add, map(self.value, e.args))
+            return self.reduce(operator.add, operator.add, [self.value(a) for a in e.args],
+                               arith=True)
         if isinstance(e, sympy.Mul):
             values = [self.value(a) for a in e.args]
             self.no_overflow(e, values)
-            return functools.reduce(operator.mul, values)
+            return self.reduce(operator.mul, operator.mul, values, arith=True)
         if isinstance(e, sympy.Pow):
             return self.power(e)
         if isinstance(e, (sympy.floor, sympy.ceiling)) and _is_ratio(e.args[0]):
@@ -152,7 +158,7 @@ class _Evaluator:
         device = _device(arrays[0]) if arrays else None
         d = xp.reshape(xp.arange(int(lo), int(hi) + 1, dtype=xp.int64, device=device),
                        (count,) + (1,) * ndim)
-        value = _Evaluator({**self.env, axis.name: d}, xp).value(e.function)
+        value = _Evaluator({**self.env, axis.name: d}, xp, self.exact).value(e.function)
         if _is_scalar(value) or len(value.shape) <= ndim:  # the body does not read d
             return value * count
         return xp.sum(value, axis=0)
@@ -174,7 +180,7 @@ class _Evaluator:
             return _erf(_to_float(arg, xp))
         if name == "sign":
             return xp.sign(_to_float(arg, xp))
-        if name in ("sin", "cos", "tan", "log2"):
+        if name in ("sin", "cos", "tan", "log2") or (self.exact and name != "abs"):
             arg = _to_float(arg, xp)
         return getattr(xp, name)(arg)
 
@@ -209,11 +215,21 @@ class _Evaluator:
             raise InputError(f"integer arithmetic in '{e}' reaches about {bound:.3g} at these "
                              f"sizes, past what 64-bit integers hold exactly")
 
-    def reduce(self, array_fn, scalar_fn, values):
-        """``values`` folded pairwise: ``scalar_fn`` on two Python scalars, else ``array_fn``."""
+    def reduce(self, array_fn, scalar_fn, values, arith: bool = False):
+        """``values`` folded pairwise: ``scalar_fn`` on two Python scalars, else ``array_fn``;
+        ``arith`` (``+``, ``*``): Python scalars meet arrays as they are, but in an index
+        (``exact``) an integer array meeting a Python float becomes float64 first (torch would
+        compute in its float32 default, and T5's ``floor(log(...))`` buckets would round
+        differently from the float64 reference)."""
         def pair(a, b):
             if _is_scalar(a) and _is_scalar(b):
                 return scalar_fn(a, b)
+            if arith:
+                if self.exact and isinstance(a, float):
+                    return array_fn(a, _to_float(b, self.xp))
+                if self.exact and isinstance(b, float):
+                    return array_fn(_to_float(a, self.xp), b)
+                return array_fn(a, b)
             return array_fn(*self.as_arrays(a, b))
 
         return functools.reduce(pair, values)
@@ -245,8 +261,11 @@ class _Evaluator:
         except KeyError:
             raise InputError(f"missing input '{name}'") from None
         indices = []
+        if self.twin is None:  # the index evaluator, one per evaluation
+            self.twin = self if self.exact else _Evaluator(self.env, self.xp, exact=True)
+        exact = self.twin
         for axis, index in enumerate(e.indices):
-            value = self.value(index)
+            value = exact.value(index)
             size = table.shape[axis]
             if _is_scalar(value):
                 value = math.floor(value)
