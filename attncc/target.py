@@ -41,8 +41,9 @@ class Target:
     ``kind`` is ``cpu`` or ``cuda``. ``cores`` is the CPU's logical core count (None for CUDA).
     ``isa`` holds CPU ISA flags, sorted; the CUDA fields are None on a CPU target.
     ``shared_memory_per_block`` is the most shared memory one block can opt in to, in bytes, and
-    ``registers_per_block`` the register file one block may use (both as Triton's driver reports
-    them; without Triton, torch's per-block shared memory and no register count). ``versions`` is a
+    ``registers_per_block`` the register file one block may use (both from torch's CUDA device
+    properties; a torch too old to report the opt-in limit or the register file gives the
+    default per-block shared memory and no register count). ``versions`` is a
     sorted tuple of ``(package, version)`` pairs.
     """
 
@@ -252,26 +253,16 @@ def _detect_cuda(index: int) -> Target:
         raise BackendError(f"target cuda:{index}: only {torch.cuda.device_count()} CUDA "
                            "device(s) visible")
     props = torch.cuda.get_device_properties(index)
-    limits = _triton_limits(index)
-    smem = (limits.get("max_shared_mem")
-            or getattr(props, "shared_memory_per_block_optin", None)
+    # the opt-in shared memory is the CUDA attribute Triton's driver reports as max_shared_mem;
+    # one block may use the whole register file of an SM on every arch since sm_50 (64K)
+    smem = (getattr(props, "shared_memory_per_block_optin", None)
             or getattr(props, "shared_memory_per_block", None))
     return Target(kind="cuda", device=props.name, cores=None, arch="cuda",
                   compute_capability=(int(props.major), int(props.minor)),
                   shared_memory_per_block=_opt_int(smem),
                   sm_count=int(props.multi_processor_count),
-                  registers_per_block=_opt_int(limits.get("max_num_regs")),
+                  registers_per_block=_opt_int(getattr(props, "regs_per_multiprocessor", None)),
                   versions=_versions())
-
-
-def _triton_limits(index: int) -> dict:
-    """Triton's view of CUDA device ``index`` (max_shared_mem, max_num_regs...); {} without it."""
-    try:
-        from triton.runtime import driver
-
-        return dict(driver.active.utils.get_device_properties(index))
-    except Exception:  # triton absent, or unable to query: fall back to torch
-        return {}
 
 
 def _versions() -> tuple[tuple[str, str], ...]:

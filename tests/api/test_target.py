@@ -156,26 +156,26 @@ def test_unknown_or_missing_devices_are_user_errors():
             Target.detect("cuda")
 
 
-def test_cuda_fields_map_from_torch_and_triton(monkeypatch):
-    """The CUDA layer from (mocked) torch device properties and Triton driver limits."""
+def test_cuda_fields_map_from_torch_device_properties(monkeypatch):
+    """The CUDA layer from (mocked) torch device properties (the opt-in shared memory and the
+    register file, as Triton's driver reports them), and from an older torch without them."""
     from types import SimpleNamespace
 
-    import attncc.target as target_module
 
     torch = pytest.importorskip("torch")
-    props = SimpleNamespace(name="NVIDIA H200", major=9, minor=0, multi_processor_count=132,
-                            shared_memory_per_block=49152)
+    old = SimpleNamespace(name="NVIDIA H200", major=9, minor=0, multi_processor_count=132,
+                          shared_memory_per_block=49152)
+    props = SimpleNamespace(**vars(old), shared_memory_per_block_optin=232448,
+                            regs_per_multiprocessor=65536)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
-    monkeypatch.setattr(target_module, "_triton_limits",
-                        lambda index: {"max_shared_mem": 232448, "max_num_regs": 65536})
     found = Target.detect("cuda:0")
     assert found.key(2) == "cuda:NVIDIA H200/sm_90+smem232448+sms132+regs65536"
     assert found.cores is None and found.isa == ()
-    monkeypatch.setattr(target_module, "_triton_limits", lambda index: {})
-    without_triton = Target.detect("cuda")
-    assert without_triton.shared_memory_per_block == 49152
-    assert without_triton.registers_per_block is None
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: old)
+    older_torch = Target.detect("cuda")
+    assert older_torch.shared_memory_per_block == 49152
+    assert older_torch.registers_per_block is None
     with pytest.raises(BackendError, match="only 1 CUDA device"):
         Target.detect("cuda:1")
