@@ -102,7 +102,9 @@ class TorchBackend(Backend):
         if kind == "nystrom":
             return SearchSpace({})
         lowering = node.lowering
-        eligible, whole = lowering.allows("runs"), lowering.allows("sdpa")
+        # flex (a compiled FlexAttention forward) ignores every tile knob, like a whole SDPA call
+        flex = lowering.allows("flex") and not lowering.allows("runs")
+        eligible, whole = lowering.allows("runs") or flex, lowering.allows("sdpa")
         params = {"block_m": BLOCKS, "block_n": BLOCKS, "kv_chunk": (1, 2, 4, 8, 16, 32, 64),
                   "group_blocks": (4, 16, 64, 256), "tile_elems": (TILE_ELEMS,),
                   "use_sdpa": (True, False) if eligible and (whole or not cuda) else (False,)}
@@ -115,7 +117,7 @@ class TorchBackend(Backend):
                 return False
             if whole and not config.get("use_sdpa"):
                 return False
-            if config.get("use_sdpa") and whole:
+            if config.get("use_sdpa") and (whole or flex):
                 return all(config[name] == base[name]
                            for name in ("kv_chunk", "group_blocks", "block_m", "block_n"))
             if config["block_m"] > max(16, padded_q) or config["block_n"] > max(16, padded_k):
@@ -141,6 +143,7 @@ class TorchBackend(Backend):
         runs = node.lowering.allows("runs")
         cpu = getattr(target, "kind", "cpu") == "cpu" if target is not None else True
         block = (32 if cpu and narrow_band(node) else 64) if runs else 128
+        runs = runs or node.lowering.allows("flex")
         return {"block_m": block, "block_n": block, "kv_chunk": 16, "group_blocks": 64,
                 "tile_elems": TILE_ELEMS, "use_sdpa": runs}
 
@@ -156,9 +159,9 @@ class TorchBackend(Backend):
 
 def valid(lowering, config: dict, target) -> bool:
     """Whether ``compile`` can run ``config``: ``use_sdpa`` only where the node's ``lowering``
-    allows the runs path, and a tile within the memory cap. Looser than the tuner's ``keep``
+    allows the runs or flex path, and a tile within the memory cap. Looser than the tuner's ``keep``
     (below): a user may ask for any config that runs, however slow."""
-    if config.get("use_sdpa") and not lowering.allows("runs"):
+    if config.get("use_sdpa") and not (lowering.allows("runs") or lowering.allows("flex")):
         return False
     cap = 1 << 26 if getattr(target, "kind", "cpu") == "cuda" else 1 << 24
     width = config["block_n"] * config["kv_chunk"]
