@@ -61,7 +61,7 @@ def test_sdpa_dispatch_is_said_in_source_and_matches():
 
 
 def test_search_space_keep_filters_invalid_configs():
-    graph = lower(attncc.load_spec("examples/softcap.toml"))
+    graph = lower(attncc.load_spec("examples/sigmoid.yaml"))  # no fused path serves it
     space = BACKEND.search_space(graph, None)
     assert set(space.params) == {"block_m", "block_n", "kv_chunk", "group_blocks",
                                  "tile_elems", "use_sdpa"}
@@ -74,11 +74,17 @@ def test_search_space_keep_filters_invalid_configs():
     linear = BACKEND.search_space(lower(attncc.load_spec("examples/linear_elu.yaml")), None)
     assert set(linear.params) == {"chunk"}
     with pytest.raises(BackendError, match="unknown tunable 'bogus'"):
-        compile_spec("examples/softcap.toml", bogus=3)
+        compile_spec("examples/sigmoid.yaml", bogus=3)
     with pytest.raises(BackendError, match="use_sdpa=True is not a value backend 'torch' offers"):
-        compile_spec("examples/softcap.toml", use_sdpa=True)
+        compile_spec("examples/sigmoid.yaml", use_sdpa=True)
     with pytest.raises(BackendError, match=r"cannot run for float32 on this target \(use_sdpa"):
-        compile_spec("examples/softcap.toml", block_m=256, block_n=256, kv_chunk=64)
+        compile_spec("examples/sigmoid.yaml", block_m=256, block_n=256, kv_chunk=64)
+    # soft-capping: the flex path (use_sdpa) ignores the tile knobs, which stay at the defaults
+    graph = lower(attncc.load_spec("examples/softcap.toml"))
+    space, default = BACKEND.search_space(graph, None), BACKEND.default_config(graph, None)
+    assert space.params["use_sdpa"] == (True, False) and default["use_sdpa"]
+    assert space.keep(default) and space.keep({**default, "use_sdpa": False})
+    assert not space.keep({**default, "block_m": 64})
 
 
 def _space(spec, seq):
