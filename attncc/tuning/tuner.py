@@ -99,6 +99,7 @@ class Problem:
         if not self.valid:
             raise BackendError(f"backend '{backend.name}' has no valid config for '{spec.name}' "
                                f"at seq_q={seq_q}, seq_k={seq_k} (keep() rejects all of them)")
+        self.default = _baseline(self.space, self.base, self.valid)
         self.timer = timer or self._wall_clock
         self._args = None
 
@@ -188,8 +189,8 @@ def search(problem: Problem, db, *, trials: int, workers: int, storage: str | No
         _spawn(job, workers, study, bar)
     if bar is not None:
         bar.close()
-    record = _choose(study, problem)
-    record = store.put(record).with_(note=_summary(study, problem, record))
+    record, baseline = _choose(study, problem)
+    record = store.put(record).with_(note=_summary(study, problem, record, baseline))
     if plot_dir is not None:
         studies.plot(study, plot_dir)
     return record
@@ -272,7 +273,7 @@ def _warm_start(study: optuna.Study, problem: Problem, store: Store) -> None:
                                        backend=key.backend_name) if r.key != key]
     others.sort(key=lambda r: (r.key.bucket != key.bucket, r.median_s))
     seen = set()
-    hints = [tunables(problem.space, problem.base), *problem.hints]
+    hints = [problem.default, *problem.hints]
     for config in hints + [r.config for r in others]:
         config = tunables(problem.space, config)
         if len(seen) > WARM or signature(config) in seen:
@@ -283,42 +284,78 @@ def _warm_start(study: optuna.Study, problem: Problem, store: Store) -> None:
                                 skip_if_exists=True)
 
 
-def _choose(study: optuna.Study, problem: Problem) -> Record:
-    """Re-measure the best few distinct configs; the Record of the fastest."""
+def _baseline(space, base: dict, valid: list[dict]) -> dict:
+    """The tunables of the default config as this shape admits them: the default itself where
+    ``keep()`` takes it, else the valid config nearest to it (numbers compared in log2, so a
+    decoding bucket's ``block_m`` 64 is clamped to the largest the bucket admits; other values
+    kept where a valid config keeps them)."""
+    default = tunables(space, base)
+    if fits(space, base, default):
+        return default
+
+    def distance(config: dict) -> float:
+        def one(a, b):
+            if all(isinstance(x, int | float) and not isinstance(x, bool) and x > 0
+                   for x in (a, b)):
+                return abs(math.log2(a) - math.log2(b))
+            return 0.0 if a == b else 1e3
+
+        return sum(one(value, default.get(name)) for name, value in config.items())
+
+    return min(valid, key=distance)
+
+
+def _choose(study: optuna.Study, problem: Problem) -> tuple[Record, Timing | None]:
+    """The Record of the fastest config, and the default's re-measured timing (None where it
+    failed).
+
+    A tuning record must never make a kernel slower than the default (``problem.default``):
+    where the study measured the default at least as fast as every other config, the default is
+    stored; else the best few distinct configs and the default are re-measured and the fastest
+    is stored, so the default is the record or slower than it, never faster.
+    """
     trials = study.get_trials(deepcopy=False)
     done = studies.finished(trials)
     if not done:
         errors = [t.user_attrs["error"] for t in trials if "error" in t.user_attrs]
         raise BackendError(f"tune '{problem.spec.name}' on '{problem.backend.name}': no config "
                            f"ran; first error: {errors[0] if errors else 'none measured'}")
-    best = None
-    for trial in done[:TOP]:
-        config = {**problem.base, **decode(problem.space, trial.params)}
+    default = signature(problem.default)
+    configs = [decode(problem.space, t.params) for t in done]
+    studied = [t.value for t, c in zip(done, configs, strict=True) if signature(c) == default]
+    others = [c for c in configs if signature(c) != default][:TOP]
+    if studied and studied[0] <= done[0].value:
+        others = []  # the study saw no config faster than the default: it is the record
+    timed, baseline = [], None
+    for tunable in [problem.default, *others]:
+        config = {**problem.base, **tunable}
         try:
-            timing = problem.run(config, repeat=11)
+            timed.append((config, problem.run(config, repeat=11)))
         except Exception:  # noqa: S112 - it ran once; a flaky config just loses
             continue
-        if best is None or timing.median_s < best[1].median_s:
-            best = (config, timing)
-    if best is None:
+        baseline = timed[0][1] if tunable is problem.default else baseline
+    if not timed:
         raise BackendError(f"tune '{problem.spec.name}': every top config failed when "
                            "re-measured")
-    config, timing = best
-    return Record(problem.key, problem.spec.name, config, timing.median_s, timing.spread_s,
-                  len(studies.measured(trials)), problem.target.to_dict(),
-                  tuned_versions(problem.target, problem.backend), study=study.study_name)
+    config, timing = min(timed, key=lambda found: found[1].median_s)  # the default on a tie
+    record = Record(problem.key, problem.spec.name, config, timing.median_s, timing.spread_s,
+                    len(studies.measured(trials)), problem.target.to_dict(),
+                    tuned_versions(problem.target, problem.backend), study=study.study_name)
+    return record, baseline
 
 
-def _summary(study: optuna.Study, problem: Problem, record: Record) -> str:
-    """The closing line: the winner against the default config (its time in the study), how
-    much of the space was measured, and the configs whose output was wrong."""
+def _summary(study: optuna.Study, problem: Problem, record: Record,
+             baseline: Timing | None) -> str:
+    """The closing line: the winner against the default config (both re-measured; the default
+    clamped to the shape where ``keep()`` rejects it as is), how much of the space was
+    measured, and the configs whose output was wrong."""
     trials = study.get_trials(deepcopy=False)
-    base = signature(tunables(problem.space, problem.base))
-    default = [t.value for t in studies.finished(trials)
-               if signature(decode(problem.space, t.params)) == base]
-    speed = (f"{default[0] / record.median_s:.2f}x the default config's speed "
-             f"({record.median_s * 1e3:.4g} ms vs {default[0] * 1e3:.4g} ms)"
-             if default and record.median_s > 0 else "the default config did not run")
+    clamped = ", ".join(f"{n}={v}" for n, v in problem.default.items()
+                        if problem.base.get(n) != v)
+    name = "the default config" + (f" (clamped to this shape: {clamped})" if clamped else "")
+    speed = (f"{baseline.median_s / record.median_s:.2f}x {name}'s speed "
+             f"({record.median_s * 1e3:.4g} ms vs {baseline.median_s * 1e3:.4g} ms)"
+             if baseline is not None and record.median_s > 0 else f"{name} did not run")
     measured = len(studies.measured(trials))
     share = f"measured {measured} of {len(problem.valid)} configs " \
             f"({100 * measured / len(problem.valid):.0f}% of the space)"

@@ -99,10 +99,46 @@ def test_tune_bookkeeping_prunes_invalid_scores_failures_inf_and_remeasures(tmp_
     assert decode(space, trials[0].params) == {"block_m": 64, "block_n": 64}  # default first
     assert record.config == {"block_m": 32, "block_n": 32, "fixed": "kept"}
     assert record.median_s == pytest.approx(1e-3)
-    # 10 configs timed (16x16 failed to compile), then the best three re-measured, best first.
-    assert len(timer.timed) == 13
+    # 10 configs timed (16x16 failed to compile), then the default and the best three others
+    # re-measured, best first.
+    assert len(timer.timed) == 14
     assert (timer.timed[-3]["block_m"], timer.timed[-3]["block_n"]) == (32, 32)
     assert Store(tmp_path / "t.db").get(record.key) == record
+
+
+def phase_timer(study_ms: dict, remeasured_ms: dict):
+    """Milliseconds by (block_m, block_n) in the study (repeat 7) and when re-measured (11);
+    1 ms for any config not listed."""
+    def timer(kernel, args, repeat):
+        table = study_ms if repeat != 11 else remeasured_ms
+        ms = table.get((kernel.config["block_m"], kernel.config["block_n"]), 1.0)
+        return Timing(ms * 1e-3, 0.0, (ms * 1e-3,))
+
+    return timer
+
+
+@pytest.mark.parametrize(("study_ms", "remeasured_ms"), [
+    ({(32, 32): 1.0}, {(32, 32): 0.5}),  # the study saw nothing faster than the default
+    ({(32, 32): 0.5}, {(32, 32): 2.0}),  # faster in the study, slower when re-measured
+])
+def test_a_record_is_never_slower_than_the_default(tmp_path, study_ms, remeasured_ms):
+    record, _, _ = run(tmp_path, trials=11, timer=phase_timer(study_ms, remeasured_ms))
+    assert record.config == {"block_m": 64, "block_n": 64, "fixed": "kept"}  # the default
+    assert record.note.startswith("1.00x the default config's speed (1 ms vs 1 ms)")
+
+
+def test_the_default_is_clamped_to_a_shape_that_rejects_it(tmp_path):
+    class Decoding(FakeBackend):  # as a decoding bucket: no query block above 16
+        def search_space(self, graph, target):
+            return SearchSpace({"block_m": (16, 32, 64, 128), "block_n": (16, 32, 64)},
+                               lambda c: c["block_m"] <= 16 and c["block_n"] != 16)
+
+    timer = phase_timer({(16, 64): 2.0}, {(16, 64): 2.0})  # the clamped default: 2 ms
+    record = tune(DENSE, Decoding(), seq=64, trials=2, db=tmp_path / "t.db", progress=False,
+                  timer=timer, seed=0)
+    clamped = "the default config (clamped to this shape: block_m=16)"
+    assert record.note.startswith(f"2.00x {clamped}'s speed (1 ms vs 2 ms)"), record.note
+    assert record.config == {"block_m": 16, "block_n": 32, "fixed": "kept"}
 
 
 def test_db_hit_runs_no_measurement_and_retune_warm_starts(tmp_path):
