@@ -19,9 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from attncc.bind import namespace
+from attncc.spec.numeric import evaluate
 
-__all__ = ["SCORE_TEXT", "Layout", "Slice", "merge_heads", "plan_slices", "raw_scores",
-           "shared_kv", "split_heads"]
+__all__ = ["SCORE_TEXT", "Layout", "Slice", "block_scores", "merge_heads", "plan_slices",
+           "raw_scores", "shared_kv", "split_heads"]
 
 #: score kind -> the pseudo-code of ``raw_scores`` (``kernel.source``; fill in scale, q, k)
 SCORE_TEXT = {"dot": "({scale} * {q}) @ {k}.T",
@@ -53,6 +54,27 @@ def raw_scores(q, k, scale, w=None):
         return (q * scale) @ k.mT
     xp = namespace(q)
     return xp.sum(xp.tanh(q[..., :, None, :] + k[..., None, :, :]) * w, axis=-1)
+
+
+def block_scores(node, q, k, scale, w, blocks, block_n: int, env, xp=None):
+    """``(start, stop, s, keep)`` per key block ``(n, full)`` of ``blocks``: the scores of ``q``
+    against keys ``start:stop`` of ``k`` after score_mod (a fresh array unless there is one)
+    and, on a PARTIAL block, the mask (None on a FULL one). ``env(start, stop)``: the tile's
+    index environment (``Layout``), asked for only where score_mod or mask reads it; ``xp``:
+    the namespace to evaluate in (default ``q``'s; NumPy passes ``numpy``, faster)."""
+    xp = xp or namespace(q)
+    for n, full in blocks:
+        start, stop = n * block_n, min((n + 1) * block_n, k.shape[-2])
+        s = raw_scores(q, k[..., start:stop, :], scale, w)
+        tile_env = env(start, stop) if node.score_mod is not None or not full else None
+        if node.score_mod is not None:
+            value = evaluate(node.score_mod, {**tile_env, "score": s}, xp)
+            s = (xp.full_like(s, value) if isinstance(value, int | float)  # a constant
+                 else xp.broadcast_to(xp.asarray(value, dtype=s.dtype), s.shape))
+        keep = None
+        if not full:
+            keep = xp.broadcast_to(xp.asarray(evaluate(node.mask.expr, tile_env, xp)), s.shape)
+        yield start, stop, s, keep
 
 
 @dataclass(frozen=True)

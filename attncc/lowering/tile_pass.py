@@ -17,11 +17,10 @@ import array_api_compat
 import numpy as np
 
 from attncc.bind import namespace
-from attncc.lowering.env import Layout, raw_scores
+from attncc.lowering.env import Layout, block_scores, raw_scores
 from attncc.lowering.features import feature_map
 from attncc.lowering.requests import node_kind
 from attncc.lowering.states import TopkThreshold, sigmoid
-from attncc.spec.numeric import evaluate
 
 __all__ = ["BLOCK_M", "BLOCK_N", "TilePass"]
 
@@ -103,30 +102,31 @@ class TilePass:
         w = None if self.w is None else self.w[:, s]
         if self.mem is not None:
             yield slice(0, self.memory), raw_scores(q, self.mem[:, s], self.call.scale, w), None
-        k, n_keys = self.k[b, s], self.k.shape[-2]
+        k, blocks = self.k[b, s], self._key_blocks(part, rows)
         q_idx = _LAYOUT.place("q_idx", self.asarray(rows))
-        fixed = None
-        for n, is_full in self._key_blocks(part, rows):
-            start, stop = n * BLOCK_N, min((n + 1) * BLOCK_N, n_keys)
-            kv_idx = _LAYOUT.place("kv_idx", xp.arange(start, stop, device=self.device))
-            if self.kind == "linear":
+
+        def kv_idx(start: int, stop: int):
+            return _LAYOUT.place("kv_idx", xp.arange(start, stop, device=self.device))
+
+        if self.kind == "linear":  # feature products; the causal mask on PARTIAL blocks
+            for n, is_full in blocks:
+                start, stop = n * BLOCK_N, min((n + 1) * BLOCK_N, k.shape[-2])
                 sc = q @ k[..., start:stop, :].mT
                 yield (slice(self.memory + start, self.memory + stop), sc,
-                       None if is_full else xp.broadcast_to(kv_idx <= q_idx, sc.shape))
-                continue
-            sc = raw_scores(q, k[..., start:stop, :], self.call.scale, w)
-            if fixed is None and (node.score_mod is not None or not is_full):
+                       None if is_full else xp.broadcast_to(kv_idx(start, stop) <= q_idx,
+                                                            sc.shape))
+            return
+        fixed = {}
+
+        def env(start: int, stop: int) -> dict:
+            if not fixed:  # built on the first tile that reads it
                 batch = xp.arange(self.q.shape[0], device=self.device)[b]
-                fixed = _LAYOUT.fixed(self.call.sizes, self.call.inputs, batch,
-                                      self.asarray(self.heads[s]))
-            if node.score_mod is not None:
-                value = evaluate(node.score_mod, {**fixed, "q_idx": q_idx, "kv_idx": kv_idx,
-                                                  "score": sc}, xp)
-                sc = _full(xp, value, sc)
-            keep = None
-            if not is_full:
-                env = {**fixed, "q_idx": q_idx, "kv_idx": kv_idx}
-                keep = xp.broadcast_to(xp.asarray(evaluate(node.mask.expr, env, xp)), sc.shape)
+                fixed.update(_LAYOUT.fixed(self.call.sizes, self.call.inputs, batch,
+                                           self.asarray(self.heads[s])))
+            return {**fixed, "q_idx": q_idx, "kv_idx": kv_idx(start, stop)}
+
+        for start, stop, sc, keep in block_scores(node, q, k, self.call.scale, w, blocks,
+                                                  BLOCK_N, env):
             yield slice(self.memory + start, self.memory + stop), sc, keep
 
     def weights(self, part, rows: np.ndarray, norm):
@@ -188,10 +188,3 @@ class TilePass:
                 mass > 0, mass, 1.0)
         return {n: acc[n] for n in names if n in acc and n != "lse"}
 
-
-def _full(xp, value, like):
-    """A score_mod's value broadcast to the tile ``like`` in its dtype."""
-    if isinstance(value, (int, float)):
-        return xp.full(like.shape, float(value), dtype=like.dtype,
-                       device=array_api_compat.device(like))
-    return xp.broadcast_to(xp.astype(xp.asarray(value), like.dtype), like.shape)

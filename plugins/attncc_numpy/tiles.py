@@ -25,9 +25,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from attncc.lowering.env import Layout, plan_slices, raw_scores, shared_kv, split_heads
+from attncc.lowering.env import (
+    Layout,
+    block_scores,
+    plan_slices,
+    raw_scores,
+    shared_kv,
+    split_heads,
+)
 from attncc.lowering.states import fold
-from attncc.spec.numeric import evaluate
 
 LAYOUT = Layout(5, b=(0,), h=(1, 2), q_idx=(3,), kv_idx=(4,))
 
@@ -80,32 +86,24 @@ class TileScorer:
         return Slice(LAYOUT.fixed(self.sizes, self.inputs, bs, h), q5[b, kv, g], k5[b, kv],
                      v5[b, kv], w, mem)
 
-    def raw(self, sl: Slice, q_tile, k_tile):
-        """Scores before score_mod, a fresh array."""
-        return raw_scores(q_tile, k_tile, self.scale, sl.w)
-
     def tiles(self, sl: Slice, rows: slice, full, partial):
         """``(scores, keep or None, values, owned)`` of the tiles of query rows ``rows``: the
-        memory tile first, then the FULL key blocks (no mask work), then the PARTIAL ones.
-        ``owned``: the scores are a fresh array the state may overwrite."""
+        memory tile first, then the FULL key blocks (no mask work), then the PARTIAL ones
+        (``attncc.lowering.env.block_scores``). ``owned``: the scores are a fresh array the
+        state may overwrite."""
         q_tile = sl.q[..., rows, :]
         if sl.mem is not None:
-            yield self.raw(sl, q_tile, sl.mem[0]), None, sl.mem[1], True
-        node, seq_k, block_n = self.node, sl.k.shape[-2], self.block_n
+            yield raw_scores(q_tile, sl.mem[0], self.scale, sl.w), None, sl.mem[1], True
         q_idx = LAYOUT.place("q_idx", np.arange(rows.start, rows.stop))
-        for n, is_full in [(int(n), True) for n in full] + [(int(n), False) for n in partial]:
-            start, stop = n * block_n, min((n + 1) * block_n, seq_k)
-            s = self.raw(sl, q_tile, sl.k[..., start:stop, :])
-            env = None
-            if node.score_mod is not None or not is_full:
-                env = {**sl.fixed, "q_idx": q_idx, "kv_idx": _kv_positions(start, stop)}
-            if node.score_mod is not None:
-                value = evaluate(node.score_mod, {**env, "score": s}, np)
-                s = np.broadcast_to(np.asarray(value, dtype=self.dtype), s.shape)
-            keep = None
-            if not is_full:
-                keep = np.broadcast_to(np.asarray(evaluate(node.mask.expr, env, np)), s.shape)
-            yield s, keep, sl.v[..., start:stop, :], node.score_mod is None
+
+        def env(start: int, stop: int) -> dict:
+            return {**sl.fixed, "q_idx": q_idx, "kv_idx": _kv_positions(start, stop)}
+
+        blocks = [(int(n), True) for n in full] + [(int(n), False) for n in partial]
+        owned = self.node.score_mod is None
+        for start, stop, s, keep in block_scores(self.node, q_tile, sl.k, self.scale, sl.w,
+                                                 blocks, self.block_n, env, np):
+            yield s, keep, sl.v[..., start:stop, :], owned
 
 
 @functools.lru_cache(maxsize=4096)

@@ -8,11 +8,12 @@ from attncc.backends import registry
 from attncc.errors import BackendError, InputError
 from attncc.ir.build import build
 from attncc.ir.graph import attention_node
+from attncc.lowering import env as lowering_env
 from attncc.lowering.states import SoftmaxState
 from attncc.passes.pipeline import lower
 from attncc.plan import EMPTY, FULL, PARTIAL
 from attncc.testing import random_inputs
-from attncc_numpy import NumpyBackend, tiles
+from attncc_numpy import NumpyBackend
 
 BACKEND = NumpyBackend()
 
@@ -67,13 +68,13 @@ def test_matches_reference_for_any_tiles(block_m, block_n):
 def counting(monkeypatch):
     """Count evaluate() calls made by the tiles (score_mod and mask evaluation)."""
     calls = []
-    real = tiles.evaluate
+    real = lowering_env.evaluate
 
     def wrapped(expr, env, xp):
         calls.append(expr)
         return real(expr, env, xp)
 
-    monkeypatch.setattr(tiles, "evaluate", wrapped)
+    monkeypatch.setattr(lowering_env, "evaluate", wrapped)
     return calls
 
 
@@ -101,13 +102,13 @@ def test_dense_spec_evaluates_nothing(monkeypatch):
 
 def record_tiles(monkeypatch):
     seen = []
-    real = tiles.TileScorer.raw
+    real = lowering_env.raw_scores
 
-    def raw(self, sl, q_tile, k_tile):
+    def raw(q_tile, k_tile, scale, w=None):  # the key blocks' scores (no memory tokens here)
         seen.append((q_tile.shape, k_tile))
-        return real(self, sl, q_tile, k_tile)
+        return real(q_tile, k_tile, scale, w)
 
-    monkeypatch.setattr(tiles.TileScorer, "raw", raw)
+    monkeypatch.setattr(lowering_env, "raw_scores", raw)
     return seen
 
 
