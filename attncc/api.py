@@ -3,14 +3,12 @@ and ``tune`` (search a backend's tile parameters, store the winner)."""
 
 from __future__ import annotations
 
-import warnings
-
 from attncc.backends import registry
 from attncc.backends.base import Backend, Kernel
 from attncc.backends.config import full_config
 from attncc.db.key import Key, Record, bucket_of, upper_bound
-from attncc.db.lookup import find
-from attncc.errors import AttnccError, BackendError, InputError
+from attncc.db.lookup import find_or_warn, open_or_warn
+from attncc.errors import BackendError, InputError
 from attncc.passes.pipeline import lower
 from attncc.spec.load import load_spec
 
@@ -58,7 +56,7 @@ def compile(spec, backend: str = "auto", *, target=None, config: dict | None = N
         kernel.selection = (f"backend {chosen.name} ({why}); config from the config passed in, "
                             "for every shape")
         return kernel
-    store = _open(db)
+    store = open_or_warn(db, stacklevel=2)
     records = {b.name: _lookup(spec, b, seq, seq_k, dtype, target, store) for b in candidates}
     chosen, why = _choose(candidates, records, target)
     kernel = Dispatch(chosen, spec, target, dtype=dtype, db=store, why=why,
@@ -77,18 +75,6 @@ def _tune_here(spec, backend, batch, seq, seq_k, dtype, store, target) -> Record
     """``tune`` for ``compile(tune=True)`` (whose argument hides the function's name there)."""
     return tune(spec, backend, batch=batch, seq=seq, seq_k=seq_k, dtype=dtype, db=store,
                 target=target, progress=False)
-
-
-def _open(db):
-    """The user's database as a Store (None without SQLAlchemy), False (a warning) if it cannot
-    be opened."""
-    from attncc.db.lookup import open_store
-
-    try:
-        return open_store(db)
-    except AttnccError as err:
-        warnings.warn(f"attncc: tuning database not used: {err}", stacklevel=3)
-        return False
 
 
 def attention_map(spec, q, k, v, *, heads=None, rows=None, backend: str = "auto", **inputs):
@@ -147,15 +133,9 @@ def _choose(candidates: list[Backend], records: dict, target) -> tuple[Backend, 
 def _lookup(spec, backend: Backend, seq, seq_k, dtype, target, store):
     """The tuning record of the ``seq`` bucket (any bucket without ``seq``), or None; a database
     that cannot be read only warns."""
-    if store is False:
-        return None
-    sizes = None if seq is None else (seq, seq_k or seq)
-    try:
-        key = Key.of(spec, bucket_of(*sizes) if sizes else "", dtype, backend, target)
-        return find(store, key, target, any_bucket=sizes is None)
-    except AttnccError as err:
-        warnings.warn(f"attncc: tuning database not used: {err}", stacklevel=3)
-        return None
+    bucket = "" if seq is None else bucket_of(seq, seq_k or seq)
+    key = Key.of(spec, bucket, dtype, backend, target)
+    return find_or_warn(store, key, target, 3, any_bucket=seq is None)
 
 
 #: ``effort`` presets: configs to measure and the time budget in seconds (None: no limit).

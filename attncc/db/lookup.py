@@ -66,6 +66,28 @@ def open_store(db) -> Store | None:
     return db if isinstance(db, Store) else Store(db)
 
 
+def open_or_warn(db, stacklevel: int):
+    """``open_store(db)``, or False (a warning) where the database cannot be opened; the warning
+    points ``stacklevel`` frames up from the caller."""
+    try:
+        return open_store(db)
+    except AttnccError as err:
+        warnings.warn(f"attncc: tuning database not used: {err}", stacklevel=stacklevel + 1)
+        return False
+
+
+def find_or_warn(store, key: Key, target, stacklevel: int, *, any_bucket: bool = False):
+    """``find`` in ``store`` (False: none, from ``open_or_warn``), or None (a warning) where the
+    records cannot be read."""
+    if store is False:
+        return None
+    try:
+        return find(store, key, target, any_bucket=any_bucket)
+    except AttnccError as err:
+        warnings.warn(f"attncc: tuning database not used: {err}", stacklevel=stacklevel + 1)
+        return None
+
+
 def _bucket(sizes) -> str | None:
     if sizes is None:
         return None

@@ -236,26 +236,15 @@ class Dispatch(Kernel):
 
     def _open(self):
         if self._store is None:
-            from attncc.db.lookup import open_store
+            from attncc.db.lookup import open_or_warn
 
-            try:
-                self._store = (open_store(self._db),)
-            except AttnccError as err:
-                warnings.warn(f"attncc: tuning database not used: {err}", stacklevel=5)
-                self._store = (False,)
+            self._store = (open_or_warn(self._db, stacklevel=5),)
         return self._store[0]
 
     def _lookup(self, bucket: str, dtype: str) -> Record | None:
-        from attncc.db.lookup import find
+        from attncc.db.lookup import find_or_warn
 
-        store = self._open()
-        if store is False:
-            return None
-        try:
-            return find(store, self._key(bucket, dtype), self._target)
-        except AttnccError as err:
-            warnings.warn(f"attncc: tuning database not used: {err}", stacklevel=5)
-            return None
+        return find_or_warn(self._open(), self._key(bucket, dtype), self._target, 5)
 
     def _verify(self, slot: tuple, hint: Record, call) -> Record:
         from attncc.tuning.verify import against_default
