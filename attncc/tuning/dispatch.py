@@ -84,19 +84,18 @@ class Dispatch(Kernel):
                    " (each bucket is looked up on first sight)"))
 
     def __call__(self, q, k, v, *, return_lse: bool = False, **inputs):
-        try:
-            kernel = self._shapes[q.shape[-2], k.shape[-2], q.dtype]
-        except (KeyError, AttributeError, IndexError, TypeError):
-            kernel = self._resolve(q, k, v, inputs)
-        self._last = kernel
+        self._last = kernel = self._variant(q, k, v, inputs)
         return kernel(q, k, v, return_lse=return_lse, **inputs)
 
     def _backward(self, q, k, v, grad_out, **inputs):
+        return self._variant(q, k, v, inputs).backward(q, k, v, grad_out, **inputs)
+
+    def _variant(self, q, k, v, inputs: dict) -> Kernel:
+        """The variant of this call's shape: one dict lookup once the shape has been seen."""
         try:
-            kernel = self._shapes[q.shape[-2], k.shape[-2], q.dtype]
+            return self._shapes[q.shape[-2], k.shape[-2], q.dtype]
         except (KeyError, AttributeError, IndexError, TypeError):
-            kernel = self._resolve(q, k, v, inputs)
-        return kernel.backward(q, k, v, grad_out, **inputs)
+            return self._resolve(q, k, v, inputs)
 
     def companions(self) -> dict[str, str]:
         return self._primary.companions()
