@@ -151,9 +151,7 @@ def build_plan(source, sizes: dict, block_m: int, block_n: int,
     Index-only plans are cached process-wide; others are built afresh (a PlanCache keys them by
     content).
     """
-    node = fused_node(source)
-    return _build(node, _names(node), _positive("block_m", block_m),
-                  _positive("block_n", block_n), sizes, inputs)
+    return _planner(fused_node(source), block_m, block_n).get(sizes, inputs)
 
 
 def fused_node(source) -> FusedAttention:
@@ -164,6 +162,13 @@ def fused_node(source) -> FusedAttention:
         raise InputError(f"build_plan: a {node.op_name} node has no block plan (only "
                          f"FusedAttention, the flash pattern, has one)")
     return node
+
+
+@functools.lru_cache(maxsize=64)
+def _planner(node: FusedAttention, block_m: int, block_n: int) -> PlanCache:
+    """``build_plan``'s PlanCache of ``node`` in these blocks, one per (node, blocks); it keeps
+    no plans (index-only ones are shared through ``_cached_plan``)."""
+    return PlanCache(node, block_m, block_n, size=0)
 
 
 @functools.lru_cache(maxsize=64)
@@ -188,8 +193,14 @@ class PlanCache:
         self.block_m = _positive("block_m", block_m)
         self.block_n = _positive("block_n", block_n)
         self.size = size
-        self.reads = self.node.mask.reads_inputs if self.node.mask is not None else ()
-        self.names = _names(self.node)
+        mask = self.node.mask
+        self.reads = mask.reads_inputs if mask is not None else ()
+        varies = mask.varies_with if mask is not None else ()
+        named = sorted(s.name for s in (mask.expr.free_symbols if mask is not None else ())
+                       if isinstance(s, sympy.Symbol) and s.name in SIZES)
+        needed = ["seq_q"] + (["seq_k"] if self.node.projection is None else [])
+        needed += [n for a, n in (("b", "batch"), ("h", "heads")) if a in varies]
+        self.names = tuple(dict.fromkeys(needed + named))
         self._plans: OrderedDict = OrderedDict()
 
     def get(self, sizes: dict, inputs: dict | None = None) -> BlockPlan:
@@ -201,53 +212,37 @@ class PlanCache:
         arrays = None
         if self.reads and key is not None:
             arrays = _arrays(self.reads, inputs)
-            content = _content(arrays)
+            content = _content(arrays) if self.size else None
             key = key + content if content is not None else None
         plan = self._plans.get(key) if key is not None else None
         if plan is not None:
             self._plans.move_to_end(key)
             return plan
-        plan = _build(self.node, self.names, self.block_m, self.block_n, sizes, inputs, arrays)
+        plan = self._build(sizes, inputs, arrays)
         if key is not None and self.size:
             self._plans[key] = plan
             if len(self._plans) > self.size:
                 self._plans.popitem(last=False)
         return plan
 
-
-@functools.lru_cache(maxsize=64)
-def _names(node: FusedAttention) -> tuple[str, ...]:
-    """The sizes the plan of ``node`` depends on: the sequence lengths, ``batch``/``heads`` where
-    the mask varies with ``b``/``h``, and every size the mask names."""
-    mask = node.mask
-    varies = mask.varies_with if mask is not None else ()
-    named = sorted(s.name for s in (mask.expr.free_symbols if mask is not None else ())
-                   if isinstance(s, sympy.Symbol) and s.name in SIZES)
-    needed = ["seq_q"] + (["seq_k"] if node.projection is None else [])
-    needed += [n for a, n in (("b", "batch"), ("h", "heads")) if a in varies]
-    return tuple(dict.fromkeys(needed + named))
-
-
-def _build(node: FusedAttention, names: tuple, bm: int, bn: int, sizes: dict, inputs,
-           arrays: dict | None = None) -> BlockPlan:
-    """A plan at ``sizes`` (checked against ``names``); ``arrays`` are the mask's inputs as
-    NumPy arrays where the caller already has them."""
-    needed = {}
-    for name in names:
-        if name not in sizes:
-            raise InputError(f"build_plan: sizes must give '{name}' (the plan depends on "
-                             f"it); got {sorted(sizes)}")
-        needed[name] = _positive(f"size '{name}'", sizes[name])
-    seq_k = node.projection or needed["seq_k"]
-    pairs = -(-needed["seq_q"] // bm) * -(-seq_k // bn)
-    if pairs > MAX_BLOCK_PAIRS:
-        raise InputError(f"build_plan: seq_q {needed['seq_q']} x seq_k {seq_k} in {bm}x{bn} "
-                         f"blocks gives {pairs} block pairs; at most {MAX_BLOCK_PAIRS} are "
-                         f"supported: use larger blocks")
-    if node.mask is not None and node.mask.reads_inputs:
-        arrays = arrays if arrays is not None else _arrays(node.mask.reads_inputs, inputs)
-        return _classify(node, needed, bm, bn, arrays)
-    return _cached_plan(node, tuple(needed.items()), bm, bn)
+    def _build(self, sizes: dict, inputs, arrays) -> BlockPlan:
+        needed = {}
+        for name in self.names:
+            if name not in sizes:
+                raise InputError(f"build_plan: sizes must give '{name}' (the plan depends on "
+                                 f"it); got {sorted(sizes)}")
+            needed[name] = _positive(f"size '{name}'", sizes[name])
+        bm, bn = self.block_m, self.block_n
+        seq_k = self.node.projection or needed["seq_k"]
+        pairs = -(-needed["seq_q"] // bm) * -(-seq_k // bn)
+        if pairs > MAX_BLOCK_PAIRS:
+            raise InputError(f"build_plan: seq_q {needed['seq_q']} x seq_k {seq_k} in {bm}x{bn} "
+                             f"blocks gives {pairs} block pairs; at most {MAX_BLOCK_PAIRS} are "
+                             f"supported: use larger blocks")
+        if self.reads:
+            arrays = arrays if arrays is not None else _arrays(self.reads, inputs)
+            return _classify(self.node, needed, bm, bn, arrays)
+        return _cached_plan(self.node, tuple(needed.items()), bm, bn)
 
 
 @functools.lru_cache(maxsize=64)
@@ -356,21 +351,17 @@ def _arrays(reads: tuple, inputs: dict | None) -> dict:
 
 def _content(arrays: dict) -> tuple | None:
     """Cache key of the inputs' values: (name, dtype, shape, digest) each; None past the cap.
-
-    The digest of a boolean array is taken of its packed bits (8x fewer bytes). Up to
-    ``_SMALL`` bytes it is the bytes themselves (faster than any hash); past that, their SHA-1,
-    read in place, so no large copy is made or kept.
-    """
+    The digest is the bytes up to ``_SMALL`` of them (faster than hashing), else their SHA-1
+    read in place (no large copy made or kept); a boolean array's are its packed bits."""
     if sum(x.nbytes for x in arrays.values()) > CONTENT_CAP:
         return None
-    return tuple((n, x.dtype.str, x.shape, _digest(x)) for n, x in arrays.items())
-
-
-def _digest(x: np.ndarray) -> bytes:
-    data = np.packbits(x) if x.dtype == np.bool_ else np.ascontiguousarray(x)
-    if data.nbytes <= _SMALL:
-        return data.tobytes()
-    return hashlib.sha1(data.view(np.uint8), usedforsecurity=False).digest()
+    key = []
+    for name, x in arrays.items():
+        data = np.packbits(x) if x.dtype == np.bool_ else np.ascontiguousarray(x)
+        digest = (data.tobytes() if data.nbytes <= _SMALL else
+                  hashlib.sha1(data.view(np.uint8), usedforsecurity=False).digest())
+        key.append((name, x.dtype.str, x.shape, digest))
+    return tuple(key)
 
 
 def _positive(what: str, value) -> int:
