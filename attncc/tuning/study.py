@@ -64,9 +64,11 @@ def storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
                                 "(PostgreSQL: pip install 'attncc[postgres]')") from None
         except Exception as err:  # SQLAlchemy, driver and Optuna errors alike
             # processes creating a fresh file's schema at once race ("table ... already
-            # exists", "database is locked"): the loser opens it again once the winner is done
+            # exists", "database is locked", both stamping alembic_version): the loser opens it
+            # again once the winner is done
             text = str(err).lower()
-            if attempt + 1 < attempts and ("already exists" in text or "locked" in text):
+            race = ("already exists", "locked", "unique constraint failed: alembic_version")
+            if attempt + 1 < attempts and any(r in text for r in race):
                 time.sleep(0.05 * (attempt + 1))
                 continue
             line = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
