@@ -42,19 +42,14 @@ def run(spec: str, inputs_path: str, out_path: str, backend: str, target_name: s
     args = to_library(kernel, target, (q, k, v), arrays)
     sync = target.sync or (lambda: None)
 
-    def call():
+    def timed_call():
+        start = time.perf_counter()
         result = kernel(*args[0], return_lse=lse, **args[1])
         sync()
-        return result
+        return result, time.perf_counter() - start
 
-    start = time.perf_counter()
-    result = call()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
+    result, first = timed_call()
+    times = [timed_call()[1] for _ in range(repeat)]
     out, lse_value = result if lse else (result, None)
     saved = {"out": as_numpy(out)}
     if lse:
