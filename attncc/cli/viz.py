@@ -142,16 +142,12 @@ def draw_maps(spec, inputs_path: str, heads: str, rows: str | None, log_scale: b
 
     from attncc.api import attention_map
     from attncc.bind import bind
+    from attncc.cli.run import read_npz
     from attncc.ir.graph import FusedAttention, attention_node
     from attncc.passes.pipeline import lower
     from attncc.plan import EMPTY, FULL, build_plan
 
-    with np.load(inputs_path) as data:
-        arrays = {name: data[name] for name in data.files}
-    missing = [n for n in ("q", "k", "v") if n not in arrays]
-    if missing:
-        raise AttnccError(f"--inputs: expected arrays q, k, v in {inputs_path}; missing "
-                          f"{', '.join(missing)}")
+    arrays = read_npz(inputs_path, spec)  # the checks of ``attncc run``
     q, k, v = (arrays.pop(n) for n in ("q", "k", "v"))
     sizes = bind(spec, q, k, v, arrays).sizes
     head_list = _picks(heads, sizes["heads"], "--heads")

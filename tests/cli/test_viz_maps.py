@@ -43,3 +43,15 @@ def test_viz_map_errors_are_one_line(tmp_path, args, message):
                                        str(tmp_path / "x.png")])
     assert result.exit_code != 0 and message in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_viz_reads_its_inputs_as_run_does(tmp_path):
+    # the .npz checks of ``attncc run``: a missing array or a file that is no .npz is one line
+    np.savez(tmp_path / "qk.npz", q=np.zeros((1, 2, 8, 4)), k=np.zeros((1, 2, 8, 4)))
+    (tmp_path / "bad.npz").write_text("not a zip")
+    for path, message in ((tmp_path / "qk.npz", "missing array(s) v"),
+                          (tmp_path / "bad.npz", "not an .npz file")):
+        result = CliRunner().invoke(cli, ["viz", str(EXAMPLES / "causal.yaml"), "--inputs",
+                                          str(path), "-o", str(tmp_path / "x.png")])
+        assert result.exit_code != 0 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
