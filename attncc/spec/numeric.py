@@ -143,6 +143,12 @@ class _Evaluator:
             return (not arg) if _is_scalar(arg) else xp.logical_not(arg)
         if isinstance(e, sympy.Piecewise):
             return self.piecewise(e)
+        if isinstance(e, sympy.Heaviside):  # d max/min/clamp: 1 above 0, H0 (1/2) at 0, 0 below
+            x, at_zero = e.args[0], e.args[1] if len(e.args) > 1 else sympy.S.Half
+            return self.piecewise(sympy.Piecewise((1, x > 0), (at_zero, sympy.Eq(x, 0)),
+                                                  (0, True)))
+        if isinstance(e, sympy.DiracDelta):  # d sign, d Heaviside: 0 wherever defined
+            return 0
         if isinstance(e, ITE):  # sympy's form of a condition chosen by a condition
             return self.piecewise(sympy.Piecewise((e.args[1], e.args[0]), (e.args[2], True)))
         raise TypeError(f"attncc cannot evaluate {type(e).__name__}: {e}")

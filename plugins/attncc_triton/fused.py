@@ -27,6 +27,8 @@ _BH = {"b", "h", *SIZE_NAMES}
 _DOT = "out_dtype=ACC, input_precision=PREC"
 _SIZES = ("scale", *SIZE_NAMES)
 _INF = "float('-inf')"
+#: the offset of THR's second row, the top-k threshold (its first: the lse residual ``lse_lo``)
+_ROWS = "batch * heads * seq_q"
 
 
 @dataclass
@@ -214,12 +216,11 @@ class FusedGenerator:
             lines.append("dt = dsr[:, :, None] * w[None, None, :] * (1.0 - t * t)")
         return lines
 
-    def _p(self) -> str:
-        """The softmax probability of a tile from the row's lse; outside top-k (whose THR holds
-        the threshold) with the lse's rounding residual ``lse_lo``, so that rows whose scores
-        all sit near the dtype's minimum (additive padding masks) keep their 1/n weights."""
-        if self.fs.normalize == "topk":
-            return "tl.exp(s - lse[:, None])"
+    @staticmethod
+    def _p() -> str:
+        """The softmax (and top-k) probability of a tile from the row's lse and its rounding
+        residual ``lse_lo``, so that rows whose scores all sit near the dtype's minimum
+        (additive padding masks) keep their 1/n weights."""
         return "tl.exp((s - lse[:, None]) - lse_lo[:, None])"
 
     def _dk_dv(self) -> tuple[str, str]:
@@ -307,10 +308,10 @@ class FusedGenerator:
             lines += ["lse = tl.load(LSE + stat, mask=row_ok, other=0.0)",
                       f"lse = tl.where(lse == {_INF}, 0.0, lse)",
                       "delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)"]
-        if fs.normalize == "topk":
-            lines.append("thr = tl.load(THR + stat, mask=row_ok, other=0.0)")
-        elif fs.normalize != "sigmoid":
+        if fs.normalize != "sigmoid":
             lines.append("lse_lo = tl.load(THR + stat, mask=row_ok, other=0.0)")
+        if fs.normalize == "topk":
+            lines.append(f"thr = tl.load(THR + {_ROWS} + stat, mask=row_ok, other=0.0)")
         return lines
 
     def _per_head(self) -> list[str]:
@@ -369,7 +370,7 @@ class FusedGenerator:
                      *self._loops(self.topk_tile(), "top"),
                      "col = tl.arange(0, BLOCK_N)[None, :]",
                      f"thr = tl.max(tl.where(col == TOPK - 1, top, {_INF}), 1)",
-                     "tl.store(THR + stat, thr, mask=row_ok)"]
+                     f"tl.store(THR + {_ROWS} + stat, thr, mask=row_ok)"]
         body += ["o_at = OUT + b * sob + h * soh + q_idx * som + offs_dv[None, :]",
                  "o_ok = row_ok[:, None] & (offs_dv < value_dim)[None, :]"]
         if fs.normalize == "sigmoid":
@@ -384,10 +385,10 @@ class FusedGenerator:
                      "tl.store(o_at, (acc / l_safe[:, None]).to(OUT.dtype.element_ty), "
                      "mask=o_ok)",
                      f"lse = tl.where(l_i == 0.0, {_INF}, m_i + tl.log(l_safe))",
-                     "tl.store(LSE + stat, lse, mask=row_ok)"]
-            if fs.normalize != "topk":  # THR keeps the rounding residual of lse (see _p)
-                body += ["lse_lo = tl.where(l_i == 0.0, 0.0, (m_i - lse) + tl.log(l_safe))",
-                         "tl.store(THR + stat, lse_lo, mask=row_ok)"]
+                     "tl.store(LSE + stat, lse, mask=row_ok)",
+                     # THR[0] keeps the rounding residual of lse (see _p)
+                     "lse_lo = tl.where(l_i == 0.0, 0.0, (m_i - lse) + tl.log(l_safe))",
+                     "tl.store(THR + stat, lse_lo, mask=row_ok)"]
         return self._kernel("_fwd", "One query block of one (batch, head): out, lse (and the "
                             "top-k threshold).", body)
 

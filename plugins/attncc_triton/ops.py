@@ -179,7 +179,7 @@ class FusedOps(TritonOps):
     def _forward_fake(self, q, k, v, inputs, tables, scale):
         out = q.new_empty((*q.shape[:-1], v.shape[-1]))
         lse = q.new_empty(q.shape[:-1], dtype=acc_dtype(q.dtype))
-        return out, lse, torch.empty_like(lse)
+        return out, lse, lse.new_empty((2, *lse.shape))
 
     def _backward(self, q: Tensor, k: Tensor, v: Tensor, inputs: list[Tensor],
                   tables: list[Tensor], scale: float, out: Tensor, lse: Tensor, thr: Tensor,

@@ -106,7 +106,10 @@ class TritonPrinter:
         if isinstance(e, sympy.Equivalent) and len(e.args) == 2:
             return f"({self.p(e.args[0])} == {self.p(e.args[1])})"
         if isinstance(e, sympy.Mod):
-            return f"_mod({self.bare(e.args[0])}, {self.bare(e.args[1])})"
+            a, m = e.args
+            if a.is_integer and m.is_integer:
+                return f"_mod({self.bare(a)}, {self.bare(m)})"
+            return self.p(a - m * sympy.floor(a / m))  # floats: Triton has no float64 //
         if isinstance(e, (sympy.Min, sympy.Max)):
             fn = "tl.minimum" if isinstance(e, sympy.Min) else "tl.maximum"
             result = self.bare(e.args[0])
@@ -332,15 +335,17 @@ def partial(expr, x):
 def printable(derivative, x):
     """A derivative sympy left unevaluated, rewritten: d floor, d ceiling, d round, d sign and
     bit operations are 0 almost everywhere (as torch's autograd says); d (a mod m) is d a - d m
-    * floor(a / m) (``a mod m = a - m * floor(a / m)``)."""
+    * floor(a / m) (``a mod m = a - m * floor(a / m)``); the chain rule's ``Subs(d f(ξ), ξ,
+    g)`` (``d floor(3 * score)``) is evaluated once its derivative is rewritten."""
     def rewrite(d):
-        inner = d.expr
+        inner, (var, *_) = d.expr, d.variables
         if isinstance(inner, sympy.Mod):
             a, m = inner.args
-            return printable(sympy.diff(a, x) - sympy.diff(m, x) * sympy.floor(a / m), x)
+            return printable(sympy.diff(a, var) - sympy.diff(m, var) * sympy.floor(a / m), var)
         if isinstance(inner, sympy.floor | sympy.ceiling | sympy.sign | Round | BitAnd | BitOr
                       | BitXor | LeftShift | RightShift):
             return sympy.Integer(0)
         raise BackendError(f"triton backend: cannot differentiate {inner} for the backward")
 
-    return derivative.replace(lambda e: isinstance(e, sympy.Derivative), rewrite)
+    rewritten = derivative.replace(lambda e: isinstance(e, sympy.Derivative), rewrite)
+    return rewritten.replace(lambda e: isinstance(e, sympy.Subs), lambda e: e.doit())

@@ -126,15 +126,17 @@ class Program:
 
     def forward(self, q, k, v, inputs: dict, tables: dict, scale: float, wrap=None):
         """``(out, lse, thr)`` of the fused forward kernel, not differentiable: torch ops and
-        one launch through ``wrap``. ``inputs``: the spec's inputs by name. k, v shared by the
-        batch (batch stride 0, ``attncc.bind.shared_kv``) are read in place, not copied."""
+        one launch through ``wrap``; ``thr`` ``(2, B, H, Nq)`` holds lse's rounding residual
+        (softmax, top-k) and the top-k threshold, which the backward reads. ``inputs``: the
+        spec's inputs by name. k, v shared by the batch (batch stride 0,
+        ``attncc.bind.shared_kv``) are read in place, not copied."""
         q = q.contiguous()
         k, v = (x if x[0].is_contiguous() else x.contiguous() for x in (k, v))
         inputs = prepared(q, inputs)
         acc = acc_dtype(q.dtype)
         out = q.new_empty((*q.shape[:3], v.shape[3]))
         lse = torch.full(q.shape[:3], -math.inf, dtype=acc, device=q.device)
-        thr = torch.zeros_like(lse)  # written for top-k only; defined for every call
+        thr = lse.new_zeros((2, *lse.shape))  # lse's rounding residual, top-k threshold
         values = self._values(q, k, v, inputs, scale)
         values.update(OUT=out, LSE=lse, THR=thr, **_strides("so", out),
                       **_table_values(tables, False))

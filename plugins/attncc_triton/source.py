@@ -83,7 +83,9 @@ _GLOSSARY = '''Glossary
   FC/FI, PC/PI     block plan: per query block, the count and indices of its FULL and PARTIAL
                    key blocks (the dk/dv kernel gets the transposed tables); EMPTY: never visited
   m_i, l_i, acc    online softmax: running row max, running sum, unnormalized output
-  lse              log-sum-exp per query row (-inf where no key is kept); thr: top-k threshold
+  lse              log-sum-exp per query row (-inf where no key is kept)
+  lse_lo, thr      THR's two rows: lse's rounding residual (p = exp((s - lse) - lse_lo)),
+                   the top-k threshold
   MEM, mk_at       memory tokens (always kept, no score_mod or mask), their k (and v) rows
   ACC              accumulation dtype: float32, or float64 for float64 tensors
   x_ptr, x_sI, x_nI  spec input x: pointer, stride and size of axis I (loads are bounds-guarded)
