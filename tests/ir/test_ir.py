@@ -237,8 +237,8 @@ def test_printer_prints_the_lowering_on_the_node_and_its_reasons_after():
     graph = lower({"attncc": 1, "name": "scaled", "score_mod": "score * slope[h]",
                    "inputs": {"slope": {"shape": ["heads"], "dtype": "float32"}}})
     lines = print_graph(graph).splitlines()
-    assert any("lowering=Lowering(sdpa=no, runs=no, flex=yes, tiles=yes))(%q, %k, %v, %slope)" in line
-               for line in lines)
+    node = "lowering=Lowering(sdpa=no, runs=no, flex=yes, tiles=yes))(%q, %k, %v, %slope)"
+    assert any(node in line for line in lines)
     assert "# lowering.sdpa = no: score_mod reads slope[h]" in lines
     assert lines.index("# lowering.tiles = yes: the block-sparse tile loop over the plan serves "
                        "any fused attention") < lines.index("# cost.density = 1")
