@@ -101,28 +101,22 @@ def describe(spec, node, path: str, config: dict) -> str:
     return "\n".join([*head, "", *body]) + "\n"
 
 
-def _plan(node, bm: int, bn: int) -> list[str]:
-    mask = node.mask
-    reads = ", ".join(mask.reads_inputs) if mask is not None else ""
-    lines = [f"plan = PlanCache(node, block_m={bm}, block_n={bn}).get(sizes"
-             + (f", inputs)   # per sizes and contents of {reads} (block min/max)" if reads
-                else ")   # per sizes")]
-    varies = " and ".join(mask.varies_with) if mask is not None else ""
-    lines.append("# plan slices: " + (f"one per {varies} (the mask reads them)" if varies
-                                      else "one, shared by every batch and head"))
-    if mask is None:
-        lines.append("# no mask: every block is FULL")
-    return lines
-
-
 def _fused(node, config) -> list[str]:
-    bm, bn = config["block_m"], config["block_n"]
+    bm, bn, mask = config["block_m"], config["block_n"], node.mask
     init, update, finish = STATE_TEXT[node.normalize]
     score, scale = SCORE_TEXT[node.score], sympy.sstr(node.scale)
     lines = []
     if node.projection is not None:
         lines.append(f"k, v = E @ k, F @ v      # linformer: rank {node.projection}")
-    lines += _plan(node, bm, bn)
+    reads = ", ".join(mask.reads_inputs) if mask is not None else ""
+    lines.append(f"plan = PlanCache(node, block_m={bm}, block_n={bn}).get(sizes"
+                 + (f", inputs)   # per sizes and contents of {reads} (block min/max)" if reads
+                    else ")   # per sizes"))
+    varies = " and ".join(mask.varies_with) if mask is not None else ""
+    lines.append("# plan slices: " + (f"one per {varies} (the mask reads them)" if varies
+                                      else "one, shared by every batch and head"))
+    if mask is None:
+        lines.append("# no mask: every block is FULL")
     lines += [f"for m in range(ceil(Nq / {bm})):            # query blocks",
               f"    rows = [m*{bm}, (m+1)*{bm})"]
     topk = [t.format(topk=node.topk) for t in TOPK_TEXT] if node.normalize == "topk" else None
