@@ -18,7 +18,7 @@ import torch
 
 from attncc.lowering.states import TopkThreshold, fold
 
-from .tiles import Problem
+from .tiles import Problem, score_slope
 
 #: Per-row statistics kept by the forward, with the value of rows no step visits.
 STATS = {"lse": float("-inf"), "row_max": 0.0, "inv_sum": 0.0, "thr": float("-inf")}
@@ -93,12 +93,23 @@ def forward(pb: Problem, q6, k4, v4, inputs: dict):
 def backward(pb: Problem, saved: tuple, stats: dict, inputs: dict, dout6, grad_inputs: list):
     """Gradients ``(dq6, dk4, dv4, {input name: grad})`` of the tensors ``forward`` read,
     ``saved = (q6, k4, v4, out6)``; ``grad_inputs`` names the floating inputs that need one
-    (memory tokens included)."""
+    (memory tokens included).
+
+    Per step, each tile's scores are recomputed once where the step's tiles fit the schedule's
+    memory bound (``tile_elems`` score elements kept: P and dP, and the derivative of score_mod
+    or the tile's autograd graph), else a second time after the delta pass (``_exact_delta``).
+    Where no score_mod input needs a gradient and the score is a dot product, dq and dk are
+    explicit products, ``dS' = dS ∘ d score_mod / d score`` (``tiles.score_slope``, evaluated on
+    the tile), ``dq = dS' @ k · scale``, ``dk = dS'ᵀ @ q · scale``; otherwise
+    ``torch.autograd.grad`` of the tile's scores, which also yields the inputs' gradients.
+    """
     q6, k4, v4, out6 = saved
     norm = pb.node.normalize
     dq6, dk4, dv4 = torch.zeros_like(q6), torch.zeros_like(k4), torch.zeros_like(v4)
     dinp = {name: torch.zeros_like(inputs[name]) for name in grad_inputs}
     leaves = {name: inputs[name].detach().requires_grad_() for name in grad_inputs}
+    explicit = (pb.node.score == "dot" and not set(dinp) - {"mem_k", "mem_v"}
+                and (pb.node.score_mod is None or score_slope(pb.node.score_mod) is not None))
     traced = {**inputs, **leaves}
     if norm != "sigmoid":
         stats = {**stats, "delta": (dout6 * out6).sum(-1, keepdim=True)}
@@ -106,20 +117,45 @@ def backward(pb: Problem, saved: tuple, stats: dict, inputs: dict, dout6, grad_i
         sl = step.slice
         q, do = pb.rows(q6, step), pb.rows(dout6, step)
         stat = dict.fromkeys(STATS) | {n: pb.rows(x, step) for n, x in stats.items()}
-        tiles = list(pb.tiles(step, k4, v4, inputs))
-        if norm != "sigmoid":
-            stat["delta"] = _exact_delta(pb, step, q, do, tiles, inputs, stat)
-        dq = torch.zeros_like(q)
-        for chunk, k, v in tiles:
+
+        def score(chunk, k, q=q, step=step):
+            """``(s, d, q_leaf, k_leaf)``: the tile's scores and their derivative factor
+            (explicit), or the scores with their autograd graph from leaves."""
+            if explicit:
+                return (*pb.scores(step, chunk, q, k, inputs, slope=True), None, None)
             with torch.enable_grad():  # memory keys: a gradient only where mem_k wants one
                 q_leaf = q.detach().requires_grad_()
                 k_leaf = k.detach().requires_grad_(chunk is not None or "mem_k" in dinp)
-                s = pb.scores(step, chunk, q_leaf, k_leaf, traced)
-            ds, dv = _tile_grads(norm, s.detach(), v, do, stat)
-            wrt = [q_leaf, *([k_leaf] if k_leaf.requires_grad else []), *leaves.values()]
-            dq_t, *named = torch.autograd.grad(s, wrt, ds, allow_unused=True)
-            dk = named.pop(0) if k_leaf.requires_grad else None
-            dq += dq_t
+                return pb.scores(step, chunk, q_leaf, k_leaf, traced), None, q_leaf, k_leaf
+
+        tiles, budget = [], pb.schedule.tile_elems
+        for chunk, k, v in pb.tiles(step, k4, v4, inputs):
+            kept = None
+            if budget > 0 and norm != "sigmoid":  # the delta pass needs P and dP anyway
+                s, *rest = score(chunk, k)
+                kept = (s, *rest, _probs(s.detach(), stat), do @ v.transpose(-1, -2))
+                budget -= s.numel()
+            tiles.append((chunk, k, v, kept))
+        if norm != "sigmoid":
+            stat["delta"] = _exact_delta(pb, step, q, do, tiles, inputs, stat)
+        dq = torch.zeros_like(q)
+        for chunk, k, v, kept in tiles:
+            s, d, q_leaf, k_leaf, *pdp = kept if kept is not None else (*score(chunk, k), None)
+            ds, dv = _tile_grads(norm, s.detach(), v, do, stat, *pdp)
+            dk = None
+            if explicit:
+                ds = ds if d is None else ds.mul_(d)
+                dq += ds @ k * pb.scale
+                if chunk is not None or "mem_k" in dinp:
+                    dk = ds.transpose(-1, -2) @ q * pb.scale
+            else:
+                wrt = [q_leaf, *([k_leaf] if k_leaf.requires_grad else []), *leaves.values()]
+                dq_t, *named = torch.autograd.grad(s, wrt, ds, allow_unused=True)
+                dk = named.pop(0) if k_leaf.requires_grad else None
+                dq += dq_t
+                for name, g in zip(leaves, named, strict=True):
+                    if g is not None:
+                        dinp[name] += g
             if chunk is not None:
                 pb.add_cols(dk4, sl, chunk, dk)
                 pb.add_cols(dv4, sl, chunk, dv)
@@ -127,9 +163,6 @@ def backward(pb: Problem, saved: tuple, stats: dict, inputs: dict, dout6, grad_i
                 for name, g in (("mem_k", dk), ("mem_v", dv)):
                     if name in dinp:
                         dinp[name][sl.h0:sl.h0 + sl.nh] += g.sum(dim=(0, 2))
-            for name, g in zip(leaves, named, strict=True):
-                if g is not None:
-                    dinp[name] += g
         pb.put_rows(dq6, step, dq)
     return dq6, dk4, dv4, dinp
 
@@ -142,28 +175,34 @@ def _exact_delta(pb: Problem, step, q, do, tiles, inputs: dict, stat: dict):
     gradients multiplied by whatever weights dS: keys (|k| ~ 1e2 where scores are ~1e3 and the
     softmax is nearly one-hot: dq was 14x the eager float32 error, hard attention's exactly-zero
     dq was not zero) and inputs read by position (an ALiBi slope multiplies dS by
-    ``q_idx - kv_idx``). Removing it, as autograd through a softmax does, costs one more
-    recompute of the step's tiles, so it runs for every softmax and top-k backward.
+    ``q_idx - kv_idx``). Removing it, as autograd through a softmax does, needs P and dP of
+    every tile of the step: ``tiles`` are ``(chunk, k, v, kept)``, ``kept`` ending in P and dP
+    (None: recomputed here, and again for the gradients).
     """
     delta = stat["delta"]
     total = torch.zeros_like(delta)
-    for chunk, k, v in tiles:
-        p = _probs(pb.scores(step, chunk, q, k, inputs), stat)
-        total += (p * (do @ v.transpose(-1, -2) - delta)).sum(-1, keepdim=True)
+    for chunk, k, v, kept in tiles:
+        if kept is None:
+            p, dp = _probs(pb.scores(step, chunk, q, k, inputs), stat), do @ v.transpose(-1, -2)
+        else:
+            p, dp = kept[-2:]
+        total += (p * (dp - delta)).sum(-1, keepdim=True)
     return delta + total
 
 
 def _probs(s, stat: dict):
-    p = torch.exp(s - stat["row_max"]) * stat["inv_sum"]
+    p = torch.sub(s, stat["row_max"]).exp_().mul_(stat["inv_sum"])
     if stat["thr"] is not None:
         p = torch.where(TopkThreshold.keeps(s, stat["thr"]), p, 0.0)
     return p
 
 
-def _tile_grads(norm: str, s, v, do, stat: dict):
-    """``(dS, dV_tile)`` of one tile from its recomputed scores and the saved row statistics."""
+def _tile_grads(norm: str, s, v, do, stat: dict, p=None, dp=None):
+    """``(dS, dV_tile)`` of one tile from its recomputed scores and the saved row statistics
+    (``p``, ``dp``: P and dO @ Vᵀ where the delta pass kept them)."""
+    dp = do @ v.transpose(-1, -2) if dp is None else dp  # fresh: dS is computed into it
     if norm == "sigmoid":
         w = torch.sigmoid(s)
-        return (do @ v.transpose(-1, -2)) * w * (1 - w), w.transpose(-1, -2) @ do
-    p = _probs(s, stat)
-    return p * (do @ v.transpose(-1, -2) - stat["delta"]), p.transpose(-1, -2) @ do
+        return dp.mul_(w).mul_(1 - w), w.transpose(-1, -2) @ do
+    p = _probs(s, stat) if p is None else p
+    return dp.sub_(stat["delta"]).mul_(p), p.transpose(-1, -2) @ do

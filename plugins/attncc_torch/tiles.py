@@ -21,16 +21,19 @@ index inputs as the reference does.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import array_api_compat.torch as xp
 import numpy as np
+import sympy
 import torch
 import torch.nn.functional as F  # noqa: N812 - the name torch code uses
 
 from attncc.lowering.env import Layout, Slice, plan_slices, raw_scores
 from attncc.plan import FULL, PARTIAL
 from attncc.spec.numeric import evaluate
+from attncc.spec.symbols import score
 
 
 @dataclass(frozen=True)
@@ -52,11 +55,13 @@ class Step:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Every step of one call; ``visited`` / ``total`` count key blocks (for the source text)."""
+    """Every step of one call; ``visited`` / ``total`` count key blocks (for the source text);
+    ``tile_elems`` is the memory bound the steps were cut to (score elements)."""
 
     steps: tuple[Step, ...]
     visited: int
     total: int
+    tile_elems: int
 
 
 def build_schedule(plan, batch: int, kv_heads: int, group: int, *, kv_chunk: int,
@@ -90,7 +95,7 @@ def build_schedule(plan, batch: int, kv_heads: int, group: int, *, kv_chunk: int
             steps += _split(sl, rows, table, nf, plan, kv_chunk, group_blocks,
                             tile_elems // max(value_cost, 1), device)
     total = states.shape[-2] * states.shape[-1] * batch * kv_heads * group
-    return Schedule(tuple(steps), visited, total)
+    return Schedule(tuple(steps), visited, total, tile_elems)
 
 
 def _split(sl: Slice, rows, table, nf: int, plan, kv_chunk: int, group_blocks: int,
@@ -209,22 +214,29 @@ class Problem:
                        w[None, :, None, :, None, None, :])
         return s.flatten(3, 4)
 
-    def scores(self, step: Step, chunk: Chunk, q, k, inputs: dict):
+    def scores(self, step: Step, chunk: Chunk, q, k, inputs: dict, slope: bool = False):
         """The tile's final scores: raw, score_mod, then -inf where the mask (or padding) drops.
 
         The mask is evaluated on the PARTIAL columns only; FULL columns keep every pair. The
-        memory tile (``chunk`` None) has raw scores only.
+        memory tile (``chunk`` None) has raw scores only. With ``slope``, ``(s, d)``: ``d`` is
+        ``d score_mod / d score`` (``score_slope``) on the tile's raw scores, broadcastable to
+        ``s``, or None where it is 1 (no score_mod, the memory tile).
         """
         sl = step.slice
         s = self.raw(sl, q, k, inputs)
-        score_mod = self.node.score_mod
+        score_mod, d = self.node.score_mod, None
         if chunk is None or (score_mod is None and chunk.n_full == chunk.kv.shape[1]):
-            return s
+            return (s, d) if slope else s
         s7 = s.unflatten(4, (-1, self.bn)).unflatten(3, (sl.ng, self.bm))
         if score_mod is not None:
             env = self.env(step, chunk.kv, inputs)
-            value = torch.as_tensor(evaluate(score_mod, {**env, "score": s7}, xp),
-                                    dtype=s7.dtype, device=s7.device)
+            env, expr = {**env, "score": s7}, score_mod
+            if slope:  # score_mod and its derivative share subexpressions (tanh(score / cap))
+                common, expr, d_expr = score_slope(score_mod)
+                for symbol, e in common:
+                    env[symbol.name] = evaluate(e, env, xp)
+                d = _tile(evaluate(d_expr, env, xp), s7)
+            value = torch.as_tensor(evaluate(expr, env, xp), dtype=s7.dtype, device=s7.device)
             s7 = torch.broadcast_to(value, s7.shape)
         nf = chunk.n_full
         drop = self.drop(step, chunk.kv[:, nf:], inputs) if nf < chunk.kv.shape[1] else None
@@ -233,7 +245,8 @@ class Problem:
             s7 = torch.cat([s7[..., :nf, :], tail], dim=-2) if nf else tail
         elif drop is not None:  # no autograd graph to protect: mask in place, no copy of the tile
             s7[..., nf:, :].masked_fill_(drop, float("-inf"))
-        return s7.flatten(5, 6).flatten(3, 4)
+        s = s7.flatten(5, 6).flatten(3, 4)
+        return (s, d) if slope else s
 
     def drop(self, step: Step, blocks, inputs: dict):
         """Pairs of the key ``blocks (G, c)`` that the mask (or padding) removes, 7-D
@@ -258,6 +271,28 @@ class Problem:
         q_pos = (step.qblocks[:, None] * self.bm + self.ar_m).clamp(max=self.nq - 1)
         kv_pos = (blocks[:, :, None] * self.bn + self.ar_n).clamp(max=self.nk - 1)
         return LAYOUT.env({**self.sizes, **inputs, **self._heads[sl]}, q_pos, kv_pos)
+
+
+@functools.lru_cache(maxsize=256)
+def score_slope(score_mod):
+    """``(common, score_mod', d)``: ``d = d score_mod / d score`` and both expressions over the
+    subexpressions they share (``common``: ``(symbol, expr)`` to evaluate first, in order;
+    ``sympy.cse``); None where the derivative is not elementwise-evaluable (sympy left a
+    derivative unevaluated: floor, sign, ...; such tiles differentiate by autograd)."""
+    d = sympy.diff(score_mod, score).xreplace({sympy.Float(1.0): sympy.Integer(1)})
+    if d.has(sympy.Derivative, sympy.Subs):
+        return None
+    common, (mod, d) = sympy.cse([score_mod, d], symbols=sympy.numbered_symbols("_cse"))
+    return tuple(common), mod, d
+
+
+def _tile(value, s7):
+    """An evaluated tile-shaped expression as a 5-D tile ``(nb, nh, G, R, C)`` (or a scalar)."""
+    if isinstance(value, int | float):
+        return None if value == 1 else value
+    value = torch.broadcast_to(torch.as_tensor(value, dtype=s7.dtype, device=s7.device),
+                               s7.shape)
+    return value.flatten(5, 6).flatten(3, 4)
 
 
 def _take(x, index):
