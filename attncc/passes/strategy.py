@@ -18,13 +18,17 @@ facts out again from the spec; ``attncc show`` prints every path with its reason
   ``toeplitz``, a function of ``q_idx - kv_idx``; ``general``, evaluated per run tile).
 - ``flex``: a compiled FlexAttention forward over the plan, for a score_mod no fused SDPA call
   takes (not an additive bias): a dot score, softmax, no memory tokens, no projection.
+- ``decode``: for a few query rows (a decoding step against a KV cache), one pass over the
+  whole ``(batch, heads, seq_q, seq_k)`` scores: a dot score, softmax, no memory tokens, no
+  projection, where ``sdpa`` does not serve; any score_mod and mask (backends choose it by the
+  call's ``seq_q``).
 - ``tiles``: the block-sparse tile loop over the plan; serves every ``FusedAttention``.
 - ``scan``: the chunked scan of running sums of ``LinearAttention``.
 - ``nystrom``: the landmark products of ``Nystrom``.
 
 The patterns are recognised from the node's fields and the structure of its sympy expressions,
 never from spec names; the spec is read only for the sizes it fixes (heads, kv_heads). Later
-paths (bias tiles, decode) are one more rule in ``PATHS``.
+paths are one more rule in ``PATHS``.
 """
 
 from __future__ import annotations
@@ -204,6 +208,19 @@ def _flex(node: FusedAttention, reads: list[str], spec) -> Path:
                               f"({_short(node.score_mod, 40)}) over attncc's block plan")
 
 
+def _decode(node: FusedAttention, reads: list[str], spec) -> Path:
+    why = [w for w in _softmax_blockers(node) if not w.startswith("score_mod")]
+    if node.projection is not None:
+        why.append(f"k and v are projected to {node.projection} keys")
+    if not why and _sdpa(node, reads, spec).ok:
+        why.append("the sdpa path serves it (one fused call for any seq_q)")
+    if why:
+        return Path("decode", False, "; ".join(why))
+    return Path("decode", True, "dot-product softmax: for a few query rows (a decoding step), "
+                                "scores, score_mod and mask evaluated once over (batch, heads, "
+                                "seq_q, seq_k)")
+
+
 def _tiles(node: FusedAttention, reads: list[str], spec) -> Path:
     return Path("tiles", True, "the block-sparse tile loop over the plan serves any fused "
                                "attention")
@@ -220,7 +237,7 @@ def _nystrom(node: Nystrom, reads: list[str], spec) -> Path:
 
 #: The path rules per attention node type, most specialised first.
 PATHS: dict[type, tuple[Callable[..., Path], ...]] = {
-    FusedAttention: (_sdpa, _runs, _flex, _tiles),
+    FusedAttention: (_sdpa, _runs, _flex, _decode, _tiles),
     LinearAttention: (_scan,),
     Nystrom: (_nystrom,),
 }

@@ -2,7 +2,8 @@
 
 Paths, read from the fused node (``node.lowering``, the ``strategy`` pass) and the config:
 ``sdpa`` (the whole call is one ``scaled_dot_product_attention``), ``runs`` (CPU: fused calls over
-runs of key blocks, ``runs.py``, and their fused backward, ``runs_grad.py``), and the flash
+runs of key blocks, ``runs.py``, and their fused backward, ``runs_grad.py``), ``flex``
+(``flex.py``), ``decode`` (a few query rows in one pass, ``decode.py``), and the flash
 pattern over the block plan (``flash.py``; softmax, sigmoid, top-k, Linformer after its
 projection); LinearAttention and Nystrom run the shared recipes (``attncc.lowering``). Half types
 compute in float32 and return in their own dtype; autograd works through all of them (custom
@@ -32,6 +33,7 @@ from attncc.lowering.states import STATE_TEXT, TOPK_TEXT
 from attncc.passes.strategy import causal_alignment
 from attncc.plan import PlanCache
 
+from .decode import MAX_ROWS, DecodeRunner
 from .flash import FlashAttention
 from .flex import MIN_ROWS, FlexRunner, printable
 from .runs import RunsForward
@@ -69,6 +71,9 @@ class TorchKernel(Kernel):
         self._flex = (FlexRunner(node, self.spec) if fused and node.lowering.allows("flex")
                       and printable(node) is None else None)
         self._drop = sympy.Not(node.mask.expr) if node.mask is not None else None
+        # a few query rows (decoding) that no fused call serves: one pass (decode.py)
+        self._decode = (DecodeRunner(node, self._drop)
+                        if fused and node.lowering.allows("decode") else None)
         self._plans = PlanCache(node, self.config["block_m"], self.config["block_n"])
         self._derived: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -102,8 +107,11 @@ class TorchKernel(Kernel):
             out = self._flex(call)
             if out is not None:
                 return out.to(call.dtype)
-        plan = self._plans.get(call.sizes, call.raw_inputs)
         runs = self._runs_ok(call)
+        if not runs and self._decode is not None and call.sizes["seq_q"] <= MAX_ROWS:
+            out, lse = self._decode(call, k, v, return_lse)
+            return (out.to(call.dtype), lse.to(call.dtype)) if return_lse else out.to(call.dtype)
+        plan = self._plans.get(call.sizes, call.raw_inputs)
         key = (runs, *sorted(call.sizes.items()), str(q.device))  # a plan serves many sizes
         result = None
         if runs:
@@ -230,6 +238,11 @@ def describe(spec, node, kind: str, config: dict) -> str:
             "out = torch.compile(flex_attention)(q, k, v, score_mod, block_mask="
             "BlockMask.from_kv_blocks(attncc plan in 128x128 blocks), scale=scale)   "
             "# the printed module: kernel._flex.source"]
+    if lowering.allows("decode") and config["use_sdpa"]:
+        lines += [f"# path decode ({lowering.why('decode')}), for seq_q <= {MAX_ROWS} where the "
+                  "runs path does not serve:",
+                  "s = score_mod((scale * q) @ k.T) masked -inf; out = softmax(s) @ v   # "
+                  "whole (B, Hkv, group, seq_q, seq_k) tile, decode.py"]
     lines.append(f"# path tiles ({lowering.why('tiles')}), otherwise:")
     return "\n".join(lines + _tiles(node, config))
 
