@@ -357,7 +357,8 @@ class FusedGenerator:
         groups = [["Q", "K", "V", "MK", "MV", "W", "OUT", "DO", "DQ", "DK", "DV", "DMK", "DMV",
                    "DW", "LSE", "DELTA", "DLSE", "THR"],
                   ["sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh",
-                   "som"], ["smkh", "smkn", "smvh", "smvn", "swh"],
+                   "som"], ["sdkb", "sdkh", "sdkn", "sdvb", "sdvh", "sdvn"],
+                  ["smkh", "smkn", "smvh", "smvn", "swh"],
                   ["FC", "FI", "PC", "PI", "c_b", "c_h", "c_m", "i_b", "i_h", "i_m"],
                   [f"{n}_grad" for n in self.fs.grad_inputs], self.expr, list(_SIZES),
                   list(CONSTS)]
@@ -431,9 +432,9 @@ class FusedGenerator:
                           "row = b * c_b + h * c_h + pid * c_m",
                           "irow = b * i_b + h * i_h + pid * i_m",
                           *self._loops(tile, "dk, dv", "m_blk")]),
-                "tl.store(DK + b * skb + kvh * skh + offs_n[:, None] * skn + offs_d[None, :],",
+                "tl.store(DK + b * sdkb + kvh * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],",
                 "         dk.to(DK.dtype.element_ty), mask=d_ok)",
-                "tl.store(DV + b * svb + kvh * svh + offs_n[:, None] * svn + offs_dv[None, :],",
+                "tl.store(DV + b * sdvb + kvh * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :],",
                 "         dv.to(DV.dtype.element_ty), mask=dv_ok)"]
         return self._kernel("_bwd_dkdv", "dk, dv of one key block of one (batch, kv head), summed "
                             "over its query heads.", body)

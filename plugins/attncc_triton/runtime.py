@@ -147,10 +147,12 @@ class Program:
                  d_out, d_lse=None, wrap=None):
         """``(dq, dk, dv, {floating input: grad in the accumulation dtype})`` of ``forward``'s
         out (and lse): torch ops and the dq then the dk/dv launch through ``wrap``. Raises
-        ``backward_kernels``' error where the module has no backward kernels."""
+        ``backward_kernels``' error where the module has no backward kernels. k, v shared by
+        the batch are read in place (dk, dv are per batch entry; autograd sums them)."""
         if "bwd_dq" not in self.kernels:
             self.kernels.update(self.backward_kernels())
-        q, k, v = (x.contiguous() for x in (q, k, v))
+        q = q.contiguous()
+        k, v = (x if x[0].is_contiguous() else x.contiguous() for x in (k, v))
         inputs = prepared(q, inputs)
         acc = lse.dtype
         d_out = d_out.contiguous()
@@ -158,7 +160,7 @@ class Program:
         # tiles and writes ``delta - d_lse`` back for the dk/dv kernel, which runs after it
         delta = (d_out.to(acc) * out.to(acc)).sum(-1).contiguous()
         d_lse = torch.zeros_like(delta) if d_lse is None else d_lse.to(acc).contiguous()
-        dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
+        dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
         grads = {n: torch.zeros(x.shape, dtype=acc, device=x.device) for n, x in inputs.items()
                  if x.is_floating_point()}
         dummy = lse.new_zeros(1)
@@ -166,6 +168,7 @@ class Program:
         values.update(DO=d_out, DQ=dq, DK=dk, DV=dv, LSE=lse, DELTA=delta, DLSE=d_lse, THR=thr,
                       DMK=grads.get("mem_k", dummy), DMV=grads.get("mem_v", dummy),
                       DW=grads.get("w", dummy), **_strides("so", d_out),
+                      **_strides("sdk", dk, "n"), **_strides("sdv", dv, "n"),
                       **{f"{n}_grad": g for n, g in grads.items()})
         grid_q, grid_k = self._grids(q, k)
         _launch(self.kernels["bwd_dq"], grid_q, wrap, {**values, **_table_values(tables, False)},

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import sympy
+import torch
 
 import attncc
 from attncc.spec import symbols as sym
@@ -371,3 +373,29 @@ def test_every_schema_key_is_accepted():
 def test_yaml_bombs_and_complex_keys_are_spec_errors(text, message):
     with pytest.raises(attncc.SpecError, match=message):
         attncc.load_spec(text)
+
+
+def test_spec_keys_are_sizes_in_input_shapes():
+    """``features``, ``topk`` and ``memory_tokens`` in an input's shape are the spec's values
+    (``rank`` and ``landmarks`` too, for methods whose implied inputs read them)."""
+    base = {"attncc": 1, "heads": 2, "head_dim": 8}
+    top = attncc.load_spec({**base, "normalize": "topk", "topk": 3, "score_mod":
+                            "score + t[h, kv_idx % 3]", "inputs": {"t": {"shape": ["heads",
+                                                                                   "topk"]}}})
+    assert top.inputs["t"].shape == (sym.SIZES["heads"], 3)
+    mem = attncc.load_spec({**base, "memory_tokens": 2, "score_mod": "score + t[kv_idx + 2]",
+                            "inputs": {"t": {"shape": ["memory_tokens + seq_k"]}}})
+    assert mem.inputs["t"].shape == (sym.SIZES["seq_k"] + 2,)
+    perf = attncc.load_spec({**base, "normalize": "linear", "feature_map": "performer",
+                             "features": 16, "inputs": {"omega": {"shape": ["features",
+                                                                            "head_dim"]}}})
+    assert perf.inputs["omega"].shape == (16, sym.SIZES["head_dim"])
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 2, n, 8)) for n in (5, 7, 7))
+    t = rng.standard_normal((2, 3))
+    out = attncc.compile(top, backend="numpy", dtype="float64")(q, k, v, t=t)
+    got = attncc.compile(top, backend="torch", dtype="float64")(
+        *(torch.from_numpy(x) for x in (q, k, v)), t=torch.from_numpy(t))
+    np.testing.assert_allclose(got.numpy(), out, atol=1e-12)
+    with pytest.raises(attncc.InputError):
+        attncc.compile(top, backend="numpy", dtype="float64")(q, k, v, t=t[:, :2])
