@@ -5,9 +5,12 @@ Paths, read from the fused node (``node.lowering``, the ``strategy`` pass) and t
 runs of key blocks, ``runs.py``, and their fused backward, ``runs_grad.py``), ``flex``
 (``flex.py``), ``decode`` (a few query rows in one pass, ``decode.py``), and the flash
 pattern over the block plan (``flash.py``; softmax, sigmoid, top-k, Linformer after its
-projection); LinearAttention and Nystrom run the shared recipes (``attncc.lowering``). Half types
-compute in float32 and return in their own dtype; autograd works through all of them (custom
-Functions for flash and runs, torch's own for the rest).
+projection); LinearAttention and Nystrom run the shared recipes (``attncc.lowering``). Half
+types: the sdpa path takes q, k, v as given; bfloat16 on the runs path computes in bfloat16 in
+the fused CPU kernels (float32 accumulation inside them; mask and bias tiles, the log-sum-exp
+merge and the dq/dk/dv sums in float32); float16 there (slower natively on CPU, measured) and
+every other path compute in float32. Outputs return in the input dtype; autograd works through
+all of them (custom Functions for flash and runs, torch's own for the rest).
 
 ``describe`` writes ``kernel.source``: every line is derived from the fused attention node (its
 fields, and ``node.lowering``: which paths serve it and why) and the config, the same values
@@ -25,6 +28,7 @@ import torch.nn.functional as F  # noqa: N812 - the name torch code uses
 
 from attncc.backends.autograd import autograd_backward
 from attncc.backends.base import Kernel
+from attncc.bind import shared_kv
 from attncc.lowering.env import SCORE_TEXT, merge_heads, split_heads
 from attncc.lowering.features import linear_attention, linear_text
 from attncc.lowering.lowrank import linformer, nystrom, nystrom_text
@@ -100,6 +104,8 @@ class TorchKernel(Kernel):
                 causal, mask = False, self._tail(q.shape[2], k.shape[2], q.dtype, q.device)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                   scale=call.scale, enable_gqa=call.group > 1)
+        # bfloat16 on the runs path computes in bfloat16 (the fused kernels accumulate in float32)
+        native = (q, *shared_kv(q, k, v)) if q.dtype == torch.bfloat16 else None
         k, v = call.k, call.v
         if self._projection:
             k, v = linformer(k, v, *(call.inputs[n] for n in self._projection))
@@ -117,7 +123,8 @@ class TorchKernel(Kernel):
         if runs:
             runner = self._derive(plan, key, lambda: RunsForward(
                 node, plan, call.sizes, call.inputs, q.device))
-            result = runner(call.q, k, v, call.scale, call.inputs)
+            tensors = native if native is not None and not self._projection else (call.q, k, v)
+            result = runner(*tensors, call.scale, call.inputs)
         out, lse = result if result is not None else self._flash(plan, (False, *key[1:]),
                                                                   call, k, v)
         out = out.to(call.dtype)

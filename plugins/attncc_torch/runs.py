@@ -44,6 +44,10 @@ from attncc.spec.symbols import b, kv_idx, q_idx
 from .runs_grad import LossyBackward, SegmentCalls, WholeCall, lossy, rows
 
 NEG_INF = float("-inf")
+#: Keys per fused call below which torch's bfloat16 CPU flash backward is slower than float32
+#: (single thread, 64-row blocks: 1.6x at 128 keys, 0.9x at 320, 0.8x at 2048; its forward is
+#: 0.4-0.7x float32's at every size).
+SHORT_KEYS = 320
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,9 @@ class RunsForward:
                       else [(r,) for r in seg.runs] for seg in self.segments]
         self.inputs = inputs
         self._masks: dict = {}
+        # bfloat16 trains in float32 where the calls are short (runs_grad.SegmentCalls)
+        keys = [sum(r.length for r in runs) for calls in self.calls for runs in calls]
+        self.short = bool(keys) and float(np.median(keys)) < SHORT_KEYS
         bias = additive_bias(node.score_mod)
         form = bias_form(bias) if bias is not None else None
         self.row = None  # the row term of a key-form bias, for the log-sum-exp
@@ -236,15 +243,18 @@ class RunsForward:
 
     def __call__(self, q, k, v, scale: float, inputs: dict | None = None):
         """``(out (B, H, Nq, D), lse (B, H, Nq))`` for ``q (B, H, Nq, D)``, ``k``/``v``
-        ``(B, Hkv, Nk, D)`` on CPU, all one floating dtype; the mask's inputs are those the
+        ``(B, Hkv, Nk, D)`` on CPU, all one floating dtype (bfloat16 computes in bfloat16 in
+        the fused kernels; out and lse merge in ``accumulation(dtype)``, float32, and a whole
+        call's out stays bfloat16); the mask's inputs are those the
         runner was built with, a bias's those of ``inputs`` (default: the same).
         Differentiable in q, k, v (``runs_grad``). None where the fused backward would train
         wrongly (``runs_grad.lossy``): the caller takes the tile loop."""
         inputs = self.inputs if inputs is None else inputs
         grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
         if self.whole or self.offsets is not None:
-            tile = (self._key_tile(q.shape, k.shape[2], inputs, q.dtype) if self.whole
-                    else self._hankel(q.shape, k.shape[2], inputs, q.dtype))
+            acc = accumulation(q.dtype)
+            tile = (self._key_tile(q.shape, k.shape[2], inputs, acc) if self.whole
+                    else self._hankel(q.shape, k.shape[2], inputs, acc))
             # a key-form tile is constant over rows, a Toeplitz one over diagonals: O(N)
             if grad and (lossy(tile[:, :, :1, :]) or lossy(tile[:, :, :, :1])):
                 return None
@@ -278,9 +288,10 @@ class RunsForward:
         ``LossyBackward`` where ``check`` and a bias tile is lossy."""
         batch, heads, nq, _ = q.shape
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        out = torch.zeros((batch, heads, nq, v.shape[-1]), dtype=q.dtype, device=q.device)
-        lse = torch.full((batch, heads, nq), NEG_INF, dtype=q.dtype, device=q.device)
-        for seg, bi, _, calls in self.walk(k, v, inputs, q.dtype, q.device):
+        acc = accumulation(q.dtype)
+        out = torch.zeros((batch, heads, nq, v.shape[-1]), dtype=acc, device=q.device)
+        lse = torch.full((batch, heads, nq), NEG_INF, dtype=acc, device=q.device)
+        for seg, bi, _, calls in self.walk(k, v, inputs, acc, q.device):
             qs = rows(q, seg, bi)
             o_acc = l_acc = None
             for _, ks, vs, mask, dead, low in calls:
@@ -338,6 +349,13 @@ def whole_call(node) -> bool:
     form = bias_form(bias)
     return ((form == "key" and (mask is None or is_top_left_causal(mask)))
             or (form == "toeplitz" and mask is None))
+
+
+def accumulation(dtype):
+    """The dtype of the merged out and lse and of the mask and bias tiles for fused calls on
+    ``dtype`` inputs: float32 for bfloat16 (the kernels accumulate in float32 inside and take
+    float32 masks), else ``dtype``."""
+    return torch.float32 if dtype == torch.bfloat16 else dtype
 
 
 #: Where b, h, q_idx, kv_idx sit in a whole-call tile ``(B, H, Nq, Nk)``.

@@ -74,21 +74,27 @@ class SegmentCalls(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q0, k0, v0, out, lse = ctx.saved_tensors
         fused = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         lse = lse.masked_fill(lse == NEG_INF, float("inf"))
-        dout = dout.contiguous()
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for seg, bi, hk, calls in ctx.runner.walk(k, v, ctx.inputs, q.dtype, q.device):
+        # bfloat16: the fused backward runs in bfloat16 over long calls, else (``runner.short``,
+        # where it is slower) in float32; it takes out and dout in q's dtype; dq, dk, dv sum
+        # over the calls in the merged lse's dtype (float32)
+        acc = lse.dtype
+        work = acc if ctx.runner.short else q0.dtype
+        q, k, v = (x.to(work) for x in (q0, k0, v0))
+        dout, out = dout.to(work).contiguous(), out.to(work)
+        dq, dk, dv = (torch.zeros_like(x, dtype=acc) for x in (q, k, v))
+        for seg, bi, hk, calls in ctx.runner.walk(k, v, ctx.inputs, acc, q.device):
             qs, outs, lses, douts, dqs = (rows(x, seg, bi) for x in (q, out, lse, dout, dq))
             for runs, ks, vs, mask, _dead, _lossy in calls:
                 dq_c, dk_c, dv_c = fused(douts, qs, ks, vs, outs, lses, 0.0, False,
                                          attn_mask=mask, scale=ctx.scale)
                 dqs += dq_c
                 at = positions(runs, seg.count, q.device)
-                dk[bi, hk].index_add_(1, at, dk_c.transpose(0, 1).flatten(1, 2))
-                dv[bi, hk].index_add_(1, at, dv_c.transpose(0, 1).flatten(1, 2))
-        return None, dq, dk, dv, None, None
+                dk[bi, hk].index_add_(1, at, dk_c.transpose(0, 1).flatten(1, 2).to(acc))
+                dv[bi, hk].index_add_(1, at, dv_c.transpose(0, 1).flatten(1, 2).to(acc))
+        return None, dq.to(q0.dtype), dk.to(k0.dtype), dv.to(v0.dtype), None, None
 
 
 class WholeCall(torch.autograd.Function):

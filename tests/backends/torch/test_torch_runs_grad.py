@@ -15,8 +15,8 @@ import torch
 import attncc
 from attncc.reference import attend
 from attncc.testing import random_inputs
-from attncc.testing.accuracy import eager_attend, judge, magnitude
-from attncc_torch import runs_grad
+from attncc.testing.accuracy import check_kernel, eager_attend, judge, magnitude
+from attncc_torch import runs, runs_grad
 from attncc_torch.flash import FlashAttention
 
 GQA_WINDOW = {"attncc": 1, "name": "gqa_window", "heads": 4, "kv_heads": 2,
@@ -172,3 +172,46 @@ def test_a_bias_at_the_dtype_minimum_trains_through_the_tile_loop(monkeypatch):
     monkeypatch.setattr(FlashAttention, "apply", counted)
     _check_grads(kernel, spec, q, k, v, {"pad": pad})
     assert tiles["n"] == 1
+
+
+HALF_CASES = ["sliding_window", "document_mask", "longformer_cross", "gqa_window",
+              "general_bias"]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("name", HALF_CASES)
+def test_half_types_on_the_runs_path(name, dtype, segment_backward, monkeypatch):
+    """Out, lse and q, k, v gradients by the conformance rule in each half type; bfloat16 reaches
+    the fused kernels in bfloat16 (native), float16 in float32 (upcast)."""
+    source, seq_q, seq_k = CASES[name]
+    spec = _spec(source)
+    kernel = attncc.compile(spec, backend="torch", config={"use_sdpa": True, "block_m": 16,
+                                                           "block_n": 16})
+    q, k, v, inputs = random_inputs(spec, 2, seq_q, seq_k, dtype, seed=4, library="torch",
+                                    head_dim=16, value_dim=16)
+    seen = set()
+    original = runs.RunsForward.segment_forward
+
+    def spied(self, q_, *args, **kwargs):
+        seen.add(q_.dtype)
+        return original(self, q_, *args, **kwargs)
+
+    monkeypatch.setattr(runs.RunsForward, "segment_forward", spied)
+    report = check_kernel(kernel, spec, q, k, v, inputs)
+    assert report.ok, str(report)
+    assert segment_backward["n"] == 1
+    assert seen == {torch.bfloat16 if dtype == "bfloat16" else torch.float32}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_types_on_one_whole_call(dtype):
+    """ALiBi causal (a key-form bias: one fused call over all keys, ``WholeCall``): out and lse,
+    then q, k, v gradients (the slopes held fixed) by the conformance rule."""
+    spec = _spec("examples/alibi.yaml")
+    kernel = attncc.compile(spec, backend="torch", config={"use_sdpa": True, "block_m": 16,
+                                                           "block_n": 16})
+    q, k, v, inputs = random_inputs(spec, 2, 70, 70, dtype, seed=6, library="torch",
+                                    head_dim=16, value_dim=16)
+    report = check_kernel(kernel, spec, q, k, v, inputs, grads=False)
+    assert report.ok, str(report)
+    _check_grads(kernel, spec, q, k, v, inputs)
