@@ -265,3 +265,16 @@ def test_a_kv_cache_shared_by_the_batch(backend):
     for a, w in zip(got, want, strict=True):
         torch.testing.assert_close(a, w, atol=1e-6, rtol=1e-6)
 
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "triton"])
+def test_rows_with_only_minus_inf_scores_are_fully_masked(backend):
+    """``where(c, score, -inf)`` leaving a row no key: output 0 and lse -inf, as a masked row."""
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton needs TRITON_INTERPRET=1 here")
+    spec, qkv, _, _, _, _ = problem("neg_inf_where", "float64")  # rows 0, 1 keep no key
+    kernel = attncc.compile(spec, backend=backend, dtype="float64")
+    out, lse = kernel(*(x.numpy() if backend == "numpy" else x for x in qkv), return_lse=True)
+    out, lse = np.asarray(out), np.asarray(lse)
+    assert (out[:, :, :2] == 0).all() and (lse[:, :, :2] == -np.inf).all()
+    assert np.isfinite(lse[:, :, 2:]).all()
