@@ -127,18 +127,17 @@ class Store:
         """Create the tables unless they exist and record the schema; the stored schema.
 
         Processes opening a new file at once race here: a CREATE TABLE that finds the table made
-        by another process, or a schema row inserted first by another, means the other won; the
-        state is read again."""
+        by another process means the other won, and the tables are looked at again; the schema
+        row is inserted only if absent (``_insert_new``), then read, whoever wrote it."""
         for attempt in range(3):
             try:
                 _meta.create_all(self.engine, checkfirst=True)
                 with self.engine.begin() as conn:
+                    conn.execute(_insert_new(self.engine.dialect.name, name="schema",
+                                             value=str(SCHEMA_VERSION)))
                     row = conn.execute(sa.select(META.c.value)
                                        .where(META.c.name == "schema")).first()
-                    if row is not None:
-                        return int(row[0])
-                    conn.execute(META.insert().values(name="schema", value=str(SCHEMA_VERSION)))
-                    return SCHEMA_VERSION
+                    return int(row[0])
             except (sa_exc.IntegrityError, sa_exc.OperationalError, sa_exc.ProgrammingError) as err:
                 lost_race = isinstance(err, sa_exc.IntegrityError) or "already exists" in str(err)
                 if not lost_race or attempt == 2:
@@ -351,3 +350,16 @@ def _driver_message(url: str, err: Exception) -> str:
         return (f"tuning database {masked(url)} needs the psycopg driver: "
                 "pip install 'attncc[postgres]'")
     return f"tuning database {masked(url)}: unusable URL ({err})"
+
+
+def _insert_new(dialect: str, **row):
+    """An INSERT of ``row`` into the meta table that does nothing where its name exists
+    (SQLite and PostgreSQL: ON CONFLICT DO NOTHING; another dialect: a plain INSERT, whose
+    IntegrityError ``_create`` takes as a lost race)."""
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    elif dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        return META.insert().values(**row)
+    return insert(META).values(**row).on_conflict_do_nothing(index_elements=["name"])
