@@ -36,6 +36,8 @@ from attncc.spec import symbols
 FLEX_BLOCK = 128
 #: Call shapes one runner compiles before it leaves new shapes to the tile loop.
 MAX_SHAPES = 8
+#: The dtypes FlexAttention's CPU kernel takes (float64 is refused at compile time).
+FLEX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: Query rows below which a call takes the tile loop (a decoding step would recompile per key
 #: length).
 MIN_ROWS = 128
@@ -141,6 +143,7 @@ class FlexRunner:
     def serves(self, call) -> bool:
         q = call.q
         return (not self.broken and q.device.type == "cpu" and q.shape[2] >= MIN_ROWS
+                and q.dtype in FLEX_DTYPES
                 and call.v.shape[-1] == q.shape[-1]
                 and (self._key(call) in self._compiled or len(self._compiled) < MAX_SHAPES))
 

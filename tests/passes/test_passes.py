@@ -264,6 +264,9 @@ def allowed(spec) -> list[str]:
     ("kv_idx <= q_idx", {"memory_tokens": 2}, ["tiles"]),
     ("kv_idx <= q_idx", {"normalize": "sigmoid"}, ["tiles"]),
     ("kv_idx <= q_idx", {"score_mod": "score * 2"}, ["flex", "decode", "tiles"]),
+    # a kink whose simplification once recursed forever in additive_bias
+    ("kv_idx <= q_idx", {"score_mod": "max(score, 0.1) % 0.3 + score"},
+     ["flex", "decode", "tiles"]),
     (None, {"score": "additive"}, ["tiles"]),
     (None, {"lowrank": {"method": "linformer", "rank": 8}}, ["runs", "tiles"]),
 ])
