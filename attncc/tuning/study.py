@@ -13,8 +13,10 @@ the study without timing, marked ``repeat_of``) do not count.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -22,6 +24,11 @@ from pathlib import Path
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: SQLite studies there keep Optuna's own storage
+    fcntl = None
 
 from attncc.db.key import DatabaseError
 from attncc.db.store import connect_args, masked, resolve
@@ -56,9 +63,11 @@ def storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
     for attempt in range(attempts):
         try:
             with _experimental():
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine,
-                                                  heartbeat_interval=int(heartbeat),
-                                                  grace_period=int(2 * heartbeat))
+                kind = optuna.storages.RDBStorage
+                if url.startswith("sqlite:///") and fcntl is not None:
+                    kind = functools.partial(SerialStorage, url[len("sqlite:///"):] + ".lock")
+                return kind(url, engine_kwargs=engine, heartbeat_interval=int(heartbeat),
+                            grace_period=int(2 * heartbeat))
         except ImportError as err:
             raise DatabaseError(f"study storage {masked(url)} needs a driver: {err} "
                                 "(PostgreSQL: pip install 'attncc[postgres]')") from None
@@ -73,6 +82,49 @@ def storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
                 continue
             line = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
             raise DatabaseError(f"cannot open study storage {masked(url)}: {line}") from None
+
+
+class SerialStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage on a SQLite file with every storage call serialised across
+    processes (``flock`` on ``lock_path``) and threads (the heartbeat's).
+
+    SQLite has no ``SELECT ... FOR UPDATE``: two workers of one study could both read an
+    enqueued trial as WAITING and both run it (seen: "Trial#0 has already finished and can not
+    be updated", one run in ten with four tuners on a fresh file). Each call holds the lock for
+    one short transaction; PostgreSQL needs none of this."""
+
+    def __init__(self, lock_path: str, *args, **kwargs):
+        self._lock_path, self._thread_lock, self._depth = lock_path, threading.RLock(), 0
+        with self._serial():
+            super().__init__(*args, **kwargs)
+
+    @contextmanager
+    def _serial(self):
+        with self._thread_lock:
+            if self._depth == 0:
+                self._fd = os.open(self._lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+                    os.close(self._fd)
+
+
+def _serialised(method):
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with self._serial():
+            return method(self, *args, **kwargs)
+    return call
+
+
+for _name, _method in list(vars(optuna.storages.RDBStorage).items()):
+    if not _name.startswith("_") and callable(_method):
+        setattr(SerialStorage, _name, _serialised(_method))
 
 
 def sampler(budget: int, seed: int | None = None, kind: str = "tpe") -> optuna.samplers.BaseSampler:
