@@ -19,6 +19,7 @@ fields, and ``node.lowering``: which paths serve it and why) and the config, the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import weakref
 
@@ -28,7 +29,6 @@ import torch.nn.functional as F  # noqa: N812 - the name torch code uses
 
 from attncc.backends.autograd import autograd_backward
 from attncc.backends.base import Kernel
-from attncc.bind import shared_kv
 from attncc.lowering.env import SCORE_TEXT, merge_heads, split_heads
 from attncc.lowering.features import linear_attention, linear_text
 from attncc.lowering.lowrank import linformer, nystrom, nystrom_text
@@ -60,7 +60,7 @@ class TorchKernel(Kernel):
         self.node, self.kind, self.config = node, kind, dict(config)
         self.source = describe(self.spec, node, kind, self.config)
         self.backward = functools.partial(autograd_backward, self)
-        self._sdpa = False
+        self._sdpa = self._runs = False
         if kind != "flash":
             return
         # the Linformer matrices that project k and v (the schema names them E and F)
@@ -88,8 +88,18 @@ class TorchKernel(Kernel):
         if stats:  # per-row statistics: Kernel.call_with_stats (attncc.lowering.maps)
             return self.call_with_stats(q, k, v, stats, return_lse, inputs)
         whole = self._sdpa and not return_lse  # SDPA takes q, k, v as given: no cast
-        call = prologue(self.spec, self.node, q, k, v, inputs, backend="torch",
-                        library="torch", return_lse=return_lse, cast=not whole)
+        # bfloat16 on the runs path computes in bfloat16 (the fused kernels accumulate in
+        # float32): q, k, v uncast, the floating inputs (bias terms) in float32
+        native = (not whole and self._runs and q.dtype == torch.bfloat16
+                  and q.device.type == "cpu" and not self._projection)
+        args = (self.spec, self.node, q, k, v, inputs)
+        kw = {"backend": "torch", "library": "torch", "return_lse": return_lse}
+        call = prologue(*args, **kw, cast=not (whole or native))
+        if native:
+            call = dataclasses.replace(call, inputs={
+                n: x.float() if x.is_floating_point() else x for n, x in call.inputs.items()})
+            if not self._runs_ok(call):  # another path: every tensor in float32
+                call, native = prologue(*args, **kw), False
         node = self.node
         if self.kind == "linear":
             out = linear_attention(node, call.q, call.k, call.v, call.inputs.get("omega"),
@@ -104,8 +114,6 @@ class TorchKernel(Kernel):
                 causal, mask = False, self._tail(q.shape[2], k.shape[2], q.dtype, q.device)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                   scale=call.scale, enable_gqa=call.group > 1)
-        # bfloat16 on the runs path computes in bfloat16 (the fused kernels accumulate in float32)
-        native = (q, *shared_kv(q, k, v)) if q.dtype == torch.bfloat16 else None
         k, v = call.k, call.v
         if self._projection:
             k, v = linformer(k, v, *(call.inputs[n] for n in self._projection))
@@ -123,8 +131,10 @@ class TorchKernel(Kernel):
         if runs:
             runner = self._derive(plan, key, lambda: RunsForward(
                 node, plan, call.sizes, call.inputs, q.device))
-            tensors = native if native is not None and not self._projection else (call.q, k, v)
-            result = runner(*tensors, call.scale, call.inputs)
+            result = runner(call.q, k, v, call.scale, call.inputs)
+        if result is None and native:  # the runs path declined: the tile loop in float32
+            call = prologue(*args, **kw)
+            k, v = call.k, call.v
         out, lse = result if result is not None else self._flash(plan, (False, *key[1:]),
                                                                   call, k, v)
         out = out.to(call.dtype)
