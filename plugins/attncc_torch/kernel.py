@@ -7,10 +7,11 @@ runs of key blocks, ``runs.py``, and their fused backward, ``runs_grad.py``), ``
 pattern over the block plan (``flash.py``; softmax, sigmoid, top-k, Linformer after its
 projection); LinearAttention and Nystrom run the shared recipes (``attncc.lowering``). Half
 types: the sdpa path takes q, k, v as given; bfloat16 on the runs path computes in bfloat16 in
-the fused CPU kernels (float32 accumulation inside them; mask and bias tiles, the log-sum-exp
-merge and the dq/dk/dv sums in float32); float16 there (slower natively on CPU, measured) and
-every other path compute in float32. Outputs return in the input dtype; autograd works through
-all of them (custom Functions for flash and runs, torch's own for the rest).
+the fused CPU kernels where the CPU has bfloat16 matmuls (``runs.NATIVE_BF16``; float32
+accumulation inside them; mask and bias tiles, the log-sum-exp merge and the dq/dk/dv sums in
+float32); float16 there (slower natively on CPU, measured) and every other path compute in
+float32. Outputs return in the input dtype; autograd works through all of them (custom
+Functions for flash and runs, torch's own for the rest).
 
 ``describe`` writes ``kernel.source``: every line is derived from the fused attention node (its
 fields, and ``node.lowering``: which paths serve it and why) and the config, the same values
@@ -40,7 +41,7 @@ from attncc.plan import PlanCache
 from .decode import MAX_ROWS, DecodeRunner
 from .flash import FlashAttention
 from .flex import MIN_ROWS, FlexRunner, printable
-from .runs import RunsForward
+from .runs import NATIVE_BF16, RunsForward
 from .tiles import Problem, build_schedule
 
 
@@ -90,7 +91,7 @@ class TorchKernel(Kernel):
         whole = self._sdpa and not return_lse  # SDPA takes q, k, v as given: no cast
         # bfloat16 on the runs path computes in bfloat16 (the fused kernels accumulate in
         # float32): q, k, v uncast, the floating inputs (bias terms) in float32
-        native = (not whole and self._runs and q.dtype == torch.bfloat16
+        native = (not whole and self._runs and q.dtype == torch.bfloat16 and NATIVE_BF16
                   and q.device.type == "cpu" and not self._projection)
         args = (self.spec, self.node, q, k, v, inputs)
         kw = {"backend": "torch", "library": "torch", "return_lse": return_lse}

@@ -43,6 +43,10 @@ NEG_INF = float("-inf")
 #: (single thread, 64-row blocks: 1.6x at 128 keys, 0.9x at 320, 0.8x at 2048; its forward is
 #: 0.4-0.7x float32's at every size).
 SHORT_KEYS = 320
+#: Whether this CPU has native bfloat16 matmuls (AVX512-BF16 or AMX), which the bfloat16 fused
+#: kernels need to beat float32 (measured with both; on AVX2 alone they convert in software).
+NATIVE_BF16 = any(getattr(torch.cpu, f"_is_{isa}_supported", lambda: False)()
+                  for isa in ("avx512_bf16", "amx_tile"))
 
 
 class RunsForward:
