@@ -237,7 +237,8 @@ def test_printer_prints_the_lowering_on_the_node_and_its_reasons_after():
     graph = lower({"attncc": 1, "name": "scaled", "score_mod": "score * slope[h]",
                    "inputs": {"slope": {"shape": ["heads"], "dtype": "float32"}}})
     lines = print_graph(graph).splitlines()
-    node = "lowering=Lowering(sdpa=no, runs=no, flex=yes, decode=yes, tiles=yes))(%q, %k, %v, %slope)"
+    node = ("lowering=Lowering(sdpa=no, runs=no, flex=yes, decode=yes, tiles=yes))"
+            "(%q, %k, %v, %slope)")
     assert any(node in line for line in lines)
     assert "# lowering.sdpa = no: score_mod reads slope[h]" in lines
     assert lines.index("# lowering.tiles = yes: the block-sparse tile loop over the plan serves "
