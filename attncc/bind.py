@@ -81,11 +81,8 @@ def bind(spec: Spec, q, k, v, inputs: dict) -> Bound:
         if seq_q % m or seq_k % m:
             raise InputError(f"nystrom with {m} landmarks needs seq_q and seq_k divisible by "
                              f"{m}; got seq_q {seq_q}, seq_k {seq_k}")
-    scale = _at(spec.scale, tuple(sizes.items()))
-    if not (scale.is_real and scale.is_finite):
-        raise InputError(f"scale {spec.scale} is {scale} at these sizes ({sizes}); expected a "
-                         "finite real number")
-    return Bound(sizes, _check_inputs(spec, inputs, sizes, q), float(scale))
+    return Bound(sizes, _check_inputs(spec, inputs, sizes, q),
+                 _scale(spec.scale, tuple(sizes.items())))
 
 
 def shared_kv(q, k, v):
@@ -97,10 +94,42 @@ def shared_kv(q, k, v):
     return tuple(xp.broadcast_to(x, (q.shape[0], *x.shape[1:])) for x in (k, v))
 
 
-@functools.lru_cache(maxsize=1024)
 def _at(expr, sizes: tuple):
-    """``expr`` (a sympy expression of the sizes) at ``sizes`` (name, value) pairs; cached, as
-    every call of a kernel asks for the same few."""
+    """``expr`` (a sympy expression of the sizes) at ``sizes`` (name, value) pairs.
+
+    Cached on the sizes the expression reads, so a decoding step (seq_k one longer each call)
+    finds ``1/sqrt(head_dim)`` cached, and a lone size symbol or a number is read directly."""
+    if isinstance(expr, sympy.Symbol):
+        value = dict(sizes).get(expr.name)
+        if value is not None:
+            return sympy.Integer(value)
+    if isinstance(expr, sympy.Number):
+        return expr
+    return _subs(expr, tuple(item for item in sizes if SIZES[item[0]] in _free(expr)))
+
+
+def _scale(expr, sizes: tuple) -> float:
+    """The spec's scale at ``sizes`` as a float (cached like ``_at``); InputError where it is
+    not a finite real number."""
+    return _float(expr, tuple(item for item in sizes if SIZES[item[0]] in _free(expr)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _float(expr, sizes: tuple) -> float:
+    scale = _subs(expr, sizes)
+    if not (scale.is_real and scale.is_finite):
+        raise InputError(f"scale {expr} is {scale} at these sizes ({dict(sizes)}); expected a "
+                         "finite real number")
+    return float(scale)
+
+
+@functools.lru_cache(maxsize=1024)
+def _free(expr) -> frozenset:
+    return frozenset(sympy.sympify(expr).free_symbols)
+
+
+@functools.lru_cache(maxsize=1024)
+def _subs(expr, sizes: tuple):
     return sympy.sympify(expr).subs({SIZES[name]: value for name, value in sizes})
 
 
