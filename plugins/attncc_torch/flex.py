@@ -28,6 +28,7 @@ import numpy as np
 import sympy
 import torch
 from sympy.printing.pytorch import TorchPrinter
+from torch._guards import detect_fake_mode
 
 from attncc.plan import PlanCache
 from attncc.spec import symbols
@@ -78,6 +79,12 @@ class FlexPrinter(TorchPrinter):
 
     def _print_Min(self, expr):
         return self._extreme(expr, "torch.minimum")
+
+
+def _tracing(x) -> bool:
+    """Whether ``x`` is being traced (torch.compile of a model calling attncc's op, fake
+    tensors): a nested torch.compile cannot run there, so the tile loop serves the call."""
+    return torch.compiler.is_compiling() or detect_fake_mode([x]) is not None
 
 
 def printable(node) -> str | None:
@@ -143,7 +150,7 @@ class FlexRunner:
     def serves(self, call) -> bool:
         q = call.q
         return (not self.broken and q.device.type == "cpu" and q.shape[2] >= MIN_ROWS
-                and q.dtype in FLEX_DTYPES
+                and q.dtype in FLEX_DTYPES and not _tracing(q)
                 and call.v.shape[-1] == q.shape[-1]
                 and (self._key(call) in self._compiled or len(self._compiled) < MAX_SHAPES))
 
