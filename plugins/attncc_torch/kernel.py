@@ -122,8 +122,13 @@ class TorchKernel(Kernel):
             out = self._flex(call)
             if out is not None:
                 return out.to(call.dtype)
-        runs = self._runs_ok(call)
-        if not runs and self._decode is not None and call.sizes["seq_q"] <= MAX_ROWS:
+        # a decoding step takes one dense pass even where the runs path could serve it: a new
+        # KV length each step would build a new block plan per call
+        decode = (self._decode is not None and call.sizes["seq_q"] <= MAX_ROWS
+                  and not native)
+        runs = not decode and self._runs_ok(call)
+        if decode or (not runs and self._decode is not None
+                      and call.sizes["seq_q"] <= MAX_ROWS):
             out, lse = self._decode(call, k, v, return_lse)
             return (out.to(call.dtype), lse.to(call.dtype)) if return_lse else out.to(call.dtype)
         plan = self._plans.get(call.sizes, call.raw_inputs)
