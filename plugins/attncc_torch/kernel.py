@@ -122,10 +122,10 @@ class TorchKernel(Kernel):
             out = self._flex(call)
             if out is not None:
                 return out.to(call.dtype)
-        # a decoding step takes one dense pass even where the runs path could serve it: a new
-        # KV length each step would build a new block plan per call
+        # a decoding step (no gradient) takes one dense pass even where the runs path could
+        # serve it: a new KV length each step would build a new block plan per call
         decode = (self._decode is not None and call.sizes["seq_q"] <= MAX_ROWS
-                  and not native)
+                  and not native and not _wants_grad(call))
         runs = not decode and self._runs_ok(call)
         if decode or (not runs and self._decode is not None
                       and call.sizes["seq_q"] <= MAX_ROWS):
@@ -197,10 +197,7 @@ class TorchKernel(Kernel):
         """Whether the flex path (``flex.py``) serves this call: a runner (the node's lowering
         allows it, ``use_sdpa`` asks for fused kernels, its expressions print), no gradient
         wanted (FlexAttention has no CPU backward), and a call shape the runner takes."""
-        if self._flex is None or not self._flex.serves(call):
-            return False
-        tensors = (call.q, call.k, call.v, *call.inputs.values())
-        return not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
+        return self._flex is not None and self._flex.serves(call) and not _wants_grad(call)
 
     def _derive(self, plan, key, build):
         """``build()``, cached with ``plan`` (dropped when the plan is): schedules, runners."""
@@ -208,6 +205,12 @@ class TorchKernel(Kernel):
         if key not in derived:
             derived[key] = build()
         return derived[key]
+
+
+def _wants_grad(call) -> bool:
+    """Whether autograd records this call (a tensor of it requires a gradient)."""
+    tensors = (call.q, call.k, call.v, *call.inputs.values())
+    return torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
 
 
 def describe(spec, node, kind: str, config: dict) -> str:
