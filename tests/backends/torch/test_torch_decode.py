@@ -31,19 +31,13 @@ SCALED = {"attncc": 1, "name": "scaled_slopes", "heads": 4, "kv_heads": 1,
 
 
 @pytest.fixture
-def decoded(monkeypatch):
+def decoded(monkeypatch, count_calls):
     """Counts decode calls; the tile loop fails the test if it runs."""
-    counter = {"n": 0}
-    original = decode.DecodeRunner.__call__
-
-    def counted(self, *args, **kwargs):
-        counter["n"] += 1
-        return original(self, *args, **kwargs)
+    counter = count_calls(decode.DecodeRunner)
 
     def refused(*args, **kwargs):
         raise AssertionError("the tile loop ran instead of the decode path")
 
-    monkeypatch.setattr(decode.DecodeRunner, "__call__", counted)
     monkeypatch.setattr(FlashAttention, "apply", refused)
     return counter
 

@@ -28,16 +28,8 @@ SCALED_DOCS = {"attncc": 1, "name": "scaled_docs",
 
 
 @pytest.fixture
-def calls(monkeypatch):
-    counter = {"n": 0}
-    original = flex.FlexRunner.__call__
-
-    def counted(self, *args, **kwargs):
-        counter["n"] += 1
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(flex.FlexRunner, "__call__", counted)
-    return counter
+def calls(count_calls):
+    return count_calls(flex.FlexRunner)
 
 
 def _ref(spec, q, k, v, inputs):

@@ -27,16 +27,8 @@ SPECS = [p for p in example_specs() if _served(attncc.load_spec(p))]
 
 
 @pytest.fixture
-def calls(monkeypatch):
-    counter = {"n": 0}
-    original = runs.RunsForward.__call__
-
-    def counted(self, *args, **kwargs):
-        counter["n"] += 1
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(runs.RunsForward, "__call__", counted)
-    return counter
+def calls(count_calls):
+    return count_calls(runs.RunsForward)
 
 
 def test_the_runs_path_serves_masked_specs():
