@@ -32,10 +32,11 @@ def compile(spec, backend: str = "auto", *, target=None, config: dict | None = N
     stores the winner; ``tune="new-shapes"`` tunes every bucket a call meets without an exact
     record, once per machine (a small budget, at the bucket's upper bound).
 
-    ``backend`` names a registered backend or is ``"auto"``: when every supported backend has a
-    tuning record (the ``seq`` bucket, else any bucket), the one whose record is fastest; else
-    the highest ``priority`` for the target. Unknown config names, or a config the backend's
-    search space does not accept on this target, raise BackendError. ``dtype`` also tells the
+    ``backend`` names a registered backend or is ``"auto"``: with ``seq``, when every supported
+    backend has a tuning record of that bucket, the one whose record is fastest; else (and
+    without ``seq``) the highest ``priority`` for the target.
+    Unknown config names, or a config the backend's search space does not accept on this
+    target, raise BackendError. ``dtype`` also tells the
     backend which element size a config must fit (``graph.graph["dtype"]``: shared memory and
     registers scale with it); a call in another dtype compiles its own variant.
     """
@@ -58,7 +59,9 @@ def compile(spec, backend: str = "auto", *, target=None, config: dict | None = N
         return kernel
     store = open_or_warn(db, stacklevel=2)
     records = {b.name: _lookup(spec, b, seq, seq_k, dtype, target, store) for b in candidates}
-    chosen, why = _choose(candidates, records, target)
+    # times compare only at a known shape: without seq= the backends' newest records may be of
+    # other buckets (a decoding step's against a prefill's), so priority chooses
+    chosen, why = _choose(candidates, records if seq is not None else {}, target)
     kernel = Dispatch(chosen, spec, target, dtype=dtype, db=store, why=why,
                       tune="new-shapes" if tune == "new-shapes" else False)
     record, tuned = records.get(chosen.name) if seq is not None else None, False
