@@ -242,3 +242,17 @@ def test_steady_allocator_stops_page_faults_of_large_tile_temporaries():
         pytest.skip("not glibc: mallopt unavailable")
     assert per_call < 50, f"expected almost no page faults per call, got {per_call}"
     assert faults("steady", ATTNCC_STEADY_MALLOC="0")[0] == "False"
+
+
+def test_the_timed_inputs_have_a_models_head_size_unless_the_spec_fixes_one():
+    from attncc.backends import registry
+    from attncc.spec.load import load_spec
+    from attncc.target import default_target
+    from attncc.tuning.tuner import TUNE_HEAD_DIM, Problem
+
+    for source, want in (({"attncc": 1, "name": "open"}, (TUNE_HEAD_DIM, TUNE_HEAD_DIM)),
+                         ({"attncc": 1, "name": "fixed", "head_dim": 32}, (32, 32))):
+        problem = Problem(load_spec(source), registry.get("numpy"), default_target(), 1, 16, 16,
+                          "float32")
+        q, _, v, _ = problem.args()
+        assert (q.shape[-1], v.shape[-1]) == want
