@@ -107,3 +107,13 @@ def test_an_unprintable_score_mod_is_left_to_the_tile_loop():
                              "score_mod": "score * ((q_idx ^ kv_idx) & 1)"})
     _, node = attention_node(lower(spec))
     assert flex.printable(node) is not None
+
+
+def test_a_traced_call_never_compiles_flex():
+    """Fake tensors (a model being compiled) take another path: no nested torch.compile."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(1, 2, 256, 16)
+    assert flex._tracing(q)
+    assert not flex._tracing(torch.empty(1, 2, 256, 16))
