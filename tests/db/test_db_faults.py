@@ -101,6 +101,12 @@ def test_unreachable_postgres_is_one_line(monkeypatch):
 
 WORKER = """
 import sys, time
+import optuna
+written = optuna.storages.RDBStorage.record_heartbeat
+def record_heartbeat(self, trial_id):  # says when the trial's first heartbeat is in the file
+    written(self, trial_id)
+    print("heartbeat", flush=True)
+optuna.storages.RDBStorage.record_heartbeat = record_heartbeat
 from attncc.tuning.study import open_study
 study = open_study(sys.argv[1], "killed", budget=3, heartbeat=1)
 def objective(trial):
@@ -117,14 +123,21 @@ def test_killed_worker_trial_is_failed_on_next_open(tmp_path):
     worker = subprocess.Popen([sys.executable, "-c", WORKER, url], stdout=subprocess.PIPE,
                               text=True)
     try:
-        assert worker.stdout.readline().strip() == "running"
-        time.sleep(1.5)  # at least one heartbeat written
+        # a trial that never wrote a heartbeat is never stale: kill only once one is written,
+        # however long a loaded machine takes to write it
+        seen = set()
+        while seen != {"running", "heartbeat"}:
+            line = worker.stdout.readline()
+            assert line, f"the worker ended early, after {seen}"
+            seen.add(line.strip())
     finally:
         worker.kill()
         worker.wait()
     trials = optuna.load_study(study_name="killed", storage=url).get_trials()
     assert [t.state for t in trials] == [TrialState.RUNNING]  # the kill left it dangling
-    time.sleep(2.5)  # past the grace period (2 heartbeats)
+    # past the grace period (2 heartbeats of 1 s): SQLite's clock counts whole seconds, so
+    # only 3 s after the last heartbeat is the difference it sees surely more than 2
+    time.sleep(3.5)
     study = open_study(url, "killed", budget=3, heartbeat=1)
     assert [t.state for t in study.get_trials()] == [TrialState.FAIL]
 
