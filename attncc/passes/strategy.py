@@ -218,9 +218,12 @@ def _decode(node: FusedAttention, reads: list[str], spec) -> Path:
         why.append("the sdpa path serves it (one fused call for any seq_q)")
     if why:
         return Path("decode", False, "; ".join(why))
-    return Path("decode", True, "dot-product softmax: for a few query rows (a decoding step), "
-                                "scores, score_mod and mask evaluated once over (batch, heads, "
-                                "seq_q, seq_k)")
+    if node.score_mod is None or additive_bias(node.score_mod) is not None:
+        how = "one fused SDPA call, the mask (and bias) evaluated once over the call's tile"
+    else:
+        how = "scores, score_mod and mask evaluated once over (batch, heads, seq_q, seq_k)"
+    return Path("decode", True, f"dot-product softmax: for a few query rows (a decoding step), "
+                                f"{how}")
 
 
 def _tiles(node: FusedAttention, reads: list[str], spec) -> Path:

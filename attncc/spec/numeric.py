@@ -61,14 +61,16 @@ def logistic(x, xp):
     return xp.exp(-xp.logaddexp(0.0, -x))
 
 
-def evaluate(expr: sympy.Basic, env: dict, xp):
+def evaluate(expr: sympy.Basic, env: dict, xp, ranges: dict | None = None):
     """Value of ``expr`` with symbols and inputs taken from ``env`` (name -> scalar or array).
 
     Index symbols map to integer arrays that broadcast against each other; inputs map to arrays
     indexed by the (broadcast) index values. Raises InputError when an input is indexed out of its
-    bounds, naming the input.
+    bounds, naming the input. ``ranges`` (name -> n) promises that ``env[name]`` holds integers
+    in ``[0, n)``: an input axis indexed by that symbol alone, of size at least n, is read
+    without a bounds check.
     """
-    return _Evaluator(env, xp).value(expr)
+    return _Evaluator(env, xp, ranges=ranges or {}).value(expr)
 
 
 def _is_scalar(x) -> bool:
@@ -79,10 +81,11 @@ class _Evaluator:
     """``exact``: the evaluator of input indices, whose float arithmetic is float64 on every
     namespace (integer arrays meeting floats are promoted to float64, not torch's float32)."""
 
-    def __init__(self, env: dict, xp, exact: bool = False):
+    def __init__(self, env: dict, xp, exact: bool = False, ranges: dict | None = None):
         self.env = env
         self.xp = xp
         self.exact = exact
+        self.ranges = ranges or {}
         self.memo: dict[sympy.Basic, object] = {}
         self.twin = None
 
@@ -164,7 +167,9 @@ class _Evaluator:
         device = _device(arrays[0]) if arrays else None
         d = xp.reshape(xp.arange(int(lo), int(hi) + 1, dtype=xp.int64, device=device),
                        (count,) + (1,) * ndim)
-        value = _Evaluator({**self.env, axis.name: d}, xp, self.exact).value(e.function)
+        value = _Evaluator({**self.env, axis.name: d}, xp, self.exact,
+                           {**self.ranges, axis.name: count} if int(lo) == 0 else self.ranges
+                           ).value(e.function)
         if _is_scalar(value) or len(value.shape) <= ndim:  # the body does not read d
             return value * count
         return xp.sum(value, axis=0)
@@ -268,18 +273,21 @@ class _Evaluator:
             raise InputError(f"missing input '{name}'") from None
         indices = []
         if self.twin is None:  # the index evaluator, one per evaluation
-            self.twin = self if self.exact else _Evaluator(self.env, self.xp, exact=True)
+            self.twin = self if self.exact else _Evaluator(self.env, self.xp, True, self.ranges)
         exact = self.twin
         for axis, index in enumerate(e.indices):
             value = exact.value(index)
             size = table.shape[axis]
+            if index.is_Symbol and self.ranges.get(index.name, size + 1) <= size:
+                indices.append(value)  # in range by the caller's promise
+                continue
             if _is_scalar(value):
                 value = math.floor(value)
                 bad = not 0 <= value < size
             else:
                 if self.xp.isdtype(value.dtype, "real floating"):  # integral, not provably so
                     value = self.xp.floor(value)
-                value = self.xp.astype(value, self.xp.int64)
+                value = self.xp.astype(value, self.xp.int64, copy=False)
                 bad = bool(self.xp.any(value < 0) or self.xp.any(value >= size))
             if bad:
                 raise InputError(f"input '{name}' is indexed outside its axis {axis} of size "

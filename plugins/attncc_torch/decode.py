@@ -1,18 +1,27 @@
 """The decode path: a few query rows (a decoding step against a KV cache) in one pass.
 
 For ``seq_q <= MAX_ROWS`` the tile loop's per-step gathers and online softmax cost more than the
-arithmetic; here the scores of every (batch, query head, row, key) are one batched matmul per kv
-head, ``(B, Hkv, group * seq_q, D) @ (B, Hkv, D, seq_k)`` (grouped-query heads read their kv
-head, no copy), the score_mod and the mask are evaluated once over the ``(B, Hkv, group, seq_q,
-seq_k)`` tile (the same ``attncc.spec.numeric.evaluate`` and index layout as the tile loop), then
-one softmax and one matmul with V. Memory: ``O(heads * seq_q * seq_k)``, linear in the keys for
-bounded ``seq_q``. Any score_mod and mask the spec language writes; autograd is torch's own
-through these plain ops (gradients of score_mod inputs included).
+arithmetic. Here the mask is evaluated once over the call's ``(B, Hkv, group, seq_q, seq_k)``
+index tile (``LAYOUT``: the tile loop's index layout, ``attncc.spec.numeric.evaluate``), then:
 
-Rows whose every key the mask removes give zeros and a log-sum-exp of -inf, as on the other
-paths. A mask that reads no input depends only on the sizes: it is evaluated once per call's
-sizes and cached (a few at a time) with the rows it leaves empty (None where it keeps every
-pair, as a bottom-right causal mask does for a single query row).
+- no score_mod, or an additive one (``score + bias``, ``strategy.additive_bias``): one
+  ``scaled_dot_product_attention`` call (grouped-query heads through ``enable_gqa``, no copy),
+  the mask as a bool tile or, with a bias, the bias with ``-inf`` where the mask drops a pair;
+- any other score_mod (soft-capping): the scores of every (batch, query head, row, key) in one
+  batched matmul per kv head, ``(B, Hkv, group * seq_q, D) @ (B, Hkv, D, seq_k)``, the score_mod
+  over the tile, one softmax and one matmul with V.
+
+Memory: ``O(heads * seq_q * seq_k)``, linear in the keys for bounded ``seq_q``. Autograd is
+torch's own through these ops (gradients of score_mod inputs included); the log-sum-exp, where
+asked for, comes from the dense scores (SDPA returns none).
+
+The mask is split into its conjuncts: those that read no input depend only on the sizes and are
+evaluated once per call's sizes and cached (a few at a time; None where they keep every pair);
+for one query row a bottom-right causal term (``strategy.causal_alignment``) is left out, as
+that row sits at the last key and sees them all. Those that read inputs (padding, document ids)
+are evaluated per call, their indices promised in range (``evaluate(ranges=)``: the tile's
+aranges). Rows whose every key the mask removes give zeros and a log-sum-exp
+of -inf, as on the other paths.
 """
 
 from __future__ import annotations
@@ -20,8 +29,10 @@ from __future__ import annotations
 import array_api_compat.torch as xp
 import sympy
 import torch
+import torch.nn.functional as F  # noqa: N812 - the name torch code uses
 
 from attncc.lowering.env import Layout, merge_heads, raw_scores, split_heads
+from attncc.passes.strategy import additive_bias, causal_alignment
 from attncc.spec.numeric import evaluate
 from attncc.spec.symbols import score
 
@@ -31,69 +42,144 @@ MAX_ROWS = 16
 #: Where b, h, q_idx, kv_idx sit in the tile ``(B, Hkv, group, seq_q, seq_k)``.
 LAYOUT = Layout(5, b=(0,), h=(1, 2), q_idx=(3,), kv_idx=(4,))
 
+#: Cached size-only mask parts per runner (decoding grows seq_k by one per step).
+MAX_CACHED = 64
+
 
 class DecodeRunner:
     """``runner(call, k, v, return_lse) -> (out (B, H, seq_q, Dv), lse (B, H, seq_q) or None)``
-    for a fused softmax node with a dot score (``node.lowering.allows("decode")``); ``drop`` is
-    ``Not(mask)`` or None."""
+    for a fused softmax ``node`` with a dot score (``node.lowering.allows("decode")``)."""
 
-    def __init__(self, node, drop):
-        self.node, self.drop_expr = node, drop
-        self._static = drop is not None and not drop.atoms(sympy.Indexed)
-        self._masks: dict = {}
-        # whether score_mod reads more than the score (indices, sizes, inputs)
+    def __init__(self, node):
+        self.node = node
         mod = node.score_mod
-        self._reads = mod is not None and bool(mod.free_symbols - {score}
-                                               or mod.atoms(sympy.Indexed))
+        self.bias = additive_bias(mod)
+        self.fused = decode_fused(node)
+        terms = sympy.And.make_args(node.mask.expr) if node.mask is not None else ()
+        static = [t for t in terms if not t.atoms(sympy.Indexed)]
+        read = [t for t in terms if t.atoms(sympy.Indexed)]
+        # for one query row (it sits at the last key) a bottom-right causal term keeps every key
+        one_row = [t for t in static if causal_alignment(t) != "bottom_right"]
+        self._static = {False: sympy.And(*static) if static else None,
+                        True: sympy.And(*one_row) if one_row else None}
+        self._read = sympy.And(*read) if read else None
+        self._ar: dict = {}  # device -> arange(n) for the largest n seen (views serve smaller)
+        self._masks: dict = {}
+        # whether the score_mod (or its bias) reads more than the score: indices, sizes, inputs
+        expr = self.bias if self.fused else mod
+        self._reads = expr is not None and bool(expr.free_symbols - {score}
+                                                or expr.atoms(sympy.Indexed))
 
     def __call__(self, call, k, v, return_lse: bool):
         q5 = split_heads(call.q, k.shape[1])                       # (B, Hkv, G, nq, D)
-        g, nq = q5.shape[2:4]
-        s = raw_scores(q5.flatten(2, 3), k, call.scale).unflatten(2, (g, nq))
-        env = None
-        if self.node.score_mod is not None:
-            env = self._env(call, q5) if self._reads else {}
-            value = evaluate(self.node.score_mod, {**env, "score": s}, xp)
-            s = torch.broadcast_to(torch.as_tensor(value, dtype=s.dtype, device=s.device),
-                                   s.shape)
-        drop, dead = self._mask(call, q5, env)
-        if drop is not None:
-            if s.requires_grad or not s.is_contiguous():  # a graph, or a broadcast value
-                s = s.masked_fill(drop, float("-inf"))
-            else:
-                s.masked_fill_(drop, float("-inf"))
-            if dead is not None:  # rows with no key: a finite softmax, then zeros
-                s = s.masked_fill(dead, 0.0)
-        p = torch.softmax(s, dim=-1)
-        out = (p.flatten(2, 3) @ v).unflatten(2, (g, nq))
-        lse = torch.logsumexp(s, dim=-1) if return_lse else None
-        if dead is not None:
+        env = self._env(call, q5) if self._reads or self._read is not None else None
+        keep, dead = self._keep(call, q5, env)
+        if self.fused and not return_lse:
+            out, lse = self._sdpa(call, k, v, env, keep), None
+        else:
+            out, lse = self._dense(call, q5, k, v, env, keep, return_lse)
+        if dead is not None:  # rows with no key: zeros (and lse -inf)
+            dead = _heads(dead, *q5.shape[1:3])
             out = out.masked_fill(dead, 0.0)
             lse = lse.masked_fill(dead[..., 0], float("-inf")) if return_lse else None
-        return merge_heads(out), (merge_heads(lse[..., None])[..., 0] if return_lse else None)
+        return out, lse
+
+    def _sdpa(self, call, k, v, env, keep):
+        """One fused call: the mask as ``keep`` (bool) or the bias, -inf where dropped."""
+        hk, g = k.shape[1], call.group
+        mask = None if keep is None else _heads(keep, hk, g)
+        if self.bias is not None:
+            bias = self._value(self.bias, env, call, hk, g)
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+        return F.scaled_dot_product_attention(call.q, k, v, attn_mask=mask, scale=call.scale,
+                                              enable_gqa=call.group > 1)
+
+    def _dense(self, call, q5, k, v, env, keep, return_lse: bool):
+        """Scores, score_mod, mask, softmax and ``@ v`` over the whole tile."""
+        g, nq = q5.shape[2:4]
+        s = raw_scores(q5.flatten(2, 3), k, call.scale).unflatten(2, (g, nq))
+        if self.node.score_mod is not None:
+            value = evaluate(self.node.score_mod, {**(env or {}), "score": s}, xp)
+            s = torch.broadcast_to(torch.as_tensor(value, dtype=s.dtype, device=s.device),
+                                   s.shape)
+        if keep is not None:
+            if s.requires_grad or not s.is_contiguous():  # a graph, or a broadcast value
+                s = s.masked_fill(~keep, float("-inf"))
+            else:
+                s.masked_fill_(~keep, float("-inf"))
+            # rows with no key: a finite softmax, zeroed by the caller
+            s = s.masked_fill(~keep.any(dim=-1, keepdim=True), 0.0)
+        out = (torch.softmax(s, dim=-1).flatten(2, 3) @ v).unflatten(2, (g, nq))
+        lse = merge_heads(torch.logsumexp(s, dim=-1)[..., None])[..., 0] if return_lse else None
+        return merge_heads(out), lse
+
+    def _value(self, expr, env, call, kv_heads: int, group: int):
+        """``expr`` over the tile in q's dtype, ``(B|1, H|1, nq, nk)``."""
+        q = call.q
+        value = torch.as_tensor(evaluate(expr, env or {}, xp, _ranges(q, call.sizes)),
+                                dtype=q.dtype, device=q.device)
+        value = value.reshape((1,) * (5 - value.ndim) + tuple(value.shape))
+        return _heads(value, kv_heads, group)
 
     def _env(self, call, q5):
         nb, hk, g, nq, _ = q5.shape
-        dev = q5.device
-        heads = torch.arange(hk * g, device=dev).view(hk, g)
-        fixed = LAYOUT.fixed(call.sizes, call.inputs, torch.arange(nb, device=dev), heads)
-        return LAYOUT.env(fixed, torch.arange(nq, device=dev),
-                          torch.arange(call.sizes["seq_k"], device=dev))
+        ar = self._arange(max(nb, hk * g, nq, call.sizes["seq_k"]), q5.device)
+        fixed = LAYOUT.fixed(call.sizes, call.inputs, ar[:nb], ar[:hk * g].view(hk, g))
+        return LAYOUT.env(fixed, ar[:nq], ar[:call.sizes["seq_k"]])
 
-    def _mask(self, call, q5, env):
-        """``(drop, dead)``: pairs the mask removes and rows it leaves empty (broadcastable
-        bool tensors, None where there are none)."""
-        if self.drop_expr is None:
+    def _arange(self, n: int, device):
+        """``arange(m)`` for some ``m >= n`` on ``device``, grown by doubling (decoding grows
+        the keys by one per step)."""
+        ar = self._ar.get(device)
+        if ar is None or ar.shape[0] < n:
+            ar = self._ar[device] = torch.arange(max(2 * n, 1024), device=device)
+        return ar
+
+    def _keep(self, call, q5, env):
+        """``(keep, dead)``: the pairs the mask keeps and the rows it leaves empty, as bool
+        tiles broadcastable to ``(B, Hkv, group, seq_q, seq_k)``; None where the mask keeps
+        every pair / leaves no row empty."""
+        static = self._static_keep(call, q5)
+        if self._read is None:
+            return static
+        keep = torch.as_tensor(evaluate(self._read, env, xp, _ranges(q5, call.sizes)),
+                               device=q5.device)
+        if static[0] is not None:
+            keep = keep & static[0]
+        dead = ~keep.any(dim=-1, keepdim=True)
+        return (None if keep.all() else keep), (dead if dead.any() else None)
+
+    def _static_keep(self, call, q5):
+        """``(keep, dead)`` of the conjuncts that read no input, cached per call sizes."""
+        static = self._static[q5.shape[3] == 1]
+        if static is None:
             return None, None
         key = (*sorted(call.sizes.items()), str(q5.device))
-        if self._static and key in self._masks:
-            return self._masks[key]
-        drop = evaluate(self.drop_expr, env or self._env(call, q5), xp)
-        drop = torch.as_tensor(drop, device=q5.device)
-        dead = drop.all(dim=-1, keepdim=True)
-        result = (drop if drop.any() else None, dead if dead.any() else None)
-        if self._static:
-            if len(self._masks) >= 64:  # decoding grows seq_k by one per step
+        if key not in self._masks:
+            keep = torch.as_tensor(evaluate(static, self._env(call, q5), xp),
+                                   device=q5.device)
+            dead = ~keep.any(dim=-1, keepdim=True)
+            if len(self._masks) >= MAX_CACHED:
                 self._masks.clear()
-            self._masks[key] = result
-        return result
+            self._masks[key] = ((None if keep.all() else keep), (dead if dead.any() else None))
+        return self._masks[key]
+
+
+def decode_fused(node) -> bool:
+    """Whether one SDPA call serves the node's decoding steps: no score_mod, or an additive one
+    (its bias joins the float mask)."""
+    return node.score_mod is None or additive_bias(node.score_mod) is not None
+
+
+def _ranges(q, sizes: dict) -> dict:
+    """The index ranges of the tile (``evaluate``'s promise: ``_env`` holds aranges)."""
+    return {"b": q.shape[0], "h": sizes["heads"], "q_idx": q.shape[-2],
+            "kv_idx": sizes["seq_k"]}
+
+
+def _heads(x, kv_heads: int, group: int):
+    """A 5-D tile ``(B|1, Hkv|1, G|1, ...)`` as 4-D ``(B|1, H|1, ...)`` for SDPA and outputs
+    (a view where it does not vary over heads)."""
+    if x.shape[1] == 1 and x.shape[2] == 1:
+        return x[:, 0]
+    return x.expand(x.shape[0], kv_heads, group, *x.shape[3:]).flatten(1, 2)

@@ -38,7 +38,8 @@ from attncc.lowering.states import STATE_TEXT, TOPK_TEXT
 from attncc.passes.strategy import causal_alignment
 from attncc.plan import PlanCache
 
-from .decode import MAX_ROWS, DecodeRunner
+from . import traced
+from .decode import MAX_ROWS, DecodeRunner, decode_fused
 from .flash import FlashAttention
 from .flex import MIN_ROWS, FlexRunner, printable
 from .runs import NATIVE_BF16, RunsForward
@@ -68,7 +69,8 @@ class TorchKernel(Kernel):
         self._projection = ("E", "F") if node.projection is not None else ()
         fused = self.config["use_sdpa"]
         self._sdpa = fused and node.lowering.allows("sdpa")
-        self._bottom_right = (node.mask is not None
+        self._masked = node.mask is not None
+        self._bottom_right = (self._masked
                               and causal_alignment(node.mask.expr) == "bottom_right")
         self._tails: dict = {}
         self._runs = fused and node.lowering.allows("runs")
@@ -77,7 +79,7 @@ class TorchKernel(Kernel):
                       and printable(node) is None else None)
         self._drop = sympy.Not(node.mask.expr) if node.mask is not None else None
         # a few query rows (decoding) that no fused call serves: one pass (decode.py)
-        self._decode = (DecodeRunner(node, self._drop)
+        self._decode = (DecodeRunner(node)
                         if fused and node.lowering.allows("decode") else None)
         self._plans = PlanCache(node, self.config["block_m"], self.config["block_n"])
         self._derived: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -88,7 +90,7 @@ class TorchKernel(Kernel):
     def __call__(self, q, k, v, *, return_lse: bool = False, stats=(), **inputs):
         if stats:  # per-row statistics: Kernel.call_with_stats (attncc.lowering.maps)
             return self.call_with_stats(q, k, v, stats, return_lse, inputs)
-        whole = self._sdpa and not return_lse  # SDPA takes q, k, v as given: no cast
+        whole = self.sdpa_serves(q, k, return_lse)  # SDPA takes q, k, v as given: no cast
         # bfloat16 on the runs path computes in bfloat16 (the fused kernels accumulate in
         # float32): q, k, v uncast, the floating inputs (bias terms) in float32
         native = (not whole and self._runs and q.dtype == torch.bfloat16 and NATIVE_BF16
@@ -109,12 +111,8 @@ class TorchKernel(Kernel):
         if self.kind == "nystrom":
             out = nystrom(call.q, call.k, call.v, node.landmarks, call.scale, exact_pinv=False)
             return out.to(call.dtype)
-        if whole and (not self._bottom_right or q.shape[2] <= k.shape[2]):
-            causal, mask = node.mask is not None, None
-            if self._bottom_right and q.shape[2] != k.shape[2]:
-                causal, mask = False, self._tail(q.shape[2], k.shape[2], q.dtype, q.device)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                                  scale=call.scale, enable_gqa=call.group > 1)
+        if whole:
+            return self._whole(q, k, v, call.scale, self._tail)
         k, v = call.k, call.v
         if self._projection:
             k, v = linformer(k, v, *(call.inputs[n] for n in self._projection))
@@ -145,6 +143,48 @@ class TorchKernel(Kernel):
                                                                   call, k, v)
         out = out.to(call.dtype)
         return (out, lse.to(call.dtype)) if return_lse else out
+
+    def sdpa_serves(self, q, k, return_lse: bool = False) -> bool:
+        """Whether a call takes the sdpa path (one ``scaled_dot_product_attention``, ``_whole``):
+        the node's lowering allows it, ``use_sdpa``, no ``return_lse``, and under a bottom-right
+        causal mask ``seq_q <= seq_k`` (a longer query has rows that see no key). False where q
+        or k is not 4-D (the prologue says why). Both ``__call__`` and ``traceable`` ask it."""
+        if not self._sdpa or return_lse:
+            return False
+        if not self._bottom_right:
+            return True
+        shapes = getattr(q, "shape", ()), getattr(k, "shape", ())
+        return len(shapes[0]) == 4 == len(shapes[1]) and shapes[0][2] <= shapes[1][2]
+
+    def traceable(self):
+        """The sdpa path as plain torch ops (``Kernel.traceable``; ``traced.py``): None where
+        the kernel never takes it or the spec has runtime inputs (their checks are the
+        prologue's); the function declines a call ``sdpa_serves`` refuses or whose sizes
+        ``traced.sizes`` cannot vouch for."""
+        if not self._sdpa or self.spec.inputs:
+            return None
+        spec, scale = self.spec, traced.scale_function(self.spec.scale)
+        if scale is None:
+            return None
+        fixes = {"heads": spec.heads, "kv_heads": spec.kv_heads or spec.heads,
+                 "head_dim": spec.head_dim, "value_dim": spec.value_dim or spec.head_dim}
+
+        def fn(q, k, v, **inputs):
+            found = None if inputs else traced.sizes(q, k, v, fixes)
+            if found is None or not self.sdpa_serves(q, k):
+                return None
+            return self._whole(q, k, v, scale(found), traced.tail)
+
+        return fn
+
+    def _whole(self, q, k, v, scale, tail):
+        """The sdpa path on q, k, v as given: top-left causal or dense, or under a bottom-right
+        mask ``tail(seq_q, seq_k, dtype, device)`` where ``seq_q != seq_k``."""
+        causal, mask = self._masked, None
+        if self._bottom_right and q.shape[2] != k.shape[2]:
+            causal, mask = False, tail(q.shape[2], k.shape[2], q.dtype, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                              scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
     def _tail(self, nq: int, nk: int, dtype, device):
         """The bottom-right causal mask ``(1, 1, nq, nk)`` as a zero-copy view of a cached
@@ -267,6 +307,10 @@ def describe(spec, node, kind: str, config: dict) -> str:
     if lowering.allows("decode") and config["use_sdpa"]:
         lines += [f"# path decode ({lowering.why('decode')}), for seq_q <= {MAX_ROWS} where the "
                   "runs path does not serve:",
+                  *(["out = torch.nn.functional.scaled_dot_product_attention(q, k, v, "
+                     "attn_mask=mask (bool) or bias masked -inf, scale=scale, enable_gqa=...)"
+                     "   # return_lse: the dense form below"]
+                    if decode_fused(node) else []),
                   "s = score_mod((scale * q) @ k.T) masked -inf; out = softmax(s) @ v   # "
                   "whole (B, Hkv, group, seq_q, seq_k) tile, decode.py"]
     lines.append(f"# path tiles ({lowering.why('tiles')}), otherwise:")

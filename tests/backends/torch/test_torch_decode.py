@@ -95,3 +95,101 @@ def test_more_rows_take_another_path(monkeypatch):
 
     monkeypatch.setattr(decode.DecodeRunner, "__call__", refused)
     kernel(q, k, v)
+
+
+ALIBI_CACHE = {"attncc": 1, "name": "alibi_cache", "heads": 8, "kv_heads": 2,
+               "score_mod": "score - slope[h] * (q_idx + seq_k - seq_q - kv_idx)",
+               "mask": TAIL, "inputs": {"slope": {"shape": ["heads"], "dtype": "float32"}}}
+PADDED = {"attncc": 1, "name": "padded_cache", "heads": 4, "kv_heads": 1,
+          "mask": f"{TAIL} and keep[b, kv_idx]",
+          "inputs": {"keep": {"shape": ["batch", "seq_k"], "dtype": "bool"}}}
+
+
+@pytest.fixture
+def fused_calls(monkeypatch, count_calls):
+    """Counts torch's scaled_dot_product_attention calls; the tile loop fails the test."""
+    counter = {"n": 0}
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def counted(*args, **kwargs):
+        counter["n"] += 1
+        return original(*args, **kwargs)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the tile loop ran instead of the decode path")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+    monkeypatch.setattr(FlashAttention, "apply", refused)
+    counter["decode"] = count_calls(decode.DecodeRunner)
+    return counter
+
+
+def _out_only(kernel):
+    """The kernel as check_kernel calls it, the output from a call without return_lse (the
+    fused SDPA call) and the lse from one with it."""
+    def call(q, k, v, return_lse=False, **inputs):
+        out = kernel(q, k, v, **inputs)
+        return (out, kernel(q, k, v, return_lse=True, **inputs)[1]) if return_lse else out
+
+    return call
+
+
+@pytest.mark.parametrize("seq_q, seq_k", [(1, 300), (5, 77)])
+def test_an_additive_bias_decodes_in_one_fused_call(seq_q, seq_k, fused_calls):
+    """ALiBi against a KV cache: the bias (and -inf where the mask drops) is SDPA's float mask;
+    with a learnable slope the same call gives its gradient."""
+    kernel = attncc.compile(ALIBI_CACHE, backend="torch")
+    q, k, v, inputs = random_inputs(ALIBI_CACHE, 2, seq_q, seq_k, "float32", seed=seq_q,
+                                    library="torch", head_dim=32)
+    with torch.no_grad():
+        report = check_kernel(_out_only(kernel), ALIBI_CACHE, q, k, v, inputs, grads=False)
+    assert report.ok, str(report)
+    assert fused_calls["n"] >= 1 and fused_calls["decode"]["n"] >= 2
+    slope = inputs["slope"].clone().requires_grad_()
+    calls = fused_calls["n"]
+    kernel(q, k, v, slope=slope).square().sum().backward()
+    assert fused_calls["n"] == calls + 1 and slope.grad is not None
+    ref_slope = inputs["slope"].double().clone().requires_grad_()
+    qd, kd, vd = (x.double() for x in (q, k, v))
+    pos = torch.arange(seq_q)[:, None] + seq_k - seq_q
+    s = (qd @ kd.repeat_interleave(4, 1).mT) * 32 ** -0.5
+    s = s - ref_slope[:, None, None] * (pos - torch.arange(seq_k))
+    s = s.masked_fill(torch.arange(seq_k) > pos, float("-inf"))
+    (torch.softmax(s, -1) @ vd.repeat_interleave(4, 1)).square().sum().backward()
+    assert torch.allclose(slope.grad.double(), ref_slope.grad, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("seq_q", [1, 3])
+def test_padding_and_empty_rows_in_one_fused_call(seq_q, fused_calls):
+    """A padding input read per call: the second batch entry keeps no key at all (its rows
+    give zeros, lse -inf); the first has holes."""
+    kernel = attncc.compile(PADDED, backend="torch")
+    q, k, v, inputs = random_inputs(PADDED, 2, seq_q, 40, "float32", seed=3, library="torch",
+                                    head_dim=16)
+    keep = torch.ones(2, 40, dtype=torch.bool)
+    keep[0, ::3] = False
+    keep[1] = False
+    inputs = {**inputs, "keep": keep}
+    with torch.no_grad():
+        report = check_kernel(_out_only(kernel), PADDED, q, k, v, inputs, grads=False)
+        out, lse = kernel(q, k, v, return_lse=True, **inputs)
+        fast = kernel(q, k, v, **inputs)
+    assert report.ok, str(report)
+    assert torch.all(fast[1] == 0) and torch.all(lse[1] == float("-inf"))
+    assert torch.isfinite(fast[0]).all() and torch.equal(fast[1], out[1])
+    assert fused_calls["n"] >= 2
+
+
+@pytest.mark.parametrize("seq_q", [1, 2])
+def test_static_terms_beside_a_bottom_right_causal_mask(seq_q, fused_calls):
+    """A single decoding row sees every key of the causal term, but not of the other terms
+    (keys before 3 and odd keys dropped), and a row of two sees the causal term too."""
+    spec = {**PADDED, "name": "strided_cache", "mask": f"{TAIL} and kv_idx >= 3 and "
+            "kv_idx % 2 == 0", "inputs": {}}
+    kernel = attncc.compile(spec, backend="torch")
+    q, k, v, _ = random_inputs(spec, 2, seq_q, 50, "float32", seed=4, library="torch",
+                               head_dim=16)
+    with torch.no_grad():
+        report = check_kernel(_out_only(kernel), spec, q, k, v, {}, grads=False)
+    assert report.ok, str(report)
+    assert fused_calls["n"] >= 1 and fused_calls["decode"]["n"] >= 2
