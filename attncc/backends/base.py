@@ -121,6 +121,21 @@ class Kernel(ABC):
         one call) serve opcheck and tests, and ``fn.ops`` may name the others (any object)."""
         return None
 
+    def traceable(self) -> Callable | None:
+        """A function ``fn(q, k, v, **inputs) -> out | None`` that ``torch.compile`` traces in
+        place of the library op (``attncc.integrations.ops.op`` calls it only while
+        ``torch.compiler.is_compiling()``), so the compiler sees the computation itself (e.g.
+        ``scaled_dot_product_attention``, with torch's own backward) instead of an opaque op.
+
+        Contract: ``traceable()`` is called eagerly (once per op); ``fn`` is made only of
+        operations dynamo traces (torch ops on the tensors, plain Python on sizes and
+        constants: no sympy, numpy, database or compile step) and returns what ``__call__``
+        returns for the call, gradients through torch's autograd; or None to decline the call,
+        which then runs through the library op. It declines every call it cannot check that the
+        eager prologue would reject (rank, dtypes, devices, head counts, inputs), so such a call
+        still gets attncc's InputError. Default: None (always the library op)."""
+        return None
+
 
 class Backend(ABC):
     """A code generator for one kind of kernel. Subclasses set ``name`` and implement all four.

@@ -1,9 +1,12 @@
 """attncc kernels as ``torch.library`` operators: opaque to ``torch.compile``, with autograd.
 
 ``op(spec, backend=..., config=...)`` compiles the spec once, in eager Python, and returns
-``fn(q, k, v, **inputs) -> out`` for use inside a model. A kernel that offers its own operators
-(``Kernel.torch_op``) is called through them; any other kernel that takes torch tensors is
-wrapped in the one generic pair:
+``fn(q, k, v, **inputs) -> out`` for use inside a model. While ``torch.compile`` traces it, a
+call the kernel's ``Kernel.traceable`` function serves (the torch backend's sdpa path: dense and
+causal softmax, GQA, no runtime inputs) is that function's plain torch ops, so the compiler sees
+``scaled_dot_product_attention`` and its own backward; every other call, and every eager call,
+is a library op. A kernel that offers its own operators (``Kernel.torch_op``) is called through
+them; any other kernel that takes torch tensors is wrapped in the one generic pair:
 
 - ``attncc::attention(q, k, v, key, inputs) -> Tensor`` (``torch.library.custom_op``) runs the
   kernel's ``__call__``; ``attncc::attention_backward`` its ``backward``. Both have
@@ -108,7 +111,8 @@ attention.register_autograd(_grad, setup_context=_setup_context)
 
 
 def op(spec, *, backend: str = "torch", config: dict | None = None):
-    """Compile ``spec`` now; return ``fn(q, k, v, **inputs) -> out`` calling library ops only.
+    """Compile ``spec`` now; return ``fn(q, k, v, **inputs) -> out`` calling library ops, or,
+    under ``torch.compile``, the kernel's ``traceable`` function where it serves the call.
 
     ``backend`` must take torch tensors (``Backend.library``). The kernel's own operators
     (``Kernel.torch_op``) are used where it has them, else ``attncc::attention``. ``fn.key`` is
@@ -129,6 +133,7 @@ def op(spec, *, backend: str = "torch", config: dict | None = None):
         _KERNELS[key] = compile_spec(spec, backend=backend, config=config)
     kernel, names = _KERNELS[key], tuple(spec.inputs)
     own = kernel.torch_op() or _generic(key, names)
+    traced = kernel.traceable()
 
     def checked(inputs: dict) -> dict:
         missing = [n for n in names if n not in inputs]
@@ -139,7 +144,12 @@ def op(spec, *, backend: str = "torch", config: dict | None = None):
         return inputs
 
     def fn(q, k, v, **inputs):
-        return own(q, k, v, **checked(inputs))
+        inputs = checked(inputs)
+        if traced is not None and torch.compiler.is_compiling():
+            out = traced(q, k, v, **inputs)
+            if out is not None:
+                return out
+        return own(q, k, v, **inputs)
 
     fn.key, fn.names, fn.spec, fn.kernel = key, names, spec, kernel
     fn.op, fn.ops = getattr(own, "op", None), getattr(own, "ops", None)

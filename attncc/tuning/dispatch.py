@@ -132,6 +132,35 @@ class Dispatch(Kernel):
         fn.op, fn.args, fn.ops = own.op, own.args, getattr(own, "ops", None)
         return fn
 
+    def traceable(self):
+        """The traceable function (``Kernel.traceable``) of the variant that serves the traced
+        call's shape bucket and dtype, so a record with a config the sdpa path does not take
+        (``use_sdpa=False``) keeps its variant on the library op. The variant is resolved
+        eagerly, at trace time, by an ``assume_constant_result`` function of the bucket (as
+        ``torch_op`` resolves one: untimed, so a hint met while tracing leaves the default config
+        serving); dynamo traces only the bucket arithmetic and the variant's function."""
+        import torch
+
+        from attncc.lowering.prologue import dtype_name
+
+        table = _Traced()
+
+        @torch.compiler.assume_constant_result
+        def variant(bucket: str, dtype) -> str:
+            kernel = self._slot((bucket, dtype_name(dtype)), None)
+            name = f"k{id(kernel)}"
+            if not hasattr(table, name):
+                setattr(table, name, kernel.traceable())
+            return name
+
+        def fn(q, k, v, **inputs):
+            if not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in (q, k)):
+                return None  # the variant's prologue says why
+            own = getattr(table, variant(_bucket(q.shape[2], k.shape[2]), q.dtype))
+            return None if own is None else own(q, k, v, **inputs)
+
+        return fn
+
     def __getattr__(self, name: str):
         if name.startswith("_"):
             raise AttributeError(name)
@@ -150,26 +179,32 @@ class Dispatch(Kernel):
         self._primary_slot = slot
 
     def _resolve(self, q, k, v, inputs: dict, timed: bool = True) -> Kernel:
-        from attncc.lowering.prologue import COMPUTE, dtype_name
+        from attncc.lowering.prologue import dtype_name
 
         try:
             shape = (int(q.shape[-2]), int(k.shape[-2]), q.dtype)
             slot = (bucket_of(shape[0], shape[1]), dtype_name(q.dtype))
         except (AttributeError, IndexError, TypeError, AttnccError):
             return self._primary  # not an array of attention shape: its prologue says so
-        if slot[1] not in COMPUTE:
-            return self._primary
-        call = (q, k, v, inputs) if timed else None
-        if slot not in self._variants:
-            self._variants[slot] = self._select(slot, self._lookup(*slot), call)
-        elif slot in self._pending and call is not None:
-            self._variants[slot] = self._select(slot, self._pending[slot], call)
-        kernel = self._variants[slot]
+        kernel = self._slot(slot, (q, k, v, inputs) if timed else None)
         if slot not in self._pending:
             if len(self._shapes) >= SHAPES_CAP:
                 self._shapes.clear()
             self._shapes[shape] = kernel
         return kernel
+
+    def _slot(self, slot: tuple, call) -> Kernel:
+        """The variant of ``slot`` (bucket, dtype name), selected on its first sight; ``call``
+        (q, k, v, inputs) allows tuning and a hint's check (see ``_select``)."""
+        from attncc.lowering.prologue import COMPUTE
+
+        if slot[1] not in COMPUTE:
+            return self._primary
+        if slot not in self._variants:
+            self._variants[slot] = self._select(slot, self._lookup(*slot), call)
+        elif slot in self._pending and call is not None:
+            self._variants[slot] = self._select(slot, self._pending[slot], call)
+        return self._variants[slot]
 
     def _select(self, slot: tuple, record: Record | None, call, tuned: bool = False) -> Kernel:
         """The variant of ``slot`` for ``record`` (a lookup's result), recorded in ``records``
@@ -286,3 +321,20 @@ class Dispatch(Kernel):
             store.put(record)
         except AttnccError as err:
             warnings.warn(f"attncc: verdict on record not stored: {err}", stacklevel=6)
+
+
+class _Traced:
+    """``Dispatch.traceable``'s variant functions as attributes (as ``ops.OpTable``: dynamo
+    reads an attribute afresh at each access, where a dict is snapshotted per trace)."""
+
+
+def _bucket(seq_q, seq_k) -> str:
+    """``bucket_of(seq_q, seq_k)`` for positive sizes, by doubling: on symbolic sizes dynamo
+    guards each comparison, where ``int.bit_length`` would specialise every length."""
+    edges = []
+    for n in (seq_q, seq_k):
+        edge = 1
+        while edge < n:
+            edge *= 2
+        edges.append(edge)
+    return f"q{edges[0]}-k{edges[1]}"
