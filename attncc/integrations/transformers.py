@@ -131,8 +131,9 @@ def attention_function(spec=None, *, backend: str = "torch", config: dict | None
     calls run the compiled kernel directly and count it in ``fn.served`` (a ``Counter`` of
     ``Structure``: which variants served how many calls). Under ``torch.compile`` the kernel is
     built by ``_op`` (``torch.compiler.assume_constant_result``: dynamo calls it at trace time
-    and keeps only its key, never tracing attncc's Python) and the call is the
-    ``attncc::attention`` library op of ``attncc.integrations.ops``, so the model compiles with
+    and keeps only its key, never tracing attncc's Python) and the call is the function of
+    ``attncc.integrations.ops.op`` (the ``attncc::attention`` library op, or where the torch
+    backend's sdpa path serves the call, its plain torch ops), so the model compiles with
     ``fullgraph=True``; ``output_attentions`` and ``record_stats`` then warn once (eager only).
     """
     from attncc.api import compile as compile_spec

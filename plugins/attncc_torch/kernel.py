@@ -11,7 +11,8 @@ the fused CPU kernels where the CPU has bfloat16 matmuls (``runs.NATIVE_BF16``; 
 accumulation inside them; mask and bias tiles, the log-sum-exp merge and the dq/dk/dv sums in
 float32); float16 there (slower natively on CPU, measured) and every other path compute in
 float32. Outputs return in the input dtype; autograd works through all of them (custom
-Functions for flash and runs, torch's own for the rest).
+Functions for flash and runs, torch's own for the rest). Under ``torch.compile``,
+``traceable`` gives the sdpa path as plain torch ops (``traced.py``; ``Kernel.traceable``).
 
 ``describe`` writes ``kernel.source``: every line is derived from the fused attention node (its
 fields, and ``node.lowering``: which paths serve it and why) and the config, the same values
