@@ -85,9 +85,14 @@ class RunsForward:
         self.bias = bias
         self._per_call = bias is not None and bool(bias.atoms(sympy.Indexed))
         self._per_batch = bias is not None and b in bias.free_symbols
-        # no mask or top-left causal with a key-form bias: one call over all keys (is_causal
-        # skips the blocks above the diagonal), the bias a (B|1, H|1, 1, Nk) stride-0 tile
-        self.whole = self.row is not None and whole_call(node)
+        # key-form mask terms and bias, at most a top-left causal term beside them: one call
+        # over all keys (is_causal skips the blocks above the diagonal), the key terms a
+        # (B|1, H|1, 1, Nk) tile, stride 0 over the rows
+        self.whole = self.offsets is None and whole_call(node)
+        terms = _terms(self.mask)
+        self.causal = any(is_top_left_causal(t) for t in terms)
+        keys = [t for t in terms if not is_top_left_causal(t)]
+        self.key_mask = sympy.And(*keys) if keys else None
 
     def _mask(self, i: int, j: int, dtype, device):
         """The mask and dead rows of call ``j`` of segment ``i``; (None, None) when none of its
@@ -131,17 +136,19 @@ class RunsForward:
         wrongly (``runs_grad.lossy``): the caller takes the tile loop."""
         inputs = self.inputs if inputs is None else inputs
         grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-        if self.whole or self.offsets is not None:
-            acc = accumulation(q.dtype)
-            tile = (self._key_tile(q.shape, k.shape[2], inputs, acc) if self.whole
-                    else self._hankel(q.shape, k.shape[2], inputs, acc))
-            # a key-form tile is constant over rows, a Toeplitz one over diagonals: O(N)
+        if self.whole:
+            tile, dead, low = self._key_tile(q.shape, k.shape[2], inputs,
+                                             accumulation(q.dtype))
+            if grad and low:
+                return None
+            out, lse = WholeCall.apply(q, k, v, tile, self.causal, scale, False, dead)
+            return out, self._with_row(lse, inputs)
+        if self.offsets is not None:
+            tile = self._hankel(q.shape, k.shape[2], inputs, accumulation(q.dtype))
+            # constant over diagonals: its first row and column hold every value
             if grad and (lossy(tile[:, :, :1, :]) or lossy(tile[:, :, :, :1])):
                 return None
-            if self.whole:
-                out, lse = WholeCall.apply(q, k, v, tile, self.mask is not None, scale, False)
-                return out, self._with_row(lse, inputs)
-            return WholeCall.apply(q, k, v, tile, False, scale, True)
+            return WholeCall.apply(q, k, v, tile, False, scale, True, None)
         try:
             out, lse = (SegmentCalls.apply(self, q, k, v, scale, inputs) if grad
                         else self.segment_forward(q, k, v, scale, inputs))
@@ -186,13 +193,30 @@ class RunsForward:
         return out, lse
 
     def _key_tile(self, shape, seq_k: int, inputs: dict, dtype):
-        """The key term over ``(B|1, H|1, Nq, Nk)``: stride 0 over the query rows."""
+        """``(tile, dead, lossy)`` of a whole call: the key terms over ``(B|1, H|1, Nq, Nk)``
+        (the bias's key term, -inf where a key-form mask term drops the key), stride 0 over
+        the query rows; the rows left with no key ``(B|1, H|1, Nq)`` (None if none); whether
+        the bias is ``runs_grad.lossy``."""
         ar = lambda n: torch.arange(n)  # noqa: E731
-        fixed = WHOLE.fixed(self.sizes, inputs, ar(shape[0]), ar(shape[1]))
-        tile = torch.as_tensor(evaluate(self.bias, WHOLE.env(fixed, ar(1), ar(seq_k)), xp),
-                               dtype=dtype)
+        nb, nh, nq = shape[0], shape[1], shape[2]
+        fixed = WHOLE.fixed(self.sizes, inputs, ar(nb), ar(nh))
+        env = WHOLE.env(fixed, ar(1), ar(seq_k))
+        tile = torch.zeros((), dtype=dtype)
+        if self.bias is not None:
+            tile = torch.as_tensor(evaluate(self.bias, env, xp), dtype=dtype)
+        low = lossy(tile)
+        dead = None
+        if self.key_mask is not None:
+            ranges = {"b": nb, "h": nh, "q_idx": 1, "kv_idx": seq_k}
+            keep = torch.as_tensor(evaluate(self.key_mask, env, xp, ranges))
+            keep = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))
+            tile = torch.where(keep, tile, NEG_INF)
+            # top-left causal: row i sees keys 0..i, so it is empty before the first kept key
+            first = torch.where(keep.any(-1), keep.to(torch.uint8).argmax(-1), seq_k)
+            dead = ar(nq) < first if self.causal else (first == seq_k).expand(-1, -1, nq)
+            dead = dead if bool(dead.any()) else None
         tile = tile.reshape((1,) * (4 - tile.dim()) + tuple(tile.shape))
-        return tile.expand(tile.shape[0], tile.shape[1], shape[2], seq_k)
+        return tile.expand(tile.shape[0], tile.shape[1], nq, seq_k), dead, low
 
     def _hankel(self, shape, seq_k: int, inputs: dict, dtype):
         """``(B|1, H|1, Nq, Nk)`` view with ``[.., i, j] = t(i - (Nk - 1 - j))``: the bias for
@@ -220,15 +244,23 @@ class RunsForward:
 
 def whole_call(node) -> bool:
     """Whether ``RunsForward`` serves ``node`` by one ``WholeCall`` (differentiable in q, k,
-    v): a key-form bias with no mask or a top-left causal one, or a Toeplitz bias and no
-    mask."""
+    v): a Toeplitz bias and no mask; or a key-form bias or none, with mask terms that are
+    key-form (free of ``q_idx``: padding ``keep[b, kv_idx]``) and at most one top-left causal
+    term, and something beside that causal term (else the sdpa path serves it)."""
     bias = additive_bias(node.score_mod)
-    if bias is None:
-        return False
-    mask = node.mask.expr if node.mask is not None else None
-    form = bias_form(bias)
-    return ((form == "key" and (mask is None or is_top_left_causal(mask)))
-            or (form == "toeplitz" and mask is None))
+    form = bias_form(bias) if bias is not None else None
+    terms = _terms(node.mask.expr if node.mask is not None else None)
+    if form == "toeplitz":
+        return not terms
+    causal = [t for t in terms if is_top_left_causal(t)]
+    keys = [t for t in terms if not is_top_left_causal(t)]
+    return (form in (None, "key") and len(causal) <= 1 and (form == "key" or bool(keys))
+            and all(q_idx not in t.free_symbols for t in keys))
+
+
+def _terms(mask) -> tuple:
+    """The conjuncts of ``mask`` (none for no mask)."""
+    return sympy.And.make_args(mask) if mask is not None else ()
 
 
 def accumulation(dtype):

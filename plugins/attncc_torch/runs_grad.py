@@ -3,8 +3,8 @@
 Two ``torch.autograd.Function``s, differentiable in q, k and v (never in the mask or bias tiles:
 a bias input that needs a gradient takes the tile loop, ``flash.py``, exact and deterministic):
 
-- ``WholeCall``: one fused call over all keys (a key-form bias with no mask or a top-left
-  causal one; a Toeplitz bias on key-reversed K/V);
+- ``WholeCall``: one fused call over all keys (key-form mask terms and bias, beside at most a
+  top-left causal term; a Toeplitz bias on key-reversed K/V);
 - ``SegmentCalls``: the segment loop of ``RunsForward`` (one call per run of key blocks, several
   runs merged by log-sum-exp). Its backward walks the same calls again and passes each one
   ``_scaled_dot_product_flash_attention_for_cpu_backward(dout, q_c, k_c, v_c, out_c, lse_c, ...)``
@@ -98,19 +98,26 @@ class SegmentCalls(torch.autograd.Function):
 
 
 class WholeCall(torch.autograd.Function):
-    """``apply(q, k, v, tile, causal, scale, flip) -> (out, lse)``: one fused CPU flash call
-    over all keys (reversed where ``flip``) with the float mask ``tile``, and its fused backward
-    (dq, and dk, dv with kv-head shapes for GQA). The tile is a constant. ``lse`` is not
+    """``apply(q, k, v, tile, causal, scale, flip, dead) -> (out, lse)``: one fused CPU flash
+    call over all keys (reversed where ``flip``) with the float mask ``tile``, and its fused
+    backward (dq, and dk, dv with kv-head shapes for GQA). The tile is a constant. ``dead``
+    (bool, broadcasting to lse, or None) marks rows the tile leaves no key: their out is 0 and
+    their lse -inf (+inf for the backward: P = 0, no gradient). ``lse`` is not
     differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, tile, causal: bool, scale: float, flip: bool):
+    def forward(ctx, q, k, v, tile, causal: bool, scale: float, flip: bool, dead):
         if flip:
             k, v = k.flip(2), v.flip(2)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, is_causal=causal, attn_mask=tile, scale=scale)
+        saved = lse
+        if dead is not None:
+            out = out.masked_fill(dead[..., None], 0.0)
+            saved = lse.masked_fill(dead, float("inf"))
+            lse = lse.masked_fill(dead, NEG_INF)
         ctx.causal, ctx.scale, ctx.flip = causal, scale, flip
-        ctx.save_for_backward(q, k, v, out, lse, tile)
+        ctx.save_for_backward(q, k, v, out, saved, tile)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -122,4 +129,4 @@ class WholeCall(torch.autograd.Function):
             scale=ctx.scale)
         if ctx.flip:
             dk, dv = dk.flip(2), dv.flip(2)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None

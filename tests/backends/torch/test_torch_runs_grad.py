@@ -217,3 +217,63 @@ def test_half_types_on_one_whole_call(dtype):
     report = check_kernel(kernel, spec, q, k, v, inputs, grads=False)
     assert report.ok, str(report)
     _check_grads(kernel, spec, q, k, v, inputs)
+
+
+KEEP = {"keep": {"shape": ["batch", "seq_k"], "dtype": "bool"}}
+WHOLE_CASES = {
+    "causal_padding": {"attncc": 1, "name": "causal_padding", "heads": 4, "kv_heads": 2,
+                       "mask": "kv_idx <= q_idx and keep[b, kv_idx]", "inputs": KEEP},
+    "padding_key_bias": {"attncc": 1, "name": "padding_key_bias", "score_mod": "score + 0.05 "
+                         "* kv_idx - 0.1 * q_idx", "mask": "keep[b, kv_idx]", "inputs": KEEP},
+}
+
+
+@pytest.fixture
+def whole_calls(monkeypatch):
+    """Counts ``WholeCall`` calls; the tile loop and the segment loop fail the test."""
+    counter = {"n": 0}
+    original = runs_grad.WholeCall.apply
+
+    def counted(*args):
+        counter["n"] += 1
+        return original(*args)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("another path ran instead of one whole call")
+
+    monkeypatch.setattr(runs_grad.WholeCall, "apply", counted)
+    monkeypatch.setattr(FlashAttention, "apply", refused)
+    monkeypatch.setattr(runs.RunsForward, "segment_forward", refused)
+    return counter
+
+
+@pytest.mark.parametrize("name", list(WHOLE_CASES))
+def test_key_form_masks_take_one_whole_call(name, whole_calls):
+    """Padding read per key (beside a causal term, or with a key-form bias): one fused call
+    over all keys, forward and backward. Batch entry 1 is left-padded (causal: its first rows
+    see no key) or, without the causal term, keeps no key at all: zeros, lse -inf, no
+    gradient there."""
+    spec = _spec(WHOLE_CASES[name])
+    causal = name == "causal_padding"
+    kernel = attncc.compile(spec, backend="torch", config={"use_sdpa": True, "block_m": 16,
+                                                           "block_n": 16})
+    q, k, v, _ = random_inputs(spec, 2, 45, 45, "float32", seed=7, library="torch",
+                               head_dim=16, value_dim=16)
+    keep = torch.ones(2, 45, dtype=torch.bool)
+    keep[0, 5::4] = False
+    keep[1, :10] = False
+    if not causal:
+        keep[1] = False
+    dead = slice(0, 10) if causal else slice(None)
+    report = check_kernel(kernel, spec, q, k, v, {"keep": keep})
+    assert report.ok, str(report)
+    _check_grads(kernel, spec, q, k, v, {"keep": keep})
+    out, lse = kernel(q, k, v, return_lse=True, keep=keep)
+    assert torch.all(out[1, :, dead] == 0) and torch.all(lse[1, :, dead] == float("-inf"))
+    assert torch.isfinite(out).all() and torch.isfinite(lse[0]).all()
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    kernel(*leaves, keep=keep).square().sum().backward()
+    dq = leaves[0].grad
+    assert torch.all(dq[1, :, dead] == 0)
+    assert all(torch.isfinite(x.grad).all() for x in leaves)
+    assert whole_calls["n"] >= 4
