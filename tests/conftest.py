@@ -32,6 +32,13 @@ def _private_tuning_db(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
+def _own_tuning_db(_private_tuning_db, tmp_path_factory, monkeypatch):
+    """Each test has a default tuning database of its own: no record one test stores (a hint's
+    verdict, a tune) serves another. (Module-scoped fixtures share the session's.)"""
+    monkeypatch.setenv("ATTNCC_DB", str(tmp_path_factory.mktemp("attncc-db") / "tuning.db"))
+
+
+@pytest.fixture(autouse=True)
 def _fixed_seeds():
     """The global generators seeded before each test, so no test's values depend on the tests
     that ran before it (or on none having run: a single test selected with -k)."""

@@ -28,8 +28,9 @@ def test_four_tuners_at_once_on_a_fresh_file_all_finish(tmp_path):
                               env=_env(tmp_path), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
              for seq in (8, 16, 32, 16)]  # two of them share one key (and one study)
-    results = [(p.wait(timeout=600), *p.communicate()) for p in procs]
-    assert all(code == 0 for code, _, _ in results), results
+    # communicate, not wait: a child blocked on a full stdout/stderr pipe would never exit
+    results = [(*p.communicate(timeout=600), p.returncode) for p in procs]
+    assert all(code == 0 for _, _, code in results), results
     buckets = sorted(r.key.bucket for r in Store(db).records())
     assert buckets == ["q16-k16", "q32-k32", "q8-k8"]
 
@@ -56,6 +57,6 @@ def test_concurrent_imports_and_lookups_keep_every_record(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", IMPORT_AND_LOOK_UP, str(db),
                                str(tmp_path / "records.jsonl")], env=_env(tmp_path),
                               stderr=subprocess.PIPE, text=True) for _ in range(4)]
-    results = [(p.wait(timeout=300), p.communicate()[1]) for p in procs]
-    assert all(code == 0 for code, _ in results), results
+    results = [(p.communicate(timeout=300)[1], p.returncode) for p in procs]
+    assert all(code == 0 for _, code in results), results
     assert sorted(r.id for r in Store(db).records()) == sorted(r.id for r in source.records())
