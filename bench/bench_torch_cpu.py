@@ -6,7 +6,9 @@ attncc (defaults), attncc with the shipped tuning records (``attncc.compile(...,
 compiled FlexAttention (forward only: it has no CPU backward; never for decoding, whose KV
 length changes every step), interleaved within each repetition; medians and ratios. Modes:
 ``fwd``, ``fwdbwd`` (forward + backward of ``out.sum()``) and ``decode`` (seq_q 1-16 against a
-KV cache, bottom-right causal, GQA 32/8, head_dim 128, batch 4). ``floor_s`` is the useful-FLOP
+KV cache of 4k-32k keys, batch 1-8, bottom-right causal, GQA 32/8, head_dim 128: plain, with
+left padding per batch entry, with ALiBi, and Gemma-2's soft-capped window, whose peer is eager
+as SDPA cannot express it). ``floor_s`` is the useful-FLOP
 time at the sgemm rate measured in the same run (kept pairs only; backward = 2.5x forward).
 Also: the first call in a fresh process, and the peak resident memory of forward + backward up
 to seq 16384.
@@ -41,7 +43,11 @@ from attncc_torch import TorchBackend
 HEADS, DIM = 8, 64
 WINDOW, DOCS, N_GLOBAL, LF_WINDOW, BB_BLOCK, BB_RANDOM, PREFIX, CAP = (
     256, 4, 64, 128, 64, 3, 512, 50.0)
-DECODE = [(1, 4096), (1, 16384), (4, 16384), (16, 4096)]  # (seq_q, KV length)
+#: (batch, seq_q, KV length) of the decode mode: batch 1-8, 1-16 query rows, 4k-32k keys
+DECODE = [(1, 1, 4096), (1, 1, 32768), (4, 1, 4096), (4, 1, 16384), (4, 4, 16384),
+          (8, 1, 8192), (8, 16, 4096)]
+#: Left padding of each batch entry in ``decoding_padded`` (a fraction of the keys).
+PAD_FRACTION = 0.125
 NEG = float("-inf")
 
 SLOPE = {"slope": {"shape": ["heads"], "dtype": "float32"}}
@@ -69,10 +75,20 @@ SPECS = {
                 "inputs": {"rand_blocks": {"shape": [f"seq_q // {BB_BLOCK}",
                                                      f"seq_k // {BB_BLOCK}"], "dtype": "bool"}}},
     "decoding": {"mask": "kv_idx <= q_idx + seq_k - seq_q", "heads": 32, "kv_heads": 8},
+    "decoding_padded": {"mask": "kv_idx <= q_idx + seq_k - seq_q and keep[b, kv_idx]",
+                        "heads": 32, "kv_heads": 8,
+                        "inputs": {"keep": {"shape": ["batch", "seq_k"], "dtype": "bool"}}},
+    "decoding_alibi": {"mask": "kv_idx <= q_idx + seq_k - seq_q", "heads": 32, "kv_heads": 8,
+                       "score_mod": "score - slope[h] * (q_idx + seq_k - seq_q - kv_idx)",
+                       "inputs": SLOPE},
+    "decoding_softcap_window": {"mask": f"kv_idx <= q_idx + seq_k - seq_q and q_idx + seq_k - "
+                                        f"seq_q - kv_idx < {WINDOW * 16}", "heads": 32,
+                                "kv_heads": 8, "score_mod": f"{CAP} * tanh(score / {CAP})"},
 }
+DECODING = ("decoding", "decoding_padded", "decoding_alibi", "decoding_softcap_window")
 #: The modes each case is timed in (decoding has its own sizes, ``DECODE``).
 MODES = {name: ("fwd", "fwdbwd") for name in SPECS}
-MODES["decoding"] = ("decode",)
+MODES.update(dict.fromkeys(DECODING, ("decode",)))
 
 
 def spec_of(name: str):
@@ -80,8 +96,15 @@ def spec_of(name: str):
     return attncc.load_spec({"attncc": 1, "name": f"bench_{name}", **body})
 
 
-def inputs_of(name: str, n: int) -> dict:
+def inputs_of(name: str, n: int, batch: int = 1) -> dict:
     gen = torch.Generator().manual_seed(0)
+    if name == "decoding_padded":  # batched generation: left padding of varied lengths
+        keep = torch.ones(batch, n, dtype=torch.bool)
+        for i in range(batch):
+            keep[i, :int(PAD_FRACTION * n * i / max(batch - 1, 1))] = False
+        return {"keep": keep}
+    if name == "decoding_alibi":
+        return {"slope": torch.tensor([2.0 ** -(8 * (i + 1) / 32) for i in range(32)])}
     if name == "document_mask":
         cuts = torch.sort(torch.randperm(n - 1, generator=gen)[:DOCS - 1] + 1).values
         doc = torch.zeros(n, dtype=torch.int32)
@@ -193,9 +216,7 @@ def sgemm_rate(reps: int = 5) -> float:
 
 
 def kept_pairs(name: str, nq: int, nk: int, ins: dict) -> float:
-    """Kept (query, key) pairs of the mask (bottom-right for decoding)."""
-    if name == "decoding":
-        return nq * (nk - nq) + nq * (nq + 1) / 2
+    """Kept (query, key) pairs of the mask."""
     mod = mask_mod_of(name, ins)
     if mod is None:
         return nq * nk
@@ -220,40 +241,72 @@ class Row:
     density: float
     floor_s: float
     times: dict = field(default_factory=dict)
+    batch: int = 1
+
+    @property
+    def peer(self) -> str | None:
+        """The peer the ratios divide by: SDPA, else compiled Flex, else eager."""
+        return next((p for p in ("sdpa", "flex", "eager") if p in self.times), None)
 
     def ratios(self) -> dict:
-        base = self.times.get("sdpa") or self.times.get("flex")
-        return {f"{k}/{'sdpa' if 'sdpa' in self.times else 'flex'}": v / base
-                for k, v in self.times.items() if base and k.startswith("attncc")}
+        peer = self.peer
+        return {f"{k}/{peer}": v / self.times[peer]
+                for k, v in self.times.items() if peer and k.startswith("attncc")}
 
 
-def bench_row(name: str, mode: str, nq: int, nk: int, reps: int, flex: dict, rate: float) -> Row:
+def decode_peer(name: str, nq: int, nk: int, ins: dict):
+    """``(fn(q, k, v), kept pairs per batch entry and head)`` of a decoding case: SDPA with the
+    bottom-right mask (and padding, or ALiBi's bias) built here, outside the timing; eager
+    (transformers' recipe: scores, soft-capping, mask, softmax) where SDPA cannot express it."""
+    i = torch.arange(nq)[:, None] + nk - nq
+    j = torch.arange(nk)[None]
+    keep = (j <= i)[None, None]
+    if name == "decoding_padded":
+        keep = keep & ins["keep"][:, None, None, :]
+    if name == "decoding_softcap_window":
+        keep = keep & (i - j < WINDOW * 16)
+        bias = torch.zeros(keep.shape).masked_fill(~keep, NEG)
+
+        def eager(q, k, v):  # grouped heads as one (B, Hkv, G * nq, D) matmul: no K/V copy
+            b, h, n, d = q.shape
+            q5 = q.reshape(b, k.shape[1], h // k.shape[1] * n, d)
+            s = (q5 @ k.mT * d ** -0.5).reshape(b, h, n, -1)
+            s = CAP * torch.tanh(s / CAP) + bias
+            p = torch.softmax(s, -1).reshape(b, k.shape[1], -1, k.shape[2])
+            return (p @ v).reshape(b, h, n, -1)
+
+        return eager, float(keep.sum()) / keep.shape[0]
+    mask = None if nq == 1 and name == "decoding" else keep
+    if name == "decoding_alibi":
+        mask = (-ins["slope"][:, None, None] * (i - j)).masked_fill(~keep[0], NEG)[None]
+    return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                           enable_gqa=True),
+            float(keep.sum()) / keep.shape[0])
+
+
+def bench_row(name: str, mode: str, sizes: tuple, reps: int, flex: dict, rate: float) -> Row:
     from torch.nn.attention.flex_attention import create_block_mask
 
     spec = spec_of(name)
     heads = spec.heads or HEADS
     kv_heads, dim = spec.kv_heads or heads, 128 if mode == "decode" else DIM
-    batch = 4 if mode == "decode" else 1
+    batch, nq, nk = sizes
     gen = torch.Generator().manual_seed(1)
     grad = mode == "fwdbwd"
     q = torch.randn(batch, heads, nq, dim, generator=gen, requires_grad=grad)
     k, v = (torch.randn(batch, kv_heads, nk, dim, generator=gen, requires_grad=grad)
             for _ in range(2))
-    ins = inputs_of(name, nk)
-    pairs = kept_pairs(name, nq, nk, ins)
+    ins = inputs_of(name, nk, batch)
+    peer, pairs = (decode_peer(name, nq, nk, ins) if mode == "decode"
+                   else (sdpa_of(name, nq, ins), kept_pairs(name, nq, nk, ins)))
     flops = 4 * batch * heads * pairs * dim * (3.5 if grad else 1.0)
-    row = Row(name, mode, nq, nk, pairs / (nq * nk), flops / rate)
+    row = Row(name, mode, nq, nk, pairs / (nq * nk), flops / rate, batch=batch)
     default = attncc_kernel(name)
     fns = {"attncc": lambda q, k, v: default(q, k, v, **ins)}
     shipped = attncc.api.compile(spec, backend="torch", seq=nq, seq_k=nk)
     fns["attncc_records"] = lambda q, k, v: shipped(q, k, v, **ins)
-    if mode == "decode":
-        i = torch.arange(nq)[:, None] + nk - nq
-        tail = torch.zeros(nq, nk).masked_fill(torch.arange(nk)[None] > i, NEG)
-        fns["sdpa"] = lambda q, k, v: F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if nq == 1 else tail, enable_gqa=True)
-    elif (peer := sdpa_of(name, nq, ins)) is not None:
-        fns["sdpa"] = peer
+    if peer is not None:
+        fns["eager" if name == "decoding_softcap_window" else "sdpa"] = peer
     if not grad and mode != "decode":
         mod = mask_mod_of(name, ins)
         bm = create_block_mask(mod, 1, None, nq, nk, device="cpu") if mod else None
@@ -346,20 +399,24 @@ def write(results: dict, out: Path) -> None:
              f"Machine: {m['device']} ({m['cores']} logical cores, torch {m['torch']}, "
              f"{m['threads']} threads); load average before {m['load_before']}, after "
              f"{m.get('load_after')}; sgemm {results['sgemm_gflops']:.1f} GFLOP/s. float32, "
-             f"batch 1, {HEADS} heads, head_dim {DIM} (decode: batch 4, 32/8 heads, head_dim "
-             "128); medians of interleaved repetitions; milliseconds. `records`: attncc with "
-             "the shipped tuning records; `floor`: useful FLOPs at the sgemm rate.", "",
-             "| case | mode | seq_q | seq_k | density | floor | attncc | records | SDPA | Flex "
-             "| attncc/peer | records/peer |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"batch 1, {HEADS} heads, head_dim {DIM} (decode: 32/8 heads, head_dim 128, the "
+             "batch given); medians of interleaved repetitions; milliseconds. `records`: attncc "
+             "with the shipped tuning records; `floor`: useful FLOPs at the sgemm rate; peer: "
+             "SDPA where it expresses the case, else compiled Flex, else eager (soft-capped "
+             "decoding).", "",
+             "| case | mode | B | seq_q | seq_k | density | floor | attncc | records | SDPA | Flex "
+             "| eager | attncc/peer | records/peer |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ms = lambda t: "–" if t is None else f"{t * 1e3:.1f}"  # noqa: E731
     for r in results["rows"]:
         t, ratios = r["times"], list(r["ratios"].items())
         named = dict(ratios)
-        peer = "sdpa" if "sdpa" in t else "flex"
+        peer = next((p for p in ("sdpa", "flex", "eager") if p in t), None)
         lines.append(
-            f"| {r['case']} | {r['mode']} | {r['seq_q']} | {r['seq_k']} | {r['density']:.3f} | "
-            f"{ms(r['floor_s'])} | {ms(t.get('attncc'))} | {ms(t.get('attncc_records'))} | "
-            f"{ms(t.get('sdpa'))} | {ms(t.get('flex'))} | "
+            f"| {r['case']} | {r['mode']} | {r.get('batch', 1)} | {r['seq_q']} | {r['seq_k']} | "
+            f"{r['density']:.3f} | {ms(r['floor_s'])} | {ms(t.get('attncc'))} | "
+            f"{ms(t.get('attncc_records'))} | {ms(t.get('sdpa'))} | {ms(t.get('flex'))} | "
+            f"{ms(t.get('eager'))} | "
             f"{named.get(f'attncc/{peer}', float('nan')):.2f} | "
             f"{named.get(f'attncc_records/{peer}', float('nan')):.2f} |")
     lines += ["", "First call in a fresh process (compile + one call, seconds):", ""]
@@ -380,12 +437,12 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=list(SPECS))
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd", "decode"])
     parser.add_argument("--decode", type=int, nargs="+", default=None,
-                        help="seq_q kv pairs, flattened (default: DECODE)")
+                        help="batch seq_q kv triples, flattened (default: DECODE)")
     parser.add_argument("--peak-seqs", type=int, nargs="*", default=[4096, 8192, 16384])
     parser.add_argument("--first-call", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "torch_cpu"))
     args = parser.parse_args()
-    decode = (list(zip(args.decode[::2], args.decode[1::2], strict=True)) if args.decode
+    decode = (list(zip(*(args.decode[i::3] for i in range(3)), strict=True)) if args.decode
               else DECODE)
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -398,9 +455,9 @@ def main() -> None:
                "peak_memory": {}}
     for name in args.cases:
         for mode in (m for m in MODES[name] if m in args.modes):
-            sizes = decode if mode == "decode" else [(n, n) for n in args.seqs]
-            for nq, nk in sizes:
-                row = bench_row(name, mode, nq, nk, args.reps, flex, rate)
+            sizes = decode if mode == "decode" else [(1, n, n) for n in args.seqs]
+            for size in sizes:
+                row = bench_row(name, mode, size, args.reps, flex, rate)
                 record = {**row.__dict__, "ratios": row.ratios()}
                 results["rows"].append(record)
                 print(json.dumps(record), flush=True)
