@@ -9,8 +9,9 @@ projection); LinearAttention and Nystrom run the shared recipes (``attncc.loweri
 types: the sdpa path takes q, k, v as given; bfloat16 on the runs path computes in bfloat16 in
 the fused CPU kernels where the CPU has bfloat16 matmuls (``runs.NATIVE_BF16``; float32
 accumulation inside them; mask and bias tiles, the log-sum-exp merge and the dq/dk/dv sums in
-float32); float16 there (slower natively on CPU, measured) and every other path compute in
-float32. Outputs return in the input dtype; autograd works through all of them (custom
+float32); on CUDA, float16 and bfloat16 decoding steps that one SDPA call serves (decode.py) take
+their dtype too; float16 on the CPU runs path (slower natively there, measured) and every other
+path compute in float32. Outputs return in the input dtype; autograd works through all of them (custom
 Functions for flash and runs, torch's own for the rest). Under ``torch.compile``,
 ``traceable`` gives the sdpa path as plain torch ops (``traced.py``; ``Kernel.traceable``).
 
@@ -96,9 +97,18 @@ class TorchKernel(Kernel):
         # float32): q, k, v uncast, the floating inputs (bias terms) in float32
         native = (not whole and self._runs and q.dtype == torch.bfloat16 and NATIVE_BF16
                   and q.device.type == "cpu" and not self._projection)
+        # half types on CUDA: a decoding step's one SDPA call takes them as given (it
+        # accumulates in float32 there); not run on a GPU yet
+        half = (not whole and not native and self._decode is not None and self._decode.fused
+                and not return_lse and getattr(q, "device", None) is not None
+                and q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
+                and q.shape[-2] <= MAX_ROWS)
         args = (self.spec, self.node, q, k, v, inputs)
         kw = {"backend": "torch", "library": "torch", "return_lse": return_lse}
-        call = prologue(*args, **kw, cast=not (whole or native))
+        call = prologue(*args, **kw, cast=not (whole or native or half))
+        if half:
+            out, _ = self._decode(call, call.k, call.v, False)
+            return out
         if native:
             call = dataclasses.replace(call, inputs={
                 n: x.float() if x.is_floating_point() else x for n, x in call.inputs.items()})
