@@ -117,11 +117,13 @@ HOSTILE = [
 @pytest.mark.parametrize(("text", "fragment", "column"), HOSTILE,
                          ids=[repr(t[:30]) for t, _, _ in HOSTILE])
 def test_hostile_input_is_a_clear_spec_error(text, fragment, column):
-    start = time.perf_counter()
+    start = time.process_time()
     with pytest.raises(SpecError) as info:
         parse_expr(text, SCOPE, field="mask", file="spec.yaml", want="any")
     # Generous bound stated by the issue (errors come "well under a second"); not a benchmark.
-    assert time.perf_counter() - start < 1.0
+    # This process's CPU time, not the wall clock: other processes on a loaded machine do not
+    # count against it.
+    assert time.process_time() - start < 1.0
     err = info.value
     message = str(err)
     assert message.startswith("spec.yaml: mask: ") and "\n" not in message
