@@ -11,8 +11,8 @@ the fused CPU kernels where the CPU has bfloat16 matmuls (``runs.NATIVE_BF16``; 
 accumulation inside them; mask and bias tiles, the log-sum-exp merge and the dq/dk/dv sums in
 float32); on CUDA, float16 and bfloat16 decoding steps that one SDPA call serves (decode.py) take
 their dtype too; float16 on the CPU runs path (slower natively there, measured) and every other
-path compute in float32. Outputs return in the input dtype; autograd works through all of them (custom
-Functions for flash and runs, torch's own for the rest). Under ``torch.compile``,
+path compute in float32. Outputs return in the input dtype; autograd works through all of them
+(custom Functions for flash and runs, torch's own for the rest). Under ``torch.compile``,
 ``traceable`` gives the sdpa path as plain torch ops (``traced.py``; ``Kernel.traceable``).
 
 ``describe`` writes ``kernel.source``: every line is derived from the fused attention node (its
@@ -99,10 +99,10 @@ class TorchKernel(Kernel):
                   and q.device.type == "cpu" and not self._projection)
         # half types on CUDA: a decoding step's one SDPA call takes them as given (it
         # accumulates in float32 there); not run on a GPU yet
-        half = (not whole and not native and self._decode is not None and self._decode.fused
-                and not return_lse and getattr(q, "device", None) is not None
-                and q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
-                and q.shape[-2] <= MAX_ROWS)
+        half = (self.kind == "flash" and not (whole or native or return_lse)
+                and self._decode is not None and self._decode.fused
+                and isinstance(q, torch.Tensor) and q.device.type == "cuda"
+                and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-2] <= MAX_ROWS)
         args = (self.spec, self.node, q, k, v, inputs)
         kw = {"backend": "torch", "library": "torch", "return_lse": return_lse}
         call = prologue(*args, **kw, cast=not (whole or native or half))
