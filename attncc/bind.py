@@ -35,11 +35,41 @@ class Bound:
         return self.sizes["heads"] // self.sizes["kv_heads"]
 
 
+#: Checked call signatures (see ``bind``) -> (sizes, scale, names of 0-d inputs).
+_CHECKED: dict = {}
+_CHECKED_CAP = 512
+
+
 def bind(spec: Spec, q, k, v, inputs: dict) -> Bound:
     """Check ``q, k, v`` and the keyword ``inputs`` against ``spec``; raise InputError if wrong.
 
-    The message names the argument, what was expected and what was received.
+    The message names the argument, what was expected and what was received. Every check reads
+    only types, shapes, dtypes and devices, so a call whose signature (those of every tensor,
+    and the spec's hash) passed before is bound from a cache (decoding: one check per length).
     """
+    try:
+        key = (spec.hash, *(_signature(x) for x in (q, k, v)),
+               *((n, _signature(x)) for n, x in inputs.items()))
+        sizes, scale, scalars = _CHECKED[key]
+    except (KeyError, AttributeError, TypeError):
+        bound = _bind(spec, q, k, v, inputs)
+        if "key" in locals():
+            if len(_CHECKED) >= _CHECKED_CAP:
+                _CHECKED.clear()
+            _CHECKED[key] = (bound.sizes, bound.scale,
+                             tuple(n for n, x in inputs.items() if not x.shape))
+        return bound
+    given = {n: x[None] if n in scalars else x for n, x in inputs.items()}
+    return Bound(dict(sizes), {n: given[n] for n in spec.inputs}, scale)
+
+
+def _signature(x) -> tuple:
+    """What ``bind`` checks of one tensor (AttributeError for anything without a shape)."""
+    return type(x), tuple(x.shape), x.dtype, getattr(x, "device", None)
+
+
+def _bind(spec: Spec, q, k, v, inputs: dict) -> Bound:
+    """``bind`` without the cache."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not array_api_compat.is_array_api_obj(x):
             raise InputError(f"{name}: expected an array or tensor {_LAYOUT[name]}, got "

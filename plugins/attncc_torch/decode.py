@@ -64,6 +64,7 @@ class DecodeRunner:
                         True: sympy.And(*one_row) if one_row else None}
         self._read = sympy.And(*read) if read else None
         self._ar: dict = {}  # device -> arange(n) for the largest n seen (views serve smaller)
+        self._rows: dict = {}  # (B, Hkv, G, nq, device) -> the placed b, h, q_idx
         self._masks: dict = {}
         # whether the score_mod (or its bias) reads more than the score: indices, sizes, inputs
         expr = self.bias if self.fused else mod
@@ -122,10 +123,21 @@ class DecodeRunner:
         return _heads(value, kv_heads, group)
 
     def _env(self, call, q5):
+        """The tile's index environment (``LAYOUT``): ``b``, ``h`` and ``q_idx`` cached per
+        shape, ``kv_idx`` a view of a cached arange (decoding grows the keys by one)."""
         nb, hk, g, nq, _ = q5.shape
-        ar = self._arange(max(nb, hk * g, nq, call.sizes["seq_k"]), q5.device)
-        fixed = LAYOUT.fixed(call.sizes, call.inputs, ar[:nb], ar[:hk * g].view(hk, g))
-        return LAYOUT.env(fixed, ar[:nq], ar[:call.sizes["seq_k"]])
+        nk = call.sizes["seq_k"]
+        key = (nb, hk, g, nq, q5.device)
+        rows = self._rows.get(key)
+        if rows is None:
+            ar = self._arange(max(nb, hk * g, nq), q5.device)
+            if len(self._rows) >= MAX_CACHED:
+                self._rows.clear()
+            rows = self._rows[key] = {"b": LAYOUT.place("b", ar[:nb]),
+                                      "h": LAYOUT.place("h", ar[:hk * g].view(hk, g)),
+                                      "q_idx": LAYOUT.place("q_idx", ar[:nq])}
+        kv = LAYOUT.place("kv_idx", self._arange(nk, q5.device)[:nk])
+        return {**call.sizes, **call.inputs, **rows, "kv_idx": kv}
 
     def _arange(self, n: int, device):
         """``arange(m)`` for some ``m >= n`` on ``device``, grown by doubling (decoding grows
@@ -146,8 +158,10 @@ class DecodeRunner:
                                device=q5.device)
         if static[0] is not None:
             keep = keep & static[0]
-        dead = ~keep.any(dim=-1, keepdim=True)
-        return (None if keep.all() else keep), (dead if dead.any() else None)
+        if bool(keep.all()):
+            return None, None
+        alive = keep.any(dim=-1, keepdim=True)
+        return keep, (None if bool(alive.all()) else ~alive)
 
     def _static_keep(self, call, q5):
         """``(keep, dead)`` of the conjuncts that read no input, cached per call sizes."""
