@@ -100,9 +100,7 @@ def _bind(spec: Spec, q, k, v, inputs: dict) -> Bound:
         raise InputError(f"k: kv_heads ({kv_heads}) must divide the query heads ({heads})")
     sizes = {"batch": batch, "heads": heads, "kv_heads": kv_heads, "seq_q": seq_q,
              "seq_k": seq_k, "head_dim": head_dim, "value_dim": value_dim}
-    fixes = {"heads": spec.heads, "kv_heads": spec.kv_heads or spec.heads,
-             "head_dim": spec.head_dim, "value_dim": spec.value_dim or spec.head_dim}
-    for name, fixed in fixes.items():
+    for name, fixed in fixed_sizes(spec).items():
         if fixed is not None and fixed != sizes[name]:
             raise InputError(f"the spec '{spec.name}' fixes {name} = {fixed}; the tensors have "
                              f"{sizes[name]} (q {tuple(q.shape)}, v {tuple(v.shape)})")
@@ -113,6 +111,12 @@ def _bind(spec: Spec, q, k, v, inputs: dict) -> Bound:
                              f"{m}; got seq_q {seq_q}, seq_k {seq_k}")
     return Bound(sizes, _check_inputs(spec, inputs, sizes, q),
                  _scale(spec.scale, tuple(sizes.items())))
+
+
+def fixed_sizes(spec: Spec) -> dict:
+    """The sizes the spec fixes: name -> int, or None where the call decides."""
+    return {"heads": spec.heads, "kv_heads": spec.kv_heads or spec.heads,
+            "head_dim": spec.head_dim, "value_dim": spec.value_dim or spec.head_dim}
 
 
 def shared_kv(q, k, v):

@@ -32,6 +32,7 @@ import torch.nn.functional as F  # noqa: N812 - the name torch code uses
 
 from attncc.backends.autograd import autograd_backward
 from attncc.backends.base import Kernel
+from attncc.bind import fixed_sizes
 from attncc.lowering.env import SCORE_TEXT, merge_heads, split_heads
 from attncc.lowering.features import linear_attention, linear_text
 from attncc.lowering.lowrank import linformer, nystrom, nystrom_text
@@ -174,11 +175,10 @@ class TorchKernel(Kernel):
         ``traced.sizes`` cannot vouch for."""
         if not self._sdpa or self.spec.inputs:
             return None
-        spec, scale = self.spec, traced.scale_function(self.spec.scale)
+        scale = traced.scale_function(self.spec.scale)
         if scale is None:
             return None
-        fixes = {"heads": spec.heads, "kv_heads": spec.kv_heads or spec.heads,
-                 "head_dim": spec.head_dim, "value_dim": spec.value_dim or spec.head_dim}
+        fixes = fixed_sizes(self.spec)
 
         def fn(q, k, v, **inputs):
             found = None if inputs else traced.sizes(q, k, v, fixes)
