@@ -54,6 +54,9 @@ _SCALAR_UNARY = {"exp": math.exp, "log": math.log, "tanh": math.tanh, "abs": abs
                  "sigmoid": lambda x: 1.0 / (1.0 + math.exp(-x)) if x > -700 else 0.0}
 
 
+_NEG_INF = sympy.S.NegativeInfinity
+
+
 def logistic(x, xp):
     """``sigmoid(x) = 1 / (1 + exp(-x))`` of an array of namespace ``xp``, as
     ``exp(-log(1 + exp(-x)))``: finite, with a finite gradient, for any x. The one array recipe
@@ -100,19 +103,19 @@ class _Evaluator:
         xp = self.xp
         if e is sympy.true or e is sympy.false:
             return bool(e)
-        if e.is_Integer:
-            return int(e)
-        if e is sympy.S.NegativeInfinity:
-            return -math.inf
-        if e.is_Number or (isinstance(e, sympy.Expr) and e.is_number):
-            return float(e)
-        if isinstance(e, sympy.Indexed):
+        if isinstance(e, sympy.Indexed):  # the leaves first: no number test walks them
             return self.indexed(e)
         if e.is_Symbol:
             try:
                 return self.env[e.name]
             except KeyError:
                 raise InputError(f"no value for '{e.name}'") from None
+        if e.is_Integer:
+            return int(e)
+        if e is _NEG_INF:
+            return -math.inf
+        if e.is_Number or (isinstance(e, sympy.Expr) and e.is_number):
+            return float(e)
         if isinstance(e, sympy.Add):
             return self.reduce(operator.add, operator.add, [self.value(a) for a in e.args],
                                arith=True)
