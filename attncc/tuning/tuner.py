@@ -330,7 +330,11 @@ def _choose(study: optuna.Study, problem: Problem) -> tuple[Record, Timing | Non
     default = signature(problem.default)
     configs = [decode(problem.space, t.params) for t in done]
     studied = [t.value for t, c in zip(done, configs, strict=True) if signature(c) == default]
-    others = [c for c in configs if signature(c) != default][:TOP]
+    seen, others = {default}, []  # two workers may have timed one config: distinct ones
+    for config in configs:
+        if signature(config) not in seen and len(others) < TOP:
+            seen.add(signature(config))
+            others.append(config)
     if studied and studied[0] <= done[0].value:
         others = []  # the study saw no config faster than the default: it is the record
     timed, baseline = [], None

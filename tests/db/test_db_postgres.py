@@ -72,11 +72,14 @@ def test_four_workers_share_one_study(postgres_url, monkeypatch):
     done = measured(trials)
     assert 8 <= len(done) <= 8 + 3  # the budget, plus at most one in-flight trial per worker
     assert record.trials == len(done)
-    # The tuner re-measures the default (enqueued first, trial 0) and the fastest few other
-    # configs, and stores the fastest of those: the record is one of them, never another.
+    # The tuner re-measures the default (enqueued first, trial 0) and the fastest few distinct
+    # other configs, and stores the fastest of those: the record is one of them, never another.
     space = registry.get("numpy").search_space(lower(load_spec(SPEC)), default_target())
     default = decode(space, next(t for t in trials if t.number == 0).params)
-    others = [c for c in (decode(space, t.params) for t in finished(trials)) if c != default]
+    others = []
+    for config in (decode(space, t.params) for t in finished(trials)):
+        if config != default and config not in others:
+            others.append(config)
     candidates = [default, *others[:TOP]]
     assert {k: record.config[k] for k in default} in candidates
     with Store(postgres_url) as store:
