@@ -50,15 +50,17 @@ def bind(spec: Spec, q, k, v, inputs: dict) -> Bound:
     try:
         key = (spec.hash, *(_signature(x) for x in (q, k, v)),
                *((n, _signature(x)) for n, x in inputs.items()))
-        sizes, scale, scalars = _CHECKED[key]
-    except (KeyError, AttributeError, TypeError):
+        found = _CHECKED.get(key)
+    except (AttributeError, TypeError):  # not arrays, or symbolic shapes: no cache
+        return _bind(spec, q, k, v, inputs)
+    if found is None:
         bound = _bind(spec, q, k, v, inputs)
-        if "key" in locals():
-            if len(_CHECKED) >= _CHECKED_CAP:
-                _CHECKED.clear()
-            _CHECKED[key] = (bound.sizes, bound.scale,
-                             tuple(n for n, x in inputs.items() if not x.shape))
+        if len(_CHECKED) >= _CHECKED_CAP:
+            _CHECKED.clear()
+        _CHECKED[key] = (dict(bound.sizes), bound.scale,
+                         tuple(n for n, x in inputs.items() if not x.shape))
         return bound
+    sizes, scale, scalars = found
     given = {n: x[None] if n in scalars else x for n, x in inputs.items()}
     return Bound(dict(sizes), {n: given[n] for n in spec.inputs}, scale)
 

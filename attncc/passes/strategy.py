@@ -55,8 +55,7 @@ from attncc.ir.graph import (
 from attncc.spec.symbols import SIZES, kv_idx, q_idx, score
 
 __all__ = ["OFFSET", "PATHS", "Strategy", "additive_bias", "bias_form", "causal_alignment",
-           "is_top_left_causal",
-           "toeplitz_bias"]
+           "decode_fused", "is_top_left_causal", "toeplitz_bias"]
 
 
 @dataclass(frozen=True)
@@ -218,12 +217,18 @@ def _decode(node: FusedAttention, reads: list[str], spec) -> Path:
         why.append("the sdpa path serves it (one fused call for any seq_q)")
     if why:
         return Path("decode", False, "; ".join(why))
-    if node.score_mod is None or additive_bias(node.score_mod) is not None:
+    if decode_fused(node):
         how = "one fused SDPA call, the mask (and bias) evaluated once over the call's tile"
     else:
         how = "scores, score_mod and mask evaluated once over (batch, heads, seq_q, seq_k)"
     return Path("decode", True, f"dot-product softmax: for a few query rows (a decoding step), "
                                 f"{how}")
+
+
+def decode_fused(node: FusedAttention) -> bool:
+    """Whether one SDPA call serves the node's decoding steps: no score_mod, or an additive one
+    (its bias joins the float mask)."""
+    return node.score_mod is None or additive_bias(node.score_mod) is not None
 
 
 def _tiles(node: FusedAttention, reads: list[str], spec) -> Path:

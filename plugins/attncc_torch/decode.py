@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the name torch code uses
 
 from attncc.lowering.env import Layout, merge_heads, raw_scores, split_heads
-from attncc.passes.strategy import additive_bias, causal_alignment
+from attncc.passes.strategy import additive_bias, causal_alignment, decode_fused
 from attncc.spec.numeric import evaluate
 from attncc.spec.symbols import score
 
@@ -133,9 +133,10 @@ class DecodeRunner:
             ar = self._arange(max(nb, hk * g, nq), q5.device)
             if len(self._rows) >= MAX_CACHED:
                 self._rows.clear()
-            rows = self._rows[key] = {"b": LAYOUT.place("b", ar[:nb]),
-                                      "h": LAYOUT.place("h", ar[:hk * g].view(hk, g)),
-                                      "q_idx": LAYOUT.place("q_idx", ar[:nq])}
+            with torch.inference_mode(False):
+                rows = self._rows[key] = {"b": LAYOUT.place("b", ar[:nb]),
+                                          "h": LAYOUT.place("h", ar[:hk * g].view(hk, g)),
+                                          "q_idx": LAYOUT.place("q_idx", ar[:nq])}
         kv = LAYOUT.place("kv_idx", self._arange(nk, q5.device)[:nk])
         return {**call.sizes, **call.inputs, **rows, "kv_idx": kv}
 
@@ -144,7 +145,10 @@ class DecodeRunner:
         the keys by one per step)."""
         ar = self._ar.get(device)
         if ar is None or ar.shape[0] < n:
-            ar = self._ar[device] = torch.arange(max(2 * n, 1024), device=device)
+            # a normal tensor even under inference_mode: later calls may save its views for
+            # backward (a learnable bias reading the indices)
+            with torch.inference_mode(False):
+                ar = self._ar[device] = torch.arange(max(2 * n, 1024), device=device)
         return ar
 
     def _keep(self, call, q5, env):
@@ -154,8 +158,7 @@ class DecodeRunner:
         static = self._static_keep(call, q5)
         if self._read is None:
             return static
-        keep = torch.as_tensor(evaluate(self._read, env, xp, _ranges(q5, call.sizes)),
-                               device=q5.device)
+        keep = _tile(evaluate(self._read, env, xp, _ranges(q5, call.sizes)), q5.device)
         if static[0] is not None:
             keep = keep & static[0]
         if bool(keep.all()):
@@ -170,8 +173,8 @@ class DecodeRunner:
             return None, None
         key = (*sorted(call.sizes.items()), str(q5.device))
         if key not in self._masks:
-            keep = torch.as_tensor(evaluate(static, self._env(call, q5), xp),
-                                   device=q5.device)
+            with torch.inference_mode(False):  # cached: usable by later calls with autograd
+                keep = _tile(evaluate(static, self._env(call, q5), xp), q5.device)
             dead = ~keep.any(dim=-1, keepdim=True)
             if len(self._masks) >= MAX_CACHED:
                 self._masks.clear()
@@ -179,10 +182,11 @@ class DecodeRunner:
         return self._masks[key]
 
 
-def decode_fused(node) -> bool:
-    """Whether one SDPA call serves the node's decoding steps: no score_mod, or an additive one
-    (its bias joins the float mask)."""
-    return node.score_mod is None or additive_bias(node.score_mod) is not None
+def _tile(value, device):
+    """An evaluated mask term as a bool tensor of the tile's 5 dims (a term that reads no
+    index is 0-d)."""
+    x = torch.as_tensor(value, device=device)
+    return x.reshape((1,) * (5 - x.dim()) + tuple(x.shape))
 
 
 def _ranges(q, sizes: dict) -> dict:

@@ -159,8 +159,9 @@ class TorchKernel(Kernel):
     def sdpa_serves(self, q, k, return_lse: bool = False) -> bool:
         """Whether a call takes the sdpa path (one ``scaled_dot_product_attention``, ``_whole``):
         the node's lowering allows it, ``use_sdpa``, no ``return_lse``, and under a bottom-right
-        causal mask ``seq_q <= seq_k`` (a longer query has rows that see no key). False where q
-        or k is not 4-D (the prologue says why). Both ``__call__`` and ``traceable`` ask it."""
+        causal mask ``seq_q <= seq_k`` (a longer query has rows that see no key; False there
+        where q or k is not 4-D, the prologue says why). Both ``__call__`` and ``traceable``
+        ask it."""
         if not self._sdpa or return_lse:
             return False
         if not self._bottom_right:

@@ -56,8 +56,11 @@ class RunsForward:
     mask: in the ``key`` form only its key term ``bias(q_idx=0)`` (the row term cancels in the
     softmax and is added to the log-sum-exp at the end), O(keys) per call and head; in the
     ``general`` form evaluated over the call's tile. Bias tiles are cached like the masks when
-    the bias reads no input, else rebuilt per call from that call's inputs. Holds no reference
-    to the plan (kernels cache runners with their plan as a weak key)."""
+    the bias reads no input, else rebuilt per call from that call's inputs. Where the mask's
+    terms are key-form (free of ``q_idx``, padding) beside at most a top-left causal one
+    (``whole_call``), one call over all keys serves: those terms join the key tile as -inf,
+    rows they leave with no key are marked dead (out 0, lse -inf). Holds no reference to the
+    plan (kernels cache runners with their plan as a weak key)."""
 
     def __init__(self, node, plan, sizes: dict, inputs: dict, device):
         self.mask = node.mask.expr if node.mask is not None else None
@@ -197,10 +200,8 @@ class RunsForward:
         (the bias's key term, -inf where a key-form mask term drops the key), stride 0 over
         the query rows; the rows left with no key ``(B|1, H|1, Nq)`` (None if none); whether
         the bias is ``runs_grad.lossy``."""
-        ar = lambda n: torch.arange(n)  # noqa: E731
         nb, nh, nq = shape[0], shape[1], shape[2]
-        fixed = WHOLE.fixed(self.sizes, inputs, ar(nb), ar(nh))
-        env = WHOLE.env(fixed, ar(1), ar(seq_k))
+        env = _whole_env(self.sizes, inputs, nb, nh, 1, seq_k)
         tile = torch.zeros((), dtype=dtype)
         if self.bias is not None:
             tile = torch.as_tensor(evaluate(self.bias, env, xp), dtype=dtype)
@@ -212,8 +213,11 @@ class RunsForward:
             keep = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))
             tile = torch.where(keep, tile, NEG_INF)
             # top-left causal: row i sees keys 0..i, so it is empty before the first kept key
-            first = torch.where(keep.any(-1), keep.to(torch.uint8).argmax(-1), seq_k)
-            dead = ar(nq) < first if self.causal else (first == seq_k).expand(-1, -1, nq)
+            # (every row is, where none is kept: nq may exceed seq_k)
+            none = max(nq, seq_k)
+            first = torch.where(keep.any(-1), keep.to(torch.uint8).argmax(-1), none)
+            dead = (torch.arange(nq) < first if self.causal
+                    else (first == none).expand(-1, -1, nq))
             dead = dead if bool(dead.any()) else None
         tile = tile.reshape((1,) * (4 - tile.dim()) + tuple(tile.shape))
         return tile.expand(tile.shape[0], tile.shape[1], nq, seq_k), dead, low
@@ -221,9 +225,8 @@ class RunsForward:
     def _hankel(self, shape, seq_k: int, inputs: dict, dtype):
         """``(B|1, H|1, Nq, Nk)`` view with ``[.., i, j] = t(i - (Nk - 1 - j))``: the bias for
         key ``Nk - 1 - j`` (keys reversed), from ``t`` over every offset (stride 1 on rows)."""
-        ar = lambda n: torch.arange(n)  # noqa: E731
-        fixed = WHOLE.fixed(self.sizes, inputs, ar(shape[0]), ar(shape[1]))
-        offsets = WHOLE.place("q_idx", ar(shape[2] + seq_k - 1) - (seq_k - 1))
+        fixed = _whole_env(self.sizes, inputs, shape[0], shape[1])
+        offsets = WHOLE.place("q_idx", torch.arange(shape[2] + seq_k - 1) - (seq_k - 1))
         t = evaluate(self.offsets, {**fixed, OFFSET.name: offsets}, xp)
         t = torch.as_tensor(t, dtype=dtype)
         t = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))[..., 0]
@@ -236,9 +239,7 @@ class RunsForward:
         """``lse`` plus the row term of a key-form bias (which the fused calls did not see)."""
         if self.row is None or self.row == 0:
             return lse
-        ar = lambda n: torch.arange(n)  # noqa: E731
-        fixed = WHOLE.fixed(self.sizes, inputs, ar(lse.shape[0]), ar(lse.shape[1]))
-        row = evaluate(self.row, WHOLE.env(fixed, ar(lse.shape[2]), ar(1)), xp)
+        row = evaluate(self.row, _whole_env(self.sizes, inputs, *lse.shape, 1), xp)
         return lse + torch.as_tensor(row, dtype=lse.dtype)[..., 0]
 
 
@@ -272,6 +273,13 @@ def accumulation(dtype):
 
 #: Where b, h, q_idx, kv_idx sit in a whole-call tile ``(B, H, Nq, Nk)``.
 WHOLE = Layout(4, b=(0,), h=(1,), q_idx=(2,), kv_idx=(3,))
+
+
+def _whole_env(sizes: dict, inputs: dict, nb: int, nh: int, rows=None, keys=None) -> dict:
+    """The ``WHOLE`` environment of ``nb`` batch entries and ``nh`` heads; with ``rows`` and
+    ``keys``, query and key positions ``arange(rows)``, ``arange(keys)`` too."""
+    fixed = WHOLE.fixed(sizes, inputs, torch.arange(nb), torch.arange(nh))
+    return fixed if rows is None else WHOLE.env(fixed, torch.arange(rows), torch.arange(keys))
 
 
 def _keys(x, runs: tuple[Run, ...], count: int):

@@ -193,3 +193,35 @@ def test_static_terms_beside_a_bottom_right_causal_mask(seq_q, fused_calls):
         report = check_kernel(_out_only(kernel), spec, q, k, v, {}, grads=False)
     assert report.ok, str(report)
     assert fused_calls["n"] >= 1 and fused_calls["decode"]["n"] >= 2
+
+
+@pytest.mark.parametrize("mask, inputs", [
+    (f"{TAIL} and flag[0]", {"flag": {"shape": [1], "dtype": "bool"}}),
+    (f"{TAIL} and seq_k >= 50", {}),
+], ids=["input", "sizes"])
+def test_a_term_that_reads_no_index_can_drop_every_key(mask, inputs):
+    """For one query row the causal term is left out: what remains reads no index (a 0-d
+    tile); where it is false every row is empty (zeros, lse -inf)."""
+    spec = {"attncc": 1, "name": "flagged", "heads": 4, "kv_heads": 2, "mask": mask,
+            "inputs": inputs}
+    kernel = attncc.compile(spec, backend="torch")
+    q, k, v, ins = random_inputs(spec, 2, 1, 40, "float32", seed=5, library="torch",
+                                 head_dim=16)
+    ins = {n: torch.tensor([False]) for n in ins}
+    with torch.no_grad():
+        out, lse = kernel(q, k, v, return_lse=True, **ins)
+        fast = kernel(q, k, v, **ins)
+    assert torch.all(out == 0) and torch.all(fast == 0) and torch.all(lse == float("-inf"))
+
+
+def test_a_call_under_inference_mode_leaves_later_training_calls_working():
+    """The decode path caches index tensors; made under inference_mode they must still serve a
+    later call whose learnable slope saves them for backward."""
+    kernel = attncc.compile(ALIBI_CACHE, backend="torch")
+    q, k, v, inputs = random_inputs(ALIBI_CACHE, 2, 1, 40, "float32", seed=6,
+                                    library="torch", head_dim=16)
+    with torch.inference_mode():
+        kernel(q, k, v, **inputs)
+    slope = inputs["slope"].clone().requires_grad_()
+    kernel(q, k, v, slope=slope).sum().backward()
+    assert slope.grad is not None and torch.isfinite(slope.grad).all()

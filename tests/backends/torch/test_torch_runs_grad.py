@@ -277,3 +277,19 @@ def test_key_form_masks_take_one_whole_call(name, whole_calls):
     assert torch.all(dq[1, :, dead] == 0)
     assert all(torch.isfinite(x.grad).all() for x in leaves)
     assert whole_calls["n"] >= 4
+
+
+def test_more_queries_than_keys_with_an_entry_keeping_none(whole_calls):
+    """Causal padding, 40 queries against 24 keys: the fully padded entry's every row (also
+    those past the last key) has lse -inf."""
+    spec = _spec(WHOLE_CASES["causal_padding"])
+    kernel = attncc.compile(spec, backend="torch")
+    q, k, v, _ = random_inputs(spec, 2, 40, 24, "float32", seed=1, library="torch",
+                               head_dim=16, value_dim=16)
+    keep = torch.ones(2, 24, dtype=torch.bool)
+    keep[1] = False
+    report = check_kernel(kernel, spec, q, k, v, {"keep": keep}, grads=False)
+    assert report.ok, str(report)
+    out, lse = kernel(q, k, v, return_lse=True, keep=keep)
+    assert torch.all(lse[1] == float("-inf")) and torch.all(out[1] == 0)
+    assert whole_calls["n"] >= 1
