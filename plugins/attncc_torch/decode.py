@@ -76,7 +76,10 @@ class DecodeRunner:
         env = self._env(call, q5) if self._reads or self._read is not None else None
         keep, dead = self._keep(call, q5, env)
         if self.fused and not return_lse:
-            out, lse = self._sdpa(call, k, v, env, keep), None
+            # rows with no key see every key in the call (finite on every SDPA kernel; their
+            # output is zeroed below, so they pass no gradient)
+            seen = keep if keep is None or dead is None else keep | dead
+            out, lse = self._sdpa(call, k, v, env, seen), None
         else:
             out, lse = self._dense(call, q5, k, v, env, keep, return_lse)
         if dead is not None:  # rows with no key: zeros (and lse -inf)
