@@ -104,7 +104,10 @@ def prologue(spec, node, q, k, v, inputs: dict, *, backend: str, library: str,
         return Call(bound.sizes, bound.scale, q, k, v, bound.inputs, bound.inputs, q.dtype)
     xp = namespace(q)
     ct = getattr(xp, COMPUTE[name])
-    floats = {n: (xp.astype(x, ct, copy=False) if spec.inputs[n].is_float else x)
-              for n, x in bound.inputs.items()}
-    return Call(bound.sizes, bound.scale, *(xp.astype(x, ct, copy=False) for x in (q, k, v)),
-                floats, bound.inputs, q.dtype)
+
+    def cast(x):  # no call at all where the dtype is right (the common case, per call)
+        return x if x.dtype == ct else xp.astype(x, ct, copy=False)
+
+    floats = {n: (cast(x) if spec.inputs[n].is_float else x) for n, x in bound.inputs.items()}
+    return Call(bound.sizes, bound.scale, cast(q), cast(k), cast(v), floats, bound.inputs,
+                q.dtype)

@@ -26,6 +26,8 @@ of -inf, as on the other paths.
 
 from __future__ import annotations
 
+import math
+
 import array_api_compat.torch as xp
 import sympy
 import torch
@@ -53,7 +55,9 @@ class DecodeRunner:
     def __init__(self, node):
         self.node = node
         mod = node.score_mod
-        self.bias = additive_bias(mod)
+        # an additive score_mod's bias as written, at score 0: ALiBi's -slope[h] * (distance)
+        # multiplies once over the tile where additive_bias's expanded form has four products
+        self.bias = mod.subs(score, 0) if additive_bias(mod) is not None else None
         self.fused = decode_fused(node)
         terms = sympy.And.make_args(node.mask.expr) if node.mask is not None else ()
         static = [t for t in terms if not t.atoms(sympy.Indexed)]
@@ -63,6 +67,7 @@ class DecodeRunner:
         self._static = {False: sympy.And(*static) if static else None,
                         True: sympy.And(*one_row) if one_row else None}
         self._read = sympy.And(*read) if read else None
+        self._view = _plain_read(self._read)
         self._ar: dict = {}  # device -> arange(n) for the largest n seen (views serve smaller)
         self._rows: dict = {}  # (B, Hkv, G, nq, device) -> the placed b, h, q_idx
         self._masks: dict = {}
@@ -73,7 +78,8 @@ class DecodeRunner:
 
     def __call__(self, call, k, v, return_lse: bool):
         q5 = split_heads(call.q, k.shape[1])                       # (B, Hkv, G, nq, D)
-        env = self._env(call, q5) if self._reads or self._read is not None else None
+        env = (self._env(call, q5) if self._reads or (self._read is not None
+                                                      and self._view is None) else None)
         keep, dead = self._keep(call, q5, env)
         if self.fused and not return_lse:
             # rows with no key see every key in the call (finite on every SDPA kernel; their
@@ -161,13 +167,39 @@ class DecodeRunner:
         static = self._static_keep(call, q5)
         if self._read is None:
             return static
-        keep = _tile(evaluate(self._read, env, xp, _ranges(q5, call.sizes)), q5.device)
+        keep = self._viewed(call, q5)
+        if keep is None:
+            env = env if env is not None else self._env(call, q5)
+            keep = _tile(evaluate(self._read, env, xp, _ranges(q5, call.sizes)), q5.device)
         if static[0] is not None:
             keep = keep & static[0]
         if bool(keep.all()):
             return None, None
         alive = keep.any(dim=-1, keepdim=True)
         return keep, (None if bool(alive.all()) else ~alive)
+
+    def _viewed(self, call, q5):
+        """The mask's input term as a view of its input, where it is ``name[i, j, ...]`` of
+        plain index symbols in tile order (``_plain_read``) each spanning its input axis
+        (padding ``keep[b, kv_idx]``): what ``evaluate``'s promised-range read gives, without
+        building the index environment; None otherwise."""
+        if self._view is None:
+            return None
+        name, symbols = self._view
+        table = call.inputs[name]
+        if table.dtype != torch.bool:
+            return None
+        nb, hk, g, nq, _ = q5.shape
+        axes = {"b": ((0,), (nb,)), "h": ((1, 2), (hk, g)), "q_idx": ((3,), (nq,)),
+                "kv_idx": ((4,), (call.sizes["seq_k"],))}
+        shape = [1] * 5
+        for symbol, n in zip(symbols, table.shape, strict=True):
+            where, sizes = axes[symbol]
+            if n != math.prod(sizes):
+                return None
+            for axis, size in zip(where, sizes, strict=True):
+                shape[axis] = size
+        return table.reshape(shape)
 
     def _static_keep(self, call, q5):
         """``(keep, dead)`` of the conjuncts that read no input, cached per call sizes."""
@@ -183,6 +215,24 @@ class DecodeRunner:
                 self._masks.clear()
             self._masks[key] = ((None if keep.all() else keep), (dead if dead.any() else None))
         return self._masks[key]
+
+
+def _plain_read(expr):
+    """``(input name, index symbol names)`` where ``expr`` is one input read at distinct plain
+    index symbols in ``LAYOUT``'s axis order (``keep[b, kv_idx]``, which the spec loader
+    writes ``Ne(keep[b, kv_idx], 0)``: the same for a bool input), else None."""
+    if isinstance(expr, sympy.Ne) and expr.rhs == 0:
+        expr = expr.lhs
+    if not isinstance(expr, sympy.Indexed):
+        return None
+    names = tuple(getattr(i, "name", None) for i in expr.indices)
+    order = ("b", "h", "q_idx", "kv_idx")
+    if not all(i.is_Symbol and i.name in order for i in expr.indices):
+        return None
+    places = [order.index(n) for n in names]
+    if places != sorted(set(places)):
+        return None
+    return expr.base.label.name, names
 
 
 def _tile(value, device):
