@@ -225,3 +225,25 @@ def test_a_call_under_inference_mode_leaves_later_training_calls_working():
     slope = inputs["slope"].clone().requires_grad_()
     kernel(q, k, v, slope=slope).sum().backward()
     assert slope.grad is not None and torch.isfinite(slope.grad).all()
+
+
+@pytest.mark.parametrize("read, shape, dtype", [
+    ("keep[b, kv_idx]", ["batch", "seq_k"], "bool"),
+    ("hm[h, kv_idx]", ["heads", "seq_k"], "bool"),        # query heads split (Hkv, G)
+    ("ids[b, kv_idx] != 0", ["batch", "seq_k"], "int64"),  # not a bool read: evaluated
+], ids=["batch", "heads", "int"])
+def test_input_terms_read_per_head_batch_and_dtype(read, shape, dtype, fused_calls):
+    name = read.split("[")[0]
+    spec = {"attncc": 1, "name": f"read_{name}", "heads": 6, "kv_heads": 2,
+            "mask": f"{TAIL} and {read}", "inputs": {name: {"shape": shape, "dtype": dtype}}}
+    kernel = attncc.compile(spec, backend="torch")
+    q, k, v, _ = random_inputs(spec, 2, 1, 30, "float32", seed=8, library="torch",
+                               head_dim=16)
+    gen = torch.Generator().manual_seed(9)
+    table = torch.rand(2 if shape[0] == "batch" else 6, 30, generator=gen) < 0.6
+    table[1, :] = False  # batch entry / head 1 keeps nothing
+    table = table if dtype == "bool" else table.long() * 7
+    with torch.no_grad():
+        report = check_kernel(_out_only(kernel), spec, q, k, v, {name: table}, grads=False)
+    assert report.ok, str(report)
+    assert fused_calls["n"] >= 1
