@@ -91,6 +91,7 @@ class _Evaluator:
         self.xp = xp
         self.exact = exact
         self.ranges = ranges or {}
+        self.wide: bool | None = None  # whether integer arrays meet floats in float64
         self.memo: dict[sympy.Basic, object] = {}
         self.twin = None
 
@@ -236,19 +237,32 @@ class _Evaluator:
         ``arith`` (``+``, ``*``): Python scalars meet arrays as they are, but in an index
         (``exact``) an integer array meeting a Python float becomes float64 first (torch would
         compute in its float32 default, and T5's ``floor(log(...))`` buckets would round
-        differently from the float64 reference)."""
+        differently from the float64 reference), and so it does elsewhere where the environment
+        holds float64 arrays (a float64 call: ``score * (1 + kv_idx / 100)``)."""
         def pair(a, b):
             if _is_scalar(a) and _is_scalar(b):
                 return scalar_fn(a, b)
             if arith:
-                if self.exact and isinstance(a, float):
-                    return array_fn(a, _to_float(b, self.xp))
-                if self.exact and isinstance(b, float):
-                    return array_fn(_to_float(a, self.xp), b)
+                if isinstance(a, float):
+                    return array_fn(a, self.widened(b))
+                if isinstance(b, float):
+                    return array_fn(self.widened(a), b)
                 return array_fn(a, b)
             return array_fn(*self.as_arrays(a, b))
 
         return functools.reduce(pair, values)
+
+    def widened(self, x):
+        """Integer array ``x`` about to meet a Python float, as float64 in an index or where the
+        environment holds a float64 array; else ``x`` (float32 calls stay float32)."""
+        if self.xp.isdtype(x.dtype, "real floating"):
+            return x
+        if self.wide is None:
+            self.wide = self.exact or any(
+                getattr(v, "dtype", None) is not None and not _is_scalar(v)
+                and self.xp.isdtype(v.dtype, "real floating") and v.dtype == self.xp.float64
+                for v in self.env.values())
+        return _to_float(x, self.xp) if self.wide else x
 
     def as_arrays(self, a, b):
         """Both operands as arrays of one namespace (a Python scalar takes the other's dtype)."""

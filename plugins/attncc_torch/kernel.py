@@ -209,9 +209,10 @@ class TorchKernel(Kernel):
         buf = self._tails.get(key)
         if buf is None or buf.shape[1] - nq < nk - nq:
             width = max(2 * (nk - nq), 1024)
-            buf = torch.zeros((nq, width + nq), dtype=dtype, device=device)
-            buf[:, width:] = torch.full((nq, nq), float("-inf"), dtype=dtype,
-                                        device=device).triu(1)
+            with torch.inference_mode(False):  # cached: later calls may save it for backward
+                buf = torch.zeros((nq, width + nq), dtype=dtype, device=device)
+                buf[:, width:] = torch.full((nq, nq), float("-inf"), dtype=dtype,
+                                            device=device).triu(1)
             self._tails[key] = buf
         width = buf.shape[1] - nq
         return buf[None, None, :, width - (nk - nq):]

@@ -136,8 +136,10 @@ class RunsForward:
         call's out stays bfloat16); the mask's inputs are those the
         runner was built with, a bias's those of ``inputs`` (default: the same).
         Differentiable in q, k, v (``runs_grad``). None where the fused backward would train
-        wrongly (``runs_grad.lossy``): the caller takes the tile loop."""
+        wrongly (``runs_grad.lossy``): the caller takes the tile loop. The fused kernels assume
+        unit stride in the head dimension: a tensor without it is copied first."""
         inputs = self.inputs if inputs is None else inputs
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
         if self.whole:
             tile, dead, low = self._key_tile(q.shape, k.shape[2], inputs,

@@ -247,3 +247,17 @@ def test_input_terms_read_per_head_batch_and_dtype(read, shape, dtype, fused_cal
         report = check_kernel(_out_only(kernel), spec, q, k, v, {name: table}, grads=False)
     assert report.ok, str(report)
     assert fused_calls["n"] >= 1
+
+
+def test_the_cached_tail_mask_serves_training_after_inference_mode():
+    """The sdpa path's bottom-right mask buffer is cached; made under inference_mode it must
+    still serve a later call that saves it for backward."""
+    spec = {"attncc": 1, "name": "tail_cache", "mask": TAIL}
+    kernel = attncc.compile(spec, backend="torch")
+    q, k, v, _ = random_inputs(spec, 1, 8, 100, "float32", seed=2, library="torch",
+                               head_dim=16)
+    with torch.inference_mode():
+        kernel(q, k, v)
+    leaf = q.clone().requires_grad_()
+    kernel(leaf, k, v).sum().backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()

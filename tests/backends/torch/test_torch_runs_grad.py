@@ -293,3 +293,19 @@ def test_more_queries_than_keys_with_an_entry_keeping_none(whole_calls):
     out, lse = kernel(q, k, v, return_lse=True, keep=keep)
     assert torch.all(lse[1] == float("-inf")) and torch.all(out[1] == 0)
     assert whole_calls["n"] >= 1
+
+
+def test_inputs_without_unit_stride_in_the_head_dimension(segment_backward):
+    """The fused kernels assume unit stride in the last dimension; q, k, v that are views
+    without it (x.mT.contiguous().mT) give the reference's output and gradients."""
+    spec = _spec(GQA_WINDOW)
+    kernel = attncc.compile(spec, backend="torch", config={"use_sdpa": True, "block_m": 16,
+                                                           "block_n": 16})
+    q, k, v, inputs = random_inputs(spec, 2, 50, 50, "float32", seed=9, library="torch",
+                                    head_dim=16, value_dim=16)
+    q, k, v = (x.mT.contiguous().mT for x in (q, k, v))
+    assert q.stride(-1) != 1
+    report = check_kernel(kernel, spec, q, k, v, inputs, grads=False)
+    assert report.ok, str(report)
+    _check_grads(kernel, spec, q, k, v, inputs)
+    assert segment_backward["n"] == 1
