@@ -303,14 +303,16 @@ def _box(length: int, block: int, count: int, axis: int):
 
 def _leaf(e: sympy.Indexed, table: np.ndarray, extent: dict, boxes: dict, leaves: dict):
     """Interval of input element ``e`` over every box: the input's min/max over the range of
-    each index's interval; the whole axis where an index may leave it or is not an integer."""
+    each index's interval; the whole axis where an index is not an integer; NaN (undecided:
+    the box is PARTIAL, so the kernel's evaluation checks the index) where one may leave its
+    axis."""
     name = str(e.base.label)
     if table.ndim != len(e.indices):
         raise InputError(f"input '{name}': expected {len(e.indices)} dimension(s), got shape "
                          f"{table.shape}")
     if table.size == 0:
         raise InputError(f"input '{name}': expected a non-empty array, got shape {table.shape}")
-    ranges = []
+    ranges, leave = [], False
     for axis, index in enumerate(e.indices):
         size = table.shape[axis]
         if index.is_Integer and not 0 <= int(index) < size:
@@ -323,8 +325,11 @@ def _leaf(e: sympy.Indexed, table: np.ndarray, extent: dict, boxes: dict, leaves
         if not all(np.issubdtype(np.asarray(x).dtype, np.integer) for x in (lo, hi)):
             lo, hi = 0, size - 1
         outside = (np.asarray(lo) < 0) | (np.asarray(hi) > size - 1)
+        leave = leave | outside
         ranges.append((np.where(outside, 0, lo), np.where(outside, size - 1, hi)))
     lo, hi = range_bounds(table, ranges)
+    if np.any(leave):  # undecided there (NaN bounds): the kernel evaluates, and checks, it
+        lo, hi = (np.where(leave, np.nan, np.asarray(x, dtype=np.float64)) for x in (lo, hi))
     return _cast(lo), _cast(hi)
 
 

@@ -32,3 +32,22 @@ def test_a_plan_too_large_to_hold_is_an_error():
     with pytest.raises(attncc.InputError, match="block pairs"):
         build_plan(attncc.load_spec("examples/causal.yaml"),
                    {"seq_q": 10 ** 8, "seq_k": 10 ** 8}, 64, 64)
+
+
+def test_an_index_that_may_leave_its_axis_is_checked_by_the_kernel():
+    """``tbl[doc[b, q_idx]]`` with ids past tbl's axis: the plan cannot call those blocks FULL
+    (it would skip the mask and its bounds check), so every backend says what the reference
+    says; in-range ids still run."""
+    from attncc.errors import InputError
+
+    spec = {"attncc": 1, "name": "nested", "mask": "tbl[doc[b, q_idx]] > 0",
+            "inputs": {"doc": {"shape": ["batch", "seq_q"], "dtype": "int32"},
+                       "tbl": {"shape": [4], "dtype": "int32"}}}
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 2, n, 8)).astype(np.float32) for n in (60, 128, 128))
+    tbl = np.ones(4, dtype=np.int32)
+    kernel = attncc.compile(spec, backend="numpy")
+    with pytest.raises(InputError, match="indexed outside its axis 0 of size 4"):
+        kernel(q, k, v, doc=np.full((2, 60), 7, dtype=np.int32), tbl=tbl)
+    out = kernel(q, k, v, doc=np.full((2, 60), 3, dtype=np.int32), tbl=tbl)
+    assert np.isfinite(out).all()
