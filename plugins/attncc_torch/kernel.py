@@ -102,7 +102,7 @@ class TorchKernel(Kernel):
         # accumulates in float32 there); not run on a GPU yet
         half = (self.kind == "flash" and not (whole or native or return_lse)
                 and self._decode is not None and self._decode.fused
-                and isinstance(q, torch.Tensor) and q.device.type == "cuda"
+                and isinstance(q, torch.Tensor) and q.device.type == "cuda" and q.dim() == 4
                 and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-2] <= MAX_ROWS)
         args = (self.spec, self.node, q, k, v, inputs)
         kw = {"backend": "torch", "library": "torch", "return_lse": return_lse}
