@@ -74,6 +74,14 @@ class FlexPrinter(TorchPrinter):
             text = f"{fn}({text}, {a})"
         return text
 
+    def _print_floor(self, expr):
+        """``floor(a / d)`` of integers as ``a // d`` (an integer tensor, usable as an index),
+        as ``attncc.spec.numeric`` computes it; anything else as torch.floor."""
+        num, den = sympy.fraction(sympy.together(expr.args[0]))
+        if den != 1 and num.is_integer and den.is_integer:
+            return f"({self._print(num)}) // ({self._print(den)})"
+        return self._print_Function(expr)
+
     def _print_Max(self, expr):
         return self._extreme(expr, "torch.maximum")
 

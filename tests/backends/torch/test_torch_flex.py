@@ -118,3 +118,25 @@ def test_a_traced_call_never_compiles_flex():
         q = torch.empty(1, 2, 256, 16)
     assert flex._tracing(q)
     assert not flex._tracing(torch.empty(1, 2, 256, 16))
+
+
+def test_floor_divided_block_indices_print_as_integer_indices(calls):
+    """BigBird's ``rb[q_idx // 64, kv_idx // 64]`` beside a soft-cap: the printed mask_mod
+    indexes with integer floor division, so FlexAttention compiles it (no fallback warning)."""
+    import warnings
+
+    spec = attncc.load_spec({"attncc": 1, "name": "bigbird_softcap", "heads": 2,
+                             "score_mod": "30.0 * tanh(score / 30.0)",
+                             "mask": "rb[q_idx // 64, kv_idx // 64] or abs(q_idx - kv_idx) <= 16",
+                             "inputs": {"rb": {"shape": ["seq_q // 64", "seq_k // 64"],
+                                               "dtype": "bool"}}})
+    kernel = attncc.compile(spec, backend="torch")
+    q, k, v, _ = random_inputs(spec, 1, 256, 256, "float32", seed=4, library="torch",
+                               head_dim=16, value_dim=16)
+    rb = torch.rand(4, 4, generator=torch.Generator().manual_seed(5)) < 0.4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        with torch.no_grad():
+            out = kernel(q, k, v, rb=rb)
+    assert (out.double() - _ref(spec, q, k, v, {"rb": rb})).abs().max() < 2e-5
+    assert calls["n"] == 1
