@@ -44,6 +44,13 @@ def bucket_of(seq_q: int, seq_k: int | None = None) -> str:
     for name, value in (("seq_q", seq_q), ("seq_k", seq_k)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise InputError(f"shape bucket: expected {name} a positive int, got {value!r}")
+    return bucket_unchecked(seq_q, seq_k)
+
+
+def bucket_unchecked(seq_q, seq_k) -> str:
+    """``bucket_of`` for sizes known to be positive, also torch's symbolic ones: the powers of
+    two are found by doubling, so under ``torch.compile`` dynamo guards each comparison where
+    ``int.bit_length`` would specialise every length."""
     return f"q{_pow2(seq_q)}-k{_pow2(seq_k)}"
 
 
@@ -57,8 +64,11 @@ def upper_bound(bucket: str) -> tuple[int, int]:
     return int(found[1]), int(found[2])
 
 
-def _pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
+def _pow2(n) -> int:
+    edge = 1
+    while edge < n:
+        edge *= 2
+    return edge
 
 
 def now() -> str:

@@ -69,11 +69,9 @@ def evaluate(expr: sympy.Basic, env: dict, xp, ranges: dict | None = None):
 
     Index symbols map to integer arrays that broadcast against each other; inputs map to arrays
     indexed by the (broadcast) index values. Raises InputError when an input is indexed out of its
-    bounds, naming the input. ``ranges`` (name -> n) promises that ``env[name]`` is ``arange(n)``
-    reshaped (in C order) to its broadcast shape, as ``attncc.lowering.env.Layout`` places it:
-    an input axis indexed by that symbol alone, of size at least n, is read without a bounds
-    check, and an input indexed by such symbols alone, each spanning its whole axis in the
-    input's axis order, is read as a reshaped view (no gather).
+    bounds, naming the input. ``ranges`` (name -> n) promises that ``env[name]`` holds integers
+    in ``[0, n)``: an input axis indexed by that symbol alone, of size at least n, is read
+    without a bounds check.
     """
     return _Evaluator(env, xp, ranges=ranges or {}).value(expr)
 
@@ -290,9 +288,6 @@ class _Evaluator:
             table = self.env[name]
         except KeyError:
             raise InputError(f"missing input '{name}'") from None
-        view = self.as_view(e, table)
-        if view is not None:
-            return view
         indices = []
         if self.twin is None:  # the index evaluator, one per evaluation
             self.twin = self if self.exact else _Evaluator(self.env, self.xp, True, self.ranges)
@@ -316,29 +311,6 @@ class _Evaluator:
                                  f"{size} by {index}")
             indices.append(value)
         return table[tuple(indices)]
-
-
-    def as_view(self, e: sympy.Indexed, table):
-        """``table[indices]`` as a reshape of ``table`` where every index is a promised full
-        ``arange`` of its axis (``ranges``) whose non-1 axes come after the previous index's:
-        the gather would copy the table in its own order; None otherwise."""
-        if len(table.shape) != len(e.indices):
-            return None
-        shape, last = None, -1
-        for axis, index in enumerate(e.indices):
-            if not index.is_Symbol or self.ranges.get(index.name) != table.shape[axis]:
-                return None
-            value = self.env.get(index.name)
-            if value is None or _is_scalar(value) or (
-                    shape is not None and len(value.shape) != len(shape)):
-                return None
-            dims = [i for i, n in enumerate(value.shape) if n != 1] or [last + 1]
-            if dims[0] <= last or dims != list(range(dims[0], dims[-1] + 1)):
-                return None
-            last = dims[-1]
-            shape = list(value.shape) if shape is None else [
-                max(a, b) for a, b in zip(shape, value.shape, strict=True)]
-        return table.reshape(tuple(shape)) if shape is not None else None
 
 
 def _erf(x):

@@ -28,7 +28,7 @@ import warnings
 
 from attncc.backends.base import Backend, Kernel
 from attncc.backends.config import full_config
-from attncc.db.key import Key, Record, bucket_of
+from attncc.db.key import Key, Record, bucket_of, bucket_unchecked
 from attncc.errors import AttnccError, BackendError
 
 #: Configs a ``tune="new-shapes"`` tune measures for a new bucket.
@@ -156,7 +156,7 @@ class Dispatch(Kernel):
         def fn(q, k, v, **inputs):
             if not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in (q, k)):
                 return None  # the variant's prologue says why
-            own = getattr(table, variant(_bucket(q.shape[2], k.shape[2]), q.dtype))
+            own = getattr(table, variant(bucket_unchecked(q.shape[2], k.shape[2]), q.dtype))
             return None if own is None else own(q, k, v, **inputs)
 
         return fn
@@ -326,15 +326,3 @@ class Dispatch(Kernel):
 class _Traced:
     """``Dispatch.traceable``'s variant functions as attributes (as ``ops.OpTable``: dynamo
     reads an attribute afresh at each access, where a dict is snapshotted per trace)."""
-
-
-def _bucket(seq_q, seq_k) -> str:
-    """``bucket_of(seq_q, seq_k)`` for positive sizes, by doubling: on symbolic sizes dynamo
-    guards each comparison, where ``int.bit_length`` would specialise every length."""
-    edges = []
-    for n in (seq_q, seq_k):
-        edge = 1
-        while edge < n:
-            edge *= 2
-        edges.append(edge)
-    return f"q{edges[0]}-k{edges[1]}"

@@ -19,9 +19,10 @@ The mask is split into its conjuncts: those that read no input depend only on th
 evaluated once per call's sizes and cached (a few at a time; None where they keep every pair);
 for one query row a bottom-right causal term (``strategy.causal_alignment``) is left out, as
 that row sits at the last key and sees them all. Those that read inputs (padding, document ids)
-are evaluated per call, their indices promised in range (``evaluate(ranges=)``: the tile's
-aranges). Rows whose every key the mask removes give zeros and a log-sum-exp
-of -inf, as on the other paths.
+are read per call: one bool input at plain indices in tile order (padding ``keep[b, kv_idx]``)
+as a reshaped view of it, anything else evaluated with its indices promised in range
+(``evaluate(ranges=)``: the tile's aranges). Rows whose every key the mask removes give zeros
+and a log-sum-exp of -inf, as on the other paths.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ MAX_ROWS = 16
 
 #: Where b, h, q_idx, kv_idx sit in the tile ``(B, Hkv, group, seq_q, seq_k)``.
 LAYOUT = Layout(5, b=(0,), h=(1, 2), q_idx=(3,), kv_idx=(4,))
+
+#: The index symbols of the tile.
+INDICES = ("b", "h", "q_idx", "kv_idx")
 
 #: Cached size-only mask parts per runner (decoding grows seq_k by one per step).
 MAX_CACHED = 64
@@ -179,26 +183,24 @@ class DecodeRunner:
         return keep, (None if bool(alive.all()) else ~alive)
 
     def _viewed(self, call, q5):
-        """The mask's input term as a view of its input, where it is ``name[i, j, ...]`` of
-        plain index symbols in tile order (``_plain_read``) each spanning its input axis
-        (padding ``keep[b, kv_idx]``): what ``evaluate``'s promised-range read gives, without
-        building the index environment; None otherwise."""
+        """The mask's input term as a reshaped view of its bool input, where it is
+        ``name[i, j, ...]`` of plain index symbols in tile order (``_plain_read``), each
+        spanning its input axis (padding ``keep[b, kv_idx]``): the gather ``evaluate`` would
+        do over the index aranges, without them; None otherwise."""
         if self._view is None:
             return None
         name, symbols = self._view
         table = call.inputs[name]
         if table.dtype != torch.bool:
             return None
-        nb, hk, g, nq, _ = q5.shape
-        axes = {"b": ((0,), (nb,)), "h": ((1, 2), (hk, g)), "q_idx": ((3,), (nq,)),
-                "kv_idx": ((4,), (call.sizes["seq_k"],))}
-        shape = [1] * 5
+        tile = (*q5.shape[:4], call.sizes["seq_k"])
+        shape = [1] * LAYOUT.ndim
         for symbol, n in zip(symbols, table.shape, strict=True):
-            where, sizes = axes[symbol]
-            if n != math.prod(sizes):
+            axes = getattr(LAYOUT, symbol)
+            if n != math.prod(tile[a] for a in axes):
                 return None
-            for axis, size in zip(where, sizes, strict=True):
-                shape[axis] = size
+            for a in axes:
+                shape[a] = tile[a]
         return table.reshape(shape)
 
     def _static_keep(self, call, q5):
@@ -225,12 +227,11 @@ def _plain_read(expr):
         expr = expr.lhs
     if not isinstance(expr, sympy.Indexed):
         return None
-    names = tuple(getattr(i, "name", None) for i in expr.indices)
-    order = ("b", "h", "q_idx", "kv_idx")
-    if not all(i.is_Symbol and i.name in order for i in expr.indices):
+    if not all(i.is_Symbol and i.name in INDICES for i in expr.indices):
         return None
-    places = [order.index(n) for n in names]
-    if places != sorted(set(places)):
+    names = tuple(i.name for i in expr.indices)
+    firsts = [getattr(LAYOUT, n)[0] for n in names]
+    if firsts != sorted(set(firsts)):
         return None
     return expr.base.label.name, names
 

@@ -36,27 +36,6 @@ def test_an_index_past_the_axis_is_still_refused():
         evaluate(keep[b, kv + 1], _env(6), np, ranges={"kv_idx": 6})  # not a bare symbol
 
 
-def test_full_aranges_in_axis_order_read_a_view():
-    """``keep[b, kv_idx]`` over a (B, 1, N) tile with b and kv_idx promised full aranges: the
-    input's own memory, reshaped; transposed or partial ranges still gather the same values."""
-    import array_api_compat.torch as xp
-    import torch
-
-    table = torch.arange(12).reshape(2, 6) % 3 == 0
-    env = {"b": torch.arange(2).reshape(2, 1, 1), "kv_idx": torch.arange(6).reshape(1, 1, 6),
-           "keep": table}
-    view = evaluate(keep[b, kv], env, xp, ranges={"b": 2, "kv_idx": 6})
-    assert view.shape == (2, 1, 6) and view.data_ptr() == table.data_ptr()
-    assert torch.equal(view[:, 0], table)
-    swapped = {**env, "b": torch.arange(2).reshape(1, 1, 2), "kv_idx": torch.arange(6)
-               .reshape(6, 1, 1)}  # kv_idx before b in the tile: a gather, same values
-    got = evaluate(keep[b, kv], swapped, xp, ranges={"b": 2, "kv_idx": 6})
-    assert torch.equal(got[:, 0, :], table.T)
-    part = evaluate(keep[b, kv], {**env, "kv_idx": torch.arange(4).reshape(1, 1, 4)}, xp,
-                    ranges={"b": 2, "kv_idx": 4})
-    assert torch.equal(part[:, 0], table[:, :4])
-
-
 def test_integer_indices_meet_floats_in_the_calls_precision():
     """torch turns ``int64 * 0.01`` into its float32 default: where the environment holds a
     float64 score the product is float64 (as NumPy and the reference compute it), and a float32

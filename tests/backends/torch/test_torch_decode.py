@@ -261,3 +261,25 @@ def test_the_cached_tail_mask_serves_training_after_inference_mode():
     leaf = q.clone().requires_grad_()
     kernel(leaf, k, v).sum().backward()
     assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+
+
+def test_a_padding_read_reaches_sdpa_without_a_copy(monkeypatch):
+    """One decoding row under a bottom-right causal mask and padding ``keep[b, kv_idx]``: SDPA
+    gets the padding input itself as its mask (a reshaped view, nothing evaluated or copied)."""
+    seen = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, **kwargs):
+        seen.append(attn_mask)
+        return original(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    kernel = attncc.compile(PADDED, backend="torch")
+    q, k, v, _ = random_inputs(PADDED, 2, 1, 40, "float32", seed=3, library="torch",
+                               head_dim=16)
+    keep = torch.ones(2, 40, dtype=torch.bool)
+    keep[:, :5] = False
+    with torch.no_grad():
+        out = kernel(q, k, v, keep=keep)
+    assert len(seen) == 1 and seen[0].data_ptr() == keep.data_ptr()
+    assert torch.isfinite(out).all()
