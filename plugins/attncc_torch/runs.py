@@ -4,8 +4,9 @@ The plan's query blocks are grouped into *segments* whose key runs move by a con
 (``segments.py``). One call of torch's CPU flash-attention kernel
 (``_scaled_dot_product_flash_attention_for_cpu``: exp, sums and rescaling fused, log-sum-exp
 returned) serves each run of a segment, the query blocks being its batch axis and the keys
-overlapping zero-copy ``as_strided`` windows; several runs merge by their log-sum-exps (a lone
-block with several runs concatenates them instead). The mask enters as an additive 0/-inf tile
+overlapping zero-copy ``as_strided`` windows; a run every block reads whole, and a causal
+triangle (``is_causal``), take the segment's rows as one tall block instead. Several runs merge by
+their log-sum-exps (a lone block with several runs concatenates them instead). The mask enters as an additive 0/-inf tile
 only for runs that touch a PARTIAL block, built once per plan (per input content for masks that
 read inputs).
 
@@ -18,6 +19,8 @@ Differentiable in q, k and v through torch's fused CPU flash backward, one call 
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import array_api_compat.torch as xp
 import numpy as np
@@ -35,8 +38,8 @@ from attncc.passes.strategy import (
 from attncc.spec.numeric import evaluate
 from attncc.spec.symbols import b, kv_idx, q_idx
 
-from .runs_grad import LossyBackward, SegmentCalls, WholeCall, lossy, rows
-from .segments import Run, build_segments, run_env, run_mask
+from .runs_grad import LossyBackward, SegmentCalls, WholeCall, lossy, regroup, rows
+from .segments import Run, build_segments, calls, causal_squares, run_env, run_mask
 
 NEG_INF = float("-inf")
 #: Keys per fused call below which torch's bfloat16 CPU flash backward is slower than float32
@@ -65,19 +68,19 @@ class RunsForward:
     def __init__(self, node, plan, sizes: dict, inputs: dict, device):
         self.mask = node.mask.expr if node.mask is not None else None
         self.sizes = sizes
-        group = sizes["heads"] // sizes["kv_heads"]
-        self.segments = build_segments(plan, sizes["batch"], sizes["kv_heads"], group)
-        # per segment, the runs of each fused call: a lone block with several runs makes one
-        # call on their keys side by side, else one call per run (merged by log-sum-exp)
-        self.calls = [[seg.runs] if seg.count == 1 and len(seg.runs) > 1
-                      else [(r,) for r in seg.runs] for seg in self.segments]
         self.inputs = inputs
         self._masks: dict = {}
-        # bfloat16 trains in float32 where the calls are short (runs_grad.SegmentCalls)
-        keys = [sum(r.length for r in runs) for calls in self.calls for runs in calls]
-        self.short = bool(keys) and float(np.median(keys)) < SHORT_KEYS
         bias = additive_bias(node.score_mod)
         form = bias_form(bias) if bias is not None else None
+        # triangles (causal calls over tall blocks) where a bias tile over them is O(keys)
+        group = sizes["heads"] // sizes["kv_heads"]
+        tril = partial(causal_squares, self.mask, sizes, inputs, device)
+        self.segments = build_segments(plan, sizes["batch"], sizes["kv_heads"], group,
+                                       tril if form in (None, "key") else None)
+        self.calls = [calls(seg) for seg in self.segments]
+        # bfloat16 trains in float32 where the calls are short (runs_grad.SegmentCalls)
+        keys = [sum(r.length for r in c.runs) for cs in self.calls for c in cs]
+        self.short = bool(keys) and float(np.median(keys)) < SHORT_KEYS
         self.row = None  # the row term of a key-form bias, for the log-sum-exp
         # no mask and a Toeplitz bias t(q_idx - kv_idx): one call on key-reversed K/V, the
         # bias a zero-copy Hankel view of t over the Nq + Nk - 1 offsets
@@ -102,9 +105,9 @@ class RunsForward:
         runs touches a PARTIAL block."""
         key = (i, j, dtype, str(device))
         if key not in self._masks:
-            runs = self.calls[i][j]
-            self._masks[key] = (None, None) if not any(r.masked for r in runs) else run_mask(
-                self.mask, self.segments[i], runs, self.sizes, self.inputs, dtype, device)
+            call = self.calls[i][j]
+            self._masks[key] = (None, None) if not any(r.masked for r in call.runs) else run_mask(
+                self.mask, call.seg, call.runs, self.sizes, self.inputs, dtype, device)
         return self._masks[key]
 
     def _tile(self, i: int, j: int, batch: int, inputs: dict, dtype, device):
@@ -116,8 +119,9 @@ class RunsForward:
             return mask, dead, False
         key = ("bias", i, j, batch if self._per_batch else 0, dtype, str(device))
         if self._per_call or key not in self._masks:
-            seg = self.segments[i]
-            env, length = run_env(seg, self.calls[i][j], batch, self.sizes, inputs, device)
+            call = self.calls[i][j]
+            seg = call.seg
+            env, length = run_env(seg, call.runs, batch, self.sizes, inputs, device)
             bias = torch.as_tensor(evaluate(self.bias, env, xp), dtype=dtype, device=device)
             tile = bias if mask is None else mask + bias
             while tile.dim() < 4:
@@ -163,17 +167,18 @@ class RunsForward:
 
     def walk(self, k, v, inputs: dict, dtype, device):
         """Per segment and batch entry, ``(segment, batch, kv heads, calls)``; ``calls`` yields,
-        lazily, ``(runs, keys, values, float mask or None, dead rows or None, lossy)`` of each
-        fused call (keys and values ``(count, nhk, length, D)`` zero-copy windows). The kv heads
+        lazily, ``(call, keys, values, float mask or None, dead rows or None, lossy)`` of each
+        fused call (``segments.Call``; keys and values ``(count, nhk, length, D)`` zero-copy
+        windows, count that of the call's rows). The kv heads
         are those of the segment's query heads (whole groups, or one head): the fused kernel
         takes fewer kv heads than query heads, so K/V are never copied per query head."""
         group = self.sizes["heads"] // self.sizes["kv_heads"]
         for i, seg in enumerate(self.segments):
             hk = slice(seg.hq0 // group, (seg.hq0 + seg.nhq - 1) // group + 1)
             for bi in range(seg.b0, seg.b0 + seg.nb):
-                yield seg, bi, hk, ((runs, *(_keys(x[bi, hk], runs, seg.count) for x in (k, v)),
+                yield seg, bi, hk, ((c, *(_keys(x[bi, hk], c.runs, c.seg.count) for x in (k, v)),
                                      *self._tile(i, j, bi, inputs, dtype, device))
-                                    for j, runs in enumerate(self.calls[i]))
+                                    for j, c in enumerate(self.calls[i]))
 
     def segment_forward(self, q, k, v, scale: float, inputs: dict, check: bool = False):
         """``(out, lse)`` of the segment loop, the lse without a key-form row term; raises
@@ -183,15 +188,17 @@ class RunsForward:
         acc = accumulation(q.dtype)
         out = torch.zeros((batch, heads, nq, v.shape[-1]), dtype=acc, device=q.device)
         lse = torch.full((batch, heads, nq), NEG_INF, dtype=acc, device=q.device)
-        for seg, bi, _, calls in self.walk(k, v, inputs, acc, q.device):
-            qs = rows(q, seg, bi)
+        for seg, bi, _, each in self.walk(k, v, inputs, acc, q.device):
             o_acc = l_acc = None
-            for _, ks, vs, mask, dead, low in calls:
+            for call, ks, vs, mask, dead, low in each:
                 if check and low:
                     raise LossyBackward
-                o, lg = flash(qs, ks, vs, attn_mask=mask, scale=scale)
+                o, lg = flash(rows(q, call.seg, bi), ks, vs, is_causal=call.causal,
+                              attn_mask=mask, scale=scale)
                 if dead is not None:
                     lg = lg.masked_fill(dead, NEG_INF)
+                if call.seg is not seg:  # a tall block's rows back as the segment's blocks
+                    o, lg = (regroup(x, seg) for x in (o, lg))
                 o_acc, l_acc = (o, lg) if o_acc is None else _merge(o_acc, l_acc, o, lg)
             rows(out, seg, bi).copy_(o_acc)
             rows(lse, seg, bi).copy_(l_acc)

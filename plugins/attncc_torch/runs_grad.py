@@ -50,6 +50,12 @@ def rows(x, seg, batch: int):
     return x[batch, hs, span].unflatten(1, (seg.count, seg.rows)).transpose(0, 1)
 
 
+def regroup(x, seg):
+    """``x (1, nhq, count * rows, ...)`` of a tall block (``segments.tall``) as ``seg``'s
+    blocks ``(count, nhq, rows, ...)``, the layout of ``rows``."""
+    return x[0].unflatten(1, (seg.count, seg.rows)).transpose(0, 1)
+
+
 def positions(runs, count: int, device):
     """The key positions ``(count * length,)`` of one call's keys (``runs._keys``), block by
     block: the windows of one run, or several runs of a lone block side by side."""
@@ -85,13 +91,14 @@ class SegmentCalls(torch.autograd.Function):
         q, k, v = (x.to(work) for x in (q0, k0, v0))
         dout, out = dout.to(work).contiguous(), out.to(work)
         dq, dk, dv = (torch.zeros_like(x, dtype=acc) for x in (q, k, v))
-        for seg, bi, hk, calls in ctx.runner.walk(k, v, ctx.inputs, acc, q.device):
-            qs, outs, lses, douts, dqs = (rows(x, seg, bi) for x in (q, out, lse, dout, dq))
-            for runs, ks, vs, mask, _dead, _lossy in calls:
-                dq_c, dk_c, dv_c = fused(douts, qs, ks, vs, outs, lses, 0.0, False,
+        for _, bi, hk, calls in ctx.runner.walk(k, v, ctx.inputs, acc, q.device):
+            for call, ks, vs, mask, _dead, _lossy in calls:
+                qs, outs, lses, douts, dqs = (rows(x, call.seg, bi)
+                                              for x in (q, out, lse, dout, dq))
+                dq_c, dk_c, dv_c = fused(douts, qs, ks, vs, outs, lses, 0.0, call.causal,
                                          attn_mask=mask, scale=ctx.scale)
                 dqs += dq_c
-                at = positions(runs, seg.count, q.device)
+                at = positions(call.runs, call.seg.count, q.device)
                 dk[bi, hk].index_add_(1, at, dk_c.transpose(0, 1).flatten(1, 2).to(acc))
                 dv[bi, hk].index_add_(1, at, dv_c.transpose(0, 1).flatten(1, 2).to(acc))
         return None, dq.to(q0.dtype), dk.to(k0.dtype), dv.to(v0.dtype), None, None

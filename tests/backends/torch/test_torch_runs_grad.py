@@ -309,3 +309,52 @@ def test_inputs_without_unit_stride_in_the_head_dimension(segment_backward):
     assert report.ok, str(report)
     _check_grads(kernel, spec, q, k, v, inputs)
     assert segment_backward["n"] == 1
+
+
+CAUSAL_DOCS = {"attncc": 1, "name": "causal_docs", "heads": 4, "kv_heads": 2,
+               "mask": "kv_idx <= q_idx and doc[b, q_idx] == doc[b, kv_idx]",
+               "inputs": {"doc": {"shape": ["batch", "seq_q"], "dtype": "int32"}}}
+PREFIX_ALIBI = {"attncc": 1, "name": "prefix_alibi", "mask": "kv_idx <= q_idx or kv_idx < 20",
+                "score_mod": "score - slope[h] * (q_idx - kv_idx)",
+                "inputs": {"slope": {"shape": ["heads"], "dtype": "float32"}}}
+#: (spec, triangles served by one causal call each): a diagonal shifted off the tril, and
+#: holes left of the diagonal, make one call per query block instead
+STAIRS = {
+    "prefix_lm": ("examples/prefix_lm.yaml", True),
+    "causal_docs": (CAUSAL_DOCS, True),
+    "prefix_alibi": (PREFIX_ALIBI, True),
+    "shifted_diagonal": ({"attncc": 1, "name": "shifted", "mask": "kv_idx <= q_idx + 3 or "
+                          "kv_idx < 20"}, False),
+    "holes": ({"attncc": 1, "name": "holes", "mask": "(kv_idx <= q_idx and (q_idx - kv_idx) % "
+               "40 != 7) or kv_idx < 20"}, False),
+}
+
+
+@pytest.mark.parametrize("name", list(STAIRS))
+def test_staircases_take_one_causal_call_per_triangle(name, segment_backward, monkeypatch):
+    """Runs growing by one query block per block (causal beside a prefix or within documents)
+    are one top-left causal call over the segment's rows where the plan and the mask show an
+    exact triangle, else one call per block; both train like the reference."""
+    source, causal = STAIRS[name]
+    spec = _spec(source)
+    made = []
+    init = runs.RunsForward.__init__
+
+    def capture(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(runs.RunsForward, "__init__", capture)
+    kernel = attncc.compile(spec, backend="torch", config={"use_sdpa": True, "block_m": 16,
+                                                           "block_n": 16})
+    q, k, v, inputs = random_inputs(spec, 2, 128, 128, "float32", seed=7, library="torch",
+                                    head_dim=16, value_dim=16)
+    if "prefix" in inputs:  # one inside a block, one at a block's end
+        inputs["prefix"] = torch.tensor([21, 48], dtype=torch.int32)
+    if "doc" in inputs:  # documents of 37 and 59 rows: boundaries inside blocks
+        inputs["doc"] = (torch.arange(128)[None].expand(2, -1) // torch.tensor([[37], [59]]))
+        inputs["doc"] = inputs["doc"].to(torch.int32)
+    _check_grads(kernel, spec, q, k, v, inputs)
+    tall = [c for r in made for cs in r.calls for c in cs if c.causal]
+    assert bool(tall) == causal
+    assert all(c.seg.count == 1 and c.seg.rows > 16 for c in tall)
