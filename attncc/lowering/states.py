@@ -62,12 +62,13 @@ class Rows(NamedTuple):
 
 
 class _State:
-    def __init__(self, lead: tuple, value_dim: int, like, inplace: bool):
+    def __init__(self, lead: tuple, value_dim: int, like, inplace: bool, matmul=None):
         self.xp = namespace(like)
         self.lead, self.value_dim, self.inplace = tuple(lead), value_dim, inplace
         self.dtype, self.device = like.dtype, array_api_compat.device(like)
         self.acc = None
         self._exp_ = _exp_inplace(self.xp)
+        self._matmul = matmul or _matmul
 
     def _zeros(self, width: int):
         return self.xp.zeros((*self.lead, width), dtype=self.dtype, device=self.device)
@@ -76,8 +77,9 @@ class _State:
 class SoftmaxState(_State):
     """Online softmax (FlashAttention): running row max ``m``, row sum ``l``, accumulator."""
 
-    def __init__(self, lead: tuple, value_dim: int, like, *, inplace: bool = False):
-        super().__init__(lead, value_dim, like, inplace)
+    def __init__(self, lead: tuple, value_dim: int, like, *, inplace: bool = False,
+                 matmul=None):
+        super().__init__(lead, value_dim, like, inplace, matmul)
         self.m = self.l_sum = None
 
     def update(self, s, v, keep=None, *, owned: bool = False) -> None:
@@ -94,7 +96,7 @@ class SoftmaxState(_State):
             p = self._exp_(s)
         else:
             p = xp.exp(s - m_safe)
-        pv, p_sum = p @ v, xp.sum(p, axis=-1, keepdims=True)
+        pv, p_sum = self._matmul(p, v), xp.sum(p, axis=-1, keepdims=True)
         if self.m is None:
             self.l_sum, self.acc = p_sum, pv
         elif self.inplace:
@@ -124,8 +126,9 @@ class SoftmaxState(_State):
 class SigmoidState(_State):
     """``Σ sigmoid(s)·v`` over the kept keys."""
 
-    def __init__(self, lead: tuple, value_dim: int, like, *, inplace: bool = False):
-        super().__init__(lead, value_dim, like, inplace)
+    def __init__(self, lead: tuple, value_dim: int, like, *, inplace: bool = False,
+                 matmul=None):
+        super().__init__(lead, value_dim, like, inplace, matmul)
         self._sigmoid = sigmoid(self.xp)
 
     def update(self, s, v, keep=None, *, owned: bool = False) -> None:
@@ -133,7 +136,7 @@ class SigmoidState(_State):
         weights = self._sigmoid(s)
         if keep is not None:
             weights = self.xp.where(keep, weights, 0.0)
-        pv = weights @ v
+        pv = self._matmul(weights, v)
         if self.acc is None:
             self.acc = pv
         elif self.inplace:
@@ -176,11 +179,14 @@ class TopkThreshold:
         return above if keep is None else keep & above
 
 
-def fold(node, lead: tuple, value_dim: int, like, tiles) -> tuple[Rows, object]:
+def fold(node, lead: tuple, value_dim: int, like, tiles,
+         matmul=None) -> tuple[Rows, object]:
     """``(Rows, top-k threshold or None)`` of a block of query rows of the fused ``node``
-    (its ``normalize`` and ``topk``), states in place: ``tiles()`` yields the block's key tiles
-    ``(s, keep or None, v, owned)`` (``update``'s arguments) and is called a second time under
-    top-k, whose first pass finds the threshold."""
+    (its ``normalize`` and ``topk``), states in place, in ``like``'s dtype: ``tiles()`` yields
+    the block's key tiles ``(s, keep or None, v, owned)`` (``update``'s arguments) and is
+    called a second time under top-k, whose first pass finds the threshold. ``matmul(p, v)``
+    is the weights-times-values product (default ``p @ v``; the torch kernel's half types
+    pass a mixed-precision one)."""
     threshold = None
     if node.score_mod is not None and node.score_mod.has(-math.inf):
         tiles = _dropping(tiles)
@@ -190,12 +196,16 @@ def fold(node, lead: tuple, value_dim: int, like, tiles) -> tuple[Rows, object]:
             first.update(s, keep)
         threshold = first.value()
     state_class = SigmoidState if node.normalize == "sigmoid" else SoftmaxState
-    state = state_class(lead, value_dim, like, inplace=True)
+    state = state_class(lead, value_dim, like, inplace=True, matmul=matmul)
     for s, keep, v, owned in tiles():
         if threshold is not None:
             keep = TopkThreshold.keeps(s, threshold, keep)
         state.update(s, v, keep, owned=owned)
     return state.finish(), threshold
+
+
+def _matmul(p, v):
+    return p @ v
 
 
 def _dropping(tiles):

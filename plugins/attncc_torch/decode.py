@@ -39,6 +39,8 @@ from attncc.passes.strategy import additive_bias, causal_alignment, decode_fused
 from attncc.spec.numeric import evaluate
 from attncc.spec.symbols import score
 
+from .mixed import Mixed
+
 #: The most query rows the decode path takes (a decoding step; speculative or chunked ones).
 MAX_ROWS = 16
 
@@ -109,9 +111,12 @@ class DecodeRunner:
                                               enable_gqa=call.group > 1)
 
     def _dense(self, call, q5, k, v, env, keep, return_lse: bool):
-        """Scores, score_mod, mask, softmax and ``@ v`` over the whole tile."""
+        """Scores, score_mod, mask, softmax and ``@ v`` over the whole tile; half types on
+        CUDA as half products with float32 results (``mixed.Mixed``), the rest in float32."""
         g, nq = q5.shape[2:4]
-        s = raw_scores(q5.flatten(2, 3), k, call.scale).unflatten(2, (g, nq))
+        mm = Mixed.of(call.q)
+        s = (raw_scores(q5.flatten(2, 3), k, call.scale) if mm is None
+             else mm(q5.flatten(2, 3), k.mT) * call.scale).unflatten(2, (g, nq))
         if self.node.score_mod is not None:
             value = evaluate(self.node.score_mod, {**(env or {}), "score": s}, xp)
             s = torch.broadcast_to(torch.as_tensor(value, dtype=s.dtype, device=s.device),
@@ -123,7 +128,8 @@ class DecodeRunner:
                 s.masked_fill_(~keep, float("-inf"))
             # rows with no key: a finite softmax, zeroed by the caller
             s = s.masked_fill(~keep.any(dim=-1, keepdim=True), 0.0)
-        out = (torch.softmax(s, dim=-1).flatten(2, 3) @ v).unflatten(2, (g, nq))
+        p = torch.softmax(s, dim=-1).flatten(2, 3)
+        out = (p @ v if mm is None else mm(p, v)).unflatten(2, (g, nq))
         lse = merge_heads(torch.logsumexp(s, dim=-1)[..., None])[..., 0] if return_lse else None
         return merge_heads(out), lse
 

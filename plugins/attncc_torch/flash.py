@@ -56,8 +56,9 @@ class FlashAttention(torch.autograd.Function):
         wanted = [name for i, name in enumerate(names) if ctx.needs_input_grad[5 + i]]
         dq6, dk, dv, dinp = backward(pb, (q6, kb, vb, out6), stats, inputs, pb.to_blocks(dout),
                                      wanted)
-        return (None, None, pb.from_blocks(dq6), pb.from_blocks(dk, kv=True),
-                pb.from_blocks(dv, kv=True), *(dinp.get(name) for name in names))
+        return (None, None, pb.from_blocks(dq6).to(q6.dtype),
+                pb.from_blocks(dk, kv=True).to(kb.dtype), pb.from_blocks(dv, kv=True).to(vb.dtype),
+                *(dinp.get(name) for name in names))
 
 
 def forward(pb: Problem, q6, k4, v4, inputs: dict):
@@ -72,8 +73,9 @@ def forward(pb: Problem, q6, k4, v4, inputs: dict):
     """
     node = pb.node
     names = {"sigmoid": (), "topk": tuple(STATS)}.get(node.normalize, tuple(STATS)[:3])
-    stats = {"out": q6.new_zeros((*q6.shape[:-1], v4.shape[-1])),
-             **{n: q6.new_full((*q6.shape[:-1], 1), STATS[n]) for n in names}}
+    acc = pb.acc
+    stats = {"out": q6.new_zeros((*q6.shape[:-1], v4.shape[-1]), dtype=acc),
+             **{n: q6.new_full((*q6.shape[:-1], 1), STATS[n], dtype=acc) for n in names}}
     for step in pb.schedule.steps:
         q = pb.rows(q6, step)
 
@@ -83,7 +85,8 @@ def forward(pb: Problem, q6, k4, v4, inputs: dict):
                 # fresh score tiles may be overwritten; a broadcast one is not contiguous
                 yield s, None, v, s.is_contiguous()
 
-        done, thr = fold(node, q.shape[:-1], v4.shape[-1], q, tiles)
+        done, thr = fold(node, q.shape[:-1], v4.shape[-1], q.new_empty((), dtype=acc), tiles,
+                         pb.mixed)
         values = {**done._asdict(), "thr": thr}
         for name, x in stats.items():
             pb.put_rows(x, step, values[name])
@@ -105,7 +108,7 @@ def backward(pb: Problem, saved: tuple, stats: dict, inputs: dict, dout6, grad_i
     """
     q6, k4, v4, out6 = saved
     norm = pb.node.normalize
-    dq6, dk4, dv4 = torch.zeros_like(q6), torch.zeros_like(k4), torch.zeros_like(v4)
+    dq6, dk4, dv4 = (torch.zeros_like(x, dtype=pb.acc) for x in (q6, k4, v4))
     dinp = {name: torch.zeros_like(inputs[name]) for name in grad_inputs}
     leaves = {name: inputs[name].detach().requires_grad_() for name in grad_inputs}
     explicit = (pb.node.score == "dot" and not set(dinp) - {"mem_k", "mem_v"}
@@ -133,25 +136,25 @@ def backward(pb: Problem, saved: tuple, stats: dict, inputs: dict, dout6, grad_i
             kept = None
             if budget > 0 and norm != "sigmoid":  # the delta pass needs P and dP anyway
                 s, *rest = score(chunk, k)
-                kept = (s, *rest, _probs(s.detach(), stat), do @ v.transpose(-1, -2))
+                kept = (s, *rest, _probs(s.detach(), stat), pb.mm(do, v.mT))
                 budget -= s.numel()
             tiles.append((chunk, k, v, kept))
         if norm != "sigmoid":
             stat["delta"] = _exact_delta(pb, step, q, do, tiles, inputs, stat)
-        dq = torch.zeros_like(q)
+        dq = torch.zeros_like(q, dtype=pb.acc)
         for chunk, k, v, kept in tiles:
             s, d, q_leaf, k_leaf, *pdp = kept if kept is not None else (*score(chunk, k), None)
-            ds, dv = _tile_grads(norm, s.detach(), v, do, stat, *pdp)
+            ds, dv = _tile_grads(pb.mm, norm, s.detach(), v, do, stat, *pdp)
             dk = None
             if explicit:
                 ds = ds if d is None else ds.mul_(d)
-                dq += ds @ k * pb.scale
+                dq += pb.mm(ds, k) * pb.scale
                 if chunk is not None or "mem_k" in dinp:
-                    dk = ds.transpose(-1, -2) @ q * pb.scale
+                    dk = pb.mm(ds.mT, q) * pb.scale
             else:
                 wrt = [q_leaf, *([k_leaf] if k_leaf.requires_grad else []), *leaves.values()]
                 dq_t, *named = torch.autograd.grad(s, wrt, ds, allow_unused=True)
-                dk = named.pop(0) if k_leaf.requires_grad else None
+                dk = named.pop(0).to(pb.acc) if k_leaf.requires_grad else None
                 dq += dq_t
                 for name, g in zip(leaves, named, strict=True):
                     if g is not None:
@@ -183,7 +186,7 @@ def _exact_delta(pb: Problem, step, q, do, tiles, inputs: dict, stat: dict):
     total = torch.zeros_like(delta)
     for chunk, k, v, kept in tiles:
         if kept is None:
-            p, dp = _probs(pb.scores(step, chunk, q, k, inputs), stat), do @ v.transpose(-1, -2)
+            p, dp = _probs(pb.scores(step, chunk, q, k, inputs), stat), pb.mm(do, v.mT)
         else:
             p, dp = kept[-2:]
         total += (p * (dp - delta)).sum(-1, keepdim=True)
@@ -197,12 +200,13 @@ def _probs(s, stat: dict):
     return p
 
 
-def _tile_grads(norm: str, s, v, do, stat: dict, p=None, dp=None):
+def _tile_grads(mm, norm: str, s, v, do, stat: dict, p=None, dp=None):
     """``(dS, dV_tile)`` of one tile from its recomputed scores and the saved row statistics
-    (``p``, ``dp``: P and dO @ Vᵀ where the delta pass kept them)."""
-    dp = do @ v.transpose(-1, -2) if dp is None else dp  # fresh: dS is computed into it
+    (``p``, ``dp``: P and dO @ Vᵀ where the delta pass kept them); ``mm`` the products
+    (``Problem.mm``)."""
+    dp = mm(do, v.mT) if dp is None else dp  # fresh: dS is computed into it
     if norm == "sigmoid":
         w = torch.sigmoid(s)
-        return dp.mul_(w).mul_(1 - w), w.transpose(-1, -2) @ do
+        return dp.mul_(w).mul_(1 - w), mm(w.mT, do)
     p = _probs(s, stat) if p is None else p
-    return dp.sub_(stat["delta"]).mul_(p), p.transpose(-1, -2) @ do
+    return dp.sub_(stat["delta"]).mul_(p), mm(p.mT, do)

@@ -9,10 +9,12 @@ projection); LinearAttention and Nystrom run the shared recipes (``attncc.loweri
 types: the sdpa path takes q, k, v as given; bfloat16 on the runs path computes in bfloat16 in
 the fused CPU kernels where the CPU has bfloat16 matmuls (``runs.NATIVE_BF16``; float32
 accumulation inside them; mask and bias tiles, the log-sum-exp merge and the dq/dk/dv sums in
-float32); on CUDA, float16 and bfloat16 decoding steps that one SDPA call serves (decode.py) take
-their dtype too; float16 on the CPU runs path (slower natively there, measured) and every other
-path compute in float32. Outputs return in the input dtype; autograd works through all of them
-(custom Functions for flash and runs, torch's own for the rest). Under ``torch.compile``,
+float32); on CUDA (``mixed.MIXED_DEVICES``) float16 and bfloat16 stay in their dtype on the
+decode and tile-loop paths, whose products take half operands and return float32 (``mixed.py``);
+float16 on the CPU runs path (slower natively there, measured), the linear, Nystrom and Linformer
+recipes and every other path on the CPU compute in float32. Outputs return in the input dtype;
+autograd works through all of them (custom Functions for flash and runs, torch's own for the
+rest). Under ``torch.compile``,
 ``traceable`` gives the sdpa path as plain torch ops (``traced.py``; ``Kernel.traceable``).
 
 ``describe`` writes ``kernel.source``: every line is derived from the fused attention node (its
@@ -45,6 +47,7 @@ from . import traced
 from .decode import MAX_ROWS, DecodeRunner, decode_fused
 from .flash import FlashAttention
 from .flex import MIN_ROWS, FlexRunner, printable
+from .mixed import Mixed
 from .runs import NATIVE_BF16, RunsForward
 from .tiles import Problem, build_schedule
 
@@ -98,23 +101,18 @@ class TorchKernel(Kernel):
         # float32): q, k, v uncast, the floating inputs (bias terms) in float32
         native = (not whole and self._runs and q.dtype == torch.bfloat16 and NATIVE_BF16
                   and q.device.type == "cpu" and not self._projection)
-        # half types on CUDA: a decoding step's one SDPA call takes them as given (it
-        # accumulates in float32 there); not run on a GPU yet
-        half = (self.kind == "flash" and not (whole or native or return_lse)
-                and self._decode is not None and self._decode.fused
-                and isinstance(q, torch.Tensor) and q.device.type == "cuda" and q.dim() == 4
-                and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-2] <= MAX_ROWS)
+        # half types on CUDA: q, k, v stay in their dtype, products return float32 (mixed.py)
+        mixed = None if (whole or native) else Mixed.of(q)
         args = (self.spec, self.node, q, k, v, inputs)
         kw = {"backend": "torch", "library": "torch", "return_lse": return_lse}
-        call = prologue(*args, **kw, cast=not (whole or native or half))
-        if half:
-            out, _ = self._decode(call, call.k, call.v, False)
-            return out
-        if native:
+        call = prologue(*args, **kw, cast=not (whole or native or mixed))
+        if mixed and (self.kind != "flash" or self._projection):  # recipes in float32
+            call, mixed = prologue(*args, **kw), None
+        if native or mixed:  # the floating inputs (bias terms) in float32
             call = dataclasses.replace(call, inputs={
                 n: x.float() if x.is_floating_point() else x for n, x in call.inputs.items()})
-            if not self._runs_ok(call):  # another path: every tensor in float32
-                call, native = prologue(*args, **kw), False
+        if native and not self._runs_ok(call):  # another path: every tensor in float32
+            call, native = prologue(*args, **kw), False
         node = self.node
         if self.kind == "linear":
             out = linear_attention(node, call.q, call.k, call.v, call.inputs.get("omega"),
@@ -136,7 +134,7 @@ class TorchKernel(Kernel):
         # serve it: a new KV length each step would build a new block plan per call
         decode = (self._decode is not None and call.sizes["seq_q"] <= MAX_ROWS
                   and not native and not _wants_grad(call))
-        runs = not decode and self._runs_ok(call)
+        runs = not decode and mixed is None and self._runs_ok(call)
         if decode or (not runs and self._decode is not None
                       and call.sizes["seq_q"] <= MAX_ROWS):
             out, lse = self._decode(call, k, v, return_lse)
@@ -152,7 +150,7 @@ class TorchKernel(Kernel):
             call = prologue(*args, **kw)
             k, v = call.k, call.v
         out, lse = result if result is not None else self._flash(plan, (False, *key[1:]),
-                                                                  call, k, v)
+                                                                  call, k, v, mixed)
         out = out.to(call.dtype)
         return (out, lse.to(call.dtype)) if return_lse else out
 
@@ -217,7 +215,7 @@ class TorchKernel(Kernel):
         width = buf.shape[1] - nq
         return buf[None, None, :, width - (nk - nq):]
 
-    def _flash(self, plan, key: tuple, call, k, v):
+    def _flash(self, plan, key: tuple, call, k, v, mixed=None):
         cfg, sizes, q = self.config, call.sizes, call.q
         schedule = self._derive(plan, key, lambda: build_schedule(
             plan, sizes["batch"], sizes["kv_heads"], call.group, kv_chunk=cfg["kv_chunk"],
@@ -229,7 +227,7 @@ class TorchKernel(Kernel):
                       if x.is_floating_point() and n not in self._projection)
         ints = {n: x for n, x in ins.items() if not x.is_floating_point()}
         pb = Problem(self.node, self._drop, sizes, ints, call.scale, plan, k.shape[2], schedule,
-                     q.device)
+                     q.device, q.dtype, mixed)
         out5, lse5 = FlashAttention.apply(pb, names, split_heads(q, k.shape[1]), k, v,
                                           *(ins[n] for n in names))
         return merge_heads(out5), (merge_heads(lse5)[..., 0] if lse5.numel() else None)

@@ -5,10 +5,10 @@ The plan's query blocks are grouped into *segments* whose key runs move by a con
 (``_scaled_dot_product_flash_attention_for_cpu``: exp, sums and rescaling fused, log-sum-exp
 returned) serves each run of a segment, the query blocks being its batch axis and the keys
 overlapping zero-copy ``as_strided`` windows; a run every block reads whole, and a causal
-triangle (``is_causal``), take the segment's rows as one tall block instead. Several runs merge by
-their log-sum-exps (a lone block with several runs concatenates them instead). The mask enters as an additive 0/-inf tile
-only for runs that touch a PARTIAL block, built once per plan (per input content for masks that
-read inputs).
+triangle (``is_causal``), take the segment's rows as one tall block instead. Several runs merge
+by their log-sum-exps (a lone block with several runs concatenates them instead). The mask
+enters as an additive 0/-inf tile only for runs that touch a PARTIAL block, built once per plan
+(per input content for masks that read inputs).
 
 Few, large calls matter beyond their Python overhead: each call is an OpenMP parallel region,
 and on a loaded machine every region waits for descheduled threads (per-block calls were 5-25x

@@ -126,13 +126,18 @@ class Problem:
 
     ``drop`` is ``Not(mask)`` (None without a mask); ``inputs`` holds the integer inputs by name
     (float ones travel as autograd arguments); ``nk`` is the number of keys the mask sees
-    (``seq_k``, or the Linformer rank).
+    (``seq_k``, or the Linformer rank). ``mixed`` (a ``mixed.Mixed``, or None): q, k, v are
+    half types whose products ``mm`` returns in ``acc``, float32; without it ``mm`` is ``@``
+    and ``acc`` the tensors' dtype (``dtype``).
     """
 
     def __init__(self, node, drop, sizes: dict, inputs: dict, scale: float, plan, nk: int,
-                 schedule, device):
+                 schedule, device, dtype, mixed=None):
         self.node, self.drop_expr, self.sizes, self.inputs = node, drop, sizes, inputs
         self.scale, self.schedule, self.device = scale, schedule, device
+        self.mixed = mixed
+        self.mm = mixed or torch.matmul
+        self.acc = mixed.acc if mixed else dtype
         self.bm, self.bn = plan.block_m, plan.block_n
         self.nq, self.nk = sizes["seq_q"], nk
         self.group = sizes["heads"] // sizes["kv_heads"]
@@ -205,10 +210,13 @@ class Problem:
             yield chunk, self.cols(kb, sl, chunk), self.cols(vb, sl, chunk)
 
     def raw(self, sl: Slice, q, k, inputs: dict):
-        """Scores before score_mod (``attncc.lowering.env.raw_scores``); additive scores are
-        computed on the rows viewed ``(nb, nh, G, ng, bm, D)``, w per query head."""
+        """Scores before score_mod (``attncc.lowering.env.raw_scores``; mixed: the half
+        product times the scale, in float32); additive scores are computed (in ``acc``) on the
+        rows viewed ``(nb, nh, G, ng, bm, D)``, w per query head."""
         if self.node.score != "additive":
-            return raw_scores(q, k, self.scale)
+            return raw_scores(q, k, self.scale) if self.mixed is None else (
+                self.mm(q, k.mT) * self.scale)
+        q, k = q.to(self.acc), k.to(self.acc)
         w = inputs["w"].unflatten(0, (-1, self.group))[sl.h0:sl.h0 + sl.nh, sl.g0:sl.g0 + sl.ng]
         s = raw_scores(q.unflatten(3, (sl.ng, self.bm)), k[:, :, :, None], self.scale,
                        w[None, :, None, :, None, None, :])
