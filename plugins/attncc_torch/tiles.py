@@ -22,6 +22,7 @@ index inputs as the reference does.
 from __future__ import annotations
 
 import functools
+import operator
 from dataclasses import dataclass
 
 import array_api_compat.torch as xp
@@ -136,7 +137,7 @@ class Problem:
         self.node, self.drop_expr, self.sizes, self.inputs = node, drop, sizes, inputs
         self.scale, self.schedule, self.device = scale, schedule, device
         self.mixed = mixed
-        self.mm = mixed or torch.matmul
+        self.mm = mixed or operator.matmul
         self.acc = mixed.acc if mixed else dtype
         self.bm, self.bn = plan.block_m, plan.block_n
         self.nq, self.nk = sizes["seq_q"], nk
