@@ -8,7 +8,8 @@ length changes every step), interleaved within each repetition; medians and rati
 ``fwd``, ``fwdbwd`` (forward + backward of ``out.sum()``) and ``decode`` (seq_q 1-16 against a
 KV cache of 4k-32k keys, batch 1-8, bottom-right causal, GQA 32/8, head_dim 128: plain, with
 left padding per batch entry, with ALiBi, and Gemma-2's soft-capped window, whose peer is eager
-as SDPA cannot express it). ``floor_s`` is the useful-FLOP
+as SDPA cannot express it). Soft-capped training has neither SDPA nor a Flex CPU backward: its
+peer is eager attention up to seq ``EAGER_MAX``. ``floor_s`` is the useful-FLOP
 time at the sgemm rate measured in the same run (kept pairs only; backward = 2.5x forward).
 Also: the first call in a fresh process, and the peak resident memory of forward + backward up
 to seq 16384.
@@ -180,6 +181,32 @@ def sdpa_of(name: str, n: int, ins: dict):
                                                           enable_gqa=gqa)
 
 
+#: The longest sequence the eager peer runs (its N^2 score tensors, several per backward).
+EAGER_MAX = 4096
+
+
+def eager_of(name: str, n: int, ins: dict):
+    """``fn(q, k, v)``: eager attention as transformers' eager path computes it (K/V repeated
+    per query head, scores, score_mod, the mask, softmax, ``@ v``) for a case neither SDPA nor
+    Flex can train (a non-additive score_mod: Flex has no CPU backward); None past
+    ``EAGER_MAX``."""
+    if n > EAGER_MAX:
+        return None
+    mod, sm = mask_mod_of(name, ins), score_mod_of(name, ins)
+    i = torch.arange(n)
+    keep = mod(0, 0, i[:, None], i[None]) if mod else None
+
+    def fn(q, k, v):
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        s = sm(s, 0, 0, 0, 0) if sm else s
+        s = s.masked_fill(~keep, float("-inf")) if keep is not None else s
+        return torch.softmax(s, dim=-1) @ v
+
+    return fn
+
+
 def median_times(fns: list, reps: int, warmup: int = 2) -> list[float]:
     """Median seconds of each function, the functions interleaved within every repetition (so a
     burst of load from other processes hits all of them alike)."""
@@ -307,6 +334,10 @@ def bench_row(name: str, mode: str, sizes: tuple, reps: int, flex: dict, rate: f
     fns["attncc_records"] = lambda q, k, v: shipped(q, k, v, **ins)
     if peer is not None:
         fns["eager" if name == "decoding_softcap_window" else "sdpa"] = peer
+    elif grad:  # no SDPA and no Flex backward: eager attention
+        eager = eager_of(name, nq, ins)
+        if eager is not None:
+            fns["eager"] = eager
     if not grad and mode != "decode":
         mod = mask_mod_of(name, ins)
         bm = create_block_mask(mod, 1, None, nq, nk, device="cpu") if mod else None
@@ -403,7 +434,7 @@ def write(results: dict, out: Path) -> None:
              "batch given); medians of interleaved repetitions; milliseconds. `records`: attncc "
              "with the shipped tuning records; `floor`: useful FLOPs at the sgemm rate; peer: "
              "SDPA where it expresses the case, else compiled Flex, else eager (soft-capped "
-             "decoding).", "",
+             "decoding and training).", "",
              "| case | mode | B | seq_q | seq_k | density | floor | attncc | records | SDPA | Flex "
              "| eager | attncc/peer | records/peer |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

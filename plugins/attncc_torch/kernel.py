@@ -299,14 +299,16 @@ def describe(spec, node, kind: str, config: dict) -> str:
         else:
             lines += [f"# path runs ({why}), on CPU (GQA: kv-head slices; a floating input "
                       "that needs a gradient takes the tiles path):",
-                      "#   per segment of query blocks with equal runs of non-EMPTY key blocks "
-                      "(runs.py):",
+                      "#   per segment of query blocks with equal runs of non-EMPTY key blocks, or "
+                      "runs growing by one block per block (a causal triangle) (runs.py):",
                       "#   out[rows], lse[rows] = aten._scaled_dot_product_flash_attention_for_cpu("
                       "q[rows], k[run], v[run], attn_mask=0/-inf tile (runs with a PARTIAL "
                       "block only, cached with the plan), scale=scale)",
                       "#   backward (runs_grad.py): per call, aten._scaled_dot_product_flash_"
                       "attention_for_cpu_backward(dout[rows], q[rows], k[run], v[run], out[rows], "
-                      "lse[rows] (merged, +inf where no key), attn_mask=tile); dk, dv index_add_"]
+                      "lse[rows] (merged, +inf where no key), attn_mask=tile); dk, dv index_add_",
+                      "#   a triangle: one call over the segment's rows as one tall block, "
+                      "is_causal=True, no tile (its diagonal checked to be exactly causal)"]
     if lowering.allows("flex") and config["use_sdpa"]:
         why = printable(node)
         lines += [f"# path flex: not served ({why})"] if why else [
