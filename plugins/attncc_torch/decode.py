@@ -39,7 +39,7 @@ from attncc.passes.strategy import additive_bias, causal_alignment, decode_fused
 from attncc.spec.numeric import evaluate
 from attncc.spec.symbols import score
 
-from .mixed import Mixed
+from .mixed import HALF, Mixed
 
 #: The most query rows the decode path takes (a decoding step; speculative or chunked ones).
 MAX_ROWS = 16
@@ -111,10 +111,10 @@ class DecodeRunner:
                                               enable_gqa=call.group > 1)
 
     def _dense(self, call, q5, k, v, env, keep, return_lse: bool):
-        """Scores, score_mod, mask, softmax and ``@ v`` over the whole tile; half types on
-        CUDA as half products with float32 results (``mixed.Mixed``), the rest in float32."""
+        """Scores, score_mod, mask, softmax and ``@ v`` over the whole tile; half types as
+        half products with float32 results (``mixed.Mixed``), the rest in float32."""
         g, nq = q5.shape[2:4]
-        mm = Mixed.of(call.q)
+        mm = Mixed(call.q.dtype, call.q.device) if call.q.dtype in HALF else None
         s = (raw_scores(q5.flatten(2, 3), k, call.scale) if mm is None
              else mm(q5.flatten(2, 3), k.mT) * call.scale).unflatten(2, (g, nq))
         if self.node.score_mod is not None:

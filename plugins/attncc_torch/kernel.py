@@ -11,8 +11,10 @@ the fused CPU kernels where the CPU has bfloat16 matmuls (``runs.NATIVE_BF16``; 
 accumulation inside them; mask and bias tiles, the log-sum-exp merge and the dq/dk/dv sums in
 float32); on CUDA (``mixed.MIXED_DEVICES``) float16 and bfloat16 stay in their dtype on the
 decode and tile-loop paths, whose products take half operands and return float32 (``mixed.py``);
-float16 on the CPU runs path (slower natively there, measured), the linear, Nystrom and Linformer
-recipes and every other path on the CPU compute in float32. Outputs return in the input dtype;
+so do decoding steps on the CPU (``_precision``: an upcast would copy the whole KV cache per
+step, 2.7-3.4x the step's time measured); float16 on the CPU runs path (slower natively there,
+measured), the linear, Nystrom and Linformer recipes and every other path on the CPU compute in
+float32. Outputs return in the input dtype;
 autograd works through all of them (custom Functions for flash and runs, torch's own for the
 rest). Under ``torch.compile``,
 ``traceable`` gives the sdpa path as plain torch ops (``traced.py``; ``Kernel.traceable``).
@@ -47,7 +49,7 @@ from . import traced
 from .decode import MAX_ROWS, DecodeRunner, decode_fused
 from .flash import FlashAttention
 from .flex import MIN_ROWS, FlexRunner, printable
-from .mixed import Mixed
+from .mixed import HALF, Mixed
 from .runs import NATIVE_BF16, RunsForward
 from .tiles import Problem, build_schedule
 
@@ -97,22 +99,16 @@ class TorchKernel(Kernel):
         if stats:  # per-row statistics: Kernel.call_with_stats (attncc.lowering.maps)
             return self.call_with_stats(q, k, v, stats, return_lse, inputs)
         whole = self.sdpa_serves(q, k, return_lse)  # SDPA takes q, k, v as given: no cast
-        # bfloat16 on the runs path computes in bfloat16 (the fused kernels accumulate in
-        # float32): q, k, v uncast, the floating inputs (bias terms) in float32
-        native = (not whole and self._runs and q.dtype == torch.bfloat16 and NATIVE_BF16
-                  and q.device.type == "cpu" and not self._projection)
-        # half types on CUDA: q, k, v stay in their dtype, products return float32 (mixed.py)
-        mixed = None if (whole or native) else Mixed.of(q)
+        mode = self._precision(q, whole)
         args = (self.spec, self.node, q, k, v, inputs)
         kw = {"backend": "torch", "library": "torch", "return_lse": return_lse}
-        call = prologue(*args, **kw, cast=not (whole or native or mixed))
-        if mixed and (self.kind != "flash" or self._projection):  # recipes in float32
-            call, mixed = prologue(*args, **kw), None
-        if native or mixed:  # the floating inputs (bias terms) in float32
+        call = prologue(*args, **kw, cast=mode is None)
+        if mode in ("native", "mixed", "step"):  # the floating inputs (bias terms) in float32
             call = dataclasses.replace(call, inputs={
                 n: x.float() if x.is_floating_point() else x for n, x in call.inputs.items()})
-        if native and not self._runs_ok(call):  # another path: every tensor in float32
-            call, native = prologue(*args, **kw), False
+        if mode == "native" and not self._runs_ok(call):  # another path: all in float32
+            call, mode = prologue(*args, **kw), None
+        mixed = Mixed.of(q) if mode == "mixed" else None
         node = self.node
         if self.kind == "linear":
             out = linear_attention(node, call.q, call.k, call.v, call.inputs.get("omega"),
@@ -133,8 +129,8 @@ class TorchKernel(Kernel):
         # a decoding step (no gradient) takes one dense pass even where the runs path could
         # serve it: a new KV length each step would build a new block plan per call
         decode = (self._decode is not None and call.sizes["seq_q"] <= MAX_ROWS
-                  and not native and not _wants_grad(call))
-        runs = not decode and mixed is None and self._runs_ok(call)
+                  and not _wants_grad(call))
+        runs = not decode and mode in (None, "native") and self._runs_ok(call)
         if decode or (not runs and self._decode is not None
                       and call.sizes["seq_q"] <= MAX_ROWS):
             out, lse = self._decode(call, k, v, return_lse)
@@ -146,13 +142,34 @@ class TorchKernel(Kernel):
             runner = self._derive(plan, key, lambda: RunsForward(
                 node, plan, call.sizes, call.inputs, q.device))
             result = runner(call.q, k, v, call.scale, call.inputs)
-        if result is None and native:  # the runs path declined: the tile loop in float32
+        if result is None and mode == "native":  # the runs path declined: tiles in float32
             call = prologue(*args, **kw)
             k, v = call.k, call.v
         out, lse = result if result is not None else self._flash(plan, (False, *key[1:]),
                                                                   call, k, v, mixed)
         out = out.to(call.dtype)
         return (out, lse.to(call.dtype)) if return_lse else out
+
+    def _precision(self, q, whole: bool):
+        """How q, k, v enter the lowering (the half-type policy of the module docstring):
+        "given" (the sdpa path); for float16/bfloat16 q, "mixed" (CUDA: the tile loop and
+        the decode path, ``mixed.py``), "step" (a decoding step's few rows on another device:
+        the decode path reads the KV cache as given, where an upcast would copy all of it),
+        "native" (bfloat16 on the CPU runs path where the CPU has bfloat16 matmuls); None
+        (cast to the compute dtype)."""
+        if whole:
+            return "given"
+        half = isinstance(q, torch.Tensor) and q.dtype in HALF
+        if not half or self.kind != "flash" or self._projection:
+            return None
+        if Mixed.of(q) is not None:
+            return "mixed"
+        if self._decode is not None and q.dim() == 4 and q.shape[-2] <= MAX_ROWS:
+            return "step"
+        if (self._runs and q.dtype == torch.bfloat16 and NATIVE_BF16
+                and q.device.type == "cpu"):
+            return "native"
+        return None
 
     def sdpa_serves(self, q, k, return_lse: bool = False) -> bool:
         """Whether a call takes the sdpa path (one ``scaled_dot_product_attention``, ``_whole``):
@@ -308,7 +325,8 @@ def describe(spec, node, kind: str, config: dict) -> str:
                       "attention_for_cpu_backward(dout[rows], q[rows], k[run], v[run], out[rows], "
                       "lse[rows] (merged, +inf where no key), attn_mask=tile); dk, dv index_add_",
                       "#   a triangle: one call over the segment's rows as one tall block, "
-                      "is_causal=True, no tile (its diagonal checked to be exactly causal)"]
+                      "is_causal=True, no mask tile (its diagonal checked to be exactly causal; "
+                      "a key-form bias adds its tile)"]
     if lowering.allows("flex") and config["use_sdpa"]:
         why = printable(node)
         lines += [f"# path flex: not served ({why})"] if why else [

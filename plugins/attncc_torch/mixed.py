@@ -21,12 +21,15 @@ HALF = (torch.float16, torch.bfloat16)
 
 class Mixed:
     """``mm(a, b)``: ``a @ b`` (broadcasting batch axes) from operands cast to ``half``, the
-    result float32; differentiable (the upcast half product where autograd records it)."""
+    result float32: the exact products of the half operands summed in float32 where the device
+    has a float32-output product, else the half product upcast. Differentiable: where autograd
+    records the call it is the same product through plain ops (a backward that recomputes
+    scores then sees what the forward saw)."""
 
     def __init__(self, half, device):
         self.half = half
         self.acc = torch.float32
-        self._wide = _has_out_dtype(str(device))
+        self._wide = _has_out_dtype(str(device), half)
 
     @classmethod
     def of(cls, x) -> Mixed | None:
@@ -38,9 +41,10 @@ class Mixed:
 
     def __call__(self, a, b):
         a, b = a.to(self.half), b.to(self.half)
-        graph = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
-        if graph or not self._wide:
+        if not self._wide:
             return (a @ b).to(self.acc)
+        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+            return a.to(self.acc) @ b.to(self.acc)
         batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         a3 = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
         b3 = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
@@ -49,11 +53,11 @@ class Mixed:
 
 
 @functools.cache
-def _has_out_dtype(device: str) -> bool:
-    """Whether ``torch.bmm`` takes ``out_dtype=float32`` for float16 operands on ``device``
+def _has_out_dtype(device: str, half) -> bool:
+    """Whether ``torch.bmm`` takes ``out_dtype=float32`` for ``half`` operands on ``device``
     (CUDA builds; not the CPU)."""
     try:
-        x = torch.ones(1, 1, 1, dtype=torch.float16, device=device)
+        x = torch.ones(1, 1, 1, dtype=half, device=device)
         return torch.bmm(x, x, out_dtype=torch.float32).dtype == torch.float32
     except (RuntimeError, NotImplementedError, TypeError):
         return False

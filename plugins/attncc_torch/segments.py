@@ -108,9 +108,10 @@ def build_segments(plan, batch: int, kv_heads: int, group: int,
         hq0, nhq = sl.h0 * group + sl.g0, sl.nh * sl.ng
         states = plan.states[sl.bp, sl.hp]
         blocks = []  # the segment being grown: (runs, rows) of consecutive query blocks
-        for m in range(plan.num_q_blocks + 1):
-            runs = _block_runs(states[m], bn, nk) if m < plan.num_q_blocks else []
-            rows = min((m + 1) * bm, nq) - m * bm
+        for m in range(plan.num_q_blocks + 1):  # the last step closes the last segment
+            last = m == plan.num_q_blocks
+            runs = [] if last else _block_runs(states[m], bn, nk)
+            rows = 0 if last else min((m + 1) * bm, nq) - m * bm
             if blocks and runs and _extends(blocks, runs, rows, bm, tril is not None):
                 blocks.append((runs, rows))
                 continue
@@ -159,6 +160,9 @@ def _triangles(seg: Segment, states, bn: int, tril) -> list[Segment]:
     of such a sub-segment of two or more blocks is a segment of its own."""
     m0, count, rows = seg.r0 // seg.rows, seg.count, seg.rows
     grow = [r for r in seg.runs if r.growth]
+    # each diagonal square a whole number of key blocks, block 0's inside its run
+    if rows % bn or any(r.length < rows or (r.start + r.length - rows) % bn for r in grow):
+        return split(seg)
     edges = [(r.start + r.length - rows) // bn for r in grow]  # block 0's diagonal, key block
     square = rows // bn  # key blocks per diagonal square
     # full[g][i, j]: square j of growing run g is FULL for block i

@@ -283,3 +283,27 @@ def test_a_padding_read_reaches_sdpa_without_a_copy(monkeypatch):
         out = kernel(q, k, v, keep=keep)
     assert len(seen) == 1 and seen[0].data_ptr() == keep.data_ptr()
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("spec", [ALIBI_CACHE, GEMMA_LOCAL, SCALED],
+                         ids=["alibi", "softcap_window", "inputs"])
+def test_half_decoding_steps_read_the_cache_as_given(spec, dtype, decoded, monkeypatch):
+    """A decoding step in float16/bfloat16 on the CPU reaches the decode path with q, k and v
+    in their dtype (an upcast would copy the whole cache per step); right by the conformance
+    rule, with and without a gradient."""
+    given = []
+    call = decode.DecodeRunner.__call__
+
+    def spy(self, c, k, v, return_lse):
+        given.append((c.q.dtype, k.dtype, v.dtype))
+        return call(self, c, k, v, return_lse)
+
+    monkeypatch.setattr(decode.DecodeRunner, "__call__", spy)
+    kernel = attncc.compile(spec, backend="torch")
+    q, k, v, inputs = random_inputs(spec, 2, 3, 150, dtype, seed=9, library="torch",
+                                    head_dim=32)
+    report = check_kernel(kernel, spec, q, k, v, inputs)
+    assert report.ok, str(report)
+    half = getattr(torch, dtype)
+    assert given and all(d == (half,) * 3 for d in given)

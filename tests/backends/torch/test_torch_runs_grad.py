@@ -330,8 +330,10 @@ STAIRS = {
 }
 
 
+@pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (16, 32)], ids=str)
 @pytest.mark.parametrize("name", list(STAIRS))
-def test_staircases_take_one_causal_call_per_triangle(name, segment_backward, monkeypatch):
+def test_staircases_take_one_causal_call_per_triangle(name, blocks, segment_backward,
+                                                       monkeypatch):
     """Runs growing by one query block per block (causal beside a prefix or within documents)
     are one top-left causal call over the segment's rows where the plan and the mask show an
     exact triangle, else one call per block; both train like the reference."""
@@ -345,16 +347,36 @@ def test_staircases_take_one_causal_call_per_triangle(name, segment_backward, mo
         made.append(self)
 
     monkeypatch.setattr(runs.RunsForward, "__init__", capture)
-    kernel = attncc.compile(spec, backend="torch", config={"use_sdpa": True, "block_m": 16,
-                                                           "block_n": 16})
+    kernel = attncc.compile(spec, backend="torch", config={"use_sdpa": True,
+                                                           "block_m": blocks[0],
+                                                           "block_n": blocks[1]})
     q, k, v, inputs = random_inputs(spec, 2, 128, 128, "float32", seed=7, library="torch",
                                     head_dim=16, value_dim=16)
     if "prefix" in inputs:  # one inside a block, one at a block's end
         inputs["prefix"] = torch.tensor([21, 48], dtype=torch.int32)
-    if "doc" in inputs:  # documents of 37 and 59 rows: boundaries inside blocks
-        inputs["doc"] = (torch.arange(128)[None].expand(2, -1) // torch.tensor([[37], [59]]))
+    if "doc" in inputs:  # documents of 70 and 100 rows: boundaries inside blocks
+        inputs["doc"] = (torch.arange(128)[None].expand(2, -1) // torch.tensor([[70], [100]]))
         inputs["doc"] = inputs["doc"].to(torch.int32)
     _check_grads(kernel, spec, q, k, v, inputs)
     tall = [c for r in made for cs in r.calls for c in cs if c.causal]
-    assert bool(tall) == causal
-    assert all(c.seg.count == 1 and c.seg.rows > 16 for c in tall)
+    assert bool(tall) == (causal and blocks[0] % blocks[1] == 0)
+    assert all(c.seg.count == 1 and c.seg.rows > blocks[0] for c in tall)
+
+
+@pytest.mark.parametrize("blocks", [(16, 32), (32, 16)], ids=str)
+@pytest.mark.parametrize("mask", ["kv_idx <= q_idx + seq_k - seq_q", "kv_idx + 16 <= q_idx",
+                                  "kv_idx + 16 <= q_idx or kv_idx < 3"])
+@pytest.mark.parametrize("seq_q, seq_k", [(32, 48), (64, 48), (96, 77)])
+def test_runs_whose_lengths_grow_off_the_block_grid(mask, blocks, seq_q, seq_k, count_calls):
+    """Key runs clipped at seq_k, or diagonals off the key-block grid, can grow by one query
+    block's rows without being a triangle: they stay one call per block."""
+    spec = _spec({"attncc": 1, "name": "lagged", "mask": mask})
+    calls = count_calls(runs.RunsForward)
+    kernel = attncc.compile(spec, backend="torch", config={"use_sdpa": True,
+                                                           "block_m": blocks[0],
+                                                           "block_n": blocks[1]})
+    q, k, v, inputs = random_inputs(spec, 1, seq_q, seq_k, "float32", seed=3, library="torch",
+                                    heads=2, head_dim=16, value_dim=16)
+    report = check_kernel(kernel, spec, q, k, v, inputs)
+    assert report.ok, str(report)
+    assert calls["n"] >= 1
