@@ -24,6 +24,7 @@ from attncc.backends.autograd import autograd_backward
 from attncc.backends.base import Kernel
 from attncc.errors import BackendError
 from attncc.lowering.prologue import prologue
+from attncc.lowering.reads import Reads
 from attncc.plan import PlanCache
 
 from . import runtime
@@ -81,6 +82,7 @@ class TritonKernel(Kernel):
         self.backward = functools.partial(autograd_backward, self)
         self.plans = (PlanCache(node, self.config["block_m"], self.config["block_n"])
                       if kind == "fused" else None)
+        self._reads = Reads(node) if kind == "fused" else None
         self._tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @property
@@ -115,9 +117,13 @@ class TritonKernel(Kernel):
                                                                                 FusedOps))
 
     def prologue(self, q, k, v, inputs: dict, return_lse: bool = False):
-        """attncc's checked call (no casts: the kernels take the input dtype)."""
-        return prologue(self.spec, self.node, q, k, v, inputs, backend="triton",
+        """attncc's checked call (no casts: the kernels take the input dtype); the inputs'
+        reads in range (``attncc.lowering.reads``: the printed kernels clamp every index)."""
+        call = prologue(self.spec, self.node, q, k, v, inputs, backend="triton",
                         library="torch", return_lse=return_lse, cast=False)
+        if self._reads is not None:
+            self._reads.check(call.sizes, call.inputs)
+        return call
 
     def tables(self, sizes: dict, inputs: dict, device, padded: bool = False) -> dict:
         """The block plan of a fused kernel for these sizes and (mask) inputs, as the eight

@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "plugins"))
 
-from attncc.errors import BackendError  # noqa: E402
+from attncc.errors import BackendError, InputError  # noqa: E402
 from attncc.passes.pipeline import lower  # noqa: E402
 from attncc.plan import build_plan  # noqa: E402
 from attncc.reference import attend  # noqa: E402
@@ -385,3 +385,15 @@ def test_linear_kernels_take_half_precision_operands(interpret):
     for g, w in zip(got, want, strict=True):
         assert g.dtype == torch.float16
         assert (g.double() - w).abs().max() <= 2e-2 * w.abs().max()
+
+
+def test_an_input_read_outside_its_axis_is_an_input_error(interpret):
+    """The printed kernels clamp every index; the host check gives the reference's error first
+    (a relative bias read at q_idx - kv_idx, negative above the causal diagonal)."""
+    spec = load_spec({"attncc": 1, "name": "rel", "mask": "kv_idx <= q_idx",
+                      "score_mod": "score + rel[h, q_idx - kv_idx]",
+                      "inputs": {"rel": {"shape": ["heads", "seq_q"], "dtype": "float32"}}})
+    kernel = TritonBackend().compile(lower(spec), None, CPU)
+    q, k, v, ins = random_inputs(spec, 1, 20, 20, "float32", seed=0, library="torch")
+    with pytest.raises(InputError, match="'rel' is indexed outside its axis 1 of size 20"):
+        kernel(q, k, v, **ins)
