@@ -6,14 +6,19 @@ The reference evaluates score_mod and mask at every (b, h, q_idx, kv_idx) and ra
 input is indexed outside an axis. ``Reads(node).check(sizes, inputs)`` finds the same: per input
 read and axis, the index expression's smallest and largest value over the whole domain.
 
-- An affine index in the index symbols (``h``, ``q_idx - kv_idx + seq_k - 1``) takes its
-  extremes at the corners of the domain, so 2**k points decide it. The answer depends on the
-  sizes only and is cached per sizes.
-- Any other index is evaluated over the aranges of the symbols it reads, in chunks of rows
-  where it reads both positions. Examples: ``q_idx // 64``, or ``doc[b, q_idx]`` inside
-  ``tbl[...]``. Such indices are evaluated on every call where they read an input.
+- First a sound interval bound (``attncc.analysis.intervals``; an input read inside the index
+  bounded by the whole input's min and max). Most indices need nothing more: ``h``,
+  ``q_idx - kv_idx + seq_k - 1``, ``abs(q_idx - kv_idx)``, T5's log buckets,
+  ``doc[b, q_idx] - doc[b, kv_idx] + 63`` with ids in range.
+- Where the bound leaves the axis, the exact extremes. An affine index in the index symbols
+  takes them at the corners of the domain (2**k points). Any other index is evaluated over the
+  positions of the symbols it reads: over ``q_idx - kv_idx`` where it reads the positions only
+  through their difference, else in chunks of rows where it reads both.
 
-The message is the reference's (``attncc.spec.numeric``).
+An index that depends on the sizes alone is checked once per sizes. Two kinds of read are left
+to the kernel: an index that reads what the host does not have (the score, a summation
+variable), and any read under a Linformer projection, whose kv_idx runs over the projected
+keys. The message is the reference's (``attncc.spec.numeric``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import math
 import numpy as np
 import sympy
 
+from attncc.analysis.intervals import interval
 from attncc.errors import InputError
 from attncc.spec.numeric import evaluate
 from attncc.spec.symbols import INDEX_SYMBOLS
@@ -31,6 +37,10 @@ from attncc.spec.symbols import INDEX_SYMBOLS
 EXTENT = {"b": "batch", "h": "heads", "q_idx": "seq_q", "kv_idx": "seq_k"}
 #: Most index values evaluated at once (a chunk of rows where an index reads both positions).
 CHUNK = 1 << 22
+#: ``q_idx - kv_idx``, for an index that reads the positions only through it (T5's buckets).
+OFFSET = sympy.Symbol("_offset", integer=True)
+#: Sizes remembered as checked (decoding brings a new seq_k every step).
+MAX_CHECKED = 256
 
 
 class Reads:
@@ -39,32 +49,59 @@ class Reads:
     def __init__(self, node):
         exprs = [e for e in (node.score_mod, node.mask.expr if node.mask is not None else None)
                  if e is not None]
-        self.reads = sorted({a for e in exprs for a in e.atoms(sympy.Indexed)}, key=str)
+        found = {a for e in exprs for a in e.atoms(sympy.Indexed)}
+        self.reads = [] if node.projection is not None else sorted(found, key=str)
         self._checked: set = set()
 
     def check(self, sizes: dict, inputs: dict) -> None:
-        """Raise InputError where a read of ``inputs`` (name -> tensor or array) leaves its
-        input's axis at these ``sizes``; the reads that depend on the sizes alone are checked
-        once per sizes."""
+        """Raise InputError where a read of ``inputs`` (name -> tensor or array, as ``bind``
+        checked them) leaves its input's axis at these ``sizes``."""
         if not self.reads:
             return
         key = tuple(sorted(sizes.items()))
-        host = None
+        if len(self._checked) > MAX_CHECKED:
+            self._checked.clear()
+        known = set(INDEX_SYMBOLS) | set(sizes) | set(inputs)
         for read in self.reads:
             name = read.base.label.name
             shape = tuple(inputs[name].shape)
             for axis, index in enumerate(read.indices):
-                reads_inputs = bool(index.atoms(sympy.Indexed))
-                if not reads_inputs and (key, name, axis) in self._checked:
+                symbols = {s.name for s in index.free_symbols if isinstance(s, sympy.Symbol)}
+                if not symbols <= known:
+                    continue  # reads the score or a bound variable: the kernel's to check
+                inner = {a.base.label.name for a in index.atoms(sympy.Indexed)}
+                if not inner and (key, name, axis) in self._checked:
                     continue
-                if reads_inputs and host is None:
-                    host = {n: _numpy(x) for n, x in inputs.items()}
-                lo, hi = _extremes(index, sizes, host or {})
-                if lo < 0 or hi >= shape[axis]:
-                    raise InputError(f"input '{name}' is indexed outside its axis {axis} of size "
-                                     f"{shape[axis]} by {index}")
-                if not reads_inputs:
+                host = {n: _numpy(inputs[n]) for n in inner}
+                if not _bounded(index, shape[axis], sizes, host):
+                    lo, hi = _extremes(index, sizes, host)
+                    if not (lo >= 0 and hi < shape[axis]):  # NaN too
+                        raise InputError(f"input '{name}' is indexed outside its axis {axis} "
+                                         f"of size {shape[axis]} by {index}")
+                if not inner:
                     self._checked.add((key, name, axis))
+
+
+def _bounded(index, size: int, sizes: dict, inputs: dict) -> bool:
+    """Whether a sound interval bound of ``index`` (floored) lies inside ``[0, size)``."""
+    boxes = {n: (0, sizes[e] - 1) for n, e in EXTENT.items()}
+    boxes.update({n: (v, v) for n, v in sizes.items()})
+    leaves = {a: _span(inputs[a.base.label.name]) for a in index.atoms(sympy.Indexed)}
+    try:
+        lo, hi = interval(index, boxes, leaves)
+    except (KeyError, TypeError, ValueError):
+        return False
+    lo, hi = float(np.min(lo)), float(np.max(hi))
+    return math.isfinite(lo) and math.isfinite(hi) and math.floor(lo) >= 0 and (
+        math.floor(hi) < size)
+
+
+def _span(table) -> tuple:
+    """The smallest and largest element of ``table``: ints for an integer table."""
+    lo, hi = np.min(table), np.max(table)
+    if np.issubdtype(table.dtype, np.integer) or table.dtype == bool:
+        return int(lo), int(hi)
+    return float(lo), float(hi)
 
 
 def _extremes(index, sizes: dict, inputs: dict) -> tuple[float, float]:
@@ -74,6 +111,13 @@ def _extremes(index, sizes: dict, inputs: dict) -> tuple[float, float]:
     if _affine(index, names):  # extremes at the corners
         points = [np.array([0, n - 1], dtype=np.int64) for n in extents]
         return _range(index, names, points, sizes, inputs)
+    if {"q_idx", "kv_idx"} <= set(names):  # a function of q_idx - kv_idx: over the offsets
+        offset = index.subs(INDEX_SYMBOLS["q_idx"], INDEX_SYMBOLS["kv_idx"] + OFFSET)
+        if INDEX_SYMBOLS["kv_idx"] not in offset.free_symbols:
+            rest = [n for n in names if n not in ("q_idx", "kv_idx")]
+            points = [np.arange(sizes[EXTENT[n]], dtype=np.int64) for n in rest]
+            points.append(np.arange(1 - sizes["seq_k"], sizes["seq_q"], dtype=np.int64))
+            return _range(offset, [*rest, OFFSET.name], points, sizes, inputs)
     # rows of q_idx in chunks where the index reads more positions than fit at once
     total = math.prod(extents)
     step = sizes["seq_q"] if total <= CHUNK or "q_idx" not in names else max(
@@ -84,6 +128,8 @@ def _extremes(index, sizes: dict, inputs: dict) -> tuple[float, float]:
                   else np.arange(n, dtype=np.int64) for name, n in zip(names, extents,
                                                                        strict=True)]
         a, b = _range(index, names, points, sizes, inputs)
+        if math.isnan(a) or math.isnan(b):  # a NaN index: no element
+            return math.nan, math.nan
         lo, hi = min(lo, a), max(hi, b)
     return lo, hi
 
@@ -112,7 +158,9 @@ def _affine(index, names) -> bool:
 
 
 def _numpy(x):
-    """An input as a host NumPy array (a torch tensor moved to the CPU)."""
+    """An input as a host NumPy array (a torch tensor moved to the CPU; bfloat16, which NumPy
+    lacks, as float32)."""
     if hasattr(x, "detach"):
-        return x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        return (x.float() if x.dtype.is_floating_point and x.dtype.itemsize < 4 else x).numpy()
     return np.asarray(x)

@@ -101,11 +101,18 @@ class DecodeRunner:
         return out, lse
 
     def _sdpa(self, call, k, v, env, keep):
-        """One fused call: the mask as ``keep`` (bool) or the bias, -inf where dropped."""
+        """One fused call: the mask as ``keep`` (bool) or the bias, -inf where dropped. SDPA
+        takes a float mask in q's dtype only: for a half type the bias is first shifted by its
+        row maximum over every key (the softmax is unchanged), so that the keys that carry the
+        weight sit at or below 0, where the half type is finest (ALiBi's ``slope * kv_idx``
+        reaches 1e3 and more)."""
         hk, g = k.shape[1], call.group
         mask = None if keep is None else _heads(keep, hk, g)
         if self.bias is not None:
             bias = self._value(self.bias, env, call, hk, g)
+            if call.q.dtype != bias.dtype:  # finite: an input bias, at every key of the row
+                top = bias.detach().amax(dim=-1, keepdim=True)
+                bias = (bias - top.nan_to_num(0.0, 0.0, 0.0)).to(call.q.dtype)
             mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         return F.scaled_dot_product_attention(call.q, k, v, attn_mask=mask, scale=call.scale,
                                               enable_gqa=call.group > 1)
@@ -134,10 +141,12 @@ class DecodeRunner:
         return merge_heads(out), lse
 
     def _value(self, expr, env, call, kv_heads: int, group: int):
-        """``expr`` over the tile in q's dtype, ``(B|1, H|1, nq, nk)``."""
+        """``expr`` over the tile in the accumulation dtype (float32 for half types),
+        ``(B|1, H|1, nq, nk)``."""
         q = call.q
+        dtype = torch.float32 if q.dtype in HALF else q.dtype
         value = torch.as_tensor(evaluate(expr, env or {}, xp, _ranges(q, call.sizes)),
-                                dtype=q.dtype, device=q.device)
+                                dtype=dtype, device=q.device)
         value = value.reshape((1,) * (5 - value.ndim) + tuple(value.shape))
         return _heads(value, kv_heads, group)
 

@@ -95,3 +95,34 @@ def test_a_floor_index_is_evaluated_over_its_positions(chunk, monkeypatch):
     _reads(both).check(_sizes(q, k, both), inputs)  # 39 * 39 // 600 = 2
     with pytest.raises(InputError, match="axis 0 of size 2 by floor"):
         _reads(both).check(_sizes(q, k, both), {**inputs, "rb": inputs["rb"][:2]})
+
+
+def test_reads_the_host_cannot_decide_are_left_to_the_kernel():
+    """An index computed from the score, and any read under a Linformer projection (its kv_idx
+    runs over the projected keys), raise no false error."""
+    spec = attncc.load_spec({"attncc": 1, "name": "by_score",
+                             "score_mod": "score + tbl[min(max(floor(score), 0), 3)]",
+                             "inputs": {"tbl": {"shape": [4], "dtype": "float64"}}})
+    q, k, v, inputs = random_inputs(spec, 1, 16, 16, "float64", seed=0)
+    attend(spec, q, k, v, inputs)
+    _reads(spec).check(_sizes(q, k, spec), inputs)
+    linformer = attncc.load_spec(next(p for p in example_specs() if p.stem == "linformer"))
+    assert _reads(linformer).reads == []
+
+
+def test_inputs_numpy_lacks_and_nan_indices():
+    """A bfloat16 input beside a nested read is no error; a NaN index is the reference's."""
+    torch = pytest.importorskip("torch")
+    spec = attncc.load_spec({"attncc": 1, "name": "ids",
+                             "score_mod": "score + tbl[h, doc[b, kv_idx]] + rel[floor(pos[b, 0])]",
+                             "inputs": {"tbl": {"shape": ["heads", 4], "dtype": "bfloat16"},
+                                        "doc": {"shape": ["batch", "seq_k"], "dtype": "int64"},
+                                        "rel": {"shape": [4], "dtype": "float32"},
+                                        "pos": {"shape": ["batch", 1], "dtype": "float32"}}})
+    q, k, _, inputs = random_inputs(spec, 2, 8, 8, "bfloat16", seed=0, library="torch")
+    inputs["pos"] = torch.full((2, 1), 1.5)
+    check = _reads(spec)
+    check.check(_sizes(q, k, spec), inputs)
+    inputs["pos"] = torch.full((2, 1), float("nan"))
+    with pytest.raises(InputError, match="'rel' is indexed outside its axis 0"):
+        check.check(_sizes(q, k, spec), inputs)

@@ -12,6 +12,7 @@ import torch
 import attncc
 from attncc.ir.graph import attention_node
 from attncc.passes.pipeline import lower
+from attncc.reference import attend
 from attncc.testing import random_inputs
 from attncc.testing.accuracy import check_kernel
 from attncc_torch import decode
@@ -307,3 +308,18 @@ def test_half_decoding_steps_read_the_cache_as_given(spec, dtype, decoded, monke
     assert report.ok, str(report)
     half = getattr(torch, dtype)
     assert given and all(d == (half,) * 3 for d in given)
+
+
+def test_a_large_bias_keeps_its_precision_in_a_half_decoding_step():
+    """BLOOM's ALiBi form ``slope[h] * kv_idx`` reaches 1e3 at 2k keys: rounded to bfloat16 as
+    it stands (SDPA takes a float mask in q's dtype) its steps are 8 apart; shifted by its row
+    maximum first, the keys that carry the weight stay exact."""
+    spec = {"attncc": 1, "name": "bloom", "heads": 4, "kv_heads": 4,
+            "score_mod": "score + slope[h] * kv_idx", "mask": TAIL,
+            "inputs": {"slope": {"shape": ["heads"], "dtype": "float32"}}}
+    kernel = attncc.compile(spec, backend="torch")
+    q, k, v, inputs = random_inputs(spec, 1, 4, 2048, "bfloat16", seed=3, library="torch",
+                                    head_dim=32)
+    inputs["slope"] = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    ref = attend(spec, q.double(), k.double(), v.double(), {"slope": inputs["slope"].double()})
+    assert float((kernel(q, k, v, **inputs).double() - ref).abs().max()) < 0.02
