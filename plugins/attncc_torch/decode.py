@@ -50,6 +50,10 @@ LAYOUT = Layout(5, b=(0,), h=(1, 2), q_idx=(3,), kv_idx=(4,))
 #: The index symbols of the tile.
 INDICES = ("b", "h", "q_idx", "kv_idx")
 
+#: The largest row maximum a half type's bias is shifted by (``_sdpa``): past it, a row is
+#: padding at the dtype's minimum on every key, whose float64 scores round to one value.
+SHIFTED = float(1 << 20)
+
 #: Cached size-only mask parts per runner (decoding grows seq_k by one per step).
 MAX_CACHED = 64
 
@@ -105,14 +109,17 @@ class DecodeRunner:
         takes a float mask in q's dtype only: for a half type the bias is first shifted by its
         row maximum over every key (the softmax is unchanged), so that the keys that carry the
         weight sit at or below 0, where the half type is finest (ALiBi's ``slope * kv_idx``
-        reaches 1e3 and more)."""
+        reaches 1e3 and more); not where that maximum passes ``SHIFTED``."""
         hk, g = k.shape[1], call.group
         mask = None if keep is None else _heads(keep, hk, g)
         if self.bias is not None:
             bias = self._value(self.bias, env, call, hk, g)
-            if call.q.dtype != bias.dtype:  # finite: an input bias, at every key of the row
+            if call.q.dtype != bias.dtype:
                 top = bias.detach().amax(dim=-1, keepdim=True)
-                bias = (bias - top.nan_to_num(0.0, 0.0, 0.0)).to(call.q.dtype)
+                # a row whose every key sits at a padding minimum keeps it (uniform weights, as
+                # the float64 reference rounds them)
+                top = torch.where(top.abs() <= SHIFTED, top, 0.0)
+                bias = (bias - top).to(call.q.dtype)
             mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         return F.scaled_dot_product_attention(call.q, k, v, attn_mask=mask, scale=call.scale,
                                               enable_gqa=call.group > 1)
