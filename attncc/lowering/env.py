@@ -46,12 +46,14 @@ def merge_heads(x):
     return x.reshape((batch, kv_heads * group, n, d))
 
 
-def raw_scores(q, k, scale, w=None):
+def raw_scores(q, k, scale, w=None, matmul=None):
     """Scores before score_mod ``(..., R, C)``, a fresh array, of q ``(..., R, D)`` against
     k ``(..., C, D)`` (broadcast): dot ``(scale·q)·kᵀ``, or additive (``w`` given, broadcast
-    as ``(..., 1, 1, D)``) ``Σ_d w_d·tanh(q_d + k_d)``."""
+    as ``(..., 1, 1, D)``) ``Σ_d w_d·tanh(q_d + k_d)``. ``matmul(q, kᵀ)``, where given, is the
+    dot's product (the torch kernel's half types: half operands, a float32 result), the scale
+    applied to its result."""
     if w is None:
-        return (q * scale) @ k.mT
+        return (q * scale) @ k.mT if matmul is None else matmul(q, k.mT) * scale
     xp = namespace(q)
     return xp.sum(xp.tanh(q[..., :, None, :] + k[..., None, :, :]) * w, axis=-1)
 

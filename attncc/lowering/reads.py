@@ -15,10 +15,10 @@ read and axis, the index expression's smallest and largest value over the whole 
   positions of the symbols it reads: over ``q_idx - kv_idx`` where it reads the positions only
   through their difference, else in chunks of rows where it reads both.
 
-An index that depends on the sizes alone is checked once per sizes. Two kinds of read are left
-to the kernel: an index that reads what the host does not have (the score, a summation
-variable), and any read under a Linformer projection, whose kv_idx runs over the projected
-keys. The message is the reference's (``attncc.spec.numeric``).
+Under a Linformer projection kv_idx runs over the projected keys, as in the block plan. An
+index that depends on the sizes alone is checked once per sizes; one that reads what the host
+does not have (the score, a summation variable) is left to the kernel. The message is the
+reference's (``attncc.spec.numeric``).
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ from attncc.errors import InputError
 from attncc.spec.numeric import evaluate
 from attncc.spec.symbols import INDEX_SYMBOLS
 
-#: Index symbol -> the size it ranges over.
-EXTENT = {"b": "batch", "h": "heads", "q_idx": "seq_q", "kv_idx": "seq_k"}
 #: Most index values evaluated at once (a chunk of rows where an index reads both positions).
 CHUNK = 1 << 22
 #: ``q_idx - kv_idx``, for an index that reads the positions only through it (T5's buckets).
@@ -50,7 +48,8 @@ class Reads:
         exprs = [e for e in (node.score_mod, node.mask.expr if node.mask is not None else None)
                  if e is not None]
         found = {a for e in exprs for a in e.atoms(sympy.Indexed)}
-        self.reads = [] if node.projection is not None else sorted(found, key=str)
+        self.reads = sorted(found, key=str)
+        self.keys = node.projection  # the keys kv_idx runs over (None: seq_k)
         self._checked: set = set()
 
     def check(self, sizes: dict, inputs: dict) -> None:
@@ -62,6 +61,8 @@ class Reads:
         if len(self._checked) > MAX_CHECKED:
             self._checked.clear()
         known = set(INDEX_SYMBOLS) | set(sizes) | set(inputs)
+        extent = {"b": sizes["batch"], "h": sizes["heads"], "q_idx": sizes["seq_q"],
+                  "kv_idx": self.keys or sizes["seq_k"]}
         for read in self.reads:
             name = read.base.label.name
             shape = tuple(inputs[name].shape)
@@ -73,8 +74,8 @@ class Reads:
                 if not inner and (key, name, axis) in self._checked:
                     continue
                 host = {n: _numpy(inputs[n]) for n in inner}
-                if not _bounded(index, shape[axis], sizes, host):
-                    lo, hi = _extremes(index, sizes, host)
+                if not _bounded(index, shape[axis], extent, sizes, host):
+                    lo, hi = _extremes(index, extent, sizes, host)
                     if not (lo >= 0 and hi < shape[axis]):  # NaN too
                         raise InputError(f"input '{name}' is indexed outside its axis {axis} "
                                          f"of size {shape[axis]} by {index}")
@@ -82,10 +83,11 @@ class Reads:
                     self._checked.add((key, name, axis))
 
 
-def _bounded(index, size: int, sizes: dict, inputs: dict) -> bool:
-    """Whether a sound interval bound of ``index`` (floored) lies inside ``[0, size)``."""
-    boxes = {n: (0, sizes[e] - 1) for n, e in EXTENT.items()}
-    boxes.update({n: (v, v) for n, v in sizes.items()})
+def _bounded(index, size: int, extent: dict, sizes: dict, inputs: dict) -> bool:
+    """Whether a sound interval bound of ``index`` (floored) lies inside ``[0, size)``, each
+    index symbol over ``range(extent[name])``."""
+    boxes = {n: (v, v) for n, v in sizes.items()}
+    boxes.update({n: (0, e - 1) for n, e in extent.items()})
     leaves = {a: _span(inputs[a.base.label.name]) for a in index.atoms(sympy.Indexed)}
     try:
         lo, hi = interval(index, boxes, leaves)
@@ -104,10 +106,10 @@ def _span(table) -> tuple:
     return float(lo), float(hi)
 
 
-def _extremes(index, sizes: dict, inputs: dict) -> tuple[float, float]:
+def _extremes(index, extent: dict, sizes: dict, inputs: dict) -> tuple[float, float]:
     """The smallest and largest value of ``index`` (floored) over the domain."""
     names = sorted(s.name for s in index.free_symbols if s.name in INDEX_SYMBOLS)
-    extents = [sizes[EXTENT[n]] for n in names]
+    extents = [extent[n] for n in names]
     if _affine(index, names):  # extremes at the corners
         points = [np.array([0, n - 1], dtype=np.int64) for n in extents]
         return _range(index, names, points, sizes, inputs)
@@ -115,15 +117,15 @@ def _extremes(index, sizes: dict, inputs: dict) -> tuple[float, float]:
         offset = index.subs(INDEX_SYMBOLS["q_idx"], INDEX_SYMBOLS["kv_idx"] + OFFSET)
         if INDEX_SYMBOLS["kv_idx"] not in offset.free_symbols:
             rest = [n for n in names if n not in ("q_idx", "kv_idx")]
-            points = [np.arange(sizes[EXTENT[n]], dtype=np.int64) for n in rest]
-            points.append(np.arange(1 - sizes["seq_k"], sizes["seq_q"], dtype=np.int64))
+            points = [np.arange(extent[n], dtype=np.int64) for n in rest]
+            points.append(np.arange(1 - extent["kv_idx"], extent["q_idx"], dtype=np.int64))
             return _range(offset, [*rest, OFFSET.name], points, sizes, inputs)
     # rows of q_idx in chunks where the index reads more positions than fit at once
     total = math.prod(extents)
-    step = sizes["seq_q"] if total <= CHUNK or "q_idx" not in names else max(
-        1, CHUNK // (total // sizes["seq_q"]))
+    rows = extent["q_idx"]
+    step = rows if total <= CHUNK or "q_idx" not in names else max(1, CHUNK // (total // rows))
     lo, hi = math.inf, -math.inf
-    for start in range(0, sizes["seq_q"] if "q_idx" in names else 1, step):
+    for start in range(0, rows if "q_idx" in names else 1, step):
         points = [np.arange(start, min(start + step, n), dtype=np.int64) if name == "q_idx"
                   else np.arange(n, dtype=np.int64) for name, n in zip(names, extents,
                                                                        strict=True)]

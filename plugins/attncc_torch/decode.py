@@ -37,7 +37,7 @@ import torch.nn.functional as F  # noqa: N812 - the name torch code uses
 from attncc.lowering.env import Layout, merge_heads, raw_scores, split_heads
 from attncc.passes.strategy import additive_bias, causal_alignment, decode_fused
 from attncc.spec.numeric import evaluate
-from attncc.spec.symbols import score
+from attncc.spec.symbols import INDEX_SYMBOLS, score
 
 from .mixed import HALF, Mixed
 
@@ -46,9 +46,6 @@ MAX_ROWS = 16
 
 #: Where b, h, q_idx, kv_idx sit in the tile ``(B, Hkv, group, seq_q, seq_k)``.
 LAYOUT = Layout(5, b=(0,), h=(1, 2), q_idx=(3,), kv_idx=(4,))
-
-#: The index symbols of the tile.
-INDICES = ("b", "h", "q_idx", "kv_idx")
 
 #: The largest row maximum a half type's bias is shifted by (``_sdpa``): past it, a row is
 #: padding at the dtype's minimum on every key, whose float64 scores round to one value.
@@ -129,8 +126,7 @@ class DecodeRunner:
         half products with float32 results (``mixed.Mixed``), the rest in float32."""
         g, nq = q5.shape[2:4]
         mm = Mixed(call.q.dtype, call.q.device) if call.q.dtype in HALF else None
-        s = (raw_scores(q5.flatten(2, 3), k, call.scale) if mm is None
-             else mm(q5.flatten(2, 3), k.mT) * call.scale).unflatten(2, (g, nq))
+        s = raw_scores(q5.flatten(2, 3), k, call.scale, matmul=mm).unflatten(2, (g, nq))
         if self.node.score_mod is not None:
             value = evaluate(self.node.score_mod, {**(env or {}), "score": s}, xp)
             s = torch.broadcast_to(torch.as_tensor(value, dtype=s.dtype, device=s.device),
@@ -249,7 +245,7 @@ def _plain_read(expr):
         expr = expr.lhs
     if not isinstance(expr, sympy.Indexed):
         return None
-    if not all(i.is_Symbol and i.name in INDICES for i in expr.indices):
+    if not all(i.is_Symbol and i.name in INDEX_SYMBOLS for i in expr.indices):
         return None
     names = tuple(i.name for i in expr.indices)
     firsts = [getattr(LAYOUT, n)[0] for n in names]

@@ -12,11 +12,12 @@ accumulation inside them; mask and bias tiles, the log-sum-exp merge and the dq/
 float32); on CUDA (``mixed.MIXED_DEVICES``) float16 and bfloat16 stay in their dtype on the
 decode and tile-loop paths, whose products take half operands and return float32 (``mixed.py``);
 so do decoding steps on the CPU (``_precision``: an upcast would copy the whole KV cache per
-step, 2.7-3.4x the step's time measured); float16 on the CPU runs path (slower natively there,
-measured), the linear, Nystrom and Linformer recipes and every other path on the CPU compute in
-float32. Outputs return in the input dtype; autograd works through all of them (custom Functions
-for flash and runs, torch's own for the rest). Under ``torch.compile``, ``traceable`` gives the
-sdpa path as plain torch ops (``traced.py``; ``Kernel.traceable``).
+step, 3.9-4.9x SDPA's step, ``bench/results/half_cpu.md``); float16 on the CPU runs path
+(slower natively there, measured), the linear, Nystrom and Linformer recipes and every other
+path on the CPU compute in float32. Outputs return in the input dtype; autograd works through
+all of them (custom Functions for flash and runs, torch's own for the rest). Under
+``torch.compile``, ``traceable`` gives the sdpa path as plain torch ops (``traced.py``;
+``Kernel.traceable``).
 
 ``describe`` writes ``kernel.source``: every line is derived from the fused attention node (its
 fields, and ``node.lowering``: which paths serve it and why) and the config, the same values

@@ -215,8 +215,7 @@ class Problem:
         product times the scale, in float32); additive scores are computed (in ``acc``) on the
         rows viewed ``(nb, nh, G, ng, bm, D)``, w per query head."""
         if self.node.score != "additive":
-            return raw_scores(q, k, self.scale) if self.mixed is None else (
-                self.mm(q, k.mT) * self.scale)
+            return raw_scores(q, k, self.scale, matmul=self.mixed)
         q, k = q.to(self.acc), k.to(self.acc)
         w = inputs["w"].unflatten(0, (-1, self.group))[sl.h0:sl.h0 + sl.nh, sl.g0:sl.g0 + sl.ng]
         s = raw_scores(q.unflatten(3, (sl.ng, self.bm)), k[:, :, :, None], self.scale,

@@ -97,17 +97,37 @@ def test_a_floor_index_is_evaluated_over_its_positions(chunk, monkeypatch):
         _reads(both).check(_sizes(q, k, both), {**inputs, "rb": inputs["rb"][:2]})
 
 
-def test_reads_the_host_cannot_decide_are_left_to_the_kernel():
-    """An index computed from the score, and any read under a Linformer projection (its kv_idx
-    runs over the projected keys), raise no false error."""
+def _linformer(rank: int, width: int):
+    return attncc.load_spec({"attncc": 1, "name": "lin",
+                             "lowrank": {"method": "linformer", "rank": rank},
+                             "score_mod": "score + bias[h, kv_idx]",
+                             "inputs": {"bias": {"shape": ["heads", width],
+                                                 "dtype": "float64"}}})
+
+
+def test_under_a_projection_kv_idx_runs_over_the_projected_keys():
+    """A bias over the 8 projected keys of 32 is in range; one of 16 keys under a rank of 32
+    is the reference's error."""
+    spec = _linformer(8, 8)
+    q, k, v, inputs = random_inputs(spec, 1, 16, 32, "float64", seed=0)
+    attend(spec, q, k, v, inputs)
+    _reads(spec).check(_sizes(q, k, spec), inputs)
+    spec = _linformer(32, 16)
+    q, k, v, inputs = random_inputs(spec, 1, 16, 16, "float64", seed=0)
+    message = _reference_error(spec, q, k, v, inputs)
+    with pytest.raises(InputError) as err:
+        _reads(spec).check(_sizes(q, k, spec), inputs)
+    assert str(err.value) == message
+
+
+def test_an_index_read_from_the_score_is_left_to_the_kernel():
+    """An index computed from the score raises no false error (the host has no scores)."""
     spec = attncc.load_spec({"attncc": 1, "name": "by_score",
                              "score_mod": "score + tbl[min(max(floor(score), 0), 3)]",
                              "inputs": {"tbl": {"shape": [4], "dtype": "float64"}}})
     q, k, v, inputs = random_inputs(spec, 1, 16, 16, "float64", seed=0)
     attend(spec, q, k, v, inputs)
     _reads(spec).check(_sizes(q, k, spec), inputs)
-    linformer = attncc.load_spec(next(p for p in example_specs() if p.stem == "linformer"))
-    assert _reads(linformer).reads == []
 
 
 def test_inputs_numpy_lacks_and_nan_indices():
