@@ -45,11 +45,10 @@ from attncc.lowering.states import STATE_TEXT, TOPK_TEXT
 from attncc.passes.strategy import causal_alignment
 from attncc.plan import PlanCache
 
-from . import traced
+from . import mixed, traced
 from .decode import MAX_ROWS, DecodeRunner, decode_fused
 from .flash import FlashAttention
 from .flex import MIN_ROWS, FlexRunner, printable
-from .mixed import HALF, Mixed
 from .runs import NATIVE_BF16, RunsForward
 from .tiles import Problem, build_schedule
 
@@ -108,7 +107,6 @@ class TorchKernel(Kernel):
                 n: x.float() if x.is_floating_point() else x for n, x in call.inputs.items()})
         if mode == "native" and not self._runs_ok(call):  # another path: all in float32
             call, mode = prologue(*args, **kw), None
-        mixed = Mixed.of(q) if mode == "mixed" else None
         node = self.node
         if self.kind == "linear":
             out = linear_attention(node, call.q, call.k, call.v, call.inputs.get("omega"),
@@ -126,29 +124,27 @@ class TorchKernel(Kernel):
             out = self._flex(call)
             if out is not None:
                 return out.to(call.dtype)
-        # a decoding step (no gradient) takes one dense pass even where the runs path could
-        # serve it: a new KV length each step would build a new block plan per call
-        decode = (self._decode is not None and call.sizes["seq_q"] <= MAX_ROWS
-                  and not _wants_grad(call))
-        runs = not decode and mode in (None, "native") and self._runs_ok(call)
-        if decode or (not runs and self._decode is not None
-                      and call.sizes["seq_q"] <= MAX_ROWS):
-            out, lse = self._decode(call, k, v, return_lse)
-            return (out.to(call.dtype), lse.to(call.dtype)) if return_lse else out.to(call.dtype)
-        plan = self._plans.get(call.sizes, call.raw_inputs)
-        key = (runs, *sorted(call.sizes.items()), str(q.device))  # a plan serves many sizes
-        result = None
-        if runs:
-            runner = self._derive(plan, key, lambda: RunsForward(
-                node, plan, call.sizes, call.inputs, q.device))
-            result = runner(call.q, k, v, call.scale, call.inputs)
-        if result is None and mode == "native":  # the runs path declined: tiles in float32
-            call = prologue(*args, **kw)
-            k, v = call.k, call.v
-        out, lse = result if result is not None else self._flash(plan, (False, *key[1:]),
-                                                                  call, k, v, mixed)
-        out = out.to(call.dtype)
-        return (out, lse.to(call.dtype)) if return_lse else out
+        # a few query rows take the decode path unless they train through the runs path: a
+        # decoding step's new KV length would build a new block plan per call
+        few = self._decode is not None and call.sizes["seq_q"] <= MAX_ROWS
+        runs = ((not few or _wants_grad(call)) and mode in (None, "native")
+                and self._runs_ok(call))
+        result = self._decode(call, k, v, return_lse) if few and not runs else None
+        if result is None:
+            plan = self._plans.get(call.sizes, call.raw_inputs)
+            key = (runs, *sorted(call.sizes.items()), str(q.device))  # a plan serves many sizes
+            if runs:
+                runner = self._derive(plan, key, lambda: RunsForward(
+                    node, plan, call.sizes, call.inputs, q.device))
+                result = runner(call.q, k, v, call.scale, call.inputs)
+        if result is None:
+            if mode == "native":  # the runs path declined: tiles in float32
+                call = prologue(*args, **kw)
+                k, v = call.k, call.v
+            result = self._flash(plan, (False, *key[1:]), call, k, v,
+                                 mixed.Mixed.of(q) if mode == "mixed" else None)
+        out = result[0].to(call.dtype)
+        return (out, result[1].to(call.dtype)) if return_lse else out
 
     def _precision(self, q, whole: bool):
         """How q, k, v enter the lowering (the half-type policy of the module docstring):
@@ -159,10 +155,10 @@ class TorchKernel(Kernel):
         (cast to the compute dtype)."""
         if whole:
             return "given"
-        half = isinstance(q, torch.Tensor) and q.dtype in HALF
+        half = isinstance(q, torch.Tensor) and q.dtype in mixed.HALF
         if not half or self.kind != "flash" or self._projection:
             return None
-        if Mixed.of(q) is not None:
+        if q.device.type in mixed.MIXED_DEVICES:
             return "mixed"
         if self._decode is not None and q.dim() == 4 and q.shape[-2] <= MAX_ROWS:
             return "step"
@@ -214,25 +210,23 @@ class TorchKernel(Kernel):
                                               scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
     def _tail(self, nq: int, nk: int, dtype, device):
-        """The bottom-right causal mask ``(1, 1, nq, nk)`` as a zero-copy view of a cached
-        buffer: ``nk - nq`` zero columns, then ``nq`` columns of ``triu(-inf, 1)``; None for one
-        query row (it sees every key). The buffer grows by doubling, so decoding steps
-        (``nk`` growing by one) reuse it."""
+        """The bottom-right causal mask ``(1, 1, nq, nk)`` as a zero-copy view of a cached float
+        buffer (0 where ``traced.tail`` keeps a pair, -inf elsewhere); None for one query row (it
+        sees every key). The buffer grows by doubling, so decoding steps (``nk`` growing by one)
+        reuse it."""
         if nq == 1:
             return None
         key = (nq, dtype, str(device))
         buf = self._tails.get(key)
-        if buf is None or buf.shape[1] - nq < nk - nq:
+        if buf is None or buf.shape[1] < nk:
             width = max(2 * (nk - nq), 1024)
             with torch.inference_mode(False):  # cached: later calls may save it for backward
-                buf = torch.zeros((nq, width + nq), dtype=dtype, device=device)
-                buf[:, width:] = torch.full((nq, nq), float("-inf"), dtype=dtype,
-                                            device=device).triu(1)
-            self._tails[key] = buf
-        width = buf.shape[1] - nq
-        return buf[None, None, :, width - (nk - nq):]
+                keep = traced.tail(nq, width + nq, dtype, device)[0, 0]
+                buf = torch.zeros(keep.shape, dtype=dtype, device=device)
+                self._tails[key] = buf.masked_fill_(~keep, float("-inf"))
+        return buf[None, None, :, buf.shape[1] - nk:]
 
-    def _flash(self, plan, key: tuple, call, k, v, mixed=None):
+    def _flash(self, plan, key: tuple, call, k, v, half):
         cfg, sizes, q = self.config, call.sizes, call.q
         schedule = self._derive(plan, key, lambda: build_schedule(
             plan, sizes["batch"], sizes["kv_heads"], call.group, kv_chunk=cfg["kv_chunk"],
@@ -244,7 +238,7 @@ class TorchKernel(Kernel):
                       if x.is_floating_point() and n not in self._projection)
         ints = {n: x for n, x in ins.items() if not x.is_floating_point()}
         pb = Problem(self.node, self._drop, sizes, ints, call.scale, plan, k.shape[2], schedule,
-                     q.device, q.dtype, mixed)
+                     q.device, q.dtype, half)
         out5, lse5 = FlashAttention.apply(pb, names, split_heads(q, k.shape[1]), k, v,
                                           *(ins[n] for n in names))
         return merge_heads(out5), (merge_heads(lse5)[..., 0] if lse5.numel() else None)
