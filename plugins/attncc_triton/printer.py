@@ -33,12 +33,13 @@ from attncc.spec.symbols import (
     sigmoid,
 )
 
-_COMPARE = {sympy.StrictLessThan: "<", sympy.LessThan: "<=", sympy.StrictGreaterThan: ">",
-            sympy.GreaterThan: ">=", sympy.Equality: "==", sympy.Unequality: "!="}
+_BINARY = {sympy.StrictLessThan: "<", sympy.LessThan: "<=", sympy.StrictGreaterThan: ">",
+           sympy.GreaterThan: ">=", sympy.Equality: "==", sympy.Unequality: "!=", BitAnd: "&",
+           BitOr: "|", BitXor: "^", LeftShift: "<<", RightShift: ">>"}
 _UNARY = {sympy.exp: "tl.exp", sympy.log: "tl.log", sympy.tanh: "_tanh", sympy.Abs: "tl.abs",
           sigmoid: "tl.sigmoid", sympy.sin: "tl.sin", sympy.cos: "tl.cos", sympy.tan: "_tan",
           sympy.erf: "tl.erf", Round: "_round", sympy.sign: "_sign", Log2: "tl.log2"}
-_BITS = {BitAnd: "&", BitOr: "|", BitXor: "^", LeftShift: "<<", RightShift: ">>"}
+_JOIN = {sympy.And: " & ", sympy.Or: " | ", sympy.Xor: " != "}
 _FREE = {*INDEX_SYMBOLS.values(), *SIZES.values()}
 
 
@@ -87,22 +88,21 @@ class TritonPrinter:
         if isinstance(e, (sympy.floor, sympy.ceiling)):
             return self.rounding(e)
         if type(e) in _UNARY:
-            arg = self.p(e.args[0])
             if isinstance(e, sympy.Abs):
                 return f"tl.abs({self.bare(e.args[0])})"
             if isinstance(e, Round) and e.args[0].is_integer:
-                return arg
-            return f"{_UNARY[type(e)]}(({arg}).to(ACC))"
-        if type(e) in _BITS:
-            return f"({self.p(e.args[0])} {_BITS[type(e)]} {self.p(e.args[1])})"
+                return self.p(e.args[0])
+            return f"{_UNARY[type(e)]}(({self.p(e.args[0])}).to(ACC))"
+        if type(e) in _BINARY:
+            return f"({self.p(e.args[0])} {_BINARY[type(e)]} {self.p(e.args[1])})"
         if isinstance(e, sympy.Heaviside):  # d max/min: 1 above 0, H0 (1/2) at 0, 0 below
             x = self.p(e.args[0])
             at_zero = self.p(e.args[1]) if len(e.args) > 1 else "0.5"
             return f"tl.where({x} > 0, 1.0, tl.where({x} == 0, {at_zero}, 0.0))"
         if isinstance(e, sympy.DiracDelta):  # d sign, d Heaviside: 0 wherever defined
             return "0.0"
-        if isinstance(e, sympy.Xor):
-            return "(" + " != ".join(self.p(a) for a in e.args) + ")"
+        if type(e) in _JOIN:
+            return "(" + _JOIN[type(e)].join(self.p(a) for a in e.args) + ")"
         if isinstance(e, sympy.Equivalent) and len(e.args) == 2:
             return f"({self.p(e.args[0])} == {self.p(e.args[1])})"
         if isinstance(e, sympy.Mod):
@@ -116,12 +116,6 @@ class TritonPrinter:
             for arg in e.args[1:]:
                 result = f"{fn}({result}, {self.bare(arg)})"
             return result
-        if type(e) in _COMPARE:
-            return f"({self.p(e.lhs)} {_COMPARE[type(e)]} {self.p(e.rhs)})"
-        if isinstance(e, sympy.And):
-            return "(" + " & ".join(self.p(a) for a in e.args) + ")"
-        if isinstance(e, sympy.Or):
-            return "(" + " | ".join(self.p(a) for a in e.args) + ")"
         if isinstance(e, sympy.Not):
             return f"({self.p(e.args[0])} == 0)"
         if isinstance(e, sympy.Piecewise):

@@ -60,14 +60,11 @@ class Fn:
         """The lines of ``result = name(...)`` (no result: a bare call), names replaced by
         ``subs`` and flags given by keyword (flags not given pass the caller's own)."""
         subs = subs or {}
-        head = f"{result} = {self.name}(" if result else f"{self.name}("
-        lines = [head]
+        lines = [f"{result} = {self.name}(" if result else f"{self.name}("]
         # 88 columns: a call sits up to three levels deep in a kernel's body
         for group in self.groups:
             lines += _wrap([str(subs.get(p, p)) for p in group], "    ", 88)
-        passed = [f"{f}={flags.get(f, f)}" for f in self.flags]
-        if passed:
-            lines += _wrap(passed, "    ", 88)
+        lines += _wrap([f"{f}={flags.get(f, f)}" for f in self.flags], "    ", 88)
         return [*lines, ")"]
 
 
