@@ -7,14 +7,11 @@
 
 ``valid`` (what ``compile`` accepts) drops tiles that cannot run: ``block_n`` below the top-k K,
 which the threshold buffer needs, and tiles whose shared memory exceeds the target's (tiles are
-never below 16, the smallest ``tl.dot``), linear chunks included (``linear_smem``). ``keep``
-(what the tuner times) also drops tiles so register-hungry that every kernel would spill
-kilobytes.
-The estimates are fitted to what ``triton.compile`` reports for sm_90 (``bench/triton_aot_sm90.py``,
-``bench/results/triton_aot_sm90.md``) and scale with the element size of the dtype the config
-must fit (``graph.graph["dtype"]``; float32 when absent): float32 and float64 kernels (FMA dots,
-``input_precision="ieee"``) stage 2x and 4x the bytes of bfloat16 ones, and float64 accumulates
-in 2-word registers.
+never below 16, the smallest ``tl.dot``), linear chunks included. ``keep`` (what the tuner times)
+also drops tiles so register-hungry that every kernel would spill kilobytes. The estimates
+(``estimate``, ``linear_smem``) are fitted to what ``triton.compile`` reports for sm_90
+(``bench/triton_aot_sm90.py``) and scale with the element size of the dtype the config must fit
+(``graph.graph["dtype"]``; float32 when absent).
 """
 
 from __future__ import annotations
@@ -55,16 +52,14 @@ def _pow2(n: int) -> int:
 
 def estimate(config: dict, spec, head_dim: int, value_dim: int, elem_bytes: int = 2):
     """``(shared memory bytes, 32-bit register words per thread)`` of a fused config: the most
-    any of its three kernels (forward, dq, dk/dv) needs.
+    any of its three kernels (forward, dq, dk/dv) needs, at ``elem_bytes`` per element.
 
-    Shared memory holds the ``tl.dot`` operand tiles; the dk/dv kernel is the largest: q, do
-    (``block_m`` rows) and k, v (``block_n`` rows) staged, plus the transposed probabilities
-    (``block_m x block_n``), each ``elem_bytes`` per element. Measured on sm_90 in bf16 it is
-    exact for ``num_stages=1`` and an upper bound (the software pipeliner shares buffers) for
-    deeper pipelines; float32 stays an upper bound, float64 measures ~10% above it. Registers: the
-    dk/dv kernel's accumulators (``block_n x (d + dv)``, float32, or 2-word float64), its q and do
-    tiles (``elem_bytes / 4`` words each) and four ``block_m x block_n`` score tiles (in the
-    accumulation type), spread over the threads; the additive score keeps a
+    Both count the dk/dv kernel, the largest. Shared memory: its ``tl.dot`` operand tiles, q, do
+    (``block_m`` rows), k, v (``block_n`` rows) and the transposed probabilities (``block_m x
+    block_n``): exact on sm_90 in bf16 at ``num_stages=1``, an upper bound for deeper pipelines
+    (the pipeliner shares buffers) and in float32, ~10% low in float64. Registers: its accumulators
+    (``block_n x (d + dv)``, 2-word in float64), its q and do tiles and four ``block_m x block_n``
+    score tiles in the accumulation type, spread over the threads; the additive score adds a
     ``block_m x block_n x d`` tensor (twice, with its gradient), top-k a sort buffer of
     ``2 x block_m x block_n``."""
     bm, bn = config.get("block_m", 64), config.get("block_n", 64)
@@ -85,10 +80,7 @@ def linear_smem(config: dict, feats: int, value_dim: int, elem_bytes: int = 2) -
 
     Counted in elements of ``elem_bytes``: the running state (``F x Dv``), four chunk tiles
     (φq, φk of ``chunk x F``; v, ∂L/∂num of ``chunk x Dv``: the backward stages all four) and
-    the chunk's ``a`` / ``dA`` tile (``chunk x chunk``), F and Dv rounded up to powers of two.
-    Measured on sm_90 for the forward at chunk 64, F = Dv = 128: 48 KB in bf16 (estimate
-    106 KB), 160 KB in float32 (estimate 210 KB), 256 KB in float64 (estimate 418 KB, over an
-    H200 block's 227 KiB either way); the backward was not compiled."""
+    the chunk's ``a`` / ``dA`` tile (``chunk x chunk``), F and Dv rounded up to powers of two."""
     c = config.get("chunk", 64)
     f, dv = _pow2(feats), _pow2(value_dim)
     return elem_bytes * (f * dv + c * (2 * f + 2 * dv) + c * c) + SMEM_SLACK
@@ -131,10 +123,9 @@ def default_config(spec, kind: str, target, dtype=None) -> dict:
     (float32 when None) where a tile is, else the smallest one ``valid`` accepts (the additive
     score in float64 spills at every tile); BackendError where none runs.
 
-    On CUDA: 64 x 64 tiles with 8 warps, the sm_90 measurement's best untuned choice (no spills
-    in the forward and dq kernels at d = 128; 4 warps spill in both backward kernels), halved
-    while ``keep`` rejects it (the additive score's 3-D tensor, large top-k tiles). Linear: chunk
-    64 on CUDA (16 on CPU), halved while its shared memory does not fit (float64)."""
+    On CUDA: 64 x 64 tiles with 8 warps (the best untuned choice measured on sm_90), halved while
+    ``keep`` rejects it (the additive score's 3-D tensor, large top-k tiles). Linear: chunk 64 on
+    CUDA (16 on CPU), halved while its shared memory does not fit (float64)."""
     cuda = getattr(target, "kind", "cpu") == "cuda"
     topk = spec.topk or 1
     if kind == "linear":
