@@ -5,15 +5,12 @@ database hit ran no benchmark at all.
 
 Steady allocator. With glibc's default malloc, a temporary of 128 KiB or more is mmap'd and
 unmapped on every call (the dynamic threshold only rises past a size once a chunk *larger* than it
-is freed), so a kernel with big tiles (NumPy, seq 512, 256x256 blocks) takes hundreds of page
-faults per call, and how many depends on what the process allocated before: the same config
-measured 2.2 ms or 4.5 ms depending on which configs had run earlier, so a tune and a grid sweep
-of the same space disagreed about the winner (bench/results/tuner_quality.md). ``time_call``
+is freed), so a kernel with big tiles takes page faults per call, as many as what the process
+allocated before dictates: timings would depend on which configs ran earlier. ``time_call``
 therefore first calls ``steady_allocator()``, which fixes glibc's mmap and trim thresholds for the
-process (``mallopt``), so large temporaries are reused from the heap and timings do not depend on
-allocation history. It is process-wide and permanent (glibc cannot return to its dynamic mode);
-the cost is that up to ``TRIM_BYTES`` of freed memory stays with the process. Set
-``ATTNCC_STEADY_MALLOC=0`` to leave the allocator alone.
+process (``mallopt``), so large temporaries are reused from the heap. It is process-wide and
+permanent (glibc cannot return to its dynamic mode); the cost is that up to ``TRIM_BYTES`` of
+freed memory stays with the process. Set ``ATTNCC_STEADY_MALLOC=0`` to leave the allocator alone.
 """
 
 from __future__ import annotations

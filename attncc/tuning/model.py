@@ -16,10 +16,7 @@ on the configs measured so far, where the features of a config are:
 
 ``propose`` returns the unmeasured valid config with the lowest predicted time. The tuner enqueues
 it into the TPE study every other measured trial once three are measured (``tuner._Guide``), so
-TPE still samples the rest and learns from the model's picks. The effect, replayed on the three
-numpy grid tables measured in the first session (budget 7 of 25, 40 seeds each): TPE alone found a
-config within 5% of the grid's best in 93/120 runs, guided by this model in 117/120 (current
-numbers: bench/results/tuner_quality.md).
+TPE still samples the rest and learns from the model's picks.
 """
 
 from __future__ import annotations

@@ -123,8 +123,7 @@ class Problem:
         if self._args is None:
             from attncc.testing.inputs import random_inputs
 
-            # a model's head size, not the tests' small default (SDPA's CPU kernels at
-            # head_dim 16 ran 6x slower than at 64), and value_dim = head_dim as models have
+            # a model's head size, not the tests' small default; value_dim = head_dim
             self._args = random_inputs(self.spec, self.batch, self.seq_q, self.seq_k,
                                        self.dtype, 0, self.backend.library,
                                        self.target.torch_device, heads=self.heads,
