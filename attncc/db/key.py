@@ -173,15 +173,17 @@ class Record:
         unknown = sorted(set(data) - known)
         if unknown:
             raise DatabaseError(f"{where}: unknown field '{unknown[0]}'; expected {sorted(known)}")
-        types = {"spec_name": str, "config": dict, "median_s": (int, float),
-                 "spread_s": (int, float), "trials": int, "fingerprint": dict, "versions": dict,
-                 "created": str, "updated": str, **dict.fromkeys(key_names, str)}
+        types = {"spec_name": (str,), "config": (dict,), "median_s": (int, float),
+                 "spread_s": (int, float), "trials": (int,), "fingerprint": (dict,),
+                 "versions": (dict,), "created": (str,), "updated": (str,),
+                 **dict.fromkeys(key_names, (str,))}
         if "verified" in data:
-            types["verified"] = str
-        for name, kind in types.items():
-            if not isinstance(data.get(name), kind) or isinstance(data.get(name), bool):
+            types["verified"] = (str,)
+        for name, kinds in types.items():
+            if not isinstance(data.get(name), kinds) or isinstance(data.get(name), bool):
                 raise DatabaseError(f"{where}: expected '{name}' of type "
-                                    f"{_type_names(kind)}, got {data.get(name)!r}")
+                                    f"{' or '.join(k.__name__ for k in kinds)}, got "
+                                    f"{data.get(name)!r}")
         rest = {k: v for k, v in data.items() if k not in key_names}
         rest["median_s"] = float(rest["median_s"])
         rest["spread_s"] = float(rest["spread_s"])
@@ -200,8 +202,3 @@ def tuned_versions(target, backend) -> dict:
     """The ``versions`` a record measured now stores: the target's package versions and the
     backend's (``backend:<name>``)."""
     return {**dict(target.versions), f"backend:{backend.name}": backend.version}
-
-
-def _type_names(kind) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join(k.__name__ for k in kinds)

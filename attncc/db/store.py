@@ -148,11 +148,8 @@ class Store:
 
     def get(self, key: Key) -> Record | None:
         """The record stored under ``key`` exactly, or None."""
-        def read():
-            with self.engine.connect() as conn:
-                return conn.execute(sa.select(RECORDS).where(RECORDS.c.id == key.id)).first()
-
-        row = self._run("read", read)
+        row = self._execute("read", sa.select(RECORDS).where(RECORDS.c.id == key.id),
+                            lambda result: result.first())
         return None if row is None else self._record(row)
 
     def records(self, *, spec_hash: str | None = None, bucket: str | None = None,
@@ -172,13 +169,8 @@ class Store:
                                 else RECORDS.c.backend.startswith(backend + "@"))
         if id_prefix:
             query = query.where(RECORDS.c.id.startswith(id_prefix))
-        def read():
-            with self.engine.connect() as conn:
-                return conn.execute(query).all()
-
-        rows = self._run("read", read)
         records, unreadable = [], []
-        for row in rows:
+        for row in self._execute("read", query, lambda result: result.all()):
             try:
                 records.append(self._record(row))
             except DatabaseError as err:  # one bad row must not hide (or block) all the others
@@ -219,11 +211,8 @@ class Store:
         """Delete the records with these ids; the number deleted."""
         if not ids:
             return 0
-        def delete() -> int:
-            with self.engine.begin() as conn:
-                return conn.execute(RECORDS.delete().where(RECORDS.c.id.in_(ids))).rowcount
-
-        return self._run("write", delete)
+        return self._execute("write", RECORDS.delete().where(RECORDS.c.id.in_(ids)),
+                             lambda result: result.rowcount)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -274,6 +263,15 @@ class Store:
         return (f"tuning database {self.path} {why}; it was left untouched{saved}; move it "
                 "away or point --db / ATTNCC_DB elsewhere")
 
+    def _execute(self, action: str, statement, take):
+        """``take(result)`` of ``statement`` run in one connection (a transaction to write),
+        through ``_run``."""
+        def run():
+            with self.engine.begin() if action == "write" else self.engine.connect() as conn:
+                return take(conn.execute(statement))
+
+        return self._run(action, run)
+
     def _run(self, action: str, fn):
         """``fn()``, retried while SQLite reports a lock (a deferred transaction that must
         upgrade to a write can be refused at once, before busy_timeout applies) until ``timeout``
@@ -294,7 +292,7 @@ class Store:
                 raise DatabaseError(self._fault(action, err)) from None
 
     def _fault(self, action: str, err: Exception) -> str:
-        text = _first_line(err)
+        text = first_line(err)
         lowered = text.lower()
         if _locked(err):
             return (f"tuning database {self.display} is locked by another process (waited "
@@ -311,12 +309,12 @@ class Store:
         return f"cannot {action} tuning database {self.display}: {type(err).__name__}: {text}"
 
 
-def _first_line(err: Exception) -> str:
+def first_line(err: Exception) -> str:
     return (str(getattr(err, "orig", None) or err).strip().splitlines() or [""])[0]
 
 
 def _locked(err: Exception) -> bool:
-    text = _first_line(err).lower()
+    text = first_line(err).lower()
     return "locked" in text or "busy" in text
 
 

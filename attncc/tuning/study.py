@@ -31,7 +31,7 @@ except ImportError:  # not on Windows: SQLite studies there keep Optuna's own st
     fcntl = None
 
 from attncc.db.key import DatabaseError
-from attncc.db.store import connect_args, masked, resolve
+from attncc.db.store import connect_args, first_line, masked, resolve
 from attncc.errors import InputError
 
 REPEAT = "repeat_of"
@@ -54,18 +54,18 @@ def _experimental():
 def storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage at ``url`` (DatabaseError, one line, when it cannot be opened)."""
     url = resolve(url)
+    kind, attempts = optuna.storages.RDBStorage, 1  # a server does not race
     if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        engine = {"connect_args": {"timeout": 60}}
+        path = url[len("sqlite:///"):]
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine, attempts = {"connect_args": {"timeout": 60}}, OPEN_ATTEMPTS
+        if fcntl is not None:
+            kind = functools.partial(SerialStorage, path + ".lock")
     else:
         engine = {"pool_pre_ping": True, "connect_args": connect_args(url)}
-    attempts = OPEN_ATTEMPTS if url.startswith("sqlite:///") else 1  # a server does not race
     for attempt in range(attempts):
         try:
             with _experimental():
-                kind = optuna.storages.RDBStorage
-                if url.startswith("sqlite:///") and fcntl is not None:
-                    kind = functools.partial(SerialStorage, url[len("sqlite:///"):] + ".lock")
                 return kind(url, engine_kwargs=engine, heartbeat_interval=int(heartbeat),
                             grace_period=int(2 * heartbeat))
         except ImportError as err:
@@ -80,8 +80,8 @@ def storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
             if attempt + 1 < attempts and any(r in text for r in race):
                 time.sleep(0.05 * (attempt + 1))
                 continue
-            line = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
-            raise DatabaseError(f"cannot open study storage {masked(url)}: {line}") from None
+            raise DatabaseError(f"cannot open study storage {masked(url)}: "
+                                f"{first_line(err)}") from None
 
 
 class SerialStorage(optuna.storages.RDBStorage):
@@ -89,9 +89,8 @@ class SerialStorage(optuna.storages.RDBStorage):
     processes (``flock`` on ``lock_path``) and threads (the heartbeat's).
 
     SQLite has no ``SELECT ... FOR UPDATE``: two workers of one study could both read an
-    enqueued trial as WAITING and both run it (seen: "Trial#0 has already finished and can not
-    be updated", one run in ten with four tuners on a fresh file). Each call holds the lock for
-    one short transaction; PostgreSQL needs none of this."""
+    enqueued trial as WAITING and both run it. Each call holds the lock for one short
+    transaction; PostgreSQL needs none of this."""
 
     def __init__(self, lock_path: str, *args, **kwargs):
         self._lock_path, self._thread_lock, self._depth = lock_path, threading.RLock(), 0
@@ -129,8 +128,8 @@ for _name, _method in list(vars(optuna.storages.RDBStorage).items()):
 
 def sampler(budget: int, seed: int | None = None, kind: str = "tpe") -> optuna.samplers.BaseSampler:
     """TPE (default; multivariate, a few random startup trials scaled to the budget), ``gp``
-    (Gaussian process; needs torch and scipy; finds the best of a small ordinal space in fewer
-    trials, see bench/results/tuner_quality.md), or ``random``."""
+    (Gaussian process; needs torch and scipy; fewer trials on a small ordinal space), or
+    ``random``."""
     startup = max(2, min(10, budget // 3))
     if kind == "gp":
         try:
