@@ -58,7 +58,10 @@ def compile(spec, backend: str = "auto", *, target=None, config: dict | None = N
                             "for every shape")
         return kernel
     store = open_or_warn(db, stacklevel=2)
-    records = {b.name: _lookup(spec, b, seq, seq_k, dtype, target, store) for b in candidates}
+    # each backend's record of the seq bucket (any bucket without seq); a read fault only warns
+    bucket = "" if seq is None else bucket_of(seq, seq_k or seq)
+    records = {b.name: find_or_warn(store, Key.of(spec, bucket, dtype, b, target), target, 2,
+                                    any_bucket=seq is None) for b in candidates}
     # times compare only at a known shape: without seq= the backends' newest records may be of
     # other buckets (a decoding step's against a prefill's), so priority chooses
     chosen, why = _choose(candidates, records if seq is not None else {}, target)
@@ -96,7 +99,7 @@ def attention_map(spec, q, k, v, *, heads=None, rows=None, backend: str = "auto"
                  if b.library == library]
         if not found:
             raise BackendError(f"backend: no installed backend takes {library} arrays")
-        backend = max(found, key=lambda b: (b.priority(target), b.name)).name
+        backend = _choose(found, {}, target)[0].name
     kernel = compile(spec, backend)
     return kernel.attention_map(q, k, v, heads=heads, rows=rows, **inputs)
 
@@ -131,14 +134,6 @@ def _choose(candidates: list[Backend], records: dict, target) -> tuple[Backend, 
     best = max(candidates, key=lambda b: (b.priority(target), b.name))
     others = ", ".join(b.name for b in candidates if b is not best)
     return best, f"auto: no tuning records, highest priority on this target; also: {others}"
-
-
-def _lookup(spec, backend: Backend, seq, seq_k, dtype, target, store):
-    """The tuning record of the ``seq`` bucket (any bucket without ``seq``), or None; a database
-    that cannot be read only warns."""
-    bucket = "" if seq is None else bucket_of(seq, seq_k or seq)
-    key = Key.of(spec, bucket, dtype, backend, target)
-    return find_or_warn(store, key, target, 3, any_bucket=seq is None)
 
 
 #: ``effort`` presets: configs to measure and the time budget in seconds (None: no limit).

@@ -289,7 +289,12 @@ class Dispatch(Kernel):
             return hint
         verdict = against_default(hint, hint_kernel, default, call, self._key(*slot),
                                   spec=self.spec, backend=self._backend, target=self._target)
-        self._put(verdict)
+        store = self._open()
+        if store:
+            try:
+                store.put(verdict)
+            except AttnccError as err:
+                warnings.warn(f"attncc: verdict on record not stored: {err}", stacklevel=5)
         return verdict
 
     def _tune_now(self, slot: tuple, call, hint: Record | None) -> Record | None:
@@ -312,15 +317,6 @@ class Dispatch(Kernel):
         except (ImportError, AttnccError) as err:
             warnings.warn(f"attncc: bucket {slot[0]} {slot[1]} not tuned: {err}", stacklevel=5)
             return None if hint is None else self._verify(slot, hint, call)
-
-    def _put(self, record: Record) -> None:
-        store = self._open()
-        if not store:
-            return
-        try:
-            store.put(record)
-        except AttnccError as err:
-            warnings.warn(f"attncc: verdict on record not stored: {err}", stacklevel=6)
 
 
 class _Traced:
