@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from attncc.cli.options import load, stacked
+
 
 def _store(ctx, param, db):
     from attncc.db.store import Store
@@ -21,8 +23,6 @@ def _store(ctx, param, db):
 def _spec_hash(ctx, param, spec: str | None) -> str | None:
     if spec is None or not Path(spec).is_file():
         return spec
-    from attncc.cli.options import load
-
     return load(spec).hash
 
 
@@ -30,12 +30,10 @@ db_option = click.option("--db", "store", default=None, metavar="PATH|URL", call
                          help="Tuning database (default $ATTNCC_DB or ~/.cache/attncc/tuning.db).")
 
 
-def _filters(command):
-    command = click.option("--backend", default=None,
-                           help="Only this backend (name, or name@version).")(command)
-    return click.option("--spec", "spec_hash", default=None, metavar="FILE|HASH",
-                        callback=_spec_hash,
-                        help="Only records of this spec (a spec file or its hash).")(command)
+_filters = stacked(
+    click.option("--spec", "spec_hash", default=None, metavar="FILE|HASH", callback=_spec_hash,
+                 help="Only records of this spec (a spec file or its hash)."),
+    click.option("--backend", default=None, help="Only this backend (name, or name@version)."))
 
 
 @click.group("db")

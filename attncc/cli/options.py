@@ -15,73 +15,61 @@ DEFAULT_HEADS = 4
 DEFAULT_HEAD_DIM = 32
 
 
-def spec_argument(command):
-    """The positional SPEC: a path to a .yaml/.yml/.toml/.json spec file."""
-    return click.argument("spec", metavar="SPEC", type=str)(command)
+def stacked(*decorators):
+    """One decorator applying ``decorators`` as if written in this order above a command."""
+
+    def decorate(command):
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+
+    return decorate
+
+
+#: The positional SPEC: a path to a .yaml/.yml/.toml/.json spec file.
+spec_argument = click.argument("spec", metavar="SPEC", type=str)
+#: --target cpu|cuda|cuda:N (default cpu).
+target_option = click.option("--target", "target_name", default="cpu", show_default=True,
+                             metavar="cpu|cuda[:N]", help="Hardware target to compile for.")
+dtype_option = click.option("--dtype", type=click.Choice(DTYPES), default="float32",
+                            show_default=True, help="Floating dtype of q, k, v.")
+#: --block-m and --block-n: the tile of the block plan.
+block_options = stacked(
+    click.option("--block-m", type=click.IntRange(min=1), default=64, show_default=True,
+                 help="Query block size of the plan."),
+    click.option("--block-n", type=click.IntRange(min=1), default=64, show_default=True,
+                 help="Key block size of the plan."))
 
 
 def size_options(seq: int, batch: int = 1, *, heads: bool = True):
     """--batch, --seq, --seq-k, --heads, --head-dim with command-specific defaults (without
     --heads where ``heads`` is False: the command defines its own)."""
-
-    def decorate(command):
-        for option in reversed((
-            click.option("--batch", type=click.IntRange(min=1), default=batch, show_default=True,
-                         help="Batch size."),
-            click.option("--seq", type=click.IntRange(min=1), default=seq, show_default=True,
-                         help="Query length (seq_q)."),
-            click.option("--seq-k", type=click.IntRange(min=1), default=None,
-                         help="Key length (seq_k); default: --seq."),
-            *([click.option("--heads", type=click.IntRange(min=1), default=None,
-                            help=f"Query heads where the spec leaves them open "
-                                 f"(default {DEFAULT_HEADS}).")] if heads else []),
-            click.option("--head-dim", type=click.IntRange(min=1), default=None,
-                         help=f"Head dimension where the spec leaves it open "
-                              f"(default {DEFAULT_HEAD_DIM})."),
-        )):
-            command = option(command)
-        return command
-
-    return decorate
-
-
-def block_options(command):
-    """--block-m and --block-n: the tile of the block plan."""
-    command = click.option("--block-n", type=click.IntRange(min=1), default=64,
-                           show_default=True, help="Key block size of the plan.")(command)
-    return click.option("--block-m", type=click.IntRange(min=1), default=64, show_default=True,
-                        help="Query block size of the plan.")(command)
-
-
-def dtype_option(default: str | None = "float32"):
-    return click.option("--dtype", type=click.Choice(DTYPES), default=default,
-                        show_default=default is not None, help="Floating dtype of q, k, v.")
-
-
-def target_option(command):
-    """--target cpu|cuda|cuda:N (default cpu)."""
-    return click.option("--target", "target_name", default="cpu", show_default=True,
-                        metavar="cpu|cuda[:N]", help="Hardware target to compile for.")(command)
+    return stacked(
+        click.option("--batch", type=click.IntRange(min=1), default=batch, show_default=True,
+                     help="Batch size."),
+        click.option("--seq", type=click.IntRange(min=1), default=seq, show_default=True,
+                     help="Query length (seq_q)."),
+        click.option("--seq-k", type=click.IntRange(min=1), default=None,
+                     help="Key length (seq_k); default: --seq."),
+        *([click.option("--heads", type=click.IntRange(min=1), default=None,
+                        help=f"Query heads where the spec leaves them open "
+                             f"(default {DEFAULT_HEADS}).")] if heads else []),
+        click.option("--head-dim", type=click.IntRange(min=1), default=None,
+                     help=f"Head dimension where the spec leaves it open "
+                          f"(default {DEFAULT_HEAD_DIM})."))
 
 
 def every_backend_options(verb: str, seq: int, batch: int):
     """What ``check`` and ``bench`` share: SPEC, the sizes, --dtype, a repeatable --backend,
     --target and --seed (``verb`` words the --backend help)."""
-
-    def decorate(command):
-        for option in reversed((
-            spec_argument, size_options(seq=seq, batch=batch), dtype_option(),
-            click.option("--backend", "backend_names", multiple=True, metavar="NAME",
-                         help=f"{verb} only this backend (repeatable); default: every "
-                              "installed one."),
-            target_option,
-            click.option("--seed", type=int, default=0, show_default=True,
-                         help="Seed of the inputs."),
-        )):
-            command = option(command)
-        return command
-
-    return decorate
+    return stacked(
+        spec_argument, size_options(seq=seq, batch=batch), dtype_option,
+        click.option("--backend", "backend_names", multiple=True, metavar="NAME",
+                     help=f"{verb} only this backend (repeatable); default: every installed "
+                          "one."),
+        target_option,
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the inputs."))
 
 
 def resolve_sizes(spec, batch: int, seq: int, seq_k: int | None, heads: int | None,
@@ -135,12 +123,18 @@ def lowered(spec_path: str, batch: int, seq: int, seq_k: int | None, heads: int 
 
 
 def each_backend(asked: tuple[str, ...], graph, target):
-    """``(name, backend, why not)`` per backend of ``checked_backends(asked)``: ``backend`` is
-    None, with the reason, where it cannot load or does not support ``graph`` on ``target``."""
+    """``(name, backend, why not)`` per backend asked for (in order, once each), else per
+    registered one: ``backend`` is None, with the reason, where it cannot load or does not
+    support ``graph`` on ``target``; BackendError for a name that is not registered."""
     from attncc.backends import registry
     from attncc.errors import BackendError
 
-    for name in checked_backends(asked):
+    names = list(dict.fromkeys(asked)) or registry.names()
+    unknown = [name for name in names if name not in registry.names()]
+    if unknown:
+        raise BackendError(f"unknown backend '{unknown[0]}'; installed: "
+                           f"{', '.join(registry.names()) or 'none'}")
+    for name in names:
         try:
             backend = registry.get(name)
         except BackendError as err:
@@ -159,16 +153,3 @@ def random_call(spec, library: str, target, shape: tuple, dtype: str, seed: int)
     return random_inputs(spec, batch, seq_q, seq_k, dtype, seed, library, target.torch_device,
                          heads=heads, head_dim=head_dim)
 
-
-def checked_backends(asked: tuple[str, ...]) -> list[str]:
-    """The backends a command runs: those asked for (in order, once each), else every registered
-    one; BackendError for a name that is not registered."""
-    from attncc.backends import registry
-    from attncc.errors import BackendError
-
-    names = list(dict.fromkeys(asked)) or registry.names()
-    unknown = [name for name in names if name not in registry.names()]
-    if unknown:
-        raise BackendError(f"unknown backend '{unknown[0]}'; installed: "
-                           f"{', '.join(registry.names()) or 'none'}")
-    return names

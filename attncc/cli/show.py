@@ -20,7 +20,7 @@ from attncc.cli.options import (
 @spec_argument
 @size_options(seq=4096)
 @block_options
-@dtype_option()
+@dtype_option
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the random inputs a data-dependent mask is classified from.")
 def show(spec: str, batch: int, seq: int, seq_k: int | None, heads: int | None,

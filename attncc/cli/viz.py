@@ -90,29 +90,22 @@ def element_mask(spec, sizes: dict[str, int], inputs: dict | None) -> np.ndarray
 
 def draw(name: str, mask: np.ndarray, states: np.ndarray, density: float, geometry: tuple):
     """A matplotlib Figure with the two panels; Agg backend, nothing shown on screen."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-    except ImportError:
-        raise AttnccError("attncc viz needs matplotlib: pip install 'attncc[viz]'") from None
+    figure = _canvas(figsize=(11, 5.2))
     from matplotlib.colors import ListedColormap
-    from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
     seq_q, seq_k, block_m, block_n = geometry
-    figure = Figure(figsize=(11, 5.2))
-    FigureCanvasAgg(figure)
     left, right = figure.subplots(1, 2)
     left.imshow(mask, cmap="Greys", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
     left.set_title(f"mask, {mask.shape[0]}x{mask.shape[1]} (density {mask.mean():.3f})")
-    left.set_xlabel("kv_idx")
-    left.set_ylabel("q_idx")
     cmap = ListedColormap(STATE_COLORS)
     right.imshow(states, cmap=cmap, vmin=-0.5, vmax=2.5, interpolation="nearest",
                  aspect="auto", extent=(0, states.shape[1] * block_n, states.shape[0] * block_m,
                                         0))
     right.set_title(f"block plan, {seq_q}x{seq_k} in {block_m}x{block_n} blocks")
-    right.set_xlabel("kv_idx")
-    right.set_ylabel("q_idx")
+    for ax in (left, right):
+        ax.set_xlabel("kv_idx")
+        ax.set_ylabel("q_idx")
     right.legend(handles=[Patch(facecolor=c, edgecolor="#888", label=label) for c, label in
                           zip(STATE_COLORS, ("EMPTY", "PARTIAL", "FULL"), strict=True)],
                  loc="upper right", fontsize=8, framealpha=0.9)
@@ -197,13 +190,19 @@ def draw_maps(spec, inputs_path: str, heads: str, rows: str | None, log_scale: b
 
 def _figure(panels: int, aspect: float):
     """A Figure with ``panels`` axes side by side; Agg backend, nothing shown."""
+    width = 4.2 * min(max(aspect, 0.6), 1.6)
+    figure = _canvas(figsize=(width * panels + 1.2, 4.4), layout="constrained")
+    return figure, np.atleast_1d(figure.subplots(1, panels, squeeze=False)[0])
+
+
+def _canvas(**options):
+    """A matplotlib Figure of ``options`` on the Agg canvas (nothing shown on screen)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
     except ImportError:
         raise AttnccError("attncc viz needs matplotlib: pip install 'attncc[viz]'") from None
     from matplotlib.figure import Figure
 
-    width = 4.2 * min(max(aspect, 0.6), 1.6)
-    figure = Figure(figsize=(width * panels + 1.2, 4.4), layout="constrained")
+    figure = Figure(**options)
     FigureCanvasAgg(figure)
-    return figure, np.atleast_1d(figure.subplots(1, panels, squeeze=False)[0])
+    return figure
