@@ -147,11 +147,9 @@ class DecodeRunner:
         """``expr`` over the tile in the accumulation dtype (float32 for half types),
         ``(B|1, H|1, nq, nk)``."""
         q = call.q
+        value = evaluate(expr, env or {}, xp, _ranges(q, call.sizes))
         dtype = torch.float32 if q.dtype in HALF else q.dtype
-        value = torch.as_tensor(evaluate(expr, env or {}, xp, _ranges(q, call.sizes)),
-                                dtype=dtype, device=q.device)
-        value = value.reshape((1,) * (5 - value.ndim) + tuple(value.shape))
-        return _heads(value, kv_heads, group)
+        return _heads(_tile(value, q.device, dtype), kv_heads, group)
 
     def _env(self, call, q5):
         """The tile's index environment (``LAYOUT``): ``b``, ``h`` and ``q_idx`` cached per
@@ -254,10 +252,10 @@ def _plain_read(expr):
     return expr.base.label.name, names
 
 
-def _tile(value, device):
-    """An evaluated mask term as a bool tensor of the tile's 5 dims (a term that reads no
-    index is 0-d)."""
-    x = torch.as_tensor(value, device=device)
+def _tile(value, device, dtype=None):
+    """An evaluated expression (a mask term: bool) as a tensor of the tile's 5 dims (one that
+    reads no index is 0-d)."""
+    x = torch.as_tensor(value, dtype=dtype, device=device)
     return x.reshape((1,) * (5 - x.dim()) + tuple(x.shape))
 
 

@@ -72,11 +72,12 @@ class RunsForward:
         self._masks: dict = {}
         bias = additive_bias(node.score_mod)
         form = bias_form(bias) if bias is not None else None
+        whole = whole_call(node)
         # triangles (causal calls over tall blocks) where a bias tile over them is O(keys)
         group = sizes["heads"] // sizes["kv_heads"]
         tril = partial(causal_squares, self.mask, sizes, inputs, device)
-        self.segments = build_segments(plan, sizes["batch"], sizes["kv_heads"], group,
-                                       tril if form in (None, "key") else None)
+        self.segments = [] if whole else build_segments(
+            plan, sizes["batch"], sizes["kv_heads"], group, tril if form in (None, "key") else None)
         self.calls = [calls(seg) for seg in self.segments]
         # bfloat16 trains in float32 where the calls are short (runs_grad.SegmentCalls)
         keys = [sum(r.length for r in c.runs) for cs in self.calls for c in cs]
@@ -84,7 +85,7 @@ class RunsForward:
         self.row = None  # the row term of a key-form bias, for the log-sum-exp
         # no mask and a Toeplitz bias t(q_idx - kv_idx): one call on key-reversed K/V, the
         # bias a zero-copy Hankel view of t over the Nq + Nk - 1 offsets
-        self.offsets = toeplitz_bias(bias) if form == "toeplitz" and whole_call(node) else None
+        self.offsets = toeplitz_bias(bias) if form == "toeplitz" and whole else None
         if form == "key":
             self.row = sympy.expand(bias.subs(kv_idx, 0) - bias.subs({q_idx: 0, kv_idx: 0}))
             bias = sympy.expand(bias.subs(q_idx, 0))
@@ -94,10 +95,9 @@ class RunsForward:
         # key-form mask terms and bias, at most a top-left causal term beside them: one call
         # over all keys (is_causal skips the blocks above the diagonal), the key terms a
         # (B|1, H|1, 1, Nk) tile, stride 0 over the rows
-        self.whole = self.offsets is None and whole_call(node)
-        terms = _terms(self.mask)
-        self.causal = any(is_top_left_causal(t) for t in terms)
-        keys = [t for t in terms if not is_top_left_causal(t)]
+        self.whole = self.offsets is None and whole
+        causal, keys = _terms(self.mask)
+        self.causal = bool(causal)
         self.key_mask = sympy.And(*keys) if keys else None
 
     def _mask(self, i: int, j: int, dtype, device):
@@ -124,11 +124,7 @@ class RunsForward:
             env, length = run_env(seg, call.runs, batch, self.sizes, inputs, device)
             bias = torch.as_tensor(evaluate(self.bias, env, xp), dtype=dtype, device=device)
             tile = bias if mask is None else mask + bias
-            while tile.dim() < 4:
-                tile = tile[None]
-            shape = (seg.count, seg.nhq, seg.rows, length)
-            tile = tile.expand(tuple(n if t == 1 else t for n, t in zip(shape, tile.shape,
-                                                                        strict=True)))
+            tile = tile.expand(seg.count, seg.nhq, seg.rows, length)
             self._masks[key] = tile, lossy(bias)
         tile, low = self._masks[key]
         return tile, dead, low
@@ -259,18 +255,18 @@ def whole_call(node) -> bool:
     term, and something beside that causal term (else the sdpa path serves it)."""
     bias = additive_bias(node.score_mod)
     form = bias_form(bias) if bias is not None else None
-    terms = _terms(node.mask.expr if node.mask is not None else None)
+    causal, keys = _terms(node.mask.expr if node.mask is not None else None)
     if form == "toeplitz":
-        return not terms
-    causal = [t for t in terms if is_top_left_causal(t)]
-    keys = [t for t in terms if not is_top_left_causal(t)]
+        return not causal and not keys
     return (form in (None, "key") and len(causal) <= 1 and (form == "key" or bool(keys))
             and all(q_idx not in t.free_symbols for t in keys))
 
 
-def _terms(mask) -> tuple:
-    """The conjuncts of ``mask`` (none for no mask)."""
-    return sympy.And.make_args(mask) if mask is not None else ()
+def _terms(mask) -> tuple[list, list]:
+    """The conjuncts of ``mask`` (none for no mask): the top-left causal ones, the others."""
+    terms = sympy.And.make_args(mask) if mask is not None else ()
+    causal = [t for t in terms if is_top_left_causal(t)]
+    return causal, [t for t in terms if t not in causal]
 
 
 def accumulation(dtype):

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from .segments import positions
+
 NEG_INF = float("-inf")
 #: Bias values below this lose the row sum in a fused backward (see ``lossy``).
 LOSSY_BIAS = -float(1 << 20)
@@ -56,14 +58,6 @@ def regroup(x, seg):
     return x[0].unflatten(1, (seg.count, seg.rows)).transpose(0, 1)
 
 
-def positions(runs, count: int, device):
-    """The key positions ``(count * length,)`` of one call's keys (``runs._keys``), block by
-    block: the windows of one run, or several runs of a lone block side by side."""
-    block = torch.arange(count, device=device)[:, None]
-    return torch.cat([r.start + block * r.stride + torch.arange(r.length, device=device)
-                      for r in runs], dim=-1).flatten()
-
-
 class SegmentCalls(torch.autograd.Function):
     """``apply(runner, q, k, v, scale, inputs) -> (out, lse)``: ``runner.segment_forward`` (a
     ``runs.RunsForward``) with the backward of the module docstring. ``lse`` is the one the
@@ -93,12 +87,11 @@ class SegmentCalls(torch.autograd.Function):
         dq, dk, dv = (torch.zeros_like(x, dtype=acc) for x in (q, k, v))
         for _, bi, hk, calls in ctx.runner.walk(k, v, ctx.inputs, acc, q.device):
             for call, ks, vs, mask, _dead, _lossy in calls:
-                qs, outs, lses, douts, dqs = (rows(x, call.seg, bi)
-                                              for x in (q, out, lse, dout, dq))
+                qs, outs, lses, douts = (rows(x, call.seg, bi) for x in (q, out, lse, dout))
                 dq_c, dk_c, dv_c = fused(douts, qs, ks, vs, outs, lses, 0.0, call.causal,
                                          attn_mask=mask, scale=ctx.scale)
-                dqs += dq_c
-                at = positions(call.runs, call.seg.count, q.device)
+                rows(dq, call.seg, bi).add_(dq_c)
+                at = positions(call.runs, call.seg.count, q.device).flatten()
                 dk[bi, hk].index_add_(1, at, dk_c.transpose(0, 1).flatten(1, 2).to(acc))
                 dv[bi, hk].index_add_(1, at, dv_c.transpose(0, 1).flatten(1, 2).to(acc))
         return None, dq.to(q0.dtype), dk.to(k0.dtype), dv.to(v0.dtype), None, None

@@ -234,8 +234,16 @@ def run_env(seg: Segment, runs: tuple[Run, ...], b0: int, sizes: dict, inputs: d
     ar = lambda a, b: torch.arange(a, b, device=device)  # noqa: E731
     blocks = ar(0, seg.count)[:, None]
     fixed = LAYOUT.fixed(sizes, inputs, ar(b0, b0 + 1), ar(seg.hq0, seg.hq0 + seg.nhq))
-    kv = torch.cat([r.start + blocks * r.stride + ar(0, r.length) for r in runs], dim=-1)
+    kv = positions(runs, seg.count, device)
     return LAYOUT.env(fixed, seg.r0 + blocks * seg.rows + ar(0, seg.rows), kv), kv.shape[-1]
+
+
+def positions(runs: tuple[Run, ...], count: int, device):
+    """The key positions ``(count, length)`` of one call's keys (``runs._keys``), block by
+    block: the windows of one run, or several runs of a lone block side by side."""
+    block = torch.arange(count, device=device)[:, None]
+    return torch.cat([r.start + block * r.stride + torch.arange(r.length, device=device)
+                      for r in runs], dim=-1)
 
 
 def run_keep(mask, seg: Segment, runs: tuple[Run, ...], sizes: dict, inputs: dict, device):
