@@ -29,6 +29,9 @@ _SIZES = ("scale", *SIZE_NAMES)
 _INF = "float('-inf')"
 #: the offset of THR's second row, the top-k threshold (its first: the lse residual ``lse_lo``)
 _ROWS = "batch * heads * seq_q"
+#: the softmax (and top-k) probability of a tile from the row's lse and its rounding residual
+#: ``lse_lo``, so that rows whose scores all sit near the dtype's minimum keep their 1/n weights
+_P = "tl.exp((s - lse[:, None]) - lse_lo[:, None])"
 
 
 @dataclass
@@ -189,7 +192,7 @@ class FusedGenerator:
 
     def delta_tile(self) -> Fn:
         update = [f"dp = tl.dot(do, tl.trans(v), {_DOT})",
-                  f"p = tl.where(keep, {self._p()}, 0.0)",
+                  f"p = tl.where(keep, {_P}, 0.0)",
                   "corr += tl.sum(p * (dp - delta[:, None]), 1)"]
         return self._row_tile("_delta_tile", "corr", update,
                               "Row sums of P * (dP - D) of one tile, for the exact delta.")
@@ -203,7 +206,7 @@ class FusedGenerator:
             lines += ["sg = tl.sigmoid(s)", *(["p = tl.where(keep, sg, 0.0)"] if p else []),
                       "ds = tl.where(keep, dp * sg * (1.0 - sg), 0.0)"]
         else:
-            lines += [f"p = tl.where(keep, {self._p()}, 0.0)",
+            lines += [f"p = tl.where(keep, {_P}, 0.0)",
                       "ds = p * (dp - delta[:, None])"]
         if fs.score_mod is None:
             lines.append("dsr = ds")
@@ -215,13 +218,6 @@ class FusedGenerator:
         if self.additive:
             lines.append("dt = dsr[:, :, None] * w[None, None, :] * (1.0 - t * t)")
         return lines
-
-    @staticmethod
-    def _p() -> str:
-        """The softmax (and top-k) probability of a tile from the row's lse and its rounding
-        residual ``lse_lo``, so that rows whose scores all sit near the dtype's minimum
-        (additive padding masks) keep their 1/n weights."""
-        return "tl.exp((s - lse[:, None]) - lse_lo[:, None])"
 
     def _dk_dv(self) -> tuple[str, str]:
         dk = ("tl.sum(dt, 0)" if self.additive
@@ -307,9 +303,8 @@ class FusedGenerator:
         if fs.normalize != "sigmoid":
             lines += ["lse = tl.load(LSE + stat, mask=row_ok, other=0.0)",
                       f"lse = tl.where(lse == {_INF}, 0.0, lse)",
-                      "delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)"]
-        if fs.normalize != "sigmoid":
-            lines.append("lse_lo = tl.load(THR + stat, mask=row_ok, other=0.0)")
+                      "delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)",
+                      "lse_lo = tl.load(THR + stat, mask=row_ok, other=0.0)"]
         if fs.normalize == "topk":
             lines.append(f"thr = tl.load(THR + {_ROWS} + stat, mask=row_ok, other=0.0)")
         return lines
@@ -387,7 +382,7 @@ class FusedGenerator:
                      "mask=o_ok)",
                      f"lse = tl.where(l_i == 0.0, {_INF}, m_i + tl.log(l_safe))",
                      "tl.store(LSE + stat, lse, mask=row_ok)",
-                     # THR[0] keeps the rounding residual of lse (see _p)
+                     # THR[0] keeps the rounding residual of lse (see _P)
                      "lse_lo = tl.where(l_i == 0.0, 0.0, (m_i - lse) + tl.log(l_safe))",
                      "tl.store(THR + stat, lse_lo, mask=row_ok)"]
         return self._kernel("_fwd", "One query block of one (batch, head): out, lse (and the "

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import torch
 from torch import Tensor
@@ -43,6 +42,7 @@ from torch.library import wrap_triton
 
 from attncc.lowering.lowrank import linformer
 
+from . import interpreted
 from .runtime import FULL, TABLES, acc_dtype, features
 
 _OPS: dict = {}
@@ -104,7 +104,7 @@ class TritonOps:
         self.backward = torch.library.triton_op(f"{name}_backward", self._backward,
                                                 mutates_args=())
         self.backward.register_fake(self._backward_fake)
-        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        if interpreted():
             from torch._subclasses.functional_tensor import FunctionalTensorMode
 
             for operator in (self.forward, self.backward):
@@ -163,12 +163,9 @@ class FusedOps(TritonOps):
         b = q.shape[0] if "b" in self.varies else 1
         h = q.shape[1] if "h" in self.varies else 1
         n_q, n_k = -(-q.shape[2] // self.block_m), -(-(self.rank or k.shape[2]) // self.block_n)
-
-        def table(*shape):
-            return q.new_empty(shape, dtype=torch.int32)
-
-        return [table(b, h, n_q), table(b, h, n_q, n_k), table(b, h, n_q), table(b, h, n_q, n_k),
-                table(b, h, n_k), table(b, h, n_k, n_q), table(b, h, n_k), table(b, h, n_k, n_q)]
+        # TABLES' order: counts (b, h, rows), indices (b, h, rows, columns); full, then partial
+        return [q.new_empty((b, h, rows, cols)[:width], dtype=torch.int32)
+                for rows, cols in ((n_q, n_k), (n_k, n_q)) for _ in "fp" for width in (3, 4)]
 
     def _forward(self, q: Tensor, k: Tensor, v: Tensor, inputs: list[Tensor],
                  tables: list[Tensor], scale: float) -> tuple[Tensor, Tensor, Tensor]:

@@ -25,9 +25,9 @@ SIZES = ("batch", "heads", "kv_heads", "seq_q", "seq_k", "head_dim", "value_dim"
 FULL, PARTIAL = 2, 1
 
 
-def pow2(n: int, least: int = 16) -> int:
-    """The block size covering ``n`` (a power of two, at least ``least``)."""
-    return max(least, triton.next_power_of_2(int(n)))
+def pow2(n: int) -> int:
+    """The block size covering ``n`` (a power of two, at least 16)."""
+    return max(16, triton.next_power_of_2(int(n)))
 
 
 def acc_dtype(dtype) -> torch.dtype:
@@ -136,7 +136,7 @@ class Program:
         acc = acc_dtype(q.dtype)
         out = q.new_empty((*q.shape[:3], v.shape[3]))
         lse = torch.full(q.shape[:3], -math.inf, dtype=acc, device=q.device)
-        thr = lse.new_zeros((2, *lse.shape))  # lse's rounding residual, top-k threshold
+        thr = lse.new_zeros((2, *lse.shape))
         values = self._values(q, k, v, inputs, scale)
         values.update(OUT=out, LSE=lse, THR=thr, **_strides("so", out),
                       **_table_values(tables, False))
@@ -225,9 +225,7 @@ class Program:
         d_v = torch.empty((*phi_q.shape[:2], *v.shape[2:]), dtype=acc, device=v.device)
         self._linear("linear_bwd", phi_q, phi_k, v, wrap, DNUM=d_num.to(v.dtype).contiguous(),
                      DDEN=d_den.contiguous(), DPQ=d_pq, DPK=d_pk, DV=d_v)
-        group = heads // kv_heads
-        return (d_pq, d_pk.unflatten(1, (kv_heads, group)).sum(2),
-                d_v.unflatten(1, (kv_heads, group)).sum(2))
+        return d_pq, *(d.unflatten(1, (kv_heads, heads // kv_heads)).sum(2) for d in (d_pk, d_v))
 
     def denominator(self, phi_q, phi_k):
         """``den_i = Σ_j φq_i·φk_j`` (over ``j <= i`` when causal), ``(B, H, Nq)`` in the
