@@ -34,23 +34,17 @@ from .source import RUNTIME, RUNTIME_TEXT, generate
 CACHE_ENV = "ATTNCC_TRITON_CACHE"
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV) or os.path.join(tempfile.gettempdir(),
-                                                      f"attncc_triton_{os.getuid()}")
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def load_module(source: str):
     """Import ``source`` as a module from a file named by its hash (written once); its runtime
     import resolves to this plugin's ``runtime`` module (the same text, by the name's digest)."""
     sys.modules.setdefault(RUNTIME, runtime)
-    digest = hashlib.sha256(source.encode()).hexdigest()[:20]
-    name = f"attncc_triton_gen_{digest}"
+    name = f"attncc_triton_gen_{hashlib.sha256(source.encode()).hexdigest()[:20]}"
     if name in sys.modules:
         return sys.modules[name]
-    path = _cache_dir() / f"{name}.py"
+    folder = Path(os.environ.get(CACHE_ENV) or os.path.join(tempfile.gettempdir(),
+                                                            f"attncc_triton_{os.getuid()}"))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.py"
     if not path.exists() or path.read_text(encoding="utf-8") != source:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(source, encoding="utf-8")
