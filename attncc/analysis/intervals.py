@@ -77,8 +77,6 @@ _MONOTONE = {sympy.exp: np.exp, sympy.tanh: np.tanh, sympy.sign: np.sign,
              sigmoid: lambda x: logistic(x, np)}
 
 
-
-
 @dataclass(frozen=True)
 class Classified:
     """``states`` as ``classify`` returns them; ``overflow`` (bool, broadcasting like the states,
@@ -223,10 +221,7 @@ class _Intervals:
         sides = [s for s in (e.lhs, e.rhs) if _nan_source(s) or self.sized(s)[1] > INT_LIMIT]
         if not sides:
             return state
-        unknown = np.zeros((), dtype=bool)
-        for side in sides:
-            lo, hi = self.num(side)
-            unknown = unknown | _infinite(lo, hi)
+        unknown = functools.reduce(np.logical_or, [_infinite(*self.num(s)) for s in sides])
         return np.where(unknown, np.int8(MAYBE), state)
 
     def relation_of_difference(self, e: sympy.Rel):
@@ -415,10 +410,8 @@ class _Intervals:
             return self.ints(e, _magnitude(lo, hi) ** n, lambda: _power(lo, hi, n),
                              lambda: _power(*_floats([(lo, hi)])[0], n))
         lo_f, hi_f = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
-        if n.is_Integer:  # negative integer: monotone on each side of 0, undefined at 0
-            bad = (lo_f <= 0) & (hi_f >= 0)
-        else:
-            bad = lo_f < 0
+        # a negative integer power is monotone on each side of 0, undefined at 0
+        bad = ((lo_f <= 0) & (hi_f >= 0)) if n.is_Integer else lo_f < 0
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             a, c = np.power(lo_f, float(n)), np.power(hi_f, float(n))
         return _nan_where(bad, np.minimum(a, c), np.maximum(a, c))
@@ -445,12 +438,11 @@ class _Intervals:
         lo, hi = self.num(x)
         if m.is_Number and m != 0 and abs(float(m)) <= INT_LIMIT:
             exact = m.is_Integer and _is_int(lo) and _is_int(hi)
-            if not exact:
-                lo, hi = _widen(lo, hi)
             m_val = int(m) if m.is_Integer else float(m)
             if exact:
                 span = (0, m_val - 1) if m_val > 0 else (m_val + 1, 0)
             else:
+                lo, hi = _widen(lo, hi)
                 span = (0, m_val) if m_val > 0 else (m_val, 0)
             with np.errstate(invalid="ignore"):
                 whole = (lo // m_val) == (hi // m_val)

@@ -46,16 +46,12 @@ def feature_map(kind: str, x, omega=None):
         return xp.maximum(x, 0.0)
     if kind != "performer":
         raise ValueError(f"unknown feature map {kind!r}; expected one of {FEATURE_MAPS}")
-    xs, omega = _performer_inputs(xp, x, omega)
+    if omega is None:
+        raise ValueError("the performer feature map needs omega (features, head_dim)")
+    xs, omega = x * x.shape[-1] ** -0.25, xp.astype(omega, x.dtype, copy=False)
     projected = xs @ omega.mT
     norm = xp.sum(xs * xs, axis=-1, keepdims=True) / 2
     return xp.exp(projected - norm) / math.sqrt(omega.shape[0])
-
-
-def _performer_inputs(xp, x, omega):
-    if omega is None:
-        raise ValueError("the performer feature map needs omega (features, head_dim)")
-    return x * x.shape[-1] ** -0.25, xp.astype(omega, x.dtype, copy=False)
 
 
 def divide(num, den):

@@ -24,6 +24,7 @@ step is a pure function of its inputs, so torch autograd can differentiate throu
 from __future__ import annotations
 
 import math
+import operator
 from typing import NamedTuple
 
 import array_api_compat
@@ -62,13 +63,14 @@ class Rows(NamedTuple):
 
 
 class _State:
-    def __init__(self, lead: tuple, value_dim: int, like, inplace: bool, matmul=None):
+    def __init__(self, lead: tuple, value_dim: int, like, *, inplace: bool = False,
+                 matmul=None):
         self.xp = namespace(like)
         self.lead, self.value_dim, self.inplace = tuple(lead), value_dim, inplace
         self.dtype, self.device = like.dtype, array_api_compat.device(like)
         self.acc = None
         self._exp_ = _exp_inplace(self.xp)
-        self._matmul = matmul or _matmul
+        self._matmul = matmul or operator.matmul
 
     def _zeros(self, width: int):
         return self.xp.zeros((*self.lead, width), dtype=self.dtype, device=self.device)
@@ -77,10 +79,7 @@ class _State:
 class SoftmaxState(_State):
     """Online softmax (FlashAttention): running row max ``m``, row sum ``l``, accumulator."""
 
-    def __init__(self, lead: tuple, value_dim: int, like, *, inplace: bool = False,
-                 matmul=None):
-        super().__init__(lead, value_dim, like, inplace, matmul)
-        self.m = self.l_sum = None
+    m = l_sum = None  # until the first update
 
     def update(self, s, v, keep=None, *, owned: bool = False) -> None:
         """Fold in a tile; ``owned``: ``s`` is a fresh writable array the state may overwrite
@@ -128,7 +127,7 @@ class SigmoidState(_State):
 
     def __init__(self, lead: tuple, value_dim: int, like, *, inplace: bool = False,
                  matmul=None):
-        super().__init__(lead, value_dim, like, inplace, matmul)
+        super().__init__(lead, value_dim, like, inplace=inplace, matmul=matmul)
         self._sigmoid = sigmoid(self.xp)
 
     def update(self, s, v, keep=None, *, owned: bool = False) -> None:
@@ -202,10 +201,6 @@ def fold(node, lead: tuple, value_dim: int, like, tiles,
             keep = TopkThreshold.keeps(s, threshold, keep)
         state.update(s, v, keep, owned=owned)
     return state.finish(), threshold
-
-
-def _matmul(p, v):
-    return p @ v
 
 
 def _dropping(tiles):

@@ -90,10 +90,10 @@ def _flops(node, args) -> sympy.Expr:
     if isinstance(node, LinearAttention):
         (batch, heads, seq_q, head_dim), k, v = args[0], args[1], args[2]
         width = node.features if node.feature_map == "performer" else head_dim
-        state = 2 * width * (v[3] + 1)
-        total = batch * (k[1] * k[2] + heads * seq_q) * state
+        rows = batch * (k[1] * k[2] + heads * seq_q)  # keys into the state, queries out of it
+        total = rows * 2 * width * (v[3] + 1)
         if node.feature_map == "performer":
-            total += batch * (k[1] * k[2] + heads * seq_q) * 2 * width * head_dim
+            total += rows * 2 * width * head_dim
         return total
     if isinstance(node, Nystrom):
         (batch, heads, seq_q, head_dim), seq_k, value_dim = args[0], args[1][2], args[2][3]

@@ -410,8 +410,6 @@ class _Builder:
 
     def _reduction(self, node: ast.Call, gen):
         """``sum(body for d in range(N))``: a bounded sum over a new integer axis ``d``."""
-        if not self.scope.reductions:
-            self.fail(node, "sum(...) is allowed in score_mod only")
         shape = "sum(<expression> for <name> in range(<N>))"
         if not isinstance(gen, ast.GeneratorExp) or len(gen.generators) != 1:
             self.fail(node, f"expected {shape}")
@@ -435,8 +433,6 @@ class _Builder:
     def _dot(self, node: ast.Call):
         """``dot(x[i, ...], y[j, ...])``: the inner product over the trailing axis of two
         inputs, each read with one index fewer than its rank; the Sum of the generator form."""
-        if not self.scope.reductions:
-            self.fail(node, "dot(...) is allowed in score_mod only")
         reads, sizes = [], []
         for arg in node.args:
             root = arg
@@ -484,6 +480,8 @@ class _Builder:
             self.fail(node, f"{name}() takes {expected} argument(s), got {count}")
         if name == "where":
             return self._choose(node, self.condition(node.args[0]), node.args[1], node.args[2])
+        if name in ("sum", "dot") and not self.scope.reductions:
+            self.fail(node, f"{name}(...) is allowed in score_mod only")
         if name == "sum":
             return self._reduction(node, node.args[0])
         if name == "dot":

@@ -202,10 +202,8 @@ class _Evaluator:
     def power(self, e: sympy.Pow):
         base, exponent = self.value(e.base), e.exp
         if not exponent.is_Number:  # computed in floats: no integer power can wrap
-            base, power = self.value(e.base), self.value(exponent)
-            if _is_scalar(power):
-                return (base if _is_scalar(base) else _to_float(base, self.xp)) ** float(power)
-            power = _to_float(power, self.xp)
+            power = self.value(exponent)
+            power = float(power) if _is_scalar(power) else _to_float(power, self.xp)
             return (float(base) if _is_scalar(base) else _to_float(base, self.xp)) ** power
         if _is_scalar(base):
             return base ** (int(exponent) if exponent.is_Integer else float(exponent))
