@@ -83,17 +83,16 @@ class TorchBackend(Backend):
           is kept (a user may still ask for the tile loop): it is never faster there, and a
           record chosen by a noisy measurement must never replace the default with a slower
           path;
-        - where a fused torch kernel runs (``use_sdpa``: SDPA whole for dense/causal specs, the runs
-          path of ``runs.py`` on CPU), the flash knobs are unused, so they must hold their defaults
-          (and the blocks too under whole SDPA); one config per distinct kernel, not dozens of
-          identical ones. On CUDA a masked spec's ``use_sdpa`` would run the flash path anyway
-          and is dropped for the same reason;
+        - where a fused torch kernel runs (``use_sdpa``: SDPA whole for dense/causal specs, flex,
+          the runs path of ``runs.py`` on CPU), the flash knobs are unused, so they must hold
+          their defaults (and the blocks too under whole SDPA and flex): one config per distinct
+          kernel. On CUDA a masked spec's ``use_sdpa`` would run the flash path anyway and is
+          dropped for the same reason;
         - blocks no larger than the padded sequence; on the flash path, a key tile
-          (``block_n * kv_chunk``) of at least 256 keys (or the whole padded sequence) and at most
-          2048 (a spot sweep, sliding window at seq 1024 on CPU: 64-key tiles 3.4 ms against 2.9 ms
-          for 128-2048; wider tiles only cost memory). ``tile_elems`` bounds memory and has one
-          value (2^20-2^24 timed within noise of each other); ``group_blocks`` 1 ran up to 3x slower
-          than 4 and more in the same sweep and is not offered.
+          (``block_n * kv_chunk``) of at least 256 keys (or the whole padded sequence; narrower
+          ones ran slower on CPU) and at most 2048 (wider ones only cost memory).
+          ``tile_elems`` bounds memory and has one value; ``group_blocks`` 1 ran slower than 4
+          and more and is not offered.
         """
         node, kind = _node(graph)
         cuda = target is not None and getattr(target, "kind", "cpu") == "cuda"
@@ -179,10 +178,8 @@ NARROW = 64
 def narrow_band(node) -> bool:
     """Whether most query blocks of ``node``'s plan keep at most ``NARROW`` keys, probed at
     ``PROBE_SEQ`` in ``PROBE_BLOCK``-blocks from the mask alone (index-only masks; a mask that
-    reads inputs says no). There 32-blocks waste half the keys a 64-block band reads: A/B on
-    CPU, seq 2048 / 8192, 32x32 against 64x64 forward 0.67x / 0.78x (causal window 32), 0.83x
-    (Longformer window 16), while a window of 64 or more gained <= 9% forward and lost up to
-    17% forward+backward (more, smaller fused backward calls)."""
+    reads inputs says no): there 32-blocks read half the keys a 64-block band reads, while
+    wider windows lose more to smaller fused backward calls than they gain."""
     if node.mask is None:
         return False
     sizes = {"seq_q": PROBE_SEQ, "seq_k": PROBE_SEQ, "batch": 1, "heads": 1}

@@ -5,23 +5,20 @@ Paths, read from the fused node (``node.lowering``, the ``strategy`` pass) and t
 runs of key blocks, ``runs.py``, and their fused backward, ``runs_grad.py``), ``flex``
 (``flex.py``), ``decode`` (a few query rows in one pass, ``decode.py``), and the flash
 pattern over the block plan (``flash.py``; softmax, sigmoid, top-k, Linformer after its
-projection); LinearAttention and Nystrom run the shared recipes (``attncc.lowering``). Half
-types: the sdpa path takes q, k, v as given; bfloat16 on the runs path computes in bfloat16 in
-the fused CPU kernels where the CPU has bfloat16 matmuls (``runs.NATIVE_BF16``; float32
-accumulation inside them; mask and bias tiles, the log-sum-exp merge and the dq/dk/dv sums in
-float32); on CUDA (``mixed.MIXED_DEVICES``) float16 and bfloat16 stay in their dtype on the
-decode and tile-loop paths, whose products take half operands and return float32 (``mixed.py``);
-so do decoding steps on the CPU (``_precision``: an upcast would copy the whole KV cache per
-step, 3.9-4.9x SDPA's step, ``bench/results/half_cpu.md``); float16 on the CPU runs path
-(slower natively there, measured), the linear, Nystrom and Linformer recipes and every other
-path on the CPU compute in float32. Outputs return in the input dtype; autograd works through
-all of them (custom Functions for flash and runs, torch's own for the rest). Under
-``torch.compile``, ``traceable`` gives the sdpa path as plain torch ops (``traced.py``;
-``Kernel.traceable``).
+projection); LinearAttention and Nystrom run the shared recipes (``attncc.lowering``).
 
-``describe`` writes ``kernel.source``: every line is derived from the fused attention node (its
-fields, and ``node.lowering``: which paths serve it and why) and the config, the same values
-``TorchKernel`` dispatches on; the recipes' text is the shared one (``attncc.lowering``).
+Half types (``_precision``): the sdpa path takes q, k, v as given; on CUDA
+(``mixed.MIXED_DEVICES``) float16 and bfloat16 stay in their dtype on the decode and tile-loop
+paths, as half products with float32 results (``mixed.py``), and so do decoding steps on the CPU
+(an upcast would copy the whole KV cache per step, ``bench/results/half_cpu.md``); bfloat16 on
+the CPU runs path computes in bfloat16 inside the fused kernels where the CPU has bfloat16
+matmuls (``runs.NATIVE_BF16``); every other path computes in float32. Outputs return in the
+input dtype; autograd works through every path (custom Functions for flash and runs, torch's
+own for the rest). Under ``torch.compile``, ``traceable`` gives the sdpa path as plain torch ops
+(``traced.py``).
+
+``describe`` writes ``kernel.source`` from the fused node (its fields, and ``node.lowering``:
+which paths serve it and why) and the config, the same values ``TorchKernel`` dispatches on.
 """
 
 from __future__ import annotations
@@ -120,7 +117,9 @@ class TorchKernel(Kernel):
         k, v = call.k, call.v
         if self._projection:
             k, v = linformer(k, v, *(call.inputs[n] for n in self._projection))
-        if not return_lse and self._flex_ok(call):  # no runs path where flex serves
+        # flex (no runs path where it serves): no lse, no gradient (no CPU backward there)
+        if (not return_lse and self._flex is not None and self._flex.serves(call)
+                and not _wants_grad(call)):
             out = self._flex(call)
             if out is not None:
                 return out.to(call.dtype)
@@ -171,8 +170,7 @@ class TorchKernel(Kernel):
         """Whether a call takes the sdpa path (one ``scaled_dot_product_attention``, ``_whole``):
         the node's lowering allows it, ``use_sdpa``, no ``return_lse``, and under a bottom-right
         causal mask ``seq_q <= seq_k`` (a longer query has rows that see no key; False there
-        where q or k is not 4-D, the prologue says why). Both ``__call__`` and ``traceable``
-        ask it."""
+        where q or k is not 4-D, the prologue says why)."""
         if not self._sdpa or return_lse:
             return False
         if not self._bottom_right:
@@ -246,20 +244,12 @@ class TorchKernel(Kernel):
     def _runs_ok(self, call) -> bool:
         """Whether the fused-runs path (``runs.py``) serves this call: the node's lowering
         allows it, ``use_sdpa`` asks for it, CPU tensors, equal q/v head sizes, and no floating
-        input that needs a gradient (a learnable bias: the tile loop's exact gradient); q, k, v
-        train through the fused CPU backward (``runs_grad.py``). Grouped-query heads read their
-        kv heads' slices, no copy."""
+        input that needs a gradient (a learnable bias: the tile loop's exact gradient)."""
         q, v = call.q, call.v
         if not self._runs or q.device.type != "cpu" or v.shape[-1] != q.shape[-1]:
             return False
         return not (torch.is_grad_enabled() and any(
             x.requires_grad for x in call.inputs.values() if x.is_floating_point()))
-
-    def _flex_ok(self, call) -> bool:
-        """Whether the flex path (``flex.py``) serves this call: a runner (the node's lowering
-        allows it, ``use_sdpa`` asks for fused kernels, its expressions print), no gradient
-        wanted (FlexAttention has no CPU backward), and a call shape the runner takes."""
-        return self._flex is not None and self._flex.serves(call) and not _wants_grad(call)
 
     def _derive(self, plan, key, build):
         """``build()``, cached with ``plan`` (dropped when the plan is): schedules, runners."""

@@ -8,14 +8,11 @@ overlapping zero-copy ``as_strided`` windows; a run every block reads whole, and
 triangle (``is_causal``), take the segment's rows as one tall block instead. Several runs merge
 by their log-sum-exps (a lone block with several runs concatenates them instead). The mask
 enters as an additive 0/-inf tile only for runs that touch a PARTIAL block, built once per plan
-(per input content for masks that read inputs).
+(per input content for masks that read inputs); an additive score_mod joins it (``RunsForward``).
 
 Few, large calls matter beyond their Python overhead: each call is an OpenMP parallel region,
-and on a loaded machine every region waits for descheduled threads (per-block calls were 5-25x
-slower than one call per segment under load). Used where the fused node's ``lowering`` allows
-the ``runs`` path; an additive score_mod enters the same float masks (``RunsForward``).
-Differentiable in q, k and v through torch's fused CPU flash backward, one call per forward call
-(``runs_grad.py``).
+and on a loaded machine every region waits for descheduled threads. Differentiable in q, k and v
+through torch's fused CPU flash backward, one call per forward call (``runs_grad.py``).
 """
 
 from __future__ import annotations
@@ -43,11 +40,10 @@ from .segments import Run, build_segments, calls, causal_squares, run_env, run_m
 
 NEG_INF = float("-inf")
 #: Keys per fused call below which torch's bfloat16 CPU flash backward is slower than float32
-#: (single thread, 64-row blocks: 1.6x at 128 keys, 0.9x at 320, 0.8x at 2048; its forward is
-#: 0.4-0.7x float32's at every size).
+#: (its forward is faster at every size).
 SHORT_KEYS = 320
 #: Whether this CPU has native bfloat16 matmuls (AVX512-BF16 or AMX), which the bfloat16 fused
-#: kernels need to beat float32 (measured with both; on AVX2 alone they convert in software).
+#: kernels need to beat float32 (on AVX2 alone they convert in software).
 NATIVE_BF16 = any(getattr(torch.cpu, f"_is_{isa}_supported", lambda: False)()
                   for isa in ("avx512_bf16", "amx_tile"))
 
@@ -92,34 +88,27 @@ class RunsForward:
         self.bias = bias
         self._per_call = bias is not None and bool(bias.atoms(sympy.Indexed))
         self._per_batch = bias is not None and b in bias.free_symbols
-        # key-form mask terms and bias, at most a top-left causal term beside them: one call
-        # over all keys (is_causal skips the blocks above the diagonal), the key terms a
-        # (B|1, H|1, 1, Nk) tile, stride 0 over the rows
+        # one call over all keys (whole_call), the key terms a tile of stride 0 over the rows
         self.whole = self.offsets is None and whole
         causal, keys = _terms(self.mask)
         self.causal = bool(causal)
         self.key_mask = sympy.And(*keys) if keys else None
 
-    def _mask(self, i: int, j: int, dtype, device):
-        """The mask and dead rows of call ``j`` of segment ``i``; (None, None) when none of its
-        runs touches a PARTIAL block."""
-        key = (i, j, dtype, str(device))
-        if key not in self._masks:
-            call = self.calls[i][j]
-            self._masks[key] = (None, None) if not any(r.masked for r in call.runs) else run_mask(
-                self.mask, call.seg, call.runs, self.sizes, self.inputs, dtype, device)
-        return self._masks[key]
-
     def _tile(self, i: int, j: int, batch: int, inputs: dict, dtype, device):
         """``(float mask or None, dead rows or None, lossy)`` of call ``j`` of segment ``i`` for
-        batch entry ``batch``: the mask tile plus the bias tile (see the class docstring);
-        ``lossy`` where the bias reaches ``runs_grad.LOSSY_BIAS``."""
-        mask, dead = self._mask(i, j, dtype, device)
+        batch entry ``batch``: the mask tile (None where no run of the call touches a PARTIAL
+        block) plus the bias tile (see the class docstring); ``lossy`` where the bias reaches
+        ``runs_grad.LOSSY_BIAS``."""
+        call = self.calls[i][j]
+        key = (i, j, dtype, str(device))
+        if key not in self._masks:
+            self._masks[key] = (None, None) if not any(r.masked for r in call.runs) else run_mask(
+                self.mask, call.seg, call.runs, self.sizes, self.inputs, dtype, device)
+        mask, dead = self._masks[key]
         if self.bias is None:
             return mask, dead, False
         key = ("bias", i, j, batch if self._per_batch else 0, dtype, str(device))
         if self._per_call or key not in self._masks:
-            call = self.calls[i][j]
             seg = call.seg
             env, length = run_env(seg, call.runs, batch, self.sizes, inputs, device)
             bias = torch.as_tensor(evaluate(self.bias, env, xp), dtype=dtype, device=device)
@@ -132,12 +121,11 @@ class RunsForward:
     def __call__(self, q, k, v, scale: float, inputs: dict | None = None):
         """``(out (B, H, Nq, D), lse (B, H, Nq))`` for ``q (B, H, Nq, D)``, ``k``/``v``
         ``(B, Hkv, Nk, D)`` on CPU, all one floating dtype (bfloat16 computes in bfloat16 in
-        the fused kernels; out and lse merge in ``accumulation(dtype)``, float32, and a whole
-        call's out stays bfloat16); the mask's inputs are those the
-        runner was built with, a bias's those of ``inputs`` (default: the same).
-        Differentiable in q, k, v (``runs_grad``). None where the fused backward would train
-        wrongly (``runs_grad.lossy``): the caller takes the tile loop. The fused kernels assume
-        unit stride in the head dimension: a tensor without it is copied first."""
+        the fused kernels, out and lse merge in ``accumulation(dtype)``; a whole call's out
+        stays bfloat16); the mask's inputs are those the runner was built with, a bias's those
+        of ``inputs`` (default: the same). Differentiable in q, k, v (``runs_grad``). None
+        where the fused backward would train wrongly (``runs_grad.lossy``): the caller takes
+        the tile loop. A tensor without unit stride in the head dimension is copied first."""
         inputs = self.inputs if inputs is None else inputs
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
@@ -165,9 +153,8 @@ class RunsForward:
         """Per segment and batch entry, ``(segment, batch, kv heads, calls)``; ``calls`` yields,
         lazily, ``(call, keys, values, float mask or None, dead rows or None, lossy)`` of each
         fused call (``segments.Call``; keys and values ``(count, nhk, length, D)`` zero-copy
-        windows, count that of the call's rows). The kv heads
-        are those of the segment's query heads (whole groups, or one head): the fused kernel
-        takes fewer kv heads than query heads, so K/V are never copied per query head."""
+        windows of the kv heads of the segment's query heads: K/V are never copied per query
+        head)."""
         group = self.sizes["heads"] // self.sizes["kv_heads"]
         for i, seg in enumerate(self.segments):
             hk = slice(seg.hq0 // group, (seg.hq0 + seg.nhq - 1) // group + 1)
@@ -288,16 +275,12 @@ def _whole_env(sizes: dict, inputs: dict, nb: int, nh: int, rows=None, keys=None
 
 
 def _keys(x, runs: tuple[Run, ...], count: int):
-    """The keys ``(count, H, length, D)`` of one call from ``x (H, N, D)``: one run's windows,
-    or several runs of a lone block side by side."""
-    if len(runs) == 1:
-        return _windows(x, runs[0], count)
-    return torch.cat([x[:, r.start:r.start + r.length] for r in runs], dim=1)[None]
-
-
-def _windows(x, run: Run, count: int):
-    """``(count, H, length, D)`` overlapping views of ``x (H, N, D)``: window ``i`` starts at
-    key ``run.start + i * run.stride``. No copy."""
+    """The keys ``(count, H, length, D)`` of one call from ``x (H, N, D)``: several runs of a
+    lone block side by side, or one run's overlapping windows, window ``i`` starting at key
+    ``run.start + i * run.stride`` (views, no copy)."""
+    if len(runs) > 1:
+        return torch.cat([x[:, r.start:r.start + r.length] for r in runs], dim=1)[None]
+    run = runs[0]
     sh, sn, sd = x.stride()
     return x.as_strided((count, x.shape[0], run.length, x.shape[2]),
                         (run.stride * sn, sh, sn, sd), x.storage_offset() + run.start * sn)
