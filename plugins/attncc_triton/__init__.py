@@ -72,7 +72,7 @@ class TritonBackend(Backend):
             import triton  # noqa: F401
         except ImportError as err:
             return Support(False, f"triton backend needs torch and triton installed ({err})")
-        kind = getattr(target, "kind", "cpu") if target is not None else "cpu"
+        kind = getattr(target, "kind", "cpu")
         if kind == "cuda" and not torch.cuda.is_available():
             return Support(False, "torch sees no CUDA device here; use a cpu target")
         if kind == "cpu" and interpreter_problem():

@@ -33,6 +33,8 @@ from attncc.spec.symbols import (
     sigmoid,
 )
 
+from .runtime import pow2
+
 _BINARY = {sympy.StrictLessThan: "<", sympy.LessThan: "<=", sympy.StrictGreaterThan: ">",
            sympy.GreaterThan: ">=", sympy.Equality: "==", sympy.Unequality: "!=", BitAnd: "&",
            BitOr: "|", BitXor: "^", LeftShift: "<<", RightShift: ">>"}
@@ -134,7 +136,7 @@ class TritonPrinter:
         product (``contraction``), else the body on a third axis summed by ``tl.sum``."""
         n = len(self.lines)
         axis, count = e.limits[0][0], int(e.limits[0][2]) + 1
-        size = max(16, 1 << (count - 1).bit_length())
+        size = pow2(count)
         split = contraction(e)
         if split is not None:
             a, b, rest = split
@@ -156,7 +158,7 @@ class TritonPrinter:
         kept): ``tl.dot`` of it with the other tile of a contraction, else over a third axis."""
         name, n = str(atom.base.label), len(self.lines)
         axis, count = total.limits[0][0], int(total.limits[0][2]) + 1
-        size = max(16, 1 << (count - 1).bit_length())
+        size = pow2(count)
         split = contraction(total)
         if split is not None and atom in split[:2]:
             a, b, rest = split

@@ -19,6 +19,8 @@ from __future__ import annotations
 from attncc.backends.base import SearchSpace
 from attncc.errors import BackendError
 
+from .runtime import pow2
+
 BLOCKS = (16, 32, 64, 128)
 WARPS = (1, 2, 4, 8)
 STAGES = (1, 2, 3, 4)
@@ -46,10 +48,6 @@ def elem_bytes(dtype) -> int:
     return ELEM_BYTES[name]
 
 
-def _pow2(n: int) -> int:
-    return max(16, 1 << (max(1, int(n)) - 1).bit_length())
-
-
 def estimate(config: dict, spec, head_dim: int, value_dim: int, elem_bytes: int = 2):
     """``(shared memory bytes, 32-bit register words per thread)`` of a fused config: the most
     any of its three kernels (forward, dq, dk/dv) needs, at ``elem_bytes`` per element.
@@ -63,7 +61,7 @@ def estimate(config: dict, spec, head_dim: int, value_dim: int, elem_bytes: int 
     ``block_m x block_n x d`` tensor (twice, with its gradient), top-k a sort buffer of
     ``2 x block_m x block_n``."""
     bm, bn = config.get("block_m", 64), config.get("block_n", 64)
-    d, dv = _pow2(head_dim), _pow2(value_dim)
+    d, dv = pow2(head_dim), pow2(value_dim)
     smem = elem_bytes * ((bm + bn) * (d + dv) + bm * bn) + SMEM_SLACK
     acc_words = 2 if elem_bytes == 8 else 1
     acc = bn * (d + dv) + 4 * bm * bn
@@ -82,7 +80,7 @@ def linear_smem(config: dict, feats: int, value_dim: int, elem_bytes: int = 2) -
     (φq, φk of ``chunk x F``; v, ∂L/∂num of ``chunk x Dv``: the backward stages all four) and
     the chunk's ``a`` / ``dA`` tile (``chunk x chunk``), F and Dv rounded up to powers of two."""
     c = config.get("chunk", 64)
-    f, dv = _pow2(feats), _pow2(value_dim)
+    f, dv = pow2(feats), pow2(value_dim)
     return elem_bytes * (f * dv + c * (2 * f + 2 * dv) + c * c) + SMEM_SLACK
 
 
