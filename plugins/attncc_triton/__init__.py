@@ -30,11 +30,7 @@ def _kind(graph) -> tuple[str, object]:
         _, node = attention_node(graph)
     except ValueError as err:
         raise BackendError(f"triton backend: {err}") from None
-    if isinstance(node, LinearAttention):
-        return "linear", node
-    if isinstance(node, Nystrom):
-        return "nystrom", node
-    return "fused", node
+    return {LinearAttention: "linear", Nystrom: "nystrom"}.get(type(node), "fused"), node
 
 
 def interpreted() -> bool:

@@ -1,12 +1,12 @@
 """Host side of the generated Triton modules: launches, autograd, the standalone entry point.
 
 A generated module imports this file as a sibling module (``attncc compile --backend triton -o
-DIR`` writes both; attncc registers this very module under the name the generated one imports),
-so it needs only torch and triton and imports nothing from attncc. The module builds one
-``Program(SPEC, CONFIG, kernels)``; attncc's Triton plugin calls its launches (``forward``,
-``backward``, ``linear``, ``linear_backward``, each through an optional ``wrap``, which
-``torch.library.triton_op`` bodies set to ``wrap_triton``) with the block plan's tables from
-``attncc.plan``. ``attention`` is the standalone entry point.
+DIR`` writes both, this one through ``Kernel.companions``; in process attncc registers this very
+module under the name the generated one imports), so it needs only torch and triton and imports
+nothing from attncc. The module builds one ``Program(SPEC, CONFIG, kernels)``; attncc's Triton
+plugin calls its launches (``forward``, ``backward``, ``linear``, ``linear_backward``, each
+through an optional ``wrap``, which ``torch.library.triton_op`` bodies set to ``wrap_triton``)
+with the block plan's tables from ``attncc.plan``. ``attention`` is the standalone entry point.
 
 Kernels are launched by keyword with the names their signature has: a generated kernel takes only
 the arguments its body reads. Plan tables are a dict of int32 tensors: per query block ``fc``,

@@ -1,10 +1,8 @@
 """Assembling the generated module: docstring and glossary, SPEC/CONFIG, kernels, entry point.
 
 The text is a Python module that needs only torch, triton and its host runtime, ``runtime.py``,
-which it imports as the sibling module ``RUNTIME`` (named by the runtime's content digest, so a
-module and its runtime always match). ``attncc compile --backend triton -o DIR`` writes both
-files (the runtime through ``Kernel.companions``); in process, the plugin registers its own
-``runtime`` module under that name before importing the generated one.
+which it imports as the sibling module ``RUNTIME``, named by the runtime's content digest so that
+a module and its runtime always match (``runtime``'s docstring says how each file is found).
 """
 
 from __future__ import annotations
