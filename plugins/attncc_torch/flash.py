@@ -1,15 +1,13 @@
 """The flash pattern over the block plan: forward with an online softmax, recomputing backward.
 
-Tensors arrive padded, block-major and laid out for GQA without copies: query rows
-``q6 (nQ, B, Hkv, group, bm, D)``, keys and values ``(nK, B, Hkv, bn, D)`` (one block per index
-of dim 0, which ``index_select`` copies fast). The forward folds each step's tiles into the shared
-per-row states (``attncc.lowering.states.fold``: online softmax, sigmoid sum, top-k's two passes).
-Saved for backward: q, k, v, out and per-row statistics (row max, 1/sum, top-k threshold) —
-never an N×N matrix. The backward recomputes each tile (FlashAttention-2:
-``dS = P ∘ (dP − D)``, with ``D = rowsum(P ∘ dP)`` recomputed exactly rather than taken from
-``rowsum(dO ∘ O)``, see ``_exact_delta``) and differentiates the tile's own scores with
-``torch.autograd.grad`` on the tile, which also yields the gradients of score_mod inputs and of
-the memory tokens. ``FlashAttention`` (a ``torch.autograd.Function``) ties the two together.
+The forward folds each step's tiles into the shared per-row states
+(``attncc.lowering.states.fold``: online softmax, sigmoid sum, top-k's two passes). Saved for
+backward: q, k, v, out and per-row statistics (row max, 1/sum, top-k threshold) — never an N×N
+matrix. The backward recomputes each tile (FlashAttention-2: ``dS = P ∘ (dP − D)``, with
+``D = rowsum(P ∘ dP)`` recomputed exactly rather than taken from ``rowsum(dO ∘ O)``, see
+``_exact_delta``), then dq, dk and the gradients of score_mod inputs and memory tokens as
+explicit products or by ``torch.autograd.grad`` on the tile's scores (``backward``).
+``FlashAttention`` (a ``torch.autograd.Function``) ties the two together.
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 Where the device has fast half matmuls (``MIXED_DEVICES``: CUDA), float16 and bfloat16 calls keep
 q, k and v in their own dtype instead of upcasting them: every product of the tile loop and of
-the dense decoding pass takes half operands and returns float32 (``bmm(..., out_dtype=float32)``
-where the device has it, else the half product upcast), while the scores after the product,
-score_mod, mask, the softmax states, the accumulators and the gradient sums stay float32
-(FlashAttention's recipe). Elsewhere half types compute in float32 (``attncc.lowering.prologue``).
+the dense decoding pass takes half operands and returns float32 (``Mixed``), while the scores
+after the product, score_mod, mask, the softmax states, the accumulators and the gradient sums
+stay float32 (FlashAttention's recipe). Elsewhere half types compute in float32
+(``attncc.lowering.prologue``).
 """
 
 from __future__ import annotations

@@ -118,15 +118,14 @@ class RunsForward:
         tile, low = self._masks[key]
         return tile, dead, low
 
-    def __call__(self, q, k, v, scale: float, inputs: dict | None = None):
+    def __call__(self, q, k, v, scale: float, inputs: dict):
         """``(out (B, H, Nq, D), lse (B, H, Nq))`` for ``q (B, H, Nq, D)``, ``k``/``v``
         ``(B, Hkv, Nk, D)`` on CPU, all one floating dtype (bfloat16 computes in bfloat16 in
         the fused kernels, out and lse merge in ``accumulation(dtype)``; a whole call's out
         stays bfloat16); the mask's inputs are those the runner was built with, a bias's those
-        of ``inputs`` (default: the same). Differentiable in q, k, v (``runs_grad``). None
+        of ``inputs``. Differentiable in q, k, v (``runs_grad``). None
         where the fused backward would train wrongly (``runs_grad.lossy``): the caller takes
         the tile loop. A tensor without unit stride in the head dimension is copied first."""
-        inputs = self.inputs if inputs is None else inputs
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
         if self.whole:

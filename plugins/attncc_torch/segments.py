@@ -14,7 +14,7 @@ tile of a call's runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import array_api_compat.torch as xp
 import numpy as np
@@ -44,10 +44,7 @@ class Run:
 @dataclass(frozen=True)
 class Segment:
     """``count`` query blocks of ``rows`` rows each, from row ``r0``, of batch ``b0:b0+nb`` and
-    query heads ``hq0:hq0+nhq``: block ``i`` reads, for every run, that run's ``i``-th window.
-
-    One fused call per run serves the whole segment: the blocks become the batch axis of
-    overlapping zero-copy ``as_strided`` windows of q, k and v."""
+    query heads ``hq0:hq0+nhq``: block ``i`` reads, for every run, that run's ``i``-th window."""
 
     b0: int
     nb: int
@@ -188,8 +185,7 @@ def _triangles(seg: Segment, states, bn: int, tril) -> list[Segment]:
                 rect = states[m0 + s:m0 + e, r.start // bn:edge]
                 runs.append(Run(r.start, edge * bn - r.start, 0, bool((rect == PARTIAL).any())))
             runs.append(Run(edge * bn, rows, 0, False, rows))
-        out.append(Segment(part.b0, part.nb, part.hq0, part.nhq, part.r0, rows, part.count,
-                           tuple(runs)))
+        out.append(replace(part, runs=tuple(runs)))
         s = e
     return out
 
