@@ -43,8 +43,11 @@ def _kind(values: tuple) -> tuple[str, object]:
     return "categorical", tuple(values)
 
 
-def _param(name: str, kind: str) -> str:
-    return {"log2": f"log2_{name}", "index": f"{name}_index"}.get(kind, name)
+def _params(space: SearchSpace):
+    """``(tunable, kind, info, trial parameter name)`` per tunable of ``space`` (``_kind``)."""
+    for name, values in space.params.items():
+        kind, info = _kind(values)
+        yield name, kind, info, {"log2": f"log2_{name}", "index": f"{name}_index"}.get(kind, name)
 
 
 def _value(kind: str, info, param):
@@ -60,9 +63,7 @@ def suggest(trial: optuna.Trial, space: SearchSpace, base: dict) -> dict:
     Raises ``optuna.TrialPruned`` when ``space.keep`` rejects it (see the module docstring).
     """
     config = dict(base)
-    for name, values in space.params.items():
-        kind, info = _kind(values)
-        key = _param(name, kind)
+    for name, kind, info, key in _params(space):
         if kind == "log2":
             param = trial.suggest_int(key, info[0], info[1], step=info[2])
         elif kind == "index":
@@ -79,23 +80,18 @@ def suggest(trial: optuna.Trial, space: SearchSpace, base: dict) -> dict:
 def encode(space: SearchSpace, config: dict) -> dict:
     """Trial params for the tunables in ``config`` (values must be listed in the space)."""
     params = {}
-    for name, values in space.params.items():
+    for name, kind, info, key in _params(space):
         if name in config:
-            kind, info = _kind(values)
             value = config[name]
-            params[_param(name, kind)] = (int(math.log2(value)) if kind == "log2" else
-                                          info.index(value) if kind == "index" else value)
+            params[key] = (int(math.log2(value)) if kind == "log2" else
+                           info.index(value) if kind == "index" else value)
     return params
 
 
 def decode(space: SearchSpace, params: dict) -> dict:
     """The tunable values that trial ``params`` stand for (inverse of ``encode``)."""
-    config = {}
-    for name, values in space.params.items():
-        kind, info = _kind(values)
-        if _param(name, kind) in params:
-            config[name] = _value(kind, info, params[_param(name, kind)])
-    return config
+    return {name: _value(kind, info, params[key]) for name, kind, info, key in _params(space)
+            if key in params}
 
 
 def signature(config: dict) -> tuple:

@@ -89,7 +89,7 @@ class Problem:
 
         self.spec, self.backend, self.target = spec, backend, target
         self.batch, self.seq_q, self.seq_k, self.dtype = batch, seq_q, seq_k, dtype
-        self.heads, self.hints, self.checked, self.wrong = heads, list(hints), set(), []
+        self.heads, self.hints, self.checked = heads, list(hints), set()
         self.graph = lower(spec)
         self.graph.graph["sizes"] = {"batch": batch, "seq_q": seq_q, "seq_k": seq_k}
         self.graph.graph["dtype"] = dtype
@@ -163,7 +163,6 @@ class Problem:
         except Exception as err:  # any failing config scores inf; the tune goes on
             trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:500])
             if isinstance(err, WrongOutputError):
-                self.wrong.append(config)
                 trial.set_user_attr("wrong", True)
                 warnings.warn(f"attncc tune: config {tunables(self.space, config)} of backend "
                               f"'{self.backend.name}' scored inf: {err}", stacklevel=2)
