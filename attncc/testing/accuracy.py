@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import array_api_compat
 import numpy as np
 
+from attncc.lowering.prologue import dtype_name
 from attncc.reference import attend, reference
 from attncc.spec.load import load_spec
 
@@ -164,13 +165,11 @@ def check_kernel(kernel, spec, q, k, v, inputs: dict | None = None, *, grads: bo
     """
     spec = load_spec(spec)
     inputs = dict(inputs or {})
-    dtype = _dtype_name(q)
+    dtype = dtype_name(q.dtype)
     has_lse = spec.normalize in ("softmax", "topk") and not (
         spec.lowrank is not None and spec.lowrank.method == "nystrom")
-    notes = []
     ref = reference(spec, q, k, v, return_lse=has_lse, **inputs)
     eager, eager_dtype, factor, note = yardstick(spec, q, k, v, inputs, has_lse)
-    notes += [note] if note else []
     got = kernel(q, k, v, return_lse=has_lse, **inputs)
     yard = {"eager_dtype": eager_dtype, "eager_factor": factor}
     if has_lse:
@@ -186,7 +185,7 @@ def check_kernel(kernel, spec, q, k, v, inputs: dict | None = None, *, grads: bo
              "seq_q": q.shape[2], "seq_k": k.shape[2], "head_dim": q.shape[3],
              "value_dim": v.shape[3]}
     return Report(spec.name, getattr(kernel, "backend", type(kernel).__name__), dtype, sizes,
-                  tuple(checks), tuple(notes))
+                  tuple(checks), (note,) if note else ())
 
 
 def gradient_checks(kernel, spec, q, k, v, inputs: dict, dtype: str, seed: int) -> list[Check]:
@@ -232,11 +231,11 @@ def yardstick(spec, q, k, v, inputs: dict, return_lse: bool):
     float64 inputs run eagerly in float32 with factor ``FLOAT64_FROM_FLOAT32`` (see the module
     docstring); other dtypes run in their own dtype (``eager_attend``) with factor 1.
     """
-    if _dtype_name(q) == "float64":
+    if dtype_name(q.dtype) == "float64":
         result = attend(spec, *_float32(spec, q, k, v, inputs), return_lse=return_lse)
         return result, "float32", FLOAT64_FROM_FLOAT32, None
     result, note = eager_attend(spec, q, k, v, inputs, return_lse)
-    return result, ("float32" if note else _dtype_name(q)), 1.0, note
+    return result, ("float32" if note else dtype_name(q.dtype)), 1.0, note
 
 
 def eager_attend(spec, q, k, v, inputs: dict, return_lse: bool):
@@ -245,7 +244,7 @@ def eager_attend(spec, q, k, v, inputs: dict, return_lse: bool):
     try:
         return attend(spec, q, k, v, inputs, return_lse=return_lse), None
     except (TypeError, RuntimeError, NotImplementedError) as err:
-        note = (f"eager {_dtype_name(q)} failed ({type(err).__name__}: {str(err)[:80]}); "
+        note = (f"eager {dtype_name(q.dtype)} failed ({type(err).__name__}: {str(err)[:80]}); "
                 "eager error measured in float32")
         return attend(spec, *_float32(spec, q, k, v, inputs), return_lse=return_lse), note
 
@@ -256,10 +255,6 @@ def _float32(spec, q, k, v, inputs: dict) -> tuple:
     ins = {n: (xp.astype(x, xp.float32) if spec.inputs[n].is_float else x)
            for n, x in inputs.items()}
     return (*(xp.astype(x, xp.float32) for x in (q, k, v)), ins)
-
-
-def _dtype_name(x) -> str:
-    return str(x.dtype).removeprefix("torch.")
 
 
 def _numpy64(x) -> np.ndarray:

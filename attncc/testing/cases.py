@@ -126,10 +126,12 @@ def run_case(case: Case, *, refusals: str = "skip") -> Report:
 def _compile(case: Case, spec, refusals: str):
     from attncc.backends import registry
     from attncc.passes.pipeline import lower
+    from attncc.target import Target
 
     backend = registry.get(case.backend)
     graph = lower(spec)
-    target = _target(case)
+    device = str(case.device or "cpu")
+    target = Target.detect(device if device.startswith("cuda") else "cpu")
     support = backend.supports(graph, target)
     if not support:
         reason = f"backend '{case.backend}' does not support '{spec.name}': {support.reason}"
@@ -147,13 +149,6 @@ def _compile(case: Case, spec, refusals: str):
 
 def _tile_area(config: dict) -> int:
     return math.prod(value if isinstance(value, int) else 1 for value in config.values())
-
-
-def _target(case: Case):
-    from attncc.target import Target
-
-    device = str(case.device or "cpu")
-    return Target.detect(device if device.startswith("cuda") else "cpu")
 
 
 def _skip(reason: str):
