@@ -76,16 +76,15 @@ def read_npz(path: str, spec) -> dict[str, np.ndarray]:
             arrays = {name: data[name] for name in data.files}
     except (zipfile.BadZipFile, ValueError, EOFError, OSError) as err:
         raise InputError(f"{path}: not a readable .npz of arrays ({err})") from None
+    expected = ", ".join(["q", "k", "v", *spec.inputs])
     missing = [name for name in ("q", "k", "v") if name not in arrays]
     if missing:
-        raise InputError(f"{path}: missing array(s) {', '.join(missing)}; expected q, k, v"
-                         + "".join(f", {n}" for n in spec.inputs) + f"; found "
-                         f"{', '.join(arrays) or 'none'}")
+        raise InputError(f"{path}: missing array(s) {', '.join(missing)}; expected {expected}; "
+                         f"found {', '.join(arrays) or 'none'}")
     unknown = sorted(set(arrays) - {"q", "k", "v"} - set(spec.inputs))
     if unknown:
         raise InputError(f"{path}: array '{unknown[0]}' is not an input of spec "
-                         f"'{spec.name}'; its inputs are q, k, v"
-                         + "".join(f", {n}" for n in spec.inputs))
+                         f"'{spec.name}'; its inputs are {expected}")
     return arrays
 
 

@@ -41,8 +41,9 @@ def show(spec: str, batch: int, seq: int, seq_k: int | None, heads: int | None,
     click.echo("\n== IR ==")
     click.echo(print_graph(graph), nl=False)
     click.echo(f"\n== lowering of the {node.op_name} node (strategy pass) ==")
-    for line in lowering_lines(node.lowering):
-        click.echo(line)
+    width = max(len(p.name) for p in node.lowering.paths)
+    for p in node.lowering.paths:
+        click.echo(f"{p.name:<{width}}  {'yes' if p.ok else 'no ':<3}  {p.why}")
     click.echo(f"\n== block plan (block_m={block_m}, block_n={block_n}) ==")
     if plan is None:
         click.echo(f"block density: n/a ({node.op_name} has no block plan; it lowers by the "
@@ -78,12 +79,6 @@ def lowered_plan(spec, sizes: dict[str, int], block_m: int, block_n: int, seed: 
         return graph, node, None, None
     data = plan_inputs(spec, node, sizes, seed)
     return graph, node, build_plan(node, sizes, block_m, block_n, data), data
-
-
-def lowering_lines(lowering) -> list[str]:
-    """One line per lowering path: its name, yes or no, and why."""
-    width = max(len(p.name) for p in lowering.paths)
-    return [f"{p.name:<{width}}  {'yes' if p.ok else 'no ':<3}  {p.why}" for p in lowering.paths]
 
 
 def plan_summary(plan, random_data: bool, seed: int) -> list[str]:

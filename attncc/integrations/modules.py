@@ -84,9 +84,7 @@ class MultiheadAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim, **kw)
         self._owned = own_inputs(self, self.spec, params, device)
         # every mask combination is compiled now, so forward never compiles (no graph break)
-        self._ops = {(pad, dense): op(_with_masks(self.spec, [m for m, on in ((_PAD, pad),
-                                                                               (_DENSE, dense))
-                                                               if on]),
+        self._ops = {(pad, dense): op(_with_masks(self.spec, [_PAD] * pad + [_DENSE] * dense),
                                       backend=backend, config=config)
                      for pad in (False, True) for dense in (False, True)}
 

@@ -222,10 +222,7 @@ def record_stats(stats=("entropy", "mean_distance"), name: str = "attncc"):
     (``attncc.lowering.requests``), appended to ``rec.layers``; no attention map is built."""
     from transformers import AttentionInterface
 
-    try:
-        function = AttentionInterface()[name]
-    except KeyError:
-        function = None
+    function = AttentionInterface().get(name)
     if not hasattr(function, "recorder"):
         raise InputError(f"record_stats: '{name}' is not an attncc attention; call "
                          f"attncc.integrations.transformers.register({name!r}) first")
