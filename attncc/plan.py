@@ -33,7 +33,7 @@ import sympy
 from attncc.analysis.intervals import INT_LIMIT, classify_checked, interval
 from attncc.analysis.ranges import range_bounds
 from attncc.errors import InputError
-from attncc.ir.graph import FusedAttention, Node, attention_node
+from attncc.ir.graph import FusedAttention, Mask, Node, attention_node
 from attncc.spec import load_spec
 from attncc.spec.symbols import SIZES
 
@@ -193,13 +193,12 @@ class PlanCache:
         self.block_m = _positive("block_m", block_m)
         self.block_n = _positive("block_n", block_n)
         self.size = size
-        mask = self.node.mask
-        self.reads = mask.reads_inputs if mask is not None else ()
-        varies = mask.varies_with if mask is not None else ()
-        named = sorted(s.name for s in (mask.expr.free_symbols if mask is not None else ())
+        mask = self.node.mask or Mask(sympy.true)  # none: reads and varies with nothing
+        self.reads = mask.reads_inputs
+        named = sorted(s.name for s in mask.expr.free_symbols
                        if isinstance(s, sympy.Symbol) and s.name in SIZES)
         needed = ["seq_q"] + (["seq_k"] if self.node.projection is None else [])
-        needed += [n for a, n in (("b", "batch"), ("h", "heads")) if a in varies]
+        needed += [n for a, n in (("b", "batch"), ("h", "heads")) if a in mask.varies_with]
         self.names = tuple(dict.fromkeys(needed + named))
         self._plans: OrderedDict = OrderedDict()
 

@@ -111,10 +111,7 @@ def _sum_cmp(terms: list, bound: int, cmp):
     parts = sorted(groups.values(), key=np.size)
     if len(parts) == 1:
         return cmp(parts[0], bound)
-    left = parts[0]
-    for part in parts[1:-1]:
-        left = left + part
-    return cmp(left, bound - parts[-1])
+    return cmp(sum(parts[1:-1], start=parts[0]), bound - parts[-1])
 
 
 def _tri(always, not_never):

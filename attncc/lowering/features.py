@@ -65,8 +65,7 @@ def linear_attention(node, q, k, v, omega=None, *, chunk: int):
     """``(B, H, Nq, Dv)`` in q's dtype of the LinearAttention ``node`` (its ``feature_map`` and
     ``causal``): ``out_i = φ(q_i)·S_i / φ(q_i)·z_i`` with ``S_i = Σ_j φ(k_j)ᵀ v_j`` and
     ``z_i = Σ_j φ(k_j)`` over every key, or (causal) over ``j <= i``, by chunks of ``chunk``
-    positions; q ``(B, H, Nq, D)``, k, v ``(B, Hkv, Nk, .)``. The torch backend's scan (the
-    NumPy backend keeps a loop over chunks, which NumPy runs faster in cache).
+    positions; q ``(B, H, Nq, D)``, k, v ``(B, Hkv, Nk, .)``. The torch backend's scan.
 
     The query heads of a kv head are stacked on the row axis of every product (or broadcast
     against a per-kv-head state), never K/V: nothing is copied per query head.
@@ -85,11 +84,10 @@ def linear_attention(node, q, k, v, omega=None, *, chunk: int):
 def _causal(xp, phi_q, phi_k, v, chunk: int):
     """``(num, den)`` ``(B, Hkv, g, Nq, Dv|1)`` of causal linear attention.
 
-    The state entering a chunk is the sum of the earlier chunks' states (added up in a loop:
-    cumsum was slower than the whole scan); inside the chunk a lower-triangular
-    ``chunk × chunk`` product adds the rest. The ``g`` query heads of a kv head are stacked,
-    ``(B, Hkv, n, g·C, F)`` against keys ``(B, Hkv, n, C, F)``: plain batched matmuls over kv
-    heads (torch's matmul would copy a broadcast operand).
+    The state entering a chunk is the sum of the earlier chunks' states (added up in a loop);
+    inside the chunk a lower-triangular ``chunk × chunk`` product adds the rest. The ``g`` query
+    heads of a kv head are stacked, ``(B, Hkv, n, g·C, F)`` against keys ``(B, Hkv, n, C, F)``:
+    plain batched matmuls over kv heads (torch's matmul would copy a broadcast operand).
     """
     batch, kv_heads, group, nq, _ = phi_q.shape
     n, dev = -(-max(nq, phi_k.shape[-2]) // chunk), array_api_compat.device(v)

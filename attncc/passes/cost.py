@@ -130,9 +130,8 @@ def evaluate_cost(graph: nx.DiGraph, sizes: dict[str, int], density: float = 1.0
     if not 0.0 <= density <= 1.0:
         raise InputError(f"density: expected a fraction in [0, 1], got {density}")
     known = _with_spec_sizes(dict(sizes), graph.graph["spec"])
-    subs = {SIZES[name]: value for name, value in known.items()}
-    subs[DENSITY] = density
-    subs[ITEMSIZE] = itemsize
+    subs = {**{SIZES[name]: value for name, value in known.items()}, DENSITY: density,
+            ITEMSIZE: itemsize}
     values = {}
     for key in ("flops", "bytes", "density"):
         expr = sympy.sympify(cost[key]).subs(subs)

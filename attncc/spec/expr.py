@@ -156,9 +156,9 @@ def parse_expr(text, scope: Scope, *, field: str, file: str | None = None,
         result = builder.build(tree.body)
         if want == "bool":
             result = builder.as_condition(result)
-        _check_kind(result, want, tree.body, file, field)
+        builder.check_kind(result, want, tree.body)
         if scope.infinite:
-            _check_infinity(result, tree.body, file, field)
+            builder.check_infinity(result, tree.body)
     except SpecError as err:
         if err.column is None or not shift:
             raise
@@ -185,34 +185,8 @@ def _check_size(root: ast.AST, file, field) -> None:
                      for child in ast.iter_child_nodes(node))
 
 
-def _check_infinity(expr, node, file, field) -> None:
-    """``-inf`` only where it means "drop the pair"; ``+inf`` nowhere."""
-    if expr.has(sympy.oo):
-        raise SpecError("expression can be +inf; only -inf (a dropped pair) is allowed",
-                        file=file, field=field, column=node.col_offset + 1)
-    allowed = (sympy.Piecewise, ExprCondPair, sympy.Add, sympy.Min, sympy.Max)
-    stack = [expr]
-    while stack:
-        e = stack.pop()
-        for arg in e.args:
-            if arg is sympy.S.NegativeInfinity and not isinstance(e, allowed):
-                raise SpecError(f"-inf is allowed only as a score's value (where(c, score, -inf),"
-                                f" score - inf), not inside {e}", file=file, field=field,
-                                column=node.col_offset + 1)
-            stack.append(arg)
-
-
 def _is_bool(expr) -> bool:
     return isinstance(expr, Boolean) and not isinstance(expr, sympy.Expr)
-
-
-def _check_kind(expr, want, node, file, field) -> None:
-    if want == "bool" and not _is_bool(expr):
-        raise SpecError(f"expected a condition (true or false), got the number {expr}",
-                        file=file, field=field, column=node.col_offset + 1)
-    if want == "number" and _is_bool(expr):
-        raise SpecError(f"expected a number, got the condition {expr}", file=file, field=field,
-                        column=node.col_offset + 1)
 
 
 class _Builder:
@@ -226,6 +200,27 @@ class _Builder:
     def fail(self, node: ast.AST, message: str):
         raise SpecError(message, file=self.file, field=self.field,
                         column=getattr(node, "col_offset", -1) + 1)
+
+    def check_kind(self, expr, want: str, node: ast.AST) -> None:
+        """The whole expression is of the kind ``want`` (number, bool, or any)."""
+        if want == "bool" and not _is_bool(expr):
+            self.fail(node, f"expected a condition (true or false), got the number {expr}")
+        if want == "number" and _is_bool(expr):
+            self.fail(node, f"expected a number, got the condition {expr}")
+
+    def check_infinity(self, expr, node: ast.AST) -> None:
+        """``-inf`` only where it means "drop the pair"; ``+inf`` nowhere."""
+        if expr.has(sympy.oo):
+            self.fail(node, "expression can be +inf; only -inf (a dropped pair) is allowed")
+        allowed = (sympy.Piecewise, ExprCondPair, sympy.Add, sympy.Min, sympy.Max)
+        stack = [expr]
+        while stack:
+            e = stack.pop()
+            for arg in e.args:
+                if arg is sympy.S.NegativeInfinity and not isinstance(e, allowed):
+                    self.fail(node, "-inf is allowed only as a score's value (where(c, score, "
+                                    f"-inf), score - inf), not inside {e}")
+                stack.append(arg)
 
     def number(self, node: ast.AST):
         value = self.build(node)
