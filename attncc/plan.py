@@ -344,13 +344,16 @@ def _arrays(reads: tuple, inputs: dict | None) -> dict:
     if missing:
         raise InputError(f"build_plan: the mask reads the input(s) {', '.join(missing)}; pass "
                          f"them as inputs={{'{missing[0]}': array, ...}}")
-    result = {}
-    for name in reads:
-        x = inputs[name]
-        if hasattr(x, "detach"):
-            x = x.detach().cpu().numpy()
-        result[name] = np.asarray(x)
-    return result
+    return {name: host_array(inputs[name]) for name in reads}
+
+
+def host_array(x) -> np.ndarray:
+    """An input as a host NumPy array (a torch tensor moved to the CPU; its float16 and
+    bfloat16, which NumPy lacks, as float32)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        return (x.float() if x.dtype.is_floating_point and x.dtype.itemsize < 4 else x).numpy()
+    return np.asarray(x)
 
 
 def _content(arrays: dict) -> tuple | None:

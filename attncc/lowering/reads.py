@@ -30,6 +30,7 @@ import sympy
 
 from attncc.analysis.intervals import interval
 from attncc.errors import InputError
+from attncc.plan import host_array
 from attncc.spec.numeric import evaluate
 from attncc.spec.symbols import INDEX_SYMBOLS
 
@@ -73,7 +74,7 @@ class Reads:
                 inner = {a.base.label.name for a in index.atoms(sympy.Indexed)}
                 if not inner and (key, name, axis) in self._checked:
                     continue
-                host = {n: _numpy(inputs[n]) for n in inner}
+                host = {n: host_array(inputs[n]) for n in inner}
                 if not _bounded(index, shape[axis], extent, sizes, host):
                     lo, hi = _extremes(index, extent, sizes, host)
                     if not (lo >= 0 and hi < shape[axis]):  # NaN too
@@ -158,11 +159,3 @@ def _affine(index, names) -> bool:
     except sympy.PolynomialError:
         return False
 
-
-def _numpy(x):
-    """An input as a host NumPy array (a torch tensor moved to the CPU; bfloat16, which NumPy
-    lacks, as float32)."""
-    if hasattr(x, "detach"):
-        x = x.detach().cpu()
-        return (x.float() if x.dtype.is_floating_point and x.dtype.itemsize < 4 else x).numpy()
-    return np.asarray(x)

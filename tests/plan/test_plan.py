@@ -185,6 +185,12 @@ def test_inputs_may_be_torch_tensors():
     from_torch = build_plan(s, sizes(32), 8, 8, {"doc": torch.from_numpy(doc)})
     np.testing.assert_array_equal(from_numpy.states, from_torch.states)
     np.testing.assert_array_equal(from_numpy.states[0, 0], np.eye(4) * FULL)
+    limit = spec("kv_idx <= q_idx + lim[h]", inputs={"lim": {"shape": ["heads"],
+                                                              "dtype": "bfloat16"}})
+    lim = torch.tensor([0.0, 3.0], dtype=torch.bfloat16)  # NumPy has no bfloat16: as float32
+    half, wide = (build_plan(limit, sizes(32, heads=2), 8, 8, {"lim": x})
+                  for x in (lim, lim.float()))
+    np.testing.assert_array_equal(half.states, wide.states)
 
 
 def test_missing_input_and_bad_arguments_raise_input_errors():
