@@ -24,13 +24,10 @@ class SpecError(AttnccError, ValueError):
         self.file = file
         self.field = field
         self.column = column
-        super().__init__(self._render())
-
-    def _render(self) -> str:
-        where = [str(part) for part in (self.file, self.field) if part]
-        if self.column is not None:
-            where.append(f"column {self.column}")
-        return f"{': '.join(where)}: {self.message}" if where else self.message
+        where = [str(part) for part in (file, field) if part]
+        if column is not None:
+            where.append(f"column {column}")
+        super().__init__(f"{': '.join(where)}: {message}" if where else message)
 
 
 class InputError(AttnccError, ValueError):

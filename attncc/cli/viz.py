@@ -152,7 +152,9 @@ def draw_maps(spec, inputs_path: str, heads: str, rows: str | None, log_scale: b
     plan = None
     if isinstance(node, FusedAttention) and node.projection is None:
         plan = build_plan(node, sizes, block_m, block_n, arrays)
-    figure, axes = _figure(len(head_list), maps.shape[-1] / max(len(row_list), 1))
+    width = 4.2 * min(max(maps.shape[-1] / max(len(row_list), 1), 0.6), 1.6)  # per panel
+    figure = _canvas(figsize=(width * len(head_list) + 1.2, 4.4), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(1, len(head_list), squeeze=False)[0])
     positive = maps[maps > 0]
     norm = (LogNorm(vmin=max(positive.min(), positive.max() * 1e-6), vmax=positive.max())
             if log_scale and positive.size else Normalize(vmin=min(maps.min(), 0),
@@ -186,13 +188,6 @@ def draw_maps(spec, inputs_path: str, heads: str, rows: str | None, log_scale: b
     figure.savefig(out_path, dpi=110, bbox_inches="tight")
     return (f"wrote {out_path} (maps of heads {', '.join(map(str, head_list))}, {len(row_list)} "
             f"rows x {maps.shape[-1]} keys, max weight {maps.max():.3g})")
-
-
-def _figure(panels: int, aspect: float):
-    """A Figure with ``panels`` axes side by side; Agg backend, nothing shown."""
-    width = 4.2 * min(max(aspect, 0.6), 1.6)
-    figure = _canvas(figsize=(width * panels + 1.2, 4.4), layout="constrained")
-    return figure, np.atleast_1d(figure.subplots(1, panels, squeeze=False)[0])
 
 
 def _canvas(**options):

@@ -52,17 +52,14 @@ def _pattern(fn) -> tuple[bool, int | None] | None:
     """``(causal, window)`` for transformers' own mask functions; None for anything else."""
     from transformers import masking_utils as mu
 
-    leaves, todo = [], [fn]
+    todo = [fn]  # and_masks nests: its leaves are read from its closure
+    causal, causal_window, sym_window = False, None, None
     while todo:
         f = todo.pop()
-        if getattr(f, "__qualname__", "") == "and_masks.<locals>.and_mask":
-            todo.extend(_closure(f, "mask_functions") or ())
-        else:
-            leaves.append(f)
-    causal, causal_window, sym_window = False, None, None
-    for f in leaves:
         name = getattr(f, "__qualname__", "")
-        if f is mu.causal_mask_function:
+        if name == "and_masks.<locals>.and_mask":
+            todo.extend(_closure(f, "mask_functions") or ())
+        elif f is mu.causal_mask_function:
             causal = True
         elif f is mu.bidirectional_mask_function:
             continue

@@ -59,8 +59,7 @@ class Job:
     study: str
     budget: int
     heartbeat: int
-    seed: int | None
-    sampler: str
+    sampler: str  # workers sample unseeded: seeded alike, they would propose alike
     guide: bool = True
     heads: int | None = None
     deadline: float | None = None  # time.time() at which the tune stops
@@ -189,8 +188,7 @@ def search(problem: Problem, db, *, trials: int, workers: int, storage: str | No
     else:
         job = Job(problem.spec.source, problem.backend.name, problem.target.to_dict(),
                   problem.batch, problem.seq_q, problem.seq_k, problem.dtype, url,
-                  study.study_name, budget, heartbeat, seed, sampler, guide, problem.heads,
-                  deadline)
+                  study.study_name, budget, heartbeat, sampler, guide, problem.heads, deadline)
         _spawn(job, workers, study, bar)
     if bar is not None:
         bar.close()
