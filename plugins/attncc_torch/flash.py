@@ -26,12 +26,10 @@ class FlashAttention(torch.autograd.Function):
     """``apply(problem, names, q5, k4, v4, *tensors) -> (out5, lse5)``: q5 ``(B, Hkv, group,
     Nq, D)``, k4, v4 ``(B, Hkv, Nk, D)``.
 
-    Inside, q, k, v are block-major, ``(nQ, B, Hkv, group, block_m, D)`` and
-    ``(nK, B, Hkv, block_n, D)`` (``Problem.to_blocks``), so that a step's gathers are
-    ``index_select`` along dim 0 and its results one ``index_copy_`` / ``index_add_``.
-    ``tensors`` are the floating inputs named by ``names`` (in the compute dtype), which receive
-    gradients; integer inputs live in ``problem.inputs``. ``lse5`` is not differentiable (it is
-    empty for sigmoid, which has none).
+    Inside, q, k, v are block-major (``Problem.to_blocks``). ``tensors`` are the floating
+    inputs named by ``names`` (in the compute dtype), which receive gradients; integer inputs
+    live in ``problem.inputs``. ``lse5`` is not differentiable (it is empty for sigmoid, which
+    has none).
     """
 
     @staticmethod
@@ -173,10 +171,9 @@ def _exact_delta(pb: Problem, step, q, do, tiles, inputs: dict, stat: dict):
 
     Exact arithmetic gives ``rowsum(dS) = 0``; in floating point the residual of
     ``rowsum(dO ∘ O)`` is ~1 ulp of the row's terms (O's own rounding), and it reaches the
-    gradients multiplied by whatever weights dS: keys (|k| ~ 1e2 where scores are ~1e3 and the
-    softmax is nearly one-hot: dq was 14x the eager float32 error, hard attention's exactly-zero
-    dq was not zero) and inputs read by position (an ALiBi slope multiplies dS by
-    ``q_idx - kv_idx``). Removing it, as autograd through a softmax does, needs P and dP of
+    gradients multiplied by whatever weights dS: large keys where the softmax is nearly one-hot
+    (hard attention's dq, exactly zero) and inputs read by position (an ALiBi slope multiplies
+    dS by ``q_idx - kv_idx``). Removing it, as autograd through a softmax does, needs P and dP of
     every tile of the step: ``tiles`` are ``(chunk, k, v, kept)``, ``kept`` ending in P and dP
     (None: recomputed here, and again for the gradients).
     """

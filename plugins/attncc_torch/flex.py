@@ -22,6 +22,7 @@ here), so one runner serves at most ``MAX_SHAPES`` shapes and short query blocks
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -68,11 +69,8 @@ class FlexPrinter(TorchPrinter):
         return f"torch.tensor({text})" if expr.is_Number else text
 
     def _extreme(self, expr, fn: str) -> str:
-        args = [self._tensor(a) for a in expr.args]
-        text = args[0]
-        for a in args[1:]:
-            text = f"{fn}({text}, {a})"
-        return text
+        return functools.reduce(lambda text, a: f"{fn}({text}, {a})",
+                                [self._tensor(a) for a in expr.args])
 
     def _print_floor(self, expr):
         """``floor(a / d)`` of integers as ``a // d`` (an integer tensor, usable as an index),

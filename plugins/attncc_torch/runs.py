@@ -193,9 +193,8 @@ class RunsForward:
         the bias is ``runs_grad.lossy``."""
         nb, nh, nq = shape[0], shape[1], shape[2]
         env = _whole_env(self.sizes, inputs, nb, nh, 1, seq_k)
-        tile = torch.zeros((), dtype=dtype)
-        if self.bias is not None:
-            tile = torch.as_tensor(evaluate(self.bias, env, xp), dtype=dtype)
+        bias = evaluate(self.bias, env, xp) if self.bias is not None else 0.0
+        tile = torch.as_tensor(bias, dtype=dtype)
         low = lossy(tile)
         dead = None
         if self.key_mask is not None:
