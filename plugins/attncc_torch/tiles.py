@@ -149,8 +149,7 @@ class Problem:
 
     # -- gathers -------------------------------------------------------------------------
     # Block axes come first and the gathers run on a 2-D (blocks, rest) view: index_select /
-    # index_copy_ / index_add_ then copy whole contiguous rows (on an inner dim of a 5-D or 6-D
-    # tensor torch's CPU kernels were measured 30-1000x slower).
+    # index_copy_ / index_add_ then copy whole contiguous rows (far faster than on an inner dim).
     def to_blocks(self, x, kv: bool = False):
         """Queries ``(B, Hkv, group, Nq, X)`` (keys or values ``(B, Hkv, Nk, X)`` with ``kv``),
         zero-padded to whole blocks -> the block-major copy ``(nQ, B, Hkv, group, bm, X)``
