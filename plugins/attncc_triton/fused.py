@@ -68,7 +68,6 @@ class FusedGenerator:
         atoms = input_atoms(fs.score_mod) + input_atoms(fs.mask)
         self.hoisted = {a: _element_name(a, i) for i, a in enumerate(dict.fromkeys(atoms))
                         if _names(a) <= _BH and not summed(a)}
-        self.pr = TritonPrinter(fs.float_inputs, self.hoisted)
         self.expr = []
         for name in fs.expr_inputs:
             self.expr += [f"{name}_ptr", *(f"{name}_s{i}" for i in range(ndims[name])),
@@ -267,7 +266,7 @@ class FusedGenerator:
             body += [*pr.take(), f"g_sum = tl.where(keep, ds * {d}, 0.0)",
                      *pr.scatter(atom, total, "g_sum")]
         for atom, d_atom in self.d_inputs:
-            name, off = str(atom.base.label), self.pr.offset(atom)
+            name, off = str(atom.base.label), self._printer({}).offset(atom)
             d = paren(pr(d_atom))
             body += [*pr.take(), f"g_in = tl.where(keep, ds * {d}, 0.0)"]
             if _names(atom) <= _BH:
