@@ -201,8 +201,7 @@ def _kth_largest(scores, keep, kk: int, xp):
     n = scores.shape[-1]
     if kk >= n:
         return xp.full_like(scores[..., :1], -math.inf)
-    ordered = xp.sort(masked, axis=-1)
-    return ordered[..., n - kk:n - kk + 1]
+    return xp.sort(masked, axis=-1)[..., n - kk:n - kk + 1]
 
 
 def _softmax(scores, keep, xp):

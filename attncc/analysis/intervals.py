@@ -423,9 +423,7 @@ class _Intervals:
             lo, hi = self.num(num)
             if _is_int(lo) and _is_int(hi):
                 d = int(den)
-                if up:
-                    return -((-lo) // d), -((-hi) // d)
-                return lo // d, hi // d
+                return (-((-lo) // d), -((-hi) // d)) if up else (lo // d, hi // d)
         lo, hi = self.num(e.args[0])
         if _is_int(lo) and _is_int(hi):
             return lo, hi

@@ -124,11 +124,11 @@ class _Evaluator:
             return self.reduce(operator.mul, operator.mul, values, arith=True)
         if isinstance(e, sympy.Pow):
             return self.power(e)
-        if isinstance(e, (sympy.floor, sympy.ceiling)) and _is_ratio(e.args[0]):
-            num, den = (self.value(a) for a in sympy.fraction(sympy.together(e.args[0])))
-            if isinstance(e, sympy.floor):
-                return num // den
-            return -((-num) // den)
+        if isinstance(e, (sympy.floor, sympy.ceiling)):  # of an integer ratio: exact
+            num, den = sympy.fraction(sympy.together(e.args[0]))
+            if den != 1 and num.is_integer is True and den.is_integer is True:
+                num, den = self.value(num), self.value(den)
+                return num // den if isinstance(e, sympy.floor) else -((-num) // den)
         if type(e) in _UNARY:
             return self.unary(_UNARY[type(e)], self.value(e.args[0]))
         if type(e) in _BITS:
@@ -322,11 +322,6 @@ def _erf(x):
         import numpy as np
         return np.vectorize(math.erf, otypes=[x.dtype])(x)
     return erf(x)
-
-
-def _is_ratio(arg) -> bool:
-    num, den = sympy.fraction(sympy.together(arg))
-    return den != 1 and num.is_integer is True and den.is_integer is True
 
 
 def _to_float(x, xp):
