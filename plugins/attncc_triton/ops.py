@@ -17,11 +17,10 @@ operator, in ``fn.args``, differentiated by torch autograd.
 - Linear attention (``LinearOps``): ``triton_TAG(phi_q, phi_k, v) -> (out, den)``, one launch of
   the chunked ``_linear`` kernel and ``den`` (B, H, Nq), the row sums ``Σ_j φq_i·φk_j`` it divides
   by; its backward, one launch of ``_linear_bwd``.
-- Nyström (``NystromOps``), ``out = softmax(s q k̃ᵀ) · pinv(softmax(s q̃ k̃ᵀ)) · softmax(s q̃ kᵀ) v``
-  with segment-mean landmarks q̃, k̃: ``triton_TAG(q, k, v, scale) -> (out, middle, inverse,
-  attn_v, lse_v, lse_out)``, two dense fused-kernel calls (every block FULL) and torch ops, the
-  last five outputs saved state for the backward: the fused backward kernels of both calls and
-  torch ops for the pinv (torch's ``pinv_backward``), the softmax and the landmark means.
+- Nyström (``NystromOps``): ``triton_TAG(q, k, v, scale) -> (out, middle, inverse, attn_v,
+  lse_v, lse_out)``, ``Program.nystrom``, the last five outputs saved state for the backward: the
+  fused backward kernels of both calls and torch ops for the pinv (torch's ``pinv_backward``),
+  the softmax and the segment-mean landmarks.
 
 On a GPU, AOTAutograd decomposes the ``triton_op``s, so Inductor sees the Triton kernels
 themselves. Under ``TRITON_INTERPRET=1`` it cannot: ``wrap_triton`` then returns the bare
