@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import array_api_compat
 
-from attncc.bind import bind, namespace, shared_kv
+from attncc.bind import Bound, bind, namespace, shared_kv
 from attncc.errors import InputError
 from attncc.ir.graph import LinearAttention, Nystrom
 
@@ -39,25 +39,17 @@ _LIBRARIES = {
 }
 
 
-@dataclass(frozen=True)
-class Call:
-    """A checked call: ``sizes`` and ``scale`` bound; ``q, k, v`` and ``inputs`` (floating ones)
+@dataclass(frozen=True, kw_only=True)
+class Call(Bound):
+    """A checked call: its ``Bound`` sizes and scale; ``q, k, v`` and ``inputs`` (floating ones)
     in the compute dtype (unless cast=False); ``raw_inputs`` the inputs as given (the plan reads
     them); ``dtype`` the caller's dtype (outputs go back to it)."""
 
-    sizes: dict
-    scale: float
     q: object
     k: object
     v: object
-    inputs: dict
     raw_inputs: dict
     dtype: object
-
-    @property
-    def group(self) -> int:
-        """Query heads per kv head."""
-        return self.sizes["heads"] // self.sizes["kv_heads"]
 
 
 def lse_refusal(node) -> str | None:
@@ -101,7 +93,8 @@ def prologue(spec, node, q, k, v, inputs: dict, *, backend: str, library: str,
         raise InputError(f"return_lse: the log-sum-exp exists for normalize softmax and topk "
                          f"(not low-rank nystrom); this spec has {refusal}")
     if not cast:
-        return Call(bound.sizes, bound.scale, q, k, v, bound.inputs, bound.inputs, q.dtype)
+        return Call(bound.sizes, bound.inputs, bound.scale, q=q, k=k, v=v,
+                    raw_inputs=bound.inputs, dtype=q.dtype)
     xp = namespace(q)
     ct = getattr(xp, COMPUTE[name])
 
@@ -109,5 +102,5 @@ def prologue(spec, node, q, k, v, inputs: dict, *, backend: str, library: str,
         return x if x.dtype == ct else xp.astype(x, ct, copy=False)
 
     floats = {n: (cast(x) if spec.inputs[n].is_float else x) for n, x in bound.inputs.items()}
-    return Call(bound.sizes, bound.scale, cast(q), cast(k), cast(v), floats, bound.inputs,
-                q.dtype)
+    return Call(bound.sizes, floats, bound.scale, q=cast(q), k=cast(k), v=cast(v),
+                raw_inputs=bound.inputs, dtype=q.dtype)
