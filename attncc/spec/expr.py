@@ -73,6 +73,7 @@ _COMPARE = {
     ast.Lt: sympy.Lt, ast.LtE: sympy.Le, ast.Gt: sympy.Gt, ast.GtE: sympy.Ge,
     ast.Eq: sympy.Eq, ast.NotEq: sympy.Ne,
 }
+_COMPARE_CONDITIONS = {ast.Eq: sympy.Equivalent, ast.NotEq: sympy.Xor}
 _ARITHMETIC = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
     ast.Div: operator.truediv, ast.FloorDiv: lambda a, b: sympy.floor(a / b), ast.Mod: sympy.Mod,
@@ -381,26 +382,18 @@ class _Builder:
         return base ** exponent
 
     def _Compare(self, node: ast.Compare):
+        """Numbers, or conditions (``==`` equivalent, ``!=`` exclusive or) on both sides."""
         operands = [self.as_condition(self.build(n)) for n in (node.left, *node.comparators)]
-        if any(map(_is_bool, operands)):
-            return self._compare_conditions(node, operands)
-        parts = []
-        for op, left, right in zip(node.ops, operands, operands[1:], strict=False):
-            if type(op) not in _COMPARE:
-                self.fail(node, f"comparison '{type(op).__name__}' is not allowed")
-            parts.append(_COMPARE[type(op)](left, right))
-        return sympy.And(*parts)
-
-    def _compare_conditions(self, node: ast.Compare, operands):
-        """``==`` (equivalent) and ``!=`` (exclusive or) between conditions."""
-        if not all(map(_is_bool, operands)):
+        conditions = any(map(_is_bool, operands))
+        if conditions and not all(map(_is_bool, operands)):
             self.fail(node, "a comparison takes numbers, or conditions on both sides")
+        table = _COMPARE_CONDITIONS if conditions else _COMPARE
         parts = []
         for op, left, right in zip(node.ops, operands, operands[1:], strict=False):
-            if not isinstance(op, ast.Eq | ast.NotEq):
-                self.fail(node, "conditions can only be compared with == and !=")
-            parts.append(sympy.Equivalent(left, right) if isinstance(op, ast.Eq)
-                         else sympy.Xor(left, right))
+            if type(op) not in table:
+                self.fail(node, "conditions can only be compared with == and !=" if conditions
+                          else f"comparison '{type(op).__name__}' is not allowed")
+            parts.append(table[type(op)](left, right))
         return sympy.And(*parts)
 
     def _reduction(self, node: ast.Call, gen):
