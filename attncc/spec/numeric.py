@@ -38,12 +38,12 @@ _UNARY = {sympy.exp: "exp", sympy.log: "log", sympy.tanh: "tanh", sympy.Abs: "ab
           sympy.floor: "floor", sympy.ceiling: "ceil", sympy.sin: "sin", sympy.cos: "cos",
           sympy.tan: "tan", sympy.erf: "erf", sympy.sign: "sign", Round: "round",
           sigmoid: "sigmoid", Log2: "log2"}
-#: integer bit operations: (namespace function, the same on Python ints)
-_BITS = {BitAnd: ("bitwise_and", operator.and_), BitOr: ("bitwise_or", operator.or_),
-         BitXor: ("bitwise_xor", operator.xor), LeftShift: ("bitwise_left_shift", operator.lshift),
-         RightShift: ("bitwise_right_shift", operator.rshift)}
-#: n-ary nodes folded pairwise: (namespace function, the same on Python scalars)
-_FOLDS = {sympy.Min: ("minimum", min), sympy.Max: ("maximum", max),
+#: n-ary nodes and integer bit operations folded pairwise: (namespace function, the same on
+#: Python scalars)
+_FOLDS = {BitAnd: ("bitwise_and", operator.and_), BitOr: ("bitwise_or", operator.or_),
+          BitXor: ("bitwise_xor", operator.xor), LeftShift: ("bitwise_left_shift", operator.lshift),
+          RightShift: ("bitwise_right_shift", operator.rshift),
+          sympy.Min: ("minimum", min), sympy.Max: ("maximum", max),
           sympy.And: ("logical_and", lambda a, b: a and b),
           sympy.Or: ("logical_or", lambda a, b: a or b),
           sympy.Xor: ("not_equal", operator.ne)}
@@ -131,8 +131,8 @@ class _Evaluator:
                 return num // den if isinstance(e, sympy.floor) else -((-num) // den)
         if type(e) in _UNARY:
             return self.unary(_UNARY[type(e)], self.value(e.args[0]))
-        if type(e) in _BITS:
-            array_fn, scalar_fn = _BITS[type(e)]
+        if type(e) in _FOLDS:
+            array_fn, scalar_fn = _FOLDS[type(e)]
             return self.reduce(getattr(xp, array_fn), scalar_fn, [self.value(a) for a in e.args])
         if isinstance(e, sympy.Sum):
             return self.reduction(e)
@@ -140,9 +140,6 @@ class _Evaluator:
             return self.value(sympy.Not(sympy.Xor(*e.args)))
         if isinstance(e, sympy.Mod):
             return self.value(e.args[0]) % self.value(e.args[1])
-        if type(e) in _FOLDS:
-            array_fn, scalar_fn = _FOLDS[type(e)]
-            return self.reduce(getattr(xp, array_fn), scalar_fn, [self.value(a) for a in e.args])
         if type(e) in _COMPARE:
             return _COMPARE[type(e)](self.value(e.lhs), self.value(e.rhs))
         if isinstance(e, sympy.Not):
