@@ -50,12 +50,11 @@ def parse(text: str, where: str) -> list[Record]:
             continue
         try:
             data = json.loads(line)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, RecursionError) as err:
+            got = (f"invalid JSON ({err.msg} at column {err.colno})"
+                   if isinstance(err, json.JSONDecodeError) else "JSON nested too deeply")
             raise DatabaseError(f"{where}:{number}: expected one JSON object per line, got "
-                                f"invalid JSON ({err.msg} at column {err.colno})") from None
-        except RecursionError:
-            raise DatabaseError(f"{where}:{number}: expected one JSON object per line, got "
-                                "JSON nested too deeply") from None
+                                f"{got}") from None
         record = Record.from_json(data, f"{where}:{number}")
         if record.id in records:
             raise DatabaseError(f"{where}:{number}: duplicate record {record.id} (same key as "

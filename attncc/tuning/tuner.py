@@ -1,18 +1,15 @@
-"""[7] ``search``: the tune behind ``attncc.tune``, for one spec, backend, shape and target.
+"""[7] ``search``: the tune behind ``attncc.tune`` (whose docstring is the contract), for one
+spec, backend, shape and target.
 
 In order: ``attncc.tune`` checks its arguments and builds the ``Problem`` (the lowered graph,
 search space and defaults); ``search`` opens the record database and the study for the record's
 key (``study.py``); enqueues the backend's default config and the winners recorded for other
 targets or shape buckets (warm start); runs trials (in this process, or ``workers`` processes on
-the one study) until ``trials`` configs have been measured, TPE sampling and, every other trial, a
-cost model fitted to the measurements proposing (``model.py``, unless ``guide=False``);
-re-measures the best few and keeps the fastest; writes the record. Invalid configs are pruned
-unmeasured (``space.py``); a config that raises scores ``inf`` and the tune goes on. Every config
-is checked against ``attncc.reference`` on small random inputs before it is timed
-(``verify.wrong_output``): a wrong one scores ``inf`` with a warning, so no wrong config is ever
-stored. The tune stops at ``trials`` measured configs or once ``budget_s`` seconds have passed,
-whichever comes first; the stored record's ``note`` is the closing summary (speedup over the
-default config, share of the space measured, wrong configs).
+the one study) until the trial or time budget, TPE sampling and, every other trial, a cost model
+fitted to the measurements proposing (``model.py``, unless ``guide=False``); re-measures the best
+few and keeps the fastest; writes the record, its ``note`` the closing summary. Invalid configs
+are pruned unmeasured (``space.py``); a config that raises scores ``inf`` and the tune goes on, as
+does one whose output fails ``verify.wrong_output`` (with a warning): no wrong config is stored.
 """
 
 from __future__ import annotations
