@@ -1,9 +1,10 @@
 """[8] Finding the record for a compile: exact target first, then the nearest layer.
 
-``lookup`` is what ``attncc.compile`` calls (no benchmarking, no Optuna); ``find`` does the
-matching. Reading the shipped ``tuning_db/`` records needs nothing beyond attncc itself; the
-user's database needs SQLAlchemy (the ``tune`` extra): without it only the shipped records are
-read, with a warning when a database was named (``db`` or ``$ATTNCC_DB``).
+``lookup`` finds the record a compile would use (no benchmarking, no Optuna); ``find`` does the
+matching (``attncc.compile`` calls it through ``find_or_warn``). Reading the shipped
+``tuning_db/`` records needs nothing beyond attncc itself; the user's database needs SQLAlchemy
+(the ``tune`` extra): without it only the shipped records are read, with a warning when a
+database was named (``db`` or ``$ATTNCC_DB``).
 
 Order: an exact target match in the user's database, then an exact match among the shipped
 records; then, layer by layer (same device and architecture with other versions, then same device
