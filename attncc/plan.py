@@ -10,9 +10,8 @@ input the mask reads enters as its min/max per box: each index expression's inte
 bound read the whole axis. Soundness: a block may be PARTIAL where it could be FULL or EMPTY,
 never the reverse.
 
-Caching: a Kernel holds one ``PlanCache`` per (node, blocks); its ``get`` returns a cached plan
-for equal sizes (and equal contents of the inputs the mask reads) in microseconds. Index-only
-plans are also shared by every caller through one process-wide LRU cache.
+Caching: a Kernel holds one ``PlanCache`` per (node, blocks), which reuses a plan for equal sizes
+and mask-input contents; index-only plans are also shared through one process-wide LRU cache.
 
 Backends iterate the index tables: per query block the FULL key blocks (no elementwise mask
 needed) and the PARTIAL ones (mask applied); EMPTY blocks cost nothing. The transposed tables
@@ -184,8 +183,7 @@ class PlanCache:
     ``get(sizes, inputs)`` returns the plan for ``sizes`` (only the sizes the plan depends on
     count) and, where the mask reads inputs, their dtype, shape and a digest of their bytes:
     equal inputs reuse their plan, a changed one never does; inputs past ``CONTENT_CAP`` bytes
-    in all are not cached. Holds up to ``size`` plans (LRU). A hit costs a tuple and a dict
-    lookup for an index-only mask. Raises what ``build_plan`` raises.
+    in all are not cached. Holds up to ``size`` plans (LRU). Raises what ``build_plan`` raises.
     """
 
     def __init__(self, node, block_m: int, block_n: int, size: int = 16):

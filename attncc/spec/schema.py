@@ -179,7 +179,7 @@ class _Validator:
         score = self.choice("score", SCORES, "dot")
         normalize = self.choice("normalize", NORMALIZERS, "softmax")
         lowrank = self.lowrank()
-        memory_tokens = self.count("memory_tokens", 0, minimum=1)
+        memory_tokens = self.count("memory_tokens", 0)
         features = self.count("features", None)
         topk = self.count("topk", None)
         feature_map = self.choice("feature_map", FEATURE_MAPS, "elu1" if normalize == "linear"
@@ -221,12 +221,12 @@ class _Validator:
             return None
         return parse_expr(text, scope, field=key, file=self.file, want=want)
 
-    def count(self, key, default, minimum=1):
+    def count(self, key, default):
         value = self.data.get(key)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            self.fail(key, f"expected an integer >= {minimum}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            self.fail(key, f"expected an integer >= 1, got {value!r}")
         return value
 
     def choice(self, key, options, default):
