@@ -11,14 +11,13 @@ runs under ``TRITON_INTERPRET=1`` (slow; for tests).
 
 from __future__ import annotations
 
-import os
-
 from attncc.backends.base import SUPPORTED, Backend, SearchSpace, Support
 from attncc.backends.config import full_config
 from attncc.errors import BackendError
 from attncc.ir.graph import LinearAttention, Nystrom, attention_node
 
 from .kernel import TritonKernel
+from .runtime import interpreted
 from .source import generate
 from .space import default_config, search_space
 
@@ -31,11 +30,6 @@ def _kind(graph) -> tuple[str, object]:
     except ValueError as err:
         raise BackendError(f"triton backend: {err}") from None
     return {LinearAttention: "linear", Nystrom: "nystrom"}.get(type(node), "fused"), node
-
-
-def interpreted() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def interpreter_problem() -> str:

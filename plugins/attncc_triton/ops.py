@@ -41,8 +41,7 @@ from torch.library import wrap_triton
 
 from attncc.lowering.lowrank import linformer
 
-from . import interpreted
-from .runtime import FULL, TABLES, acc_dtype, features
+from .runtime import FULL, TABLES, acc_dtype, features, interpreted
 
 _OPS: dict = {}
 _PLAN = "(Tensor q, Tensor k, Tensor v, Tensor[] inputs) -> Tensor[]"

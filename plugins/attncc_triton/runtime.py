@@ -15,6 +15,7 @@ nQ, width)``), and the transposed ``fct``, ``pct``, ``fit``, ``pit`` per key blo
 """
 
 import math
+import os
 
 import torch
 import triton
@@ -23,6 +24,11 @@ import triton.language as tl
 TABLES = ("fc", "fi", "pc", "pi", "fct", "fit", "pct", "pit")
 SIZES = ("batch", "heads", "kv_heads", "seq_q", "seq_k", "head_dim", "value_dim")
 FULL, PARTIAL = 2, 1
+
+
+def interpreted() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def pow2(n: int) -> int:
