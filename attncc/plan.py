@@ -263,9 +263,8 @@ def _classify(node: FusedAttention, sizes: dict, block_m: int, block_n: int,
     # sizes are point intervals, not substituted: sympy would decide some relations exactly
     # (q_idx == sigmoid(42) is False) where the elementwise float evaluation does not
     boxes = {name: (value, value) for name, value in sizes.items()}
-    boxes.update({"b": _box(extent["b"], 1, extent["b"], 0),
-                  "h": _box(extent["h"], 1, extent["h"], 1),
-                  "q_idx": _box(seq_q, block_m, n_q, 2), "kv_idx": _box(seq_k, block_n, n_k, 3)})
+    blocks = {"b": 1, "h": 1, "q_idx": block_m, "kv_idx": block_n}
+    boxes.update({name: _box(extent[name], blocks[name], axis) for name, axis in _AXES.items()})
     leaves: dict = {}
     for e in sorted(mask.atoms(sympy.Indexed), key=lambda e: len(str(e))):  # inner first
         leaves[e] = _leaf(e, arrays[str(e.base.label)], extent, boxes, leaves)
@@ -289,8 +288,9 @@ def _frozen(seq_q, seq_k, block_m, block_n, states) -> BlockPlan:
     return BlockPlan(seq_q, seq_k, block_m, block_n, states)
 
 
-def _box(length: int, block: int, count: int, axis: int):
+def _box(length: int, block: int, axis: int):
     """``(lo, hi)`` of each block along ``axis`` of the 4-d layout, the last one clipped."""
+    count = -(-length // block)
     view = [1, 1, 1, 1]
     view[axis] = count
     lo = np.arange(count, dtype=np.int64) * block
