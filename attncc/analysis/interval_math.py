@@ -42,9 +42,8 @@ def _nan_source(expr) -> bool:
 def _widen(lo, hi):
     """Float bounds pushed out by the rounding slack (NaN stays NaN)."""
     lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
-    with np.errstate(invalid="ignore"):
-        slack = FLOAT_SLACK * (1.0 + np.maximum(np.abs(lo), np.abs(hi)))
-        return lo - slack, hi + slack
+    slack = FLOAT_SLACK * (1.0 + np.maximum(np.abs(lo), np.abs(hi)))
+    return lo - slack, hi + slack
 
 
 def _infinite(lo, hi):

@@ -115,6 +115,9 @@ def interval(expr: sympy.Expr, boxes: dict, leaves: dict | None = None):
 
 
 class _Intervals:
+    """The engine; its callers run it under ``np.errstate(all="ignore")`` (bounds may be NaN or
+    infinite, and so may the arithmetic of ``interval_math`` on them)."""
+
     def __init__(self, boxes: dict, leaves: dict):
         self.boxes = boxes
         self.leaves = leaves
@@ -324,8 +327,7 @@ class _Intervals:
         if isinstance(e, sympy.log | Log2):
             lo, hi = self.num(e.args[0])
             fn = np.log if isinstance(e, sympy.log) else np.log2
-            with np.errstate(divide="ignore", invalid="ignore"):
-                lo_v, hi_v = fn(np.asarray(lo, np.float64)), fn(np.asarray(hi, np.float64))
+            lo_v, hi_v = fn(np.asarray(lo, np.float64)), fn(np.asarray(hi, np.float64))
             return _nan_where(np.asarray(lo) < 0, lo_v, hi_v)
         raise TypeError(f"interval reasoning cannot bound {type(e).__name__}: {e}")
 
@@ -412,8 +414,7 @@ class _Intervals:
         lo_f, hi_f = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
         # a negative integer power is monotone on each side of 0, undefined at 0
         bad = ((lo_f <= 0) & (hi_f >= 0)) if n.is_Integer else lo_f < 0
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            a, c = np.power(lo_f, float(n)), np.power(hi_f, float(n))
+        a, c = np.power(lo_f, float(n)), np.power(hi_f, float(n))
         return _nan_where(bad, np.minimum(a, c), np.maximum(a, c))
 
     def rounding(self, e):
@@ -442,10 +443,9 @@ class _Intervals:
             else:
                 lo, hi = _widen(lo, hi)
                 span = (0, m_val) if m_val > 0 else (m_val, 0)
-            with np.errstate(invalid="ignore"):
-                whole = (lo // m_val) == (hi // m_val)
-                lo_m = np.where(whole, lo % m_val, span[0])
-                hi_m = np.where(whole, hi % m_val, span[1])
+            whole = (lo // m_val) == (hi // m_val)
+            lo_m = np.where(whole, lo % m_val, span[0])
+            hi_m = np.where(whole, hi % m_val, span[1])
             if exact:
                 return lo_m, hi_m
             return _nan_where(_infinite(lo, hi), *_widen(lo_m, hi_m))
