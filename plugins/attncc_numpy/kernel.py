@@ -18,9 +18,7 @@ import sympy
 from attncc.backends.base import Kernel
 from attncc.lowering.env import SCORE_TEXT
 from attncc.lowering.lowrank import linformer, nystrom, nystrom_text
-from attncc.lowering.maps import denominator, row_stats
 from attncc.lowering.prologue import COMPUTE, prologue
-from attncc.lowering.requests import check_stats, node_kind
 from attncc.lowering.states import STATE_TEXT, TOPK_TEXT
 from attncc.plan import PlanCache
 from attncc_numpy.linear import describe as linear_text
@@ -54,11 +52,11 @@ class NumpyKernel(Kernel):
         return f"NumpyKernel({self.spec.name!r}, {self.path}, config={self.config})"
 
     def __call__(self, q, k, v, *, return_lse: bool = False, stats=(), **inputs):
+        if stats:
+            return self.call_with_stats(q, k, v, stats, return_lse, inputs)
         node = self.node
         call = prologue(self.spec, node, q, k, v, inputs, backend="numpy", library="numpy",
                         dtypes=DTYPES, return_lse=return_lse)
-        names = check_stats(node_kind(node), getattr(node, "normalize", ""), stats) if stats \
-            else ()
         lse = None
         if self.path == "scan":
             out = run_linear(node, call.q, call.k, call.v, call.inputs, self.config["chunk"])
@@ -75,10 +73,6 @@ class NumpyKernel(Kernel):
             out, lse = run_fused(node, plan, scorer, call.q, k_c, v_c, stats)
             self.last_plan, self.last_stats = plan, stats
         out = out.astype(call.dtype, copy=False)
-        if names:
-            norm = denominator(node, call) if self.path == "scan" else lse
-            found = row_stats(node, call, norm, names)
-            return (out, lse, found) if return_lse else (out, found)
         return (out, lse) if return_lse else out
 
 
