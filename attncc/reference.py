@@ -18,6 +18,7 @@ import numpy as np
 
 from attncc.bind import Bound, bind, shared_kv
 from attncc.errors import InputError
+from attncc.lowering.requests import check_stats, select
 from attncc.spec.load import load_spec
 from attncc.spec.numeric import evaluate, logistic
 
@@ -64,8 +65,6 @@ def attention_map(spec, q, k, v, *, heads=None, rows=None, **inputs):
     softmax over the projected keys (memory columns as they are); Nyström the effective matrix
     ``softmax(Q K̃ᵀ)·pinv(softmax(Q̃ K̃ᵀ))·softmax(Q̃ Kᵀ)`` (not normalised, may be negative).
     """
-    from attncc.lowering.requests import select
-
     q, k, v = (_as_numpy(x, wide=True) for x in (q, k, v))
     inputs = {n: _as_numpy(x, wide=False) for n, x in inputs.items()}
     spec = load_spec(spec)
@@ -82,8 +81,6 @@ def attention_stats(spec, q, k, v, *, stats, **inputs) -> dict:
     """Per-row statistics ``{name: (B, H, Nq) float64}`` by their definitions on the dense
     weights of ``attention_map`` (``attncc.lowering.requests`` documents each and which
     normalisations define it)."""
-    from attncc.lowering.requests import check_stats
-
     q, k, v = (_as_numpy(x, wide=True) for x in (q, k, v))
     inputs = {n: _as_numpy(x, wide=False) for n, x in inputs.items()}
     spec = load_spec(spec)

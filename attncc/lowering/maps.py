@@ -29,10 +29,12 @@ import math
 import array_api_compat
 import numpy as np
 
-from attncc.ir.graph import LinearAttention
+from attncc.ir.graph import LinearAttention, attention_node
 from attncc.lowering.lowrank import nystrom_factors
+from attncc.lowering.prologue import lse_refusal, prologue
 from attncc.lowering.requests import check_stats, node_kind, select
 from attncc.lowering.tile_pass import BLOCK_M, TilePass
+from attncc.passes.pipeline import lower
 
 __all__ = ["attention_map", "denominator", "kernel_map", "kernel_stats", "row_stats"]
 
@@ -57,10 +59,6 @@ def kernel_stats(kernel, q, k, v, stats, return_lse: bool, inputs: dict):
 
 def _checked(kernel, q, k, v, inputs: dict, return_lse: bool = False):
     """``(node, Call)``: the kernel's attention node and the call through the prologue."""
-    from attncc.ir.graph import attention_node
-    from attncc.lowering.prologue import prologue
-    from attncc.passes.pipeline import lower
-
     node = kernel.node if kernel.node is not None else attention_node(lower(kernel.spec))[1]
     library = "torch" if array_api_compat.is_torch_array(q) else "numpy"
     return node, prologue(kernel.spec, node, q, k, v, inputs, backend=kernel.backend,
@@ -70,8 +68,6 @@ def _checked(kernel, q, k, v, inputs: dict, return_lse: bool = False):
 def _norm(kernel, node, call, q, k, v, inputs: dict):
     """``(out, norm)``: the kernel's output and its lse (softmax, top-k, Linformer), the linear
     ``denominator``, or None."""
-    from attncc.lowering.prologue import lse_refusal
-
     if lse_refusal(node) is None:
         return kernel(q, k, v, return_lse=True, **inputs)
     out = kernel(q, k, v, **inputs)

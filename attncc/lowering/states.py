@@ -28,6 +28,7 @@ import operator
 from typing import NamedTuple
 
 import array_api_compat
+import numpy as np
 
 from attncc.bind import namespace
 from attncc.spec.numeric import logistic
@@ -216,8 +217,6 @@ def _dropping(tiles):
 def _exp_inplace(xp):
     """``exp`` writing into its argument where the library allows it (numpy, torch)."""
     if array_api_compat.is_numpy_namespace(xp):
-        import numpy as np
-
         return lambda x: np.exp(x, out=x)
     if array_api_compat.is_torch_namespace(xp):
         return lambda x: x.exp_()
@@ -236,8 +235,6 @@ def sigmoid(xp):
 def _largest(xp):
     """``(x, k) ->`` the k largest entries of x's last axis, in any order."""
     if array_api_compat.is_numpy_namespace(xp):
-        import numpy as np
-
         return lambda x, k: -np.partition(-x, k - 1, axis=-1)[..., :k]
     if array_api_compat.is_torch_namespace(xp):
         return lambda x, k: x.topk(k, dim=-1).values

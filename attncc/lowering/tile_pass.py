@@ -21,6 +21,7 @@ from attncc.lowering.env import Layout, block_scores, raw_scores
 from attncc.lowering.features import feature_map
 from attncc.lowering.requests import node_kind
 from attncc.lowering.states import TopkThreshold, sigmoid
+from attncc.plan import build_plan
 
 __all__ = ["BLOCK_M", "BLOCK_N", "TilePass"]
 
@@ -50,8 +51,6 @@ class TilePass:
             self.q = feature_map(node.feature_map, self.q, omega)
             self.k = feature_map(node.feature_map, self.k, omega)
         elif self.kind != "nystrom":
-            from attncc.plan import build_plan
-
             if node.score == "additive":
                 self.w = xp.take(call.inputs["w"], h, axis=0)[None, :, None, None, :]
             if self.memory:
