@@ -151,23 +151,18 @@ def parse_expr(text, scope: Scope, *, field: str, file: str | None = None,
     except (MemoryError, RecursionError) as err:
         raise SpecError(f"expression too complex to parse ({type(err).__name__})",
                         file=file, field=field) from None
-    try:
-        _check_size(tree.body, file, field)
-        builder = _Builder(scope, file, field)
-        result = builder.build(tree.body)
-        if want == "bool":
-            result = builder.as_condition(result)
-        builder.check_kind(result, want, tree.body)
-        if scope.infinite:
-            builder.check_infinity(result, tree.body)
-    except SpecError as err:
-        if err.column is None or not shift:
-            raise
-        raise SpecError(err.message, file=file, field=field, column=err.column + shift) from None
+    _check_size(tree.body, file, field, shift)
+    builder = _Builder(scope, file, field, shift)
+    result = builder.build(tree.body)
+    if want == "bool":
+        result = builder.as_condition(result)
+    builder.check_kind(result, want, tree.body)
+    if scope.infinite:
+        builder.check_infinity(result, tree.body)
     return result
 
 
-def _check_size(root: ast.AST, file, field) -> None:
+def _check_size(root: ast.AST, file, field, shift: int) -> None:
     """Reject trees deeper than MAX_DEPTH or larger than MAX_NODES, iteratively (no recursion).
 
     Operator nodes carry no position; an error there points at the nearest positioned ancestor.
@@ -179,7 +174,7 @@ def _check_size(root: ast.AST, file, field) -> None:
         count += 1
         if depth > MAX_DEPTH:
             raise SpecError(f"expression nests deeper than {MAX_DEPTH} levels", file=file,
-                            field=field, column=col + 1)
+                            field=field, column=col + 1 + shift)
         if count > MAX_NODES:
             raise SpecError(f"expression has more than {MAX_NODES} parts", file=file, field=field)
         stack.extend((child, depth + 1, getattr(child, "col_offset", col))
@@ -193,14 +188,15 @@ def _is_bool(expr) -> bool:
 class _Builder:
     """Builds sympy objects from a size-checked ``ast`` tree, one whitelisted node at a time."""
 
-    def __init__(self, scope: Scope, file, field):
+    def __init__(self, scope: Scope, file, field, shift: int):
         self.scope = scope
         self.file = file
         self.field = field
+        self.shift = shift  # the leading spaces cut from the text, added back to every column
 
     def fail(self, node: ast.AST, message: str):
         raise SpecError(message, file=self.file, field=self.field,
-                        column=getattr(node, "col_offset", -1) + 1)
+                        column=getattr(node, "col_offset", -1) + 1 + self.shift)
 
     def check_kind(self, expr, want: str, node: ast.AST) -> None:
         """The whole expression is of the kind ``want`` (number, bool, or any)."""
@@ -415,7 +411,7 @@ class _Builder:
             self.fail(it, f"range() of a sum takes an integer 1..{MAX_REDUCTION}, got {count}")
         axis = sympy.Symbol(var, integer=True, nonnegative=True)
         inner = _Builder(dataclasses.replace(self.scope, names={**self.scope.names, var: axis},
-                                             reductions=False), self.file, self.field)
+                                             reductions=False), self.file, self.field, self.shift)
         return sympy.Sum(inner.number(gen.elt), (axis, 0, int(count) - 1))
 
     def _dot(self, node: ast.Call):
