@@ -12,8 +12,6 @@ reads (``Fn``), and a kernel launched by keyword gets only those (``runtime``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import sympy
 
 from attncc.errors import BackendError
@@ -34,46 +32,29 @@ _ROWS = "batch * heads * seq_q"
 _P = "tl.exp((s - lse[:, None]) - lse_lo[:, None])"
 
 
-@dataclass
-class FusedSpec:
-    """What the generator needs from the FusedAttention node and the spec."""
-
-    score: str
-    score_mod: sympy.Expr | None
-    mask: sympy.Basic | None
-    normalize: str
-    topk: int | None
-    memory_tokens: int
-    float_inputs: set[str] = field(default_factory=set)
-
-    @property
-    def expr_inputs(self) -> list[str]:
-        """Inputs read by the score_mod or the mask, sorted."""
-        atoms = input_atoms(self.score_mod) + input_atoms(self.mask)
-        return sorted({str(a.base.label) for a in atoms})
-
-    @property
-    def grad_inputs(self) -> list[str]:
-        """Floating inputs of the score_mod, whose gradients the dk/dv kernel accumulates."""
-        return sorted({str(a.base.label) for a in input_atoms(self.score_mod)
-                       if str(a.base.label) in self.float_inputs})
-
-
 class FusedGenerator:
     """Writes the score block, the tile functions and the three kernels of one node."""
 
-    def __init__(self, fs: FusedSpec, ndims: dict[str, int]):
-        self.fs = fs
-        self.additive = fs.score == "additive"
-        atoms = input_atoms(fs.score_mod) + input_atoms(fs.mask)
+    def __init__(self, node, float_inputs: set[str], ndims: dict[str, int]):
+        """``node``: a FusedAttention; ``float_inputs``: the spec's floating inputs;
+        ``ndims``: each input's number of axes."""
+        self.node, self.float_inputs = node, float_inputs
+        self.mask = node.mask.expr if node.mask is not None else None
+        self.additive = node.score == "additive"
+        atoms = input_atoms(node.score_mod) + input_atoms(self.mask)
+        #: the inputs the score_mod or the mask reads, sorted; the score_mod's floating ones,
+        #: whose gradients the dk/dv kernel accumulates
+        self.expr_inputs = sorted({str(a.base.label) for a in atoms})
+        self.grad_inputs = sorted({str(a.base.label) for a in input_atoms(node.score_mod)}
+                                  & float_inputs)
         self.hoisted = {a: _element_name(a, i) for i, a in enumerate(dict.fromkeys(atoms))
                         if _names(a) <= _BH and not summed(a)}
         self.expr = []
-        for name in fs.expr_inputs:
+        for name in self.expr_inputs:
             self.expr += [f"{name}_ptr", *(f"{name}_s{i}" for i in range(ndims[name])),
                           *(f"{name}_n{i}" for i in range(ndims[name]))]
-        self.flags = ((("MEMORY",) if fs.memory_tokens else ())
-                      + (("MASK",) if fs.mask is not None else ()))
+        self.flags = ((("MEMORY",) if node.memory_tokens else ())
+                      + (("MASK",) if self.mask is not None else ()))
         #: why no backward is generated (a derivative Triton cannot print), else None; the
         #: derivatives are taken only by ``functions(backward=True)``
         self.no_backward = None
@@ -83,27 +64,27 @@ class FusedGenerator:
 
     # ---- the score block -----------------------------------------------------------------
     def _scores(self) -> Fn:
-        fs, body = self.fs, []
+        node, body = self.node, []
         if self.additive:
             body += ["t = _tanh(q[:, None, :].to(ACC) + k[None, :, :].to(ACC))",
                      "score = tl.sum(t * w[None, None, :], 2)"]
         else:
             body.append(f"score = tl.dot(q, tl.trans(k), {_DOT}) * scale")
         s = "score"
-        mod_atoms = self._locals(fs.score_mod)
-        if fs.score_mod is not None:
+        mod_atoms = self._locals(node.score_mod)
+        if node.score_mod is not None:
             body += self._loads(mod_atoms)
             pr = self._printer(mod_atoms)
-            s = (pr.bare(fs.score_mod) if score_symbol in fs.score_mod.free_symbols
-                 else f"score * 0 + {pr(fs.score_mod)}")
+            s = (pr.bare(node.score_mod) if score_symbol in node.score_mod.free_symbols
+                 else f"score * 0 + {pr(node.score_mod)}")
             body += (["if MEMORY:", "    s = score", "else:", *indent([*pr.take(), f"s = {s}"])]
-                     if fs.memory_tokens else [*pr.take(), f"s = {s}"])
-            if fs.score_mod.has(sympy.S.NegativeInfinity):  # a -inf score drops its pair
+                     if node.memory_tokens else [*pr.take(), f"s = {s}"])
+            if node.score_mod.has(sympy.S.NegativeInfinity):  # a -inf score drops its pair
                 body.append('keep = keep & (s > float("-inf"))')
             s = "s"
-        if fs.mask is not None:
-            atoms = {**mod_atoms, **self._locals(fs.mask)}
-            mask = self._printer(atoms)(fs.mask)
+        if self.mask is not None:
+            atoms = {**mod_atoms, **self._locals(self.mask)}
+            mask = self._printer(atoms)(self.mask)
             body += ["if MASK:", *indent(self._loads(atoms, skip=mod_atoms)),
                      f"    keep = keep & {paren(mask)}"]
         body.append(f"return score, {s}, keep" + (", t" if self.additive else ""))
@@ -132,11 +113,11 @@ class FusedGenerator:
         return {a: _element_name(a, i) for i, a in enumerate(atoms)}
 
     def _printer(self, local: dict) -> TritonPrinter:
-        return TritonPrinter(self.fs.float_inputs, {**self.hoisted, **local})
+        return TritonPrinter(self.float_inputs, {**self.hoisted, **local})
 
     def _loads(self, local: dict, skip: dict = ()) -> list[str]:
         """One line per input element: ``doc_b_q_idx = tl.load(...)``."""
-        plain = TritonPrinter(self.fs.float_inputs)
+        plain = TritonPrinter(self.float_inputs)
         return [f"{name} = {plain(atom)}" for atom, name in local.items() if atom not in skip]
 
     def _score_call(self, **flags) -> list[str]:
@@ -145,7 +126,7 @@ class FusedGenerator:
         return self.scores.call(result, {"keep": "row_ok[:, None] & col_ok[None, :]"}, **flags)
 
     def _thr(self) -> list[str]:
-        return ["keep = keep & (s >= thr[:, None])"] if self.fs.normalize == "topk" else []
+        return ["keep = keep & (s >= thr[:, None])"] if self.node.normalize == "topk" else []
 
     def _row_tile(self, name: str, state: str, update: list[str], doc: str,
                   memory: list[str] = (), thr: bool = True, ret: str = "") -> Fn:
@@ -167,7 +148,7 @@ class FusedGenerator:
 
     # ---- the tile functions --------------------------------------------------------------
     def fwd_tile(self) -> Fn:
-        if self.fs.normalize == "sigmoid":
+        if self.node.normalize == "sigmoid":
             update = ["p = tl.where(keep, tl.sigmoid(s), 0.0)",
                       f"acc += tl.dot(p.to(v.dtype), v, {_DOT})"]
             return self._row_tile("_fwd_tile", "acc", update, "The sigmoid-weighted sum of a tile.")
@@ -199,21 +180,21 @@ class FusedGenerator:
     def _grads(self, memory: bool, local: dict, p: bool = True) -> list[str]:
         """dp, p (where ``p``), ds and the raw-score gradient ``dsr`` (and ``dt`` of the
         additive score); ``local``: the input elements loaded in the tile."""
-        fs, pr = self.fs, self._printer(local)
+        node, pr = self.node, self._printer(local)
         lines = [f"dp = tl.dot(do, tl.trans(v), {_DOT})"]
-        if fs.normalize == "sigmoid":
+        if node.normalize == "sigmoid":
             lines += ["sg = tl.sigmoid(s)", *(["p = tl.where(keep, sg, 0.0)"] if p else []),
                       "ds = tl.where(keep, dp * sg * (1.0 - sg), 0.0)"]
         else:
             lines += [f"p = tl.where(keep, {_P}, 0.0)",
                       "ds = p * (dp - delta[:, None])"]
-        if fs.score_mod is None:
+        if node.score_mod is None:
             lines.append("dsr = ds")
         else:
             d = paren(pr(self.d_score))
             dsr = [*pr.take(), f"dsr = tl.where(keep, ds * {d}, 0.0)"]
             lines += (["if MEMORY:", "    dsr = ds", "else:", *indent(dsr)]
-                      if memory and fs.memory_tokens else dsr)
+                      if memory and node.memory_tokens else dsr)
         if self.additive:
             lines.append("dt = dsr[:, :, None] * w[None, None, :] * (1.0 - t * t)")
         return lines
@@ -228,13 +209,13 @@ class FusedGenerator:
                 "tl.atomic_add(DW + h * swh + offs_d, dw, mask=offs_d < head_dim)"]
 
     def dq_tile(self) -> Fn:
-        local = self._locals(self.d_score) if self.fs.score_mod is not None else {}
+        local = self._locals(self.d_score) if self.node.score_mod is not None else {}
         update = [*self._loads(local),
-                  *self._grads(memory=True, local=local, p=bool(self.fs.memory_tokens))]
+                  *self._grads(memory=True, local=local, p=bool(self.node.memory_tokens))]
         update.append("dq += tl.sum(dt, 1)" if self.additive else
                       f"dq += tl.dot(dsr.to(k.dtype), k, {_DOT}) * scale")
         memory = []
-        if self.fs.memory_tokens:
+        if self.node.memory_tokens:
             dk, dv = self._dk_dv()
             memory = ["offs_d = tl.arange(0, BLOCK_D)", "offs_dv = tl.arange(0, BLOCK_DV)",
                       "d_ok = (offs_d < head_dim)[None, :]",
@@ -250,11 +231,11 @@ class FusedGenerator:
                               memory)
 
     def dkdv_tile(self) -> Fn:
-        fs = self.fs
+        node = self.node
         body = ["offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)", *self._rows(True),
                 *self._score_call(MEMORY=False), *self._thr()]
         local = {}
-        if fs.score_mod is not None:
+        if node.score_mod is not None:
             local = self._locals(self.d_score, *(d for _, d in self.d_inputs),
                                  *(d for _, _, d in self.d_summed))
         body += [*self._loads(local), *self._grads(memory=False, local=local)]
@@ -278,33 +259,33 @@ class FusedGenerator:
         groups = [["dk", "dv", "k", "v", "offs_n", "kv_idx", "col_ok", "m_blk"],
                   ["q_at", "do_at", "sqm", "som", "LSE", "DELTA", "THR", "b", "h", "w"],
                   list(self.hoisted.values()), self.expr,
-                  [f"{n}_grad" for n in fs.grad_inputs], ["DW", "swh"], list(_SIZES),
+                  [f"{n}_grad" for n in self.grad_inputs], ["DW", "swh"], list(_SIZES),
                   list(CONSTS)]
         return Fn("_dkdv_tile", "dk, dv of a key block from query block ``m_blk``; the "
                   "score_mod's floating inputs'\n    gradients by atomics.", groups, body,
-                  ("MASK",) if fs.mask is not None else ())
+                  ("MASK",) if self.mask is not None else ())
 
     # ---- the kernels ---------------------------------------------------------------------
     def _rows(self, backward: bool) -> list[str]:
         """Query rows ``offs_m``: index, bounds, q (and the backward's do, lse, delta, thr)."""
-        fs = self.fs
+        node = self.node
         lines = ["q_idx = offs_m[:, None]", "row_ok = offs_m < seq_q",
                  "offs_d = tl.arange(0, BLOCK_D)", "offs_dv = tl.arange(0, BLOCK_DV)",
                  "q = tl.load(q_at + q_idx * sqm + offs_d[None, :],",
                  "            mask=row_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)"]
-        if fs.normalize != "sigmoid":
+        if node.normalize != "sigmoid":
             lines.append("stat = (b * heads + h) * seq_q + offs_m")
         if not backward:
             return lines
         lines += ["do = tl.load(do_at + q_idx * som + offs_dv[None, :],",
                   "             mask=row_ok[:, None] & (offs_dv < value_dim)[None, :], "
                   "other=0.0)"]
-        if fs.normalize != "sigmoid":
+        if node.normalize != "sigmoid":
             lines += ["lse = tl.load(LSE + stat, mask=row_ok, other=0.0)",
                       f"lse = tl.where(lse == {_INF}, 0.0, lse)",
                       "delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)",
                       "lse_lo = tl.load(THR + stat, mask=row_ok, other=0.0)"]
-        if fs.normalize == "topk":
+        if node.normalize == "topk":
             lines.append(f"thr = tl.load(THR + {_ROWS} + stat, mask=row_ok, other=0.0)")
         return lines
 
@@ -327,7 +308,7 @@ class FusedGenerator:
         lines += ["offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)", *self._rows(backward),
                   *self._per_head(), "k_at = K + b * skb + kvh * skh",
                   "v_at = V + b * svb + kvh * svh"]
-        if self.fs.memory_tokens:
+        if self.node.memory_tokens:
             lines += ["mk_at = MK + kvh * smkh", "mv_at = MV + kvh * smvh"]
         return [*lines, "row = b * c_b + h * c_h + pid * c_m",
                 "irow = b * i_b + h * i_h + pid * i_m"]
@@ -335,7 +316,7 @@ class FusedGenerator:
     def _loops(self, tile: Fn, result: str, block: str = "n_blk") -> list[str]:
         """Calls of ``tile`` for the memory chunks, then the FULL and PARTIAL blocks."""
         lines = []
-        if self.fs.memory_tokens and block == "n_blk":  # the dk/dv kernel's keys are no memory
+        if self.node.memory_tokens and block == "n_blk":  # the dk/dv kernel's keys are no memory
             subs = {"k_at": "mk_at", "v_at": "mv_at", "sk": "smkn", "sv": "smvn",
                     "start": "j", "n_keys": "MEM"}
             lines += ["for j in range(0, MEM, BLOCK_N):",
@@ -354,13 +335,13 @@ class FusedGenerator:
                    "som"], ["sdkb", "sdkh", "sdkn", "sdvb", "sdvh", "sdvn"],
                   ["smkh", "smkn", "smvh", "smvn", "swh"],
                   ["FC", "FI", "PC", "PI", "c_b", "c_h", "c_m", "i_b", "i_h", "i_m"],
-                  [f"{n}_grad" for n in self.fs.grad_inputs], self.expr, list(_SIZES),
+                  [f"{n}_grad" for n in self.grad_inputs], self.expr, list(_SIZES),
                   list(CONSTS)]
         return Fn(name, doc, groups, body)
 
     def forward(self) -> Fn:
-        fs, body = self.fs, self._head(backward=False)
-        if fs.normalize == "topk":
+        node, body = self.node, self._head(backward=False)
+        if node.normalize == "topk":
             body += [f"top = tl.full([BLOCK_M, BLOCK_N], {_INF}, ACC)",
                      *self._loops(self.topk_tile(), "top"),
                      "col = tl.arange(0, BLOCK_N)[None, :]",
@@ -368,7 +349,7 @@ class FusedGenerator:
                      f"tl.store(THR + {_ROWS} + stat, thr, mask=row_ok)"]
         body += ["o_at = OUT + b * sob + h * soh + q_idx * som + offs_dv[None, :]",
                  "o_ok = row_ok[:, None] & (offs_dv < value_dim)[None, :]"]
-        if fs.normalize == "sigmoid":
+        if node.normalize == "sigmoid":
             body += ["acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC)",
                      *self._loops(self.fwd_tile(), "acc"),
                      "tl.store(o_at, acc.to(OUT.dtype.element_ty), mask=o_ok)"]
@@ -392,12 +373,12 @@ class FusedGenerator:
         row's kept keys, stored as ``D' - dlse`` for the dk/dv kernel (launched after this
         one): ``D = rowsum(dO * O)`` is off by ~1 ulp of O's rounding, and dS carries that
         error times the keys, which matters where scores are ~1e3."""
-        fs, body = self.fs, self._head(backward=True)
-        if fs.normalize != "sigmoid":
+        node, body = self.node, self._head(backward=True)
+        if node.normalize != "sigmoid":
             body += ["corr = tl.zeros([BLOCK_M], ACC)", *self._loops(self.delta_tile(), "corr"),
                      "dlse = tl.load(DLSE + stat, mask=row_ok, other=0.0)",
                      "delta = delta + corr - dlse", "tl.store(DELTA + stat, delta, mask=row_ok)"]
-        if fs.memory_tokens:
+        if node.memory_tokens:
             body += ["dmk_at = DMK + kvh * smkh", "dmv_at = DMV + kvh * smvh"]
         body += ["dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)", *self._loops(self.dq_tile(), "dq"),
                  "tl.store(DQ + b * sqb + h * sqh + q_idx * sqm + offs_d[None, :], "
@@ -436,16 +417,16 @@ class FusedGenerator:
     def functions(self, backward: bool) -> list[Fn]:
         """Every function of the module, callees first: the forward's, and with ``backward``
         the backward's too, unless a derivative cannot be printed (``no_backward`` says why)."""
-        fs = self.fs
-        tiles = [self.topk_tile()] if fs.normalize == "topk" else []
+        node = self.node
+        tiles = [self.topk_tile()] if node.normalize == "topk" else []
         forward = [self.scores, self.kv, *tiles, self.fwd_tile(), self.forward()]
         if not backward:
             return forward
         try:
-            if fs.score_mod is not None:
+            if node.score_mod is not None:
                 self.d_score, self.d_inputs, self.d_summed = derivatives(
-                    fs.score_mod, score_symbol, fs.float_inputs)
-            return [*forward, *([self.delta_tile()] if fs.normalize != "sigmoid" else []),
+                    node.score_mod, score_symbol, self.float_inputs)
+            return [*forward, *([self.delta_tile()] if node.normalize != "sigmoid" else []),
                     self.dq_tile(), self.dkdv_tile(), self.backward_dq(), self.backward_dkdv()]
         except BackendError as err:
             self.no_backward = str(err)

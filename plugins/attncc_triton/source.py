@@ -18,7 +18,7 @@ import sympy
 from attncc.ir.graph import FusedAttention, LinearAttention, Nystrom
 from attncc.spec.symbols import SIZE_NAMES
 
-from .fused import FusedGenerator, FusedSpec
+from .fused import FusedGenerator
 from .linear import linear_kernel
 
 RUNTIME_TEXT = (Path(__file__).parent / "runtime.py").read_text(encoding="utf-8")
@@ -99,14 +99,6 @@ PARTIAL where the spec has a mask (correct, the mask evaluated everywhere, no bl
 and FULL where it has none.'''
 
 
-def fused_spec(spec, node: FusedAttention) -> FusedSpec:
-    """The generator's view of a FusedAttention node (input dtypes from the spec)."""
-    return FusedSpec(score=node.score, score_mod=node.score_mod,
-                     mask=node.mask.expr if node.mask is not None else None,
-                     normalize=node.normalize, topk=node.topk, memory_tokens=node.memory_tokens,
-                     float_inputs={n for n, i in spec.inputs.items() if i.is_float})
-
-
 def _scale_function(scale) -> str:
     body = sympy.pycode(sympy.sympify(scale).evalf(17) if not scale.free_symbols else scale,
                         fully_qualified_modules=True)
@@ -120,25 +112,27 @@ def generate(spec, node, config: dict, backward: bool = True) -> str:
     compile time and generates the whole module on the first backward call). A fused module
     whose derivative cannot be printed is forward-only, ``SPEC["no_backward"]`` saying why."""
     if isinstance(node, FusedAttention):
-        fs, kind = fused_spec(spec, node), "fused"
+        fused, kind = node, "fused"
     else:  # Nyström calls the dense softmax kernel twice; linear attention has its own kernels
-        fs = FusedSpec("dot", None, None, "softmax", None, 0)
+        fused = FusedAttention("dot", spec.scale, None, None, "softmax", None, 0)
         kind = "linear" if isinstance(node, LinearAttention) else "nystrom"
+    ndims = {n: len(i.shape) or 1 for n, i in spec.inputs.items()}  # 0-d: viewed as (1,)
+    generator = FusedGenerator(fused, {n for n, i in spec.inputs.items() if i.is_float}, ndims)
     meta = {
-        "name": spec.name, "hash": spec.hash, "kind": kind, "normalize": fs.normalize,
-        "topk": fs.topk, "memory_tokens": fs.memory_tokens, "masked": fs.mask is not None,
+        "name": spec.name, "hash": spec.hash, "kind": kind, "normalize": fused.normalize,
+        "topk": fused.topk, "memory_tokens": fused.memory_tokens, "masked": fused.mask is not None,
         "projection": getattr(node, "projection", None),
         "landmarks": node.landmarks if isinstance(node, Nystrom) else None,
         "feature_map": getattr(node, "feature_map", None),
         "features": getattr(node, "features", None),
-        "causal": bool(getattr(node, "causal", False)), "expr_inputs": fs.expr_inputs,
+        "causal": bool(getattr(node, "causal", False)), "expr_inputs": generator.expr_inputs,
     }
     doc = [f'"""attncc-generated Triton kernels for the spec {spec.name!r} ({kind}).', "",
            f"spec hash: {spec.hash}", f"config:    {config}",
-           f"score:     {fs.score}, scale {spec.scale}", f"score_mod: {fs.score_mod}",
-           f"mask:      {fs.mask}",
-           f"normalize: {fs.normalize}" + (f" (top {fs.topk})" if fs.topk else ""),
-           f"memory:    {fs.memory_tokens} token(s)"]
+           f"score:     {fused.score}, scale {spec.scale}", f"score_mod: {fused.score_mod}",
+           f"mask:      {generator.mask}",
+           f"normalize: {fused.normalize}" + (f" (top {fused.topk})" if fused.topk else ""),
+           f"memory:    {fused.memory_tokens} token(s)"]
     doc = [*(wrapped for line in doc
              for wrapped in textwrap.wrap(line, 99, subsequent_indent=" " * 11) or [""]),
            "", _GLOSSARY, '"""']
@@ -147,8 +141,6 @@ def generate(spec, node, config: dict, backward: bool = True) -> str:
         functions = [linear_kernel()]
     else:
         kernels = {"fwd": "_fwd", "bwd_dq": "_bwd_dq", "bwd_dkdv": "_bwd_dkdv"}
-        ndims = {n: len(i.shape) or 1 for n, i in spec.inputs.items()}  # 0-d: viewed as (1,)
-        generator = FusedGenerator(fs, ndims)
         functions = [f.text() for f in generator.functions(backward)]
         if generator.no_backward is not None or not backward:  # a backward call says why
             meta["no_backward"] = generator.no_backward or (
