@@ -37,6 +37,7 @@ from attncc.spec.numeric import evaluate
 from attncc.spec.symbols import INDEX_SYMBOLS, score
 
 from .mixed import HALF, Mixed
+from .segments import as_tile
 
 #: The most query rows the decode path takes (a decoding step; speculative or chunked ones).
 MAX_ROWS = 16
@@ -146,7 +147,7 @@ class DecodeRunner:
         q = call.q
         value = evaluate(expr, env or {}, xp, _ranges(q, call.sizes))
         dtype = torch.float32 if q.dtype in HALF else q.dtype
-        return _heads(_tile(value, q.device, dtype), kv_heads, group)
+        return _heads(as_tile(value, 5, q.device, dtype), kv_heads, group)
 
     def _env(self, call, q5):
         """The tile's index environment (``LAYOUT``): ``b``, ``h`` and ``q_idx`` cached per
@@ -187,7 +188,7 @@ class DecodeRunner:
         keep = self._viewed(call, q5)
         if keep is None:
             env = env if env is not None else self._env(call, q5)
-            keep = _tile(evaluate(self._read, env, xp, _ranges(q5, call.sizes)), q5.device)
+            keep = as_tile(evaluate(self._read, env, xp, _ranges(q5, call.sizes)), 5, q5.device)
         if static[0] is not None:
             keep = keep & static[0]
         if bool(keep.all()):
@@ -224,7 +225,7 @@ class DecodeRunner:
         key = (*sorted(call.sizes.items()), str(q5.device))
         if key not in self._masks:
             with torch.inference_mode(False):  # cached: usable by later calls with autograd
-                keep = _tile(evaluate(static, self._env(call, q5), xp), q5.device)
+                keep = as_tile(evaluate(static, self._env(call, q5), xp), 5, q5.device)
             dead = ~keep.any(dim=-1, keepdim=True)
             if len(self._masks) >= MAX_CACHED:
                 self._masks.clear()
@@ -247,13 +248,6 @@ def _plain_read(expr):
     if firsts != sorted(set(firsts)):
         return None
     return expr.base.label.name, names
-
-
-def _tile(value, device, dtype=None):
-    """An evaluated expression (a mask term: bool) as a tensor of the tile's 5 dims (one that
-    reads no index is 0-d)."""
-    x = torch.as_tensor(value, dtype=dtype, device=device)
-    return x.reshape((1,) * (5 - x.dim()) + tuple(x.shape))
 
 
 def _ranges(q, sizes: dict) -> dict:

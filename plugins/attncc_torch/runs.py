@@ -36,7 +36,7 @@ from attncc.spec.numeric import evaluate
 from attncc.spec.symbols import b, kv_idx, q_idx
 
 from .runs_grad import LossyBackward, SegmentCalls, WholeCall, lossy, regroup, rows
-from .segments import Run, build_segments, calls, causal_squares, run_env, run_mask
+from .segments import Run, as_tile, build_segments, calls, causal_squares, run_env, run_mask
 
 NEG_INF = float("-inf")
 #: Keys per fused call below which torch's bfloat16 CPU flash backward is slower than float32
@@ -194,13 +194,12 @@ class RunsForward:
         nb, nh, nq = shape[0], shape[1], shape[2]
         env = _whole_env(self.sizes, inputs, nb, nh, 1, seq_k)
         bias = evaluate(self.bias, env, xp) if self.bias is not None else 0.0
-        tile = torch.as_tensor(bias, dtype=dtype)
+        tile = as_tile(bias, 4, dtype=dtype)
         low = lossy(tile)
         dead = None
         if self.key_mask is not None:
             ranges = {"b": nb, "h": nh, "q_idx": 1, "kv_idx": seq_k}
-            keep = torch.as_tensor(evaluate(self.key_mask, env, xp, ranges))
-            keep = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))
+            keep = as_tile(evaluate(self.key_mask, env, xp, ranges), 4)
             tile = torch.where(keep, tile, NEG_INF)
             # top-left causal: row i sees keys 0..i, so it is empty before the first kept key
             # (every row is, where none is kept: nq may exceed seq_k)
@@ -209,7 +208,6 @@ class RunsForward:
             dead = (torch.arange(nq) < first if self.causal
                     else (first == none).expand(-1, -1, nq))
             dead = dead if bool(dead.any()) else None
-        tile = tile.reshape((1,) * (4 - tile.dim()) + tuple(tile.shape))
         return tile.expand(tile.shape[0], tile.shape[1], nq, seq_k), dead, low
 
     def _hankel(self, shape, seq_k: int, inputs: dict, dtype):
@@ -218,8 +216,7 @@ class RunsForward:
         fixed = _whole_env(self.sizes, inputs, shape[0], shape[1])
         offsets = WHOLE.place("q_idx", torch.arange(shape[2] + seq_k - 1) - (seq_k - 1))
         t = evaluate(self.offsets, {**fixed, OFFSET.name: offsets}, xp)
-        t = torch.as_tensor(t, dtype=dtype)
-        t = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))[..., 0]
+        t = as_tile(t, 4, dtype=dtype)[..., 0]
         t = t.expand(t.shape[0], t.shape[1], shape[2] + seq_k - 1).contiguous()
         bs, hs, _ = t.stride()
         return t.as_strided((t.shape[0], t.shape[1], shape[2], seq_k),

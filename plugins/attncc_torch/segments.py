@@ -247,13 +247,18 @@ def run_keep(mask, seg: Segment, runs: tuple[Run, ...], sizes: dict, inputs: dic
     side (one call's keys); equal tiles of all blocks (a translation-invariant band) are stored
     once. A mask that reads b has one batch entry per slice (nb = 1); otherwise b is unused."""
     env, length = run_env(seg, runs, seg.b0, sizes, inputs, device)
-    keep = evaluate(mask, env, xp)
-    if isinstance(keep, bool):
-        keep = torch.full((1, 1, 1, 1), keep, device=device)
+    keep = as_tile(evaluate(mask, env, xp), 4, device)
     keep = torch.broadcast_to(keep, (*keep.shape[:2], seg.rows, length))
     if keep.shape[0] > 1 and bool((keep == keep[:1]).all()):
         keep = keep[:1]
     return keep
+
+
+def as_tile(value, ndim: int, device=None, dtype=None):
+    """An evaluated expression (a Python scalar, or a tensor of at most ``ndim`` dims, as
+    ``evaluate`` gives over a ``Layout``) as a tensor of ``ndim`` dims, size-1 dims leading."""
+    x = torch.as_tensor(value, dtype=dtype, device=device)
+    return x if x.dim() == ndim else x.reshape((1,) * (ndim - x.dim()) + tuple(x.shape))
 
 
 def run_mask(mask, seg: Segment, runs: tuple[Run, ...], sizes: dict, inputs: dict, dtype,
