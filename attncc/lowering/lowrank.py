@@ -61,12 +61,8 @@ def nystrom_factors(q, k, landmarks: int, scale: float, *, exact_pinv: bool = Tr
     kernel_1 = softmax(scale * (q_rows @ k_land_t))
     kernel_2 = softmax(scale * (q_land @ k_land_t))
     kernel_3 = softmax(scale * (q_land @ k.mT))
-    if exact_pinv:
-        inverse = xp.linalg.pinv(xp.astype(kernel_2, xp.float64))
-        inverse = xp.astype(inverse, q.dtype, copy=False)
-    else:
-        inverse = xp.linalg.pinv(kernel_2)
-    return kernel_1, inverse, kernel_3
+    inverted = xp.linalg.pinv(xp.astype(kernel_2, xp.float64) if exact_pinv else kernel_2)
+    return kernel_1, xp.astype(inverted, q.dtype, copy=False), kernel_3
 
 
 def nystrom_text(landmarks: int, scale: str, *, exact_pinv: bool) -> list[str]:
