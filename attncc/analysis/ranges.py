@@ -69,11 +69,8 @@ def _reduce(t: np.ndarray, pos: int, lo: np.ndarray, hi: np.ndarray, fn) -> np.n
         width = 1 << k
         part = fn(_gather(level, pos, np.where(chosen, start, 0)),
                   _gather(level, pos, np.where(chosen, end - width + 1, 0)))
-        if result is None:
-            result = part
-        else:
-            pick = chosen.reshape(chosen.shape + (1,) * (part.ndim - BOX_AXES))
-            result = np.where(pick, part, result)
+        pick = chosen.reshape(chosen.shape + (1,) * (part.ndim - BOX_AXES))
+        result = part if result is None else np.where(pick, part, result)
     return result
 
 
