@@ -65,7 +65,7 @@ def linear_attention(node, q, k, v, omega=None, *, chunk: int):
     """``(B, H, Nq, Dv)`` in q's dtype of the LinearAttention ``node`` (its ``feature_map`` and
     ``causal``): ``out_i = φ(q_i)·S_i / φ(q_i)·z_i`` with ``S_i = Σ_j φ(k_j)ᵀ v_j`` and
     ``z_i = Σ_j φ(k_j)`` over every key, or (causal) over ``j <= i``, by chunks of ``chunk``
-    positions; q ``(B, H, Nq, D)``, k, v ``(B, Hkv, Nk, .)``. The torch backend's scan.
+    positions; q ``(B, H, Nq, D)``, k, v ``(B, Hkv, Nk, .)``. The numpy and torch backends' scan.
 
     The query heads of a kv head are stacked on the row axis of every product (or broadcast
     against a per-kv-head state), never K/V: nothing is copied per query head.
@@ -124,6 +124,6 @@ def linear_text(kind: str, causal: bool, chunk: int) -> list[str]:
     if not causal:
         return [*lines, "out = fq @ (fk.T @ v) / (fq @ sum(fk))   # 0 where the denominator is 0"]
     return [*lines, f"causal, chunks c of {chunk}: S_c = fk_c.T @ v_c, z_c = sum(fk_c); "
-            "running sums before c: S< = cumsum(S) - S, z< = cumsum(z) - z",
+            "sums of the chunks before c: S<_c = S<_(c-1) + S_(c-1), z<_c likewise",
             "out_c = (fq_c @ S<_c + tril(fq_c @ fk_c.T) @ v_c) / (fq_c @ z<_c + "
             "rowsum(tril(fq_c @ fk_c.T)))   # 0 where the denominator is 0"]
