@@ -12,6 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from attncc.errors import BackendError
+from attncc.ir.graph import LinearAttention, Nystrom, attention_node
+
 
 @dataclass(frozen=True)
 class Support:
@@ -25,6 +28,17 @@ class Support:
 
 
 SUPPORTED = Support(True)
+
+
+def lowered_node(graph, backend: str, fused: str) -> tuple[str, Any]:
+    """``(kind, node)``: the graph's attention node (``attncc.ir.graph.attention_node``) and its
+    kind, ``"linear"``, ``"nystrom"`` or, for a FusedAttention, ``fused`` (the backend's word);
+    BackendError ``"<backend> backend: <why>"`` where the graph has no attention node."""
+    try:
+        _, node = attention_node(graph)
+    except ValueError as err:
+        raise BackendError(f"{backend} backend: {err}") from None
+    return {LinearAttention: "linear", Nystrom: "nystrom"}.get(type(node), fused), node
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,9 @@ import functools
 import numpy as np
 import torch
 
-from attncc.backends.base import SUPPORTED, Backend, SearchSpace, Support
+from attncc.backends.base import SUPPORTED, Backend, SearchSpace, Support, lowered_node
 from attncc.backends.config import full_config
-from attncc.errors import AttnccError, BackendError
-from attncc.ir.graph import LinearAttention, Nystrom, attention_node
+from attncc.errors import AttnccError
 from attncc.plan import EMPTY, build_plan
 
 from .kernel import TorchKernel
@@ -45,16 +44,6 @@ __all__ = ["TorchBackend", "TorchKernel"]
 BLOCKS = (16, 32, 64, 128, 256)
 #: Score elements per tile (the memory bound of one step; 16 MiB in float32).
 TILE_ELEMS = 1 << 22
-_KINDS = {LinearAttention: "linear", Nystrom: "nystrom"}
-
-
-def _node(graph):
-    """``(attention node, lowering kind)``: flash, linear or nystrom by node type."""
-    try:
-        _, node = attention_node(graph)
-    except ValueError as err:
-        raise BackendError(f"torch backend: {err}") from None
-    return node, _KINDS.get(type(node), "flash")
 
 
 class TorchBackend(Backend):
@@ -69,7 +58,7 @@ class TorchBackend(Backend):
             return Support(False, "torch sees no CUDA device here; use a cpu target")
         if kind not in ("cpu", "cuda"):
             return Support(False, f"torch backend runs on cpu or cuda targets, not {kind!r}")
-        _node(graph)
+        lowered_node(graph, "torch", "flash")
         return SUPPORTED
 
     def search_space(self, graph, target) -> SearchSpace:
@@ -94,7 +83,7 @@ class TorchBackend(Backend):
           ``tile_elems`` bounds memory and has one value; ``group_blocks`` 1 ran slower than 4
           and more and is not offered.
         """
-        node, kind = _node(graph)
+        kind, node = lowered_node(graph, "torch", "flash")
         cuda = target is not None and getattr(target, "kind", "cpu") == "cuda"
         if kind == "linear":
             return SearchSpace({"chunk": (16, 32, 64, 128, 256)})
@@ -131,7 +120,7 @@ class TorchBackend(Backend):
 
     def default_config(self, graph, target) -> dict:
         """An untuned config that is fast enough on CPU and valid everywhere."""
-        node, kind = _node(graph)
+        kind, node = lowered_node(graph, "torch", "flash")
         if kind == "linear":
             return {"chunk": 64}
         if kind == "nystrom":
@@ -150,7 +139,8 @@ class TorchBackend(Backend):
         full = full_config(self, graph, target, config,
                            why="use_sdpa needs a dot-product softmax spec; block_m * block_n * "
                                "kv_chunk must stay within tile_elems, at most 2**24 on CPU")
-        return TorchKernel(graph, *_node(graph), full)
+        kind, node = lowered_node(graph, "torch", "flash")
+        return TorchKernel(graph, node, kind, full)
 
     def priority(self, target) -> int:
         return 20 if getattr(target, "kind", "cpu") == "cuda" else 10

@@ -11,10 +11,8 @@ runs under ``TRITON_INTERPRET=1`` (slow; for tests).
 
 from __future__ import annotations
 
-from attncc.backends.base import SUPPORTED, Backend, SearchSpace, Support
+from attncc.backends.base import SUPPORTED, Backend, SearchSpace, Support, lowered_node
 from attncc.backends.config import full_config
-from attncc.errors import BackendError
-from attncc.ir.graph import LinearAttention, Nystrom, attention_node
 
 from .kernel import TritonKernel
 from .runtime import interpreted
@@ -25,11 +23,7 @@ __all__ = ["TritonBackend", "TritonKernel"]
 
 
 def _kind(graph) -> tuple[str, object]:
-    try:
-        _, node = attention_node(graph)
-    except ValueError as err:
-        raise BackendError(f"triton backend: {err}") from None
-    return {LinearAttention: "linear", Nystrom: "nystrom"}.get(type(node), "fused"), node
+    return lowered_node(graph, "triton", "fused")
 
 
 def interpreter_problem() -> str:
