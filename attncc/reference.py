@@ -18,7 +18,7 @@ import numpy as np
 
 from attncc.bind import Bound, bind, shared_kv
 from attncc.errors import InputError
-from attncc.lowering.requests import check_stats, select
+from attncc.lowering.requests import check_stats, has_lse, select
 from attncc.spec.load import load_spec
 from attncc.spec.numeric import evaluate, logistic
 
@@ -43,11 +43,11 @@ def attend(spec, q, k, v, inputs: dict, *, return_lse: bool = False):
     spec = load_spec(spec)
     bound = bind(spec, q, k, v, inputs)
     k, v = shared_kv(q, k, v)
-    if return_lse and spec.normalize not in ("softmax", "topk"):
-        raise InputError(f"return_lse: the log-sum-exp exists for normalize softmax and topk, "
+    if return_lse and not has_lse(spec_kind(spec), spec.normalize):
+        raise InputError("return_lse: nystrom approximates the softmax and has no log-sum-exp"
+                         if spec_kind(spec) == "nystrom" else
+                         f"return_lse: the log-sum-exp exists for normalize softmax and topk, "
                          f"not {spec.normalize}")
-    if return_lse and spec.lowrank is not None and spec.lowrank.method == "nystrom":
-        raise InputError("return_lse: nystrom approximates the softmax and has no log-sum-exp")
     rows = _weights(spec, bound, q, k, v, array_api_compat.array_namespace(q))
     out = rows.weights @ rows.values
     return (out, rows.lse) if return_lse else out

@@ -31,8 +31,8 @@ import numpy as np
 
 from attncc.ir.graph import LinearAttention, attention_node
 from attncc.lowering.lowrank import nystrom_factors
-from attncc.lowering.prologue import lse_refusal, prologue
-from attncc.lowering.requests import check_stats, node_kind, select
+from attncc.lowering.prologue import prologue
+from attncc.lowering.requests import check_stats, has_lse, node_kind, select
 from attncc.lowering.tile_pass import BLOCK_M, TilePass
 from attncc.passes.pipeline import lower
 
@@ -68,7 +68,7 @@ def _checked(kernel, q, k, v, inputs: dict, return_lse: bool = False):
 def _norm(kernel, node, call, q, k, v, inputs: dict):
     """``(out, norm)``: the kernel's output and its lse (softmax, top-k, Linformer), the linear
     ``denominator``, or None."""
-    if lse_refusal(node) is None:
+    if has_lse(node_kind(node), getattr(node, "normalize", "")):
         return kernel(q, k, v, return_lse=True, **inputs)
     out = kernel(q, k, v, **inputs)
     return out, (denominator(node, call) if isinstance(node, LinearAttention) else None)

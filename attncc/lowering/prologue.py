@@ -7,8 +7,8 @@
 2. ``attncc.bind.bind``: ranks, shapes, dtypes, devices and the spec's declared inputs;
 3. the compute dtype (``COMPUTE``): float16, bfloat16 and float32 compute in float32, float64 in
    float64; a backend lists the input dtypes it computes (``dtypes``);
-4. the lse rule: ``return_lse`` only where the lowering has a log-sum-exp (softmax and top-k
-   fused kernels; not sigmoid, linear or Nyström);
+4. the lse rule: ``return_lse`` only where the lowering has a log-sum-exp
+   (``attncc.lowering.requests.has_lse``: softmax and top-k; not sigmoid, linear or Nyström);
 5. casts: q, k, v and the floating inputs to the compute dtype (no copy when already there).
 
 It returns a frozen ``Call``. The Triton generator uses ``COMPUTE`` for its accumulator type.
@@ -23,9 +23,10 @@ import array_api_compat
 
 from attncc.bind import Bound, bind, namespace, shared_kv
 from attncc.errors import InputError
-from attncc.ir.graph import LinearAttention, Nystrom
+from attncc.ir.graph import Nystrom
+from attncc.lowering.requests import has_lse, node_kind
 
-__all__ = ["COMPUTE", "Call", "dtype_name", "lse_refusal", "prologue"]
+__all__ = ["COMPUTE", "Call", "dtype_name", "prologue"]
 
 #: Input dtype name -> compute (accumulation) dtype name.
 COMPUTE = {"float16": "float32", "bfloat16": "float32", "float32": "float32",
@@ -50,16 +51,6 @@ class Call(Bound):
     v: object
     raw_inputs: dict
     dtype: object
-
-
-def lse_refusal(node) -> str | None:
-    """None where the attention ``node`` has a log-sum-exp (a fused softmax or top-k), else
-    what it is instead (``normalize sigmoid``, ``normalize linear``, ``low-rank nystrom``)."""
-    if isinstance(node, Nystrom):
-        return "low-rank nystrom"
-    if isinstance(node, LinearAttention):
-        return "normalize linear"
-    return None if node.normalize in ("softmax", "topk") else f"normalize {node.normalize}"
 
 
 @functools.lru_cache(maxsize=64)
@@ -88,10 +79,11 @@ def prologue(spec, node, q, k, v, inputs: dict, *, backend: str, library: str,
     if name not in dtypes:
         listed = ", ".join(dtypes[:-1]) + f" and {dtypes[-1]}"
         raise InputError(f"q: the {backend} backend computes {listed}, got {q.dtype}")
-    refusal = lse_refusal(node)
-    if return_lse and refusal is not None:
+    normalize = getattr(node, "normalize", "linear")  # LinearAttention and Nystrom have none
+    if return_lse and not has_lse(node_kind(node), normalize):
+        has = "low-rank nystrom" if isinstance(node, Nystrom) else f"normalize {normalize}"
         raise InputError(f"return_lse: the log-sum-exp exists for normalize softmax and topk "
-                         f"(not low-rank nystrom); this spec has {refusal}")
+                         f"(not low-rank nystrom); this spec has {has}")
     if not cast:
         return Call(bound.sizes, bound.inputs, bound.scale, q=q, k=k, v=v,
                     raw_inputs=bound.inputs, dtype=q.dtype)

@@ -26,7 +26,7 @@ import numpy as np
 from attncc.errors import InputError
 from attncc.ir.graph import LinearAttention, Nystrom
 
-__all__ = ["DEFINED", "MAP_CAP", "STATS", "check_stats", "node_kind", "select"]
+__all__ = ["DEFINED", "MAP_CAP", "STATS", "check_stats", "has_lse", "node_kind", "select"]
 
 #: Bytes above which a map request is refused (pass fewer rows or heads).
 MAP_CAP = 2 << 30
@@ -51,6 +51,12 @@ def node_kind(node) -> str:
     if isinstance(node, LinearAttention):
         return "linear"
     return "linformer" if node.projection is not None else node.normalize
+
+
+def has_lse(kind: str, normalize: str) -> bool:
+    """Whether attention of ``kind`` (``node_kind``) with this ``normalize`` has a log-sum-exp
+    (``DEFINED``: softmax, top-k, and Linformer over either)."""
+    return "lse" in DEFINED[kind] and (kind != "linformer" or "lse" in DEFINED[normalize])
 
 
 def check_stats(kind: str, normalize: str, stats) -> tuple[str, ...]:

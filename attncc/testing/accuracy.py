@@ -37,7 +37,8 @@ import array_api_compat
 import numpy as np
 
 from attncc.lowering.prologue import dtype_name
-from attncc.reference import attend, reference
+from attncc.lowering.requests import has_lse
+from attncc.reference import attend, reference, spec_kind
 from attncc.spec.load import load_spec
 
 #: How many times the eager same-dtype error a backend may reach.
@@ -166,13 +167,12 @@ def check_kernel(kernel, spec, q, k, v, inputs: dict | None = None, *, grads: bo
     spec = load_spec(spec)
     inputs = dict(inputs or {})
     dtype = dtype_name(q.dtype)
-    has_lse = spec.normalize in ("softmax", "topk") and not (
-        spec.lowrank is not None and spec.lowrank.method == "nystrom")
-    ref = reference(spec, q, k, v, return_lse=has_lse, **inputs)
-    eager, eager_dtype, factor, note = yardstick(spec, q, k, v, inputs, has_lse)
-    got = kernel(q, k, v, return_lse=has_lse, **inputs)
+    lse = has_lse(spec_kind(spec), spec.normalize)
+    ref = reference(spec, q, k, v, return_lse=lse, **inputs)
+    eager, eager_dtype, factor, note = yardstick(spec, q, k, v, inputs, lse)
+    got = kernel(q, k, v, return_lse=lse, **inputs)
     yard = {"eager_dtype": eager_dtype, "eager_factor": factor}
-    if has_lse:
+    if lse:
         checks = [judge("out", got[0], eager[0], ref[0], dtype, **yard),
                   judge("lse", got[1], eager[1], ref[1], dtype, **yard)]
     else:
