@@ -34,8 +34,7 @@ def sizes_for(spec, batch: int, seq_q: int, seq_k: int, *, heads: int | None = N
     """
     spec = load_spec(spec)
     heads = spec.heads or heads or DEFAULT_HEADS
-    kv_heads = spec.kv_heads or (spec.heads if spec.heads else
-                                 (heads // 2 if heads % 2 == 0 else heads))
+    kv_heads = spec.kv_heads or (heads // 2 if not spec.heads and heads % 2 == 0 else heads)
     head_dim = spec.head_dim or head_dim or DEFAULT_HEAD_DIM
     # an open value_dim differs from head_dim, so kernels that mix the two up fail
     value_dim = spec.value_dim or spec.head_dim or value_dim or head_dim + 8
