@@ -41,9 +41,11 @@ block_options = stacked(
                  help="Key block size of the plan."))
 
 
-def size_options(seq: int, batch: int = 1, *, heads: bool = True):
+def size_options(seq: int, batch: int = 1, *, heads: bool = True,
+                 head_dim: int = DEFAULT_HEAD_DIM):
     """--batch, --seq, --seq-k, --heads, --head-dim with command-specific defaults (without
-    --heads where ``heads`` is False: the command defines its own)."""
+    --heads where ``heads`` is False: the command defines its own; ``head_dim`` is the default
+    the command uses, for the help)."""
     return stacked(
         click.option("--batch", type=click.IntRange(min=1), default=batch, show_default=True,
                      help="Batch size."),
@@ -56,14 +58,18 @@ def size_options(seq: int, batch: int = 1, *, heads: bool = True):
                              f"(default {DEFAULT_HEADS}).")] if heads else []),
         click.option("--head-dim", type=click.IntRange(min=1), default=None,
                      help=f"Head dimension where the spec leaves it open "
-                          f"(default {DEFAULT_HEAD_DIM})."))
+                          f"(default {head_dim})."))
 
 
 def every_backend_options(verb: str, seq: int, batch: int):
     """What ``check`` and ``bench`` share: SPEC, the sizes, --dtype, a repeatable --backend,
-    --target and --seed (``verb`` words the --backend help)."""
+    --target and --seed (``verb`` words the --backend help). Their open sizes are
+    ``attncc.testing``'s."""
+    from attncc.testing import inputs
+
     return stacked(
-        spec_argument, size_options(seq=seq, batch=batch), dtype_option,
+        spec_argument, size_options(seq=seq, batch=batch, head_dim=inputs.DEFAULT_HEAD_DIM),
+        dtype_option,
         click.option("--backend", "backend_names", multiple=True, metavar="NAME",
                      help=f"{verb} only this backend (repeatable); default: every installed "
                           "one."),

@@ -99,6 +99,13 @@ def test_check_passes_a_backend_that_agrees(specs):
     assert "batch=1 heads=4 kv_heads=2 seq_q=32 seq_k=32" in out
 
 
+@pytest.mark.parametrize("command", ["check", "show"])
+def test_head_dim_help_names_the_default_the_command_runs(specs, command):
+    help_text = " ".join(assert_ok(invoke(command, "--help")).split())
+    shown = int(help_text.split("leaves it open (default ")[1].split(")")[0])
+    args = ("--backend", "numpy") if command == "check" else ()
+    out = assert_ok(invoke(command, specs["causal"], "--seq", 32, *args))
+    assert f"head_dim={shown}" in out.replace(" = ", "=").replace(": ", "=")
 class _Skewed:
     """Wraps the numpy backend; its kernel adds 1e-3 to the output, so it must FAIL."""
 
