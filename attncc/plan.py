@@ -345,12 +345,16 @@ def _arrays(reads: tuple, inputs: dict | None) -> dict:
     return {name: host_array(inputs[name]) for name in reads}
 
 
-def host_array(x) -> np.ndarray:
-    """An input as a host NumPy array (a torch tensor moved to the CPU; its float16 and
-    bfloat16, which NumPy lacks, as float32)."""
+def host_array(x, keep_float16: bool = False) -> np.ndarray:
+    """An array or tensor as a host NumPy array: a torch tensor detached and moved to the CPU,
+    its bfloat16 (which NumPy lacks) as float32, its float16 as float32 too (the dtype the
+    kernels evaluate inputs in) unless ``keep_float16``."""
     if hasattr(x, "detach"):
         x = x.detach().cpu()
-        return (x.float() if x.dtype.is_floating_point and x.dtype.itemsize < 4 else x).numpy()
+        half = x.dtype.is_floating_point and x.dtype.itemsize < 4
+        if half and not (keep_float16 and str(x.dtype) == "torch.float16"):
+            x = x.float()
+        return x.numpy()
     return np.asarray(x)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from attncc.bind import Bound, bind, shared_kv
 from attncc.errors import InputError
 from attncc.lowering.requests import check_stats, has_lse, select
+from attncc.plan import host_array
 from attncc.spec.load import load_spec
 from attncc.spec.numeric import evaluate, logistic
 
@@ -32,9 +33,7 @@ def reference(spec, q, k, v, *, return_lse: bool = False, **inputs):
     ``spec`` is anything ``load_spec`` takes; tensors may be NumPy arrays or torch tensors of any
     floating dtype; they are converted to float64 NumPy first.
     """
-    q, k, v = (_as_numpy(x, wide=True) for x in (q, k, v))
-    # Only floating inputs are widened; a wrong dtype is left for bind() to report.
-    inputs = {n: _as_numpy(x, wide=False) for n, x in inputs.items()}
+    q, k, v, inputs = _host64(q, k, v, inputs)
     return attend(spec, q, k, v, inputs, return_lse=return_lse)
 
 
@@ -65,8 +64,7 @@ def attention_map(spec, q, k, v, *, heads=None, rows=None, **inputs):
     softmax over the projected keys (memory columns as they are); Nyström the effective matrix
     ``softmax(Q K̃ᵀ)·pinv(softmax(Q̃ K̃ᵀ))·softmax(Q̃ Kᵀ)`` (not normalised, may be negative).
     """
-    q, k, v = (_as_numpy(x, wide=True) for x in (q, k, v))
-    inputs = {n: _as_numpy(x, wide=False) for n, x in inputs.items()}
+    q, k, v, inputs = _host64(q, k, v, inputs)
     spec = load_spec(spec)
     bound = bind(spec, q, k, v, inputs)
     heads, rows = select(bound.sizes, spec.memory_tokens, heads, rows, itemsize=8)
@@ -81,8 +79,7 @@ def attention_stats(spec, q, k, v, *, stats, **inputs) -> dict:
     """Per-row statistics ``{name: (B, H, Nq) float64}`` by their definitions on the dense
     weights of ``attention_map`` (``attncc.lowering.requests`` documents each and which
     normalisations define it)."""
-    q, k, v = (_as_numpy(x, wide=True) for x in (q, k, v))
-    inputs = {n: _as_numpy(x, wide=False) for n, x in inputs.items()}
+    q, k, v, inputs = _host64(q, k, v, inputs)
     spec = load_spec(spec)
     bound = bind(spec, q, k, v, inputs)
     names = check_stats(spec_kind(spec), spec.normalize, stats)
@@ -262,12 +259,10 @@ def _nystrom(m: int, scale: float, q, k, xp):
     return xp.matmul(xp.matmul(kernel_1, xp.linalg.pinv(kernel_2)), kernel_3)
 
 
-def _as_numpy(x, wide: bool):
-    """``x`` as a NumPy array, float64 where it is floating (or everywhere when ``wide``)."""
-    if array_api_compat.is_torch_array(x):
-        x = x.detach().cpu()
-        return (x.double() if wide or x.is_floating_point() else x).numpy()
-    x = np.asarray(x)
-    if wide or np.issubdtype(x.dtype, np.floating):
-        return x.astype(np.float64, copy=False)
-    return x
+def _host64(q, k, v, inputs: dict) -> tuple:
+    """``(q, k, v, inputs)`` as host NumPy arrays (``attncc.plan.host_array``): q, k, v in
+    float64, the floating inputs too (a wrong dtype is left for bind() to report)."""
+    host = {n: host_array(x) for n, x in inputs.items()}
+    return (*(host_array(x).astype(np.float64, copy=False) for x in (q, k, v)),
+            {n: x.astype(np.float64, copy=False) if x.dtype.kind == "f" else x
+             for n, x in host.items()})

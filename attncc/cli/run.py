@@ -32,6 +32,7 @@ def run(spec: str, inputs_path: str, out_path: str, backend: str, target_name: s
         dtype: str | None, lse: bool, repeat: int) -> None:
     """Run SPEC on the arrays in an .npz and save the output; print the call times."""
     from attncc.api import compile as compile_spec
+    from attncc.plan import host_array
 
     loaded = load(spec)
     arrays = read_npz(inputs_path, loaded)
@@ -51,9 +52,9 @@ def run(spec: str, inputs_path: str, out_path: str, backend: str, target_name: s
     result, first = timed_call()
     times = [timed_call()[1] for _ in range(repeat)]
     out, lse_value = result if lse else (result, None)
-    saved = {"out": as_numpy(out)}
+    saved = {"out": host_array(out, keep_float16=True)}
     if lse:
-        saved["lse"] = as_numpy(lse_value)
+        saved["lse"] = host_array(lse_value, keep_float16=True)
     with open(out_path, "wb") as file:  # a file object: savez would append .npz to a name
         np.savez(file, **saved)
     click.echo(f"{loaded.name} on {kernel.backend}: out {tuple(saved['out'].shape)} "
@@ -115,18 +116,6 @@ def to_library(kernel, target, qkv: tuple, inputs: dict):
         return to_torch(x)
 
     return tuple(convert(x) for x in qkv), {n: convert(x) for n, x in inputs.items()}
-
-
-def as_numpy(x) -> np.ndarray:
-    """A NumPy copy of an array or tensor (bfloat16 widened to float32, which NumPy lacks)."""
-    if isinstance(x, np.ndarray):
-        return x
-    if hasattr(x, "detach"):
-        import torch
-
-        x = x.detach().cpu()
-        return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
-    return np.asarray(x)
 
 
 def _cast(x: np.ndarray, dtype: str | None) -> np.ndarray:

@@ -38,6 +38,7 @@ import numpy as np
 
 from attncc.lowering.prologue import dtype_name
 from attncc.lowering.requests import has_lse
+from attncc.plan import host_array
 from attncc.reference import attend, reference, spec_kind
 from attncc.spec.load import load_spec
 
@@ -258,6 +259,4 @@ def _float32(spec, q, k, v, inputs: dict) -> tuple:
 
 
 def _numpy64(x) -> np.ndarray:
-    if array_api_compat.is_torch_array(x):
-        return x.detach().cpu().double().numpy()
-    return np.asarray(x, dtype=np.float64)
+    return np.asarray(host_array(x), dtype=np.float64)
