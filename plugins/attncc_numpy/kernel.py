@@ -7,7 +7,7 @@ dtype. Inputs must be NumPy arrays.
 ``describe`` writes ``kernel.source``, the lowering as pseudo-code: every line is chosen by the
 same node field the kernel's code branches on, and its text comes from the tables beside the
 code (the shared recipes' ``SCORE_TEXT``, ``STATE_TEXT``, ``TOPK_TEXT`` and ``nystrom_text``;
-``linear_text``); expressions are sympy's own printing of the node's, as
+``linear.describe``); expressions are sympy's own printing of the node's, as
 evaluated on broadcast index arrays.
 """
 
@@ -17,11 +17,12 @@ import sympy
 
 from attncc.backends.base import Kernel
 from attncc.lowering.env import SCORE_TEXT
-from attncc.lowering.features import linear_attention, linear_text
 from attncc.lowering.lowrank import linformer, nystrom, nystrom_text
 from attncc.lowering.prologue import COMPUTE, prologue
 from attncc.lowering.states import STATE_TEXT, TOPK_TEXT
 from attncc.plan import PlanCache
+from attncc_numpy.linear import describe as linear_text
+from attncc_numpy.linear import run_linear
 from attncc_numpy.tiles import Stats, TileScorer, run_fused
 
 DTYPES = ("float16", "float32", "float64")
@@ -58,8 +59,7 @@ class NumpyKernel(Kernel):
                         dtypes=DTYPES, return_lse=return_lse)
         lse = None
         if self.path == "scan":
-            out = linear_attention(node, call.q, call.k, call.v, call.inputs.get("omega"),
-                                   chunk=self.config["chunk"])
+            out = run_linear(node, call.q, call.k, call.v, call.inputs, self.config["chunk"])
         elif self.path == "nystrom":
             out = nystrom(call.q, call.k, call.v, node.landmarks, call.scale)
         else:
@@ -89,7 +89,7 @@ def describe(spec, node, path: str, config: dict) -> str:
     if path == "tiles":
         body = _fused(node, config)
     elif path == "scan":
-        body = linear_text(node.feature_map, node.causal, config["chunk"])
+        body = linear_text(node, config["chunk"])
     else:
         body = nystrom_text(node.landmarks, sympy.sstr(node.scale), exact_pinv=True)
     return "\n".join([*head, "", *body]) + "\n"
