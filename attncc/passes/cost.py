@@ -91,7 +91,7 @@ def _flops(node, args) -> sympy.Expr:
         (batch, heads, seq_q, head_dim), k, v = args[0], args[1], args[2]
         width = node.features if node.feature_map == "performer" else head_dim
         rows = batch * (k[1] * k[2] + heads * seq_q)  # keys into the state, queries out of it
-        total = rows * 2 * width * (v[3] + 1)
+        total = rows * (2 * width * (v[3] + 1))
         if node.feature_map == "performer":
             total += rows * 2 * width * head_dim
         return total
