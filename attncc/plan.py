@@ -183,7 +183,8 @@ class PlanCache:
     ``get(sizes, inputs)`` returns the plan for ``sizes`` (only the sizes the plan depends on
     count) and, where the mask reads inputs, their dtype, shape and a digest of their bytes:
     equal inputs reuse their plan, a changed one never does; inputs past ``CONTENT_CAP`` bytes
-    in all are not cached. Holds up to ``size`` plans (LRU). Raises what ``build_plan`` raises.
+    in all are not cached. Holds up to ``size`` plans (LRU). A hit costs a tuple and a dict
+    lookup for an index-only mask. Raises what ``build_plan`` raises.
     """
 
     def __init__(self, node, block_m: int, block_n: int, size: int = 16):

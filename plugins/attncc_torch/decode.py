@@ -15,11 +15,14 @@ Memory: ``O(heads * seq_q * seq_k)``, linear in the keys for bounded ``seq_q``. 
 torch's own through these ops (gradients of score_mod inputs included); the log-sum-exp, where
 asked for, comes from the dense scores (SDPA returns none).
 
-The mask is split into its conjuncts: those that read no input are evaluated once per call's
-sizes and cached (for one query row without a bottom-right causal term, as that row sits at the
-last key and sees them all); those that read inputs (padding, document ids) per call
-(``_keep``). Rows whose every key the mask removes give zeros and a log-sum-exp of -inf, as on
-the other paths.
+The mask is split into its conjuncts: those that read no input depend only on the sizes and are
+evaluated once per call's sizes and cached (a few at a time; None where they keep every pair);
+for one query row a bottom-right causal term (``strategy.causal_alignment``) is left out, as
+that row sits at the last key and sees them all. Those that read inputs (padding, document ids)
+are read per call: one bool input at plain indices in tile order (padding ``keep[b, kv_idx]``)
+as a reshaped view of it, anything else evaluated with its indices promised in range
+(``evaluate(ranges=)``: the tile's aranges). Rows whose every key the mask removes give zeros
+and a log-sum-exp of -inf, as on the other paths.
 """
 
 from __future__ import annotations

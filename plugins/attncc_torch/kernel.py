@@ -12,10 +12,11 @@ Half types (``_precision``): the sdpa path takes q, k, v as given; on CUDA
 paths, as half products with float32 results (``mixed.py``), and so do decoding steps on the CPU
 (an upcast would copy the whole KV cache per step, ``bench/results/half_cpu.md``); bfloat16 on
 the CPU runs path computes in bfloat16 inside the fused kernels where the CPU has bfloat16
-matmuls (``runs.NATIVE_BF16``); every other path computes in float32. Outputs return in the
-input dtype; autograd works through every path (custom Functions for flash and runs, torch's
-own for the rest). Under ``torch.compile``, ``traceable`` gives the sdpa path as plain torch ops
-(``traced.py``).
+matmuls (``runs.NATIVE_BF16``; float32 accumulation inside them; mask and bias tiles, the
+log-sum-exp merge and the dq/dk/dv sums in float32); every other path, float16 on the CPU runs
+path included, computes in float32. Outputs return in the input dtype; autograd works through
+every path (custom Functions for flash and runs, torch's own for the rest). Under
+``torch.compile``, ``traceable`` gives the sdpa path as plain torch ops (``traced.py``).
 
 ``describe`` writes ``kernel.source`` from the fused node (its fields, and ``node.lowering``:
 which paths serve it and why) and the config, the same values ``TorchKernel`` dispatches on.
