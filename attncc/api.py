@@ -57,10 +57,10 @@ def compile(spec, backend: str = "auto", *, target=None, config: dict | None = N
         kernel.selection = (f"backend {chosen.name} ({why}); config from the config passed in, "
                             "for every shape")
         return kernel
-    store = open_or_warn(db, stacklevel=2)
+    store = open_or_warn(db)
     # each backend's record of the seq bucket (any bucket without seq); a read fault only warns
     bucket = "" if seq is None else bucket_of(seq, seq_k or seq)
-    records = {b.name: find_or_warn(store, Key.of(spec, bucket, dtype, b, target), target, 2,
+    records = {b.name: find_or_warn(store, Key.of(spec, bucket, dtype, b, target), target,
                                     any_bucket=seq is None) for b in candidates}
     # times compare only at a known shape: without seq= the backends' newest records may be of
     # other buckets (a decoding step's against a prefill's), so priority chooses

@@ -6,6 +6,9 @@ CLI prints ``str(err)`` on one line and exits non-zero, with no traceback.
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 
 class AttnccError(Exception):
     """Base class of the errors attncc raises for user mistakes (never for its own bugs)."""
@@ -36,3 +39,13 @@ class InputError(AttnccError, ValueError):
 
 class BackendError(AttnccError, RuntimeError):
     """A backend cannot be found, loaded, or cannot run the given spec on the given target."""
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn(message, category)`` attributed to the first frame outside attncc and its
+    plugins (modules named ``attncc*``): the user's line, however deep inside attncc the warning
+    is raised (a counted ``stacklevel`` is right for one call path only)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("attncc"):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -16,12 +16,12 @@ from __future__ import annotations
 import importlib.resources
 import json
 import os
-import warnings
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from attncc.db.key import DatabaseError, Record
+from attncc.errors import warn
 
 if TYPE_CHECKING:
     from attncc.db.store import Store
@@ -144,5 +144,5 @@ def _shipped(folder: str) -> tuple[tuple[str, Record], ...]:
         try:
             found.extend((str(path), record) for record in read(path))
         except DatabaseError as err:
-            warnings.warn(f"skipping shipped tuning records: {err}", stacklevel=3)
+            warn(f"skipping shipped tuning records: {err}")
     return tuple(found)

@@ -17,13 +17,12 @@ never match.
 from __future__ import annotations
 
 import os
-import warnings
 from typing import TYPE_CHECKING
 
 from attncc.backends import registry
 from attncc.db.exchange import shipped
 from attncc.db.key import Key, Record, bucket_of, upper_bound
-from attncc.errors import AttnccError
+from attncc.errors import AttnccError, warn
 from attncc.spec.load import load_spec
 
 if TYPE_CHECKING:
@@ -60,24 +59,22 @@ def open_store(db) -> Store | None:
         from attncc.db.store import Store
     except ImportError:  # SQLAlchemy missing: shipped records only
         if db is not None or os.environ.get("ATTNCC_DB"):
-            warnings.warn("attncc: the tuning database is not read without SQLAlchemy "
-                          "(pip install 'attncc[tune]'); using the shipped records only",
-                          stacklevel=4)
+            warn("attncc: the tuning database is not read without SQLAlchemy "
+                 "(pip install 'attncc[tune]'); using the shipped records only")
         return None
     return db if isinstance(db, Store) else Store(db)
 
 
-def open_or_warn(db, stacklevel: int):
-    """``open_store(db)``, or False (a warning) where the database cannot be opened; the warning
-    points ``stacklevel`` frames up from the caller."""
+def open_or_warn(db):
+    """``open_store(db)``, or False (a warning) where the database cannot be opened."""
     try:
         return open_store(db)
     except AttnccError as err:
-        warnings.warn(f"attncc: tuning database not used: {err}", stacklevel=stacklevel + 1)
+        warn(f"attncc: tuning database not used: {err}")
         return False
 
 
-def find_or_warn(store, key: Key, target, stacklevel: int, *, any_bucket: bool = False):
+def find_or_warn(store, key: Key, target, *, any_bucket: bool = False):
     """``find`` in ``store`` (False: none, from ``open_or_warn``), or None (a warning) where the
     records cannot be read."""
     if store is False:
@@ -85,7 +82,7 @@ def find_or_warn(store, key: Key, target, stacklevel: int, *, any_bucket: bool =
     try:
         return find(store, key, target, any_bucket=any_bucket)
     except AttnccError as err:
-        warnings.warn(f"attncc: tuning database not used: {err}", stacklevel=stacklevel + 1)
+        warn(f"attncc: tuning database not used: {err}")
         return None
 
 

@@ -26,7 +26,6 @@ import os
 import random
 import shutil
 import time
-import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import NullPool
 
 from attncc.db.key import SCHEMA_VERSION, DatabaseError, Key, Record, now
+from attncc.errors import warn
 
 __all__ = ["DEFAULT_PATH", "DatabaseError", "Store", "resolve", "study_storage"]
 
@@ -176,8 +176,8 @@ class Store:
             except DatabaseError as err:  # one bad row must not hide (or block) all the others
                 unreadable.append(str(err))
         if unreadable:
-            warnings.warn(f"{len(unreadable)} unreadable record(s) skipped (kept as they are): "
-                          f"{unreadable[0]}", stacklevel=2)
+            warn(f"{len(unreadable)} unreadable record(s) skipped (kept as they are): "
+                 f"{unreadable[0]}")
         return records
 
     # --- writing -------------------------------------------------------------------------------

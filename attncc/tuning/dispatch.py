@@ -24,12 +24,11 @@ attributes (``last_stats``, ``tables``...) are read from the variant that ran la
 from __future__ import annotations
 
 import json
-import warnings
 
 from attncc.backends.base import Backend, Kernel
 from attncc.backends.config import full_config
 from attncc.db.key import Key, Record, bucket_of, bucket_unchecked
-from attncc.errors import AttnccError, BackendError
+from attncc.errors import AttnccError, BackendError, warn
 
 #: Configs a ``tune="new-shapes"`` tune measures for a new bucket.
 NEW_SHAPE_TRIALS = 8
@@ -231,8 +230,7 @@ class Dispatch(Kernel):
             source = f"tuning record {record.id} ({record.note}; {record.origin})"
         kernel = self._compiled(slot[1], record.config if record else None)
         if record is not None and kernel is None:
-            warnings.warn(f"attncc: tuning record {record.id} not used: {self._unfit}",
-                          stacklevel=4)
+            warn(f"attncc: tuning record {record.id} not used: {self._unfit}")
             record, kernel = None, self._compiled(slot[1], None)
             source = f"{DEFAULT} (the tuning record's config does not fit)"
         self.records[slot], self.sources[slot] = record, source
@@ -272,13 +270,13 @@ class Dispatch(Kernel):
         if self._store is None:
             from attncc.db.lookup import open_or_warn
 
-            self._store = (open_or_warn(self._db, stacklevel=5),)
+            self._store = (open_or_warn(self._db),)
         return self._store[0]
 
     def _lookup(self, bucket: str, dtype: str) -> Record | None:
         from attncc.db.lookup import find_or_warn
 
-        return find_or_warn(self._open(), self._key(bucket, dtype), self._target, 5)
+        return find_or_warn(self._open(), self._key(bucket, dtype), self._target)
 
     def _verify(self, slot: tuple, hint: Record, call) -> Record:
         from attncc.tuning.verify import against_default
@@ -294,7 +292,7 @@ class Dispatch(Kernel):
             try:
                 store.put(verdict)
             except AttnccError as err:
-                warnings.warn(f"attncc: verdict on record not stored: {err}", stacklevel=5)
+                warn(f"attncc: verdict on record not stored: {err}")
         return verdict
 
     def _tune_now(self, slot: tuple, call, hint: Record | None) -> Record | None:
@@ -315,7 +313,7 @@ class Dispatch(Kernel):
                           storage=None, seed=None, heartbeat=30, sampler="tpe", guide=True,
                           progress=False, plot_dir=None)
         except (ImportError, AttnccError) as err:
-            warnings.warn(f"attncc: bucket {slot[0]} {slot[1]} not tuned: {err}", stacklevel=5)
+            warn(f"attncc: bucket {slot[0]} {slot[1]} not tuned: {err}")
             return None if hint is None else self._verify(slot, hint, call)
 
 

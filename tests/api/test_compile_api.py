@@ -101,6 +101,22 @@ def test_a_corrupt_database_only_warns_and_keeps_its_bytes(tmp_path):
     assert db.read_bytes() == b"this is not sqlite" * 100
 
 
+def test_database_warnings_point_at_the_callers_line(tmp_path, monkeypatch):
+    import numpy as np
+
+    import attncc.db.lookup
+
+    def fault(*args, **kwargs):
+        raise attncc.errors.AttnccError("simulated read fault")
+
+    monkeypatch.setattr(attncc.db.lookup, "find", fault)
+    q = k = v = np.zeros((1, 4, 64, 16), dtype=np.float32)
+    with pytest.warns(UserWarning, match="simulated read fault") as found:
+        kernel = attncc.compile(SPEC, backend="numpy", seq=64, db=tmp_path / "t.db")  # at seq
+        kernel(q, k[:, :, :32], v[:, :, :32])  # another bucket: looked up on the first call
+    assert len(found) >= 2 and {w.filename for w in found} == {__file__}
+
+
 SHIPPED_WITHOUT_TUNE_EXTRA = r"""
 import sys
 sys.modules["optuna"] = None      # neither is importable: the tune extra is not installed
