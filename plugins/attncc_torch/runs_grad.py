@@ -16,8 +16,9 @@ a bias input that needs a gradient takes the tile loop, ``flash.py``, exact and 
   ``as_strided`` key windows go back to their key positions by one ``index_add_`` per call
   (duplicates accumulate; deterministic on CPU). GQA: the fused backward returns kv-head dk, dv.
 
-Both keep only q, k, v, out and lse: memory O(N), the mask and bias tiles are the runner's
-(cached, or rebuilt from the inputs in the backward).
+Both keep q, k, v, out and lse, and ``WholeCall`` its key-form tile (an expanded view of O(N)
+elements): memory O(N); ``SegmentCalls``' mask and bias tiles are the runner's (cached, or
+rebuilt from the inputs in the backward).
 """
 
 from __future__ import annotations
