@@ -161,7 +161,9 @@ def tune(spec, backend: str | Backend = "numpy", *, batch: int = 1, seq: int = 1
     device name (``"cpu"``, ``"cuda"``) or None for this CPU. ``timer(kernel, (q, k, v, inputs),
     repeat) -> Timing`` replaces the wall-clock measurement; ``heartbeat`` is the seconds between
     trial heartbeats (a trial silent for twice as long is failed); ``sampler`` is ``tpe``, ``gp``
-    or ``random``; ``guide`` lets the plan-based cost model propose every other trial. Every
+    or ``random``; ``seed`` seeds this process's sampler (worker processes sample unseeded, so
+    only a ``workers=1`` tune repeats exactly); ``guide`` lets the plan-based cost model propose
+    every other trial. Every
     config is checked against the reference before it is timed (a wrong one scores inf).
     Returns the stored Record, its ``note`` the closing summary (speedup over the default
     config, share of the space measured). Raises InputError for bad arguments, BackendError when
