@@ -42,10 +42,16 @@ class BackendError(AttnccError, RuntimeError):
 
 
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
-    """``warnings.warn(message, category)`` attributed to the first frame outside attncc and its
-    plugins (modules named ``attncc*``): the user's line, however deep inside attncc the warning
-    is raised (a counted ``stacklevel`` is right for one call path only)."""
+    """``warnings.warn(message, category)`` attributed to the first frame outside attncc, its
+    plugins (modules named ``attncc*``) and torch (which calls attncc's library ops and modules):
+    the user's line, however deep inside attncc the warning is raised (a counted ``stacklevel``
+    is right for one call path only)."""
     frame, level = sys._getframe(1), 2
-    while frame is not None and frame.f_globals.get("__name__", "").startswith("attncc"):
+    while frame is not None and _passed_over(frame.f_globals.get("__name__")):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
+
+
+def _passed_over(module) -> bool:
+    return isinstance(module, str) and (module.startswith("attncc") or module == "torch"
+                                        or module.startswith("torch."))

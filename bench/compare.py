@@ -2,10 +2,11 @@
 
     python bench/compare.py BEFORE.json AFTER.json [--title T] [--out OUT.md]
 
-For every (case, mode, batch, seq_q, seq_k) in both runs: attncc's median time in each, its
-ratio to the peer measured in the same run (SDPA, else Flex, else eager), and the change of that
-ratio, which is the fairer figure across two runs. Rows whose ratio grew by more than
-``--limit`` (default 3%) are marked ``slower``.
+For every (case, mode, batch, seq_q, seq_k) both runs timed: attncc's median time in each, its
+ratio to the peer measured in the same run (the first of SDPA, Flex, eager that both runs
+timed), and the change of that ratio, which is the fairer figure across two runs. Rows whose
+ratio grew by more than ``--limit`` (default 3%) are marked ``slower``; keys only one run timed
+are listed after the table.
 """
 
 from __future__ import annotations
@@ -18,30 +19,36 @@ PEERS = ("sdpa", "flex", "eager")
 
 
 def rows(path: str) -> dict:
-    """``{(case, mode, batch, seq_q, seq_k): (attncc seconds, attncc/peer)}`` of one run."""
-    found = {}
-    for r in json.loads(Path(path).read_text())["rows"]:
-        peer = next((p for p in PEERS if p in r["times"]), None)
-        ratio = r["ratios"].get(f"attncc/{peer}") if peer else None
-        found[(r["case"], r["mode"], r.get("batch", 1), r["seq_q"], r["seq_k"])] = (
-            r["times"]["attncc"], ratio)
-    return found
+    """``{(case, mode, batch, seq_q, seq_k): times}`` of one run (seconds by implementation)."""
+    return {(r["case"], r["mode"], r.get("batch", 1), r["seq_q"], r["seq_k"]): r["times"]
+            for r in json.loads(Path(path).read_text())["rows"]}
 
 
 def table(before: dict, after: dict, limit: float) -> list[str]:
-    """Markdown rows for the keys both runs share, in the before run's order."""
-    lines = ["| case | mode | B | seq_q | seq_k | attncc before (ms) | after (ms) | "
+    """Markdown rows for the keys both runs timed attncc on, in the before run's order, each
+    ratio taken against the first peer of ``PEERS`` that both runs timed; then the keys only
+    one run has."""
+    lines = ["| case | mode | B | seq_q | seq_k | peer | attncc before (ms) | after (ms) | "
              "attncc/peer before | after | change of the ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for key, (t0, r0) in before.items():
-        if key not in after:
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, t0 in before.items():
+        t1 = after.get(key)
+        if t1 is None or "attncc" not in t0 or "attncc" not in t1:
             continue
-        t1, r1 = after[key]
-        change = "–" if r0 is None or r1 is None else f"{100 * (r1 / r0 - 1):+.1f}%"
-        slow = " slower" if r0 and r1 and r1 / r0 - 1 > limit else ""
+        peer = next((p for p in PEERS if p in t0 and p in t1), None)
+        r0, r1 = ((t["attncc"] / t[peer]) if peer else None for t in (t0, t1))
+        change = "–" if peer is None else f"{100 * (r1 / r0 - 1):+.1f}%"
+        slow = " slower" if peer and r1 / r0 - 1 > limit else ""
         ratios = " | ".join("–" if r is None else f"{r:.3f}" for r in (r0, r1))
-        lines.append(f"| {' | '.join(map(str, key))} | {1e3 * t0:.2f} | {1e3 * t1:.2f} | "
+        lines.append(f"| {' | '.join(map(str, key))} | {peer or '–'} | "
+                     f"{1e3 * t0['attncc']:.2f} | {1e3 * t1['attncc']:.2f} | "
                      f"{ratios} | {change}{slow} |")
+    for label, one, other in (("before", before, after), ("after", after, before)):
+        alone = [key for key, t in one.items()
+                 if "attncc" in t and "attncc" not in other.get(key, {})]
+        if alone:
+            lines += ["", f"Timed with attncc only in the {label} run: "
+                      + "; ".join(" ".join(map(str, key)) for key in alone)]
     return lines
 
 

@@ -117,6 +117,22 @@ def test_database_warnings_point_at_the_callers_line(tmp_path, monkeypatch):
     assert len(found) >= 2 and {w.filename for w in found} == {__file__}
 
 
+def test_database_warnings_from_a_torch_module_point_at_the_callers_line(monkeypatch):
+    import torch
+
+    import attncc.db.lookup
+    from attncc.integrations.modules import MultiheadAttention
+
+    def fault(*args, **kwargs):
+        raise attncc.errors.AttnccError("simulated read fault")
+
+    monkeypatch.setattr(attncc.db.lookup, "find", fault)
+    module = MultiheadAttention(64, 4)
+    with pytest.warns(UserWarning, match="simulated read fault") as found:
+        module(torch.zeros(1, 80, 64))  # a new bucket, looked up under torch's op dispatch
+    assert found and {w.filename for w in found} == {__file__}
+
+
 SHIPPED_WITHOUT_TUNE_EXTRA = r"""
 import sys
 sys.modules["optuna"] = None      # neither is importable: the tune extra is not installed

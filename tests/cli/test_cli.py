@@ -106,6 +106,8 @@ def test_head_dim_help_names_the_default_the_command_runs(specs, command):
     args = ("--backend", "numpy") if command == "check" else ()
     out = assert_ok(invoke(command, specs["causal"], "--seq", 32, *args))
     assert f"head_dim={shown}" in out.replace(" = ", "=").replace(": ", "=")
+
+
 class _Skewed:
     """Wraps the numpy backend; its kernel adds 1e-3 to the output, so it must FAIL."""
 
