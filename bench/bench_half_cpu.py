@@ -18,7 +18,6 @@ Writes ``<out>.json`` and ``<out>.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -32,7 +31,7 @@ import attncc
 from attncc_torch import mixed
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_torch_cpu import machine
+from bench_torch_cpu import machine, report_head
 
 TAIL = "kv_idx <= q_idx + seq_k - seq_q"
 STEPS = [(4, 1, 16384), (1, 1, 32768), (8, 16, 4096)]
@@ -129,14 +128,9 @@ def models(reps: int) -> list[dict]:
 
 
 def write(results: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    m = results["machine"]
-    lines = [f"# Half types on the CPU ({m['date']})", "",
-             f"Machine: {m['device']} ({m['cores']} logical cores, torch {m['torch']}, "
-             f"{m['threads']} threads); load before {m['load_before']}, after "
-             f"{m['load_after']}. Medians of interleaved repetitions; milliseconds.", "",
-             "## Decoding steps in bfloat16 (GQA 32/8, head_dim 128)", "",
+    lines = report_head(results, out, "Half types on the CPU")
+    lines[-1] += ". Medians of interleaved repetitions; milliseconds."
+    lines += ["", "## Decoding steps in bfloat16 (GQA 32/8, head_dim 128)", "",
              "| case | B | seq_q | seq_k | attncc | SDPA bf16 | upcast + SDPA f32 | "
              "attncc/SDPA | upcast/SDPA |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results["decoding"]:

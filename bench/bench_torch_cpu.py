@@ -422,22 +422,31 @@ def machine() -> dict:
                                                                   time.gmtime())}
 
 
-def write(results: dict, out: Path) -> None:
+def report_head(results: dict, out: Path, title: str) -> list[str]:
+    """Writes ``<out>.json``; the report's first lines: ``title`` with the date, then the
+    machine and its load (a sentence the caller goes on with)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     m = results["machine"]
-    lines = [f"# torch backend on CPU vs SDPA and compiled FlexAttention ({m['date']})", "",
-             f"Machine: {m['device']} ({m['cores']} logical cores, torch {m['torch']}, "
-             f"{m['threads']} threads); load average before {m['load_before']}, after "
-             f"{m.get('load_after')}; sgemm {results['sgemm_gflops']:.1f} GFLOP/s. float32, "
-             f"batch 1, {HEADS} heads, head_dim {DIM} (decode: 32/8 heads, head_dim 128, the "
-             "batch given); medians of interleaved repetitions; milliseconds. `records`: attncc "
-             "with the shipped tuning records; `floor`: useful FLOPs at the sgemm rate; peer: "
-             "SDPA where it expresses the case, else compiled Flex, else eager (soft-capped "
-             "decoding and training).", "",
-             "| case | mode | B | seq_q | seq_k | density | floor | attncc | records | SDPA | Flex "
-             "| eager | attncc/peer | records/peer |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    return [f"# {title} ({m['date']})", "",
+            f"Machine: {m['device']} ({m['cores']} logical cores, torch {m['torch']}, "
+            f"{m['threads']} threads); load average before {m['load_before']}, after "
+            f"{m.get('load_after')}"]
+
+
+def write(results: dict, out: Path) -> None:
+    lines = report_head(results, out, "torch backend on CPU vs SDPA and compiled FlexAttention")
+    lines[-1] += (
+        f"; sgemm {results['sgemm_gflops']:.1f} GFLOP/s. float32, "
+        f"batch 1, {HEADS} heads, head_dim {DIM} (decode: 32/8 heads, head_dim 128, the "
+        "batch given); medians of interleaved repetitions; milliseconds. `records`: attncc "
+        "with the shipped tuning records; `floor`: useful FLOPs at the sgemm rate; peer: "
+        "SDPA where it expresses the case, else compiled Flex, else eager (soft-capped "
+        "decoding and training).")
+    lines += ["",
+              "| case | mode | B | seq_q | seq_k | density | floor | attncc | records | SDPA "
+              "| Flex | eager | attncc/peer | records/peer |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ms = lambda t: "–" if t is None else f"{t * 1e3:.1f}"  # noqa: E731
     for r in results["rows"]:
         t, ratios = r["times"], list(r["ratios"].items())

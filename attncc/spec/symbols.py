@@ -104,22 +104,38 @@ class _IntegerOp(sympy.Function):
         return sympy.Integer(0)
 
 
-def _bit_op(name: str, op, doc: str) -> type[_IntegerOp]:
-    """The ``_IntegerOp`` subclass ``name`` applying ``op`` (built by sympy's metaclass)."""
-    return type(_IntegerOp)(name, (_IntegerOp,),
-                            {"op": staticmethod(op), "__doc__": doc, "__module__": __name__})
+class BitAnd(_IntegerOp):
+    """``a & b`` on integers."""
+
+    op = staticmethod(operator.and_)
+
+
+class BitOr(_IntegerOp):
+    """``a | b`` on integers."""
+
+    op = staticmethod(operator.or_)
+
+
+class BitXor(_IntegerOp):
+    """``a ^ b`` on integers."""
+
+    op = staticmethod(operator.xor)
+
+
+class LeftShift(_IntegerOp):
+    """``a << b`` on integers (``b`` >= 0)."""
+
+    op = staticmethod(operator.lshift)
+
+
+class RightShift(_IntegerOp):
+    """``a >> b`` on integers (``b`` >= 0), rounding toward minus infinity."""
+
+    op = staticmethod(operator.rshift)
 
 
 #: The bit operations, by the Python operator that writes them.
-BIT_OPS = tuple(_bit_op(*row) for row in (
-    ("BitAnd", operator.and_, "``a & b`` on integers."),
-    ("BitOr", operator.or_, "``a | b`` on integers."),
-    ("BitXor", operator.xor, "``a ^ b`` on integers."),
-    ("LeftShift", operator.lshift, "``a << b`` on integers (``b`` >= 0)."),
-    ("RightShift", operator.rshift,
-     "``a >> b`` on integers (``b`` >= 0), rounding toward minus infinity."),
-))
-BitAnd, BitOr, BitXor, LeftShift, RightShift = BIT_OPS
+BIT_OPS = (BitAnd, BitOr, BitXor, LeftShift, RightShift)
 
 
 def input_base(name: str, integer: bool = False) -> sympy.IndexedBase:

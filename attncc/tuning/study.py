@@ -54,11 +54,13 @@ def _experimental():
 def storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage at ``url`` (DatabaseError, one line, when it cannot be opened)."""
     url = resolve(url)
-    kind, attempts = optuna.storages.RDBStorage, 1  # a server does not race
+    kind = optuna.storages.RDBStorage
+    attempts = 1  # a server does not race
     if url.startswith("sqlite:///"):
         path = url[len("sqlite:///"):]
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine, attempts = {"connect_args": {"timeout": 60}}, OPEN_ATTEMPTS
+        engine = {"connect_args": {"timeout": 60}}
+        attempts = OPEN_ATTEMPTS
         if fcntl is not None:
             kind = functools.partial(SerialStorage, path + ".lock")
     else:

@@ -74,9 +74,14 @@ def calls(seg: Segment) -> list[Call]:
     once, not once per block; a triangle top-left causal)."""
     if seg.count == 1 and len(seg.runs) > 1:
         return [Call(seg, seg.runs)]
-    return [Call(tall(seg, r), tall(seg, r).runs, bool(r.growth))
-            if seg.count > 1 and r.stride == 0 and (r.growth or not r.masked)
-            else Call(seg, (r,)) for r in seg.runs]
+    found = []
+    for r in seg.runs:
+        if seg.count > 1 and r.stride == 0 and (r.growth or not r.masked):
+            block = tall(seg, r)
+            found.append(Call(block, block.runs, bool(r.growth)))
+        else:
+            found.append(Call(seg, (r,)))
+    return found
 
 
 def _block_runs(row, bn: int, nk: int):

@@ -161,11 +161,12 @@ class FusedOps(TritonOps):
         b = q.shape[0] if "b" in self.varies else 1
         h = q.shape[1] if "h" in self.varies else 1
         n_q, n_k = -(-q.shape[2] // self.block_m), -(-(self.rank or k.shape[2]) // self.block_n)
-        # TABLES' order: query blocks over key blocks, then back; in each, the FULL then the
-        # PARTIAL counts (b, h, rows) and indices (b, h, rows, columns)
-        return [q.new_empty((b, h, rows, cols)[:width], dtype=torch.int32)
-                for rows, cols in ((n_q, n_k), (n_k, n_q)) for _state in ("full", "partial")
-                for width in (3, 4)]
+
+        def table(*shape):
+            return q.new_empty(shape, dtype=torch.int32)
+
+        return [table(b, h, n_q), table(b, h, n_q, n_k), table(b, h, n_q), table(b, h, n_q, n_k),
+                table(b, h, n_k), table(b, h, n_k, n_q), table(b, h, n_k), table(b, h, n_k, n_q)]
 
     def _forward(self, q: Tensor, k: Tensor, v: Tensor, inputs: list[Tensor],
                  tables: list[Tensor], scale: float) -> tuple[Tensor, Tensor, Tensor]:

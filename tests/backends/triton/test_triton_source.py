@@ -36,6 +36,8 @@ REDUCTIONS = {
                             "kr": {"shape": ["batch", "heads", "seq_k", 24]}}},
     "distance_sum": {"attncc": 1, "score_mod": "score - sum(w[h, d] * exp(-abs(q_idx - kv_idx) "
                      "/ 2 ** d) for d in range(4))", "inputs": {"w": {"shape": ["heads", 4]}}},
+    "abs_sum": {"attncc": 1, "score_mod": "score - abs(sum(w[h, d] * (q_idx - kv_idx) for d in "
+                "range(4)))", "inputs": {"w": {"shape": ["heads", 4]}}},
 }
 
 
@@ -68,3 +70,8 @@ def test_a_contraction_prints_as_one_tl_dot():
     source = _source("rope_dot")
     assert "tl.dot(ra0, tl.trans(rb0)" in source and "tl.arange(0, 32)" in source
     assert "qr_grad" in source and "kr_grad" in source
+
+
+def test_a_reduction_under_abs_is_printed_once():
+    source = _source("abs_sum")
+    assert "tl.abs(red0)" in source and "red1" not in source  # no dead second copy
